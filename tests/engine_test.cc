@@ -1,0 +1,218 @@
+// Engine passes on real TorchScript models made by tests/fixtures/make_fixtures.py.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include "worker/engine/dataset.h"
+#include "worker/engine/engine.h"
+#include "worker/engine/error.h"
+#include "worker/engine/measure.h"
+#include "worker/engine/model_util.h"
+#include "worker/engine/prune.h"
+#include "worker/engine/quantize.h"
+
+namespace pare::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string Fixture(const std::string& name) {
+  const char* dir = std::getenv("PARE_FIXTURES");
+  return std::string(dir ? dir : "fixtures") + "/" + name;
+}
+
+std::string TempPath(const std::string& name) {
+  fs::path dir = fs::temp_directory_path() / ("pare_engine_test_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  return (dir / name).string();
+}
+
+double Sparsity(const at::Tensor& t) { return 1.0 - double(t.count_nonzero().item<int64_t>()) / double(t.numel()); }
+
+class EngineTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { InitProcess(1, "onednn"); }
+};
+
+TEST_F(EngineTest, PerLayerMagnitudePruneReachesTheAmountInEveryLayer) {
+  auto m = torch::jit::load(Fixture("small_cnn.pt"));
+  MagnitudePrune(m, MagnitudePruneSpec{0.6, false, {}, {}});
+  auto weights = PrunableWeights(m);
+  ASSERT_EQ(weights.size(), 4u);
+  for (const auto& w : weights) {
+    int64_t k = static_cast<int64_t>(0.6 * double(w.weight.numel()));
+    EXPECT_NEAR(Sparsity(w.weight), double(k) / double(w.weight.numel()), 1e-9) << w.name;
+  }
+  // Biases are not pruned.
+  EXPECT_EQ(m.attr("conv1").toModule().attr("bias").toTensor().count_nonzero().item<int64_t>(), 10);
+}
+
+TEST_F(EngineTest, GlobalMagnitudePruneUsesOneThreshold) {
+  auto m = torch::jit::load(Fixture("small_cnn.pt"));
+  auto before = PrunableWeights(m);
+  std::vector<at::Tensor> originals;
+  for (auto& w : before) originals.push_back(w.weight.clone());
+  MagnitudePrune(m, MagnitudePruneSpec{0.5, true, {}, {}});
+  int64_t total = 0, zeros = 0;
+  float max_pruned = 0, min_kept = 1e30f;
+  auto after = PrunableWeights(m);
+  for (size_t i = 0; i < after.size(); ++i) {
+    total += after[i].weight.numel();
+    at::Tensor z = after[i].weight == 0;
+    zeros += z.sum().item<int64_t>();
+    at::Tensor a = originals[i].abs();
+    if (z.any().item<bool>()) max_pruned = std::max(max_pruned, a.masked_select(z).max().item<float>());
+    if ((~z).any().item<bool>()) min_kept = std::min(min_kept, a.masked_select(~z).min().item<float>());
+  }
+  EXPECT_NEAR(double(zeros) / double(total), 0.5, 1e-4);
+  EXPECT_LT(max_pruned, min_kept);  // one threshold separates pruned from kept weights
+  // Layers end up with different sparsity (unlike per-layer pruning).
+  EXPECT_GT(std::abs(Sparsity(after[0].weight) - Sparsity(after[2].weight)), 0.01);
+}
+
+TEST_F(EngineTest, MagnitudePruneHonoursIncludeFilter) {
+  auto m = torch::jit::load(Fixture("small_cnn.pt"));
+  MagnitudePrune(m, MagnitudePruneSpec{0.5, false, {"fc"}, {}});
+  for (const auto& w : PrunableWeights(m)) {
+    if (w.name.rfind("fc", 0) == 0) EXPECT_GT(Sparsity(w.weight), 0.49) << w.name;
+    else EXPECT_EQ(Sparsity(w.weight), 0.0) << w.name;
+  }
+}
+
+TEST_F(EngineTest, NMPruneKeepsTwoOfEveryFourInputs) {
+  auto m = torch::jit::load(Fixture("mlp.pt"));
+  NMPrune(m, NMPruneSpec{2, 4});
+  for (const auto& w : PrunableWeights(m)) {
+    at::Tensor groups = (w.weight != 0).view({w.weight.size(0), -1, 4}).sum(-1);
+    EXPECT_LE(groups.max().item<int64_t>(), 2) << w.name;
+    EXPECT_NEAR(Sparsity(w.weight), 0.5, 1e-9) << w.name;
+  }
+}
+
+TEST_F(EngineTest, RejectsBadAmounts) {
+  auto m = torch::jit::load(Fixture("small_cnn.pt"));
+  EXPECT_THROW(MagnitudePrune(m, MagnitudePruneSpec{1.0, false, {}, {}}), EngineError);
+  EXPECT_THROW(NMPrune(m, NMPruneSpec{4, 4}), EngineError);
+}
+
+TEST_F(EngineTest, DynamicQuantizationPacksLinearLayersAndAgrees) {
+  auto m = torch::jit::load(Fixture("small_cnn.pt"));
+  m.eval();
+  auto q = QuantizeDynamic(m);
+  auto packed = PackedWeights(q);
+  EXPECT_EQ(packed.size(), 2u);  // fc1 and fc2
+  std::string graph = q.get_method("forward").graph()->toString();
+  EXPECT_NE(graph.find("quantized::linear_dynamic"), std::string::npos) << graph;
+  at::Tensor x = at::randn({16, 1, 28, 28});
+  c10::InferenceMode guard;
+  at::Tensor ref = m.forward({x}).toTensor();
+  at::Tensor out = q.forward({x}).toTensor();
+  EXPECT_GT(at::cosine_similarity(ref, out, 1).mean().item<double>(), 0.99);
+  // And it survives a save/load round trip.
+  std::string path = TempPath("q.pt");
+  q.save(path);
+  auto reloaded = torch::jit::load(path);
+  EXPECT_TRUE(at::allclose(reloaded.forward({x}).toTensor(), out));
+}
+
+TEST_F(EngineTest, CompressRunsARecipeAndReportsEveryStep) {
+  CompressOptions opts;
+  opts.device = "cpu";
+  opts.input_shape = {1, 1, 28, 28};
+  opts.latency_batches = {1, 4};
+  opts.latency_budget_seconds = 0.05;
+  opts.eval = DatasetInput{"tensors", Fixture("mnist_like.pt")};
+  int calls = 0;
+  opts.progress = [&](const ProgressUpdate&) { ++calls; return true; };
+  std::string out = TempPath("compressed.pt");
+  Report r = Compress(Fixture("small_cnn.pt"),
+                      {MagnitudePruneSpec{0.5, true, {}, {}}, DynamicQuantSpec{}}, opts, out);
+  ASSERT_EQ(r.steps.size(), 3u);
+  EXPECT_EQ(r.steps[0].step, "original");
+  EXPECT_EQ(r.steps[1].step, "prune.magnitude");
+  EXPECT_EQ(r.steps[2].step, "quantize.dynamic");
+  EXPECT_GT(calls, 3);
+  const auto& orig = r.steps[0].stats;
+  const auto& pruned = r.steps[1].stats;
+  EXPECT_EQ(orig.parameters, pruned.parameters);
+  EXPECT_NEAR(double(pruned.nonzero_parameters), double(orig.parameters) * 0.5, double(orig.parameters) * 0.02);
+  EXPECT_LT(pruned.deflated_bytes, orig.deflated_bytes);
+  EXPECT_EQ(r.steps[2].stats.size_bytes, fs::file_size(out));
+  EXPECT_LT(r.steps[2].stats.size_bytes, orig.size_bytes);
+  ASSERT_TRUE(orig.top1_accuracy.has_value());
+  EXPECT_DOUBLE_EQ(orig.top1_agreement, 1.0);
+  EXPECT_NEAR(orig.output_cosine, 1.0, 1e-6);
+  ASSERT_EQ(orig.latency.size(), 2u);
+  EXPECT_GT(orig.latency[0].p50_ms, 0);
+  // The output is a model of its own.
+  auto loaded = torch::jit::load(out);
+  EXPECT_EQ(loaded.forward({at::randn({2, 1, 28, 28})}).toTensor().sizes(), (std::vector<int64_t>{2, 10}));
+  EXPECT_FALSE(fs::exists(out + ".step0"));
+}
+
+TEST_F(EngineTest, CancelStopsTheJob) {
+  CompressOptions opts;
+  opts.device = "cpu";
+  opts.input_shape = {1, 1, 28, 28};
+  opts.latency_batches = {1};
+  opts.progress = [&](const ProgressUpdate& u) { return u.step_index < 1; };
+  EXPECT_THROW(Compress(Fixture("small_cnn.pt"), {MagnitudePruneSpec{0.5, true, {}, {}}}, opts, TempPath("c.pt")),
+               Cancelled);
+}
+
+TEST_F(EngineTest, BadModelsGetClearErrors) {
+  CompressOptions opts;
+  opts.device = "cpu";
+  opts.input_shape = {1, 1, 28, 28};
+  auto expect_reason = [&](const std::string& fixture, const std::string& reason) {
+    try {
+      Compress(Fixture(fixture), {}, opts, TempPath("bad.pt"));
+      FAIL() << fixture << " was accepted";
+    } catch (const EngineError& e) {
+      EXPECT_EQ(e.reason(), reason) << fixture << ": " << e.what();
+    }
+  };
+  expect_reason("garbage.bin", "MODEL_LOAD");
+  expect_reason("truncated.pt", "MODEL_LOAD");
+  expect_reason("not_torchscript.zip", "MODEL_LOAD");
+  expect_reason("throws.pt", "MODEL_RUN");
+}
+
+TEST_F(EngineTest, DatasetsLoadAndBadOnesAreNamed) {
+  Dataset ds = LoadDataset("tensors", Fixture("mnist_like.pt"));
+  EXPECT_EQ(ds.images.sizes(), (std::vector<int64_t>{64, 1, 28, 28}));
+  EXPECT_EQ(ds.images.scalar_type(), at::kFloat);
+  EXPECT_LE(ds.images.max().item<float>(), 1.0f);
+  EXPECT_EQ(ds.labels.size(0), 64);
+
+  // A hand-written IDX pair: 2 images of 3x2, and 2 labels.
+  std::string dir = TempPath("idx");
+  fs::create_directories(dir);
+  {
+    std::ofstream f(dir + "/images", std::ios::binary);
+    const unsigned char h[] = {0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 2};
+    f.write(reinterpret_cast<const char*>(h), sizeof h);
+    for (int i = 0; i < 12; ++i) f.put(static_cast<char>(i * 20));
+    std::ofstream l(dir + "/labels", std::ios::binary);
+    const unsigned char lh[] = {0, 0, 8, 1, 0, 0, 0, 2, 3, 7};
+    l.write(reinterpret_cast<const char*>(lh), sizeof lh);
+  }
+  Dataset idx = LoadDataset("idx", dir);
+  EXPECT_EQ(idx.images.sizes(), (std::vector<int64_t>{2, 1, 3, 2}));
+  EXPECT_EQ(idx.labels[1].item<int64_t>(), 7);
+  EXPECT_NEAR(idx.images[0][0][0][1].item<float>(), 20.0 / 255.0, 1e-6);
+
+  try {
+    LoadDataset("idx", Fixture("garbage.bin"));
+    FAIL();
+  } catch (const EngineError& e) {
+    EXPECT_EQ(e.reason(), "BAD_DATASET");
+    EXPECT_NE(std::string(e.what()).find("garbage.bin"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(LoadDataset("tensors", Fixture("small_cnn.pt")), EngineError);
+}
+
+}  // namespace
+}  // namespace pare::engine

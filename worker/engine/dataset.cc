@@ -1,0 +1,177 @@
+#include "worker/engine/dataset.h"
+
+#include <zlib.h>
+
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+
+#include "worker/engine/error.h"
+
+namespace pare::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+[[noreturn]] void Bad(const std::string& file, const std::string& what) {
+  throw EngineError(Code::kInvalidArgument, "BAD_DATASET", "dataset file '" + file + "': " + what);
+}
+
+// Reads a whole file, gunzipping it when it is gzip (zlib reads plain files as they are).
+std::vector<uint8_t> ReadMaybeGzip(const std::string& path, size_t limit) {
+  gzFile f = gzopen(path.c_str(), "rb");
+  if (!f) Bad(path, "cannot be opened");
+  std::vector<uint8_t> out;
+  std::vector<uint8_t> buf(1 << 20);
+  while (true) {
+    int n = gzread(f, buf.data(), static_cast<unsigned>(buf.size()));
+    if (n < 0) {
+      int err = 0;
+      std::string msg = gzerror(f, &err);
+      gzclose(f);
+      Bad(path, "corrupt compressed data (" + msg + ")");
+    }
+    if (n == 0) break;
+    out.insert(out.end(), buf.begin(), buf.begin() + n);
+    if (out.size() > limit) {
+      gzclose(f);
+      Bad(path, "larger than " + std::to_string(limit) + " bytes once decompressed");
+    }
+  }
+  gzclose(f);
+  return out;
+}
+
+uint32_t BigEndian32(const uint8_t* p) {
+  return (uint32_t(p[0]) << 24) | (uint32_t(p[1]) << 16) | (uint32_t(p[2]) << 8) | uint32_t(p[3]);
+}
+
+constexpr size_t kMaxDatasetBytes = size_t(8) << 30;
+
+// An IDX file of unsigned bytes: returns its dimensions and a uint8 tensor.
+at::Tensor ReadIdx(const std::string& path, int expected_dims) {
+  auto bytes = ReadMaybeGzip(path, kMaxDatasetBytes);
+  if (bytes.size() < 4) Bad(path, "too short for an IDX header");
+  if (bytes[0] != 0 || bytes[1] != 0) Bad(path, "wrong magic number (not an IDX file)");
+  if (bytes[2] != 0x08) Bad(path, "element type 0x" + std::to_string(bytes[2]) + " is not unsigned byte (0x08)");
+  int dims = bytes[3];
+  if (dims != expected_dims) {
+    Bad(path, "has " + std::to_string(dims) + " dimensions, expected " + std::to_string(expected_dims));
+  }
+  size_t header = 4 + 4 * size_t(dims);
+  if (bytes.size() < header) Bad(path, "truncated IDX header");
+  std::vector<int64_t> shape;
+  uint64_t count = 1;
+  for (int d = 0; d < dims; ++d) {
+    uint32_t v = BigEndian32(bytes.data() + 4 + 4 * d);
+    if (v == 0) Bad(path, "dimension " + std::to_string(d) + " is zero");
+    shape.push_back(v);
+    count *= v;
+    if (count > kMaxDatasetBytes) Bad(path, "declares more elements than allowed");
+  }
+  if (bytes.size() - header != count) {
+    Bad(path, "header declares " + std::to_string(count) + " bytes of data but the file holds " +
+                  std::to_string(bytes.size() - header));
+  }
+  at::Tensor t = at::empty(shape, at::kByte);
+  std::memcpy(t.data_ptr<uint8_t>(), bytes.data() + header, count);
+  return t;
+}
+
+int IdxDims(const std::string& path) {
+  auto head = ReadMaybeGzip(path, kMaxDatasetBytes);
+  if (head.size() < 4 || head[0] != 0 || head[1] != 0) Bad(path, "wrong magic number (not an IDX file)");
+  return head[3];
+}
+
+Dataset LoadIdx(const std::string& path) {
+  std::string images_path, labels_path;
+  if (fs::is_directory(path)) {
+    for (const auto& e : fs::directory_iterator(path)) {
+      if (!e.is_regular_file()) continue;
+      int dims = IdxDims(e.path().string());
+      if (dims == 3 || dims == 4) {
+        if (!images_path.empty()) Bad(e.path().string(), "a second images file in the dataset");
+        images_path = e.path().string();
+      } else if (dims == 1) {
+        if (!labels_path.empty()) Bad(e.path().string(), "a second labels file in the dataset");
+        labels_path = e.path().string();
+      } else {
+        Bad(e.path().string(), "has " + std::to_string(dims) + " dimensions (images 3, labels 1)");
+      }
+    }
+    if (images_path.empty()) Bad(path, "holds no IDX images file (3 dimensions)");
+  } else {
+    images_path = path;
+  }
+  Dataset ds;
+  int dims = IdxDims(images_path);
+  at::Tensor images = ReadIdx(images_path, dims == 4 ? 4 : 3);
+  if (images.dim() == 3) images = images.unsqueeze(1);
+  ds.images = images.to(at::kFloat).div_(255.0);
+  if (!labels_path.empty()) {
+    at::Tensor labels = ReadIdx(labels_path, 1).to(at::kLong);
+    if (labels.size(0) != images.size(0)) {
+      Bad(labels_path, std::to_string(labels.size(0)) + " labels for " + std::to_string(images.size(0)) +
+                           " images");
+    }
+    ds.labels = labels;
+  }
+  return ds;
+}
+
+Dataset LoadTensors(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) Bad(path, "cannot be opened");
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  c10::IValue value;
+  try {
+    value = torch::jit::pickle_load(bytes);
+  } catch (const std::exception& e) {
+    Bad(path, std::string("is not a torch.save file: ") + e.what());
+  }
+  if (!value.isGenericDict()) Bad(path, "holds " + value.tagKind() + ", expected a dict with 'images' and 'labels'");
+  Dataset ds;
+  for (const auto& kv : value.toGenericDict()) {
+    if (!kv.key().isString()) continue;
+    const std::string& k = kv.key().toStringRef();
+    if (k != "images" && k != "labels") continue;
+    if (!kv.value().isTensor()) Bad(path, "'" + k + "' is " + kv.value().tagKind() + ", not a tensor");
+    (k == "images" ? ds.images : ds.labels) = kv.value().toTensor();
+  }
+  if (!ds.images.defined()) Bad(path, "has no 'images' tensor");
+  at::Tensor images = ds.images;
+  if (images.dim() == 3) images = images.unsqueeze(1);
+  if (images.dim() != 4) Bad(path, "'images' has " + std::to_string(images.dim()) + " dimensions, expected N x C x H x W");
+  if (images.size(0) == 0) Bad(path, "'images' is empty");
+  if (images.scalar_type() == at::kByte) {
+    images = images.to(at::kFloat).div_(255.0);
+  } else if (images.is_floating_point()) {
+    images = images.to(at::kFloat);
+  } else {
+    Bad(path, "'images' has dtype " + std::string(c10::toString(images.scalar_type())) + ", expected float or uint8");
+  }
+  ds.images = images.contiguous();
+  if (ds.labels.defined()) {
+    if (ds.labels.dim() != 1 || ds.labels.size(0) != images.size(0)) {
+      Bad(path, "'labels' must be one label per image (" + std::to_string(images.size(0)) + ")");
+    }
+    if (ds.labels.is_floating_point() || ds.labels.scalar_type() == at::kBool) {
+      Bad(path, "'labels' must be integers");
+    }
+    ds.labels = ds.labels.to(at::kLong);
+    if (ds.labels.min().item<int64_t>() < 0) Bad(path, "'labels' has negative values");
+  }
+  return ds;
+}
+
+}  // namespace
+
+Dataset LoadDataset(const std::string& format, const std::string& path) {
+  if (format == "tensors") return LoadTensors(path);
+  if (format == "idx") return LoadIdx(path);
+  throw EngineError(Code::kInvalidArgument, "BAD_DATASET",
+                    "dataset format '" + format + "' is not supported (tensors, idx)");
+}
+
+}  // namespace pare::engine

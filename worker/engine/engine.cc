@@ -1,0 +1,236 @@
+#include "worker/engine/engine.h"
+
+#include <chrono>
+#include <filesystem>
+
+#include <ATen/Parallel.h>
+#include <torch/cuda.h>
+
+#include "worker/engine/dataset.h"
+#include "worker/engine/error.h"
+#include "worker/engine/measure.h"
+#include "worker/engine/prune.h"
+#include "worker/engine/quantize.h"
+
+namespace pare::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+// LibTorch messages carry a C++ backtrace or a TorchScript traceback; keep what a person needs.
+std::string FirstLine(const std::exception& e) {
+  std::string msg;
+  if (auto* c = dynamic_cast<const c10::Error*>(&e)) msg = c->what_without_backtrace();
+  else msg = e.what();
+  // TorchScript exceptions end with "builtins.X: message"; prefer that line.
+  auto pos = msg.rfind("\nbuiltins.");
+  if (pos != std::string::npos) msg = msg.substr(pos + 1);
+  while (!msg.empty() && (msg.back() == '\n' || msg.back() == ' ')) msg.pop_back();
+  if (msg.size() > 600) msg = msg.substr(0, 600) + "...";
+  return msg;
+}
+
+// Lets the engine's own exceptions through and turns LibTorch's into EngineError.
+template <typename F>
+auto Guard(Code code, const std::string& reason, const std::string& what, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const EngineError&) {
+    throw;
+  } catch (const Cancelled&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw EngineError(code, reason, what + ": " + FirstLine(e));
+  }
+}
+
+c10::Device ResolveDevice(const std::string& device) {
+  bool cuda = torch::cuda::is_available();
+  if (device == "cpu") return c10::kCPU;
+  if (device == "cuda") {
+    if (!cuda) {
+      throw EngineError(Code::kFailedPrecondition, "NO_CUDA", "the job asks for cuda but this worker has no GPU");
+    }
+    return c10::Device(c10::kCUDA, 0);
+  }
+  if (device.empty() || device == "auto") return cuda ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
+  throw EngineError(Code::kInvalidArgument, "BAD_DEVICE", "device must be cpu, cuda or auto, not '" + device + "'");
+}
+
+torch::jit::Module LoadModel(const std::string& path) {
+  try {
+    torch::jit::Module m = torch::jit::load(path, c10::Device(c10::kCPU));
+    m.eval();
+    return m;
+  } catch (const std::exception& e) {
+    throw EngineError(Code::kInvalidArgument, "MODEL_LOAD",
+                      "the model is not a loadable TorchScript file: " + FirstLine(e));
+  }
+}
+
+
+// Applies one step to `current` and returns the new module.
+torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, std::vector<std::string>& notes) {
+  struct V {
+    torch::jit::Module& m;
+    std::vector<std::string>& notes;
+    torch::jit::Module operator()(const MagnitudePruneSpec& s) {
+      auto n = MagnitudePrune(m, s);
+      notes.insert(notes.end(), n.begin(), n.end());
+      return m;
+    }
+    torch::jit::Module operator()(const NMPruneSpec& s) {
+      auto n = NMPrune(m, s);
+      notes.insert(notes.end(), n.begin(), n.end());
+      return m;
+    }
+    torch::jit::Module operator()(const DynamicQuantSpec&) {
+      m.to(c10::kCPU);
+      torch::jit::Module q = QuantizeDynamic(m);
+      if (!IsQuantized(q)) notes.push_back("no linear layer was found to quantize; the model is unchanged");
+      return q;
+    }
+  };
+  return std::visit(V{current, notes}, step);
+}
+
+}  // namespace
+
+void InitProcess(int num_threads, const std::string& quantized_engine) {
+  if (num_threads > 0) at::set_num_threads(num_threads);
+  const auto& supported = at::globalContext().supportedQEngines();
+  auto has = [&](at::QEngine e) { return std::find(supported.begin(), supported.end(), e) != supported.end(); };
+  at::QEngine want = at::QEngine::NoQEngine;
+  if (quantized_engine == "qnnpack") want = at::QEngine::QNNPACK;
+  else if (quantized_engine == "onednn") want = at::QEngine::ONEDNN;
+  else if (quantized_engine == "fbgemm") want = at::QEngine::FBGEMM;
+  else if (quantized_engine.empty() || quantized_engine == "auto") {
+    for (auto e : {at::QEngine::X86, at::QEngine::FBGEMM, at::QEngine::ONEDNN, at::QEngine::QNNPACK}) {
+      if (has(e)) { want = e; break; }
+    }
+  } else {
+    throw EngineError(Code::kInvalidArgument, "BAD_ENGINE", "unknown quantized engine '" + quantized_engine + "'");
+  }
+  if (want != at::QEngine::NoQEngine) {
+    if (!has(want)) {
+      throw EngineError(Code::kInvalidArgument, "BAD_ENGINE",
+                        "quantized engine '" + quantized_engine + "' is not built into this LibTorch");
+    }
+    at::globalContext().setQEngine(want);
+  }
+}
+
+Report Compress(const std::string& input_path, const std::vector<StepSpec>& steps, const CompressOptions& options,
+                const std::string& output_path) {
+  using Clock = std::chrono::steady_clock;
+  const int total = static_cast<int>(steps.size()) + 1;
+  auto report_progress = [&](int index, const std::string& step, double within, const std::string& msg) {
+    if (!options.progress) return;
+    ProgressUpdate u{index, static_cast<int>(steps.size()), step, (index + within) / total, msg};
+    if (!options.progress(u)) throw Cancelled();
+  };
+  auto check_cancel = [&]() {
+    if (options.progress && !options.progress(ProgressUpdate{-1, 0, "", -1, ""})) throw Cancelled();
+  };
+
+  torch::manual_seed(static_cast<uint64_t>(options.seed));
+  MeasureContext ctx;
+  ctx.device = ResolveDevice(options.device);
+  ctx.latency_batches = options.latency_batches;
+  ctx.latency_budget_seconds = options.latency_budget_seconds;
+  ctx.check_cancel = check_cancel;
+
+  report_progress(0, "original", 0.0, "loading the model");
+  torch::jit::Module model = LoadModel(input_path);
+  if (!model.find_method("forward")) {
+    throw EngineError(Code::kInvalidArgument, "MODEL_FORMAT", "the model has no forward method");
+  }
+
+  Dataset eval, calibration;
+  if (options.eval) eval = LoadDataset(options.eval->format, options.eval->path);
+  if (options.calibration) calibration = LoadDataset(options.calibration->format, options.calibration->path);
+  const Dataset* sample_source = eval.size() ? &eval : (calibration.size() ? &calibration : nullptr);
+
+  std::vector<int64_t> shape = options.input_shape;
+  if (shape.empty()) {
+    shape = sample_source ? std::vector<int64_t>(sample_source->images.sizes().vec()) : std::vector<int64_t>{1, 3, 224, 224};
+    shape[0] = 1;
+  }
+  for (int64_t d : shape) {
+    if (d <= 0) throw EngineError(Code::kInvalidArgument, "BAD_INPUT_SHAPE", "input shape " + c10::str(shape) + " has a non-positive dimension");
+  }
+  if (sample_source) {
+    auto ds_shape = sample_source->images.sizes().vec();
+    if (!std::equal(ds_shape.begin() + 1, ds_shape.end(), shape.begin() + 1, shape.end())) {
+      throw EngineError(Code::kInvalidArgument, "BAD_INPUT_SHAPE",
+                        "dataset images are " + c10::str(at::IntArrayRef(ds_shape).slice(1)) +
+                            " but the model's input shape is " + c10::str(at::IntArrayRef(shape).slice(1)));
+    }
+  }
+  ctx.input_shape = shape;
+  ctx.eval = eval.labels.defined() ? &eval : nullptr;
+  int64_t n = std::max(1, options.agreement_samples);
+  if (sample_source) {
+    ctx.samples = sample_source->images.slice(0, 0, std::min<int64_t>(n, sample_source->images.size(0)));
+  } else {
+    std::vector<int64_t> s = shape;
+    s[0] = n;
+    ctx.samples = at::randn(s);
+  }
+
+  Report report;
+  report.device = ctx.device.str();
+  report.input_shape = shape;
+  Guard(Code::kInvalidArgument, "MODEL_RUN",
+        "the model's forward failed on inputs of shape " + c10::str(at::IntArrayRef(shape).slice(1)), [&] {
+          model.to(ctx.device);
+          ctx.reference = RunBatched(model, ctx.samples, ctx.device, 8, check_cancel);
+        });
+
+  report_progress(0, "original", 0.5, "measuring the original model");
+  auto t0 = Clock::now();
+  StepReport original{"original",
+                      Guard(Code::kInvalidArgument, "MODEL_RUN", "measuring the original model failed",
+                            [&] { return Measure(model, input_path, ctx); }),
+                      0, {}};
+  original.wall_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  report.steps.push_back(original);
+
+  std::string current_path = input_path;
+  std::vector<std::string> temps;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const std::string name = StepName(steps[i]);
+    report_progress(static_cast<int>(i) + 1, name, 0.0, "running " + name);
+    StepReport sr;
+    sr.step = name;
+    auto start = Clock::now();
+    Guard(Code::kInternal, "STEP_FAILED", "step " + std::to_string(i + 1) + " (" + name + ") failed", [&] {
+      model = ApplyStep(model, steps[i], sr.notes);
+      std::string path = output_path + ".step" + std::to_string(i);
+      model.save(path);
+      temps.push_back(path);
+      current_path = path;
+      model = LoadModel(path);  // what the user gets must load on its own
+    });
+    sr.wall_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    report_progress(static_cast<int>(i) + 1, name, 0.6, "measuring after " + name);
+    sr.stats = Guard(Code::kInternal, "STEP_BROKE_MODEL",
+                     "after step " + std::to_string(i + 1) + " (" + name + ") the model no longer runs",
+                     [&] { return Measure(model, current_path, ctx); });
+    report.steps.push_back(sr);
+  }
+
+  std::error_code ec;
+  if (temps.empty()) {
+    fs::copy_file(input_path, output_path, fs::copy_options::overwrite_existing, ec);
+  } else {
+    fs::rename(temps.back(), output_path, ec);
+    temps.pop_back();
+  }
+  for (const auto& t : temps) fs::remove(t);
+  if (ec) throw EngineError(Code::kInternal, "IO", "cannot write " + output_path + ": " + ec.message());
+  report_progress(total - 1, "done", 1.0, "done");
+  return report;
+}
+
+}  // namespace pare::engine

@@ -1,0 +1,58 @@
+// The compression engine's entry point: load a TorchScript model, run a recipe's steps
+// one after the other, measure every intermediate model, and write the result.
+// Depends on LibTorch only; shared by pare-worker and the offline `pare compress`.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "worker/engine/recipe.h"
+#include "worker/engine/report.h"
+
+namespace pare::engine {
+
+struct ProgressUpdate {
+  int step_index = 0;  // 0-based; step_count while measuring the result
+  int step_count = 0;
+  std::string step;
+  double fraction = 0;  // of the whole job, in [0, 1]
+  std::string message;
+};
+
+// Returns false to ask the engine to stop (it then throws Cancelled).
+using ProgressFn = std::function<bool(const ProgressUpdate&)>;
+
+struct DatasetInput {
+  std::string format;  // "tensors" or "idx"
+  std::string path;    // a file, or a folder holding the format's files
+};
+
+struct CompressOptions {
+  // "cpu", "cuda" or "auto"; training and measurements run there.
+  std::string device = "auto";
+  // Input shape for measurements; empty means [1, 3, 224, 224].
+  std::vector<int64_t> input_shape;
+  std::optional<DatasetInput> calibration;
+  std::optional<DatasetInput> train;
+  std::optional<DatasetInput> eval;
+  // Batch sizes at which latency is measured.
+  std::vector<int> latency_batches = {1, 32};
+  // Time spent measuring latency at one batch size (at least 3 timed runs).
+  double latency_budget_seconds = 1.0;
+  // Inputs used to compare every step's outputs with the original's.
+  int agreement_samples = 32;
+  // Seed for synthetic inputs.
+  uint64_t seed = 0;
+  ProgressFn progress;
+};
+
+// Runs `steps` on the model at `input_path` and writes the final model to `output_path`.
+// Throws EngineError (bad model, bad data, a step that cannot apply) or Cancelled.
+Report Compress(const std::string& input_path, const std::vector<StepSpec>& steps,
+                const CompressOptions& options, const std::string& output_path);
+
+// Sets process-wide LibTorch settings once (quantized engine, thread count).
+void InitProcess(int num_threads, const std::string& quantized_engine = "");
+
+}  // namespace pare::engine

@@ -1,0 +1,146 @@
+#include "worker/engine/measure.h"
+
+#include <zlib.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+
+#include "worker/engine/error.h"
+#include "worker/engine/model_util.h"
+
+namespace pare::engine {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  double idx = p * static_cast<double>(v.size() - 1);
+  size_t lo = static_cast<size_t>(idx);
+  size_t hi = std::min(lo + 1, v.size() - 1);
+  return v[lo] + (v[hi] - v[lo]) * (idx - static_cast<double>(lo));
+}
+
+// Forces completion of queued device work (a device-to-host copy waits for it).
+void Sync(const at::Tensor& t) { (void)t.sum().item<double>(); }
+
+Latency TimeBatch(torch::jit::Module& module, const MeasureContext& ctx, int batch) {
+  std::vector<int64_t> shape = ctx.input_shape;
+  shape[0] = batch;
+  at::Tensor input = at::randn(shape, at::TensorOptions().device(ctx.device));
+  std::vector<double> ms;
+  c10::InferenceMode guard;
+  for (int i = 0; i < 2; ++i) Sync(OutputTensor(module.forward({input})));
+  auto budget_end = Clock::now() + std::chrono::duration<double>(ctx.latency_budget_seconds);
+  while (ms.size() < 3 || (ms.size() < 200 && Clock::now() < budget_end)) {
+    if (ctx.check_cancel) ctx.check_cancel();
+    auto t0 = Clock::now();
+    Sync(OutputTensor(module.forward({input})));
+    ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  }
+  Latency l;
+  l.batch = batch;
+  l.p50_ms = Percentile(ms, 0.5);
+  l.p95_ms = Percentile(ms, 0.95);
+  l.iterations = static_cast<int>(ms.size());
+  return l;
+}
+
+}  // namespace
+
+uint64_t DeflatedSize(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw EngineError(Code::kInternal, "IO", "cannot read " + path);
+  z_stream zs{};
+  if (deflateInit(&zs, 6) != Z_OK) throw EngineError(Code::kInternal, "IO", "deflateInit failed");
+  std::vector<unsigned char> inbuf(1 << 20), outbuf(1 << 20);
+  uint64_t total = 0;
+  int flush = Z_NO_FLUSH;
+  do {
+    in.read(reinterpret_cast<char*>(inbuf.data()), static_cast<std::streamsize>(inbuf.size()));
+    zs.avail_in = static_cast<uInt>(in.gcount());
+    zs.next_in = inbuf.data();
+    flush = in.eof() ? Z_FINISH : Z_NO_FLUSH;
+    do {
+      zs.avail_out = static_cast<uInt>(outbuf.size());
+      zs.next_out = outbuf.data();
+      deflate(&zs, flush);
+      total += outbuf.size() - zs.avail_out;
+    } while (zs.avail_out == 0);
+  } while (flush != Z_FINISH);
+  deflateEnd(&zs);
+  return total;
+}
+
+at::Tensor RunBatched(torch::jit::Module& module, const at::Tensor& inputs, c10::Device device,
+                      int64_t batch, const std::function<void()>& check_cancel) {
+  c10::InferenceMode guard;
+  std::vector<at::Tensor> outs;
+  for (int64_t i = 0; i < inputs.size(0); i += batch) {
+    if (check_cancel) check_cancel();
+    at::Tensor x = inputs.slice(0, i, std::min(i + batch, inputs.size(0))).to(device);
+    at::Tensor y = OutputTensor(module.forward({x}));
+    if (y.is_quantized()) y = y.dequantize();
+    outs.push_back(y.to(at::kFloat).cpu());
+  }
+  return at::cat(outs);
+}
+
+bool IsQuantized(const torch::jit::Module& module) { return !PackedWeights(module).empty(); }
+
+ModelStats Measure(torch::jit::Module& module, const std::string& path, const MeasureContext& ctx) {
+  ModelStats s;
+  s.size_bytes = std::filesystem::file_size(path);
+  s.deflated_bytes = DeflatedSize(path);
+
+  for (const auto& p : module.parameters()) {
+    s.parameters += static_cast<uint64_t>(p.numel());
+    s.nonzero_parameters += static_cast<uint64_t>(p.count_nonzero().item<int64_t>());
+  }
+  for (const auto& w : PrunableWeights(module)) {
+    uint64_t n = static_cast<uint64_t>(w.weight.numel());
+    s.layers.push_back({w.name, n, n - static_cast<uint64_t>(w.weight.count_nonzero().item<int64_t>())});
+  }
+  for (const auto& w : PackedWeights(module)) {
+    uint64_t n = static_cast<uint64_t>(w.weight.numel());
+    uint64_t zeros = n - static_cast<uint64_t>(w.weight.dequantize().count_nonzero().item<int64_t>());
+    s.parameters += n;
+    s.nonzero_parameters += n - zeros;
+    s.layers.push_back({w.name, n, zeros});
+  }
+
+  c10::Device device = IsQuantized(module) ? c10::Device(c10::kCPU) : ctx.device;
+  module.to(device);
+  for (int b : ctx.latency_batches) s.latency.push_back(TimeBatch(module, ctx, b));
+
+  at::Tensor out = RunBatched(module, ctx.samples, device, 8, ctx.check_cancel);
+  if (out.sizes() != ctx.reference.sizes()) {
+    throw EngineError(Code::kInternal, "OUTPUT_SHAPE",
+                      "the compressed model's output shape " + c10::str(out.sizes()) +
+                          " differs from the original's " + c10::str(ctx.reference.sizes()));
+  }
+  at::Tensor a = out.flatten(1), r = ctx.reference.flatten(1);
+  s.output_cosine = at::cosine_similarity(a, r, 1, 1e-12).mean().item<double>();
+  s.top1_agreement = (a.argmax(1) == r.argmax(1)).to(at::kFloat).mean().item<double>();
+
+  if (ctx.eval && ctx.eval->labels.defined()) {
+    at::Tensor logits = RunBatched(module, ctx.eval->images, device, 64, ctx.check_cancel).flatten(1);
+    const at::Tensor& labels = ctx.eval->labels;
+    if (labels.max().item<int64_t>() >= logits.size(1)) {
+      throw EngineError(Code::kInvalidArgument, "BAD_DATASET",
+                        "eval labels go up to " + std::to_string(labels.max().item<int64_t>()) +
+                            " but the model has " + std::to_string(logits.size(1)) + " outputs");
+    }
+    s.top1_accuracy = (logits.argmax(1) == labels).to(at::kFloat).mean().item<double>();
+    if (logits.size(1) >= 5) {
+      at::Tensor top5 = std::get<1>(logits.topk(5, 1));
+      s.top5_accuracy = (top5 == labels.unsqueeze(1)).any(1).to(at::kFloat).mean().item<double>();
+    }
+  }
+  return s;
+}
+
+}  // namespace pare::engine

@@ -1,0 +1,39 @@
+// Measurements behind the report: file size (raw and deflated), parameter counts and
+// per-layer sparsity, latency percentiles, agreement with the original, accuracy.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <torch/script.h>
+
+#include "worker/engine/dataset.h"
+#include "worker/engine/report.h"
+
+namespace pare::engine {
+
+struct MeasureContext {
+  c10::Device device = c10::kCPU;
+  std::vector<int64_t> input_shape;  // batch dimension first
+  at::Tensor samples;                // inputs for agreement (CPU)
+  at::Tensor reference;              // the original model's outputs on `samples` (CPU, float)
+  const Dataset* eval = nullptr;     // with labels, for accuracy
+  std::vector<int> latency_batches;
+  double latency_budget_seconds = 1.0;
+  std::function<void()> check_cancel;  // throws Cancelled when the job was cancelled
+};
+
+// Size in bytes of `path` after zlib deflate (level 6): the storage a zip of it would take.
+uint64_t DeflatedSize(const std::string& path);
+
+// Runs `module` on `inputs` in batches and returns its float outputs on the CPU.
+at::Tensor RunBatched(torch::jit::Module& module, const at::Tensor& inputs, c10::Device device,
+                      int64_t batch, const std::function<void()>& check_cancel);
+
+// Whether the module holds packed quantized weights (and therefore runs on the CPU only).
+bool IsQuantized(const torch::jit::Module& module);
+
+ModelStats Measure(torch::jit::Module& module, const std::string& path, const MeasureContext& ctx);
+
+}  // namespace pare::engine

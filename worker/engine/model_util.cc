@@ -1,0 +1,118 @@
+#include "worker/engine/model_util.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include "worker/engine/error.h"
+
+namespace pare::engine {
+namespace {
+
+bool EndsWith(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+std::string TypeName(const torch::jit::Module& m) {
+  auto qn = m.type()->name();
+  return qn ? qn->name() : std::string();
+}
+
+bool IsConvType(const std::string& t) {
+  for (const char* k : {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+                        "ConvTranspose3d"}) {
+    if (t == k) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+std::vector<WeightRef> PrunableWeights(const torch::jit::Module& module) {
+  std::vector<WeightRef> out;
+  for (const auto& item : module.named_modules()) {
+    // Type names carry mangling ("___torch_mangle_3.Linear"): compare the last part.
+    std::string t = TypeName(item.value);
+    auto dot = t.rfind('.');
+    if (dot != std::string::npos) t = t.substr(dot + 1);
+    bool conv = IsConvType(t);
+    bool linear = t == "Linear" || EndsWith(t, "LinearWithBias");
+    if (!conv && !linear) continue;
+    if (!item.value.hasattr("weight")) continue;
+    auto w = item.value.attr("weight");
+    if (!w.isTensor()) continue;
+    at::Tensor weight = w.toTensor();
+    if (!weight.is_floating_point() || weight.dim() < 2) continue;
+    out.push_back({item.name, weight, conv});
+  }
+  return out;
+}
+
+bool NameSelected(const std::string& name, const std::vector<std::string>& include,
+                  const std::vector<std::string>& exclude) {
+  for (const auto& e : exclude) {
+    if (!e.empty() && name.find(e) != std::string::npos) return false;
+  }
+  if (include.empty()) return true;
+  for (const auto& i : include) {
+    if (name.find(i) != std::string::npos) return true;
+  }
+  return false;
+}
+
+std::vector<PackedWeight> PackedWeights(const torch::jit::Module& module) {
+  std::vector<PackedWeight> out;
+  for (const auto& item : module.named_modules()) {
+    const auto& type = item.value.type();
+    for (size_t i = 0; i < type->numAttributes(); ++i) {
+      const auto& attr_type = type->getAttribute(i);
+      auto cls = attr_type->cast<c10::ClassType>();
+      if (!cls || !cls->name()) continue;
+      const std::string qn = cls->name()->qualifiedName();
+      const char* unpack = nullptr;
+      if (qn == "__torch__.torch.classes.quantized.LinearPackedParamsBase") {
+        unpack = "quantized::linear_unpack";
+      } else if (qn == "__torch__.torch.classes.quantized.Conv2dPackedParamsBase") {
+        unpack = "quantized::conv2d_unpack";
+      } else if (qn == "__torch__.torch.classes.quantized.Conv3dPackedParamsBase") {
+        unpack = "quantized::conv3d_unpack";
+      }
+      if (!unpack) continue;
+      auto op = c10::Dispatcher::singleton().findSchemaOrThrow(unpack, "");
+      torch::jit::Stack stack{item.value._ivalue()->getSlot(i)};
+      op.callBoxed(&stack);
+      if (stack.empty()) continue;
+      at::Tensor w = stack[0].isTuple() ? stack[0].toTupleRef().elements()[0].toTensor()
+                                        : stack[0].toTensor();
+      std::string owner = item.name;
+      std::string attr = type->getAttributeName(i);
+      out.push_back({owner.empty() ? attr : owner + "." + attr, w});
+    }
+  }
+  return out;
+}
+
+at::Tensor OutputTensor(const c10::IValue& out) {
+  if (out.isTensor()) return out.toTensor();
+  if (out.isTuple()) {
+    for (const auto& e : out.toTupleRef().elements()) {
+      if (e.isTensor()) return e.toTensor();
+    }
+  }
+  if (out.isList()) {
+    for (const auto& e : out.toListRef()) {
+      if (e.isTensor()) return e.toTensor();
+    }
+  }
+  if (out.isGenericDict()) {
+    auto dict = out.toGenericDict();
+    for (const auto& kv : dict) {
+      if (kv.key().isString() && kv.key().toStringRef() == "out" && kv.value().isTensor()) {
+        return kv.value().toTensor();
+      }
+    }
+  }
+  throw EngineError(Code::kInvalidArgument, "MODEL_OUTPUT",
+                    "the model's forward returned " + out.tagKind() +
+                        ", not a tensor (or a tuple/list/dict holding one)");
+}
+
+}  // namespace pare::engine

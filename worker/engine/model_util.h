@@ -1,0 +1,36 @@
+// Helpers over TorchScript modules shared by the passes: finding prunable weights,
+// reading packed quantized weights, extracting the output tensor.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <torch/script.h>
+
+namespace pare::engine {
+
+// A conv or linear weight that the unstructured passes may change in place.
+struct WeightRef {
+  std::string name;  // qualified name of the owning module, e.g. "layer1.0.conv1"
+  at::Tensor weight; // the parameter itself (shares storage with the module)
+  bool is_conv = false;
+};
+
+// Conv (1d/2d/3d, transposed too) and Linear weights, in module order.
+std::vector<WeightRef> PrunableWeights(const torch::jit::Module& module);
+
+// Whether `name` passes include/exclude substring filters (empty include = all).
+bool NameSelected(const std::string& name, const std::vector<std::string>& include,
+                  const std::vector<std::string>& exclude);
+
+// Weights behind packed quantized parameters (linear and conv), by owner name.
+struct PackedWeight {
+  std::string name;
+  at::Tensor weight;  // a quantized tensor
+};
+std::vector<PackedWeight> PackedWeights(const torch::jit::Module& module);
+
+// The tensor a model returned: itself, the first tensor of a tuple/list, or dict["out"].
+at::Tensor OutputTensor(const c10::IValue& out);
+
+}  // namespace pare::engine

@@ -1,0 +1,44 @@
+#include "worker/engine/report.h"
+
+namespace pare::engine {
+
+nlohmann::json ToJson(const ModelStats& s) {
+  nlohmann::json j;
+  j["size_bytes"] = s.size_bytes;
+  j["deflated_bytes"] = s.deflated_bytes;
+  j["parameters"] = s.parameters;
+  j["nonzero_parameters"] = s.nonzero_parameters;
+  j["sparsity"] = s.parameters ? 1.0 - double(s.nonzero_parameters) / double(s.parameters) : 0.0;
+  nlohmann::json lat = nlohmann::json::array();
+  for (const auto& l : s.latency) {
+    lat.push_back({{"batch", l.batch}, {"p50_ms", l.p50_ms}, {"p95_ms", l.p95_ms},
+                   {"iterations", l.iterations}});
+  }
+  j["latency"] = lat;
+  j["top1_accuracy"] = s.top1_accuracy ? nlohmann::json(*s.top1_accuracy) : nlohmann::json();
+  j["top5_accuracy"] = s.top5_accuracy ? nlohmann::json(*s.top5_accuracy) : nlohmann::json();
+  j["top1_agreement"] = s.top1_agreement;
+  j["output_cosine"] = s.output_cosine;
+  nlohmann::json layers = nlohmann::json::array();
+  for (const auto& l : s.layers) {
+    layers.push_back({{"name", l.name}, {"parameters", l.parameters}, {"zeros", l.zeros},
+                      {"sparsity", l.parameters ? double(l.zeros) / double(l.parameters) : 0.0}});
+  }
+  j["layers"] = layers;
+  return j;
+}
+
+nlohmann::json ToJson(const Report& r) {
+  nlohmann::json j;
+  j["device"] = r.device;
+  j["input_shape"] = r.input_shape;
+  nlohmann::json steps = nlohmann::json::array();
+  for (const auto& s : r.steps) {
+    steps.push_back({{"step", s.step}, {"stats", ToJson(s.stats)}, {"wall_seconds", s.wall_seconds},
+                     {"notes", s.notes}});
+  }
+  j["steps"] = steps;
+  return j;
+}
+
+}  // namespace pare::engine

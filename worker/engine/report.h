@@ -1,0 +1,55 @@
+// What the engine measured about a model, for the original and after every step.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace pare::engine {
+
+struct LayerSparsity {
+  std::string name;
+  uint64_t parameters = 0;
+  uint64_t zeros = 0;
+};
+
+struct Latency {
+  int batch = 1;
+  double p50_ms = 0;
+  double p95_ms = 0;
+  int iterations = 0;
+};
+
+struct ModelStats {
+  uint64_t size_bytes = 0;
+  uint64_t deflated_bytes = 0;
+  uint64_t parameters = 0;  // float parameters plus the elements of packed quantized weights
+  uint64_t nonzero_parameters = 0;
+  std::vector<Latency> latency;
+  std::optional<double> top1_accuracy;
+  std::optional<double> top5_accuracy;
+  double top1_agreement = 1.0;  // share of inputs where the arg-max matches the original's
+  double output_cosine = 1.0;   // mean cosine of outputs with the original's
+  std::vector<LayerSparsity> layers;
+};
+
+struct StepReport {
+  std::string step;  // "original" or a step name
+  ModelStats stats;
+  double wall_seconds = 0;
+  std::vector<std::string> notes;
+};
+
+struct Report {
+  std::string device;
+  std::vector<int64_t> input_shape;
+  std::vector<StepReport> steps;
+};
+
+nlohmann::json ToJson(const ModelStats& s);
+nlohmann::json ToJson(const Report& r);
+
+}  // namespace pare::engine
