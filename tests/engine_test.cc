@@ -139,6 +139,8 @@ TEST_F(EngineTest, CompressRunsARecipeAndReportsEveryStep) {
   EXPECT_EQ(orig.parameters, pruned.parameters);
   EXPECT_NEAR(double(pruned.nonzero_parameters), double(orig.parameters) * 0.5, double(orig.parameters) * 0.02);
   EXPECT_LT(pruned.deflated_bytes, orig.deflated_bytes);
+  // Quantization keeps every weight (conv weights become frozen constants, linear ones packed int8).
+  EXPECT_EQ(r.steps[2].stats.parameters, orig.parameters - 50 - 10);  // linear biases live inside the packed params
   EXPECT_EQ(r.steps[2].stats.size_bytes, fs::file_size(out));
   EXPECT_LT(r.steps[2].stats.size_bytes, orig.size_bytes);
   ASSERT_TRUE(orig.top1_accuracy.has_value());

@@ -104,6 +104,14 @@ ModelStats Measure(torch::jit::Module& module, const std::string& path, const Me
     uint64_t n = static_cast<uint64_t>(w.weight.numel());
     s.layers.push_back({w.name, n, n - static_cast<uint64_t>(w.weight.count_nonzero().item<int64_t>())});
   }
+  // A frozen module (quantization's Finalize freezes) keeps its weights as graph constants.
+  for (const auto& w : FrozenWeights(module)) {
+    uint64_t n = static_cast<uint64_t>(w.weight.numel());
+    uint64_t zeros = n - static_cast<uint64_t>(w.weight.count_nonzero().item<int64_t>());
+    s.parameters += n;
+    s.nonzero_parameters += n - zeros;
+    if (w.weight.dim() >= 2) s.layers.push_back({w.name, n, zeros});
+  }
   for (const auto& w : PackedWeights(module)) {
     uint64_t n = static_cast<uint64_t>(w.weight.numel());
     uint64_t zeros = n - static_cast<uint64_t>(w.weight.dequantize().count_nonzero().item<int64_t>());

@@ -1,6 +1,10 @@
 #include "worker/engine/model_util.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/jit/ir/constants.h>
+
+#include <functional>
+#include <unordered_set>
 
 #include "worker/engine/error.h"
 
@@ -87,6 +91,26 @@ std::vector<PackedWeight> PackedWeights(const torch::jit::Module& module) {
       out.push_back({owner.empty() ? attr : owner + "." + attr, w});
     }
   }
+  return out;
+}
+
+std::vector<PackedWeight> FrozenWeights(const torch::jit::Module& module) {
+  std::vector<PackedWeight> out;
+  std::unordered_set<const void*> seen;
+  std::function<void(torch::jit::Block*)> visit = [&](torch::jit::Block* block) {
+    for (torch::jit::Node* node : block->nodes()) {
+      for (torch::jit::Block* sub : node->blocks()) visit(sub);
+      if (node->kind() != c10::prim::Constant || node->outputs().size() != 1) continue;
+      if (!node->output()->type()->cast<c10::TensorType>()) continue;
+      auto value = torch::jit::toIValue(node->output());
+      if (!value || !value->isTensor()) continue;
+      at::Tensor t = value->toTensor();
+      if (!t.defined() || !t.is_floating_point() || t.numel() < 2) continue;
+      if (!seen.insert(t.storage().data()).second) continue;
+      out.push_back({"constant:" + node->output()->debugName(), t});
+    }
+  };
+  for (const auto& method : module.get_methods()) visit(method.graph()->block());
   return out;
 }
 

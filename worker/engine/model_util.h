@@ -30,6 +30,10 @@ struct PackedWeight {
 };
 std::vector<PackedWeight> PackedWeights(const torch::jit::Module& module);
 
+// Floating-point tensor constants baked into the methods' graphs of a frozen module,
+// named "constant:<value name>", each storage once.
+std::vector<PackedWeight> FrozenWeights(const torch::jit::Module& module);
+
 // The tensor a model returned: itself, the first tensor of a tuple/list, or dict["out"].
 at::Tensor OutputTensor(const c10::IValue& out);
 

@@ -1,0 +1,201 @@
+#include "client/client.h"
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "common/grpc_status.h"
+#include "common/sha256.h"
+
+namespace pare::client {
+namespace {
+
+namespace fs = std::filesystem;
+constexpr size_t kChunk = 1 << 20;
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& server) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(4 << 20);
+  return grpc::CreateCustomChannel(server, grpc::InsecureChannelCredentials(), args);
+}
+
+bool Retryable(const Status& s) { return s.code() == Code::kUnavailable; }
+
+}  // namespace
+
+Client::Client(ClientOptions options) : Client(MakeChannel(options.server), options) {}
+
+Client::Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options)
+    : options_(std::move(options)), stub_(v1::Compression::NewStub(std::move(channel))) {}
+
+std::unique_ptr<grpc::ClientContext> Client::Ctx(double seconds) const {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));
+  return ctx;
+}
+
+template <typename Resp>
+Result<Resp> Client::Upload(const std::string& path, v1::UploadHeader header, bool is_model,
+                            const ByteProgress& progress) {
+  std::error_code ec;
+  uint64_t size = fs::file_size(path, ec);
+  if (ec) return InvalidArgument("cannot read " + path + ": " + ec.message());
+  std::string sha = Sha256OfFile(path);
+  if (sha.empty()) return InvalidArgument("cannot read " + path);
+  header.set_size_bytes(size);
+  header.set_sha256(sha);
+  auto ctx = Ctx(options_.transfer_deadline_seconds);
+  Resp resp;
+  std::unique_ptr<grpc::ClientWriter<v1::UploadRequest>> writer;
+  if constexpr (std::is_same_v<Resp, v1::Model>) writer = stub_->UploadModel(ctx.get(), &resp);
+  else writer = stub_->UploadDataset(ctx.get(), &resp);
+  (void)is_model;
+  v1::UploadRequest req;
+  *req.mutable_header() = header;
+  bool ok = writer->Write(req);
+  std::ifstream in(path, std::ios::binary);
+  std::string buf(kChunk, '\0');
+  uint64_t sent = 0;
+  while (ok && in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    auto n = in.gcount();
+    if (n <= 0) break;
+    v1::UploadRequest c;
+    c.set_chunk(buf.data(), static_cast<size_t>(n));
+    ok = writer->Write(c);
+    sent += static_cast<uint64_t>(n);
+    if (progress) progress(sent, size);
+  }
+  writer->WritesDone();
+  grpc::Status st = writer->Finish();
+  if (!st.ok()) return FromGrpcStatus(st);
+  return resp;
+}
+
+Result<v1::Model> Client::UploadModel(const std::string& path, const std::string& name,
+                                      const std::vector<int64_t>& input_shape, const ByteProgress& progress) {
+  v1::UploadHeader h;
+  h.set_name(name.empty() ? fs::path(path).filename().string() : name);
+  for (int64_t d : input_shape) h.add_input_shape(d);
+  return Upload<v1::Model>(path, h, true, progress);
+}
+
+Result<v1::Dataset> Client::UploadDataset(const std::string& path, const std::string& format, const std::string& name,
+                                          const ByteProgress& progress) {
+  v1::UploadHeader h;
+  h.set_name(name.empty() ? fs::path(path).filename().string() : name);
+  h.set_format(format);
+  return Upload<v1::Dataset>(path, h, false, progress);
+}
+
+Result<v1::Job> Client::Submit(const v1::SubmitJobRequest& req) {
+  v1::Job job;
+  auto ctx = Ctx(options_.deadline_seconds);
+  grpc::Status st = stub_->SubmitJob(ctx.get(), req, &job);
+  if (!st.ok()) return FromGrpcStatus(st);
+  return job;
+}
+
+Result<v1::Job> Client::GetJob(const std::string& id) {
+  v1::GetJobRequest req;
+  req.set_id(id);
+  v1::Job job;
+  auto ctx = Ctx(options_.deadline_seconds);
+  grpc::Status st = stub_->GetJob(ctx.get(), req, &job);
+  if (!st.ok()) return FromGrpcStatus(st);
+  return job;
+}
+
+Result<v1::ListJobsResponse> Client::ListJobs(int page_size, const std::string& page_token) {
+  v1::ListJobsRequest req;
+  req.set_page_size(page_size);
+  req.set_page_token(page_token);
+  v1::ListJobsResponse resp;
+  auto ctx = Ctx(options_.deadline_seconds);
+  grpc::Status st = stub_->ListJobs(ctx.get(), req, &resp);
+  if (!st.ok()) return FromGrpcStatus(st);
+  return resp;
+}
+
+Result<v1::Job> Client::Cancel(const std::string& id) {
+  v1::CancelJobRequest req;
+  req.set_id(id);
+  v1::Job job;
+  auto ctx = Ctx(options_.deadline_seconds);
+  grpc::Status st = stub_->CancelJob(ctx.get(), req, &job);
+  if (!st.ok()) return FromGrpcStatus(st);
+  return job;
+}
+
+Result<v1::Job> Client::Watch(const std::string& id, const std::function<void(const v1::Job&)>& on_update) {
+  int broken = 0;
+  while (true) {
+    v1::WatchJobRequest req;
+    req.set_id(id);
+    grpc::ClientContext ctx;  // a job may run for hours: no deadline on the stream itself
+    auto reader = stub_->WatchJob(&ctx, req);
+    v1::Job job;
+    std::optional<v1::Job> last;
+    while (reader->Read(&job)) {
+      last = job;
+      if (on_update) on_update(job);
+    }
+    Status st = FromGrpcStatus(reader->Finish());
+    if (last && last->state() >= v1::SUCCEEDED) return *last;
+    if (!st.ok() && !Retryable(st)) return st;
+    if (++broken > 30) return st.ok() ? Unavailable("the watch stream kept ending before the job did") : st;
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::min(5000, 200 * broken)));
+  }
+}
+
+Status Client::Download(const std::string& job_id, v1::ResultKind kind, const std::string& out_path,
+                        const ByteProgress& progress) {
+  const std::string part = out_path + ".part";
+  std::error_code ec;
+  uint64_t have = fs::exists(part, ec) ? fs::file_size(part, ec) : 0;
+  for (int attempt = 0; attempt < 10; ++attempt) {
+    v1::DownloadRequest req;
+    req.set_job_id(job_id);
+    req.set_kind(kind);
+    req.set_offset(have);
+    auto ctx = Ctx(options_.transfer_deadline_seconds);
+    auto reader = stub_->DownloadResult(ctx.get(), req);
+    std::ofstream out(part, std::ios::binary | std::ios::app);
+    if (!out) return InvalidArgument("cannot write " + part);
+    v1::Chunk chunk;
+    std::string sha;
+    uint64_t total = 0;
+    while (reader->Read(&chunk)) {
+      out.write(chunk.data().data(), static_cast<std::streamsize>(chunk.data().size()));
+      have += chunk.data().size();
+      sha = chunk.sha256();
+      total = chunk.total_size();
+      if (progress) progress(have, total);
+    }
+    out.close();
+    Status st = FromGrpcStatus(reader->Finish());
+    if (st.ok()) {
+      // A resumed download whose part was already whole gets no chunk: check the file itself.
+      std::string got = Sha256OfFile(part);
+      if (!sha.empty() && got != sha) {
+        fs::remove(part, ec);
+        return DataLoss("the downloaded file's SHA-256 " + got + " differs from the server's " + sha +
+                        "; the partial file was removed, run the command again");
+      }
+      fs::rename(part, out_path, ec);
+      if (ec) return InvalidArgument("cannot write " + out_path + ": " + ec.message());
+      return Status::Ok();
+    }
+    if (st.code() == Code::kOutOfRange) {
+      fs::remove(part, ec);  // a stale part longer than the result: start again
+      have = 0;
+      continue;
+    }
+    if (!Retryable(st)) return st;
+    std::this_thread::sleep_for(std::chrono::milliseconds(500 * (attempt + 1)));
+  }
+  return Unavailable("the download kept breaking off; run the command again to resume");
+}
+
+}  // namespace pare::client

@@ -1,0 +1,398 @@
+// pare: the command-line client. Verbs talk to pare-server over gRPC, except `compress`,
+// which runs the same engine offline. Exit codes: 0 success, 1 job FAILED/CANCELLED,
+// 2 usage, 3 server unreachable or deadline exceeded, 4 rejected by the server.
+#include <google/protobuf/util/json_util.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+
+#include "client/client.h"
+#include "client/tar_pack.h"
+#include "common/recipe_convert.h"
+#include "worker/engine/engine.h"
+#include "worker/engine/error.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using pare::Code;
+using pare::Status;
+
+constexpr int kExitOk = 0, kExitJobFailed = 1, kExitUsage = 2, kExitUnreachable = 3, kExitRejected = 4;
+
+bool g_json = false;
+
+int ExitFor(const Status& s) {
+  if (s.ok()) return kExitOk;
+  if (s.code() == Code::kUnavailable || s.code() == Code::kDeadlineExceeded) return kExitUnreachable;
+  return kExitRejected;
+}
+
+int Fail(const Status& s, const std::string& what) {
+  std::cerr << "pare: " << what << ": " << pare::CodeName(s.code()) << ": " << s.message() << "\n";
+  if (s.code() == Code::kUnavailable) std::cerr << "pare: is pare-server running? (--server or $PARE_SERVER)\n";
+  return ExitFor(s);
+}
+
+std::string ToJson(const google::protobuf::Message& m) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions o;
+  o.add_whitespace = true;
+  google::protobuf::util::MessageToJsonString(m, &out, o);
+  return out;
+}
+
+Status ParseShape(const std::string& text, std::vector<int64_t>* out) {
+  out->clear();
+  if (text.empty()) return Status::Ok();
+  std::stringstream ss(text);
+  std::string part;
+  while (std::getline(ss, part, ',')) {
+    try {
+      size_t used = 0;
+      long long v = std::stoll(part, &used);
+      if (used != part.size() || v <= 0) throw std::invalid_argument(part);
+      out->push_back(v);
+    } catch (const std::exception&) {
+      return pare::InvalidArgument("--input-shape must be positive integers separated by commas, e.g. 1,3,224,224");
+    }
+  }
+  return Status::Ok();
+}
+
+Status ReadFile(const std::string& path, std::string* out) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return pare::InvalidArgument("cannot read " + path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  *out = ss.str();
+  return Status::Ok();
+}
+
+const char* StateName(pare::v1::JobState s) {
+  static std::string names[6];
+  names[s] = pare::v1::JobState_Name(s);
+  return names[s].c_str();
+}
+
+// Progress on a terminal: one rewritten line; otherwise a line per change.
+class ProgressView {
+ public:
+  ProgressView() : tty_(::isatty(STDERR_FILENO)) {}
+  void Update(const pare::v1::Job& j) {
+    const auto& p = j.progress();
+    std::ostringstream line;
+    line << j.id() << " " << StateName(j.state());
+    if (j.state() == pare::v1::RUNNING) {
+      int width = 30, filled = static_cast<int>(p.fraction() * width + 0.5);
+      if (tty_) line << " [" << std::string(filled, '#') << std::string(width - filled, '.') << "]";
+      line << " " << std::setw(3) << static_cast<int>(p.fraction() * 100) << "%";
+      if (!p.step().empty()) line << " step " << p.step_index() << "/" << p.step_count() << " " << p.step();
+      if (!p.message().empty()) line << ": " << p.message();
+    }
+    if (j.attempts() > 1) line << " (attempt " << j.attempts() << ")";
+    std::string text = line.str();
+    if (tty_) {
+      std::cerr << "\r" << text << std::string(last_len_ > text.size() ? last_len_ - text.size() : 0, ' ') << std::flush;
+      last_len_ = text.size();
+    } else if (text != last_) {
+      std::cerr << text << "\n";
+    }
+    last_ = text;
+  }
+  void Done() {
+    if (tty_ && last_len_) std::cerr << "\n";
+  }
+
+ private:
+  bool tty_;
+  size_t last_len_ = 0;
+  std::string last_;
+};
+
+void PrintJobSummary(const pare::v1::Job& j) {
+  std::cout << "job " << j.id() << " " << StateName(j.state()) << " attempts=" << j.attempts() << "\n";
+  if (j.has_error() && !j.error().code().empty()) {
+    std::cout << "error " << j.error().code() << " " << j.error().reason() << ": " << j.error().message() << "\n";
+  }
+  if (j.reports_size() > 0) {
+    std::cout << std::left << std::setw(18) << "step" << std::right << std::setw(12) << "size" << std::setw(12)
+              << "deflated" << std::setw(12) << "params" << std::setw(12) << "nonzero" << std::setw(10) << "p50 ms"
+              << std::setw(10) << "agree" << std::setw(9) << "cosine" << std::setw(8) << "top1" << "\n";
+    for (const auto& r : j.reports()) {
+      const auto& s = r.stats();
+      std::cout << std::left << std::setw(18) << r.step() << std::right << std::setw(12) << s.size_bytes()
+                << std::setw(12) << s.deflated_bytes() << std::setw(12) << s.parameters() << std::setw(12)
+                << s.nonzero_parameters() << std::setw(10) << std::fixed << std::setprecision(2) << s.latency_p50_ms()
+                << std::setw(10) << std::setprecision(3) << s.top1_agreement() << std::setw(9) << std::setprecision(4)
+                << s.output_cosine() << std::setw(8);
+      if (s.has_accuracy()) std::cout << std::setprecision(3) << s.top1_accuracy();
+      else std::cout << "-";
+      std::cout << "\n";
+    }
+  }
+}
+
+int WaitFor(pare::client::Client& c, const std::string& id) {
+  ProgressView view;
+  auto job = c.Watch(id, [&](const pare::v1::Job& j) {
+    if (!g_json) view.Update(j);
+  });
+  view.Done();
+  if (!job.ok()) return Fail(job.status(), "watching job " + id);
+  if (g_json) std::cout << ToJson(job.value()) << "\n";
+  else PrintJobSummary(job.value());
+  return job->state() == pare::v1::SUCCEEDED ? kExitOk : kExitJobFailed;
+}
+
+int Compress(const std::string& model, const std::string& recipe_path, const std::string& out,
+             const std::string& report_path, const std::string& calibration, const std::string& train,
+             const std::string& eval, const std::string& format, const std::string& shape_text,
+             const std::string& device, int threads) {
+  std::string text;
+  Status st = ReadFile(recipe_path, &text);
+  if (!st.ok()) return Fail(st, "reading the recipe");
+  auto recipe = pare::ParseRecipeJson(text);
+  if (!recipe.ok()) return Fail(recipe.status(), recipe_path);
+  auto steps = pare::ToEngineSteps(recipe.value());
+  if (!steps.ok()) return Fail(steps.status(), recipe_path);
+  pare::engine::CompressOptions opts;
+  st = ParseShape(shape_text, &opts.input_shape);
+  if (!st.ok()) return Fail(st, "usage");
+  opts.device = device;
+  if (!calibration.empty()) opts.calibration = pare::engine::DatasetInput{format, calibration};
+  if (!train.empty()) opts.train = pare::engine::DatasetInput{format, train};
+  if (!eval.empty()) opts.eval = pare::engine::DatasetInput{format, eval};
+  ProgressView view;
+  pare::v1::Job shown;
+  shown.set_id("compress");
+  shown.set_state(pare::v1::RUNNING);
+  opts.progress = [&](const pare::engine::ProgressUpdate& u) {
+    if (u.fraction >= 0 && !g_json) {
+      shown.mutable_progress()->set_fraction(static_cast<float>(u.fraction));
+      shown.mutable_progress()->set_step(u.step);
+      shown.mutable_progress()->set_step_index(u.step_index);
+      shown.mutable_progress()->set_step_count(u.step_count);
+      shown.mutable_progress()->set_message(u.message);
+      view.Update(shown);
+    }
+    return true;
+  };
+  try {
+    pare::engine::InitProcess(threads);
+    auto report = pare::engine::Compress(model, steps.value(), opts, out);
+    view.Done();
+    std::string json = pare::engine::ToJson(report).dump(2);
+    if (!report_path.empty()) {
+      std::ofstream(report_path) << json << "\n";
+    }
+    if (g_json) {
+      std::cout << json << "\n";
+    } else {
+      for (const auto& s : report.steps) {
+        double p50 = s.stats.latency.empty() ? 0 : s.stats.latency[0].p50_ms;
+        std::cout << std::left << std::setw(18) << s.step << std::right << " size " << s.stats.size_bytes << " deflated "
+                  << s.stats.deflated_bytes << " params " << s.stats.parameters << " nonzero "
+                  << s.stats.nonzero_parameters << " p50 " << std::fixed << std::setprecision(2) << p50 << " ms agree "
+                  << std::setprecision(3) << s.stats.top1_agreement << "\n";
+      }
+      std::cout << "wrote " << out << "\n";
+    }
+    return kExitOk;
+  } catch (const pare::engine::EngineError& e) {
+    view.Done();
+    std::cerr << "pare: compress: " << e.reason() << ": " << e.what() << "\n";
+    return kExitJobFailed;
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"pare: compress computer-vision models with a Pare server (or offline)"};
+  app.require_subcommand(1);
+  const char* env = std::getenv("PARE_SERVER");
+  std::string server = env && *env ? env : "127.0.0.1:50051";
+  double timeout = 30;
+  app.add_option("--server", server, "pare-server address (default $PARE_SERVER, else 127.0.0.1:50051)");
+  app.add_option("--timeout", timeout, "deadline in seconds for each call")->capture_default_str();
+  app.add_flag("--json", g_json, "machine-readable output on stdout");
+
+  std::string file, name, shape, format, labels, model_id, recipe, calib, train, eval, device = "auto", request_id, job_id,
+      out, report;
+  bool wait = false;
+  int page_size = 50, threads = 0;
+
+  auto* up_model = app.add_subcommand("upload-model", "upload a TorchScript model; prints its id");
+  up_model->add_option("FILE", file, "the .pt file (torch.jit.save)")->required()->check(CLI::ExistingFile);
+  up_model->add_option("--name", name, "a name for it (default: the file name)");
+  up_model->add_option("--input-shape", shape, "input shape for measurements, e.g. 1,3,224,224");
+
+  auto* up_ds = app.add_subcommand("upload-dataset", "upload a dataset; prints its id");
+  up_ds->add_option("FILE", file, "tensors: a torch.save file; idx: an IDX images file (or a tar of IDX files)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  up_ds->add_option("--format", format, "tensors, idx or image-folder")
+      ->required()
+      ->check(CLI::IsMember({"tensors", "idx", "image-folder"}));
+  up_ds->add_option("--labels", labels, "idx only: the IDX labels file that goes with FILE")->check(CLI::ExistingFile);
+  up_ds->add_option("--name", name, "a name for it");
+
+  auto* submit = app.add_subcommand("submit", "submit a compression job; prints its id");
+  submit->add_option("--model", model_id, "model id")->required();
+  submit->add_option("--recipe", recipe, "recipe JSON file")->required()->check(CLI::ExistingFile);
+  submit->add_option("--calibration", calib, "calibration dataset id");
+  submit->add_option("--train", train, "training dataset id");
+  submit->add_option("--eval", eval, "evaluation dataset id");
+  submit->add_option("--device", device, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  submit->add_option("--request-id", request_id, "idempotency key: the same key returns the same job");
+  submit->add_flag("--wait", wait, "follow the job until it ends");
+
+  auto* status = app.add_subcommand("status", "show a job");
+  status->add_option("JOB", job_id)->required();
+  auto* list = app.add_subcommand("list", "list jobs");
+  list->add_option("--page-size", page_size)->capture_default_str();
+  auto* cancel = app.add_subcommand("cancel", "cancel a job");
+  cancel->add_option("JOB", job_id)->required();
+  auto* waitc = app.add_subcommand("wait", "follow a job until it ends");
+  waitc->add_option("JOB", job_id)->required();
+  auto* download = app.add_subcommand("download", "download a job's compressed model (resumes a broken transfer)");
+  download->add_option("JOB", job_id)->required();
+  download->add_option("-o,--output", out, "where to write the model")->required();
+  download->add_option("--report", report, "also write the JSON report here");
+
+  auto* compress = app.add_subcommand("compress", "run a recipe offline, without a server");
+  compress->add_option("MODEL", file, "the TorchScript model")->required()->check(CLI::ExistingFile);
+  compress->add_option("--recipe", recipe, "recipe JSON file")->required()->check(CLI::ExistingFile);
+  compress->add_option("-o,--output", out, "where to write the result")->required();
+  compress->add_option("--report", report, "write the JSON report here");
+  compress->add_option("--calibration", calib, "calibration data file");
+  compress->add_option("--train", train, "training data file");
+  compress->add_option("--eval", eval, "evaluation data file");
+  compress->add_option("--format", format, "format of the data files: tensors or idx")->default_val("tensors");
+  compress->add_option("--input-shape", shape, "input shape, e.g. 1,3,224,224");
+  compress->add_option("--device", device, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  compress->add_option("--threads", threads, "intra-op threads (0: LibTorch default)");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? kExitOk : kExitUsage;
+  }
+
+  if (compress->parsed()) {
+    return Compress(file, recipe, out, report, calib, train, eval, format, shape, device, threads);
+  }
+
+  pare::client::ClientOptions co;
+  co.server = server;
+  co.deadline_seconds = timeout;
+  pare::client::Client c(co);
+
+  if (up_model->parsed()) {
+    std::vector<int64_t> dims;
+    Status st = ParseShape(shape, &dims);
+    if (!st.ok()) return Fail(st, "usage") == kExitRejected ? kExitUsage : kExitUsage;
+    auto m = c.UploadModel(file, name, dims);
+    if (!m.ok()) return Fail(m.status(), "upload-model " + file);
+    if (g_json) std::cout << ToJson(m.value()) << "\n";
+    else std::cout << m->id() << "\n";
+    return kExitOk;
+  }
+  if (up_ds->parsed()) {
+    std::string path = file;
+    std::string tmp;
+    if (!labels.empty()) {
+      if (format != "idx") return Fail(pare::InvalidArgument("--labels goes with --format idx"), "usage"), kExitUsage;
+      tmp = (fs::temp_directory_path() / ("pare-idx-" + std::to_string(::getpid()) + ".tar")).string();
+      Status st = pare::client::PackIdxPair(file, labels, tmp);
+      if (!st.ok()) return Fail(st, "packing the idx files");
+      path = tmp;
+    }
+    auto d = c.UploadDataset(path, format, name.empty() ? fs::path(file).filename().string() : name);
+    if (!tmp.empty()) fs::remove(tmp);
+    if (!d.ok()) return Fail(d.status(), "upload-dataset " + file);
+    if (g_json) std::cout << ToJson(d.value()) << "\n";
+    else std::cout << d->id() << "\n";
+    return kExitOk;
+  }
+  if (submit->parsed()) {
+    std::string text;
+    Status st = ReadFile(recipe, &text);
+    if (!st.ok()) return Fail(st, "reading the recipe"), kExitUsage;
+    auto parsed = pare::ParseRecipeJson(text);
+    if (!parsed.ok()) {
+      std::cerr << "pare: " << recipe << ": " << parsed.status().message() << "\n";
+      return kExitUsage;
+    }
+    pare::v1::SubmitJobRequest req;
+    req.set_model_id(model_id);
+    *req.mutable_recipe() = parsed.value();
+    req.set_calibration_dataset_id(calib);
+    req.set_train_dataset_id(train);
+    req.set_eval_dataset_id(eval);
+    req.set_device(device);
+    req.set_request_id(request_id);
+    auto job = c.Submit(req);
+    if (!job.ok()) return Fail(job.status(), "submit");
+    if (!wait) {
+      if (g_json) std::cout << ToJson(job.value()) << "\n";
+      else std::cout << job->id() << "\n";
+      return kExitOk;
+    }
+    if (!g_json) std::cout << job->id() << std::endl;
+    return WaitFor(c, job->id());
+  }
+  if (status->parsed()) {
+    auto job = c.GetJob(job_id);
+    if (!job.ok()) return Fail(job.status(), "status " + job_id);
+    if (g_json) std::cout << ToJson(job.value()) << "\n";
+    else PrintJobSummary(job.value());
+    return kExitOk;
+  }
+  if (list->parsed()) {
+    std::string token;
+    pare::v1::ListJobsResponse all;
+    do {
+      auto page = c.ListJobs(page_size, token);
+      if (!page.ok()) return Fail(page.status(), "list");
+      for (const auto& j : page->jobs()) *all.add_jobs() = j;
+      token = page->next_page_token();
+    } while (!token.empty());
+    if (g_json) {
+      std::cout << ToJson(all) << "\n";
+    } else {
+      for (const auto& j : all.jobs()) {
+        std::cout << std::left << std::setw(22) << j.id() << std::setw(10) << StateName(j.state()) << " model "
+                  << j.model_id() << " attempts " << j.attempts() << "\n";
+      }
+    }
+    return kExitOk;
+  }
+  if (cancel->parsed()) {
+    auto job = c.Cancel(job_id);
+    if (!job.ok()) return Fail(job.status(), "cancel " + job_id);
+    if (g_json) std::cout << ToJson(job.value()) << "\n";
+    else std::cout << job->id() << " " << StateName(job->state()) << (job->state() == pare::v1::RUNNING ? " (stopping)" : "") << "\n";
+    return kExitOk;
+  }
+  if (waitc->parsed()) return WaitFor(c, job_id);
+  if (download->parsed()) {
+    Status st = c.Download(job_id, pare::v1::MODEL, out);
+    if (!st.ok()) return Fail(st, "download " + job_id);
+    if (!report.empty()) {
+      st = c.Download(job_id, pare::v1::REPORT, report);
+      if (!st.ok()) return Fail(st, "download report of " + job_id);
+    }
+    if (!g_json) std::cout << "wrote " << out << (report.empty() ? "" : " and " + report) << "\n";
+    return kExitOk;
+  }
+  return kExitUsage;
+}

@@ -1,0 +1,45 @@
+#include "client/tar_pack.h"
+
+#include <archive.h>
+#include <archive_entry.h>
+
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <vector>
+
+namespace pare::client {
+
+Status PackIdxPair(const std::string& images, const std::string& labels, const std::string& out_tar) {
+  std::unique_ptr<struct archive, int (*)(struct archive*)> a(archive_write_new(), archive_write_free);
+  archive_write_set_format_pax_restricted(a.get());
+  if (archive_write_open_filename(a.get(), out_tar.c_str()) != ARCHIVE_OK) {
+    return InvalidArgument("cannot write " + out_tar + ": " + archive_error_string(a.get()));
+  }
+  for (const auto& [path, name] : {std::pair<std::string, std::string>{images, "images"}, {labels, "labels"}}) {
+    std::error_code ec;
+    auto size = std::filesystem::file_size(path, ec);
+    if (ec) return InvalidArgument("cannot read " + path + ": " + ec.message());
+    bool gz = path.size() > 3 && path.compare(path.size() - 3, 3, ".gz") == 0;
+    std::unique_ptr<struct archive_entry, void (*)(struct archive_entry*)> e(archive_entry_new(), archive_entry_free);
+    archive_entry_set_pathname(e.get(), (name + (gz ? ".idx.gz" : ".idx")).c_str());
+    archive_entry_set_size(e.get(), static_cast<la_int64_t>(size));
+    archive_entry_set_filetype(e.get(), AE_IFREG);
+    archive_entry_set_perm(e.get(), 0644);
+    if (archive_write_header(a.get(), e.get()) != ARCHIVE_OK) {
+      return Internal(std::string("tar header: ") + archive_error_string(a.get()));
+    }
+    std::ifstream in(path, std::ios::binary);
+    std::vector<char> buf(1 << 20);
+    while (in) {
+      in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+      if (in.gcount() > 0 && archive_write_data(a.get(), buf.data(), static_cast<size_t>(in.gcount())) < 0) {
+        return Internal(std::string("tar data: ") + archive_error_string(a.get()));
+      }
+    }
+  }
+  if (archive_write_close(a.get()) != ARCHIVE_OK) return Internal("closing " + out_tar + " failed");
+  return Status::Ok();
+}
+
+}  // namespace pare::client

@@ -1,0 +1,121 @@
+#include "common/recipe_convert.h"
+
+#include <google/protobuf/util/json_util.h>
+
+#include <algorithm>
+
+namespace pare {
+namespace {
+
+std::string Upper(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::toupper(c); });
+  return s;
+}
+
+Status Unsupported(const std::string& where, const std::string& what) {
+  return InvalidArgument(where + ": '" + what +
+                         "' is not supported by this version of Pare yet (supported: prune.magnitude, prune.nm, "
+                         "quantize.dynamic)");
+}
+
+Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
+  switch (step.kind_case()) {
+    case v1::Step::kPrune: {
+      const auto& p = step.prune();
+      switch (p.method_case()) {
+        case v1::PruneStep::kMagnitude: {
+          const auto& m = p.magnitude();
+          const std::string where = at + ".prune.magnitude";
+          if (!(m.amount() >= 0.0f && m.amount() < 1.0f)) {
+            return InvalidArgument(where + ".amount must be in [0, 1), got " + std::to_string(m.amount()));
+          }
+          engine::MagnitudePruneSpec s;
+          s.amount = m.amount();
+          std::string scope = Upper(m.scope());
+          if (scope == "GLOBAL") s.global = true;
+          else if (scope.empty() || scope == "LAYER") s.global = false;
+          else return InvalidArgument(where + ".scope must be LAYER or GLOBAL, got '" + m.scope() + "'");
+          s.include.assign(m.include().begin(), m.include().end());
+          s.exclude.assign(m.exclude().begin(), m.exclude().end());
+          return engine::StepSpec(s);
+        }
+        case v1::PruneStep::kNm: {
+          const auto& nm = p.nm();
+          const std::string where = at + ".prune.nm";
+          if (nm.m() < 2 || nm.m() > 64) return InvalidArgument(where + ".m must be in [2, 64], got " + std::to_string(nm.m()));
+          if (nm.n() < 1 || nm.n() >= nm.m()) {
+            return InvalidArgument(where + ".n must be in [1, m), got " + std::to_string(nm.n()));
+          }
+          return engine::StepSpec(engine::NMPruneSpec{nm.n(), nm.m()});
+        }
+        case v1::PruneStep::kChannel:
+          return Unsupported(at, "prune.channel");
+        case v1::PruneStep::METHOD_NOT_SET:
+          return InvalidArgument(at + ".prune needs one of magnitude, channel, nm");
+      }
+      break;
+    }
+    case v1::Step::kQuantize: {
+      const auto& q = step.quantize();
+      switch (q.method_case()) {
+        case v1::QuantizeStep::kDynamic:
+          return engine::StepSpec(engine::DynamicQuantSpec{});
+        case v1::QuantizeStep::kStatic:
+          return Unsupported(at, "quantize.static");
+        case v1::QuantizeStep::kFp16:
+          return Unsupported(at, "quantize.fp16");
+        case v1::QuantizeStep::kBf16:
+          return Unsupported(at, "quantize.bf16");
+        case v1::QuantizeStep::METHOD_NOT_SET:
+          return InvalidArgument(at + ".quantize needs one of dynamic, static, fp16, bf16");
+      }
+      break;
+    }
+    case v1::Step::kDistill:
+      return Unsupported(at, "distill");
+    case v1::Step::kFactorize:
+      return Unsupported(at, "factorize");
+    case v1::Step::kFinetune:
+      return Unsupported(at, "finetune");
+    case v1::Step::KIND_NOT_SET:
+      return InvalidArgument(at + " is empty: a step needs one of prune, quantize, distill, factorize, finetune");
+  }
+  return InvalidArgument(at + ": unknown step");
+}
+
+}  // namespace
+
+Result<v1::Recipe> ParseRecipeJson(const std::string& json) {
+  v1::Recipe recipe;
+  google::protobuf::util::JsonParseOptions opts;
+  opts.ignore_unknown_fields = false;
+  auto st = google::protobuf::util::JsonStringToMessage(json, &recipe, opts);
+  if (!st.ok()) return InvalidArgument("recipe: " + std::string(st.message()));
+  return recipe;
+}
+
+Result<std::vector<engine::StepSpec>> ToEngineSteps(const v1::Recipe& recipe) {
+  if (recipe.steps_size() == 0) return InvalidArgument("recipe.steps is empty: give at least one step");
+  if (recipe.steps_size() > 32) return InvalidArgument("recipe.steps has more than 32 steps");
+  std::vector<engine::StepSpec> out;
+  for (int i = 0; i < recipe.steps_size(); ++i) {
+    auto r = Convert(recipe.steps(i), "steps[" + std::to_string(i) + "]");
+    if (!r.ok()) return r.status();
+    out.push_back(std::move(r).value());
+  }
+  return out;
+}
+
+std::string FirstStepKind(const v1::Recipe& recipe) {
+  if (recipe.steps_size() == 0) return "none";
+  switch (recipe.steps(0).kind_case()) {
+    case v1::Step::kPrune: return "prune";
+    case v1::Step::kQuantize: return "quantize";
+    case v1::Step::kDistill: return "distill";
+    case v1::Step::kFactorize: return "factorize";
+    case v1::Step::kFinetune: return "finetune";
+    default: return "none";
+  }
+}
+
+}  // namespace pare

@@ -1,0 +1,23 @@
+// Recipe handling shared by server, worker and CLI: the JSON form, validation, and the
+// translation into the engine's plain C++ step specs.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "pare/v1/compression.pb.h"
+#include "worker/engine/recipe.h"
+
+namespace pare {
+
+// Parses the proto3 JSON form of a Recipe; unknown fields are errors (typos are caught).
+Result<v1::Recipe> ParseRecipeJson(const std::string& json);
+
+// Validates every step and translates it; errors name the step, e.g. "steps[1].prune.magnitude.amount".
+Result<std::vector<engine::StepSpec>> ToEngineSteps(const v1::Recipe& recipe);
+
+// The step kinds in recipe order, e.g. {"prune.magnitude", "quantize.dynamic"}.
+std::string FirstStepKind(const v1::Recipe& recipe);
+
+}  // namespace pare

@@ -1,0 +1,406 @@
+#include "server/compression_service.h"
+
+#include <mutex>
+
+#include "common/grpc_status.h"
+#include "common/ids.h"
+#include "common/logging.h"
+#include "common/recipe_convert.h"
+#include "server/convert.h"
+#include "server/reactors.h"
+
+namespace pare::server {
+namespace {
+
+constexpr size_t kMaxNameLength = 256;
+
+// Runs `f` (returning Status) on the executor and finishes the unary call with it.
+template <typename F>
+grpc::ServerUnaryReactor* RunUnary(ServiceContext* ctx, grpc::CallbackServerContext* call, F&& f) {
+  auto* reactor = call->DefaultReactor();
+  if (!ctx->executor->TryPost([reactor, f = std::forward<F>(f)]() mutable { reactor->Finish(ToGrpcStatus(f())); })) {
+    reactor->Finish(Overloaded());
+  }
+  return reactor;
+}
+
+Status CheckName(const std::string& name) {
+  if (name.size() > kMaxNameLength) return InvalidArgument("header.name is longer than 256 characters");
+  for (unsigned char c : name) {
+    if (c < 0x20) return InvalidArgument("header.name contains control characters");
+  }
+  return Status::Ok();
+}
+
+class ModelUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHeader> {
+ public:
+  ModelUpload(ServiceContext* ctx, std::string tenant, v1::Model* resp)
+      : IngestReactor(ctx->executor, ctx->blobs), ctx_(ctx), tenant_(std::move(tenant)), resp_(resp) {}
+
+ protected:
+  Status OnHeader(const v1::UploadHeader& h, uint64_t* expected, uint64_t* limit) override {
+    PARE_RETURN_IF_ERROR(CheckName(h.name()));
+    if (h.size_bytes() == 0) return InvalidArgument("header.size_bytes must be the file's size (> 0)");
+    if (h.size_bytes() > ctx_->limits.max_upload_bytes) {
+      return ResourceExhausted("header.size_bytes " + std::to_string(h.size_bytes()) + " exceeds the upload limit of " +
+                               std::to_string(ctx_->limits.max_upload_bytes) + " bytes");
+    }
+    if (!h.sha256().empty() && !IsHexSha256(h.sha256())) {
+      return InvalidArgument("header.sha256 must be 64 lower-case hex characters");
+    }
+    if (h.input_shape_size() > 0) {
+      if (h.input_shape_size() < 2 || h.input_shape_size() > 6) {
+        return InvalidArgument("header.input_shape needs 2 to 6 dimensions (batch first)");
+      }
+      for (int64_t d : h.input_shape()) {
+        if (d <= 0 || d > 100000) return InvalidArgument("header.input_shape has a dimension out of range: " + std::to_string(d));
+      }
+    }
+    if (!h.format().empty()) return InvalidArgument("header.format is for datasets; a model has none");
+    *expected = h.size_bytes();
+    *limit = h.size_bytes();
+    return Status::Ok();
+  }
+
+  Status Finalize(const v1::UploadHeader& h, BlobWriter* writer) override {
+    auto sha = writer->Commit(h.size_bytes(), h.sha256(), [this](const std::string& path) {
+      return CheckTorchScriptArchive(path, ctx_->limits.archive);
+    });
+    if (!sha.ok()) return sha.status();
+    ModelRecord m;
+    m.id = NewId("mdl");
+    m.tenant = tenant_;
+    m.name = h.name();
+    m.sha256 = sha.value();
+    m.size_bytes = h.size_bytes();
+    m.input_shape.assign(h.input_shape().begin(), h.input_shape().end());
+    m.created_ms = ctx_->clock->NowMs();
+    PARE_RETURN_IF_ERROR(ctx_->store->PutModel(m));
+    spdlog::info(Kv({{"msg", "model uploaded"}, {"model", m.id}, {"sha256", m.sha256},
+                     {"bytes", std::to_string(m.size_bytes)}}));
+    *resp_ = ToProto(m);
+    return Status::Ok();
+  }
+
+ private:
+  ServiceContext* ctx_;
+  std::string tenant_;
+  v1::Model* resp_;
+};
+
+class DatasetUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHeader> {
+ public:
+  DatasetUpload(ServiceContext* ctx, std::string tenant, v1::Dataset* resp)
+      : IngestReactor(ctx->executor, ctx->blobs), ctx_(ctx), tenant_(std::move(tenant)), resp_(resp) {}
+
+ protected:
+  Status OnHeader(const v1::UploadHeader& h, uint64_t* expected, uint64_t* limit) override {
+    PARE_RETURN_IF_ERROR(CheckName(h.name()));
+    if (!IsKnownDatasetFormat(h.format())) {
+      return InvalidArgument("header.format must be one of tensors, idx, image-folder; got '" + h.format() + "'");
+    }
+    if (h.size_bytes() == 0) return InvalidArgument("header.size_bytes must be the file's size (> 0)");
+    if (h.size_bytes() > ctx_->limits.max_upload_bytes) {
+      return ResourceExhausted("header.size_bytes " + std::to_string(h.size_bytes()) + " exceeds the upload limit of " +
+                               std::to_string(ctx_->limits.max_upload_bytes) + " bytes");
+    }
+    if (!h.sha256().empty() && !IsHexSha256(h.sha256())) {
+      return InvalidArgument("header.sha256 must be 64 lower-case hex characters");
+    }
+    *expected = h.size_bytes();
+    *limit = h.size_bytes();
+    return Status::Ok();
+  }
+
+  Status Finalize(const v1::UploadHeader& h, BlobWriter* writer) override {
+    auto sha = writer->Commit(h.size_bytes(), h.sha256(), [&](const std::string& path) {
+      return CheckDataset(path, h.format(), ctx_->limits.archive);
+    });
+    if (!sha.ok()) return sha.status();
+    DatasetRecord d;
+    d.id = NewId("ds");
+    d.tenant = tenant_;
+    d.name = h.name();
+    d.sha256 = sha.value();
+    d.size_bytes = h.size_bytes();
+    d.format = h.format();
+    d.created_ms = ctx_->clock->NowMs();
+    PARE_RETURN_IF_ERROR(ctx_->store->PutDataset(d));
+    spdlog::info(Kv({{"msg", "dataset uploaded"}, {"dataset", d.id}, {"format", d.format},
+                     {"bytes", std::to_string(d.size_bytes)}}));
+    *resp_ = ToProto(d);
+    return Status::Ok();
+  }
+
+ private:
+  ServiceContext* ctx_;
+  std::string tenant_;
+  v1::Dataset* resp_;
+};
+
+// Streams a job's state now and after every change, until it ends or the client leaves.
+class WatchReactor final : public grpc::ServerWriteReactor<v1::Job> {
+ public:
+  WatchReactor(ServiceContext* ctx, std::string tenant, std::string job_id)
+      : ctx_(ctx), tenant_(std::move(tenant)), job_id_(std::move(job_id)), alive_(std::make_shared<Alive>()) {
+    alive_->self = this;
+    token_ = ctx_->events->Subscribe(job_id_, [alive = alive_] {
+      std::lock_guard<std::mutex> lock(alive->mu);
+      if (alive->self) alive->self->Notify();
+    });
+    Notify();
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    busy_ = false;
+    if (!ok) return FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
+    if (last_was_terminal_) return FinishLocked(grpc::Status::OK);
+    if (cancelled_) return FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
+    if (dirty_) {
+      dirty_ = false;
+      busy_ = true;
+      lock.unlock();
+      Load();
+    }
+  }
+
+  void OnCancel() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancelled_ = true;
+    if (!busy_) FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
+  }
+
+  void OnDone() override {
+    {
+      std::lock_guard<std::mutex> lock(alive_->mu);
+      alive_->self = nullptr;  // a publisher holding the callback now finds nobody
+    }
+    ctx_->events->Unsubscribe(token_);
+    delete this;
+  }
+
+ private:
+  // Outlives the reactor inside the event subscription.
+  struct Alive {
+    std::mutex mu;  // guards self
+    WatchReactor* self = nullptr;
+  };
+
+  // Called by JobEvents (any thread) and at start.
+  void Notify() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (finished_) return;
+      if (busy_) {
+        dirty_ = true;
+        return;
+      }
+      busy_ = true;
+    }
+    Load();
+  }
+
+  // busy_ is set: no other Load or write is in flight, and the call is not finished.
+  void Load() {
+    bool posted = ctx_->executor->TryPost([this] {
+      auto job = ctx_->store->GetJob(tenant_, job_id_);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!job.ok()) {
+        busy_ = false;
+        return FinishLocked(ToGrpcStatus(job.status()));
+      }
+      msg_ = ToProto(job.value());
+      last_was_terminal_ = IsTerminal(job->state);
+      StartWrite(&msg_);
+    });
+    if (!posted) {
+      std::lock_guard<std::mutex> lock(mu_);
+      busy_ = false;
+      FinishLocked(Overloaded());
+    }
+  }
+
+  void FinishLocked(const grpc::Status& s) {
+    if (finished_) return;
+    finished_ = true;
+    Finish(s);
+  }
+
+  ServiceContext* ctx_;
+  const std::string tenant_;
+  const std::string job_id_;
+  std::shared_ptr<Alive> alive_;
+  uint64_t token_ = 0;
+  std::mutex mu_;  // guards the flags below and msg_
+  bool busy_ = false;      // a load or a write is in flight
+  bool dirty_ = false;     // a change arrived while busy
+  bool cancelled_ = false;
+  bool finished_ = false;
+  bool last_was_terminal_ = false;
+  v1::Job msg_;
+};
+
+}  // namespace
+
+grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadModel(grpc::CallbackServerContext* call,
+                                                                             v1::Model* resp) {
+  if (ctx_->draining) {
+    return new ErrorReadReactor<v1::UploadRequest>(
+        grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down; retry on another replica"));
+  }
+  auto* r = new ModelUpload(ctx_, TenantOf(call), resp);
+  r->Begin();
+  return r;
+}
+
+grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadDataset(grpc::CallbackServerContext* call,
+                                                                               v1::Dataset* resp) {
+  if (ctx_->draining) {
+    return new ErrorReadReactor<v1::UploadRequest>(
+        grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down; retry on another replica"));
+  }
+  auto* r = new DatasetUpload(ctx_, TenantOf(call), resp);
+  r->Begin();
+  return r;
+}
+
+grpc::ServerUnaryReactor* CompressionService::GetModel(grpc::CallbackServerContext* call,
+                                                       const v1::GetModelRequest* req, v1::Model* resp) {
+  return RunUnary(ctx_, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+    auto m = ctx_->store->GetModel(tenant, req->id());
+    if (!m.ok()) return m.status();
+    *resp = ToProto(m.value());
+    return Status::Ok();
+  });
+}
+
+grpc::ServerUnaryReactor* CompressionService::GetDataset(grpc::CallbackServerContext* call,
+                                                         const v1::GetDatasetRequest* req, v1::Dataset* resp) {
+  return RunUnary(ctx_, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+    auto d = ctx_->store->GetDataset(tenant, req->id());
+    if (!d.ok()) return d.status();
+    *resp = ToProto(d.value());
+    return Status::Ok();
+  });
+}
+
+grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerContext* call,
+                                                        const v1::SubmitJobRequest* req, v1::Job* resp) {
+  return RunUnary(ctx_, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+    if (ctx_->draining) return Unavailable("the server is shutting down; retry on another replica");
+    if (req->model_id().empty()) return InvalidArgument("model_id is required");
+    auto steps = ToEngineSteps(req->recipe());
+    if (!steps.ok()) return steps.status();
+    const std::string& device = req->device();
+    if (!(device.empty() || device == "auto" || device == "cpu" || device == "cuda")) {
+      return InvalidArgument("device must be cpu, cuda or auto; got '" + device + "'");
+    }
+    if (req->request_id().size() > 128) return InvalidArgument("request_id is longer than 128 characters");
+    auto model = ctx_->store->GetModel(tenant, req->model_id());
+    if (!model.ok()) return NotFound("model_id: model '" + req->model_id() + "' does not exist");
+    for (const auto& [field, id] : {std::pair<const char*, std::string>{"calibration_dataset_id", req->calibration_dataset_id()},
+                                    {"train_dataset_id", req->train_dataset_id()},
+                                    {"eval_dataset_id", req->eval_dataset_id()}}) {
+      if (id.empty()) continue;
+      auto ds = ctx_->store->GetDataset(tenant, id);
+      if (!ds.ok()) return NotFound(std::string(field) + ": dataset '" + id + "' does not exist");
+      if (ds->format == "image-folder") {
+        return InvalidArgument(std::string(field) + ": image-folder datasets are not supported by this version yet");
+      }
+    }
+    JobRecord j;
+    j.id = NewId("job");
+    j.tenant = tenant;
+    j.request_id = req->request_id();
+    j.model_id = req->model_id();
+    req->recipe().SerializeToString(&j.recipe_pb);
+    j.calibration_dataset_id = req->calibration_dataset_id();
+    j.train_dataset_id = req->train_dataset_id();
+    j.eval_dataset_id = req->eval_dataset_id();
+    j.device = device.empty() ? "auto" : device;
+    j.max_attempts = ctx_->limits.max_attempts;
+    j.created_ms = ctx_->clock->NowMs();
+    auto created = ctx_->store->CreateJob(j);
+    if (!created.ok()) return created.status();
+    const JobRecord& stored = created->first;
+    if (created->second) {
+      spdlog::info(Kv({{"msg", "job submitted"}, {"job", stored.id}, {"model", stored.model_id},
+                       {"first_step", FirstStepKind(req->recipe())}}));
+    }
+    *resp = ToProto(stored);
+    return Status::Ok();
+  });
+}
+
+grpc::ServerUnaryReactor* CompressionService::GetJob(grpc::CallbackServerContext* call, const v1::GetJobRequest* req,
+                                                     v1::Job* resp) {
+  return RunUnary(ctx_, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+    auto j = ctx_->store->GetJob(tenant, req->id());
+    if (!j.ok()) return j.status();
+    *resp = ToProto(j.value());
+    return Status::Ok();
+  });
+}
+
+grpc::ServerUnaryReactor* CompressionService::ListJobs(grpc::CallbackServerContext* call,
+                                                       const v1::ListJobsRequest* req, v1::ListJobsResponse* resp) {
+  return RunUnary(ctx_, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+    int size = req->page_size() <= 0 ? 50 : std::min(req->page_size(), ctx_->limits.max_page_size);
+    int64_t after = 0;
+    if (!req->page_token().empty()) {
+      try {
+        size_t used = 0;
+        after = std::stoll(req->page_token(), &used);
+        if (used != req->page_token().size() || after < 0) throw std::invalid_argument("bad");
+      } catch (const std::exception&) {
+        return InvalidArgument("page_token is not one this server returned");
+      }
+    }
+    auto jobs = ctx_->store->ListJobs(tenant, after, size + 1);
+    if (!jobs.ok()) return jobs.status();
+    for (int i = 0; i < static_cast<int>(jobs->size()) && i < size; ++i) *resp->add_jobs() = ToProto((*jobs)[i]);
+    if (static_cast<int>(jobs->size()) > size) resp->set_next_page_token(std::to_string((*jobs)[size - 1].seq));
+    return Status::Ok();
+  });
+}
+
+grpc::ServerUnaryReactor* CompressionService::CancelJob(grpc::CallbackServerContext* call,
+                                                        const v1::CancelJobRequest* req, v1::Job* resp) {
+  return RunUnary(ctx_, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+    auto j = ctx_->store->CancelJob(tenant, req->id(), ctx_->clock->NowMs());
+    if (!j.ok()) return j.status();
+    spdlog::info(Kv({{"msg", "job cancel requested"}, {"job", j->id}, {"state", JobStateName(j->state)}}));
+    ctx_->events->Publish(j->id);
+    *resp = ToProto(j.value());
+    return Status::Ok();
+  });
+}
+
+grpc::ServerWriteReactor<v1::Job>* CompressionService::WatchJob(grpc::CallbackServerContext* call,
+                                                                const v1::WatchJobRequest* req) {
+  if (req->id().empty()) return new ErrorWriteReactor<v1::Job>(ToGrpcStatus(InvalidArgument("id is required")));
+  return new WatchReactor(ctx_, TenantOf(call), req->id());
+}
+
+grpc::ServerWriteReactor<v1::Chunk>* CompressionService::DownloadResult(grpc::CallbackServerContext* call,
+                                                                        const v1::DownloadRequest* req) {
+  std::string tenant = TenantOf(call);
+  std::string job_id = req->job_id();
+  v1::ResultKind kind = req->kind() == v1::REPORT ? v1::REPORT : v1::MODEL;
+  auto resolve = [ctx = ctx_, tenant, job_id, kind]() -> Result<BlobRef> {
+    auto j = ctx->store->GetJob(tenant, job_id);
+    if (!j.ok()) return j.status();
+    if (j->state != JobState::kSucceeded) {
+      return FailedPrecondition("job '" + job_id + "' is " + JobStateName(j->state) +
+                                "; its result can be downloaded once it has SUCCEEDED");
+    }
+    const std::string& sha = kind == v1::REPORT ? j->report_sha256 : j->result_sha256;
+    auto size = ctx->blobs->SizeOf(sha);
+    if (!size.ok()) return DataLoss("the result of job '" + job_id + "' is missing from the blob store");
+    return BlobRef{ctx->blobs->PathOf(sha), sha, size.value()};
+  };
+  return new BlobSendReactor(ctx_->executor, resolve, req->offset());
+}
+
+}  // namespace pare::server

@@ -1,0 +1,65 @@
+// pare-server: the gRPC front end. With no flags it is the embedded default: state under
+// ./pare-data (SQLite + blob files) and one local worker process started and supervised.
+#include <signal.h>
+
+#include <CLI/CLI.hpp>
+#include <iostream>
+#include <thread>
+
+#include "common/logging.h"
+#include "server/server.h"
+
+int main(int argc, char** argv) {
+  pare::server::ServerOptions o;
+  CLI::App app{"pare-server: the Pare model-compression service"};
+  app.add_option("--listen", o.listen, "host:port for gRPC (port 0 picks a free port)")->capture_default_str();
+  app.add_option("--data-dir", o.data_dir, "folder for the SQLite store and the blob files")->capture_default_str();
+  app.add_option("--local-workers", o.local_workers, "local pare-worker processes to supervise (0: none)")
+      ->capture_default_str();
+  app.add_option("--worker-binary", o.worker_binary, "path of pare-worker (default: found beside pare-server)");
+  app.add_option("--worker-threads", [&](const CLI::results_t& r) {
+       o.worker_args.push_back("--threads");
+       o.worker_args.push_back(r[0]);
+       return true;
+     }, "intra-op threads of each local worker");
+  app.add_option("--max-upload-bytes", o.limits.max_upload_bytes, "largest model or dataset accepted")
+      ->capture_default_str();
+  double lease_ttl = o.limits.lease_ttl_ms / 1000.0;
+  app.add_option("--lease-ttl", lease_ttl, "seconds a job stays leased without a heartbeat")->capture_default_str();
+  app.add_option("--max-attempts", o.limits.max_attempts, "leases a job may take before it fails")
+      ->capture_default_str();
+  app.add_option("--drain-seconds", o.drain_seconds, "grace period on SIGTERM")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  o.limits.lease_ttl_ms = static_cast<int64_t>(lease_ttl * 1000);
+
+  pare::InitLogging("server");
+  // Signals are taken by one thread with sigwait; block them before any thread starts.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  auto server = pare::server::Server::Create(o);
+  if (!server.ok()) {
+    std::cerr << "pare-server: " << server.status().message() << "\n";
+    return 2;
+  }
+  auto st = server.value()->Start();
+  if (!st.ok()) {
+    std::cerr << "pare-server: " << st.message() << "\n";
+    return 1;
+  }
+  std::cout << "pare-server listening on " << server.value()->address() << " (data in " << o.data_dir << ", "
+            << o.local_workers << " local worker" << (o.local_workers == 1 ? "" : "s") << ")" << std::endl;
+  std::thread signals([&] {
+    int sig = 0;
+    sigwait(&set, &sig);
+    spdlog::info(pare::Kv({{"msg", "signal received"}, {"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"}}));
+    server.value()->Drain();
+  });
+  signals.detach();
+  server.value()->Wait();
+  return 0;
+}

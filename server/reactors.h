@@ -1,0 +1,154 @@
+// Reusable callback-API reactors: streaming a blob file out from an offset, taking a
+// header-then-chunks upload into a BlobWriter, and finishing at once with an error.
+// Disk and database work runs on the Executor; every reactor Finishes exactly once and
+// deletes itself in OnDone.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "common/grpc_status.h"
+#include "pare/v1/compression.pb.h"
+#include "server/blob_store.h"
+#include "server/executor.h"
+
+namespace pare::server {
+
+constexpr size_t kChunkBytes = 1 << 20;
+
+inline grpc::Status Overloaded() {
+  return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "the server is overloaded; retry later");
+}
+
+template <typename Resp>
+class ErrorWriteReactor final : public grpc::ServerWriteReactor<Resp> {
+ public:
+  explicit ErrorWriteReactor(const grpc::Status& s) { this->Finish(s); }
+  void OnDone() override { delete this; }
+};
+
+template <typename Req>
+class ErrorReadReactor final : public grpc::ServerReadReactor<Req> {
+ public:
+  explicit ErrorReadReactor(const grpc::Status& s) { this->Finish(s); }
+  void OnDone() override { delete this; }
+};
+
+struct BlobRef {
+  std::string path;
+  std::string sha256;
+  uint64_t size = 0;
+};
+
+// Streams a blob as Chunks from `offset`. `resolve` (run on the executor) finds the blob
+// and checks the caller may read it.
+class BlobSendReactor final : public grpc::ServerWriteReactor<v1::Chunk> {
+ public:
+  BlobSendReactor(Executor* executor, std::function<Result<BlobRef>()> resolve, uint64_t offset);
+  void OnWriteDone(bool ok) override;
+  void OnDone() override { delete this; }
+
+ private:
+  ~BlobSendReactor() override;
+  void Resolve();
+  void SendNext();
+  void Post(std::function<void()> f);
+
+  Executor* executor_;
+  std::function<Result<BlobRef>()> resolve_;
+  uint64_t offset_;
+  BlobRef blob_;
+  int fd_ = -1;
+  bool sent_any_ = false;
+  v1::Chunk chunk_;
+};
+
+// Takes a client stream of messages with a `header` and then `chunk`s into a BlobWriter.
+// Subclasses say how big the content may be and what to do once it is whole.
+template <typename Req, typename Header>
+class IngestReactor : public grpc::ServerReadReactor<Req> {
+ public:
+  IngestReactor(Executor* executor, BlobStore* blobs) : executor_(executor), blobs_(blobs) {}
+
+  // Call once from the handler after construction.
+  void Begin() { this->StartRead(&req_); }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      if (cancelled_) return FinishOnce(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
+      return Post([this] { FinishOnce(ToGrpcStatus(Complete())); });
+    }
+    if (!have_header_) {
+      if (!req_.has_header()) {
+        return FinishOnce(ToGrpcStatus(InvalidArgument("the first message of the stream must be the header")));
+      }
+      have_header_ = true;
+      header_ = req_.header();
+      uint64_t limit = 0;
+      Status st = OnHeader(header_, &expected_size_, &limit);
+      if (!st.ok()) return FinishOnce(ToGrpcStatus(st));
+      return Post([this, limit] {
+        auto w = blobs_->NewWriter(limit);
+        if (!w.ok()) return FinishOnce(ToGrpcStatus(w.status()));
+        writer_ = std::move(w).value();
+        this->StartRead(&req_);
+      });
+    }
+    if (!req_.has_chunk()) return FinishOnce(ToGrpcStatus(InvalidArgument("after the header only chunks may follow")));
+    if (req_.chunk().size() > kChunkBytes) {
+      return FinishOnce(ToGrpcStatus(InvalidArgument("a chunk holds " + std::to_string(req_.chunk().size()) +
+                                                     " bytes; the most is " + std::to_string(kChunkBytes))));
+    }
+    if (writer_->size() + req_.chunk().size() > expected_size_) {
+      return FinishOnce(ToGrpcStatus(InvalidArgument("more bytes arrived than the header's size_bytes (" +
+                                                     std::to_string(expected_size_) + ")")));
+    }
+    Post([this] {
+      Status st = writer_->Append(req_.chunk().data(), req_.chunk().size());
+      if (!st.ok()) return FinishOnce(ToGrpcStatus(st));
+      this->StartRead(&req_);
+    });
+  }
+
+  void OnCancel() override { cancelled_ = true; }
+  void OnDone() override { delete this; }
+
+ protected:
+  ~IngestReactor() override = default;
+  // Validates the header; sets the exact size expected and the writer's byte limit.
+  virtual Status OnHeader(const Header& header, uint64_t* expected_size, uint64_t* limit) = 0;
+  // Runs on the executor once the client closed its stream.
+  virtual Status Finalize(const Header& header, BlobWriter* writer) = 0;
+
+  Executor* executor_;
+  BlobStore* blobs_;
+
+ private:
+  Status Complete() {
+    if (!have_header_) return InvalidArgument("the stream ended before its header");
+    return Finalize(header_, writer_.get());
+  }
+  void FinishOnce(const grpc::Status& s) {
+    if (finished_.exchange(true)) return;
+    writer_.reset();  // an unfinished upload leaves no temporary file behind
+    this->Finish(s);
+  }
+  void Post(std::function<void()> f) {
+    if (!executor_->TryPost(std::move(f))) FinishOnce(Overloaded());
+  }
+
+  Req req_;
+  Header header_;
+  bool have_header_ = false;
+  uint64_t expected_size_ = 0;
+  std::unique_ptr<BlobWriter> writer_;
+  std::atomic<bool> cancelled_{false};
+  std::atomic<bool> finished_{false};
+};
+
+}  // namespace pare::server

@@ -1,0 +1,154 @@
+#include "server/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "common/logging.h"
+#include "server/compression_service.h"
+#include "server/sqlite_store.h"
+#include "server/workers_service.h"
+
+namespace pare::server {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string FindWorkerBinary() {
+  std::error_code ec;
+  fs::path self = fs::read_symlink("/proc/self/exe", ec);
+  if (ec) return "pare-worker";
+  for (const fs::path& candidate : {self.parent_path() / "pare-worker", self.parent_path() / ".." / "worker" / "pare-worker",
+                                    self.parent_path().parent_path() / "worker" / "pare-worker"}) {
+    if (fs::exists(candidate)) return fs::canonical(candidate).string();
+  }
+  return "pare-worker";
+}
+
+}  // namespace
+
+Server::Server(ServerOptions options, std::shared_ptr<Clock> clock)
+    : options_(std::move(options)), clock_(std::move(clock)) {}
+
+Result<std::unique_ptr<Server>> Server::Create(ServerOptions options, std::shared_ptr<Clock> clock) {
+  if (options.local_workers < 0 || options.local_workers > 256) {
+    return InvalidArgument("--local-workers must be in [0, 256]");
+  }
+  if (options.executor_threads < 1) return InvalidArgument("executor_threads must be at least 1");
+  if (options.limits.lease_ttl_ms < 1000) return InvalidArgument("the lease time-to-live must be at least 1 s");
+  if (options.limits.max_attempts < 1) return InvalidArgument("max attempts must be at least 1");
+  if (options.limits.max_upload_bytes == 0) return InvalidArgument("--max-upload-bytes must be positive");
+  if (!clock) clock = std::make_shared<SystemClock>();
+  std::unique_ptr<Server> s(new Server(std::move(options), std::move(clock)));
+  std::error_code ec;
+  fs::create_directories(s->options_.data_dir, ec);
+  if (ec) return Internal("cannot create data dir " + s->options_.data_dir + ": " + ec.message());
+  auto store = SqliteStore::Open(s->options_.data_dir + "/pare.db");
+  if (!store.ok()) return store.status();
+  s->store_ = std::move(store).value();
+  auto blobs = BlobStore::Open(s->options_.data_dir);
+  if (!blobs.ok()) return blobs.status();
+  s->blobs_ = std::move(blobs).value();
+  s->executor_ = std::make_unique<Executor>(s->options_.executor_threads, s->options_.executor_queue);
+  s->ctx_.store = s->store_.get();
+  s->ctx_.blobs = s->blobs_.get();
+  s->ctx_.executor = s->executor_.get();
+  s->ctx_.events = &s->events_;
+  s->ctx_.clock = s->clock_.get();
+  s->ctx_.limits = s->options_.limits;
+  s->compression_ = std::make_unique<CompressionService>(&s->ctx_);
+  s->workers_ = std::make_unique<WorkersService>(&s->ctx_);
+  return s;
+}
+
+Server::~Server() { Shutdown(); }
+
+std::string Server::address() const {
+  auto colon = options_.listen.rfind(':');
+  return options_.listen.substr(0, colon) + ":" + std::to_string(port_);
+}
+
+Status Server::Start() {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options_.listen, grpc::InsecureServerCredentials(), &port_);
+  builder.RegisterService(compression_.get());
+  builder.RegisterService(workers_.get());
+  // Chunks are at most 1 MiB; leave room for the message framing.
+  builder.SetMaxReceiveMessageSize(4 << 20);
+  grpc_ = builder.BuildAndStart();
+  if (!grpc_ || port_ == 0) return Unavailable("cannot listen on " + options_.listen + " (address in use?)");
+  grpc_->GetHealthCheckService()->SetServingStatus(true);
+  reaper_ = std::thread([this] { ReaperLoop(); });
+  if (options_.local_workers > 0) {
+    SupervisorOptions so;
+    so.worker_binary = options_.worker_binary.empty() ? FindWorkerBinary() : options_.worker_binary;
+    so.args = {"--server", "127.0.0.1:" + std::to_string(port_), "--drain-seconds", std::to_string(options_.drain_seconds)};
+    so.args.insert(so.args.end(), options_.worker_args.begin(), options_.worker_args.end());
+    so.count = options_.local_workers;
+    supervisor_ = std::make_unique<WorkerSupervisor>(so);
+    supervisor_->Start();
+  }
+  spdlog::info(Kv({{"msg", "serving"}, {"address", address()}, {"data_dir", options_.data_dir},
+                   {"local_workers", std::to_string(options_.local_workers)}}));
+  return Status::Ok();
+}
+
+void Server::ReaperLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopping_) {
+    lock.unlock();
+    auto changed = store_->ExpireLeases(clock_->NowMs());
+    if (changed.ok()) {
+      for (const auto& j : changed.value()) {
+        spdlog::warn(Kv({{"msg", "lease expired"}, {"job", j.id}, {"state", JobStateName(j.state)},
+                         {"attempts", std::to_string(j.attempts)}}));
+        events_.Publish(j.id);
+      }
+    } else {
+      spdlog::error(Kv({{"msg", "lease reaper failed"}, {"error", changed.status().message()}}));
+    }
+    lock.lock();
+    cv_.wait_for(lock, std::chrono::milliseconds(options_.reaper_interval_ms), [this] { return stopping_; });
+  }
+}
+
+void Server::Drain() {
+  if (!grpc_) return;
+  spdlog::info(Kv({{"msg", "draining"}, {"grace_seconds", std::to_string(options_.drain_seconds)}}));
+  grpc_->GetHealthCheckService()->SetServingStatus(false);
+  ctx_.draining = true;
+  // Local workers finish their job within the grace period or hand it back, then exit.
+  if (supervisor_) supervisor_->Stop(options_.drain_seconds);
+  Shutdown();
+}
+
+void Server::Shutdown() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopped_) return;
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (supervisor_) supervisor_->Stop(0);
+  if (grpc_) {
+    grpc_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  }
+  if (reaper_.joinable()) reaper_.join();
+  if (executor_) executor_->Stop();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopped_ = true;
+  }
+  cv_.notify_all();
+}
+
+void Server::Wait() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [this] { return stopped_; });
+}
+
+}  // namespace pare::server

@@ -1,0 +1,86 @@
+// pare-server assembled: store, blobs, the two gRPC services with health and reflection,
+// the lease reaper and (embedded default) the local worker supervisor.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/status.h"
+#include "server/service_context.h"
+#include "server/worker_supervisor.h"
+
+namespace pare::server {
+
+class CompressionService;
+class WorkersService;
+
+struct ServerOptions {
+  // host:port to listen on; port 0 picks a free one (see Server::port()).
+  std::string listen = "127.0.0.1:50051";
+  // Holds pare.db (SQLite) and the blob files.
+  std::string data_dir = "./pare-data";
+  // Local worker processes to start and supervise (0: workers are started separately).
+  int local_workers = 1;
+  // pare-worker binary; empty: next to this executable, or ../worker/ in a build tree.
+  std::string worker_binary;
+  // Extra arguments for local workers (e.g. --threads 2).
+  std::vector<std::string> worker_args;
+  Limits limits;
+  // Threads doing store and disk work for the gRPC reactors, and the queue bound.
+  int executor_threads = 4;
+  size_t executor_queue = 4096;
+  // How often expired leases are looked for.
+  int reaper_interval_ms = 500;
+  // On drain: time given to running jobs and streams before they are handed back / cut.
+  double drain_seconds = 30;
+};
+
+class Server {
+ public:
+  static Result<std::unique_ptr<Server>> Create(ServerOptions options, std::shared_ptr<Clock> clock = nullptr);
+  ~Server();
+
+  // Binds and starts serving, the reaper, and the local workers.
+  Status Start();
+  int port() const { return port_; }
+  std::string address() const;
+  // SIGTERM: health NOT_SERVING, refuse new work, let workers finish or hand back, stop.
+  void Drain();
+  // Blocks until Drain/Shutdown completed.
+  void Wait();
+  WorkerSupervisor* supervisor() { return supervisor_.get(); }
+  ServiceContext* context() { return &ctx_; }
+
+ private:
+  explicit Server(ServerOptions options, std::shared_ptr<Clock> clock);
+  void ReaperLoop();
+  void Shutdown();
+
+  ServerOptions options_;
+  std::shared_ptr<Clock> clock_;
+  std::unique_ptr<Store> store_;
+  std::unique_ptr<BlobStore> blobs_;
+  std::unique_ptr<Executor> executor_;
+  JobEvents events_;
+  ServiceContext ctx_;
+  std::unique_ptr<CompressionService> compression_;
+  std::unique_ptr<WorkersService> workers_;
+  std::unique_ptr<grpc::Server> grpc_;
+  std::unique_ptr<WorkerSupervisor> supervisor_;
+  int port_ = 0;
+
+  std::mutex mu_;  // guards stopping_ and stopped_
+  std::condition_variable cv_;
+  bool stopping_ = false;
+  bool stopped_ = false;
+  std::thread reaper_;
+};
+
+}  // namespace pare::server

@@ -1,0 +1,118 @@
+// The service's state behind one interface: models, datasets and jobs with their state
+// machine (QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED) and leases.
+// SQLite implements it (sqlite_store.h); a PostgreSQL backend can implement it for scale-out.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+
+namespace pare::server {
+
+struct ModelRecord {
+  std::string id;
+  std::string tenant;
+  std::string name;
+  std::string sha256;
+  uint64_t size_bytes = 0;
+  std::vector<int64_t> input_shape;
+  int64_t created_ms = 0;
+};
+
+struct DatasetRecord {
+  std::string id;
+  std::string tenant;
+  std::string name;
+  std::string sha256;
+  uint64_t size_bytes = 0;
+  std::string format;
+  int64_t created_ms = 0;
+};
+
+enum class JobState { kQueued = 1, kRunning = 2, kSucceeded = 3, kFailed = 4, kCancelled = 5 };
+
+inline bool IsTerminal(JobState s) {
+  return s == JobState::kSucceeded || s == JobState::kFailed || s == JobState::kCancelled;
+}
+const char* JobStateName(JobState s);
+
+struct JobRecord {
+  int64_t seq = 0;  // insertion order, for paging
+  std::string id;
+  std::string tenant;
+  std::string request_id;
+  std::string model_id;
+  std::string recipe_pb;  // serialized pare.v1.Recipe (opaque to the store)
+  std::string calibration_dataset_id;
+  std::string train_dataset_id;
+  std::string eval_dataset_id;
+  std::string device = "auto";
+  JobState state = JobState::kQueued;
+  int attempts = 0;
+  int max_attempts = 3;
+  std::string lease_id;
+  std::string worker;
+  int64_t lease_expires_ms = 0;
+  bool cancel_requested = false;
+  std::string progress_pb;  // serialized pare.v1.Progress
+  std::string reports_pb;   // serialized repeated pare.v1.StepReport (as a Job message)
+  std::string error_code;
+  std::string error_reason;
+  std::string error_message;
+  std::string result_sha256;
+  uint64_t result_size_bytes = 0;
+  std::string report_sha256;
+  int64_t created_ms = 0;
+  int64_t started_ms = 0;
+  int64_t finished_ms = 0;
+};
+
+// What a worker reports when it ends its lease.
+struct JobOutcome {
+  JobState state = JobState::kSucceeded;  // SUCCEEDED, FAILED, CANCELLED, or QUEUED to hand the job back
+  std::string error_code, error_reason, error_message;
+  std::string reports_pb;
+  std::string result_sha256;
+  uint64_t result_size_bytes = 0;
+  std::string report_sha256;
+};
+
+class Store {
+ public:
+  virtual ~Store() = default;
+
+  virtual Status PutModel(const ModelRecord& m) = 0;
+  // `tenant` scopes the lookup: another tenant's id is NOT_FOUND.
+  virtual Result<ModelRecord> GetModel(const std::string& tenant, const std::string& id) = 0;
+  virtual Status PutDataset(const DatasetRecord& d) = 0;
+  virtual Result<DatasetRecord> GetDataset(const std::string& tenant, const std::string& id) = 0;
+
+  // Inserts the job unless (tenant, request_id) already names one; returns the stored job
+  // and whether it was created now.
+  virtual Result<std::pair<JobRecord, bool>> CreateJob(const JobRecord& job) = 0;
+  // An empty tenant matches any (for the worker protocol).
+  virtual Result<JobRecord> GetJob(const std::string& tenant, const std::string& id) = 0;
+  // Jobs with seq > after_seq in insertion order, at most `limit`.
+  virtual Result<std::vector<JobRecord>> ListJobs(const std::string& tenant, int64_t after_seq, int limit) = 0;
+  virtual Result<int64_t> CountJobs(const std::string& tenant, JobState state) = 0;
+
+  // Gives the oldest queued job this worker can run a new lease; nullopt when none waits.
+  virtual Result<std::optional<JobRecord>> LeaseJob(const std::string& worker, bool has_cuda, const std::string& lease_id,
+                                                    int64_t now_ms, int64_t ttl_ms) = 0;
+  // Extends a lease and records progress. FAILED_PRECONDITION when the lease is not current.
+  virtual Result<JobRecord> Heartbeat(const std::string& job_id, const std::string& lease_id,
+                                      const std::string& progress_pb, int64_t now_ms, int64_t ttl_ms) = 0;
+  // Ends a lease with the worker's outcome. FAILED_PRECONDITION when the lease is not current.
+  virtual Result<JobRecord> CompleteJob(const std::string& job_id, const std::string& lease_id,
+                                        const JobOutcome& outcome, int64_t now_ms) = 0;
+  // QUEUED jobs end CANCELLED at once; RUNNING ones are flagged for their worker.
+  virtual Result<JobRecord> CancelJob(const std::string& tenant, const std::string& id, int64_t now_ms) = 0;
+  // Requeues (or fails, after max_attempts) jobs whose lease ran out; returns the jobs changed.
+  virtual Result<std::vector<JobRecord>> ExpireLeases(int64_t now_ms) = 0;
+};
+
+}  // namespace pare::server

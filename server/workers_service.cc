@@ -1,0 +1,182 @@
+#include "server/workers_service.h"
+
+#include "common/grpc_status.h"
+#include "common/ids.h"
+#include "common/logging.h"
+#include "server/convert.h"
+#include "server/reactors.h"
+
+namespace pare::server {
+namespace {
+
+constexpr uint64_t kMaxReportBytes = 16 << 20;
+
+// Builds what a worker needs to run a job; datasets and model are resolved to digests.
+Result<v1::LeasedJob> Describe(ServiceContext* ctx, const JobRecord& j) {
+  v1::LeasedJob out;
+  out.set_job_id(j.id);
+  out.set_lease_id(j.lease_id);
+  out.mutable_recipe()->ParseFromString(j.recipe_pb);
+  auto model = ctx->store->GetModel(j.tenant, j.model_id);
+  if (!model.ok()) return model.status();
+  out.set_model_sha256(model->sha256);
+  for (int64_t d : model->input_shape) out.add_input_shape(d);
+  for (const auto& [role, id] : {std::pair<const char*, std::string>{"calibration", j.calibration_dataset_id},
+                                 {"train", j.train_dataset_id},
+                                 {"eval", j.eval_dataset_id}}) {
+    if (id.empty()) continue;
+    auto ds = ctx->store->GetDataset(j.tenant, id);
+    if (!ds.ok()) return ds.status();
+    auto* ref = out.add_datasets();
+    ref->set_role(role);
+    ref->set_sha256(ds->sha256);
+    ref->set_format(ds->format);
+  }
+  out.set_device(j.device);
+  out.set_attempt(j.attempts);
+  out.set_lease_ttl_seconds(static_cast<uint32_t>(ctx->limits.lease_ttl_ms / 1000));
+  return out;
+}
+
+// The job's result: a header with the outcome and reports, then the model's chunks.
+class CompleteReactor final : public IngestReactor<v1::CompleteRequest, v1::CompleteHeader> {
+ public:
+  explicit CompleteReactor(ServiceContext* ctx) : IngestReactor(ctx->executor, ctx->blobs), ctx_(ctx) {}
+
+ protected:
+  Status OnHeader(const v1::CompleteHeader& h, uint64_t* expected, uint64_t* limit) override {
+    if (h.job_id().empty() || h.lease_id().empty()) return InvalidArgument("job_id and lease_id are required");
+    if (h.state() == v1::SUCCEEDED) {
+      if (h.result_size_bytes() == 0) return InvalidArgument("a SUCCEEDED job needs its result (result_size_bytes)");
+      if (h.report_json().size() > kMaxReportBytes) return InvalidArgument("report_json is too large");
+    } else if (h.result_size_bytes() != 0) {
+      return InvalidArgument("only a SUCCEEDED job carries a result");
+    }
+    *expected = h.result_size_bytes();
+    *limit = std::max<uint64_t>(h.result_size_bytes(), 1);
+    return Status::Ok();
+  }
+
+  Status Finalize(const v1::CompleteHeader& h, BlobWriter* writer) override {
+    JobOutcome o;
+    o.state = FromProto(h.state());
+    if (h.state() == v1::SUCCEEDED) {
+      auto sha = writer->Commit(h.result_size_bytes(), h.result_sha256(), [this](const std::string& path) {
+        return CheckTorchScriptArchive(path, ctx_->limits.archive);
+      });
+      if (!sha.ok()) return sha.status();
+      auto report = ctx_->blobs->PutBytes(h.report_json());
+      if (!report.ok()) return report.status();
+      o.result_sha256 = sha.value();
+      o.result_size_bytes = h.result_size_bytes();
+      o.report_sha256 = report.value();
+    } else if (h.state() != v1::FAILED && h.state() != v1::CANCELLED && h.state() != v1::QUEUED) {
+      return InvalidArgument("state must be SUCCEEDED, FAILED, CANCELLED or QUEUED (handed back)");
+    }
+    o.error_code = h.error().code();
+    o.error_reason = h.error().reason();
+    o.error_message = h.error().message();
+    v1::Job holder;
+    *holder.mutable_reports() = h.reports();
+    holder.SerializeToString(&o.reports_pb);
+    auto j = ctx_->store->CompleteJob(h.job_id(), h.lease_id(), o, ctx_->clock->NowMs());
+    if (!j.ok()) return j.status();
+    spdlog::info(Kv({{"msg", "job ended"}, {"job", j->id}, {"state", JobStateName(j->state)},
+                     {"attempts", std::to_string(j->attempts)}, {"reason", j->error_reason}}));
+    ctx_->events->Publish(j->id);
+    return Status::Ok();
+  }
+
+ private:
+  ServiceContext* ctx_;
+};
+
+template <typename F>
+grpc::ServerUnaryReactor* RunUnary(ServiceContext* ctx, grpc::CallbackServerContext* call, F&& f) {
+  auto* reactor = call->DefaultReactor();
+  if (!ctx->executor->TryPost([reactor, f = std::forward<F>(f)]() mutable { reactor->Finish(ToGrpcStatus(f())); })) {
+    reactor->Finish(Overloaded());
+  }
+  return reactor;
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* WorkersService::Lease(grpc::CallbackServerContext* call, const v1::LeaseRequest* req,
+                                                v1::LeaseResponse* resp) {
+  return RunUnary(ctx_, call, [this, req, resp]() -> Status {
+    if (req->worker_id().empty()) return InvalidArgument("worker_id is required");
+    if (ctx_->draining) return Status::Ok();  // no new work while draining
+    auto leased = ctx_->store->LeaseJob(req->worker_id(), req->capabilities().cuda(), NewId("lease"),
+                                        ctx_->clock->NowMs(), ctx_->limits.lease_ttl_ms);
+    if (!leased.ok()) return leased.status();
+    if (!leased->has_value()) return Status::Ok();
+    const JobRecord& j = **leased;
+    auto described = Describe(ctx_, j);
+    if (!described.ok()) {
+      JobOutcome o;
+      o.state = JobState::kFailed;
+      o.error_code = "FAILED_PRECONDITION";
+      o.error_reason = "INPUT_MISSING";
+      o.error_message = described.status().message();
+      ctx_->store->CompleteJob(j.id, j.lease_id, o, ctx_->clock->NowMs());
+      ctx_->events->Publish(j.id);
+      return Status::Ok();
+    }
+    *resp->mutable_job() = described.value();
+    spdlog::info(Kv({{"msg", "job leased"}, {"job", j.id}, {"worker", req->worker_id()},
+                     {"attempt", std::to_string(j.attempts)}}));
+    ctx_->events->Publish(j.id);
+    return Status::Ok();
+  });
+}
+
+grpc::ServerUnaryReactor* WorkersService::Heartbeat(grpc::CallbackServerContext* call,
+                                                    const v1::HeartbeatRequest* req, v1::HeartbeatResponse* resp) {
+  return RunUnary(ctx_, call, [this, req, resp]() -> Status {
+    std::string progress;
+    req->progress().SerializeToString(&progress);
+    auto j = ctx_->store->Heartbeat(req->job_id(), req->lease_id(), progress, ctx_->clock->NowMs(),
+                                    ctx_->limits.lease_ttl_ms);
+    if (!j.ok()) {
+      if (j.status().code() == Code::kFailedPrecondition || j.status().code() == Code::kNotFound) {
+        resp->set_lease_valid(false);
+        return Status::Ok();
+      }
+      return j.status();
+    }
+    resp->set_lease_valid(true);
+    resp->set_cancelled(j->cancel_requested);
+    ctx_->events->Publish(j->id);
+    return Status::Ok();
+  });
+}
+
+grpc::ServerWriteReactor<v1::Chunk>* WorkersService::Fetch(grpc::CallbackServerContext*, const v1::FetchRequest* req) {
+  auto resolve = [ctx = ctx_, job_id = req->job_id(), lease_id = req->lease_id(),
+                  sha = req->sha256()]() -> Result<BlobRef> {
+    auto j = ctx->store->GetJob("", job_id);
+    if (!j.ok()) return j.status();
+    if (j->state != JobState::kRunning || j->lease_id != lease_id) {
+      return FailedPrecondition("the lease on job '" + job_id + "' is not held by this worker");
+    }
+    auto described = Describe(ctx, j.value());
+    if (!described.ok()) return described.status();
+    bool referenced = described->model_sha256() == sha;
+    for (const auto& d : described->datasets()) referenced = referenced || d.sha256() == sha;
+    if (!referenced) return PermissionDenied("blob " + sha + " is not an input of job '" + job_id + "'");
+    auto size = ctx->blobs->SizeOf(sha);
+    if (!size.ok()) return DataLoss("input blob " + sha + " is missing from the blob store");
+    return BlobRef{ctx->blobs->PathOf(sha), sha, size.value()};
+  };
+  return new BlobSendReactor(ctx_->executor, resolve, req->offset());
+}
+
+grpc::ServerReadReactor<v1::CompleteRequest>* WorkersService::Complete(grpc::CallbackServerContext*,
+                                                                       v1::CompleteResponse*) {
+  auto* r = new CompleteReactor(ctx_);
+  r->Begin();
+  return r;
+}
+
+}  // namespace pare::server

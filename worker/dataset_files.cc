@@ -1,0 +1,96 @@
+#include "worker/dataset_files.h"
+
+#include <archive.h>
+#include <archive_entry.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <memory>
+
+namespace pare::worker {
+namespace {
+
+namespace fs = std::filesystem;
+
+bool LooksLikeTar(const std::string& path) {
+  std::unique_ptr<struct archive, int (*)(struct archive*)> a(archive_read_new(), archive_read_free);
+  archive_read_support_format_tar(a.get());
+  archive_read_support_format_gnutar(a.get());
+  archive_read_support_filter_gzip(a.get());
+  if (archive_read_open_filename(a.get(), path.c_str(), 1 << 16) != ARCHIVE_OK) return false;
+  struct archive_entry* e = nullptr;
+  return archive_read_next_header(a.get(), &e) == ARCHIVE_OK;
+}
+
+// Extracts regular files of a tar into `dir`, flattened to their base names.
+Status Untar(const std::string& path, const std::string& dir, uint64_t max_bytes) {
+  std::unique_ptr<struct archive, int (*)(struct archive*)> a(archive_read_new(), archive_read_free);
+  archive_read_support_format_tar(a.get());
+  archive_read_support_format_gnutar(a.get());
+  archive_read_support_filter_gzip(a.get());
+  if (archive_read_open_filename(a.get(), path.c_str(), 1 << 16) != ARCHIVE_OK) {
+    return InvalidArgument(std::string("the dataset tar cannot be opened: ") + archive_error_string(a.get()));
+  }
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  uint64_t total = 0;
+  struct archive_entry* e = nullptr;
+  int files = 0;
+  while (true) {
+    int rc = archive_read_next_header(a.get(), &e);
+    if (rc == ARCHIVE_EOF) break;
+    if (rc != ARCHIVE_OK) return InvalidArgument(std::string("the dataset tar is corrupt: ") + archive_error_string(a.get()));
+    std::string name = archive_entry_pathname(e) ? archive_entry_pathname(e) : "";
+    if (archive_entry_filetype(e) == AE_IFDIR) continue;
+    if (archive_entry_filetype(e) != AE_IFREG) {
+      return InvalidArgument("dataset tar entry '" + name + "' is not a regular file (links are refused)");
+    }
+    if (name.empty() || name[0] == '/' || name.find("..") != std::string::npos) {
+      return InvalidArgument("dataset tar entry '" + name + "' has an unsafe path");
+    }
+    std::string base = fs::path(name).filename().string();
+    if (base.empty() || base[0] == '.') continue;
+    if (++files > 16) return InvalidArgument("an idx dataset tar holds at most an images and a labels file");
+    std::string out_path = dir + "/" + base;
+    int fd = ::open(out_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0) return InvalidArgument("dataset tar entry '" + name + "' is duplicated or cannot be written");
+    std::vector<char> buf(1 << 16);
+    while (true) {
+      la_ssize_t n = archive_read_data(a.get(), buf.data(), buf.size());
+      if (n < 0) {
+        ::close(fd);
+        return InvalidArgument("dataset tar entry '" + name + "' cannot be read");
+      }
+      if (n == 0) break;
+      total += static_cast<uint64_t>(n);
+      if (total > max_bytes) {
+        ::close(fd);
+        return InvalidArgument("the dataset tar unpacks to more than " + std::to_string(max_bytes) + " bytes");
+      }
+      if (::write(fd, buf.data(), static_cast<size_t>(n)) != n) {
+        ::close(fd);
+        return Internal("cannot write the unpacked dataset");
+      }
+    }
+    ::close(fd);
+  }
+  if (files == 0) return InvalidArgument("the dataset tar holds no files");
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<engine::DatasetInput> PrepareDataset(const std::string& blob_path, const std::string& format,
+                                            const std::string& unpack_dir) {
+  if (format == "tensors") return engine::DatasetInput{format, blob_path};
+  if (format == "idx") {
+    if (!LooksLikeTar(blob_path)) return engine::DatasetInput{format, blob_path};
+    PARE_RETURN_IF_ERROR(Untar(blob_path, unpack_dir, uint64_t(8) << 30));
+    return engine::DatasetInput{format, unpack_dir};
+  }
+  return InvalidArgument("dataset format '" + format + "' is not supported by this worker");
+}
+
+}  // namespace pare::worker

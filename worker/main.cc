@@ -1,0 +1,41 @@
+// pare-worker: pulls jobs from pare-server over gRPC and runs them with the engine.
+#include <signal.h>
+
+#include <CLI/CLI.hpp>
+
+#include "common/logging.h"
+#include "worker/worker.h"
+
+namespace {
+pare::worker::Worker* g_worker = nullptr;
+void OnSignal(int) {
+  if (g_worker) g_worker->RequestStop();
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  pare::worker::WorkerOptions o;
+  CLI::App app{"pare-worker: runs Pare compression jobs"};
+  app.add_option("--server", o.server, "pare-server address")->capture_default_str();
+  app.add_option("--id", o.id, "worker id (default: hostname-pid)");
+  app.add_option("--threads", o.threads, "intra-op threads (0: LibTorch default)")->capture_default_str();
+  app.add_option("--quantized-engine", o.quantized_engine, "onednn, qnnpack or fbgemm (default: best available)");
+  app.add_option("--work-dir", o.work_dir, "where private job folders are made")->capture_default_str();
+  app.add_option("--poll-ms", o.poll_ms, "wait between empty lease answers")->capture_default_str();
+  app.add_option("--drain-seconds", o.drain_seconds, "time to finish a job after SIGTERM")->capture_default_str();
+  app.add_option("--latency-batches", o.latency_batches, "batch sizes for latency measurements")->capture_default_str();
+  app.add_option("--latency-budget", o.latency_budget_seconds, "seconds spent timing each batch size")
+      ->capture_default_str();
+  app.add_flag("--once", o.once, "exit after one job");
+  CLI11_PARSE(app, argc, argv);
+
+  pare::InitLogging("worker");
+  pare::worker::Worker worker(o);
+  g_worker = &worker;
+  struct sigaction sa {};
+  sa.sa_handler = OnSignal;
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+  return worker.Run();
+}

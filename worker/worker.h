@@ -1,0 +1,50 @@
+// pare-worker's lease loop: lease a job, fetch its inputs into a private folder and
+// verify them, run the engine while heartbeating progress, stream the result back.
+// One job at a time; on SIGTERM it stops leasing, and hands its job back if the drain
+// grace period would run out before the job ends.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pare/v1/workers.grpc.pb.h"
+
+namespace pare::worker {
+
+struct WorkerOptions {
+  std::string server = "127.0.0.1:50051";  // pare-server address
+  std::string id;                          // worker id (default: hostname-pid)
+  int threads = 0;                         // intra-op threads (0: LibTorch's default)
+  std::string quantized_engine;            // onednn, qnnpack, fbgemm; empty: the best available
+  std::string work_dir = "/tmp";           // private job folders are made under it
+  int poll_ms = 500;                       // wait between empty lease answers
+  double heartbeat_seconds = 1.0;          // progress and lease renewal interval
+  double drain_seconds = 30;               // after SIGTERM, time left to finish the running job
+  std::vector<int> latency_batches = {1, 32};
+  double latency_budget_seconds = 1.0;
+  bool once = false;                       // exit after one job (tests, batch use)
+};
+
+class Worker {
+ public:
+  explicit Worker(WorkerOptions options);
+  // Returns the process exit code.
+  int Run();
+  // Async-signal-safe: only sets a flag.
+  void RequestStop() { stop_ = true; }
+
+ private:
+  struct JobRun;
+  void RunJob(const v1::LeasedJob& job);
+  bool Fetch(const v1::LeasedJob& job, const std::string& sha, const std::string& path, std::string* error);
+  void Complete(const v1::LeasedJob& job, v1::CompleteHeader header, const std::string& result_path);
+
+  WorkerOptions options_;
+  std::unique_ptr<v1::Workers::Stub> stub_;
+  std::atomic<bool> stop_{false};
+  bool has_cuda_ = false;
+};
+
+}  // namespace pare::worker
