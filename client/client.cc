@@ -89,6 +89,26 @@ Result<v1::Dataset> Client::UploadDataset(const std::string& path, const std::st
   return Upload<v1::Dataset>(path, h, false, progress);
 }
 
+Result<v1::Model> Client::GetModel(const std::string& id) {
+  v1::GetModelRequest req;
+  req.set_id(id);
+  v1::Model m;
+  auto ctx = Ctx(options_.deadline_seconds);
+  grpc::Status st = stub_->GetModel(ctx.get(), req, &m);
+  if (!st.ok()) return FromGrpcStatus(st);
+  return m;
+}
+
+Result<v1::Dataset> Client::GetDataset(const std::string& id) {
+  v1::GetDatasetRequest req;
+  req.set_id(id);
+  v1::Dataset d;
+  auto ctx = Ctx(options_.deadline_seconds);
+  grpc::Status st = stub_->GetDataset(ctx.get(), req, &d);
+  if (!st.ok()) return FromGrpcStatus(st);
+  return d;
+}
+
 Result<v1::Job> Client::Submit(const v1::SubmitJobRequest& req) {
   v1::Job job;
   auto ctx = Ctx(options_.deadline_seconds);

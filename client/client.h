@@ -31,6 +31,8 @@ class Client {
                                 const std::vector<int64_t>& input_shape, const ByteProgress& progress = nullptr);
   Result<v1::Dataset> UploadDataset(const std::string& path, const std::string& format, const std::string& name,
                                     const ByteProgress& progress = nullptr);
+  Result<v1::Model> GetModel(const std::string& id);
+  Result<v1::Dataset> GetDataset(const std::string& id);
   Result<v1::Job> Submit(const v1::SubmitJobRequest& req);
   Result<v1::Job> GetJob(const std::string& id);
   Result<v1::ListJobsResponse> ListJobs(int page_size, const std::string& page_token);

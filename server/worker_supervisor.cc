@@ -47,6 +47,10 @@ pid_t WorkerSupervisor::Spawn(int index) {
     // A worker must not outlive its server (kill -9 of the server included).
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (::getppid() != parent) ::_exit(0);
+    // The server blocks SIGTERM/SIGINT for its sigwait thread; the worker must receive them.
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
     ::execv(argv[0], argv.data());
     ::_exit(127);
   }

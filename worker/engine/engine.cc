@@ -207,6 +207,7 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     Guard(Code::kInternal, "STEP_FAILED", "step " + std::to_string(i + 1) + " (" + name + ") failed", [&] {
       model = ApplyStep(model, steps[i], sr.notes);
       std::string path = output_path + ".step" + std::to_string(i);
+      model.to(c10::kCPU);  // results load anywhere; measurements move it back to the device
       model.save(path);
       temps.push_back(path);
       current_path = path;

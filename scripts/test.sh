@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Command 2 of the README: install what is missing, build, run the whole test suite.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+"$root/scripts/install-deps.sh"
+"$root/scripts/build.sh"
+cd "${PARE_BUILD_DIR:-$root/build}"
+ctest --output-on-failure --timeout 900 -j "${PARE_TEST_JOBS:-2}" "$@"

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The README's acceptance story with the real binaries: pare-server on its embedded
+# default, the pare CLI uploading a torchvision ResNet-18, submitting, waiting, downloading,
+# the result loading in Python; plus the CLI's exit codes and the offline compress verb.
+set -euo pipefail
+BIN=${PARE_BIN_DIR:?}
+FX=${PARE_FIXTURES:?}
+PY=${PARE_PYTHON:-/usr/bin/python3}
+PARE=$BIN/client/pare
+work=$(mktemp -d)
+server_pid=""
+cleanup() { [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+expect_rc() { # expected-rc description command...
+  local want=$1 what=$2; shift 2
+  set +e; "$@" >"$work/out" 2>"$work/err"; local rc=$?; set -e
+  [ "$rc" = "$want" ] || { cat "$work/err" >&2; fail "$what: exit code $rc, expected $want"; }
+}
+
+cd "$work"
+"$BIN/server/pare-server" --listen 127.0.0.1:0 --data-dir "$work/pare-data" --local-workers 1 \
+  --worker-threads 1 >"$work/server.out" 2>"$work/server.log" &
+server_pid=$!
+for _ in $(seq 100); do grep -q "listening on" "$work/server.out" 2>/dev/null && break; sleep 0.1; done
+export PARE_SERVER=$(grep -o '127.0.0.1:[0-9]*' "$work/server.out")
+[ -n "$PARE_SERVER" ] || fail "pare-server did not start"
+
+model=$($PARE upload-model "$FX/resnet18.pt" --name resnet18 --input-shape 1,3,64,64)
+[[ $model == mdl_* ]] || fail "upload-model printed '$model'"
+cat >recipe.json <<'JSON'
+{"steps": [
+  {"prune":    {"magnitude": {"amount": 0.5, "scope": "GLOBAL"}}},
+  {"quantize": {"dynamic":   {}}}
+]}
+JSON
+expect_rc 0 "submit --wait" $PARE submit --model "$model" --recipe recipe.json --request-id readme-1 --wait
+job=$(head -1 "$work/out")
+grep -q "SUCCEEDED" "$work/out" || fail "submit --wait did not print SUCCEEDED"
+[ "$($PARE submit --model "$model" --recipe recipe.json --request-id readme-1)" = "$job" ] || fail "request id not idempotent"
+expect_rc 0 "download" $PARE download "$job" -o out.pt --report report.json
+"$PY" - <<'PYEOF' || fail "the downloaded model or report is wrong"
+import json, torch
+m = torch.jit.load("out.pt")
+y = m(torch.randn(2, 3, 64, 64))
+assert tuple(y.shape) == (2, 10), y.shape
+r = json.load(open("report.json"))
+steps = [s["step"] for s in r["steps"]]
+assert steps == ["original", "prune.magnitude", "quantize.dynamic"], steps
+orig, pruned = r["steps"][0]["stats"], r["steps"][1]["stats"]
+assert abs(pruned["sparsity"] - 0.5) < 0.01, pruned["sparsity"]
+assert pruned["deflated_bytes"] < orig["deflated_bytes"]
+PYEOF
+expect_rc 0 "status --json" $PARE --json status "$job"
+"$PY" -c "import json,sys; j=json.load(open('$work/out')); assert j['state']=='SUCCEEDED' and j['attempts']==1, j" \
+  || fail "status --json"
+expect_rc 0 "list" $PARE list
+grep -q "$job" "$work/out" || fail "list does not show $job"
+
+# Exit codes: 1 job failed, 2 usage, 3 unreachable, 4 rejected.
+bad=$($PARE upload-model "$FX/throws.pt")
+expect_rc 1 "a failing job" $PARE submit --model "$bad" --recipe recipe.json --wait
+grep -q "MODEL_RUN" "$work/out" || fail "the failed job's reason is not shown"
+expect_rc 2 "no verb" $PARE
+expect_rc 2 "missing --format" $PARE upload-dataset "$FX/mnist_like.pt"
+expect_rc 3 "unreachable" $PARE --server 127.0.0.1:1 --timeout 3 list
+expect_rc 4 "garbage model" $PARE upload-model "$FX/garbage.bin"
+grep -q "not a zip archive" "$work/err" || fail "garbage upload message"
+expect_rc 4 "unknown job" $PARE status job_nope
+echo '{"steps":[{"factorize":{"rankRatio":0.5}}]}' >unsupported.json
+expect_rc 4 "unsupported step" $PARE submit --model "$model" --recipe unsupported.json
+grep -q "steps\[0\]: 'factorize'" "$work/err" || fail "unsupported step not named"
+
+# IDX datasets (gzip, as Fashion-MNIST ships) with labels, packed by the CLI.
+ds=$($PARE upload-dataset "$FX/idx-images.gz" --labels "$FX/idx-labels.gz" --format idx)
+[[ $ds == ds_* ]] || fail "upload-dataset printed '$ds'"
+cnn=$($PARE upload-model "$FX/small_cnn.pt" --input-shape 1,1,28,28)
+expect_rc 0 "job with an idx eval set" $PARE --json submit --model "$cnn" --recipe recipe.json --eval "$ds" --wait
+"$PY" -c "import json; j=json.load(open('$work/out')); assert all(r['stats']['hasAccuracy'] for r in j['reports']), j" \
+  || fail "accuracy missing from the report"
+
+# Offline: the same engine without a server.
+expect_rc 0 "compress" $PARE compress "$FX/small_cnn.pt" --recipe recipe.json -o offline.pt --report offline.json \
+  --input-shape 1,1,28,28 --eval "$FX/mnist_like.pt" --threads 1
+"$PY" -c "import torch; print(torch.jit.load('offline.pt')(torch.randn(1,1,28,28)).shape)" >/dev/null || fail "offline result"
+
+kill -TERM "$server_pid"; wait "$server_pid" || fail "pare-server did not exit cleanly on SIGTERM"
+server_pid=""
+echo "cli_test: all checks passed"

@@ -1,0 +1,91 @@
+// pare-server as its own process: kill -9 and restart on the same data, and SIGTERM drain.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "client/client.h"
+#include "common/recipe_convert.h"
+#include "common/sha256.h"
+#include "test_util.h"
+
+namespace pare {
+namespace {
+
+using pare::testing::Fixture;
+using pare::testing::ServerProcess;
+using pare::testing::TempDir;
+
+const std::vector<std::string> kWorkerFlags = {"--local-workers", "1", "--worker-threads", "1"};
+
+client::Client ClientFor(const std::string& address) {
+  client::ClientOptions o;
+  o.server = address;
+  return client::Client(o);
+}
+
+TEST(CrashTest, KillNineAfterSuccessLosesNothing) {
+  TempDir dir;
+  const std::string data = dir.path() + "/data";
+  std::string model_id, model_sha, job_id, result_sha, result_file = dir.path() + "/first.pt";
+  {
+    ServerProcess server(data, kWorkerFlags);
+    std::string address = server.Start();
+    ASSERT_FALSE(address.empty());
+    auto c = ClientFor(address);
+    auto m = c.UploadModel(Fixture("small_cnn.pt"), "cnn", {1, 1, 28, 28});
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    model_id = m->id();
+    model_sha = m->sha256();
+    v1::SubmitJobRequest req;
+    req.set_model_id(model_id);
+    *req.mutable_recipe() = ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":0.5,"scope":"GLOBAL"}}}]})").value();
+    req.set_request_id("crash-test");
+    auto job = c.Submit(req);
+    ASSERT_TRUE(job.ok());
+    job_id = job->id();
+    auto done = c.Watch(job_id, nullptr);
+    ASSERT_TRUE(done.ok());
+    ASSERT_EQ(done->state(), v1::SUCCEEDED) << done->error().message();
+    result_sha = done->result_sha256();
+    ASSERT_TRUE(c.Download(job_id, v1::MODEL, result_file).ok());
+    server.Kill(SIGKILL);
+  }
+  ServerProcess again(data, kWorkerFlags);
+  std::string address = again.Start();
+  ASSERT_FALSE(address.empty());
+  auto c = ClientFor(address);
+  auto job = c.GetJob(job_id);
+  ASSERT_TRUE(job.ok()) << job.status().ToString();
+  EXPECT_EQ(job->state(), v1::SUCCEEDED);
+  EXPECT_EQ(job->result_sha256(), result_sha);
+  EXPECT_EQ(job->reports_size(), 2);
+  auto model = c.GetModel(model_id);
+  ASSERT_TRUE(model.ok());
+  EXPECT_EQ(model->sha256(), model_sha);
+  std::string second = dir.path() + "/second.pt";
+  ASSERT_TRUE(c.Download(job_id, v1::MODEL, second).ok());
+  EXPECT_EQ(Sha256OfFile(second), result_sha);
+  EXPECT_EQ(Sha256OfFile(second), Sha256OfFile(result_file));
+  // The idempotency key survived too.
+  v1::SubmitJobRequest req;
+  req.set_model_id(model_id);
+  *req.mutable_recipe() = ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}}]})").value();
+  req.set_request_id("crash-test");
+  auto same = c.Submit(req);
+  ASSERT_TRUE(same.ok());
+  EXPECT_EQ(same->id(), job_id);
+}
+
+TEST(CrashTest, SigtermDrainsAndExitsCleanly) {
+  TempDir dir;
+  ServerProcess server(dir.path() + "/data", kWorkerFlags);
+  std::string address = server.Start();
+  ASSERT_FALSE(address.empty());
+  auto c = ClientFor(address);
+  ASSERT_TRUE(c.UploadModel(Fixture("small_cnn.pt"), "cnn", {}).ok());
+  int status = server.Terminate();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+}
+
+}  // namespace
+}  // namespace pare

@@ -1,0 +1,356 @@
+// The service end to end: an in-process server on port 0 with real pare-worker processes,
+// a real SQLite file and real TorchScript models from the fixture script.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+
+#include "client/client.h"
+#include "common/recipe_convert.h"
+#include "common/sha256.h"
+#include "server/server.h"
+#include "test_util.h"
+
+namespace pare {
+namespace {
+
+namespace fs = std::filesystem;
+using pare::testing::BinDir;
+using pare::testing::Eventually;
+using pare::testing::Fixture;
+using pare::testing::Python;
+using pare::testing::TempDir;
+
+v1::Recipe Recipe(const std::string& json) {
+  auto r = ParseRecipeJson(json);
+  EXPECT_TRUE(r.ok()) << r.status().ToString();
+  return r.value();
+}
+
+size_t CountFiles(const std::string& dir) {
+  size_t n = 0;
+  std::error_code ec;
+  for (const auto& e : fs::recursive_directory_iterator(dir, ec)) n += e.is_regular_file();
+  return n;
+}
+
+class ServiceTest : public ::testing::Test {
+ protected:
+  void StartServer(std::vector<std::string> worker_args = {}, int workers = 1) {
+    server::ServerOptions o;
+    o.listen = "127.0.0.1:0";
+    o.data_dir = dir_.path() + "/data";
+    o.local_workers = workers;
+    o.worker_binary = BinDir() + "/worker/pare-worker";
+    // Quick measurements by default; a test's own flags replace these.
+    std::map<std::string, std::string> flags = {
+        {"--latency-batches", "1"}, {"--latency-budget", "0.05"}, {"--poll-ms", "100"}, {"--threads", "1"}};
+    for (size_t i = 0; i + 1 < worker_args.size(); i += 2) flags[worker_args[i]] = worker_args[i + 1];
+    for (const auto& [flag, value] : flags) {
+      o.worker_args.push_back(flag);
+      o.worker_args.push_back(value);
+    }
+    o.limits.lease_ttl_ms = 3000;
+    o.reaper_interval_ms = 200;
+    o.drain_seconds = 5;
+    auto s = server::Server::Create(o);
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    server_ = std::move(s).value();
+    ASSERT_TRUE(server_->Start().ok());
+    client::ClientOptions co;
+    co.server = server_->address();
+    client_ = std::make_unique<client::Client>(co);
+  }
+  void TearDown() override { server_.reset(); }
+
+  std::string UploadModel(const std::string& fixture, std::vector<int64_t> shape) {
+    auto m = client_->UploadModel(Fixture(fixture), fixture, shape);
+    EXPECT_TRUE(m.ok()) << m.status().ToString();
+    return m.ok() ? m->id() : "";
+  }
+
+  v1::Job Submit(const std::string& model, const std::string& recipe, const std::string& eval = "") {
+    v1::SubmitJobRequest req;
+    req.set_model_id(model);
+    *req.mutable_recipe() = Recipe(recipe);
+    req.set_eval_dataset_id(eval);
+    auto j = client_->Submit(req);
+    EXPECT_TRUE(j.ok()) << j.status().ToString();
+    return j.ok() ? j.value() : v1::Job();
+  }
+
+  v1::Job WaitEnd(const std::string& id, std::vector<v1::JobState>* seen = nullptr) {
+    auto j = client_->Watch(id, [&](const v1::Job& u) {
+      if (seen && (seen->empty() || seen->back() != u.state())) seen->push_back(u.state());
+    });
+    EXPECT_TRUE(j.ok()) << j.status().ToString();
+    return j.ok() ? j.value() : v1::Job();
+  }
+
+  TempDir dir_;
+  std::unique_ptr<server::Server> server_;
+  std::unique_ptr<client::Client> client_;
+};
+
+TEST_F(ServiceTest, UploadSubmitWatchDownloadAndTheReportMatchesPython) {
+  StartServer();
+  std::string model = UploadModel("small_cnn.pt", {1, 1, 28, 28});
+  auto ds = client_->UploadDataset(Fixture("mnist_like.pt"), "tensors", "eval");
+  ASSERT_TRUE(ds.ok()) << ds.status().ToString();
+  v1::Job job = Submit(model, R"({"steps":[{"prune":{"magnitude":{"amount":0.6,"scope":"LAYER"}}}]})", ds->id());
+  std::vector<v1::JobState> seen;
+  v1::Job done = WaitEnd(job.id(), &seen);
+  ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.error().message();
+  EXPECT_EQ(seen.front(), v1::QUEUED);
+  EXPECT_NE(std::find(seen.begin(), seen.end(), v1::RUNNING), seen.end());
+  EXPECT_EQ(done.attempts(), 1);
+  ASSERT_EQ(done.reports_size(), 2);
+  EXPECT_EQ(done.reports(0).step(), "original");
+  EXPECT_EQ(done.reports(1).step(), "prune.magnitude");
+  EXPECT_TRUE(done.reports(1).stats().has_accuracy());
+
+  std::string out = dir_.path() + "/out.pt", report = dir_.path() + "/report.json";
+  ASSERT_TRUE(client_->Download(job.id(), v1::MODEL, out).ok());
+  ASSERT_TRUE(client_->Download(job.id(), v1::REPORT, report).ok());
+  EXPECT_EQ(Sha256OfFile(out), done.result_sha256());
+  EXPECT_EQ(fs::file_size(out), done.result_size_bytes());
+
+  // Python PyTorch loads and runs the result; its own counts match the report.
+  std::string py;
+  std::string cmd = Python() + " -c \"import torch,json;m=torch.jit.load('" + out +
+                    "');y=m(torch.randn(3,1,28,28));"
+                    "ws=[p for n,p in m.named_parameters() if n.endswith('weight')];"
+                    "print(json.dumps({'shape':list(y.shape),'params':sum(p.numel() for p in m.parameters()),"
+                    "'nonzero':sum(int((p!=0).sum()) for p in m.parameters()),"
+                    "'wsparsity':[1-float((w!=0).sum())/w.numel() for w in ws]}))\"";
+  ASSERT_EQ(pare::testing::Run(cmd, &py), 0) << py;
+  EXPECT_NE(py.find("\"shape\": [3, 10]"), std::string::npos) << py;
+  const auto& stats = done.reports(1).stats();
+  EXPECT_NE(py.find("\"params\": " + std::to_string(stats.parameters())), std::string::npos) << py;
+  EXPECT_NE(py.find("\"nonzero\": " + std::to_string(stats.nonzero_parameters())), std::string::npos) << py;
+  // Every weight lost 60% (to the element: floor(0.6 * n) of n).
+  EXPECT_NE(py.find("\"wsparsity\": [0.6, 0.6, 0.6, 0.6]"), std::string::npos) << py;
+  std::ifstream rf(report);
+  std::string rtext((std::istreambuf_iterator<char>(rf)), std::istreambuf_iterator<char>());
+  EXPECT_NE(rtext.find("\"job_id\": \"" + job.id() + "\""), std::string::npos);
+  EXPECT_NE(rtext.find("\"layers\""), std::string::npos);
+}
+
+TEST_F(ServiceTest, DynamicQuantizationResultRunsInPythonAndAgrees) {
+  StartServer();
+  std::string model = UploadModel("small_cnn.pt", {1, 1, 28, 28});
+  v1::Job done = WaitEnd(Submit(model, R"({"steps":[{"quantize":{"dynamic":{}}}]})").id());
+  ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.error().message();
+  EXPECT_LT(done.reports(1).stats().size_bytes(), done.reports(0).stats().size_bytes() / 2);
+  EXPECT_GT(done.reports(1).stats().output_cosine(), 0.99);
+  std::string out = dir_.path() + "/q.pt";
+  ASSERT_TRUE(client_->Download(done.id(), v1::MODEL, out).ok());
+  std::string py;
+  std::string cmd = Python() + " -c \"import torch;torch.backends.quantized.engine='onednn';m=torch.jit.load('" + out +
+                    "');print('linear_dynamic' in str(m.graph), tuple(m(torch.randn(2,1,28,28)).shape))\"";
+  ASSERT_EQ(pare::testing::Run(cmd, &py), 0) << py;
+  EXPECT_EQ(py, "True (2, 10)\n");
+}
+
+TEST_F(ServiceTest, AKilledWorkerLosesItsLeaseAndTheJobSucceedsOnTheNextOne) {
+  // Latency timing long enough that the job is surely still running when its worker dies.
+  StartServer({"--latency-budget", "3"});
+  std::string model = UploadModel("resnet18.pt", {1, 3, 64, 64});
+  v1::Job job = Submit(model, R"({"steps":[{"prune":{"magnitude":{"amount":0.3,"scope":"GLOBAL"}}}]})");
+  bool killed = false;
+  auto final_job = client_->Watch(job.id(), [&](const v1::Job& u) {
+    if (!killed && u.state() == v1::RUNNING && u.progress().fraction() > 0) {
+      auto pids = server_->supervisor()->Pids();
+      ASSERT_EQ(pids.size(), 1u);
+      ::kill(pids[0], SIGKILL);
+      killed = true;
+    }
+  });
+  ASSERT_TRUE(killed);
+  ASSERT_TRUE(final_job.ok()) << final_job.status().ToString();
+  EXPECT_EQ(final_job->state(), v1::SUCCEEDED) << final_job->error().message();
+  EXPECT_EQ(final_job->attempts(), 2);
+  EXPECT_GE(server_->supervisor()->restarts(), 1);
+}
+
+TEST_F(ServiceTest, CancelStopsARunningJob) {
+  StartServer({"--latency-budget", "3"});
+  std::string model = UploadModel("resnet18.pt", {1, 3, 64, 64});
+  v1::Job job = Submit(model, R"({"steps":[{"prune":{"magnitude":{"amount":0.3}}}]})");
+  bool asked = false;
+  auto final_job = client_->Watch(job.id(), [&](const v1::Job& u) {
+    if (!asked && u.state() == v1::RUNNING) {
+      auto c = client_->Cancel(job.id());
+      ASSERT_TRUE(c.ok()) << c.status().ToString();
+      asked = true;
+    }
+  });
+  ASSERT_TRUE(final_job.ok());
+  EXPECT_EQ(final_job->state(), v1::CANCELLED);
+  EXPECT_EQ(final_job->attempts(), 1);
+  auto d = client_->Download(job.id(), v1::MODEL, dir_.path() + "/x.pt");
+  EXPECT_EQ(d.code(), Code::kFailedPrecondition);
+}
+
+TEST_F(ServiceTest, AnUploadCutOffLeavesNothingBehind) {
+  StartServer();
+  const std::string data_dir = dir_.path() + "/data";
+  size_t blobs_before = CountFiles(data_dir + "/blobs");
+  auto channel = grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials());
+  auto stub = v1::Compression::NewStub(channel);
+  grpc::ClientContext ctx;
+  v1::Model resp;
+  auto writer = stub->UploadModel(&ctx, &resp);
+  v1::UploadRequest header;
+  header.mutable_header()->set_name("half");
+  header.mutable_header()->set_size_bytes(4 << 20);
+  ASSERT_TRUE(writer->Write(header));
+  v1::UploadRequest chunk;
+  chunk.set_chunk(std::string(1 << 20, 'z'));
+  ASSERT_TRUE(writer->Write(chunk));
+  ASSERT_TRUE(Eventually([&] { return CountFiles(data_dir + "/tmp") == 1; }, 10));  // the part on disk
+  ctx.TryCancel();
+  EXPECT_FALSE(writer->Finish().ok());
+  EXPECT_TRUE(Eventually([&] { return CountFiles(data_dir + "/tmp") == 0; }, 10));
+  EXPECT_EQ(CountFiles(data_dir + "/blobs"), blobs_before);
+  // Declaring fewer bytes than are sent is refused as the bytes arrive.
+  grpc::ClientContext ctx2;
+  auto w2 = stub->UploadModel(&ctx2, &resp);
+  header.mutable_header()->set_size_bytes(10);
+  w2->Write(header);
+  w2->Write(chunk);
+  w2->WritesDone();
+  grpc::Status st = w2->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("size_bytes"), std::string::npos) << st.error_message();
+  // A restart on the same data finds no temporary file and keeps serving.
+  server_.reset();
+  StartServer();
+  EXPECT_EQ(CountFiles(data_dir + "/tmp"), 0u);
+  EXPECT_FALSE(UploadModel("small_cnn.pt", {1, 1, 28, 28}).empty());
+}
+
+TEST_F(ServiceTest, ADownloadResumedFromAnOffsetYieldsTheSameBytes) {
+  StartServer();
+  std::string model = UploadModel("small_cnn.pt", {1, 1, 28, 28});
+  v1::Job done = WaitEnd(Submit(model, R"({"steps":[{"prune":{"nm":{"n":2,"m":4}}}]})").id());
+  ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.error().message();
+  std::string full = dir_.path() + "/full.pt";
+  ASSERT_TRUE(client_->Download(done.id(), v1::MODEL, full).ok());
+  std::ifstream in(full, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  for (size_t cut : {size_t(0), bytes.size() / 3, bytes.size() - 1, bytes.size()}) {
+    std::string out = dir_.path() + "/resumed" + std::to_string(cut) + ".pt";
+    std::ofstream(out + ".part", std::ios::binary) << bytes.substr(0, cut);
+    ASSERT_TRUE(client_->Download(done.id(), v1::MODEL, out).ok()) << cut;
+    EXPECT_EQ(Sha256OfFile(out), done.result_sha256()) << cut;
+    EXPECT_FALSE(fs::exists(out + ".part"));
+  }
+  // A corrupt partial file is caught by the digest, not handed over.
+  std::string out = dir_.path() + "/corrupt.pt";
+  std::string bad = bytes.substr(0, 100);
+  bad[10] ^= 1;
+  std::ofstream(out + ".part", std::ios::binary) << bad;
+  EXPECT_EQ(client_->Download(done.id(), v1::MODEL, out).code(), Code::kDataLoss);
+  EXPECT_FALSE(fs::exists(out));
+}
+
+TEST_F(ServiceTest, BadUploadsAreRefusedClearlyAndTheServerKeepsServing) {
+  StartServer();
+  for (const auto& [file, words] : std::vector<std::pair<std::string, std::string>>{
+           {"garbage.bin", "not a zip archive"},
+           {"truncated.pt", "not a zip archive"},
+           {"not_torchscript.zip", "not a PyTorch archive"},
+           {"mnist_like.pt", "no TorchScript code"},
+           {"zip_slip.pt", "unsafe path"}}) {
+    auto m = client_->UploadModel(Fixture(file), file, {});
+    EXPECT_EQ(m.status().code(), Code::kInvalidArgument) << file;
+    EXPECT_NE(m.status().message().find(words), std::string::npos) << file << ": " << m.status().message();
+  }
+  auto bad_ds = client_->UploadDataset(Fixture("idx-bad-magic"), "idx", "x");
+  EXPECT_EQ(bad_ds.status().code(), Code::kInvalidArgument);
+  auto tar = client_->UploadDataset(Fixture("tar_symlink.tar"), "image-folder", "x");
+  EXPECT_EQ(tar.status().code(), Code::kInvalidArgument);
+  auto bad_format = client_->UploadDataset(Fixture("mnist_like.pt"), "csv", "x");
+  EXPECT_NE(bad_format.status().message().find("header.format"), std::string::npos);
+  EXPECT_EQ(CountFiles(dir_.path() + "/data/tmp"), 0u);
+  // A model that throws in forward: the job fails with a reason, the worker lives on.
+  std::string throws = UploadModel("throws.pt", {1, 1, 28, 28});
+  v1::Job failed = WaitEnd(Submit(throws, R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}}]})").id());
+  EXPECT_EQ(failed.state(), v1::FAILED);
+  EXPECT_EQ(failed.attempts(), 1);
+  EXPECT_EQ(failed.error().reason(), "MODEL_RUN");
+  EXPECT_NE(failed.error().message().find("this model always fails"), std::string::npos) << failed.error().message();
+  std::string good = UploadModel("small_cnn.pt", {1, 1, 28, 28});
+  EXPECT_EQ(WaitEnd(Submit(good, R"({"steps":[{"quantize":{"dynamic":{}}}]})").id()).state(), v1::SUCCEEDED);
+}
+
+TEST_F(ServiceTest, SubmitValidatesIsIdempotentAndListsInPages) {
+  StartServer({}, /*workers=*/0);  // nothing runs: jobs stay queued
+  std::string model = UploadModel("small_cnn.pt", {1, 1, 28, 28});
+  v1::SubmitJobRequest req;
+  req.set_model_id(model);
+  *req.mutable_recipe() = Recipe(R"({"steps":[{"distill":{"epochs":1}}]})");
+  auto unsupported = client_->Submit(req);
+  EXPECT_EQ(unsupported.status().code(), Code::kInvalidArgument);
+  EXPECT_NE(unsupported.status().message().find("steps[0]: 'distill'"), std::string::npos);
+  *req.mutable_recipe() = Recipe(R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}}]})");
+  req.set_model_id("mdl_missing");
+  EXPECT_EQ(client_->Submit(req).status().code(), Code::kNotFound);
+  req.set_model_id(model);
+  req.set_eval_dataset_id("ds_missing");
+  auto missing_ds = client_->Submit(req);
+  EXPECT_EQ(missing_ds.status().code(), Code::kNotFound);
+  EXPECT_NE(missing_ds.status().message().find("eval_dataset_id"), std::string::npos);
+  req.set_eval_dataset_id("");
+  req.set_device("tpu");
+  EXPECT_NE(client_->Submit(req).status().message().find("device"), std::string::npos);
+  req.set_device("cpu");
+  req.set_request_id("retry-me");
+  auto first = client_->Submit(req);
+  auto second = client_->Submit(req);
+  ASSERT_TRUE(first.ok() && second.ok());
+  EXPECT_EQ(first->id(), second->id());
+  req.set_request_id("");
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(client_->Submit(req).ok());
+  std::set<std::string> ids;
+  std::string token;
+  int pages = 0;
+  do {
+    auto page = client_->ListJobs(2, token);
+    ASSERT_TRUE(page.ok());
+    for (const auto& j : page->jobs()) ids.insert(j.id());
+    token = page->next_page_token();
+    ++pages;
+  } while (!token.empty());
+  EXPECT_EQ(ids.size(), 5u);
+  EXPECT_EQ(pages, 3);
+  EXPECT_EQ(client_->ListJobs(2, "garbage").status().code(), Code::kInvalidArgument);
+  auto cancelled = client_->Cancel(first->id());
+  ASSERT_TRUE(cancelled.ok());
+  EXPECT_EQ(cancelled->state(), v1::CANCELLED);
+  EXPECT_EQ(client_->GetJob("job_missing").status().code(), Code::kNotFound);
+}
+
+TEST_F(ServiceTest, HealthAndReflectionAnswerAnotherLanguagesClient) {
+  StartServer();
+  // python3-grpcio, without generated code: the raw health check answers SERVING (field 1 = 1),
+  // and reflection lists both services.
+  std::string py;
+  std::string cmd = Python() + " -c \"" +
+                    "import grpc;ch=grpc.insecure_channel('" + server_->address() + "');"
+                    "h=ch.unary_unary('/grpc.health.v1.Health/Check',request_serializer=lambda x:x,response_deserializer=lambda x:x);"
+                    "print(h(b'',timeout=10).hex());"
+                    "r=ch.stream_stream('/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo',"
+                    "request_serializer=lambda x:x,response_deserializer=lambda x:x);"
+                    "print(b''.join(r(iter([b'\\x3a\\x00']),timeout=10)))\"";
+  ASSERT_EQ(pare::testing::Run(cmd, &py), 0) << py;
+  EXPECT_EQ(py.substr(0, 5), "0801\n") << py;
+  EXPECT_NE(py.find("pare.v1.Compression"), std::string::npos) << py;
+  EXPECT_NE(py.find("pare.v1.Workers"), std::string::npos) << py;
+}
+
+}  // namespace
+}  // namespace pare

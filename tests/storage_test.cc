@@ -1,0 +1,165 @@
+// Hashing, chunked blob writes and the upload validator (no LibTorch involved).
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "common/recipe_convert.h"
+#include "common/sha256.h"
+#include "server/archive_check.h"
+#include "server/blob_store.h"
+#include "test_util.h"
+
+namespace pare::server {
+namespace {
+
+namespace fs = std::filesystem;
+using pare::testing::Fixture;
+using pare::testing::TempDir;
+
+size_t CountFiles(const std::string& dir) {
+  size_t n = 0;
+  for (const auto& e : fs::recursive_directory_iterator(dir)) n += e.is_regular_file();
+  return n;
+}
+
+TEST(Sha256Test, KnownVectorsAndChunkingAgree) {
+  EXPECT_EQ(Sha256::Of(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_EQ(Sha256::Of("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  std::string data(3 << 20, 'x');
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<char>(i * 31);
+  Sha256 chunked;
+  for (size_t off = 0; off < data.size(); off += 1000003) chunked.Update(data.data() + off, std::min<size_t>(1000003, data.size() - off));
+  EXPECT_EQ(chunked.HexDigest(), Sha256::Of(data));
+  EXPECT_TRUE(IsHexSha256(Sha256::Of("x")));
+  EXPECT_FALSE(IsHexSha256("../../etc/passwd"));
+}
+
+class BlobStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto s = BlobStore::Open(dir_.path());
+    ASSERT_TRUE(s.ok());
+    blobs_ = std::move(s).value();
+  }
+  TempDir dir_;
+  std::unique_ptr<BlobStore> blobs_;
+};
+
+TEST_F(BlobStoreTest, CommitsWholeVerifiedContentOnce) {
+  std::string content = "model bytes";
+  for (int copy = 0; copy < 2; ++copy) {
+    auto w = blobs_->NewWriter(1024);
+    ASSERT_TRUE(w.ok());
+    ASSERT_TRUE(w.value()->Append(content.data(), 5).ok());
+    ASSERT_TRUE(w.value()->Append(content.data() + 5, content.size() - 5).ok());
+    auto sha = w.value()->Commit(content.size(), Sha256::Of(content));
+    ASSERT_TRUE(sha.ok()) << sha.status().ToString();
+    EXPECT_EQ(sha.value(), Sha256::Of(content));
+  }
+  EXPECT_EQ(CountFiles(dir_.path() + "/blobs"), 1u);  // identical content stored once
+  EXPECT_EQ(CountFiles(blobs_->tmp_dir()), 0u);
+  EXPECT_EQ(blobs_->SizeOf(Sha256::Of(content)).value(), content.size());
+}
+
+TEST_F(BlobStoreTest, WrongSizeDigestOrCheckLeavesNothing) {
+  auto w1 = blobs_->NewWriter(100);
+  ASSERT_TRUE(w1.value()->Append("abc", 3).ok());
+  EXPECT_EQ(w1.value()->Commit(4, "").status().code(), Code::kInvalidArgument);
+  auto w2 = blobs_->NewWriter(100);
+  ASSERT_TRUE(w2.value()->Append("abc", 3).ok());
+  EXPECT_EQ(w2.value()->Commit(3, Sha256::Of("abd")).status().code(), Code::kInvalidArgument);
+  auto w3 = blobs_->NewWriter(100);
+  ASSERT_TRUE(w3.value()->Append("abc", 3).ok());
+  auto r3 = w3.value()->Commit(3, "", [](const std::string&) { return InvalidArgument("not a model"); });
+  EXPECT_EQ(r3.status().message(), "not a model");
+  auto w4 = blobs_->NewWriter(4);
+  EXPECT_EQ(w4.value()->Append("abcde", 5).code(), Code::kResourceExhausted);
+  w4.value().reset();  // an abandoned upload removes its temporary file
+  EXPECT_EQ(CountFiles(blobs_->tmp_dir()), 0u);
+  EXPECT_FALSE(fs::exists(dir_.path() + "/blobs/" + Sha256::Of("abc").substr(0, 2)));
+}
+
+TEST_F(BlobStoreTest, OpenRemovesTemporaryFilesACrashLeft) {
+  std::ofstream(blobs_->tmp_dir() + "/upload_half") << "partial";
+  auto again = BlobStore::Open(dir_.path());
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(CountFiles(blobs_->tmp_dir()), 0u);
+}
+
+TEST(ArchiveCheckTest, AcceptsRealTorchScriptAndNamesWhatIsWrong) {
+  ArchiveLimits limits;
+  EXPECT_TRUE(CheckTorchScriptArchive(Fixture("small_cnn.pt"), limits).ok());
+  EXPECT_TRUE(CheckTorchScriptArchive(Fixture("resnet18.pt"), limits).ok());
+  auto expect = [&](const std::string& f, const std::string& words) {
+    Status s = CheckTorchScriptArchive(Fixture(f), limits);
+    EXPECT_EQ(s.code(), Code::kInvalidArgument) << f;
+    EXPECT_NE(s.message().find(words), std::string::npos) << f << ": " << s.message();
+  };
+  expect("garbage.bin", "not a zip archive");
+  expect("truncated.pt", "not a zip archive");
+  expect("not_torchscript.zip", "not a PyTorch archive");
+  expect("mnist_like.pt", "no TorchScript code");
+  expect("zip_slip.pt", "unsafe path");
+  ArchiveLimits small;
+  small.max_uncompressed_bytes = 16 << 20;
+  Status bomb = CheckTorchScriptArchive(Fixture("bomb.pt"), small);
+  EXPECT_EQ(bomb.code(), Code::kInvalidArgument);
+  EXPECT_NE(bomb.message().find("uncompressed"), std::string::npos) << bomb.message();
+}
+
+TEST(ArchiveCheckTest, DatasetsByFormat) {
+  ArchiveLimits limits;
+  EXPECT_TRUE(CheckDataset(Fixture("mnist_like.pt"), "tensors", limits).ok());
+  EXPECT_TRUE(CheckDataset(Fixture("idx-images.gz"), "idx", limits).ok());
+  EXPECT_EQ(CheckDataset(Fixture("idx-bad-magic"), "idx", limits).code(), Code::kInvalidArgument);
+  EXPECT_EQ(CheckDataset(Fixture("garbage.bin"), "tensors", limits).code(), Code::kInvalidArgument);
+  for (const char* tar : {"tar_absolute.tar", "tar_dotdot.tar", "tar_symlink.tar"}) {
+    EXPECT_EQ(CheckDataset(Fixture(tar), "image-folder", limits).code(), Code::kInvalidArgument) << tar;
+    EXPECT_EQ(CheckDataset(Fixture(tar), "idx", limits).code(), Code::kInvalidArgument) << tar;
+  }
+  EXPECT_EQ(CheckDataset(Fixture("mnist_like.pt"), "csv", limits).code(), Code::kInvalidArgument);
+}
+
+TEST(RecipeTest, TheIssuesRecipeParsesAndUnsupportedStepsAreNamed) {
+  const std::string all = R"({"steps": [
+    {"prune":     {"magnitude": {"amount": 0.5, "scope": "GLOBAL"}}},
+    {"prune":     {"channel":   {"amount": 0.3, "criterion": "L1"}}},
+    {"prune":     {"nm":        {"n": 2, "m": 4}}},
+    {"quantize":  {"dynamic":   {}}},
+    {"quantize":  {"static":    {"observer": "HISTOGRAM", "calibrationBatches": 16}}},
+    {"quantize":  {"fp16":      {}}},
+    {"distill":   {"epochs": 3, "temperature": 4.0, "alpha": 0.7, "learningRate": 0.01, "batchSize": 64}},
+    {"factorize": {"rankRatio": 0.5}},
+    {"finetune":  {"epochs": 1, "learningRate": 0.01}}
+  ]})";
+  auto recipe = ParseRecipeJson(all);
+  ASSERT_TRUE(recipe.ok()) << recipe.status().ToString();
+  EXPECT_EQ(recipe->steps_size(), 9);
+  EXPECT_FLOAT_EQ(recipe->steps(6).distill().alpha(), 0.7f);
+  auto steps = ToEngineSteps(recipe.value());
+  EXPECT_EQ(steps.status().code(), Code::kInvalidArgument);
+  EXPECT_NE(steps.status().message().find("steps[1]: 'prune.channel'"), std::string::npos) << steps.status().message();
+
+  auto ok = ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":0.5,"scope":"GLOBAL","include":["fc"]}}},
+                                         {"prune":{"nm":{"n":2,"m":4}}},{"quantize":{"dynamic":{}}}]})");
+  ASSERT_TRUE(ok.ok());
+  auto converted = ToEngineSteps(ok.value());
+  ASSERT_TRUE(converted.ok()) << converted.status().ToString();
+  ASSERT_EQ(converted->size(), 3u);
+  auto& mag = std::get<engine::MagnitudePruneSpec>((*converted)[0]);
+  EXPECT_TRUE(mag.global);
+  EXPECT_EQ(mag.include, std::vector<std::string>{"fc"});
+
+  auto bad_field = ParseRecipeJson(R"({"steps":[{"prune":{"magnitud":{}}}]})");
+  EXPECT_EQ(bad_field.status().code(), Code::kInvalidArgument);
+  EXPECT_NE(bad_field.status().message().find("magnitud"), std::string::npos);
+  auto bad_scope = ToEngineSteps(ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":0.5,"scope":"ALL"}}}]})").value());
+  EXPECT_NE(bad_scope.status().message().find("steps[0].prune.magnitude.scope"), std::string::npos);
+  EXPECT_EQ(ToEngineSteps(v1::Recipe()).status().code(), Code::kInvalidArgument);
+  auto bad_nm = ToEngineSteps(ParseRecipeJson(R"({"steps":[{"prune":{"nm":{"n":4,"m":4}}}]})").value());
+  EXPECT_NE(bad_nm.status().message().find("steps[0].prune.nm.n"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace pare::server
