@@ -217,6 +217,7 @@ int Compress(const std::string& model, const std::string& recipe_path, const std
 int main(int argc, char** argv) {
   CLI::App app{"pare: compress computer-vision models with a Pare server (or offline)"};
   app.require_subcommand(1);
+  app.fallthrough();  // global flags (--json, --server) may also follow the verb
   const char* env = std::getenv("PARE_SERVER");
   std::string server = env && *env ? env : "127.0.0.1:50051";
   double timeout = 30;

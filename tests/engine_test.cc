@@ -1,5 +1,6 @@
 // Engine passes on real TorchScript models made by tests/fixtures/make_fixtures.py.
 #include <gtest/gtest.h>
+#include <torch/cuda.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -152,6 +153,25 @@ TEST_F(EngineTest, CompressRunsARecipeAndReportsEveryStep) {
   auto loaded = torch::jit::load(out);
   EXPECT_EQ(loaded.forward({at::randn({2, 1, 28, 28})}).toTensor().sizes(), (std::vector<int64_t>{2, 10}));
   EXPECT_FALSE(fs::exists(out + ".step0"));
+}
+
+TEST_F(EngineTest, CompressOnCudaMeasuresThereAndSavesAPortableModel) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
+  CompressOptions opts;
+  opts.device = "cuda";
+  opts.input_shape = {1, 1, 28, 28};
+  opts.latency_batches = {1, 32};
+  opts.latency_budget_seconds = 0.2;
+  opts.eval = DatasetInput{"tensors", Fixture("mnist_like.pt")};
+  std::string out = TempPath("cuda.pt");
+  Report r = Compress(Fixture("small_cnn.pt"), {MagnitudePruneSpec{0.5, true, {}, {}}, NMPruneSpec{2, 4}}, opts, out);
+  EXPECT_EQ(r.device, "cuda:0");
+  ASSERT_EQ(r.steps.size(), 3u);
+  EXPECT_NEAR(1.0 - double(r.steps[1].stats.nonzero_parameters) / double(r.steps[1].stats.parameters), 0.5, 0.01);
+  EXPECT_GT(r.steps[2].stats.output_cosine, 0.5);
+  // The result was saved from the CPU: it loads on a machine without a GPU.
+  auto loaded = torch::jit::load(out, c10::Device(c10::kCPU));
+  for (const auto& p : loaded.parameters()) EXPECT_TRUE(p.device().is_cpu());
 }
 
 TEST_F(EngineTest, CancelStopsTheJob) {

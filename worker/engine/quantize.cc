@@ -24,6 +24,7 @@ torch::jit::Module MakeWeightMinMaxObserver() {
   obs.register_attribute("quant_min", c10::IntType::get(), int64_t{-128});
   obs.register_attribute("quant_max", c10::IntType::get(), int64_t{127});
   obs.register_attribute("eps", c10::FloatType::get(), 1.1920928955078125e-07);
+  obs.register_attribute("is_dynamic", c10::BoolType::get(), false);
   obs.define(R"JIT(
 def forward(self, x: Tensor) -> Tensor:
     if x.numel() > 0:
@@ -45,13 +46,15 @@ def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
 }
 
 // Dynamic activations are quantized at run time: the pass reads the observer's dtype and
-// compute_dtype, and recognises it by "PlaceholderObserver" in the class name.
+// whether it is dynamic, and recognises it by "PlaceholderObserver" in the class name.
 torch::jit::Module MakeDynamicActivationObserver() {
   torch::jit::Module obs(c10::QualifiedName("__torch__.pare.observers.DynamicPlaceholderObserver"));
   obs.register_attribute("training", c10::BoolType::get(), false);
   obs.register_attribute("dtype", c10::IntType::get(), static_cast<int64_t>(at::kQUInt8));
-  // Without compute_dtype the pass dereferences a missing attribute and crashes.
+  // The pass dereferences these without checking: LibTorch 1.13 reads compute_dtype,
+  // 2.x reads is_dynamic. Both are set so one engine works with either.
   obs.register_attribute("compute_dtype", c10::IntType::get(), static_cast<int64_t>(at::kQUInt8));
+  obs.register_attribute("is_dynamic", c10::BoolType::get(), true);
   obs.define(R"JIT(
 def forward(self, x: Tensor) -> Tensor:
     return x
