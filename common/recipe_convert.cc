@@ -15,7 +15,23 @@ std::string Upper(std::string s) {
 Status Unsupported(const std::string& where, const std::string& what) {
   return InvalidArgument(where + ": '" + what +
                          "' is not supported by this version of Pare yet (supported: prune.magnitude, prune.nm, "
-                         "quantize.dynamic)");
+                         "quantize.dynamic, finetune, distill)");
+}
+
+// Defaults: 1 epoch, learning rate 0.01, batch 64, SGD.
+Result<engine::TrainSpec> ConvertTrain(const std::string& where, int epochs, float lr, int batch,
+                                       const std::string& optimizer) {
+  engine::TrainSpec t;
+  if (epochs < 0 || epochs > 1000) return InvalidArgument(where + ".epochs must be in [1, 1000]");
+  if (lr < 0 || lr > 10) return InvalidArgument(where + ".learningRate must be in (0, 10]");
+  if (batch < 0 || batch > 65536) return InvalidArgument(where + ".batchSize must be in [1, 65536]");
+  t.epochs = epochs == 0 ? 1 : epochs;
+  t.learning_rate = lr == 0 ? 0.01 : lr;
+  t.batch_size = batch == 0 ? 64 : batch;
+  std::string o = Upper(optimizer);
+  if (!(o.empty() || o == "SGD" || o == "ADAM")) return InvalidArgument(where + ".optimizer must be SGD or ADAM");
+  t.optimizer = o.empty() ? "SGD" : o;
+  return t;
 }
 
 Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
@@ -71,12 +87,35 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
       }
       break;
     }
-    case v1::Step::kDistill:
-      return Unsupported(at, "distill");
+    case v1::Step::kDistill: {
+      const auto& d = step.distill();
+      const std::string where = at + ".distill";
+      if (!d.student_model().empty()) {
+        return InvalidArgument(where + ".studentModel: uploaded student architectures are not supported by this "
+                               "version yet; the student is the model the previous step produced");
+      }
+      if (!d.teacher_model().empty()) {
+        return InvalidArgument(where + ".teacherModel: other teachers are not supported by this version yet; the "
+                               "teacher is the job's input model");
+      }
+      engine::DistillSpec s;
+      auto train = ConvertTrain(where, d.epochs(), d.learning_rate(), d.batch_size(), d.optimizer());
+      if (!train.ok()) return train.status();
+      s.train = train.value();
+      s.temperature = d.temperature() == 0 ? 4.0 : d.temperature();
+      s.alpha = d.alpha();
+      if (!(s.temperature > 0 && s.temperature <= 100)) return InvalidArgument(where + ".temperature must be in (0, 100]");
+      if (s.alpha < 0 || s.alpha > 1) return InvalidArgument(where + ".alpha must be in [0, 1]");
+      return engine::StepSpec(s);
+    }
     case v1::Step::kFactorize:
       return Unsupported(at, "factorize");
-    case v1::Step::kFinetune:
-      return Unsupported(at, "finetune");
+    case v1::Step::kFinetune: {
+      const auto& f = step.finetune();
+      auto train = ConvertTrain(at + ".finetune", f.epochs(), f.learning_rate(), f.batch_size(), f.optimizer());
+      if (!train.ok()) return train.status();
+      return engine::StepSpec(engine::FinetuneSpec{train.value()});
+    }
     case v1::Step::KIND_NOT_SET:
       return InvalidArgument(at + " is empty: a step needs one of prune, quantize, distill, factorize, finetune");
   }

@@ -297,6 +297,12 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
       return InvalidArgument("device must be cpu, cuda or auto; got '" + device + "'");
     }
     if (req->request_id().size() > 128) return InvalidArgument("request_id is longer than 128 characters");
+    for (size_t i = 0; i < steps->size(); ++i) {
+      if (engine::NeedsTrainData((*steps)[i]) && req->train_dataset_id().empty()) {
+        return InvalidArgument("train_dataset_id is required: steps[" + std::to_string(i) + "] (" +
+                               engine::StepName((*steps)[i]) + ") trains the model");
+      }
+    }
     auto model = ctx_->store->GetModel(tenant, req->model_id());
     if (!model.ok()) return NotFound("model_id: model '" + req->model_id() + "' does not exist");
     for (const auto& [field, id] : {std::pair<const char*, std::string>{"calibration_dataset_id", req->calibration_dataset_id()},

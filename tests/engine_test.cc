@@ -13,6 +13,7 @@
 #include "worker/engine/model_util.h"
 #include "worker/engine/prune.h"
 #include "worker/engine/quantize.h"
+#include "worker/engine/train.h"
 
 namespace pare::engine {
 namespace {
@@ -172,6 +173,125 @@ TEST_F(EngineTest, CompressOnCudaMeasuresThereAndSavesAPortableModel) {
   // The result was saved from the CPU: it loads on a machine without a GPU.
   auto loaded = torch::jit::load(out, c10::Device(c10::kCPU));
   for (const auto& p : loaded.parameters()) EXPECT_TRUE(p.device().is_cpu());
+}
+
+double AccuracyOn(torch::jit::Module& m, const Dataset& ds) {
+  c10::InferenceMode guard;
+  m.eval();
+  at::Tensor y = m.forward({ds.images}).toTensor();
+  return (y.argmax(1) == ds.labels).to(at::kFloat).mean().item<double>();
+}
+
+TEST_F(EngineTest, FinetuneLearnsALearnableTaskAndKeepsTheBestEpoch) {
+  Dataset train = LoadDataset("tensors", Fixture("quadrants_train.pt"));
+  Dataset eval = LoadDataset("tensors", Fixture("quadrants_eval.pt"));
+  auto m = torch::jit::load(Fixture("small_cnn.pt"));
+  double before = AccuracyOn(m, eval);
+  TrainContext ctx;
+  ctx.train = &train;
+  ctx.eval = &eval;
+  int calls = 0;
+  ctx.progress = [&](double f, const std::string&) { EXPECT_LE(f, 1.0); ++calls; };
+  auto notes = Train(m, nullptr, TrainSpec{3, 0.05, 32, "SGD", 5e-4}, 1.0, 0.0, ctx);
+  double after = AccuracyOn(m, eval);
+  EXPECT_LT(before, 0.5);
+  EXPECT_GT(after, 0.9) << "before " << before;
+  EXPECT_GE(notes.size(), 3u);
+  EXPECT_NE(notes[0].find("eval top-1"), std::string::npos) << notes[0];
+  EXPECT_EQ(calls, 3 * 16 + 3);  // every batch and every epoch's summary
+  for (const auto& p : m.parameters()) EXPECT_FALSE(p.requires_grad());
+}
+
+TEST_F(EngineTest, DistillationTransfersTheTeacher) {
+  Dataset train = LoadDataset("tensors", Fixture("quadrants_train.pt"));
+  Dataset eval = LoadDataset("tensors", Fixture("quadrants_eval.pt"));
+  auto teacher = torch::jit::load(Fixture("small_cnn.pt"));
+  TrainContext ctx;
+  ctx.train = &train;
+  Train(teacher, nullptr, TrainSpec{3, 0.05, 32, "SGD", 5e-4}, 1.0, 0.0, ctx);
+  ASSERT_GT(AccuracyOn(teacher, eval), 0.9);
+  // The student starts from other random weights (half of them pruned away).
+  torch::manual_seed(123);
+  auto student = torch::jit::load(Fixture("small_cnn.pt"));
+  {
+    torch::NoGradGuard g;
+    for (auto p : student.parameters()) p.normal_(0, 0.1);
+  }
+  MagnitudePrune(student, MagnitudePruneSpec{0.5, true, {}, {}});
+  EXPECT_LT(AccuracyOn(student, eval), 0.5);
+  Train(student, &teacher, TrainSpec{3, 0.05, 32, "ADAM", 0}, 4.0, 0.9, ctx);
+  EXPECT_GT(AccuracyOn(student, eval), 0.85);
+  c10::InferenceMode guard;
+  at::Tensor s = student.forward({eval.images}).toTensor(), t = teacher.forward({eval.images}).toTensor();
+  EXPECT_GT((s.argmax(1) == t.argmax(1)).to(at::kFloat).mean().item<double>(), 0.85);
+}
+
+TEST_F(EngineTest, DistillationRefusesAStudentWhoseOutputDiffers) {
+  Dataset train = LoadDataset("tensors", Fixture("quadrants_train.pt"));
+  auto teacher = torch::jit::load(Fixture("small_cnn.pt"));
+  auto student = torch::jit::load(Fixture("small_cnn_5.pt"));
+  TrainContext ctx;
+  ctx.train = &train;
+  try {
+    Train(student, &teacher, TrainSpec{}, 4.0, 0.7, ctx);
+    FAIL() << "a 5-output student was trained on a 10-output teacher";
+  } catch (const EngineError& e) {
+    EXPECT_EQ(e.reason(), "SHAPE_MISMATCH");
+    EXPECT_NE(std::string(e.what()).find("[2, 5]"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(EngineTest, CompressRunsPruneThenFinetuneAndNeedsTrainData) {
+  CompressOptions opts;
+  opts.device = "cpu";
+  opts.latency_batches = {1};
+  opts.latency_budget_seconds = 0.02;
+  opts.eval = DatasetInput{"tensors", Fixture("quadrants_eval.pt")};
+  std::vector<StepSpec> steps = {MagnitudePruneSpec{0.5, true, {}, {}}, FinetuneSpec{TrainSpec{2, 0.05, 32, "SGD", 5e-4}}};
+  EXPECT_THROW(Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("nt.pt")), EngineError);
+  opts.train = DatasetInput{"tensors", Fixture("quadrants_train.pt")};
+  Report r = Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("ft.pt"));
+  ASSERT_EQ(r.steps.size(), 3u);
+  EXPECT_GT(*r.steps[2].stats.top1_accuracy, 0.9);
+  // Fine-tuning keeps the pruned weights at zero.
+  EXPECT_EQ(r.steps[2].stats.nonzero_parameters, r.steps[1].stats.nonzero_parameters);
+  EXPECT_EQ(r.steps[2].notes[0], "kept the zeros of 4 pruned weight tensors");
+}
+
+// A trained model: prune 90% -> distill from the input model -> finetune, on `device`.
+void PruneDistillFinetune(const std::string& device) {
+  CompressOptions opts;
+  opts.device = device;
+  opts.latency_batches = {1, 32};
+  opts.latency_budget_seconds = 0.1;
+  opts.train = DatasetInput{"tensors", Fixture("quadrants_train.pt")};
+  opts.eval = DatasetInput{"tensors", Fixture("quadrants_eval.pt")};
+  DistillSpec distill;
+  distill.train = TrainSpec{3, 0.01, 32, "ADAM", 0};
+  std::vector<StepSpec> steps = {MagnitudePruneSpec{0.9, true, {}, {}}, distill,
+                                 FinetuneSpec{TrainSpec{1, 0.01, 32, "SGD", 5e-4}}};
+  std::string out = TempPath("train_" + device + ".pt");
+  Report r = Compress(Fixture("small_cnn_trained.pt"), steps, opts, out);
+  EXPECT_EQ(r.device, device == "cuda" ? "cuda:0" : "cpu");
+  ASSERT_EQ(r.steps.size(), 4u);
+  EXPECT_GT(*r.steps[0].stats.top1_accuracy, 0.9);  // the teacher knows the task
+  const auto& pruned = r.steps[1].stats;
+  EXPECT_NEAR(1.0 - double(pruned.nonzero_parameters) / double(pruned.parameters), 0.9, 0.01);
+  // The distilled sparse student agrees with its teacher and keeps its zeros.
+  EXPECT_GT(r.steps[2].stats.top1_agreement, 0.9);
+  EXPECT_GT(*r.steps[2].stats.top1_accuracy, 0.9);
+  EXPECT_EQ(r.steps[2].stats.nonzero_parameters, pruned.nonzero_parameters);
+  EXPECT_EQ(r.steps[3].stats.nonzero_parameters, r.steps[1].stats.nonzero_parameters);
+  EXPECT_GT(*r.steps[3].stats.top1_accuracy, 0.9);
+  auto loaded = torch::jit::load(out, c10::Device(c10::kCPU));
+  EXPECT_EQ(loaded.forward({at::randn({1, 1, 28, 28})}).toTensor().size(1), 10);
+}
+
+TEST_F(EngineTest, PruneDistillFinetuneOnCpu) { PruneDistillFinetune("cpu"); }
+
+TEST_F(EngineTest, PruneDistillFinetuneOnCuda) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
+  PruneDistillFinetune("cuda");
 }
 
 TEST_F(EngineTest, CancelStopsTheJob) {

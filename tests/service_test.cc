@@ -292,10 +292,14 @@ TEST_F(ServiceTest, SubmitValidatesIsIdempotentAndListsInPages) {
   std::string model = UploadModel("small_cnn.pt", {1, 1, 28, 28});
   v1::SubmitJobRequest req;
   req.set_model_id(model);
-  *req.mutable_recipe() = Recipe(R"({"steps":[{"distill":{"epochs":1}}]})");
+  *req.mutable_recipe() = Recipe(R"({"steps":[{"factorize":{"rankRatio":0.5}}]})");
   auto unsupported = client_->Submit(req);
   EXPECT_EQ(unsupported.status().code(), Code::kInvalidArgument);
-  EXPECT_NE(unsupported.status().message().find("steps[0]: 'distill'"), std::string::npos);
+  EXPECT_NE(unsupported.status().message().find("steps[0]: 'factorize'"), std::string::npos);
+  *req.mutable_recipe() = Recipe(R"({"steps":[{"distill":{"epochs":1}}]})");
+  auto no_train = client_->Submit(req);
+  EXPECT_EQ(no_train.status().code(), Code::kInvalidArgument);
+  EXPECT_NE(no_train.status().message().find("train_dataset_id is required"), std::string::npos);
   *req.mutable_recipe() = Recipe(R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}}]})");
   req.set_model_id("mdl_missing");
   EXPECT_EQ(client_->Submit(req).status().code(), Code::kNotFound);

@@ -11,6 +11,7 @@
 #include "worker/engine/measure.h"
 #include "worker/engine/prune.h"
 #include "worker/engine/quantize.h"
+#include "worker/engine/train.h"
 
 namespace pare::engine {
 namespace {
@@ -69,19 +70,26 @@ torch::jit::Module LoadModel(const std::string& path) {
 }
 
 
+// What a step may need beyond the model itself.
+struct StepContext {
+  const std::string& input_path;  // the job's input model: the default teacher
+  TrainContext train;
+};
+
 // Applies one step to `current` and returns the new module.
-torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, std::vector<std::string>& notes) {
+torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, const StepContext& ctx,
+                             std::vector<std::string>& notes) {
   struct V {
     torch::jit::Module& m;
+    const StepContext& ctx;
     std::vector<std::string>& notes;
+    void Add(const std::vector<std::string>& n) { notes.insert(notes.end(), n.begin(), n.end()); }
     torch::jit::Module operator()(const MagnitudePruneSpec& s) {
-      auto n = MagnitudePrune(m, s);
-      notes.insert(notes.end(), n.begin(), n.end());
+      Add(MagnitudePrune(m, s));
       return m;
     }
     torch::jit::Module operator()(const NMPruneSpec& s) {
-      auto n = NMPrune(m, s);
-      notes.insert(notes.end(), n.begin(), n.end());
+      Add(NMPrune(m, s));
       return m;
     }
     torch::jit::Module operator()(const DynamicQuantSpec&) {
@@ -90,8 +98,20 @@ torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, s
       if (!IsQuantized(q)) notes.push_back("no linear layer was found to quantize; the model is unchanged");
       return q;
     }
+    torch::jit::Module operator()(const FinetuneSpec& s) {
+      Add(Train(m, nullptr, s.train, 1.0, 0.0, ctx.train));
+      return m;
+    }
+    torch::jit::Module operator()(const DistillSpec& s) {
+      if (!(s.temperature > 0) || s.alpha < 0 || s.alpha > 1) {
+        throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "distill needs temperature > 0 and alpha in [0, 1]");
+      }
+      torch::jit::Module teacher = LoadModel(ctx.input_path);
+      Add(Train(m, &teacher, s.train, s.temperature, s.alpha, ctx.train));
+      return m;
+    }
   };
-  return std::visit(V{current, notes}, step);
+  return std::visit(V{current, ctx, notes}, step);
 }
 
 }  // namespace
@@ -146,9 +166,16 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     throw EngineError(Code::kInvalidArgument, "MODEL_FORMAT", "the model has no forward method");
   }
 
-  Dataset eval, calibration;
+  Dataset eval, calibration, train;
   if (options.eval) eval = LoadDataset(options.eval->format, options.eval->path);
   if (options.calibration) calibration = LoadDataset(options.calibration->format, options.calibration->path);
+  if (options.train) train = LoadDataset(options.train->format, options.train->path);
+  for (const auto& step : steps) {
+    if (NeedsTrainData(step) && !train.labels.defined()) {
+      throw EngineError(Code::kInvalidArgument, "NO_TRAIN_DATA",
+                        StepName(step) + " needs a train dataset with labels (--train)");
+    }
+  }
   const Dataset* sample_source = eval.size() ? &eval : (calibration.size() ? &calibration : nullptr);
 
   std::vector<int64_t> shape = options.input_shape;
@@ -159,8 +186,9 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
   for (int64_t d : shape) {
     if (d <= 0) throw EngineError(Code::kInvalidArgument, "BAD_INPUT_SHAPE", "input shape " + c10::str(shape) + " has a non-positive dimension");
   }
-  if (sample_source) {
-    auto ds_shape = sample_source->images.sizes().vec();
+  for (const Dataset* ds : {&eval, &calibration, &train}) {
+    if (!ds->size()) continue;
+    auto ds_shape = ds->images.sizes().vec();
     if (!std::equal(ds_shape.begin() + 1, ds_shape.end(), shape.begin() + 1, shape.end())) {
       throw EngineError(Code::kInvalidArgument, "BAD_INPUT_SHAPE",
                         "dataset images are " + c10::str(at::IntArrayRef(ds_shape).slice(1)) +
@@ -204,8 +232,16 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     StepReport sr;
     sr.step = name;
     auto start = Clock::now();
+    StepContext step_ctx{input_path, TrainContext{}};
+    step_ctx.train.device = ctx.device;
+    step_ctx.train.train = train.labels.defined() ? &train : nullptr;
+    step_ctx.train.eval = ctx.eval;
+    step_ctx.train.seed = options.seed;
+    step_ctx.train.progress = [&](double within, const std::string& msg) {
+      report_progress(static_cast<int>(i) + 1, name, 0.6 * within, msg);
+    };
     Guard(Code::kInternal, "STEP_FAILED", "step " + std::to_string(i + 1) + " (" + name + ") failed", [&] {
-      model = ApplyStep(model, steps[i], sr.notes);
+      model = ApplyStep(model, steps[i], step_ctx, sr.notes);
       std::string path = output_path + ".step" + std::to_string(i);
       model.to(c10::kCPU);  // results load anywhere; measurements move it back to the device
       model.save(path);

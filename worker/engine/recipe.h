@@ -22,7 +22,28 @@ struct NMPruneSpec {
 
 struct DynamicQuantSpec {};
 
-using StepSpec = std::variant<MagnitudePruneSpec, NMPruneSpec, DynamicQuantSpec>;
+// Supervised training settings shared by finetune and distill.
+struct TrainSpec {
+  int epochs = 1;
+  double learning_rate = 0.01;
+  int batch_size = 64;
+  std::string optimizer = "SGD";  // SGD (momentum 0.9) or ADAM; cosine learning-rate schedule
+  double weight_decay = 5e-4;
+};
+
+struct FinetuneSpec {
+  TrainSpec train;
+};
+
+// Knowledge distillation: the job's input model teaches the current model with
+// loss = alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
+struct DistillSpec {
+  TrainSpec train;
+  double temperature = 4.0;
+  double alpha = 0.7;
+};
+
+using StepSpec = std::variant<MagnitudePruneSpec, NMPruneSpec, DynamicQuantSpec, FinetuneSpec, DistillSpec>;
 
 // The name a step has in reports and progress, e.g. "prune.magnitude".
 inline std::string StepName(const StepSpec& s) {
@@ -30,8 +51,15 @@ inline std::string StepName(const StepSpec& s) {
     std::string operator()(const MagnitudePruneSpec&) const { return "prune.magnitude"; }
     std::string operator()(const NMPruneSpec&) const { return "prune.nm"; }
     std::string operator()(const DynamicQuantSpec&) const { return "quantize.dynamic"; }
+    std::string operator()(const FinetuneSpec&) const { return "finetune"; }
+    std::string operator()(const DistillSpec&) const { return "distill"; }
   };
   return std::visit(V{}, s);
+}
+
+// Whether the step trains on the job's train dataset.
+inline bool NeedsTrainData(const StepSpec& s) {
+  return std::holds_alternative<FinetuneSpec>(s) || std::holds_alternative<DistillSpec>(s);
 }
 
 }  // namespace pare::engine

@@ -1,0 +1,190 @@
+#include "worker/engine/train.h"
+
+#include <torch/optim/adam.h>
+#include <torch/optim/sgd.h>
+
+#include <cmath>
+#include <sstream>
+
+#include "worker/engine/error.h"
+#include "worker/engine/model_util.h"
+
+namespace pare::engine {
+namespace {
+
+constexpr double kPi = 3.14159265358979323846;
+
+double Accuracy(torch::jit::Module& m, const Dataset& ds, c10::Device device, int64_t batch) {
+  c10::InferenceMode guard;
+  m.eval();
+  int64_t correct = 0;
+  for (int64_t i = 0; i < ds.images.size(0); i += batch) {
+    int64_t end = std::min(i + batch, ds.images.size(0));
+    at::Tensor y = OutputTensor(m.forward({ds.images.slice(0, i, end).to(device)})).flatten(1);
+    correct += (y.argmax(1).cpu() == ds.labels.slice(0, i, end)).sum().item<int64_t>();
+  }
+  return double(correct) / double(ds.images.size(0));
+}
+
+// Parameters and buffers, to restore the best epoch's weights.
+std::vector<at::Tensor> Snapshot(const torch::jit::Module& m) {
+  std::vector<at::Tensor> out;
+  torch::NoGradGuard no_grad;
+  for (const auto& p : m.parameters()) out.push_back(p.detach().clone());
+  for (const auto& b : m.buffers()) out.push_back(b.detach().clone());
+  return out;
+}
+
+void Restore(torch::jit::Module& m, const std::vector<at::Tensor>& saved) {
+  torch::NoGradGuard no_grad;
+  size_t i = 0;
+  for (const auto& p : m.parameters()) p.copy_(saved[i++]);
+  for (const auto& b : m.buffers()) b.copy_(saved[i++]);
+}
+
+}  // namespace
+
+std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* teacher, const TrainSpec& spec,
+                               double temperature, double alpha, const TrainContext& ctx) {
+  const char* step = teacher ? "distill" : "finetune";
+  if (!ctx.train || !ctx.train->labels.defined()) {
+    throw EngineError(Code::kInvalidArgument, "NO_TRAIN_DATA",
+                      std::string(step) + " needs a train dataset with labels (submit --train)");
+  }
+  if (spec.epochs < 1 || spec.batch_size < 1 || !(spec.learning_rate > 0)) {
+    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
+                      std::string(step) + ": epochs, batchSize and learningRate must be positive");
+  }
+  student.to(ctx.device);  // before taking the parameters the optimizer will update
+  std::vector<at::Tensor> params;
+  for (const auto& p : student.parameters()) {
+    if (p.is_floating_point()) params.push_back(p);
+  }
+  if (params.empty()) {
+    throw EngineError(Code::kFailedPrecondition, "NOT_TRAINABLE",
+                      std::string(step) + ": the model has no float parameters left to train "
+                                          "(quantized models cannot be trained: put quantize after training steps)");
+  }
+  for (auto& p : params) p.set_requires_grad(true);
+  // Pruned weights stay pruned: a weight tensor with exact zeros (a dense trained one has
+  // practically none) keeps them through training.
+  std::vector<std::pair<at::Tensor, at::Tensor>> masks;
+  for (auto& p : params) {
+    if (p.dim() < 2) continue;
+    at::Tensor nonzero = p.detach() != 0;
+    if (nonzero.logical_not().sum().item<int64_t>() * 100 > p.numel()) masks.emplace_back(p, nonzero);
+  }
+
+  const Dataset& train = *ctx.train;
+  const int64_t n = train.images.size(0);
+  const int64_t batch = std::min<int64_t>(spec.batch_size, n);
+  for (auto& [p, mask] : masks) mask = mask.to(p.device());
+  if (teacher) {
+    teacher->to(ctx.device);
+    teacher->eval();
+    // Shapes must agree before any training time is spent.
+    at::Tensor probe = train.images.slice(0, 0, std::min<int64_t>(2, n)).to(ctx.device);
+    c10::InferenceMode guard;
+    student.eval();
+    auto s = OutputTensor(student.forward({probe})).sizes().vec();
+    auto t = OutputTensor(teacher->forward({probe})).sizes().vec();
+    if (s != t) {
+      throw EngineError(Code::kInvalidArgument, "SHAPE_MISMATCH",
+                        "distill: the student's output shape " + c10::str(at::IntArrayRef(s)) +
+                            " does not match the teacher's " + c10::str(at::IntArrayRef(t)));
+    }
+  }
+  const int64_t max_label = train.labels.max().item<int64_t>();
+
+  std::unique_ptr<torch::optim::Optimizer> opt;
+  if (spec.optimizer == "ADAM" || spec.optimizer == "Adam" || spec.optimizer == "adam") {
+    opt = std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(spec.learning_rate).weight_decay(spec.weight_decay));
+  } else if (spec.optimizer.empty() || spec.optimizer == "SGD" || spec.optimizer == "sgd") {
+    opt = std::make_unique<torch::optim::SGD>(
+        params, torch::optim::SGDOptions(spec.learning_rate).momentum(0.9).weight_decay(spec.weight_decay));
+  } else {
+    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", std::string(step) + ".optimizer must be SGD or ADAM");
+  }
+
+  std::vector<std::string> notes;
+  if (!masks.empty()) notes.push_back("kept the zeros of " + std::to_string(masks.size()) + " pruned weight tensors");
+  const int64_t batches_per_epoch = (n + batch - 1) / batch;
+  const int64_t total_batches = batches_per_epoch * spec.epochs;
+  at::Generator gen = at::detail::createCPUGenerator(ctx.seed);
+  double best_acc = -1;
+  int best_epoch = -1;
+  std::vector<at::Tensor> best;
+  int64_t done_batches = 0;
+  for (int epoch = 0; epoch < spec.epochs; ++epoch) {
+    student.train();
+    at::Tensor order = at::randperm(n, gen, at::TensorOptions().dtype(at::kLong));
+    double loss_sum = 0;
+    int64_t seen = 0, correct = 0;
+    for (int64_t i = 0; i < n; i += batch) {
+      double lr = spec.learning_rate * 0.5 * (1 + std::cos(kPi * double(done_batches) / double(total_batches)));
+      for (auto& group : opt->param_groups()) group.options().set_lr(lr);
+      at::Tensor idx = order.slice(0, i, std::min(i + batch, n));
+      at::Tensor x = train.images.index_select(0, idx).to(ctx.device);
+      at::Tensor y = train.labels.index_select(0, idx).to(ctx.device);
+      at::Tensor logits = OutputTensor(student.forward({x})).flatten(1);
+      if (max_label >= logits.size(1)) {
+        throw EngineError(Code::kInvalidArgument, "BAD_DATASET",
+                          "train labels go up to " + std::to_string(max_label) + " but the model has " +
+                              std::to_string(logits.size(1)) + " outputs");
+      }
+      at::Tensor loss = at::cross_entropy_loss(logits, y);
+      if (teacher) {
+        at::Tensor t_logits;
+        {
+          torch::NoGradGuard no_grad;
+          t_logits = OutputTensor(teacher->forward({x})).flatten(1);
+        }
+        at::Tensor log_p_s = at::log_softmax(logits / temperature, 1);
+        at::Tensor log_p_t = at::log_softmax(t_logits / temperature, 1);
+        at::Tensor kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean();
+        loss = alpha * temperature * temperature * kl + (1 - alpha) * loss;
+      }
+      opt->zero_grad();
+      loss.backward();
+      opt->step();
+      {
+        torch::NoGradGuard no_grad;
+        for (auto& [p, mask] : masks) p.mul_(mask);
+      }
+      const int64_t b = x.size(0);
+      loss_sum += loss.item<double>() * double(b);
+      correct += (logits.argmax(1) == y).sum().item<int64_t>();
+      seen += b;
+      ++done_batches;
+      if (ctx.progress) {
+        std::ostringstream msg;
+        msg << "epoch " << epoch + 1 << "/" << spec.epochs << " loss " << loss_sum / double(seen);
+        ctx.progress(double(done_batches) / double(total_batches), msg.str());
+      }
+    }
+    std::ostringstream note;
+    note.precision(4);
+    note << "epoch " << epoch + 1 << ": train loss " << loss_sum / double(seen) << ", train top-1 "
+         << double(correct) / double(seen);
+    if (ctx.eval && ctx.eval->labels.defined()) {
+      double acc = Accuracy(student, *ctx.eval, ctx.device, 256);
+      note << ", eval top-1 " << acc;
+      if (acc > best_acc) {
+        best_acc = acc;
+        best_epoch = epoch;
+        best = Snapshot(student);
+      }
+    }
+    notes.push_back(note.str());
+    if (ctx.progress) ctx.progress(double(done_batches) / double(total_batches), note.str());
+  }
+  if (!best.empty() && best_epoch != spec.epochs - 1) {
+    Restore(student, best);
+    notes.push_back("kept epoch " + std::to_string(best_epoch + 1) + ", the best on the eval set");
+  }
+  for (auto& p : params) p.set_requires_grad(false);
+  student.eval();
+  return notes;
+}
+
+}  // namespace pare::engine
