@@ -15,7 +15,7 @@ std::string Upper(std::string s) {
 Status Unsupported(const std::string& where, const std::string& what) {
   return InvalidArgument(where + ": '" + what +
                          "' is not supported by this version of Pare yet (supported: prune.magnitude, prune.nm, "
-                         "quantize.dynamic, finetune, distill)");
+                         "quantize.dynamic, quantize.static, finetune, distill)");
 }
 
 // Defaults: 1 epoch, learning rate 0.01, batch 64, SGD.
@@ -76,8 +76,24 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
       switch (q.method_case()) {
         case v1::QuantizeStep::kDynamic:
           return engine::StepSpec(engine::DynamicQuantSpec{});
-        case v1::QuantizeStep::kStatic:
-          return Unsupported(at, "quantize.static");
+        case v1::QuantizeStep::kStatic: {
+          const auto& q2 = q.static_();
+          const std::string where = at + ".quantize.static";
+          engine::StaticQuantSpec s;
+          std::string observer = Upper(q2.observer());
+          if (!observer.empty()) s.observer = observer;
+          if (!(s.observer == "MINMAX" || s.observer == "MOVING_AVERAGE" || s.observer == "HISTOGRAM" ||
+                s.observer == "PERCENTILE")) {
+            return InvalidArgument(where + ".observer must be MINMAX, MOVING_AVERAGE, HISTOGRAM or PERCENTILE, got '" +
+                                   q2.observer() + "'");
+          }
+          if (q2.calibration_batches() < 0 || q2.calibration_batches() > 10000) {
+            return InvalidArgument(where + ".calibrationBatches must be in [1, 10000]");
+          }
+          if (q2.calibration_batches() > 0) s.calibration_batches = q2.calibration_batches();
+          s.per_channel = !q2.per_tensor_weights();
+          return engine::StepSpec(s);
+        }
         case v1::QuantizeStep::kFp16:
           return Unsupported(at, "quantize.fp16");
         case v1::QuantizeStep::kBf16:

@@ -79,6 +79,12 @@ expect_rc 0 "job with an idx eval set" $PARE --json submit --model "$cnn" --reci
 "$PY" -c "import json; j=json.load(open('$work/out')); assert all(r['stats']['hasAccuracy'] for r in j['reports']), j" \
   || fail "accuracy missing from the report"
 
+echo '{"steps":[{"quantize":{"static":{"observer":"PERCENTILE","calibrationBatches":2}}}]}' >static.json
+expect_rc 0 "static INT8 calibrated on an idx dataset" $PARE --json submit --model "$cnn" --recipe static.json \
+  --calibration "$ds" --eval "$ds" --wait
+"$PY" -c "import json; j=json.load(open('$work/out')); r=j['reports'][1]; assert r['step']=='quantize.static' and r['notes']==['calibrated on 16 images'], r" \
+  || fail "static quantization report"
+
 # Offline: the same engine without a server.
 expect_rc 0 "compress" $PARE compress "$FX/small_cnn.pt" --recipe recipe.json -o offline.pt --report offline.json \
   --input-shape 1,1,28,28 --eval "$FX/mnist_like.pt" --threads 1

@@ -294,6 +294,57 @@ TEST_F(EngineTest, PruneDistillFinetuneOnCuda) {
   PruneDistillFinetune("cuda");
 }
 
+size_t Count(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+TEST_F(EngineTest, StaticQuantizationWithEveryObserverKeepsTheTrainedModelsAnswers) {
+  Dataset train = LoadDataset("tensors", Fixture("quadrants_train.pt"));
+  Dataset eval = LoadDataset("tensors", Fixture("quadrants_eval.pt"));
+  auto m = torch::jit::load(Fixture("small_cnn_trained.pt"));
+  m.eval();
+  std::vector<at::Tensor> calibration;
+  for (int i = 0; i < 8; ++i) calibration.push_back(train.images.slice(0, i * 8, i * 8 + 8));
+  c10::InferenceMode guard;
+  at::Tensor ref = m.forward({eval.images}).toTensor();
+  for (const char* observer : {"MINMAX", "MOVING_AVERAGE", "HISTOGRAM", "PERCENTILE"}) {
+    auto q = QuantizeStatic(m, StaticQuantSpec{observer, 8, true}, calibration);
+    std::string graph = q.get_method("forward").graph()->toString();
+    EXPECT_EQ(Count(graph, "quantized::conv2d"), 2u) << observer << graph;
+    EXPECT_EQ(Count(graph, "quantized::linear"), 2u) << observer;
+    EXPECT_EQ(Count(graph, "aten::conv2d"), 0u) << observer;
+    at::Tensor out = q.forward({eval.images}).toTensor();
+    double agree = (out.argmax(1) == ref.argmax(1)).to(at::kFloat).mean().item<double>();
+    double cosine = at::cosine_similarity(out, ref, 1).mean().item<double>();
+    EXPECT_GE(agree, 0.9) << observer;
+    EXPECT_GE(cosine, 0.99) << observer;
+  }
+  EXPECT_THROW(QuantizeStatic(m, StaticQuantSpec{"KMEANS", 8, true}, calibration), EngineError);
+}
+
+TEST_F(EngineTest, StaticQuantizationOfResNet18FoldsBatchNormAndQuantizesEveryConv) {
+  CompressOptions opts;
+  opts.device = "cpu";
+  opts.input_shape = {1, 3, 64, 64};
+  opts.latency_batches = {1};
+  opts.latency_budget_seconds = 0.05;
+  std::string out = TempPath("r18q.pt");
+  Report r = Compress(Fixture("resnet18.pt"), {StaticQuantSpec{"HISTOGRAM", 2, true}}, opts, out);
+  ASSERT_EQ(r.steps.size(), 2u);
+  // No calibration set: synthetic inputs, and the report says so.
+  ASSERT_FALSE(r.steps[1].notes.empty());
+  EXPECT_EQ(r.steps[1].notes[0].rfind("WARNING: no calibration dataset", 0), 0u) << r.steps[1].notes[0];
+  EXPECT_GT(r.steps[1].stats.output_cosine, 0.99);
+  EXPECT_LT(r.steps[1].stats.size_bytes, r.steps[0].stats.size_bytes / 3);
+  auto q = torch::jit::load(out);
+  std::string graph = q.get_method("forward").graph()->toString();
+  EXPECT_EQ(Count(graph, "quantized::conv2d"), 20u);  // all 20 convolutions of ResNet-18
+  EXPECT_EQ(Count(graph, "batch_norm"), 0u);
+  EXPECT_EQ(Count(graph, "quantized::add"), 8u);  // the residual adds stay in INT8
+}
+
 TEST_F(EngineTest, CancelStopsTheJob) {
   CompressOptions opts;
   opts.device = "cpu";

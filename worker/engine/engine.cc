@@ -74,7 +74,32 @@ torch::jit::Module LoadModel(const std::string& path) {
 struct StepContext {
   const std::string& input_path;  // the job's input model: the default teacher
   TrainContext train;
+  const Dataset* calibration = nullptr;  // calibration set, else the train set, else none
+  std::vector<int64_t> input_shape;
+  uint64_t seed = 0;
 };
+
+// Calibration inputs: `batches` batches of 8 from the dataset (a seeded sample), or
+// standard-normal inputs of the model's shape when there is no dataset.
+std::vector<at::Tensor> CalibrationBatches(const StepContext& ctx, int batches, std::vector<std::string>& notes) {
+  constexpr int64_t kBatch = 8;
+  std::vector<at::Tensor> out;
+  at::Generator gen = at::detail::createCPUGenerator(ctx.seed + 17);
+  if (ctx.calibration) {
+    const at::Tensor& images = ctx.calibration->images;
+    int64_t want = std::min<int64_t>(images.size(0), kBatch * batches);
+    at::Tensor idx = at::randperm(images.size(0), gen, at::TensorOptions().dtype(at::kLong)).slice(0, 0, want);
+    for (int64_t i = 0; i < want; i += kBatch) out.push_back(images.index_select(0, idx.slice(0, i, std::min(i + kBatch, want))));
+    notes.push_back("calibrated on " + std::to_string(want) + " images");
+  } else {
+    std::vector<int64_t> shape = ctx.input_shape;
+    shape[0] = kBatch;
+    for (int b = 0; b < batches; ++b) out.push_back(at::randn(shape, gen));
+    notes.push_back("WARNING: no calibration dataset was given; calibrated on " + std::to_string(kBatch * batches) +
+                    " synthetic standard-normal inputs, so activation ranges may not match real data");
+  }
+  return out;
+}
 
 // Applies one step to `current` and returns the new module.
 torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, const StepContext& ctx,
@@ -96,6 +121,13 @@ torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, c
       m.to(c10::kCPU);
       torch::jit::Module q = QuantizeDynamic(m);
       if (!IsQuantized(q)) notes.push_back("no linear layer was found to quantize; the model is unchanged");
+      return q;
+    }
+    torch::jit::Module operator()(const StaticQuantSpec& s) {
+      m.to(c10::kCPU);
+      auto batches = CalibrationBatches(ctx, s.calibration_batches, notes);
+      torch::jit::Module q = QuantizeStatic(m, s, batches);
+      if (!IsQuantized(q)) notes.push_back("no conv or linear layer was quantized");
       return q;
     }
     torch::jit::Module operator()(const FinetuneSpec& s) {
@@ -233,6 +265,9 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     sr.step = name;
     auto start = Clock::now();
     StepContext step_ctx{input_path, TrainContext{}};
+    step_ctx.calibration = calibration.size() ? &calibration : (train.size() ? &train : nullptr);
+    step_ctx.input_shape = shape;
+    step_ctx.seed = options.seed;
     step_ctx.train.device = ctx.device;
     step_ctx.train.train = train.labels.defined() ? &train : nullptr;
     step_ctx.train.eval = ctx.eval;

@@ -2,6 +2,7 @@
 
 #include <torch/csrc/jit/passes/constant_propagation.h>
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
+#include <torch/csrc/jit/passes/fold_conv_bn.h>
 #include <torch/csrc/jit/passes/quantization/finalize.h>
 #include <torch/csrc/jit/passes/quantization/insert_observers.h>
 #include <torch/csrc/jit/passes/quantization/insert_quant_dequant.h>
@@ -66,7 +67,167 @@ def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
   return obs;
 }
 
+// Activation observer for static quantization (affine uint8). All four kinds track the
+// running range; HISTOGRAM and PERCENTILE also keep a bounded, evenly thinned sample of
+// the values, from which calculate_qparams picks the range.
+torch::jit::Module MakeActivationObserver(const std::string& kind) {
+  int64_t k = kind == "MINMAX" ? 0 : kind == "MOVING_AVERAGE" ? 1 : kind == "HISTOGRAM" ? 2 : 3;
+  torch::jit::Module obs(c10::QualifiedName("__torch__.pare.observers.ActivationObserver"));
+  obs.register_attribute("training", c10::BoolType::get(), false);
+  obs.register_attribute("min_val", c10::TensorType::get(), at::full({}, INFINITY), false, true);
+  obs.register_attribute("max_val", c10::TensorType::get(), at::full({}, -INFINITY), false, true);
+  obs.register_attribute("samples", c10::TensorType::get(), at::empty({0}), false, true);
+  obs.register_attribute("dtype", c10::IntType::get(), static_cast<int64_t>(at::kQUInt8));
+  obs.register_attribute("qscheme", c10::IntType::get(), static_cast<int64_t>(at::kPerTensorAffine));
+  obs.register_attribute("quant_min", c10::IntType::get(), int64_t{0});
+  obs.register_attribute("quant_max", c10::IntType::get(), int64_t{255});
+  obs.register_attribute("eps", c10::FloatType::get(), 1.1920928955078125e-07);
+  obs.register_attribute("is_dynamic", c10::BoolType::get(), false);
+  obs.register_attribute("kind", c10::IntType::get(), k);
+  obs.register_attribute("seen", c10::BoolType::get(), false);
+  obs.register_attribute("averaging_constant", c10::FloatType::get(), 0.01);
+  obs.register_attribute("per_batch_samples", c10::IntType::get(), int64_t{16384});
+  obs.register_attribute("max_samples", c10::IntType::get(), int64_t{131072});
+  obs.register_attribute("percentile", c10::FloatType::get(), 0.9999);
+  obs.define(R"JIT(
+def forward(self, x: Tensor) -> Tensor:
+    if x.numel() == 0:
+        return x
+    v = x.detach().float()
+    lo = torch.min(v)
+    hi = torch.max(v)
+    if self.kind == 1 and self.seen:
+        self.min_val = self.min_val + self.averaging_constant * (lo - self.min_val)
+        self.max_val = self.max_val + self.averaging_constant * (hi - self.max_val)
+    else:
+        self.min_val = torch.minimum(lo, self.min_val.to(lo.device))
+        self.max_val = torch.maximum(hi, self.max_val.to(hi.device))
+    self.seen = True
+    if self.kind >= 2:
+        flat = v.flatten()
+        step = max(1, flat.numel() // self.per_batch_samples)
+        kept = torch.cat([self.samples.to(flat.device), flat[::step]])
+        while kept.numel() > self.max_samples:
+            kept = kept[::2]
+        self.samples = kept
+    return x
+
+def _affine(self, lo: Tensor, hi: Tensor) -> Tuple[Tensor, Tensor]:
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    scale = torch.clamp((hi - lo) / float(self.quant_max - self.quant_min), min=self.eps)
+    zero_point = torch.clamp(self.quant_min - torch.round(lo / scale), self.quant_min, self.quant_max)
+    return scale.reshape([1]), zero_point.long().reshape([1])
+
+def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
+    lo = self.min_val
+    hi = self.max_val
+    s = self.samples
+    if self.kind == 3 and s.numel() > 0:
+        n = s.numel()
+        k_hi = max(1, min(n, int(self.percentile * n + 0.5)))
+        k_lo = max(1, min(n, n + 1 - k_hi))
+        lo = torch.kthvalue(s, k_lo)[0]
+        hi = torch.kthvalue(s, k_hi)[0]
+    elif self.kind == 2 and s.numel() > 0:
+        best_err = torch.full([1], float("inf"))
+        best_lo = lo
+        best_hi = hi
+        for i in range(20):
+            for j in range(20):
+                clo = lo * (1.0 - 0.05 * float(i))
+                chi = hi * (1.0 - 0.05 * float(j))
+                scale, zp = self._affine(clo, chi)
+                q = torch.fake_quantize_per_tensor_affine(s, float(scale.item()), int(zp.item()), self.quant_min, self.quant_max)
+                err = torch.mean((q - s) * (q - s))
+                if bool(err < best_err):
+                    best_err = err.reshape([1])
+                    best_lo = clo
+                    best_hi = chi
+        lo = best_lo
+        hi = best_hi
+    return self._affine(lo, hi)
+)JIT");
+  return obs;
+}
+
+// Weight observer: per-channel (output channel) or per-tensor symmetric int8.
+torch::jit::Module MakeWeightObserver(bool per_channel) {
+  torch::jit::Module obs(c10::QualifiedName("__torch__.pare.observers.StaticWeightObserver"));
+  obs.register_attribute("training", c10::BoolType::get(), false);
+  obs.register_attribute("min_val", c10::TensorType::get(), at::empty({0}), false, true);
+  obs.register_attribute("max_val", c10::TensorType::get(), at::empty({0}), false, true);
+  obs.register_attribute("dtype", c10::IntType::get(), static_cast<int64_t>(at::kQInt8));
+  obs.register_attribute("qscheme", c10::IntType::get(),
+                         static_cast<int64_t>(per_channel ? at::kPerChannelSymmetric : at::kPerTensorSymmetric));
+  obs.register_attribute("ch_axis", c10::IntType::get(), int64_t{0});
+  obs.register_attribute("quant_min", c10::IntType::get(), int64_t{-128});
+  obs.register_attribute("quant_max", c10::IntType::get(), int64_t{127});
+  obs.register_attribute("eps", c10::FloatType::get(), 1.1920928955078125e-07);
+  obs.register_attribute("is_dynamic", c10::BoolType::get(), false);
+  obs.register_attribute("per_channel", c10::BoolType::get(), per_channel);
+  obs.define(R"JIT(
+def forward(self, x: Tensor) -> Tensor:
+    if x.numel() == 0:
+        return x
+    v = x.detach().float()
+    if self.per_channel:
+        flat = v.reshape([v.size(0), -1])
+        lo = torch.amin(flat, 1)
+        hi = torch.amax(flat, 1)
+    else:
+        lo = torch.min(v).reshape([1])
+        hi = torch.max(v).reshape([1])
+    if self.min_val.numel() == 0:
+        self.min_val = lo
+        self.max_val = hi
+    else:
+        self.min_val = torch.minimum(lo, self.min_val)
+        self.max_val = torch.maximum(hi, self.max_val)
+    return x
+
+def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
+    amax = torch.maximum(-torch.clamp(self.min_val, max=0.0), torch.clamp(self.max_val, min=0.0))
+    scale = torch.clamp(amax / (float(self.quant_max - self.quant_min) / 2.0), min=self.eps)
+    return scale, torch.zeros_like(scale).long()
+)JIT");
+  return obs;
+}
+
 }  // namespace
+
+torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQuantSpec& spec,
+                                  const std::vector<at::Tensor>& calibration) {
+  if (!input.find_method("forward")) {
+    throw EngineError(Code::kInvalidArgument, "MODEL_FORMAT", "the model has no forward method");
+  }
+  const std::string& k = spec.observer;
+  if (!(k == "MINMAX" || k == "MOVING_AVERAGE" || k == "HISTOGRAM" || k == "PERCENTILE")) {
+    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
+                      "quantize.static.observer must be MINMAX, MOVING_AVERAGE, HISTOGRAM or PERCENTILE");
+  }
+  if (calibration.empty()) {
+    throw EngineError(Code::kInvalidArgument, "NO_CALIBRATION", "quantize.static needs calibration inputs");
+  }
+  torch::jit::Module module = input.clone();
+  module.eval();
+  module = torch::jit::FoldConvBatchNorm(module);
+  torch::jit::QConfigDict qconfig;
+  qconfig[""] = std::make_tuple(MakeActivationObserver(k), MakeWeightObserver(spec.per_channel));
+  torch::jit::Module observed =
+      torch::jit::InsertObservers(module, "forward", qconfig, /*inplace=*/false, torch::jit::QuantType::STATIC);
+  {
+    torch::NoGradGuard no_grad;
+    for (const auto& batch : calibration) observed.forward({batch});
+  }
+  torch::jit::Module quantized = torch::jit::InsertQuantDeQuant(observed, "forward", /*inplace=*/false,
+                                                                /*debug=*/false, torch::jit::QuantType::STATIC);
+  quantized = torch::jit::Finalize(quantized, torch::jit::QuantType::STATIC, {});
+  auto graph = quantized.get_method("forward").graph();
+  torch::jit::ConstantPropagation(graph);
+  torch::jit::EliminateDeadCode(graph);
+  return quantized;
+}
 
 torch::jit::Module QuantizeDynamic(const torch::jit::Module& input) {
   if (!input.find_method("forward")) {

@@ -22,6 +22,16 @@ struct NMPruneSpec {
 
 struct DynamicQuantSpec {};
 
+// Static INT8 post-training quantization: conv-bn folding, per-channel symmetric int8
+// weights, affine uint8 activations whose ranges come from calibration.
+struct StaticQuantSpec {
+  // MINMAX, MOVING_AVERAGE, HISTOGRAM (range chosen by minimising the quantization error
+  // over the observed values) or PERCENTILE (99.99th percentile of the observed values).
+  std::string observer = "HISTOGRAM";
+  int calibration_batches = 16;  // of 8 inputs each
+  bool per_channel = true;
+};
+
 // Supervised training settings shared by finetune and distill.
 struct TrainSpec {
   int epochs = 1;
@@ -43,7 +53,8 @@ struct DistillSpec {
   double alpha = 0.7;
 };
 
-using StepSpec = std::variant<MagnitudePruneSpec, NMPruneSpec, DynamicQuantSpec, FinetuneSpec, DistillSpec>;
+using StepSpec =
+    std::variant<MagnitudePruneSpec, NMPruneSpec, DynamicQuantSpec, StaticQuantSpec, FinetuneSpec, DistillSpec>;
 
 // The name a step has in reports and progress, e.g. "prune.magnitude".
 inline std::string StepName(const StepSpec& s) {
@@ -51,6 +62,7 @@ inline std::string StepName(const StepSpec& s) {
     std::string operator()(const MagnitudePruneSpec&) const { return "prune.magnitude"; }
     std::string operator()(const NMPruneSpec&) const { return "prune.nm"; }
     std::string operator()(const DynamicQuantSpec&) const { return "quantize.dynamic"; }
+    std::string operator()(const StaticQuantSpec&) const { return "quantize.static"; }
     std::string operator()(const FinetuneSpec&) const { return "finetune"; }
     std::string operator()(const DistillSpec&) const { return "distill"; }
   };
