@@ -123,13 +123,15 @@ void PrintJobSummary(const pare::v1::Job& j) {
   }
   if (j.reports_size() > 0) {
     std::cout << std::left << std::setw(18) << "step" << std::right << std::setw(12) << "size" << std::setw(12)
-              << "deflated" << std::setw(12) << "params" << std::setw(12) << "nonzero" << std::setw(10) << "p50 ms"
+              << "deflated" << std::setw(12) << "params" << std::setw(12) << "nonzero" << std::setw(9) << "GMACs"
+              << std::setw(10) << "p50 ms"
               << std::setw(10) << "agree" << std::setw(9) << "cosine" << std::setw(8) << "top1" << "\n";
     for (const auto& r : j.reports()) {
       const auto& s = r.stats();
       std::cout << std::left << std::setw(18) << r.step() << std::right << std::setw(12) << s.size_bytes()
                 << std::setw(12) << s.deflated_bytes() << std::setw(12) << s.parameters() << std::setw(12)
-                << s.nonzero_parameters() << std::setw(10) << std::fixed << std::setprecision(2) << s.latency_p50_ms()
+                << s.nonzero_parameters() << std::setw(9) << std::fixed << std::setprecision(3) << s.macs() / 1e9
+                << std::setw(10) << std::setprecision(2) << s.latency_p50_ms()
                 << std::setw(10) << std::setprecision(3) << s.top1_agreement() << std::setw(9) << std::setprecision(4)
                 << s.output_cosine() << std::setw(8);
       if (s.has_accuracy()) std::cout << std::setprecision(3) << s.top1_accuracy();

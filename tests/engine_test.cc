@@ -9,6 +9,7 @@
 #include "worker/engine/dataset.h"
 #include "worker/engine/engine.h"
 #include "worker/engine/error.h"
+#include "worker/engine/macs.h"
 #include "worker/engine/measure.h"
 #include "worker/engine/model_util.h"
 #include "worker/engine/prune.h"
@@ -338,11 +339,32 @@ TEST_F(EngineTest, StaticQuantizationOfResNet18FoldsBatchNormAndQuantizesEveryCo
   EXPECT_EQ(r.steps[1].notes[0].rfind("WARNING: no calibration dataset", 0), 0u) << r.steps[1].notes[0];
   EXPECT_GT(r.steps[1].stats.output_cosine, 0.99);
   EXPECT_LT(r.steps[1].stats.size_bytes, r.steps[0].stats.size_bytes / 3);
+  ASSERT_TRUE(r.steps[0].stats.macs.has_value());
+  EXPECT_EQ(r.steps[1].stats.macs, r.steps[0].stats.macs);  // quantization keeps the arithmetic
   auto q = torch::jit::load(out);
   std::string graph = q.get_method("forward").graph()->toString();
   EXPECT_EQ(Count(graph, "quantized::conv2d"), 20u);  // all 20 convolutions of ResNet-18
   EXPECT_EQ(Count(graph, "batch_norm"), 0u);
   EXPECT_EQ(Count(graph, "quantized::add"), 8u);  // the residual adds stay in INT8
+}
+
+TEST_F(EngineTest, MacsComeFromTheRealShapes) {
+  // conv1 24*24*10 outputs x 25, conv2 8*8*20 x 250, fc1 50 x 320, fc2 10 x 50.
+  auto cnn = CountMacs(torch::jit::load(Fixture("small_cnn.pt")), {1, 1, 28, 28});
+  ASSERT_TRUE(cnn.has_value());
+  EXPECT_EQ(cnn->macs, 144000 + 320000 + 16000 + 500);
+  EXPECT_EQ(cnn->counted_ops, 4);
+  // torchvision's published figures: ResNet-18 1.82 G (here with a 10-class head), MobileNetV2 0.30 G.
+  auto r18 = CountMacs(torch::jit::load(Fixture("resnet18.pt")), {1, 3, 224, 224});
+  ASSERT_TRUE(r18.has_value());
+  EXPECT_EQ(r18->macs, 1814073344.0 - 512 * 990);
+  EXPECT_EQ(r18->counted_ops, 21);
+  auto mbv2 = CountMacs(torch::jit::load(Fixture("mobilenet_v2.pt")), {1, 3, 224, 224});
+  ASSERT_TRUE(mbv2.has_value());
+  EXPECT_NEAR(mbv2->macs, 0.30e9, 0.005e9);
+  // Counted per input: the batch size does not change it; twice the side is four times the convolutions.
+  auto r18_large = CountMacs(torch::jit::load(Fixture("resnet18.pt")), {8, 3, 448, 448});
+  EXPECT_EQ(r18_large->macs, 4 * (r18->macs - 512 * 10) + 512 * 10);
 }
 
 TEST_F(EngineTest, CancelStopsTheJob) {

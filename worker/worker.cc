@@ -46,6 +46,7 @@ v1::StepReport ToProto(const engine::StepReport& s) {
       m->set_latency_p95_ms(l.p95_ms);
     }
   }
+  m->set_macs(s.stats.macs.value_or(0));
   m->set_top1_agreement(s.stats.top1_agreement);
   m->set_output_cosine(s.stats.output_cosine);
   if (s.stats.top1_accuracy) {

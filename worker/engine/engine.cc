@@ -289,6 +289,10 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     sr.stats = Guard(Code::kInternal, "STEP_BROKE_MODEL",
                      "after step " + std::to_string(i + 1) + " (" + name + ") the model no longer runs",
                      [&] { return Measure(model, current_path, ctx); });
+    if (!sr.stats.macs && report.steps.back().stats.macs) {
+      // Frozen (quantized) graphs are not counted: their arithmetic is the float model's.
+      sr.stats.macs = report.steps.back().stats.macs;
+    }
     report.steps.push_back(sr);
   }
 

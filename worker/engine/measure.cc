@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "worker/engine/error.h"
+#include "worker/engine/macs.h"
 #include "worker/engine/model_util.h"
 
 namespace pare::engine {
@@ -119,6 +120,8 @@ ModelStats Measure(torch::jit::Module& module, const std::string& path, const Me
     s.nonzero_parameters += n - zeros;
     s.layers.push_back({w.name, n, zeros});
   }
+
+  if (auto macs = CountMacs(module, ctx.input_shape)) s.macs = macs->macs;
 
   c10::Device device = IsQuantized(module) ? c10::Device(c10::kCPU) : ctx.device;
   module.to(device);

@@ -15,6 +15,7 @@ nlohmann::json ToJson(const ModelStats& s) {
                    {"iterations", l.iterations}});
   }
   j["latency"] = lat;
+  j["macs"] = s.macs ? nlohmann::json(*s.macs) : nlohmann::json();
   j["top1_accuracy"] = s.top1_accuracy ? nlohmann::json(*s.top1_accuracy) : nlohmann::json();
   j["top5_accuracy"] = s.top5_accuracy ? nlohmann::json(*s.top5_accuracy) : nlohmann::json();
   j["top1_agreement"] = s.top1_agreement;

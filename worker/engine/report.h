@@ -29,6 +29,7 @@ struct ModelStats {
   uint64_t parameters = 0;  // float parameters plus the elements of packed quantized weights
   uint64_t nonzero_parameters = 0;
   std::vector<Latency> latency;
+  std::optional<double> macs;  // one forward pass at batch 1
   std::optional<double> top1_accuracy;
   std::optional<double> top5_accuracy;
   double top1_agreement = 1.0;  // share of inputs where the arg-max matches the original's

@@ -1,0 +1,128 @@
+#include "worker/engine/macs.h"
+
+#include <torch/csrc/jit/api/function_impl.h>
+#include <torch/csrc/jit/ir/constants.h>
+
+#include <functional>
+
+namespace pare::engine {
+namespace {
+
+enum class OpKind { kConv, kConvTranspose, kLinear, kMatmul, kAddmm, kOther };
+
+OpKind KindOf(const torch::jit::Node* n) {
+  const auto k = n->kind();
+  if (k == c10::aten::conv1d || k == c10::aten::conv2d || k == c10::aten::conv3d) return OpKind::kConv;
+  if (k == c10::aten::conv_transpose1d || k == c10::aten::conv_transpose2d || k == c10::aten::conv_transpose3d) {
+    return OpKind::kConvTranspose;
+  }
+  if (k == c10::aten::_convolution || k == c10::aten::convolution) {
+    auto transposed = torch::jit::toIValue(n->input(6));
+    return transposed && transposed->isBool() && transposed->toBool() ? OpKind::kConvTranspose : OpKind::kConv;
+  }
+  if (k == c10::aten::linear) return OpKind::kLinear;
+  if (k == c10::aten::matmul || k == c10::aten::mm || k == c10::aten::bmm) return OpKind::kMatmul;
+  if (k == c10::aten::addmm) return OpKind::kAddmm;
+  return OpKind::kOther;
+}
+
+int64_t Product(at::IntArrayRef v, size_t from) {
+  int64_t p = 1;
+  for (size_t i = from; i < v.size(); ++i) p *= v[i];
+  return p;
+}
+
+}  // namespace
+
+std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::vector<int64_t>& input_shape) {
+  torch::jit::Module copy = module.clone();
+  copy.eval();
+  torch::jit::Module frozen;
+  try {
+    frozen = torch::jit::freeze(copy, c10::nullopt, /*optimize_numerics=*/false);
+  } catch (const std::exception&) {
+    return std::nullopt;  // already frozen (quantized models are)
+  }
+  auto graph = frozen.get_method("forward").graph()->copy();
+  MacsCount count;
+  // Each counted node: which values to bring out of the graph and how to turn their
+  // shapes into MACs.
+  struct Probe {
+    OpKind kind;
+    std::vector<int64_t> weight;  // constant weight's shape, when the op has one
+    size_t first_output = 0;      // index among the extra outputs
+  };
+  std::vector<Probe> probes;
+  const size_t base_outputs = graph->outputs().size();
+  bool quantized = false;
+  std::function<void(torch::jit::Block*, bool)> visit = [&](torch::jit::Block* block, bool nested) {
+    for (torch::jit::Node* n : block->nodes()) {
+      for (auto* b : n->blocks()) visit(b, true);
+      if (std::string(n->kind().ns().toUnqualString()) == "quantized") quantized = true;
+      OpKind kind = KindOf(n);
+      if (kind == OpKind::kOther) continue;
+      if (nested) {
+        ++count.hidden_ops;
+        continue;
+      }
+      Probe p{kind, {}, graph->outputs().size() - base_outputs};
+      if (kind == OpKind::kConv || kind == OpKind::kConvTranspose || kind == OpKind::kLinear) {
+        auto w = torch::jit::toIValue(n->input(1));
+        if (!w || !w->isTensor()) continue;
+        p.weight = w->toTensor().sizes().vec();
+      }
+      graph->registerOutput(n->output());
+      if (kind == OpKind::kConvTranspose) graph->registerOutput(n->input(0));
+      if (kind == OpKind::kMatmul) graph->registerOutput(n->input(0));
+      if (kind == OpKind::kAddmm) graph->registerOutput(n->input(1));
+      probes.push_back(std::move(p));
+    }
+  };
+  visit(graph->block(), false);
+  if (quantized) return std::nullopt;  // quantized ops hide their shapes in packed weights
+  // A function returns one value: pack the original and the probed outputs into a tuple.
+  std::vector<torch::jit::Value*> outputs(graph->outputs().begin(), graph->outputs().end());
+  graph->setInsertPoint(graph->block());
+  torch::jit::Node* tuple = graph->insertNode(graph->createTuple(outputs));
+  while (!graph->outputs().empty()) graph->eraseOutput(0);
+  graph->registerOutput(tuple->output());
+
+  torch::jit::GraphFunction fn("pare_count_macs", graph, nullptr);
+  std::vector<int64_t> shape = input_shape;
+  shape[0] = 1;
+  torch::jit::Stack stack{frozen._ivalue(), at::randn(shape)};
+  {
+    c10::InferenceMode guard;
+    fn.run(stack);
+  }
+  const auto& values = stack.at(0).toTupleRef().elements();
+  auto out = [&](size_t i) { return values.at(base_outputs + i).toTensor(); };
+  for (const auto& p : probes) {
+    const at::Tensor y = out(p.first_output);
+    double macs = 0;
+    switch (p.kind) {
+      case OpKind::kConv:  // output elements x (input channels per group x kernel)
+        macs = double(y.numel()) * double(Product(p.weight, 1));
+        break;
+      case OpKind::kConvTranspose:  // every input element feeds (output channels per group x kernel)
+        macs = double(out(p.first_output + 1).numel()) * double(Product(p.weight, 1));
+        break;
+      case OpKind::kLinear:
+        macs = double(y.numel()) * double(p.weight.back());
+        break;
+      case OpKind::kMatmul:
+      case OpKind::kAddmm: {
+        const at::Tensor a = out(p.first_output + 1);
+        macs = double(y.numel()) * double(a.dim() ? a.size(-1) : 1);
+        break;
+      }
+      case OpKind::kOther:
+        break;
+    }
+    count.macs += macs;
+    ++count.counted_ops;
+  }
+  return count;
+}
+
+}  // namespace pare::engine
