@@ -282,9 +282,14 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
       model.save(path);
       temps.push_back(path);
       current_path = path;
-      model = LoadModel(path);  // what the user gets must load on its own
     });
-    sr.wall_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    auto saved = Clock::now();
+    sr.wall_seconds = std::chrono::duration<double>(saved - start).count();
+    // What the user gets must load on its own.
+    model = Guard(Code::kInternal, "STEP_BROKE_MODEL",
+                  "after step " + std::to_string(i + 1) + " (" + name + ") the saved model does not load",
+                  [&] { return LoadModel(current_path); });
+    sr.check_seconds = std::chrono::duration<double>(Clock::now() - saved).count();
     report_progress(static_cast<int>(i) + 1, name, 0.6, "measuring after " + name);
     sr.stats = Guard(Code::kInternal, "STEP_BROKE_MODEL",
                      "after step " + std::to_string(i + 1) + " (" + name + ") the model no longer runs",

@@ -209,18 +209,19 @@ torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQ
   if (calibration.empty()) {
     throw EngineError(Code::kInvalidArgument, "NO_CALIBRATION", "quantize.static needs calibration inputs");
   }
-  torch::jit::Module module = input.clone();
+  // FoldConvBatchNorm returns a copy: the input stays unchanged and the later passes
+  // work in place on that copy (Python's quantize_jit copies the model twice more).
+  torch::jit::Module module = torch::jit::FoldConvBatchNorm(input);
   module.eval();
-  module = torch::jit::FoldConvBatchNorm(module);
   torch::jit::QConfigDict qconfig;
   qconfig[""] = std::make_tuple(MakeActivationObserver(k), MakeWeightObserver(spec.per_channel));
   torch::jit::Module observed =
-      torch::jit::InsertObservers(module, "forward", qconfig, /*inplace=*/false, torch::jit::QuantType::STATIC);
+      torch::jit::InsertObservers(module, "forward", qconfig, /*inplace=*/true, torch::jit::QuantType::STATIC);
   {
     torch::NoGradGuard no_grad;
     for (const auto& batch : calibration) observed.forward({batch});
   }
-  torch::jit::Module quantized = torch::jit::InsertQuantDeQuant(observed, "forward", /*inplace=*/false,
+  torch::jit::Module quantized = torch::jit::InsertQuantDeQuant(observed, "forward", /*inplace=*/true,
                                                                 /*debug=*/false, torch::jit::QuantType::STATIC);
   quantized = torch::jit::Finalize(quantized, torch::jit::QuantType::STATIC, {});
   auto graph = quantized.get_method("forward").graph();
@@ -233,13 +234,14 @@ torch::jit::Module QuantizeDynamic(const torch::jit::Module& input) {
   if (!input.find_method("forward")) {
     throw EngineError(Code::kInvalidArgument, "MODEL_FORMAT", "the model has no forward method");
   }
+  // One copy (the input stays unchanged); the passes then work in place on it.
   torch::jit::Module module = input.clone();
   module.eval();
   torch::jit::QConfigDict qconfig;
   qconfig[""] = std::make_tuple(MakeDynamicActivationObserver(), MakeWeightMinMaxObserver());
   torch::jit::Module observed =
-      torch::jit::InsertObservers(module, "forward", qconfig, /*inplace=*/false, torch::jit::QuantType::DYNAMIC);
-  torch::jit::Module quantized = torch::jit::InsertQuantDeQuant(observed, "forward", /*inplace=*/false,
+      torch::jit::InsertObservers(module, "forward", qconfig, /*inplace=*/true, torch::jit::QuantType::DYNAMIC);
+  torch::jit::Module quantized = torch::jit::InsertQuantDeQuant(observed, "forward", /*inplace=*/true,
                                                                 /*debug=*/false, torch::jit::QuantType::DYNAMIC);
   quantized = torch::jit::Finalize(quantized, torch::jit::QuantType::DYNAMIC, {});
   auto graph = quantized.get_method("forward").graph();

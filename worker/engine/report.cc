@@ -36,6 +36,7 @@ nlohmann::json ToJson(const Report& r) {
   nlohmann::json steps = nlohmann::json::array();
   for (const auto& s : r.steps) {
     steps.push_back({{"step", s.step}, {"stats", ToJson(s.stats)}, {"wall_seconds", s.wall_seconds},
+                     {"check_seconds", s.check_seconds},
                      {"notes", s.notes}});
   }
   j["steps"] = steps;

@@ -40,7 +40,8 @@ struct ModelStats {
 struct StepReport {
   std::string step;  // "original" or a step name
   ModelStats stats;
-  double wall_seconds = 0;
+  double wall_seconds = 0;   // applying the step and saving its model
+  double check_seconds = 0;  // loading the saved model back, to prove it loads on its own
   std::vector<std::string> notes;
 };
 

@@ -106,6 +106,19 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
     throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", std::string(step) + ".optimizer must be SGD or ADAM");
   }
 
+  // The teacher is frozen and the inputs are not augmented, so its logits for the whole
+  // train set are computed once, in large inference batches, rather than once per step.
+  at::Tensor teacher_logits;
+  if (teacher) {
+    c10::InferenceMode guard;
+    std::vector<at::Tensor> parts;
+    for (int64_t i = 0; i < n; i += 512) {
+      parts.push_back(OutputTensor(teacher->forward({train.images.slice(0, i, std::min(i + 512, n)).to(ctx.device)}))
+                          .flatten(1)
+                          .to(at::kFloat));
+    }
+    teacher_logits = at::cat(parts);
+  }
   std::vector<std::string> notes;
   if (!masks.empty()) notes.push_back("kept the zeros of " + std::to_string(masks.size()) + " pruned weight tensors");
   const int64_t batches_per_epoch = (n + batch - 1) / batch;
@@ -134,11 +147,8 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
       }
       at::Tensor loss = at::cross_entropy_loss(logits, y);
       if (teacher) {
-        at::Tensor t_logits;
-        {
-          torch::NoGradGuard no_grad;
-          t_logits = OutputTensor(teacher->forward({x})).flatten(1);
-        }
+        // A plain tensor outside inference mode, so autograd may read it.
+        at::Tensor t_logits = teacher_logits.index_select(0, idx.to(teacher_logits.device())).clone();
         at::Tensor log_p_s = at::log_softmax(logits / temperature, 1);
         at::Tensor log_p_t = at::log_softmax(t_logits / temperature, 1);
         at::Tensor kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean();

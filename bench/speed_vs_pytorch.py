@@ -1,0 +1,195 @@
+#!/usr/bin/python3
+"""Pare against Python PyTorch, side by side in one run, same models, data and threads.
+
+Usage: bench/speed_vs_pytorch.py [--pare build/client/pare] [--threads 2] [--out DIR]
+
+Pare's figure for a step is the step's own wall time from its report (apply the step and
+save the model; loading the input before, checking that the result loads and measuring it
+after are not counted). PyTorch's figure is the same work with its own API on a model
+already loaded, timed with time.perf_counter, saving the TorchScript result too. Prints a markdown table; ratios < 1 mean Pare took less time.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.ao.quantization import get_default_qconfig, default_dynamic_qconfig, quantize_jit, quantize_dynamic_jit
+from torch.nn.utils import prune
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+class SmallCnn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 10, 5)
+        self.conv2 = nn.Conv2d(10, 20, 5)
+        self.fc1 = nn.Linear(320, 50)
+        self.fc2 = nn.Linear(50, 10)
+
+    def forward(self, x):
+        x = torch.relu(torch.max_pool2d(self.conv1(x), 2))
+        x = torch.relu(torch.max_pool2d(self.conv2(x), 2))
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def pare_step_seconds(pare, model, recipe, work, threads, extra=()):
+    recipe_path = os.path.join(work, "recipe.json")
+    with open(recipe_path, "w") as f:
+        json.dump(recipe, f)
+    report = os.path.join(work, "report.json")
+    cmd = [pare, "compress", model, "--recipe", recipe_path, "-o", os.path.join(work, "out.pt"),
+           "--report", report, "--threads", str(threads), *extra]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(report) as f:
+        r = json.load(f)
+    return r["steps"][-1]["wall_seconds"], r
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def idx_dir(work, split):
+    d = os.path.join(work, "fashion-" + split)
+    os.makedirs(d, exist_ok=True)
+    prefix = "train" if split == "train" else "t10k"
+    for kind, name in (("images-idx3", "images.gz"), ("labels-idx1", "labels.gz")):
+        link = os.path.join(d, name)
+        if not os.path.exists(link):
+            os.symlink(os.path.join(FASHION, f"{prefix}-{kind}-ubyte.gz"), link)
+    return d
+
+
+def load_fashion(split):
+    import gzip
+    prefix = "train" if split == "train" else "t10k"
+    with gzip.open(os.path.join(FASHION, f"{prefix}-images-idx3-ubyte.gz")) as f:
+        images = torch.frombuffer(bytearray(f.read()[16:]), dtype=torch.uint8).view(-1, 1, 28, 28).float() / 255
+    with gzip.open(os.path.join(FASHION, f"{prefix}-labels-idx1-ubyte.gz")) as f:
+        labels = torch.frombuffer(bytearray(f.read()[8:]), dtype=torch.uint8).long()
+    return images, labels
+
+
+def python_distill_epoch(student, teacher, images, labels, batch=64, lr=0.01, t=4.0, alpha=0.7, seed=0):
+    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    n = images.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    steps = math.ceil(n / batch)
+    student.train()
+    teacher.eval()
+    for k, i in enumerate(range(0, n, batch)):
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * k / steps))
+        idx = order[i:i + batch]
+        x, y = images[idx], labels[idx]
+        logits = student(x)
+        with torch.no_grad():
+            tl = teacher(x)
+        kl = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(tl / t, 1), reduction="batchmean", log_target=True)
+        loss = alpha * t * t * kl + (1 - alpha) * F.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pare", default="build/client/pare")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.backends.quantized.engine = "onednn"
+    work = args.out or tempfile.mkdtemp(prefix="pare-bench-")
+    os.makedirs(work, exist_ok=True)
+    rows = []
+
+    torch.manual_seed(0)
+    eager = torchvision.models.resnet18().eval()
+    r18 = os.path.join(work, "resnet18.pt")
+    torch.jit.script(eager).save(r18)
+    calib = torch.randn(32, 3, 224, 224)
+    calib_path = os.path.join(work, "calib32.pt")
+    torch.save({"images": calib, "labels": torch.zeros(32, dtype=torch.long)}, calib_path)
+
+    # Static INT8 with 32 calibration images (4 batches of 8).
+    pare_s, report = pare_step_seconds(args.pare, r18, {"steps": [{"quantize": {"static": {
+        "observer": "MINMAX", "calibrationBatches": 4}}}]}, work, args.threads,
+        ["--calibration", calib_path, "--input-shape", "1,3,224,224"])
+    m_static = torch.jit.load(r18).eval()  # loading is not timed on either side
+    def torch_static():
+        m = m_static
+        def calibrate(model, data):
+            with torch.no_grad():
+                for i in range(0, 32, 8):
+                    model(data[i:i + 8])
+        q = quantize_jit(m, {"": get_default_qconfig("onednn")}, calibrate, [calib])
+        q.save(os.path.join(work, "torch_static.pt"))
+    torch_s, _ = timed(torch_static)
+    rows.append(("static INT8, ResNet-18, 32 calibration images (MinMax)", pare_s, torch_s, "quantize_jit"))
+    lat = {s["step"]: {l["batch"]: l["p50_ms"] for l in s["stats"]["latency"]} for s in report["steps"]}
+
+    pare_s, _ = pare_step_seconds(args.pare, r18, {"steps": [{"quantize": {"dynamic": {}}}]}, work, args.threads,
+                                  ["--input-shape", "1,3,224,224"])
+    m_dynamic = torch.jit.load(r18).eval()
+    def torch_dynamic():
+        m = m_dynamic
+        quantize_dynamic_jit(m, {"": default_dynamic_qconfig}).save(os.path.join(work, "torch_dynamic.pt"))
+    torch_s, _ = timed(torch_dynamic)
+    rows.append(("dynamic INT8, ResNet-18", pare_s, torch_s, "quantize_dynamic_jit"))
+
+    pare_s, _ = pare_step_seconds(args.pare, r18, {"steps": [{"prune": {"magnitude": {"amount": 0.5, "scope": "GLOBAL"}}}]},
+                                  work, args.threads, ["--input-shape", "1,3,224,224"])
+    m = torchvision.models.resnet18().eval()
+    m.load_state_dict(eager.state_dict())
+    def torch_prune():
+        params = [(mod, "weight") for mod in m.modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
+        prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=0.5)
+        for mod, name in params:
+            prune.remove(mod, name)
+        torch.jit.script(m).save(os.path.join(work, "torch_pruned.pt"))
+    torch_s, _ = timed(torch_prune)
+    rows.append(("global magnitude pruning 50%, ResNet-18", pare_s, torch_s,
+                 "prune.global_unstructured + remove + script + save"))
+
+    # One distillation epoch on Fashion-MNIST's 60k training images, small CNN -> small CNN.
+    torch.manual_seed(1)
+    teacher_path = os.path.join(work, "teacher.pt")
+    torch.jit.script(SmallCnn().eval()).save(teacher_path)
+    train_dir = idx_dir(work, "train")
+    pare_s, _ = pare_step_seconds(args.pare, teacher_path, {"steps": [{"distill": {
+        "epochs": 1, "temperature": 4.0, "alpha": 0.7, "learningRate": 0.01, "batchSize": 64}}]}, work,
+        args.threads, ["--train", train_dir, "--format", "idx", "--input-shape", "1,1,28,28"])
+    images, labels = load_fashion("train")
+    student = torch.jit.load(teacher_path)
+    teacher = torch.jit.load(teacher_path)
+    torch_s, _ = timed(lambda: (python_distill_epoch(student, teacher, images, labels),
+                                student.save(os.path.join(work, "torch_student.pt"))))
+    rows.append(("one distillation epoch, Fashion-MNIST 60k, small CNN", pare_s, torch_s,
+                 "the same loop in Python (TorchScript modules)"))
+
+    print(f"threads: {args.threads}; torch {torch.__version__}; quantized engine onednn\n")
+    print("| work | Pare s | PyTorch s | Pare / PyTorch | PyTorch side |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for name, p, t, what in rows:
+        print(f"| {name} | {p:.2f} | {t:.2f} | {p / t:.2f} | {what} |")
+    fp, q = lat["original"], lat["quantize.static"]
+    print("\n| latency, ResNet-18 224x224 (Pare's report) | FP32 p50 ms | INT8 p50 ms | speed-up |")
+    print("| --- | ---: | ---: | ---: |")
+    for b in sorted(fp):
+        print(f"| batch {b} | {fp[b]:.2f} | {q[b]:.2f} | {fp[b] / q[b]:.2f}x |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
