@@ -15,7 +15,7 @@ std::string Upper(std::string s) {
 Status Unsupported(const std::string& where, const std::string& what) {
   return InvalidArgument(where + ": '" + what +
                          "' is not supported by this version of Pare yet (supported: prune.magnitude, prune.nm, "
-                         "quantize.dynamic, quantize.static, finetune, distill)");
+                         "quantize.dynamic, quantize.static, quantize.fp16, quantize.bf16, finetune, distill)");
 }
 
 // Defaults: 1 epoch, learning rate 0.01, batch 64, SGD.
@@ -95,9 +95,9 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
           return engine::StepSpec(s);
         }
         case v1::QuantizeStep::kFp16:
-          return Unsupported(at, "quantize.fp16");
+          return engine::StepSpec(engine::HalfPrecisionSpec{false});
         case v1::QuantizeStep::kBf16:
-          return Unsupported(at, "quantize.bf16");
+          return engine::StepSpec(engine::HalfPrecisionSpec{true});
         case v1::QuantizeStep::METHOD_NOT_SET:
           return InvalidArgument(at + ".quantize needs one of dynamic, static, fp16, bf16");
       }

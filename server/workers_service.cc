@@ -125,7 +125,7 @@ grpc::ServerUnaryReactor* WorkersService::Lease(grpc::CallbackServerContext* cal
     }
     *resp->mutable_job() = described.value();
     spdlog::info(Kv({{"msg", "job leased"}, {"job", j.id}, {"worker", req->worker_id()},
-                     {"attempt", std::to_string(j.attempts)}}));
+                     {"device", req->capabilities().device_name()}, {"attempt", std::to_string(j.attempts)}}));
     ctx_->events->Publish(j.id);
     return Status::Ok();
   });

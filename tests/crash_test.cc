@@ -76,6 +76,47 @@ TEST(CrashTest, KillNineAfterSuccessLosesNothing) {
   EXPECT_EQ(same->id(), job_id);
 }
 
+TEST(CrashTest, SigtermHandsARunningJobBackAndARestartFinishesIt) {
+  TempDir dir;
+  const std::string data = dir.path() + "/data";
+  // The job runs longer than half the 6 s drain, the time it gets before it is handed back.
+  const std::vector<std::string> flags = {"--local-workers", "1", "--worker-threads", "1", "--drain-seconds", "6"};
+  std::string job_id;
+  {
+    ServerProcess server(data, flags);
+    std::string address = server.Start();
+    ASSERT_FALSE(address.empty());
+    auto c = ClientFor(address);
+    auto m = c.UploadModel(Fixture("resnet18.pt"), "r18", {1, 3, 160, 160});
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    v1::SubmitJobRequest req;
+    req.set_model_id(m->id());
+    *req.mutable_recipe() = ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}},{"prune":{"nm":{"n":2,"m":4}}}]})").value();
+    auto job = c.Submit(req);
+    ASSERT_TRUE(job.ok());
+    job_id = job->id();
+    ASSERT_TRUE(pare::testing::Eventually([&] {
+      auto j = c.GetJob(job_id);
+      return j.ok() && j->state() == v1::RUNNING && j->progress().fraction() > 0;
+    }, 60));
+    int status = server.Terminate();
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  }
+  ServerProcess again(data, flags);
+  std::string address = again.Start();
+  ASSERT_FALSE(address.empty());
+  auto c = ClientFor(address);
+  auto j = c.GetJob(job_id);
+  ASSERT_TRUE(j.ok());
+  // Handed back, not lost, and the interrupted attempt did not count.
+  EXPECT_EQ(j->state(), v1::QUEUED) << v1::JobState_Name(j->state());
+  EXPECT_EQ(j->attempts(), 0);
+  auto done = c.Watch(job_id, nullptr);
+  ASSERT_TRUE(done.ok());
+  EXPECT_EQ(done->state(), v1::SUCCEEDED) << done->error().message();
+  EXPECT_EQ(done->attempts(), 1);
+}
+
 TEST(CrashTest, SigtermDrainsAndExitsCleanly) {
   TempDir dir;
   ServerProcess server(dir.path() + "/data", kWorkerFlags);

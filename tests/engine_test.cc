@@ -367,6 +367,48 @@ TEST_F(EngineTest, MacsComeFromTheRealShapes) {
   EXPECT_EQ(r18_large->macs, 4 * (r18->macs - 512 * 10) + 512 * 10);
 }
 
+TEST_F(EngineTest, Bf16HalvesTheSizeAndKeepsAFloatInterface) {
+  CompressOptions opts;
+  opts.device = "cpu";
+  opts.latency_batches = {1};
+  opts.latency_budget_seconds = 0.02;
+  opts.eval = DatasetInput{"tensors", Fixture("quadrants_eval.pt")};
+  std::string out = TempPath("bf16.pt");
+  Report r = Compress(Fixture("small_cnn_trained.pt"), {HalfPrecisionSpec{true}}, opts, out);
+  ASSERT_EQ(r.steps.size(), 2u);
+  EXPECT_LT(r.steps[1].stats.size_bytes, r.steps[0].stats.size_bytes * 0.6);
+  EXPECT_EQ(r.steps[1].stats.parameters, r.steps[0].stats.parameters);
+  EXPECT_GT(r.steps[1].stats.top1_agreement, 0.95);
+  EXPECT_GT(r.steps[1].stats.output_cosine, 0.999);
+  auto m = torch::jit::load(out);
+  at::Tensor y = m.forward({at::randn({2, 1, 28, 28})}).toTensor();
+  EXPECT_EQ(y.scalar_type(), at::kFloat);
+  for (const auto& p : m.parameters()) EXPECT_EQ(p.scalar_type(), at::kBFloat16);
+  // float16 needs a GPU: on the CPU it is refused with the reason, not handed back unchecked.
+  try {
+    Compress(Fixture("small_cnn_trained.pt"), {HalfPrecisionSpec{false}}, opts, TempPath("fp16.pt"));
+    FAIL() << "fp16 on the CPU was accepted";
+  } catch (const EngineError& e) {
+    EXPECT_EQ(e.reason(), "NEEDS_CUDA");
+  }
+}
+
+TEST_F(EngineTest, Fp16OnCuda) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
+  CompressOptions opts;
+  opts.device = "cuda";
+  opts.latency_batches = {1, 32};
+  opts.latency_budget_seconds = 0.1;
+  opts.eval = DatasetInput{"tensors", Fixture("quadrants_eval.pt")};
+  std::string out = TempPath("fp16.pt");
+  Report r = Compress(Fixture("small_cnn_trained.pt"), {HalfPrecisionSpec{false}}, opts, out);
+  EXPECT_LT(r.steps[1].stats.size_bytes, r.steps[0].stats.size_bytes * 0.6);
+  EXPECT_GT(r.steps[1].stats.top1_agreement, 0.95);
+  EXPECT_GT(r.steps[1].stats.output_cosine, 0.999);
+  auto m = torch::jit::load(out, c10::Device(c10::kCUDA, 0));
+  EXPECT_EQ(m.forward({at::randn({2, 1, 28, 28}, at::kCUDA)}).toTensor().scalar_type(), at::kFloat);
+}
+
 TEST_F(EngineTest, CancelStopsTheJob) {
   CompressOptions opts;
   opts.device = "cpu";

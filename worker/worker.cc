@@ -73,14 +73,16 @@ Worker::Worker(WorkerOptions options) : options_(std::move(options)) {
 int Worker::Run() {
   engine::InitProcess(options_.threads, options_.quantized_engine);
   has_cuda_ = CudaAvailable();
+  device_name_ = DeviceName(has_cuda_);
   spdlog::info(Kv({{"msg", "worker started"}, {"worker", options_.id}, {"server", options_.server},
-                   {"cuda", has_cuda_ ? "true" : "false"}, {"libtorch", LibTorchVersion()}}));
+                   {"cuda", has_cuda_ ? "true" : "false"}, {"device", device_name_},
+                   {"libtorch", LibTorchVersion()}}));
   int failures = 0;
   while (!stop_) {
     v1::LeaseRequest req;
     req.set_worker_id(options_.id);
     req.mutable_capabilities()->set_cuda(has_cuda_);
-    req.mutable_capabilities()->set_device_name(has_cuda_ ? "cuda" : "cpu");
+    req.mutable_capabilities()->set_device_name(device_name_);
     v1::LeaseResponse resp;
     auto ctx = Context(10);
     grpc::Status st = stub_->Lease(ctx.get(), req, &resp);
@@ -203,9 +205,21 @@ void Worker::RunJob(const v1::LeasedJob& job) {
   v1::Progress progress;  // guarded by mu
   bool done = false;      // guarded by mu
   std::atomic<bool> cancelled{false}, lease_lost{false}, handed_back{false};
+  // After SIGTERM the job has half the drain grace to finish; then it is handed back, which
+  // leaves time to tell the server before the supervisor's grace runs out.
+  auto drain_deadline = SteadyClock::time_point::max();  // only touched by the engine's thread
+  auto should_stop = [&] {
+    if (stop_ && !handed_back) {
+      auto now = SteadyClock::now();
+      if (drain_deadline == SteadyClock::time_point::max()) {
+        drain_deadline = now + std::chrono::milliseconds(static_cast<int64_t>(options_.drain_seconds * 500));
+      }
+      if (now >= drain_deadline) handed_back = true;
+    }
+    return cancelled || lease_lost || handed_back;
+  };
   std::thread heartbeat([&] {
     std::unique_lock<std::mutex> lock(mu);
-    auto drain_deadline = SteadyClock::time_point::max();
     while (!done) {
       cv.wait_for(lock, std::chrono::milliseconds(static_cast<int64_t>(options_.heartbeat_seconds * 1000)));
       if (done) break;
@@ -221,11 +235,6 @@ void Worker::RunJob(const v1::LeasedJob& job) {
         if (!resp.lease_valid()) lease_lost = true;
         if (resp.cancelled()) cancelled = true;
       }
-      if (stop_ && drain_deadline == SteadyClock::time_point::max()) {
-        // Leave a margin to hand the job back before the supervisor's grace runs out.
-        drain_deadline = SteadyClock::now() + std::chrono::milliseconds(static_cast<int64_t>(options_.drain_seconds * 700));
-      }
-      if (SteadyClock::now() >= drain_deadline) handed_back = true;
       lock.lock();
     }
   });
@@ -273,7 +282,7 @@ void Worker::RunJob(const v1::LeasedJob& job) {
         progress.set_fraction(static_cast<float>(u.fraction));
         progress.set_message(u.message);
       }
-      return !(cancelled || lease_lost || handed_back);
+      return !should_stop();
     };
     result_path = dir + "/result.pt";
     engine::Report report = engine::Compress(model_path, steps.value(), opts, result_path);
@@ -281,6 +290,7 @@ void Worker::RunJob(const v1::LeasedJob& job) {
     j["job_id"] = job_id;
     j["worker"] = options_.id;
     j["libtorch"] = LibTorchVersion();
+    j["device_name"] = device_name_;
     header.set_state(v1::SUCCEEDED);
     header.set_report_json(j.dump(2));
     for (const auto& s : report.steps) *header.add_reports() = ToProto(s);

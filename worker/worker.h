@@ -45,6 +45,7 @@ class Worker {
   std::unique_ptr<v1::Workers::Stub> stub_;
   std::atomic<bool> stop_{false};
   bool has_cuda_ = false;
+  std::string device_name_;
 };
 
 }  // namespace pare::worker

@@ -130,6 +130,18 @@ torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, c
       if (!IsQuantized(q)) notes.push_back("no conv or linear layer was quantized");
       return q;
     }
+    torch::jit::Module operator()(const HalfPrecisionSpec& s) {
+      if (!s.bf16 && ctx.train.device.is_cpu()) {
+        // LibTorch has no float16 CPU kernels for convolutions: the result could not be run,
+        // so it could not be measured or checked here.
+        throw EngineError(Code::kFailedPrecondition, "NEEDS_CUDA",
+                          "quantize.fp16 produces a model for GPUs; run the job with --device cuda on a CUDA worker "
+                          "(quantize.bf16 also runs on CPUs)");
+      }
+      notes.push_back(std::string("weights in ") + (s.bf16 ? "bfloat16" : "float16") +
+                      "; the model takes and returns float32 tensors");
+      return ConvertHalf(m, s);
+    }
     torch::jit::Module operator()(const FinetuneSpec& s) {
       Add(Train(m, nullptr, s.train, 1.0, 0.0, ctx.train));
       return m;

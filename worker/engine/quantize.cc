@@ -196,6 +196,33 @@ def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
 
 }  // namespace
 
+torch::jit::Module ConvertHalf(const torch::jit::Module& input, const HalfPrecisionSpec& spec) {
+  const auto& schema = input.get_method("forward").function().getSchema();
+  // self + one tensor in, one tensor out: anything else cannot be wrapped transparently.
+  if (schema.arguments().size() != 2 || schema.returns().size() != 1 ||
+      !schema.arguments()[1].type()->isSubtypeOf(*c10::TensorType::get()) ||
+      !schema.returns()[0].type()->isSubtypeOf(*c10::TensorType::get())) {
+    throw EngineError(Code::kInvalidArgument, "UNSUPPORTED_MODEL",
+                      "quantize.fp16/bf16 needs a forward that takes one tensor and returns one tensor; this one is " +
+                          c10::str(schema));
+  }
+  torch::jit::Module inner = input.clone();
+  inner.eval();
+  inner.to(spec.bf16 ? at::kBFloat16 : at::kHalf);
+  torch::jit::Module wrapper(c10::QualifiedName(spec.bf16 ? "__torch__.pare.BFloat16Model" : "__torch__.pare.Float16Model"));
+  wrapper.register_attribute("training", c10::BoolType::get(), false);
+  wrapper.register_module("model", inner);
+  // TorchScript source has no dtype names here: dtypes are their ScalarType numbers.
+  wrapper.register_attribute("weight_dtype", c10::IntType::get(),
+                             static_cast<int64_t>(spec.bf16 ? at::kBFloat16 : at::kHalf));
+  wrapper.register_attribute("io_dtype", c10::IntType::get(), static_cast<int64_t>(at::kFloat));
+  wrapper.define(R"JIT(
+def forward(self, x: Tensor) -> Tensor:
+    return self.model.forward(x.to(self.weight_dtype)).to(self.io_dtype)
+)JIT");
+  return wrapper;
+}
+
 torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQuantSpec& spec,
                                   const std::vector<at::Tensor>& calibration) {
   if (!input.find_method("forward")) {

@@ -32,6 +32,12 @@ struct StaticQuantSpec {
   bool per_channel = true;
 };
 
+// Weights and buffers converted to 16-bit floats for GPU deployment; the model keeps a
+// float32 interface (it casts its input and its output).
+struct HalfPrecisionSpec {
+  bool bf16 = false;  // bfloat16 instead of IEEE float16
+};
+
 // Supervised training settings shared by finetune and distill.
 struct TrainSpec {
   int epochs = 1;
@@ -54,7 +60,8 @@ struct DistillSpec {
 };
 
 using StepSpec =
-    std::variant<MagnitudePruneSpec, NMPruneSpec, DynamicQuantSpec, StaticQuantSpec, FinetuneSpec, DistillSpec>;
+    std::variant<MagnitudePruneSpec, NMPruneSpec, DynamicQuantSpec, StaticQuantSpec, HalfPrecisionSpec, FinetuneSpec,
+                 DistillSpec>;
 
 // The name a step has in reports and progress, e.g. "prune.magnitude".
 inline std::string StepName(const StepSpec& s) {
@@ -63,6 +70,7 @@ inline std::string StepName(const StepSpec& s) {
     std::string operator()(const NMPruneSpec&) const { return "prune.nm"; }
     std::string operator()(const DynamicQuantSpec&) const { return "quantize.dynamic"; }
     std::string operator()(const StaticQuantSpec&) const { return "quantize.static"; }
+    std::string operator()(const HalfPrecisionSpec& h) const { return h.bf16 ? "quantize.bf16" : "quantize.fp16"; }
     std::string operator()(const FinetuneSpec&) const { return "finetune"; }
     std::string operator()(const DistillSpec&) const { return "distill"; }
   };
