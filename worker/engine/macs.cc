@@ -90,7 +90,13 @@ std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::
   torch::jit::GraphFunction fn("pare_count_macs", graph, nullptr);
   std::vector<int64_t> shape = input_shape;
   shape[0] = 1;
-  torch::jit::Stack stack{frozen._ivalue(), at::randn(shape)};
+  // Frozen weights are graph constants on the model's device: the input goes there too.
+  c10::Device device = c10::kCPU;
+  for (const auto& p : module.parameters()) {
+    device = p.device();
+    break;
+  }
+  torch::jit::Stack stack{frozen._ivalue(), at::randn(shape, at::TensorOptions().device(device))};
   {
     c10::InferenceMode guard;
     fn.run(stack);
