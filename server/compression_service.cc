@@ -14,20 +14,19 @@ namespace {
 
 constexpr size_t kMaxNameLength = 256;
 
-// Runs `f` (returning Status) on the executor and finishes the unary call with it.
-template <typename F>
-grpc::ServerUnaryReactor* RunUnary(ServiceContext* ctx, grpc::CallbackServerContext* call, F&& f) {
-  auto* reactor = call->DefaultReactor();
-  if (!ctx->executor->TryPost([reactor, f = std::forward<F>(f)]() mutable { reactor->Finish(ToGrpcStatus(f())); })) {
-    reactor->Finish(Overloaded());
-  }
-  return reactor;
-}
-
-Status CheckName(const std::string& name) {
-  if (name.size() > kMaxNameLength) return InvalidArgument("header.name is longer than 256 characters");
-  for (unsigned char c : name) {
+// What every upload header must satisfy: a sane name, a size within the limit, a well-formed digest.
+Status CheckUploadHeader(const v1::UploadHeader& h, const Limits& limits) {
+  if (h.name().size() > kMaxNameLength) return InvalidArgument("header.name is longer than 256 characters");
+  for (unsigned char c : h.name()) {
     if (c < 0x20) return InvalidArgument("header.name contains control characters");
+  }
+  if (h.size_bytes() == 0) return InvalidArgument("header.size_bytes must be the file's size (> 0)");
+  if (h.size_bytes() > limits.max_upload_bytes) {
+    return ResourceExhausted("header.size_bytes " + std::to_string(h.size_bytes()) + " exceeds the upload limit of " +
+                             std::to_string(limits.max_upload_bytes) + " bytes");
+  }
+  if (!h.sha256().empty() && !IsHexSha256(h.sha256())) {
+    return InvalidArgument("header.sha256 must be 64 lower-case hex characters");
   }
   return Status::Ok();
 }
@@ -39,15 +38,7 @@ class ModelUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHead
 
  protected:
   Status OnHeader(const v1::UploadHeader& h, uint64_t* expected, uint64_t* limit) override {
-    PARE_RETURN_IF_ERROR(CheckName(h.name()));
-    if (h.size_bytes() == 0) return InvalidArgument("header.size_bytes must be the file's size (> 0)");
-    if (h.size_bytes() > ctx_->limits.max_upload_bytes) {
-      return ResourceExhausted("header.size_bytes " + std::to_string(h.size_bytes()) + " exceeds the upload limit of " +
-                               std::to_string(ctx_->limits.max_upload_bytes) + " bytes");
-    }
-    if (!h.sha256().empty() && !IsHexSha256(h.sha256())) {
-      return InvalidArgument("header.sha256 must be 64 lower-case hex characters");
-    }
+    PARE_RETURN_IF_ERROR(CheckUploadHeader(h, ctx_->limits));
     if (h.input_shape_size() > 0) {
       if (h.input_shape_size() < 2 || h.input_shape_size() > 6) {
         return InvalidArgument("header.input_shape needs 2 to 6 dimensions (batch first)");
@@ -57,8 +48,7 @@ class ModelUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHead
       }
     }
     if (!h.format().empty()) return InvalidArgument("header.format is for datasets; a model has none");
-    *expected = h.size_bytes();
-    *limit = h.size_bytes();
+    *expected = *limit = h.size_bytes();
     return Status::Ok();
   }
 
@@ -95,20 +85,11 @@ class DatasetUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHe
 
  protected:
   Status OnHeader(const v1::UploadHeader& h, uint64_t* expected, uint64_t* limit) override {
-    PARE_RETURN_IF_ERROR(CheckName(h.name()));
     if (!IsKnownDatasetFormat(h.format())) {
       return InvalidArgument("header.format must be one of tensors, idx, image-folder; got '" + h.format() + "'");
     }
-    if (h.size_bytes() == 0) return InvalidArgument("header.size_bytes must be the file's size (> 0)");
-    if (h.size_bytes() > ctx_->limits.max_upload_bytes) {
-      return ResourceExhausted("header.size_bytes " + std::to_string(h.size_bytes()) + " exceeds the upload limit of " +
-                               std::to_string(ctx_->limits.max_upload_bytes) + " bytes");
-    }
-    if (!h.sha256().empty() && !IsHexSha256(h.sha256())) {
-      return InvalidArgument("header.sha256 must be 64 lower-case hex characters");
-    }
-    *expected = h.size_bytes();
-    *limit = h.size_bytes();
+    PARE_RETURN_IF_ERROR(CheckUploadHeader(h, ctx_->limits));
+    *expected = *limit = h.size_bytes();
     return Status::Ok();
   }
 
@@ -267,7 +248,7 @@ grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadDataset(gr
 
 grpc::ServerUnaryReactor* CompressionService::GetModel(grpc::CallbackServerContext* call,
                                                        const v1::GetModelRequest* req, v1::Model* resp) {
-  return RunUnary(ctx_, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+  return RunUnary(ctx_->executor, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
     auto m = ctx_->store->GetModel(tenant, req->id());
     if (!m.ok()) return m.status();
     *resp = ToProto(m.value());
@@ -277,7 +258,7 @@ grpc::ServerUnaryReactor* CompressionService::GetModel(grpc::CallbackServerConte
 
 grpc::ServerUnaryReactor* CompressionService::GetDataset(grpc::CallbackServerContext* call,
                                                          const v1::GetDatasetRequest* req, v1::Dataset* resp) {
-  return RunUnary(ctx_, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+  return RunUnary(ctx_->executor, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
     auto d = ctx_->store->GetDataset(tenant, req->id());
     if (!d.ok()) return d.status();
     *resp = ToProto(d.value());
@@ -287,7 +268,7 @@ grpc::ServerUnaryReactor* CompressionService::GetDataset(grpc::CallbackServerCon
 
 grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerContext* call,
                                                         const v1::SubmitJobRequest* req, v1::Job* resp) {
-  return RunUnary(ctx_, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+  return RunUnary(ctx_->executor, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
     if (ctx_->draining) return Unavailable("the server is shutting down; retry on another replica");
     if (req->model_id().empty()) return InvalidArgument("model_id is required");
     auto steps = ToEngineSteps(req->recipe());
@@ -341,7 +322,7 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
 
 grpc::ServerUnaryReactor* CompressionService::GetJob(grpc::CallbackServerContext* call, const v1::GetJobRequest* req,
                                                      v1::Job* resp) {
-  return RunUnary(ctx_, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+  return RunUnary(ctx_->executor, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
     auto j = ctx_->store->GetJob(tenant, req->id());
     if (!j.ok()) return j.status();
     *resp = ToProto(j.value());
@@ -351,7 +332,7 @@ grpc::ServerUnaryReactor* CompressionService::GetJob(grpc::CallbackServerContext
 
 grpc::ServerUnaryReactor* CompressionService::ListJobs(grpc::CallbackServerContext* call,
                                                        const v1::ListJobsRequest* req, v1::ListJobsResponse* resp) {
-  return RunUnary(ctx_, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+  return RunUnary(ctx_->executor, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
     int size = req->page_size() <= 0 ? 50 : std::min(req->page_size(), ctx_->limits.max_page_size);
     int64_t after = 0;
     if (!req->page_token().empty()) {
@@ -373,7 +354,7 @@ grpc::ServerUnaryReactor* CompressionService::ListJobs(grpc::CallbackServerConte
 
 grpc::ServerUnaryReactor* CompressionService::CancelJob(grpc::CallbackServerContext* call,
                                                         const v1::CancelJobRequest* req, v1::Job* resp) {
-  return RunUnary(ctx_, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+  return RunUnary(ctx_->executor, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
     auto j = ctx_->store->CancelJob(tenant, req->id(), ctx_->clock->NowMs());
     if (!j.ok()) return j.status();
     spdlog::info(Kv({{"msg", "job cancel requested"}, {"job", j->id}, {"state", JobStateName(j->state)}}));

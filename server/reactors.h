@@ -25,6 +25,17 @@ inline grpc::Status Overloaded() {
   return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "the server is overloaded; retry later");
 }
 
+// Runs `f` (returning Status) on the executor and finishes the unary call with it; the
+// response object stays valid until Finish.
+template <typename F>
+grpc::ServerUnaryReactor* RunUnary(Executor* executor, grpc::CallbackServerContext* call, F&& f) {
+  auto* reactor = call->DefaultReactor();
+  if (!executor->TryPost([reactor, f = std::forward<F>(f)]() mutable { reactor->Finish(ToGrpcStatus(f())); })) {
+    reactor->Finish(Overloaded());
+  }
+  return reactor;
+}
+
 template <typename Resp>
 class ErrorWriteReactor final : public grpc::ServerWriteReactor<Resp> {
  public:

@@ -91,20 +91,11 @@ class CompleteReactor final : public IngestReactor<v1::CompleteRequest, v1::Comp
   ServiceContext* ctx_;
 };
 
-template <typename F>
-grpc::ServerUnaryReactor* RunUnary(ServiceContext* ctx, grpc::CallbackServerContext* call, F&& f) {
-  auto* reactor = call->DefaultReactor();
-  if (!ctx->executor->TryPost([reactor, f = std::forward<F>(f)]() mutable { reactor->Finish(ToGrpcStatus(f())); })) {
-    reactor->Finish(Overloaded());
-  }
-  return reactor;
-}
-
 }  // namespace
 
 grpc::ServerUnaryReactor* WorkersService::Lease(grpc::CallbackServerContext* call, const v1::LeaseRequest* req,
                                                 v1::LeaseResponse* resp) {
-  return RunUnary(ctx_, call, [this, req, resp]() -> Status {
+  return RunUnary(ctx_->executor, call, [this, req, resp]() -> Status {
     if (req->worker_id().empty()) return InvalidArgument("worker_id is required");
     if (ctx_->draining) return Status::Ok();  // no new work while draining
     auto leased = ctx_->store->LeaseJob(req->worker_id(), req->capabilities().cuda(), NewId("lease"),
@@ -133,7 +124,7 @@ grpc::ServerUnaryReactor* WorkersService::Lease(grpc::CallbackServerContext* cal
 
 grpc::ServerUnaryReactor* WorkersService::Heartbeat(grpc::CallbackServerContext* call,
                                                     const v1::HeartbeatRequest* req, v1::HeartbeatResponse* resp) {
-  return RunUnary(ctx_, call, [this, req, resp]() -> Status {
+  return RunUnary(ctx_->executor, call, [this, req, resp]() -> Status {
     std::string progress;
     req->progress().SerializeToString(&progress);
     auto j = ctx_->store->Heartbeat(req->job_id(), req->lease_id(), progress, ctx_->clock->NowMs(),
