@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -101,8 +102,15 @@ class ProgressView {
     if (tty_) {
       std::cerr << "\r" << text << std::string(last_len_ > text.size() ? last_len_ - text.size() : 0, ' ') << std::flush;
       last_len_ = text.size();
-    } else if (text != last_) {
-      std::cerr << text << "\n";
+    } else {
+      // Logs get a line when the state or step changes, else at most one every 5 s.
+      std::string key = StateName(j.state()) + std::string(" ") + p.step();
+      auto now = std::chrono::steady_clock::now();
+      if (key != last_key_ || now - last_print_ > std::chrono::seconds(5)) {
+        std::cerr << text << "\n";
+        last_key_ = key;
+        last_print_ = now;
+      }
     }
     last_ = text;
   }
@@ -114,6 +122,8 @@ class ProgressView {
   bool tty_;
   size_t last_len_ = 0;
   std::string last_;
+  std::string last_key_;
+  std::chrono::steady_clock::time_point last_print_;
 };
 
 void PrintJobSummary(const pare::v1::Job& j) {
