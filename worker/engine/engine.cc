@@ -261,10 +261,10 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
 
   report_progress(0, "original", 0.5, "measuring the original model");
   auto t0 = Clock::now();
-  StepReport original{"original",
-                      Guard(Code::kInvalidArgument, "MODEL_RUN", "measuring the original model failed",
-                            [&] { return Measure(model, input_path, ctx); }),
-                      0, {}};
+  StepReport original;
+  original.step = "original";
+  original.stats = Guard(Code::kInvalidArgument, "MODEL_RUN", "measuring the original model failed",
+                         [&] { return Measure(model, input_path, ctx); });
   original.wall_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   report.steps.push_back(original);
 
@@ -276,10 +276,8 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     StepReport sr;
     sr.step = name;
     auto start = Clock::now();
-    StepContext step_ctx{input_path, TrainContext{}};
-    step_ctx.calibration = calibration.size() ? &calibration : (train.size() ? &train : nullptr);
-    step_ctx.input_shape = shape;
-    step_ctx.seed = options.seed;
+    StepContext step_ctx{input_path, TrainContext{},
+                         calibration.size() ? &calibration : (train.size() ? &train : nullptr), shape, options.seed};
     step_ctx.train.device = ctx.device;
     step_ctx.train.train = train.labels.defined() ? &train : nullptr;
     step_ctx.train.eval = ctx.eval;
