@@ -36,8 +36,7 @@ std::unique_ptr<grpc::ClientContext> Client::Ctx(double seconds) const {
 }
 
 template <typename Resp>
-Result<Resp> Client::Upload(const std::string& path, v1::UploadHeader header, bool is_model,
-                            const ByteProgress& progress) {
+Result<Resp> Client::Upload(const std::string& path, v1::UploadHeader header, const ByteProgress& progress) {
   std::error_code ec;
   uint64_t size = fs::file_size(path, ec);
   if (ec) return InvalidArgument("cannot read " + path + ": " + ec.message());
@@ -50,7 +49,6 @@ Result<Resp> Client::Upload(const std::string& path, v1::UploadHeader header, bo
   std::unique_ptr<grpc::ClientWriter<v1::UploadRequest>> writer;
   if constexpr (std::is_same_v<Resp, v1::Model>) writer = stub_->UploadModel(ctx.get(), &resp);
   else writer = stub_->UploadDataset(ctx.get(), &resp);
-  (void)is_model;
   v1::UploadRequest req;
   *req.mutable_header() = header;
   bool ok = writer->Write(req);
@@ -78,7 +76,7 @@ Result<v1::Model> Client::UploadModel(const std::string& path, const std::string
   v1::UploadHeader h;
   h.set_name(name.empty() ? fs::path(path).filename().string() : name);
   for (int64_t d : input_shape) h.add_input_shape(d);
-  return Upload<v1::Model>(path, h, true, progress);
+  return Upload<v1::Model>(path, h, progress);
 }
 
 Result<v1::Dataset> Client::UploadDataset(const std::string& path, const std::string& format, const std::string& name,
@@ -86,7 +84,7 @@ Result<v1::Dataset> Client::UploadDataset(const std::string& path, const std::st
   v1::UploadHeader h;
   h.set_name(name.empty() ? fs::path(path).filename().string() : name);
   h.set_format(format);
-  return Upload<v1::Dataset>(path, h, false, progress);
+  return Upload<v1::Dataset>(path, h, progress);
 }
 
 Result<v1::Model> Client::GetModel(const std::string& id) {

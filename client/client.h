@@ -48,7 +48,7 @@ class Client {
  private:
   std::unique_ptr<grpc::ClientContext> Ctx(double seconds) const;
   template <typename Resp>
-  Result<Resp> Upload(const std::string& path, v1::UploadHeader header, bool is_model, const ByteProgress& progress);
+  Result<Resp> Upload(const std::string& path, v1::UploadHeader header, const ByteProgress& progress);
 
   ClientOptions options_;
   std::unique_ptr<v1::Compression::Stub> stub_;

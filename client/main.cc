@@ -76,11 +76,7 @@ Status ReadFile(const std::string& path, std::string* out) {
   return Status::Ok();
 }
 
-const char* StateName(pare::v1::JobState s) {
-  static std::string names[6];
-  names[s] = pare::v1::JobState_Name(s);
-  return names[s].c_str();
-}
+const std::string& StateName(pare::v1::JobState s) { return pare::v1::JobState_Name(s); }
 
 // Progress on a terminal: one rewritten line; otherwise a line per change.
 class ProgressView {
@@ -176,7 +172,10 @@ int Compress(const std::string& model, const std::string& recipe_path, const std
   if (!steps.ok()) return Fail(steps.status(), recipe_path);
   pare::engine::CompressOptions opts;
   st = ParseShape(shape_text, &opts.input_shape);
-  if (!st.ok()) return Fail(st, "usage");
+  if (!st.ok()) {
+    Fail(st, "usage");
+    return kExitUsage;
+  }
   opts.device = device;
   if (!calibration.empty()) opts.calibration = pare::engine::DatasetInput{format, calibration};
   if (!train.empty()) opts.train = pare::engine::DatasetInput{format, train};
@@ -312,7 +311,10 @@ int main(int argc, char** argv) {
   if (up_model->parsed()) {
     std::vector<int64_t> dims;
     Status st = ParseShape(shape, &dims);
-    if (!st.ok()) return Fail(st, "usage") == kExitRejected ? kExitUsage : kExitUsage;
+    if (!st.ok()) {
+      Fail(st, "usage");
+      return kExitUsage;
+    }
     auto m = c.UploadModel(file, name, dims);
     if (!m.ok()) return Fail(m.status(), "upload-model " + file);
     if (g_json) std::cout << ToJson(m.value()) << "\n";
@@ -323,7 +325,10 @@ int main(int argc, char** argv) {
     std::string path = file;
     std::string tmp;
     if (!labels.empty()) {
-      if (format != "idx") return Fail(pare::InvalidArgument("--labels goes with --format idx"), "usage"), kExitUsage;
+      if (format != "idx") {
+        Fail(pare::InvalidArgument("--labels goes with --format idx"), "usage");
+        return kExitUsage;
+      }
       tmp = (fs::temp_directory_path() / ("pare-idx-" + std::to_string(::getpid()) + ".tar")).string();
       Status st = pare::client::PackIdxPair(file, labels, tmp);
       if (!st.ok()) return Fail(st, "packing the idx files");
@@ -339,7 +344,10 @@ int main(int argc, char** argv) {
   if (submit->parsed()) {
     std::string text;
     Status st = ReadFile(recipe, &text);
-    if (!st.ok()) return Fail(st, "reading the recipe"), kExitUsage;
+    if (!st.ok()) {
+      Fail(st, "reading the recipe");
+      return kExitUsage;
+    }
     auto parsed = pare::ParseRecipeJson(text);
     if (!parsed.ok()) {
       std::cerr << "pare: " << recipe << ": " << parsed.status().message() << "\n";

@@ -121,12 +121,10 @@ bool Worker::Fetch(const v1::LeasedJob& job, const std::string& sha, const std::
     auto ctx = Context(600);
     auto reader = stub_->Fetch(ctx.get(), req);
     v1::Chunk chunk;
-    uint64_t total = 0;
     while (reader->Read(&chunk)) {
       out.write(chunk.data().data(), static_cast<std::streamsize>(chunk.data().size()));
       hash.Update(chunk.data().data(), chunk.data().size());
       have += chunk.data().size();
-      total = chunk.total_size();
     }
     grpc::Status st = reader->Finish();
     if (st.ok()) {
@@ -136,7 +134,6 @@ bool Worker::Fetch(const v1::LeasedJob& job, const std::string& sha, const std::
         *error = "input " + sha + " arrived with digest " + got;
         return false;
       }
-      (void)total;
       return true;
     }
     if (st.error_code() != grpc::StatusCode::UNAVAILABLE && st.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED) {
