@@ -29,8 +29,13 @@ Client::Client(ClientOptions options) : Client(MakeChannel(options.server), opti
 Client::Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options)
     : options_(std::move(options)), stub_(v1::Compression::NewStub(std::move(channel))) {}
 
+void Client::Authorize(grpc::ClientContext* ctx) const {
+  if (!options_.token.empty()) ctx->AddMetadata("authorization", "Bearer " + options_.token);
+}
+
 std::unique_ptr<grpc::ClientContext> Client::Ctx(double seconds) const {
   auto ctx = std::make_unique<grpc::ClientContext>();
+  Authorize(ctx.get());
   ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));
   return ctx;
 }
@@ -152,6 +157,7 @@ Result<v1::Job> Client::Watch(const std::string& id, const std::function<void(co
     v1::WatchJobRequest req;
     req.set_id(id);
     grpc::ClientContext ctx;  // a job may run for hours: no deadline on the stream itself
+    Authorize(&ctx);
     auto reader = stub_->WatchJob(&ctx, req);
     v1::Job job;
     std::optional<v1::Job> last;

@@ -18,6 +18,7 @@ struct ClientOptions {
   std::string server = "127.0.0.1:50051";
   double deadline_seconds = 30;          // unary calls
   double transfer_deadline_seconds = 3600;  // uploads and downloads
+  std::string token;                        // bearer token; empty: none sent
 };
 
 class Client {
@@ -47,6 +48,7 @@ class Client {
 
  private:
   std::unique_ptr<grpc::ClientContext> Ctx(double seconds) const;
+  void Authorize(grpc::ClientContext* ctx) const;
   template <typename Resp>
   Result<Resp> Upload(const std::string& path, v1::UploadHeader header, const ByteProgress& progress);
 

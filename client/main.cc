@@ -232,8 +232,11 @@ int main(int argc, char** argv) {
   const char* env = std::getenv("PARE_SERVER");
   std::string server = env && *env ? env : "127.0.0.1:50051";
   double timeout = 30;
+  const char* env_token = std::getenv("PARE_TOKEN");
+  std::string token = env_token ? env_token : "";
   app.add_option("--server", server, "pare-server address (default $PARE_SERVER, else 127.0.0.1:50051)");
   app.add_option("--timeout", timeout, "deadline in seconds for each call")->capture_default_str();
+  app.add_option("--token", token, "bearer token (default $PARE_TOKEN)");
   app.add_flag("--json", g_json, "machine-readable output on stdout");
 
   std::string file, name, shape, format, labels, model_id, recipe, calib, train, eval, device = "auto", request_id, job_id,
@@ -306,6 +309,7 @@ int main(int argc, char** argv) {
   pare::client::ClientOptions co;
   co.server = server;
   co.deadline_seconds = timeout;
+  co.token = token;
   pare::client::Client c(co);
 
   if (up_model->parsed()) {

@@ -230,7 +230,9 @@ grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadModel(grpc
     return new ErrorReadReactor<v1::UploadRequest>(
         grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down; retry on another replica"));
   }
-  auto* r = new ModelUpload(ctx_, TenantOf(call), resp);
+  auto tenant = ctx_->auth->Client(call);
+  if (!tenant.ok()) return new ErrorReadReactor<v1::UploadRequest>(ToGrpcStatus(tenant.status()));
+  auto* r = new ModelUpload(ctx_, tenant.value(), resp);
   r->Begin();
   return r;
 }
@@ -241,14 +243,18 @@ grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadDataset(gr
     return new ErrorReadReactor<v1::UploadRequest>(
         grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down; retry on another replica"));
   }
-  auto* r = new DatasetUpload(ctx_, TenantOf(call), resp);
+  auto tenant = ctx_->auth->Client(call);
+  if (!tenant.ok()) return new ErrorReadReactor<v1::UploadRequest>(ToGrpcStatus(tenant.status()));
+  auto* r = new DatasetUpload(ctx_, tenant.value(), resp);
   r->Begin();
   return r;
 }
 
 grpc::ServerUnaryReactor* CompressionService::GetModel(grpc::CallbackServerContext* call,
                                                        const v1::GetModelRequest* req, v1::Model* resp) {
-  return RunUnary(ctx_->executor, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+  auto tenant = ctx_->auth->Client(call);
+  if (!tenant.ok()) return Refuse(call, tenant.status());
+  return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
     auto m = ctx_->store->GetModel(tenant, req->id());
     if (!m.ok()) return m.status();
     *resp = ToProto(m.value());
@@ -258,7 +264,9 @@ grpc::ServerUnaryReactor* CompressionService::GetModel(grpc::CallbackServerConte
 
 grpc::ServerUnaryReactor* CompressionService::GetDataset(grpc::CallbackServerContext* call,
                                                          const v1::GetDatasetRequest* req, v1::Dataset* resp) {
-  return RunUnary(ctx_->executor, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+  auto tenant = ctx_->auth->Client(call);
+  if (!tenant.ok()) return Refuse(call, tenant.status());
+  return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
     auto d = ctx_->store->GetDataset(tenant, req->id());
     if (!d.ok()) return d.status();
     *resp = ToProto(d.value());
@@ -268,7 +276,9 @@ grpc::ServerUnaryReactor* CompressionService::GetDataset(grpc::CallbackServerCon
 
 grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerContext* call,
                                                         const v1::SubmitJobRequest* req, v1::Job* resp) {
-  return RunUnary(ctx_->executor, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+  auto tenant = ctx_->auth->Client(call);
+  if (!tenant.ok()) return Refuse(call, tenant.status());
+  return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
     if (ctx_->draining) return Unavailable("the server is shutting down; retry on another replica");
     if (req->model_id().empty()) return InvalidArgument("model_id is required");
     auto steps = ToEngineSteps(req->recipe());
@@ -322,7 +332,9 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
 
 grpc::ServerUnaryReactor* CompressionService::GetJob(grpc::CallbackServerContext* call, const v1::GetJobRequest* req,
                                                      v1::Job* resp) {
-  return RunUnary(ctx_->executor, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+  auto tenant = ctx_->auth->Client(call);
+  if (!tenant.ok()) return Refuse(call, tenant.status());
+  return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
     auto j = ctx_->store->GetJob(tenant, req->id());
     if (!j.ok()) return j.status();
     *resp = ToProto(j.value());
@@ -332,7 +344,9 @@ grpc::ServerUnaryReactor* CompressionService::GetJob(grpc::CallbackServerContext
 
 grpc::ServerUnaryReactor* CompressionService::ListJobs(grpc::CallbackServerContext* call,
                                                        const v1::ListJobsRequest* req, v1::ListJobsResponse* resp) {
-  return RunUnary(ctx_->executor, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+  auto tenant = ctx_->auth->Client(call);
+  if (!tenant.ok()) return Refuse(call, tenant.status());
+  return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
     int size = req->page_size() <= 0 ? 50 : std::min(req->page_size(), ctx_->limits.max_page_size);
     int64_t after = 0;
     if (!req->page_token().empty()) {
@@ -354,7 +368,9 @@ grpc::ServerUnaryReactor* CompressionService::ListJobs(grpc::CallbackServerConte
 
 grpc::ServerUnaryReactor* CompressionService::CancelJob(grpc::CallbackServerContext* call,
                                                         const v1::CancelJobRequest* req, v1::Job* resp) {
-  return RunUnary(ctx_->executor, call, [this, tenant = TenantOf(call), req, resp]() -> Status {
+  auto tenant = ctx_->auth->Client(call);
+  if (!tenant.ok()) return Refuse(call, tenant.status());
+  return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
     auto j = ctx_->store->CancelJob(tenant, req->id(), ctx_->clock->NowMs());
     if (!j.ok()) return j.status();
     spdlog::info(Kv({{"msg", "job cancel requested"}, {"job", j->id}, {"state", JobStateName(j->state)}}));
@@ -366,13 +382,17 @@ grpc::ServerUnaryReactor* CompressionService::CancelJob(grpc::CallbackServerCont
 
 grpc::ServerWriteReactor<v1::Job>* CompressionService::WatchJob(grpc::CallbackServerContext* call,
                                                                 const v1::WatchJobRequest* req) {
+  auto tenant = ctx_->auth->Client(call);
+  if (!tenant.ok()) return new ErrorWriteReactor<v1::Job>(ToGrpcStatus(tenant.status()));
   if (req->id().empty()) return new ErrorWriteReactor<v1::Job>(ToGrpcStatus(InvalidArgument("id is required")));
-  return new WatchReactor(ctx_, TenantOf(call), req->id());
+  return new WatchReactor(ctx_, tenant.value(), req->id());
 }
 
 grpc::ServerWriteReactor<v1::Chunk>* CompressionService::DownloadResult(grpc::CallbackServerContext* call,
                                                                         const v1::DownloadRequest* req) {
-  std::string tenant = TenantOf(call);
+  auto authenticated = ctx_->auth->Client(call);
+  if (!authenticated.ok()) return new ErrorWriteReactor<v1::Chunk>(ToGrpcStatus(authenticated.status()));
+  std::string tenant = authenticated.value();
   std::string job_id = req->job_id();
   v1::ResultKind kind = req->kind() == v1::REPORT ? v1::REPORT : v1::MODEL;
   auto resolve = [ctx = ctx_, tenant, job_id, kind]() -> Result<BlobRef> {

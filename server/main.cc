@@ -29,6 +29,10 @@ int main(int argc, char** argv) {
   app.add_option("--max-attempts", o.limits.max_attempts, "leases a job may take before it fails")
       ->capture_default_str();
   app.add_option("--drain-seconds", o.drain_seconds, "grace period on SIGTERM")->capture_default_str();
+  app.add_option("--auth-tokens", o.auth_tokens_file, "file of 'TENANT TOKEN' lines; without it, loopback only")
+      ->check(CLI::ExistingFile);
+  app.add_option("--worker-token-file", o.worker_token_file, "file holding the token workers present")
+      ->check(CLI::ExistingFile);
   CLI11_PARSE(app, argc, argv);
   o.limits.lease_ttl_ms = static_cast<int64_t>(lease_ttl * 1000);
 

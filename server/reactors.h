@@ -25,6 +25,13 @@ inline grpc::Status Overloaded() {
   return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "the server is overloaded; retry later");
 }
 
+// Finishes a unary call at once with `s` (e.g. UNAUTHENTICATED).
+inline grpc::ServerUnaryReactor* Refuse(grpc::CallbackServerContext* call, const Status& s) {
+  auto* reactor = call->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(s));
+  return reactor;
+}
+
 // Runs `f` (returning Status) on the executor and finishes the unary call with it; the
 // response object stays valid until Finish.
 template <typename F>

@@ -5,6 +5,9 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
+
+#include "common/ids.h"
 
 #include "common/logging.h"
 #include "server/compression_service.h"
@@ -42,6 +45,7 @@ Result<std::unique_ptr<Server>> Server::Create(ServerOptions options, std::share
   if (options.limits.max_upload_bytes == 0) return InvalidArgument("--max-upload-bytes must be positive");
   if (!clock) clock = std::make_shared<SystemClock>();
   std::unique_ptr<Server> s(new Server(std::move(options), std::move(clock)));
+  PARE_RETURN_IF_ERROR(s->SetUpAuth());
   std::error_code ec;
   fs::create_directories(s->options_.data_dir, ec);
   if (ec) return Internal("cannot create data dir " + s->options_.data_dir + ": " + ec.message());
@@ -57,6 +61,7 @@ Result<std::unique_ptr<Server>> Server::Create(ServerOptions options, std::share
   s->ctx_.executor = s->executor_.get();
   s->ctx_.events = &s->events_;
   s->ctx_.clock = s->clock_.get();
+  s->ctx_.auth = &s->auth_;
   s->ctx_.limits = s->options_.limits;
   s->compression_ = std::make_unique<CompressionService>(&s->ctx_);
   s->workers_ = std::make_unique<WorkersService>(&s->ctx_);
@@ -64,6 +69,30 @@ Result<std::unique_ptr<Server>> Server::Create(ServerOptions options, std::share
 }
 
 Server::~Server() { Shutdown(); }
+
+Status Server::SetUpAuth() {
+  const std::string host = options_.listen.substr(0, options_.listen.rfind(':'));
+  const bool loopback = host == "127.0.0.1" || host == "localhost" || host == "[::1]" || host.rfind("127.", 0) == 0;
+  if (options_.auth_tokens_file.empty()) {
+    if (!loopback) {
+      return InvalidArgument("--listen " + options_.listen +
+                             " is not a loopback address: give --auth-tokens (and --worker-token-file) to serve "
+                             "other machines");
+    }
+    spdlog::warn(Kv({{"msg", "AUTHENTICATION IS OFF: every local caller is tenant 'default'; serving loopback only"}}));
+    return Status::Ok();
+  }
+  if (!options_.worker_token_file.empty()) {
+    std::ifstream in(options_.worker_token_file);
+    if (!(in >> worker_token_)) return InvalidArgument("--worker-token-file: cannot read " + options_.worker_token_file);
+  } else {
+    worker_token_ = NewId("wt") + NewId("k");  // 32 random hex digits; only local workers learn it
+  }
+  auto auth = Authenticator::FromFile(options_.auth_tokens_file, worker_token_);
+  if (!auth.ok()) return auth.status();
+  auth_ = std::move(auth).value();
+  return Status::Ok();
+}
 
 std::string Server::address() const {
   auto colon = options_.listen.rfind(':');
@@ -89,6 +118,7 @@ Status Server::Start() {
     so.args = {"--server", "127.0.0.1:" + std::to_string(port_), "--drain-seconds", std::to_string(options_.drain_seconds)};
     so.args.insert(so.args.end(), options_.worker_args.begin(), options_.worker_args.end());
     so.count = options_.local_workers;
+    if (!worker_token_.empty()) so.env.emplace_back("PARE_WORKER_TOKEN", worker_token_);
     supervisor_ = std::make_unique<WorkerSupervisor>(so);
     supervisor_->Start();
   }

@@ -33,6 +33,10 @@ struct ServerOptions {
   // Extra arguments for local workers (e.g. --threads 2).
   std::vector<std::string> worker_args;
   Limits limits;
+  // "TENANT TOKEN" lines; empty: no authentication (then only a loopback address is allowed).
+  std::string auth_tokens_file;
+  // File holding the worker token; empty with auth on: a random one, known to local workers only.
+  std::string worker_token_file;
   // Threads doing store and disk work for the gRPC reactors, and the queue bound.
   int executor_threads = 4;
   size_t executor_queue = 4096;
@@ -60,6 +64,7 @@ class Server {
 
  private:
   explicit Server(ServerOptions options, std::shared_ptr<Clock> clock);
+  Status SetUpAuth();
   void ReaperLoop();
   void Shutdown();
 
@@ -68,6 +73,8 @@ class Server {
   std::unique_ptr<Store> store_;
   std::unique_ptr<BlobStore> blobs_;
   std::unique_ptr<Executor> executor_;
+  Authenticator auth_;
+  std::string worker_token_;  // handed to local workers through their environment
   JobEvents events_;
   ServiceContext ctx_;
   std::unique_ptr<CompressionService> compression_;

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "server/archive_check.h"
+#include "server/auth.h"
 #include "server/blob_store.h"
 #include "server/clock.h"
 #include "server/executor.h"
@@ -29,11 +30,10 @@ struct ServiceContext {
   Executor* executor = nullptr;
   JobEvents* events = nullptr;
   const Clock* clock = nullptr;
+  const Authenticator* auth = nullptr;  // who the caller is (client tenant or worker)
   Limits limits;
   std::atomic<bool> draining{false};  // set on SIGTERM: new uploads and jobs get UNAVAILABLE
 };
 
-// Tenant of the calling client. Without authentication every caller is "default".
-inline std::string TenantOf(const void* /*call context*/) { return "default"; }
 
 }  // namespace pare::server

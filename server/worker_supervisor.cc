@@ -51,6 +51,7 @@ pid_t WorkerSupervisor::Spawn(int index) {
     sigset_t none;
     sigemptyset(&none);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    for (const auto& [k, v] : options_.env) ::setenv(k.c_str(), v.c_str(), 1);
     ::execv(argv[0], argv.data());
     ::_exit(127);
   }

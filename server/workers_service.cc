@@ -95,6 +95,7 @@ class CompleteReactor final : public IngestReactor<v1::CompleteRequest, v1::Comp
 
 grpc::ServerUnaryReactor* WorkersService::Lease(grpc::CallbackServerContext* call, const v1::LeaseRequest* req,
                                                 v1::LeaseResponse* resp) {
+  if (Status st = ctx_->auth->Worker(call); !st.ok()) return Refuse(call, st);
   return RunUnary(ctx_->executor, call, [this, req, resp]() -> Status {
     if (req->worker_id().empty()) return InvalidArgument("worker_id is required");
     if (ctx_->draining) return Status::Ok();  // no new work while draining
@@ -124,6 +125,7 @@ grpc::ServerUnaryReactor* WorkersService::Lease(grpc::CallbackServerContext* cal
 
 grpc::ServerUnaryReactor* WorkersService::Heartbeat(grpc::CallbackServerContext* call,
                                                     const v1::HeartbeatRequest* req, v1::HeartbeatResponse* resp) {
+  if (Status st = ctx_->auth->Worker(call); !st.ok()) return Refuse(call, st);
   return RunUnary(ctx_->executor, call, [this, req, resp]() -> Status {
     std::string progress;
     req->progress().SerializeToString(&progress);
@@ -143,7 +145,8 @@ grpc::ServerUnaryReactor* WorkersService::Heartbeat(grpc::CallbackServerContext*
   });
 }
 
-grpc::ServerWriteReactor<v1::Chunk>* WorkersService::Fetch(grpc::CallbackServerContext*, const v1::FetchRequest* req) {
+grpc::ServerWriteReactor<v1::Chunk>* WorkersService::Fetch(grpc::CallbackServerContext* call, const v1::FetchRequest* req) {
+  if (Status st = ctx_->auth->Worker(call); !st.ok()) return new ErrorWriteReactor<v1::Chunk>(ToGrpcStatus(st));
   auto resolve = [ctx = ctx_, job_id = req->job_id(), lease_id = req->lease_id(),
                   sha = req->sha256()]() -> Result<BlobRef> {
     auto j = ctx->store->GetJob("", job_id);
@@ -163,8 +166,9 @@ grpc::ServerWriteReactor<v1::Chunk>* WorkersService::Fetch(grpc::CallbackServerC
   return new BlobSendReactor(ctx_->executor, resolve, req->offset());
 }
 
-grpc::ServerReadReactor<v1::CompleteRequest>* WorkersService::Complete(grpc::CallbackServerContext*,
+grpc::ServerReadReactor<v1::CompleteRequest>* WorkersService::Complete(grpc::CallbackServerContext* call,
                                                                        v1::CompleteResponse*) {
+  if (Status st = ctx_->auth->Worker(call); !st.ok()) return new ErrorReadReactor<v1::CompleteRequest>(ToGrpcStatus(st));
   auto* r = new CompleteReactor(ctx_);
   r->Begin();
   return r;

@@ -10,6 +10,7 @@
 #include "client/client.h"
 #include "common/recipe_convert.h"
 #include "common/sha256.h"
+#include "pare/v1/workers.grpc.pb.h"
 #include "server/server.h"
 #include "test_util.h"
 
@@ -54,14 +55,19 @@ class ServiceTest : public ::testing::Test {
     }
     o.limits.lease_ttl_ms = 3000;
     o.reaper_interval_ms = 200;
+    o.auth_tokens_file = tokens_file_;
     o.drain_seconds = 5;
     auto s = server::Server::Create(o);
     ASSERT_TRUE(s.ok()) << s.status().ToString();
     server_ = std::move(s).value();
     ASSERT_TRUE(server_->Start().ok());
+    client_ = MakeClient(client_token_);
+  }
+  std::unique_ptr<client::Client> MakeClient(const std::string& token) {
     client::ClientOptions co;
     co.server = server_->address();
-    client_ = std::make_unique<client::Client>(co);
+    co.token = token;
+    return std::make_unique<client::Client>(co);
   }
   void TearDown() override { server_.reset(); }
 
@@ -90,6 +96,8 @@ class ServiceTest : public ::testing::Test {
   }
 
   TempDir dir_;
+  std::string tokens_file_;  // set before StartServer to turn authentication on
+  std::string client_token_;
   std::unique_ptr<server::Server> server_;
   std::unique_ptr<client::Client> client_;
 };
@@ -336,6 +344,58 @@ TEST_F(ServiceTest, SubmitValidatesIsIdempotentAndListsInPages) {
   ASSERT_TRUE(cancelled.ok());
   EXPECT_EQ(cancelled->state(), v1::CANCELLED);
   EXPECT_EQ(client_->GetJob("job_missing").status().code(), Code::kNotFound);
+}
+
+TEST_F(ServiceTest, TokensSeparateTenantsAndOnlyWorkersMayLease) {
+  const std::string alice = "alice-token-0123456789", bob = "bob-token-0123456789";
+  tokens_file_ = dir_.path() + "/tokens";
+  std::ofstream(tokens_file_) << "# tenant token\nalice " << alice << "\nbob " << bob << "\n";
+  client_token_ = alice;
+  StartServer();
+  // Alice's job runs on the local worker, which got the worker token through its environment.
+  std::string model = UploadModel("small_cnn.pt", {1, 1, 28, 28});
+  v1::Job done = WaitEnd(Submit(model, R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}}]})").id());
+  ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.error().message();
+
+  auto anonymous = MakeClient("");
+  EXPECT_EQ(anonymous->GetJob(done.id()).status().code(), Code::kUnauthenticated);
+  EXPECT_EQ(anonymous->UploadModel(Fixture("small_cnn.pt"), "x", {}).status().code(), Code::kUnauthenticated);
+  auto forged = MakeClient("alice-token-0123456788");
+  EXPECT_EQ(forged->ListJobs(10, "").status().code(), Code::kUnauthenticated);
+
+  // Bob sees none of Alice's things: her ids answer NOT_FOUND, as if they did not exist.
+  auto bob_client = MakeClient(bob);
+  EXPECT_EQ(bob_client->GetJob(done.id()).status().code(), Code::kNotFound);
+  EXPECT_EQ(bob_client->GetModel(model).status().code(), Code::kNotFound);
+  EXPECT_EQ(bob_client->Cancel(done.id()).status().code(), Code::kNotFound);
+  EXPECT_EQ(bob_client->Download(done.id(), v1::MODEL, dir_.path() + "/stolen.pt").code(), Code::kNotFound);
+  EXPECT_EQ(bob_client->Watch(done.id(), nullptr).status().code(), Code::kNotFound);
+  v1::SubmitJobRequest req;
+  req.set_model_id(model);
+  *req.mutable_recipe() = Recipe(R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}}]})");
+  EXPECT_EQ(bob_client->Submit(req).status().code(), Code::kNotFound);
+  auto bob_list = bob_client->ListJobs(10, "");
+  ASSERT_TRUE(bob_list.ok());
+  EXPECT_EQ(bob_list->jobs_size(), 0);
+
+  // A client token does not open the Workers service.
+  auto stub = v1::Workers::NewStub(grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("authorization", "Bearer " + alice);
+  v1::LeaseRequest lease;
+  lease.set_worker_id("intruder");
+  v1::LeaseResponse resp;
+  EXPECT_EQ(stub->Lease(&ctx, lease, &resp).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+}
+
+TEST_F(ServiceTest, WithoutTokensOnlyLoopbackIsServed) {
+  server::ServerOptions o;
+  o.listen = "0.0.0.0:0";
+  o.data_dir = dir_.path() + "/open";
+  o.local_workers = 0;
+  auto s = server::Server::Create(o);
+  EXPECT_EQ(s.status().code(), Code::kInvalidArgument);
+  EXPECT_NE(s.status().message().find("--auth-tokens"), std::string::npos) << s.status().message();
 }
 
 TEST_F(ServiceTest, HealthAndReflectionAnswerAnotherLanguagesClient) {

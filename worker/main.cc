@@ -2,6 +2,8 @@
 #include <signal.h>
 
 #include <CLI/CLI.hpp>
+#include <cstdlib>
+#include <fstream>
 
 #include "common/logging.h"
 #include "worker/worker.h"
@@ -27,8 +29,17 @@ int main(int argc, char** argv) {
   app.add_option("--latency-budget", o.latency_budget_seconds, "seconds spent timing each batch size")
       ->capture_default_str();
   app.add_flag("--once", o.once, "exit after one job");
+  std::string token_file;
+  app.add_option("--token-file", token_file, "file holding the worker token (default $PARE_WORKER_TOKEN)")
+      ->check(CLI::ExistingFile);
   CLI11_PARSE(app, argc, argv);
 
+  if (!token_file.empty()) {
+    std::ifstream in(token_file);
+    in >> o.token;
+  } else if (const char* t = std::getenv("PARE_WORKER_TOKEN")) {
+    o.token = t;
+  }
   pare::InitLogging("worker");
   pare::worker::Worker worker(o);
   g_worker = &worker;

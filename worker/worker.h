@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include <grpcpp/grpcpp.h>
+
 #include "pare/v1/workers.grpc.pb.h"
 
 namespace pare::worker {
@@ -25,6 +27,7 @@ struct WorkerOptions {
   std::vector<int> latency_batches = {1, 32};
   double latency_budget_seconds = 1.0;
   bool once = false;                       // exit after one job (tests, batch use)
+  std::string token;                       // the server's worker token (default $PARE_WORKER_TOKEN)
 };
 
 class Worker {
@@ -37,6 +40,7 @@ class Worker {
 
  private:
   struct JobRun;
+  std::unique_ptr<grpc::ClientContext> Context(double seconds) const;
   void RunJob(const v1::LeasedJob& job);
   bool Fetch(const v1::LeasedJob& job, const std::string& sha, const std::string& path, std::string* error);
   void Complete(const v1::LeasedJob& job, v1::CompleteHeader header, const std::string& result_path);
