@@ -9,7 +9,6 @@ row's top-1 is computed here in Python on them, independently of Pare's own repo
 parameters, MACs and latency come from Pare's report. Prints a markdown table per teacher.
 """
 import argparse
-import gzip
 import json
 import os
 import subprocess
@@ -19,21 +18,9 @@ import tempfile
 import torch
 import torch.nn as nn
 
-FASHION = "/usr/share/datasets/fashion-mnist"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import SmallCnn, load_fashion  # noqa: E402
 
-
-class SmallCnn(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 10, 5)
-        self.conv2 = nn.Conv2d(10, 20, 5)
-        self.fc1 = nn.Linear(320, 50)
-        self.fc2 = nn.Linear(50, 10)
-
-    def forward(self, x):
-        x = torch.relu(torch.max_pool2d(self.conv1(x), 2))
-        x = torch.relu(torch.max_pool2d(self.conv2(x), 2))
-        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
 
 
 class Block(nn.Module):
@@ -64,15 +51,6 @@ class SmallResNet(nn.Module):
     def forward(self, x):
         x = self.layers(self.stem(x))
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-
-def load(split):
-    prefix = "train" if split == "train" else "t10k"
-    with gzip.open(os.path.join(FASHION, f"{prefix}-images-idx3-ubyte.gz")) as f:
-        images = torch.frombuffer(bytearray(f.read()[16:]), dtype=torch.uint8).view(-1, 1, 28, 28).clone()
-    with gzip.open(os.path.join(FASHION, f"{prefix}-labels-idx1-ubyte.gz")) as f:
-        labels = torch.frombuffer(bytearray(f.read()[8:]), dtype=torch.uint8).long().clone()
-    return images, labels
 
 
 def top1(path, images, labels):
@@ -107,8 +85,8 @@ def main():
     torch.set_num_threads(args.threads)
     work = args.out or tempfile.mkdtemp(prefix="pare-quality-")
     os.makedirs(work, exist_ok=True)
-    images, labels = load("train")
-    test_images, test_labels = load("test")
+    images, labels = load_fashion("train")
+    test_images, test_labels = load_fashion("test")
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(images.shape[0], generator=g)
     data = {}

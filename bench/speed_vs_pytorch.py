@@ -24,21 +24,9 @@ import torchvision
 from torch.ao.quantization import get_default_qconfig, default_dynamic_qconfig, quantize_jit, quantize_dynamic_jit
 from torch.nn.utils import prune
 
-FASHION = "/usr/share/datasets/fashion-mnist"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import FASHION, SmallCnn, load_fashion  # noqa: E402
 
-
-class SmallCnn(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 10, 5)
-        self.conv2 = nn.Conv2d(10, 20, 5)
-        self.fc1 = nn.Linear(320, 50)
-        self.fc2 = nn.Linear(50, 10)
-
-    def forward(self, x):
-        x = torch.relu(torch.max_pool2d(self.conv1(x), 2))
-        x = torch.relu(torch.max_pool2d(self.conv2(x), 2))
-        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
 
 
 def pare_step_seconds(pare, model, recipe, work, threads, extra=()):
@@ -69,16 +57,6 @@ def idx_dir(work, split):
         if not os.path.exists(link):
             os.symlink(os.path.join(FASHION, f"{prefix}-{kind}-ubyte.gz"), link)
     return d
-
-
-def load_fashion(split):
-    import gzip
-    prefix = "train" if split == "train" else "t10k"
-    with gzip.open(os.path.join(FASHION, f"{prefix}-images-idx3-ubyte.gz")) as f:
-        images = torch.frombuffer(bytearray(f.read()[16:]), dtype=torch.uint8).view(-1, 1, 28, 28).float() / 255
-    with gzip.open(os.path.join(FASHION, f"{prefix}-labels-idx1-ubyte.gz")) as f:
-        labels = torch.frombuffer(bytearray(f.read()[8:]), dtype=torch.uint8).long()
-    return images, labels
 
 
 def python_distill_epoch(student, teacher, images, labels, batch=64, lr=0.01, t=4.0, alpha=0.7, seed=0):
@@ -172,6 +150,7 @@ def main():
         "epochs": 1, "temperature": 4.0, "alpha": 0.7, "learningRate": 0.01, "batchSize": 64}}]}, work,
         args.threads, ["--train", train_dir, "--format", "idx", "--input-shape", "1,1,28,28"])
     images, labels = load_fashion("train")
+    images = images.float() / 255
     student = torch.jit.load(teacher_path)
     teacher = torch.jit.load(teacher_path)
     torch_s, _ = timed(lambda: (python_distill_epoch(student, teacher, images, labels),
