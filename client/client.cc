@@ -92,63 +92,47 @@ Result<v1::Dataset> Client::UploadDataset(const std::string& path, const std::st
   return Upload<v1::Dataset>(path, h, progress);
 }
 
+template <typename Req, typename Resp>
+Result<Resp> Client::Unary(grpc::Status (v1::Compression::Stub::*method)(grpc::ClientContext*, const Req&, Resp*),
+                           const Req& req) {
+  Resp resp;
+  auto ctx = Ctx(options_.deadline_seconds);
+  grpc::Status st = (stub_.get()->*method)(ctx.get(), req, &resp);
+  if (!st.ok()) return FromGrpcStatus(st);
+  return resp;
+}
+
 Result<v1::Model> Client::GetModel(const std::string& id) {
   v1::GetModelRequest req;
   req.set_id(id);
-  v1::Model m;
-  auto ctx = Ctx(options_.deadline_seconds);
-  grpc::Status st = stub_->GetModel(ctx.get(), req, &m);
-  if (!st.ok()) return FromGrpcStatus(st);
-  return m;
+  return Unary(&v1::Compression::Stub::GetModel, req);
 }
 
 Result<v1::Dataset> Client::GetDataset(const std::string& id) {
   v1::GetDatasetRequest req;
   req.set_id(id);
-  v1::Dataset d;
-  auto ctx = Ctx(options_.deadline_seconds);
-  grpc::Status st = stub_->GetDataset(ctx.get(), req, &d);
-  if (!st.ok()) return FromGrpcStatus(st);
-  return d;
+  return Unary(&v1::Compression::Stub::GetDataset, req);
 }
 
-Result<v1::Job> Client::Submit(const v1::SubmitJobRequest& req) {
-  v1::Job job;
-  auto ctx = Ctx(options_.deadline_seconds);
-  grpc::Status st = stub_->SubmitJob(ctx.get(), req, &job);
-  if (!st.ok()) return FromGrpcStatus(st);
-  return job;
-}
+Result<v1::Job> Client::Submit(const v1::SubmitJobRequest& req) { return Unary(&v1::Compression::Stub::SubmitJob, req); }
 
 Result<v1::Job> Client::GetJob(const std::string& id) {
   v1::GetJobRequest req;
   req.set_id(id);
-  v1::Job job;
-  auto ctx = Ctx(options_.deadline_seconds);
-  grpc::Status st = stub_->GetJob(ctx.get(), req, &job);
-  if (!st.ok()) return FromGrpcStatus(st);
-  return job;
+  return Unary(&v1::Compression::Stub::GetJob, req);
 }
 
 Result<v1::ListJobsResponse> Client::ListJobs(int page_size, const std::string& page_token) {
   v1::ListJobsRequest req;
   req.set_page_size(page_size);
   req.set_page_token(page_token);
-  v1::ListJobsResponse resp;
-  auto ctx = Ctx(options_.deadline_seconds);
-  grpc::Status st = stub_->ListJobs(ctx.get(), req, &resp);
-  if (!st.ok()) return FromGrpcStatus(st);
-  return resp;
+  return Unary(&v1::Compression::Stub::ListJobs, req);
 }
 
 Result<v1::Job> Client::Cancel(const std::string& id) {
   v1::CancelJobRequest req;
   req.set_id(id);
-  v1::Job job;
-  auto ctx = Ctx(options_.deadline_seconds);
-  grpc::Status st = stub_->CancelJob(ctx.get(), req, &job);
-  if (!st.ok()) return FromGrpcStatus(st);
-  return job;
+  return Unary(&v1::Compression::Stub::CancelJob, req);
 }
 
 Result<v1::Job> Client::Watch(const std::string& id, const std::function<void(const v1::Job&)>& on_update) {

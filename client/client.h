@@ -49,6 +49,10 @@ class Client {
  private:
   std::unique_ptr<grpc::ClientContext> Ctx(double seconds) const;
   void Authorize(grpc::ClientContext* ctx) const;
+  // One unary call with this client's deadline and token.
+  template <typename Req, typename Resp>
+  Result<Resp> Unary(grpc::Status (v1::Compression::Stub::*method)(grpc::ClientContext*, const Req&, Resp*),
+                     const Req& req);
   template <typename Resp>
   Result<Resp> Upload(const std::string& path, v1::UploadHeader header, const ByteProgress& progress);
 

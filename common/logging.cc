@@ -7,7 +7,7 @@
 namespace pare {
 
 std::shared_ptr<spdlog::logger> InitLogging(const std::string& role) {
-  auto logger = spdlog::stderr_logger_mt(role + "-" + std::to_string(reinterpret_cast<uintptr_t>(&role)));
+  auto logger = std::make_shared<spdlog::logger>(role, std::make_shared<spdlog::sinks::stderr_sink_mt>());
   // Messages are written as `"key":value` fragments by the caller; the pattern wraps them.
   logger->set_pattern(R"({"ts":"%Y-%m-%dT%H:%M:%S.%eZ","level":"%l","role":")" + role + R"(","pid":%P,%v})",
                       spdlog::pattern_time_type::utc);

@@ -17,7 +17,7 @@ Result<v1::Recipe> ParseRecipeJson(const std::string& json);
 // Validates every step and translates it; errors name the step, e.g. "steps[1].prune.magnitude.amount".
 Result<std::vector<engine::StepSpec>> ToEngineSteps(const v1::Recipe& recipe);
 
-// The step kinds in recipe order, e.g. {"prune.magnitude", "quantize.dynamic"}.
+// The kind of the recipe's first step ("prune", "quantize", ...), "none" for an empty recipe.
 std::string FirstStepKind(const v1::Recipe& recipe);
 
 }  // namespace pare

@@ -55,7 +55,6 @@ inline Status Internal(std::string m) { return {Code::kInternal, std::move(m)}; 
 inline Status Unavailable(std::string m) { return {Code::kUnavailable, std::move(m)}; }
 inline Status DataLoss(std::string m) { return {Code::kDataLoss, std::move(m)}; }
 inline Status PermissionDenied(std::string m) { return {Code::kPermissionDenied, std::move(m)}; }
-inline Status Aborted(std::string m) { return {Code::kAborted, std::move(m)}; }
 
 // A value or the Status that explains why there is none.
 template <typename T>

@@ -306,15 +306,6 @@ Result<std::vector<JobRecord>> SqliteStore::ListJobs(const std::string& tenant, 
   return out;
 }
 
-Result<int64_t> SqliteStore::CountJobs(const std::string& tenant, JobState state) {
-  std::lock_guard<std::mutex> lock(mu_);
-  Stmt s(db_, std::string("SELECT COUNT(*) FROM jobs WHERE state = ?") + (tenant.empty() ? "" : " AND tenant = ?"));
-  s.Bind(static_cast<int64_t>(state));
-  if (!tenant.empty()) s.Bind(tenant);
-  if (s.Step() != SQLITE_ROW) return s.Error("count jobs");
-  return s.Int(0);
-}
-
 Result<std::optional<JobRecord>> SqliteStore::LeaseJob(const std::string& worker, bool has_cuda,
                                                        const std::string& lease_id, int64_t now_ms, int64_t ttl_ms) {
   std::lock_guard<std::mutex> lock(mu_);

@@ -24,7 +24,6 @@ class SqliteStore final : public Store {
   Result<std::pair<JobRecord, bool>> CreateJob(const JobRecord& job) override;
   Result<JobRecord> GetJob(const std::string& tenant, const std::string& id) override;
   Result<std::vector<JobRecord>> ListJobs(const std::string& tenant, int64_t after_seq, int limit) override;
-  Result<int64_t> CountJobs(const std::string& tenant, JobState state) override;
   Result<std::optional<JobRecord>> LeaseJob(const std::string& worker, bool has_cuda, const std::string& lease_id,
                                             int64_t now_ms, int64_t ttl_ms) override;
   Result<JobRecord> Heartbeat(const std::string& job_id, const std::string& lease_id, const std::string& progress_pb,

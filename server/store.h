@@ -98,7 +98,6 @@ class Store {
   virtual Result<JobRecord> GetJob(const std::string& tenant, const std::string& id) = 0;
   // Jobs with seq > after_seq in insertion order, at most `limit`.
   virtual Result<std::vector<JobRecord>> ListJobs(const std::string& tenant, int64_t after_seq, int limit) = 0;
-  virtual Result<int64_t> CountJobs(const std::string& tenant, JobState state) = 0;
 
   // Gives the oldest queued job this worker can run a new lease; nullopt when none waits.
   virtual Result<std::optional<JobRecord>> LeaseJob(const std::string& worker, bool has_cuda, const std::string& lease_id,

@@ -19,6 +19,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using pare::testing::BinDir;
+using pare::testing::CountFiles;
 using pare::testing::Eventually;
 using pare::testing::Fixture;
 using pare::testing::Python;
@@ -28,13 +29,6 @@ v1::Recipe Recipe(const std::string& json) {
   auto r = ParseRecipeJson(json);
   EXPECT_TRUE(r.ok()) << r.status().ToString();
   return r.value();
-}
-
-size_t CountFiles(const std::string& dir) {
-  size_t n = 0;
-  std::error_code ec;
-  for (const auto& e : fs::recursive_directory_iterator(dir, ec)) n += e.is_regular_file();
-  return n;
 }
 
 class ServiceTest : public ::testing::Test {

@@ -14,14 +14,9 @@ namespace pare::server {
 namespace {
 
 namespace fs = std::filesystem;
+using pare::testing::CountFiles;
 using pare::testing::Fixture;
 using pare::testing::TempDir;
-
-size_t CountFiles(const std::string& dir) {
-  size_t n = 0;
-  for (const auto& e : fs::recursive_directory_iterator(dir)) n += e.is_regular_file();
-  return n;
-}
 
 TEST(Sha256Test, KnownVectorsAndChunkingAgree) {
   EXPECT_EQ(Sha256::Of(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");

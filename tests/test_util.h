@@ -50,6 +50,14 @@ class TempDir {
   std::string path_;
 };
 
+// Regular files below `dir` (0 when it does not exist).
+inline size_t CountFiles(const std::string& dir) {
+  size_t n = 0;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir, ec)) n += e.is_regular_file();
+  return n;
+}
+
 // Polls `pred` until it holds or `seconds` pass (for conditions with no event to wait on).
 inline bool Eventually(const std::function<bool()>& pred, double seconds) {
   auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));

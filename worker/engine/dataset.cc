@@ -78,9 +78,14 @@ at::Tensor ReadIdx(const std::string& path, int expected_dims) {
   return t;
 }
 
+// The dimension count from an IDX header, reading only its first 4 bytes.
 int IdxDims(const std::string& path) {
-  auto head = ReadMaybeGzip(path, kMaxDatasetBytes);
-  if (head.size() < 4 || head[0] != 0 || head[1] != 0) Bad(path, "wrong magic number (not an IDX file)");
+  gzFile f = gzopen(path.c_str(), "rb");
+  if (!f) Bad(path, "cannot be opened");
+  uint8_t head[4];
+  int n = gzread(f, head, sizeof head);
+  gzclose(f);
+  if (n != 4 || head[0] != 0 || head[1] != 0) Bad(path, "wrong magic number (not an IDX file)");
   return head[3];
 }
 

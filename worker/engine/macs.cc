@@ -35,11 +35,15 @@ int64_t Product(at::IntArrayRef v, size_t from) {
 }  // namespace
 
 std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::vector<int64_t>& input_shape) {
-  torch::jit::Module copy = module.clone();
-  copy.eval();
+  // freeze() works on its own copy, but only of a module in eval mode.
+  torch::jit::Module source = module;
+  if (module.is_training()) {
+    source = module.clone();
+    source.eval();
+  }
   torch::jit::Module frozen;
   try {
-    frozen = torch::jit::freeze(copy, c10::nullopt, /*optimize_numerics=*/false);
+    frozen = torch::jit::freeze(source, c10::nullopt, /*optimize_numerics=*/false);
   } catch (const std::exception&) {
     return std::nullopt;  // already frozen (quantized models are)
   }

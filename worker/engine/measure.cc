@@ -113,7 +113,8 @@ ModelStats Measure(torch::jit::Module& module, const std::string& path, const Me
     s.nonzero_parameters += n - zeros;
     if (w.weight.dim() >= 2) s.layers.push_back({w.name, n, zeros});
   }
-  for (const auto& w : PackedWeights(module)) {
+  const auto packed = PackedWeights(module);
+  for (const auto& w : packed) {
     uint64_t n = static_cast<uint64_t>(w.weight.numel());
     uint64_t zeros = n - static_cast<uint64_t>(w.weight.dequantize().count_nonzero().item<int64_t>());
     s.parameters += n;
@@ -123,7 +124,8 @@ ModelStats Measure(torch::jit::Module& module, const std::string& path, const Me
 
   if (auto macs = CountMacs(module, ctx.input_shape)) s.macs = macs->macs;
 
-  c10::Device device = IsQuantized(module) ? c10::Device(c10::kCPU) : ctx.device;
+  // Packed quantized weights run on the CPU only.
+  c10::Device device = packed.empty() ? ctx.device : c10::Device(c10::kCPU);
   module.to(device);
   for (int b : ctx.latency_batches) s.latency.push_back(TimeBatch(module, ctx, b));
 

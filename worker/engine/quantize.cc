@@ -12,40 +12,6 @@
 namespace pare::engine {
 namespace {
 
-// The graph-mode passes read an observer's `dtype` and `qscheme` attributes and call
-// its `calculate_qparams()`; these observers are TorchScript classes defined here.
-torch::jit::Module MakeWeightMinMaxObserver() {
-  torch::jit::Module obs(c10::QualifiedName("__torch__.pare.observers.WeightMinMaxObserver"));
-  obs.register_attribute("training", c10::BoolType::get(), false);
-  obs.register_attribute("min_val", c10::TensorType::get(), at::full({}, INFINITY), false, true);
-  obs.register_attribute("max_val", c10::TensorType::get(), at::full({}, -INFINITY), false, true);
-  obs.register_attribute("dtype", c10::IntType::get(), static_cast<int64_t>(at::kQInt8));
-  obs.register_attribute("qscheme", c10::IntType::get(),
-                         static_cast<int64_t>(at::kPerTensorSymmetric));
-  obs.register_attribute("quant_min", c10::IntType::get(), int64_t{-128});
-  obs.register_attribute("quant_max", c10::IntType::get(), int64_t{127});
-  obs.register_attribute("eps", c10::FloatType::get(), 1.1920928955078125e-07);
-  obs.register_attribute("is_dynamic", c10::BoolType::get(), false);
-  obs.define(R"JIT(
-def forward(self, x: Tensor) -> Tensor:
-    if x.numel() > 0:
-        v = x.detach().float()
-        self.min_val = torch.minimum(torch.min(v), self.min_val.to(v.device))
-        self.max_val = torch.maximum(torch.max(v), self.max_val.to(v.device))
-    return x
-
-def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
-    lo = torch.clamp(self.min_val, max=0.0)
-    hi = torch.clamp(self.max_val, min=0.0)
-    amax = torch.maximum(-lo, hi)
-    half_range = float(self.quant_max - self.quant_min) / 2.0
-    scale = torch.clamp(amax / half_range, min=self.eps).reshape([1])
-    zero_point = torch.zeros_like(scale).long()
-    return scale, zero_point
-)JIT");
-  return obs;
-}
-
 // Dynamic activations are quantized at run time: the pass reads the observer's dtype and
 // whether it is dynamic, and recognises it by "PlaceholderObserver" in the class name.
 torch::jit::Module MakeDynamicActivationObserver() {
@@ -151,6 +117,8 @@ def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
   return obs;
 }
 
+// The graph-mode passes read an observer's `dtype` and `qscheme` attributes and call its
+// `calculate_qparams()`; the observers are TorchScript classes defined here.
 // Weight observer: per-channel (output channel) or per-tensor symmetric int8.
 torch::jit::Module MakeWeightObserver(bool per_channel) {
   torch::jit::Module obs(c10::QualifiedName("__torch__.pare.observers.StaticWeightObserver"));
@@ -265,7 +233,7 @@ torch::jit::Module QuantizeDynamic(const torch::jit::Module& input) {
   torch::jit::Module module = input.clone();
   module.eval();
   torch::jit::QConfigDict qconfig;
-  qconfig[""] = std::make_tuple(MakeDynamicActivationObserver(), MakeWeightMinMaxObserver());
+  qconfig[""] = std::make_tuple(MakeDynamicActivationObserver(), MakeWeightObserver(/*per_channel=*/false));
   torch::jit::Module observed =
       torch::jit::InsertObservers(module, "forward", qconfig, /*inplace=*/true, torch::jit::QuantType::DYNAMIC);
   torch::jit::Module quantized = torch::jit::InsertQuantDeQuant(observed, "forward", /*inplace=*/true,

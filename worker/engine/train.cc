@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "worker/engine/error.h"
+#include "worker/engine/measure.h"
 #include "worker/engine/model_util.h"
 
 namespace pare::engine {
@@ -14,16 +15,10 @@ namespace {
 
 constexpr double kPi = 3.14159265358979323846;
 
-double Accuracy(torch::jit::Module& m, const Dataset& ds, c10::Device device, int64_t batch) {
-  c10::InferenceMode guard;
+double Accuracy(torch::jit::Module& m, const Dataset& ds, c10::Device device) {
   m.eval();
-  int64_t correct = 0;
-  for (int64_t i = 0; i < ds.images.size(0); i += batch) {
-    int64_t end = std::min(i + batch, ds.images.size(0));
-    at::Tensor y = OutputTensor(m.forward({ds.images.slice(0, i, end).to(device)})).flatten(1);
-    correct += (y.argmax(1).cpu() == ds.labels.slice(0, i, end)).sum().item<int64_t>();
-  }
-  return double(correct) / double(ds.images.size(0));
+  at::Tensor logits = RunBatched(m, ds.images, device, 256, nullptr).flatten(1);
+  return (logits.argmax(1) == ds.labels).to(at::kFloat).mean().item<double>();
 }
 
 // Parameters and buffers, to restore the best epoch's weights.
@@ -177,7 +172,7 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
     note << "epoch " << epoch + 1 << ": train loss " << loss_sum / double(seen) << ", train top-1 "
          << double(correct) / double(seen);
     if (ctx.eval && ctx.eval->labels.defined()) {
-      double acc = Accuracy(student, *ctx.eval, ctx.device, 256);
+      double acc = Accuracy(student, *ctx.eval, ctx.device);
       note << ", eval top-1 " << acc;
       if (acc > best_acc) {
         best_acc = acc;
