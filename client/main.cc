@@ -162,7 +162,7 @@ int WaitFor(pare::client::Client& c, const std::string& id) {
 int Compress(const std::string& model, const std::string& recipe_path, const std::string& out,
              const std::string& report_path, const std::string& calibration, const std::string& train,
              const std::string& eval, const std::string& format, const std::string& shape_text,
-             const std::string& device, int threads) {
+             const std::string& device, int threads, double latency_budget) {
   std::string text;
   Status st = ReadFile(recipe_path, &text);
   if (!st.ok()) return Fail(st, "reading the recipe");
@@ -177,6 +177,7 @@ int Compress(const std::string& model, const std::string& recipe_path, const std
     return kExitUsage;
   }
   opts.device = device;
+  opts.latency_budget_seconds = latency_budget;
   if (!calibration.empty()) opts.calibration = pare::engine::DatasetInput{format, calibration};
   if (!train.empty()) opts.train = pare::engine::DatasetInput{format, train};
   if (!eval.empty()) opts.eval = pare::engine::DatasetInput{format, eval};
@@ -243,6 +244,7 @@ int main(int argc, char** argv) {
       out, report;
   bool wait = false;
   int page_size = 50, threads = 0;
+  double latency_budget = 1.0;
 
   auto* up_model = app.add_subcommand("upload-model", "upload a TorchScript model; prints its id");
   up_model->add_option("FILE", file, "the .pt file (torch.jit.save)")->required()->check(CLI::ExistingFile);
@@ -294,6 +296,9 @@ int main(int argc, char** argv) {
   compress->add_option("--input-shape", shape, "input shape, e.g. 1,3,224,224");
   compress->add_option("--device", device, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   compress->add_option("--threads", threads, "intra-op threads (0: LibTorch default)");
+  compress->add_option("--latency-budget", latency_budget, "seconds spent timing each model at each batch size")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 600.0));
 
   try {
     app.parse(argc, argv);
@@ -303,7 +308,7 @@ int main(int argc, char** argv) {
   }
 
   if (compress->parsed()) {
-    return Compress(file, recipe, out, report, calib, train, eval, format, shape, device, threads);
+    return Compress(file, recipe, out, report, calib, train, eval, format, shape, device, threads, latency_budget);
   }
 
   pare::client::ClientOptions co;

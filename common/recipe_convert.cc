@@ -14,7 +14,7 @@ std::string Upper(std::string s) {
 
 Status Unsupported(const std::string& where, const std::string& what) {
   return InvalidArgument(where + ": '" + what +
-                         "' is not supported by this version of Pare yet (supported: prune.magnitude, prune.nm, "
+                         "' is not supported by this version of Pare yet (supported: prune.magnitude, prune.channel, prune.nm, "
                          "quantize.dynamic, quantize.static, quantize.fp16, quantize.bf16, finetune, distill)");
 }
 
@@ -64,8 +64,29 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
           }
           return engine::StepSpec(engine::NMPruneSpec{nm.n(), nm.m()});
         }
-        case v1::PruneStep::kChannel:
-          return Unsupported(at, "prune.channel");
+        case v1::PruneStep::kChannel: {
+          const auto& c = p.channel();
+          const std::string where = at + ".prune.channel";
+          if (!(c.amount() >= 0.0f && c.amount() < 1.0f)) {
+            return InvalidArgument(where + ".amount must be in [0, 1), got " + std::to_string(c.amount()));
+          }
+          engine::ChannelPruneSpec s;
+          s.amount = c.amount();
+          std::string criterion = Upper(c.criterion());
+          if (!criterion.empty()) s.criterion = criterion;
+          if (!(s.criterion == "L1" || s.criterion == "L2" || s.criterion == "BN_SCALE")) {
+            return InvalidArgument(where + ".criterion must be L1, L2 or BN_SCALE, got '" + c.criterion() + "'");
+          }
+          std::string scope = Upper(c.scope());
+          if (scope == "GLOBAL") s.global = true;
+          else if (scope.empty() || scope == "UNIFORM") s.global = false;
+          else return InvalidArgument(where + ".scope must be UNIFORM or GLOBAL, got '" + c.scope() + "'");
+          if (c.round_to() < 0 || c.round_to() > 256) {
+            return InvalidArgument(where + ".roundTo must be in [1, 256], got " + std::to_string(c.round_to()));
+          }
+          if (c.round_to() > 0) s.round_to = c.round_to();
+          return engine::StepSpec(s);
+        }
         case v1::PruneStep::METHOD_NOT_SET:
           return InvalidArgument(at + ".prune needs one of magnitude, channel, nm");
       }

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs Pare's build and test dependencies from Debian bookworm (apt), only if missing.
 set -euo pipefail
+# libopenblas0-pthread: LibTorch's float conv fallback (small spatial inputs) and linear layers go
+# through BLAS; Debian's reference BLAS makes them several times slower.
 packages=(
   build-essential cmake ninja-build ccache pkg-config
-  libtorch-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libopenblas0-pthread libtorch-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev libspdlog-dev libgtest-dev libsqlite3-dev libssl-dev libcli11-dev
   nlohmann-json3-dev libarchive-dev zlib1g-dev
   python3-torch python3-torchvision python3-grpcio dataset-fashion-mnist

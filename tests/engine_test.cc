@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "worker/engine/channel_prune.h"
 #include "worker/engine/dataset.h"
 #include "worker/engine/engine.h"
 #include "worker/engine/error.h"
@@ -469,6 +470,176 @@ TEST_F(EngineTest, DatasetsLoadAndBadOnesAreNamed) {
     EXPECT_NE(std::string(e.what()).find("garbage.bin"), std::string::npos) << e.what();
   }
   EXPECT_THROW(LoadDataset("tensors", Fixture("small_cnn.pt")), EngineError);
+}
+
+// ---- Channel pruning on a model with every coupling (tests/fixtures: Couplings).
+
+at::Tensor Param(const torch::jit::Module& m, const std::string& dotted) {
+  torch::jit::Module owner = m;
+  std::string rest = dotted;
+  for (auto dot = rest.find('.'); dot != std::string::npos; dot = rest.find('.')) {
+    owner = owner.attr(rest.substr(0, dot)).toModule();
+    rest = rest.substr(dot + 1);
+  }
+  return owner.attr(rest).toTensor();
+}
+
+const std::vector<int64_t> kCouplingsShape{1, 3, 16, 16};
+
+TEST_F(EngineTest, ChannelPruneCutsEveryCoupledParameterAndKeepsTheOutput) {
+  auto m = torch::jit::load(Fixture("couplings.pt"));
+  m.eval();
+  ChannelPruneSpec spec;
+  spec.amount = 0.5;
+  spec.round_to = 1;
+  ChannelPruneResult r = ChannelPrune(m, spec, kCouplingsShape);
+  auto& p = r.module;
+  auto sizes = [&](const std::string& name) { return Param(p, name).sizes().vec(); };
+  using V = std::vector<int64_t>;
+  // stem group: stem, bn, conv_b's output (added to it), and the inputs of conv_a, left, right.
+  EXPECT_EQ(sizes("stem.weight"), (V{8, 3, 3, 3}));
+  EXPECT_EQ(sizes("bn.running_var"), (V{8}));
+  EXPECT_EQ(sizes("conv_b.weight"), (V{8, 16, 1, 1}));
+  EXPECT_EQ(sizes("conv_b.bias"), (V{8}));
+  EXPECT_EQ(sizes("conv_a.weight"), (V{16, 8, 1, 1}));
+  EXPECT_EQ(sizes("left.weight"), (V{12, 8, 3, 3}));
+  // conv_a group runs through the depthwise conv, whose groups follow.
+  EXPECT_EQ(sizes("bn_a.weight"), (V{16}));
+  EXPECT_EQ(sizes("dw.weight"), (V{16, 1, 3, 3}));
+  // The concatenation: post's norm is cut by offset (left 24 -> 12, right 8 -> 4).
+  EXPECT_EQ(sizes("right.weight"), (V{4, 8, 1, 1}));
+  EXPECT_EQ(sizes("post.weight"), (V{16}));
+  EXPECT_EQ(sizes("mix.weight"), (V{16, 16, 1, 1}));  // its output is reshaped: intact
+  // head's channels reach fc through a 2x2 pool and flatten: 4 features per channel.
+  EXPECT_EQ(sizes("head.weight"), (V{8, 16, 1, 1}));
+  EXPECT_EQ(sizes("fc.weight"), (V{10, 32}));
+  at::Tensor y = p.forward({at::randn({2, 3, 16, 16})}).toTensor();
+  EXPECT_EQ(y.sizes(), (V{2, 10}));
+  // Still trains: gradients reach the cut parameters.
+  p.train();
+  p.forward({at::randn({4, 3, 16, 16})}).toTensor().sum().backward();
+  EXPECT_TRUE(Param(p, "dw.weight").grad().defined());
+  // The reshaped group is named with the reason.
+  bool named = false;
+  for (const auto& g : r.groups) {
+    if (g.name == "mix") {
+      EXPECT_FALSE(g.prunable);
+      EXPECT_NE(g.why_intact.find("view"), std::string::npos) << g.why_intact;
+      named = true;
+    }
+  }
+  EXPECT_TRUE(named);
+  // The input model is untouched.
+  EXPECT_EQ(Param(m, "stem.weight").size(0), 16);
+}
+
+TEST_F(EngineTest, ChannelPruneKeepsTheStrongestChannels) {
+  auto m = torch::jit::load(Fixture("couplings.pt"));
+  m.eval();
+  {
+    torch::NoGradGuard no_grad;
+    // Channels 0-7 of the stem group get tiny filters in both of its producers.
+    Param(m, "stem.weight").slice(0, 0, 8).mul_(1e-3);
+    Param(m, "conv_b.weight").slice(0, 0, 8).mul_(1e-3);
+  }
+  at::Tensor stem = Param(m, "stem.weight").clone();
+  at::Tensor mean = Param(m, "bn.running_mean").clone();
+  at::Tensor conv_a = Param(m, "conv_a.weight").clone();
+  at::Tensor dw = Param(m, "dw.weight").clone();
+  ChannelPruneSpec spec;
+  spec.amount = 0.5;
+  spec.round_to = 1;
+  auto p = ChannelPrune(m, spec, kCouplingsShape).module;
+  EXPECT_TRUE(Param(p, "stem.weight").equal(stem.slice(0, 8, 16)));
+  EXPECT_TRUE(Param(p, "bn.running_mean").equal(mean.slice(0, 8, 16)));
+  // conv_a's group (conv_a and the depthwise conv after it) keeps the channels whose filters
+  // have the largest summed L1 norm; of conv_a's inputs, exactly channels 8-15.
+  EXPECT_EQ(Param(p, "conv_a.weight").size(1), 8);
+  at::Tensor kept_filters = Param(p, "conv_a.weight");
+  at::Tensor norms = conv_a.abs().sum({1, 2, 3}) + dw.abs().sum({1, 2, 3});
+  at::Tensor top = std::get<0>(std::get<1>(norms.topk(16)).sort());
+  EXPECT_TRUE(kept_filters.equal(conv_a.slice(1, 8, 16).index_select(0, top)));
+
+  // BN_SCALE ranks the stem group by |gamma|.
+  auto m2 = torch::jit::load(Fixture("couplings.pt"));
+  m2.eval();
+  {
+    torch::NoGradGuard no_grad;
+    Param(m2, "bn.weight").copy_(at::arange(16, at::kFloat) - 3.5);  // |gamma| smallest at 2..5
+  }
+  spec.criterion = "BN_SCALE";
+  at::Tensor gamma = Param(m2, "bn.weight").clone();
+  auto p2 = ChannelPrune(m2, spec, kCouplingsShape).module;
+  EXPECT_TRUE(Param(p2, "bn.weight").equal(gamma.slice(0, 8, 16)));
+}
+
+TEST_F(EngineTest, ChannelPruneRoundsAndScopesAndRefusesBadSpecs) {
+  auto m = torch::jit::load(Fixture("couplings.pt"));
+  m.eval();
+  ChannelPruneSpec spec;
+  spec.amount = 0.3;  // 16 -> 11.2: rounded to a multiple of 8 where the group is >= 16 wide
+  spec.round_to = 8;
+  auto p = ChannelPrune(m, spec, kCouplingsShape).module;
+  EXPECT_EQ(Param(p, "stem.weight").size(0), 8);
+  EXPECT_EQ(Param(p, "conv_a.weight").size(0), 24);
+  EXPECT_EQ(Param(p, "right.weight").size(0), 6);  // 8 wide: not rounded
+  spec.global = true;
+  spec.round_to = 1;
+  spec.amount = 0.5;
+  auto g = ChannelPrune(m, spec, kCouplingsShape);
+  int64_t before = 0, after = 0;
+  for (const auto& grp : g.groups) {
+    before += grp.channels;
+    after += grp.kept;
+  }
+  EXPECT_LT(after, before);
+  EXPECT_EQ(g.module.forward({at::randn({1, 3, 16, 16})}).toTensor().size(1), 10);
+  spec.amount = 1.0;
+  EXPECT_THROW(ChannelPrune(m, spec, kCouplingsShape), EngineError);
+  spec.amount = 0.5;
+  spec.criterion = "L7";
+  EXPECT_THROW(ChannelPrune(m, spec, kCouplingsShape), EngineError);
+}
+
+TEST_F(EngineTest, ChannelPrunedModelsFoldBatchNormAndQuantize) {
+  auto m = torch::jit::load(Fixture("couplings.pt"));
+  m.eval();
+  ChannelPruneSpec spec;
+  spec.round_to = 1;
+  auto p = ChannelPrune(m, spec, kCouplingsShape).module;
+  at::Tensor x = at::randn({8, 3, 16, 16});
+  at::Tensor before = p.forward({x}).toTensor();
+  auto folded = p.clone();
+  // stem->bn and conv_a->bn_a fold; post follows a concatenation and stays.
+  EXPECT_EQ(FoldInlinedConvBatchNorm(folded), 2);
+  EXPECT_TRUE(at::allclose(folded.forward({x}).toTensor(), before, 1e-4, 1e-4));
+  std::vector<at::Tensor> calibration;
+  for (int i = 0; i < 4; ++i) calibration.push_back(at::randn({8, 3, 16, 16}));
+  auto q = QuantizeStatic(p, StaticQuantSpec{}, calibration);
+  std::string graph = q.get_method("forward").graph()->toString();
+  EXPECT_NE(graph.find("quantized::conv2d"), std::string::npos);
+  at::Tensor y = q.forward({x}).toTensor();
+  EXPECT_GT(at::cosine_similarity(y.flatten(), before.flatten(), 0).item<double>(), 0.99);
+  // Quantizing worked on a copy: the pruned float model still has its norms and trains.
+  EXPECT_NE(p.get_method("forward").graph()->toString().find("aten::batch_norm"), std::string::npos);
+  EXPECT_TRUE(at::allclose(p.forward({x}).toTensor(), before));
+}
+
+TEST_F(EngineTest, ChannelPruneWorksOnTorchvisionFamilies) {
+  // Residual, depthwise + squeeze-excitation, concatenation, grouped, shuffled networks.
+  for (const char* name : {"tv_resnet18.pt", "tv_mobilenet_v3_small.pt", "tv_densenet_small.pt",
+                           "tv_regnet_y_400mf.pt", "tv_shufflenet_v2_x0_5.pt"}) {
+    SCOPED_TRACE(name);
+    auto m = torch::jit::load(Fixture(name));
+    m.eval();
+    ChannelPruneSpec spec;
+    auto r = ChannelPrune(m, spec, {1, 3, 64, 64});
+    auto before = CountMacs(m, {1, 3, 64, 64});
+    auto after = CountMacs(r.module, {1, 3, 64, 64});
+    ASSERT_TRUE(before && after);
+    EXPECT_LT(after->macs, 0.6 * before->macs);
+    EXPECT_EQ(r.module.forward({at::randn({2, 3, 64, 64})}).toTensor().sizes(), (std::vector<int64_t>{2, 10}));
+  }
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/cuda.h>
 
+#include "worker/engine/channel_prune.h"
 #include "worker/engine/dataset.h"
 #include "worker/engine/error.h"
 #include "worker/engine/measure.h"
@@ -116,6 +117,11 @@ torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, c
     torch::jit::Module operator()(const NMPruneSpec& s) {
       Add(NMPrune(m, s));
       return m;
+    }
+    torch::jit::Module operator()(const ChannelPruneSpec& s) {
+      ChannelPruneResult r = ChannelPrune(m, s, ctx.input_shape);
+      Add(r.notes);
+      return r.module;
     }
     torch::jit::Module operator()(const DynamicQuantSpec&) {
       m.to(c10::kCPU);

@@ -1,5 +1,7 @@
 #include "worker/engine/quantize.h"
 
+#include <functional>
+
 #include <torch/csrc/jit/passes/constant_propagation.h>
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
 #include <torch/csrc/jit/passes/fold_conv_bn.h>
@@ -7,6 +9,7 @@
 #include <torch/csrc/jit/passes/quantization/insert_observers.h>
 #include <torch/csrc/jit/passes/quantization/insert_quant_dequant.h>
 
+#include "worker/engine/channel_prune.h"
 #include "worker/engine/error.h"
 
 namespace pare::engine {
@@ -191,6 +194,55 @@ def forward(self, x: Tensor) -> Tensor:
   return wrapper;
 }
 
+// A quantized model only runs in eval mode: `self.training` branches in the forward graph
+// (GoogLeNet's auxiliary heads) are folded away, since observers cannot follow values that
+// only one branch produces.
+// InsertQuantDeQuant can put one `dequantize` on a returned (named) tuple, which does not
+// type-check when the model is loaded again: dequantize each tensor of the tuple instead.
+static void DequantizeTupleElements(const std::shared_ptr<torch::jit::Graph>& graph) {
+  std::vector<torch::jit::Node*> bad;
+  for (torch::jit::Node* n : graph->nodes()) {
+    if (n->kind() == c10::aten::dequantize && n->input(0)->type()->kind() == c10::TypeKind::TupleType &&
+        n->input(0)->node()->kind() == c10::prim::TupleConstruct) {
+      bad.push_back(n);
+    }
+  }
+  for (torch::jit::Node* n : bad) {
+    torch::jit::Node* tuple = n->input(0)->node();
+    torch::jit::WithInsertPoint guard(n);
+    std::vector<torch::jit::Value*> elements;
+    for (torch::jit::Value* e : tuple->inputs()) {
+      if (e->type()->kind() == c10::TypeKind::TensorType) {
+        elements.push_back(graph->insert(c10::aten::dequantize, {e}));
+      } else {
+        elements.push_back(e);
+      }
+    }
+    torch::jit::Node* fresh = graph->insertNode(graph->createTuple(elements, tuple->output()->type()->expect<c10::TupleType>()));
+    n->output()->replaceAllUsesWith(fresh->output());
+    n->destroy();
+  }
+}
+
+static void SpecializeForEval(torch::jit::Module& module) {
+  auto graph = module.get_method("forward").graph();
+  std::vector<torch::jit::Node*> reads;
+  std::function<void(torch::jit::Block*)> find = [&](torch::jit::Block* b) {
+    for (torch::jit::Node* n : b->nodes()) {
+      if (n->kind() == c10::prim::GetAttr && n->s(c10::attr::name) == "training") reads.push_back(n);
+      for (torch::jit::Block* s : n->blocks()) find(s);
+    }
+  };
+  find(graph->block());
+  for (torch::jit::Node* n : reads) {
+    torch::jit::WithInsertPoint guard(n);
+    n->output()->replaceAllUsesWith(graph->insertConstant(false));
+  }
+  if (reads.empty()) return;
+  torch::jit::ConstantPropagation(graph);
+  torch::jit::EliminateDeadCode(graph);
+}
+
 torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQuantSpec& spec,
                                   const std::vector<at::Tensor>& calibration) {
   if (!input.find_method("forward")) {
@@ -207,7 +259,11 @@ torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQ
   // FoldConvBatchNorm returns a copy: the input stays unchanged and the later passes
   // work in place on that copy (Python's quantize_jit copies the model twice more).
   torch::jit::Module module = torch::jit::FoldConvBatchNorm(input);
+  // Models whose forward is one inlined graph (channel-pruned ones) have no conv/bn
+  // submodule calls for that pass to see.
+  FoldInlinedConvBatchNorm(module);
   module.eval();
+  SpecializeForEval(module);
   torch::jit::QConfigDict qconfig;
   qconfig[""] = std::make_tuple(MakeActivationObserver(k), MakeWeightObserver(spec.per_channel));
   torch::jit::Module observed =
@@ -220,6 +276,7 @@ torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQ
                                                                 /*debug=*/false, torch::jit::QuantType::STATIC);
   quantized = torch::jit::Finalize(quantized, torch::jit::QuantType::STATIC, {});
   auto graph = quantized.get_method("forward").graph();
+  DequantizeTupleElements(graph);
   torch::jit::ConstantPropagation(graph);
   torch::jit::EliminateDeadCode(graph);
   return quantized;

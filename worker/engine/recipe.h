@@ -20,6 +20,14 @@ struct NMPruneSpec {
   int m = 4;
 };
 
+// Structured pruning: whole channels removed from every coupled layer.
+struct ChannelPruneSpec {
+  double amount = 0.5;           // fraction of channels removed, in [0, 1)
+  std::string criterion = "L1";  // L1 or L2 norm of the group's producer filters, or BN_SCALE
+  bool global = false;           // one threshold over all groups (normalised scores) or uniform
+  int round_to = 8;              // kept channels rounded to a multiple where the group is wide enough
+};
+
 struct DynamicQuantSpec {};
 
 // Static INT8 post-training quantization: conv-bn folding, per-channel symmetric int8
@@ -60,7 +68,7 @@ struct DistillSpec {
 };
 
 using StepSpec =
-    std::variant<MagnitudePruneSpec, NMPruneSpec, DynamicQuantSpec, StaticQuantSpec, HalfPrecisionSpec, FinetuneSpec,
+    std::variant<MagnitudePruneSpec, NMPruneSpec, ChannelPruneSpec, DynamicQuantSpec, StaticQuantSpec, HalfPrecisionSpec, FinetuneSpec,
                  DistillSpec>;
 
 // The name a step has in reports and progress, e.g. "prune.magnitude".
@@ -68,6 +76,7 @@ inline std::string StepName(const StepSpec& s) {
   struct V {
     std::string operator()(const MagnitudePruneSpec&) const { return "prune.magnitude"; }
     std::string operator()(const NMPruneSpec&) const { return "prune.nm"; }
+    std::string operator()(const ChannelPruneSpec&) const { return "prune.channel"; }
     std::string operator()(const DynamicQuantSpec&) const { return "quantize.dynamic"; }
     std::string operator()(const StaticQuantSpec&) const { return "quantize.static"; }
     std::string operator()(const HalfPrecisionSpec& h) const { return h.bf16 ? "quantize.bf16" : "quantize.fp16"; }

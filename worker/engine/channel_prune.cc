@@ -1,0 +1,1103 @@
+#include "worker/engine/channel_prune.h"
+
+#include <torch/csrc/jit/api/function_impl.h>
+#include <torch/csrc/jit/ir/constants.h>
+#include <torch/csrc/jit/passes/constant_propagation.h>
+#include <torch/csrc/jit/passes/dead_code_elimination.h>
+#include <torch/csrc/jit/passes/inliner.h>
+#include <torch/csrc/jit/passes/lower_tuples.h>
+#include <torch/csrc/jit/passes/remove_mutation.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <numeric>
+#include <set>
+#include <unordered_map>
+
+#include "worker/engine/error.h"
+
+namespace pare::engine {
+namespace {
+
+using torch::jit::Block;
+using torch::jit::Graph;
+using torch::jit::Node;
+using torch::jit::Value;
+namespace aten = c10::aten;
+namespace prim = c10::prim;
+
+using Path = std::vector<std::string>;
+using Shape = std::vector<int64_t>;
+
+std::string Join(const Path& p) {
+  std::string s;
+  for (const auto& part : p) s += (s.empty() ? "" : ".") + part;
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------
+// Shapes: the model runs once in eval mode and once (on a copy) in training mode with a
+// recording op after every tensor value, branches included.
+
+std::mutex probe_mutex;
+std::unordered_map<int64_t, Shape>* probe_sink = nullptr;
+
+void RecordShape(const at::Tensor& t, int64_t id) {
+  if (probe_sink) (*probe_sink)[id] = t.sizes().vec();
+}
+
+TORCH_LIBRARY(pare_probe, m) {
+  m.def(torch::schema("pare_probe::shape(Tensor x, int id) -> ()", c10::AliasAnalysisKind::CONSERVATIVE),
+        &RecordShape);
+}
+
+bool IsTensor(const Value* v) { return v->type()->kind() == c10::TypeKind::TensorType; }
+
+// Calls f(original, copy) for every value of two structurally identical blocks.
+void PairValues(Block* a, Block* b, const std::function<void(Value*, Value*)>& f) {
+  for (size_t i = 0; i < a->inputs().size(); ++i) f(a->inputs()[i], b->inputs()[i]);
+  auto it = b->nodes().begin();
+  for (Node* n : a->nodes()) {
+    Node* c = *it++;
+    for (size_t i = 0; i < n->outputs().size(); ++i) f(n->output(i), c->output(i));
+    for (size_t i = 0; i < n->blocks().size(); ++i) PairValues(n->blocks()[i], c->blocks()[i], f);
+  }
+}
+
+// Shapes of the values of `graph` (the module's forward) when it runs on `input`, in eval mode
+// and, when `train_too`, in training mode on a clone. Returns false when the training run failed.
+// The module's own forward must not run before the graph is final: its executor would keep
+// the old graph. The eval-mode result goes to `output`.
+bool ProbeShapes(const torch::jit::Module& module, const std::shared_ptr<Graph>& graph, const at::Tensor& input,
+                 bool train_too, std::unordered_map<Value*, Shape>& shapes, c10::IValue& output) {
+  auto copy = graph->copy();
+  std::vector<Value*> originals;
+  std::vector<Value*> copies;
+  PairValues(graph->block(), copy->block(), [&](Value* o, Value* c) {
+    if (!IsTensor(o)) return;
+    originals.push_back(o);
+    copies.push_back(c);
+  });
+  const auto kind = c10::Symbol::fromQualString("pare_probe::shape");
+  for (size_t i = 0; i < copies.size(); ++i) {
+    Value* v = copies[i];
+    Node* def = v->node();
+    Node* probe = nullptr;
+    if (def->kind() == prim::Param) {
+      // A graph or loop-body input: probe at the start of its block.
+      Block* owner = def->owningBlock();
+      Node* first = owner->nodes().front();
+      torch::jit::WithInsertPoint guard(first);
+      Value* id = copy->insertConstant(static_cast<int64_t>(i));
+      probe = copy->create(kind, {v, id}, 0);
+      probe->insertBefore(first);
+    } else {
+      torch::jit::WithInsertPoint guard(def->next());
+      Value* id = copy->insertConstant(static_cast<int64_t>(i));
+      probe = copy->create(kind, {v, id}, 0);
+      probe->insertAfter(id->node());
+    }
+  }
+  torch::jit::GraphFunction fn("pare_probe_shapes", copy, nullptr);
+  std::lock_guard<std::mutex> lock(probe_mutex);
+  std::unordered_map<int64_t, Shape> found;
+  probe_sink = &found;
+  auto run = [&](const torch::jit::Module& m) {
+    torch::NoGradGuard no_grad;
+    torch::jit::Stack stack{m._ivalue(), input};
+    fn.run(stack);
+    return stack.at(0);
+  };
+  bool train_ok = true;
+  try {
+    output = run(module);
+    if (train_too) {
+      torch::jit::Module clone = module.clone();
+      clone.train();
+      try {
+        run(clone);
+      } catch (const std::exception&) {
+        train_ok = false;
+      }
+    }
+  } catch (...) {
+    probe_sink = nullptr;
+    throw;
+  }
+  probe_sink = nullptr;
+  for (const auto& [id, shape] : found) shapes[originals.at(static_cast<size_t>(id))] = shape;
+  return train_ok;
+}
+
+// ---------------------------------------------------------------------------------------
+// Preparing the graph
+
+// A list built and appended to in one block and only read by concatenations (DenseNet's
+// features) becomes one ListConstruct per concatenation, so the concatenation's parts are
+// visible. LibTorch's RemoveListMutation leaves lists that are read before an append.
+void LowerListAppends(Graph& graph) {
+  std::vector<Node*> lists;
+  for (Node* n : graph.nodes()) {
+    if (n->kind() == prim::ListConstruct) lists.push_back(n);
+  }
+  for (Node* list : lists) {
+    std::vector<Node*> users;
+    bool simple = true;
+    for (const auto& use : list->output()->uses()) {
+      Node* u = use.user;
+      simple &= u->owningBlock() == list->owningBlock() && use.offset == 0 &&
+                ((u->kind() == aten::cat) || (u->kind() == aten::append && !u->output()->hasUses()));
+      users.push_back(u);
+    }
+    if (!simple || users.empty()) continue;
+    std::sort(users.begin(), users.end(), [](Node* a, Node* b) { return a->isBefore(b); });
+    std::vector<Value*> elements(list->inputs().begin(), list->inputs().end());
+    for (Node* u : users) {
+      if (u->kind() == aten::append) {
+        elements.push_back(u->input(1));
+        u->destroy();
+        continue;
+      }
+      Node* fresh = graph.createList(list->output()->type()->expectRef<c10::ListType>().getElementType(), elements);
+      fresh->insertBefore(u);
+      u->replaceInput(0, fresh->output());
+    }
+    if (!list->output()->hasUses()) list->destroy();
+  }
+}
+
+// Makes `module`'s forward one graph: submodule calls inlined, tuples and list appends
+// lowered, and constant bool and int attributes (never set by the graph, other than `training`)
+// folded so that dead branches disappear. Parameters stay attributes.
+std::shared_ptr<Graph> InlineForward(torch::jit::Module& module) {
+  auto graph = module.get_method("forward").graph();
+  torch::jit::Inline(*graph);
+  torch::jit::LowerSimpleTuples(graph);
+  std::set<std::string> assigned;
+  std::function<void(Block*)> find_set = [&](Block* b) {
+    for (Node* n : b->nodes()) {
+      if (n->kind() == prim::SetAttr) assigned.insert(n->s(c10::attr::name));
+      for (Block* s : n->blocks()) find_set(s);
+    }
+  };
+  find_set(graph->block());
+  std::vector<Node*> bool_reads;
+  std::function<void(Block*)> find_bools = [&](Block* b) {
+    for (Node* n : b->nodes()) {
+      const auto type = n->kind() == prim::GetAttr ? n->output()->type()->kind() : c10::TypeKind::AnyType;
+      if ((type == c10::TypeKind::BoolType || type == c10::TypeKind::IntType) &&
+          n->s(c10::attr::name) != "training" && !assigned.count(n->s(c10::attr::name))) {
+        bool_reads.push_back(n);
+      }
+      for (Block* s : n->blocks()) find_bools(s);
+    }
+  };
+  find_bools(graph->block());
+  for (Node* n : bool_reads) {
+    // Evaluate the attribute through its owner chain.
+    std::vector<std::string> names;
+    Value* v = n->input(0);
+    bool from_self = true;
+    while (v != graph->inputs()[0]) {
+      if (v->node()->kind() != prim::GetAttr) { from_self = false; break; }
+      names.push_back(v->node()->s(c10::attr::name));
+      v = v->node()->input(0);
+    }
+    if (!from_self) continue;
+    c10::intrusive_ptr<c10::ivalue::Object> obj = module._ivalue();
+    for (auto it = names.rbegin(); it != names.rend(); ++it) obj = obj->getAttr(*it).toObject();
+    c10::IValue value = obj->getAttr(n->s(c10::attr::name));
+    torch::jit::WithInsertPoint guard(n);
+    n->output()->replaceAllUsesWith(graph->insertConstant(value));
+  }
+  torch::jit::RemoveListMutation(graph);
+  torch::jit::ConstantPropagation(graph);
+  torch::jit::EliminateDeadCode(graph);
+  LowerListAppends(*graph);
+  torch::jit::EliminateDeadCode(graph);
+  return graph;
+}
+
+// The chain of attributes from `self` that yields `v`, through Optional refinements and
+// `x if cond else None` branches; kind None when the value is None.
+struct Source {
+  enum Kind { kNone, kAttr, kOther } kind = kOther;
+  Path path;
+};
+
+at::Tensor TensorAt(const torch::jit::Module& root, const Path& path);
+
+Source Resolve(const torch::jit::Module& root, Value* v, Value* self) {
+  if (v->type()->kind() == c10::TypeKind::NoneType) return {Source::kNone, {}};
+  Node* n = v->node();
+  if (n->kind() == prim::unchecked_cast) return Resolve(root, n->input(0), self);
+  if (n->kind() == prim::If) {
+    size_t i = v->offset();
+    Source a = Resolve(root, n->blocks()[0]->outputs()[i], self);
+    Source b = Resolve(root, n->blocks()[1]->outputs()[i], self);
+    if (a.kind == Source::kNone) return b;
+    if (b.kind == Source::kNone) return a;
+    if (a.kind == Source::kAttr && b.kind == Source::kAttr && a.path == b.path) return a;
+    return {};
+  }
+  Path rev;
+  while (v != self) {
+    Node* d = v->node();
+    if (d->kind() != prim::GetAttr) return {};
+    rev.push_back(d->s(c10::attr::name));
+    v = d->input(0);
+  }
+  Path path(rev.rbegin(), rev.rend());
+  if (path.empty()) return {};
+  // An Optional[Tensor] attribute holding None (a conv without bias).
+  c10::intrusive_ptr<c10::ivalue::Object> obj = root._ivalue();
+  for (size_t i = 0; i + 1 < path.size(); ++i) {
+    c10::IValue next = obj->getAttr(path[i]);
+    if (!next.isObject()) return {};
+    obj = next.toObject();
+  }
+  c10::IValue value = obj->getAttr(path.back());
+  if (value.isNone()) return {Source::kNone, {}};
+  if (!value.isTensor()) return {};
+  return {Source::kAttr, path};
+}
+
+c10::intrusive_ptr<c10::ivalue::Object> Owner(const torch::jit::Module& root, const Path& path) {
+  c10::intrusive_ptr<c10::ivalue::Object> obj = root._ivalue();
+  for (size_t i = 0; i + 1 < path.size(); ++i) obj = obj->getAttr(path[i]).toObject();
+  return obj;
+}
+
+at::Tensor TensorAt(const torch::jit::Module& root, const Path& path) {
+  c10::IValue v = Owner(root, path)->getAttr(path.back());
+  return v.isTensor() ? v.toTensor() : at::Tensor();
+}
+
+void SetTensorAt(const torch::jit::Module& root, const Path& path, const at::Tensor& t) {
+  Owner(root, path)->setAttr(path.back(), t);
+}
+
+// ---------------------------------------------------------------------------------------
+// The analysis
+
+// A run of channels along dim 1 of a value that all come from one atom (a producer's output
+// channels); `factor` elements per channel once flattened ("x.flatten(1)" after a 7x7 pool).
+struct Seg {
+  int atom;
+  int64_t size;
+  int64_t factor;
+};
+using Space = std::vector<Seg>;  // empty: channels nobody may change (model input, unknown ops)
+
+int64_t Length(const Space& s) {
+  int64_t n = 0;
+  for (const auto& g : s) n += g.size * g.factor;
+  return n;
+}
+
+enum class Role { kOut, kIn, kNorm, kDepthwise, kChannelParam };
+
+struct Member {
+  Role role;
+  std::vector<Path> params;  // kOut/kDepthwise: weight, [bias]; kNorm: weight, bias, mean, var; kIn: weight
+  int64_t dim = 0;
+  int64_t offset = 0;  // first element along `dim` that belongs to the atom
+  int64_t factor = 1;
+  Node* conv = nullptr;     // kDepthwise: the node whose `groups` follows the channel count
+  size_t groups_input = 0;  // its index
+  int64_t per_group = 1;    // kDepthwise: channels per conv group (1 depthwise, more for grouped)
+};
+
+struct Atom {
+  int64_t size;
+  int parent;
+  int64_t granule = 1;  // channels are removed in whole runs of this many (a grouped conv's groups)
+  bool blocked = false;
+  std::string why;
+  std::string name;
+  std::vector<Member> members;
+};
+
+bool In(c10::Symbol k, std::initializer_list<c10::Symbol> set) {
+  return std::find(set.begin(), set.end(), k) != set.end();
+}
+
+class Analysis {
+ public:
+  Analysis(const torch::jit::Module& root, std::shared_ptr<Graph> graph, std::unordered_map<Value*, Shape> shapes)
+      : root_(root), graph_(std::move(graph)), shapes_(std::move(shapes)), self_(graph_->inputs()[0]) {}
+
+  void Run() {
+    Visit(graph_->block());
+    for (Value* v : graph_->outputs()) Block(Of(v), "it reaches the model's output");
+  }
+
+  std::vector<Atom>& atoms() { return atoms_; }
+  int Find(int a) {
+    while (atoms_[a].parent != a) a = atoms_[a].parent = atoms_[atoms_[a].parent].parent;
+    return a;
+  }
+  void BlockRoot(int a, const std::string& why) {
+    Atom& r = atoms_[Find(a)];
+    if (!r.blocked) r.why = why;
+    r.blocked = true;
+  }
+
+ private:
+  int NewAtom(int64_t size, const std::string& name) {
+    atoms_.push_back(Atom{size, static_cast<int>(atoms_.size()), 1, false, "", name, {}});
+    return atoms_.back().parent;
+  }
+  void Union(int a, int b) {
+    a = Find(a);
+    b = Find(b);
+    if (a == b) return;
+    if (atoms_[a].size != atoms_[b].size) {
+      BlockRoot(a, "channel counts disagree");
+      BlockRoot(b, "channel counts disagree");
+      return;
+    }
+    atoms_[b].parent = a;
+    atoms_[a].granule = std::lcm(atoms_[a].granule, atoms_[b].granule);
+    if (atoms_[a].size % atoms_[a].granule != 0) BlockRoot(a, "grouped convolutions with incompatible group sizes");
+    if (atoms_[b].blocked) BlockRoot(a, atoms_[b].why);
+  }
+  void Block(const Space& s, const std::string& why) {
+    for (const auto& g : s) BlockRoot(g.atom, why);
+  }
+  Space Of(Value* v) {
+    auto it = space_.find(v);
+    return it == space_.end() ? Space{} : it->second;
+  }
+  const Shape* ShapeOf(Value* v) {
+    auto it = shapes_.find(v);
+    return it == shapes_.end() ? nullptr : &it->second;
+  }
+  std::string OpName(Node* n) { return n->kind().toQualString(); }
+  void BlockTensorInputs(Node* n, const std::string& why) {
+    for (Value* v : n->inputs()) Block(Of(v), why);
+  }
+  void AddMember(const Space& s, Role role, const std::vector<Path>& params, int64_t dim, Node* conv = nullptr,
+                 size_t groups_input = 0) {
+    int64_t offset = 0;
+    for (const auto& g : s) {
+      atoms_[g.atom].members.push_back(Member{role, params, dim, offset, g.factor, conv, groups_input});
+      offset += g.size * g.factor;
+    }
+  }
+
+  // Elementwise combination: every operand with channels must have the same layout; an
+  // operand without known channels must broadcast along dim 1.
+  void Elementwise(Node* n, const std::vector<Value*>& operands) {
+    Space result;
+    int64_t rank = -1;
+    bool ok = true;
+    std::vector<Value*> unknown;
+    for (Value* v : operands) {
+      Space s = Of(v);
+      if (s.empty()) {
+        unknown.push_back(v);
+        continue;
+      }
+      if (const Shape* sh = ShapeOf(v)) rank = std::max<int64_t>(rank, static_cast<int64_t>(sh->size()));
+      if (result.empty()) {
+        result = s;
+        continue;
+      }
+      bool same = result.size() == s.size();
+      for (size_t i = 0; same && i < s.size(); ++i) {
+        same = result[i].size == s[i].size && result[i].factor == s[i].factor;
+      }
+      if (!same) {
+        ok = false;
+        Block(s, "an elementwise op (" + OpName(n) + ") joins differently laid-out channels");
+        continue;
+      }
+      for (size_t i = 0; i < s.size(); ++i) Union(result[i].atom, s[i].atom);
+    }
+    if (result.empty()) return;
+    for (Value* v : unknown) {
+      const Shape* sh = ShapeOf(v);
+      if (!sh || rank < 0) {
+        ok = false;
+        break;
+      }
+      int64_t index = 1 - (rank - static_cast<int64_t>(sh->size()));  // v's dim aligned with dim 1
+      if (index >= 0 && (*sh)[index] != 1) {
+        ok = false;
+        break;
+      }
+    }
+    if (!ok) {
+      Block(result, OpName(n) + " combines the channels with a tensor that has as many fixed channels");
+      return;
+    }
+    space_[n->output(0)] = result;
+  }
+
+  void Visit(torch::jit::Block* b) {
+    for (Node* n : b->nodes()) VisitNode(n);
+  }
+
+  void VisitNode(Node* n) {
+    for (torch::jit::Block* b : n->blocks()) Visit(b);
+    const auto k = n->kind();
+    // Reads that adapt to any channel count.
+    if (In(k, {prim::Constant, prim::GetAttr, aten::size, aten::dim, aten::len, aten::__is__, aten::__isnot__,
+               prim::isinstance, aten::is_floating_point, prim::device, prim::dtype, prim::requires_grad,
+               aten::format, prim::RaiseException, aten::warn, prim::Uninitialized, c10::Symbol::fromQualString("aten::numel"), aten::Int,
+               aten::Float, aten::Bool, aten::ScalarImplicit, prim::is_cuda})) {
+      return;
+    }
+    if (k == prim::unchecked_cast) {
+      space_[n->output()] = Of(n->input(0));
+      return;
+    }
+    if (In(k, {aten::conv1d, aten::conv2d, aten::conv3d, aten::_convolution})) return Conv(n);
+    if (k == aten::linear) return Linear(n);
+    if (k == aten::batch_norm) return BatchNorm(n);
+    if (k == aten::prelu) return PRelu(n);
+    if (In(k, {aten::relu, aten::relu_, aten::relu6, aten::relu6_, aten::hardtanh, aten::hardtanh_, aten::sigmoid,
+               aten::sigmoid_, aten::hardsigmoid, aten::hardsigmoid_, aten::hardswish, aten::hardswish_, aten::silu,
+               aten::silu_, aten::gelu, aten::elu, aten::elu_, aten::leaky_relu, aten::leaky_relu_, aten::tanh,
+               aten::tanh_, aten::mish, aten::softplus, aten::dropout, aten::dropout_, aten::feature_dropout,
+               aten::feature_dropout_, aten::alpha_dropout, aten::alpha_dropout_, aten::feature_alpha_dropout,
+               aten::contiguous, aten::clone, aten::detach, aten::neg, aten::clamp, aten::clamp_, aten::clamp_min,
+               aten::clamp_min_, aten::clamp_max, aten::to, aten::add, aten::add_, aten::sub, aten::sub_, aten::mul,
+               aten::mul_, aten::div, aten::div_, aten::maximum, aten::minimum, aten::exp, aten::sqrt})) {
+      std::vector<Value*> operands;
+      for (Value* v : n->inputs()) {
+        if (IsTensor(v)) operands.push_back(v);
+      }
+      if (n->outputs().size() != 1 || !IsTensor(n->output())) return BlockTensorInputs(n, OpName(n));
+      return Elementwise(n, operands);
+    }
+    if (In(k, {aten::max_pool1d, aten::max_pool2d, aten::max_pool3d, aten::avg_pool1d, aten::avg_pool2d,
+               aten::avg_pool3d, aten::adaptive_avg_pool1d, aten::adaptive_avg_pool2d, aten::adaptive_avg_pool3d,
+               aten::upsample_nearest2d, aten::upsample_bilinear2d})) {
+      Space s = Of(n->input(0));
+      for (const auto& g : s) {
+        if (g.factor != 1) return Block(s, OpName(n) + " on flattened channels");
+      }
+      if (n->outputs().size() == 1) space_[n->output()] = s;
+      else Block(s, OpName(n));
+      return;
+    }
+    if (In(k, {aten::mean, aten::sum, aten::amax})) return Reduce(n);
+    if (In(k, {aten::flatten, aten::view, aten::reshape, aten::squeeze, aten::unsqueeze})) return Reshape(n);
+    if (k == prim::ListConstruct) {
+      for (const auto& use : n->output()->uses()) {
+        if (!(use.user->kind() == aten::cat && use.offset == 0)) return BlockTensorInputs(n, "a list of tensors");
+      }
+      return;
+    }
+    if (k == aten::cat) return Cat(n);
+    if (k == prim::If) return If(n);
+    if (k == prim::Loop) {
+      BlockTensorInputs(n, "a loop");
+      for (Value* v : n->blocks()[0]->outputs()) Block(Of(v), "a loop");
+      return;
+    }
+    BlockTensorInputs(n, OpName(n));
+  }
+
+  void Conv(Node* n) {
+    const bool long_form = n->kind() == aten::_convolution;
+    const size_t groups_at = long_form ? 8 : 6;
+    Value* x = n->input(0);
+    Space in = Of(x);
+    Source w = Resolve(root_, n->input(1), self_);
+    Source b = Resolve(root_, n->input(2), self_);
+    auto groups = torch::jit::toIValue(n->input(groups_at));
+    bool transposed = false;
+    if (long_form) {
+      auto t = torch::jit::toIValue(n->input(6));
+      transposed = !t || !t->isBool() || t->toBool();
+    }
+    at::Tensor weight = w.kind == Source::kAttr ? TensorAt(root_, w.path) : at::Tensor();
+    if (!weight.defined() || !groups || !groups->isInt() || transposed || b.kind == Source::kOther) {
+      return Block(in, "a convolution whose weight, bias or groups is not a plain attribute");
+    }
+    const int64_t g = groups->toInt();
+    const int64_t out = weight.size(0);
+    const int64_t in_channels = weight.size(1) * g;
+    Path layer(w.path.begin(), w.path.end() - 1);
+    std::vector<Path> params{w.path};
+    if (b.kind == Source::kAttr) params.push_back(b.path);
+    for (const auto& s : in) {
+      if (s.factor != 1) return Block(in, "a convolution over flattened channels");
+    }
+    if (!in.empty() && Length(in) != in_channels) return Block(in, "a convolution whose input does not match");
+    if (g == 1) {
+      AddMember(in, Role::kIn, {w.path}, 1);
+      int a = NewAtom(out, Join(layer));
+      atoms_[a].members.push_back(Member{Role::kOut, params, 0, 0, 1});
+      space_[n->output()] = {Seg{a, out, 1}};
+      return;
+    }
+    if (out == in_channels && in.size() == 1) {
+      // Depthwise (and grouped with as many outputs as inputs): channel i in, channel i out;
+      // whole groups go, and `groups` follows the kept count.
+      const int64_t per_group = in_channels / g;
+      Member m{Role::kDepthwise, params, 0, 0, 1, n, groups_at, per_group};
+      int root = Find(in[0].atom);
+      atoms_[in[0].atom].members.push_back(m);
+      atoms_[root].granule = std::lcm(atoms_[root].granule, per_group);
+      space_[n->output()] = in;
+      return;
+    }
+    Block(in, "a grouped convolution (" + Join(layer) + ", groups=" + std::to_string(g) + ")");
+  }
+
+  void Linear(Node* n) {
+    Space in = Of(n->input(0));
+    Source w = Resolve(root_, n->input(1), self_);
+    Source b = Resolve(root_, n->input(2), self_);
+    at::Tensor weight = w.kind == Source::kAttr ? TensorAt(root_, w.path) : at::Tensor();
+    const Shape* shape = ShapeOf(n->input(0));
+    if (!weight.defined() || b.kind == Source::kOther || weight.dim() != 2) {
+      return Block(in, "a linear layer whose weight or bias is not a plain attribute");
+    }
+    if (!in.empty() && (!shape || shape->size() != 2 || Length(in) != weight.size(1))) {
+      return Block(in, "a linear layer over more than two dimensions");
+    }
+    AddMember(in, Role::kIn, {w.path}, 1);
+    std::vector<Path> params{w.path};
+    if (b.kind == Source::kAttr) params.push_back(b.path);
+    int a = NewAtom(weight.size(0), Join(Path(w.path.begin(), w.path.end() - 1)));
+    atoms_[a].members.push_back(Member{Role::kOut, params, 0, 0, 1});
+    space_[n->output()] = {Seg{a, weight.size(0), 1}};
+  }
+
+  void BatchNorm(Node* n) {
+    Space in = Of(n->input(0));
+    if (in.empty()) return;
+    std::vector<Path> params;
+    for (size_t i : {1, 2, 3, 4}) {
+      Source s = Resolve(root_, n->input(i), self_);
+      if (s.kind == Source::kOther) return Block(in, "a batch norm whose parameters are not plain attributes");
+      if (s.kind == Source::kAttr) params.push_back(s.path);
+    }
+    for (const auto& g : in) {
+      if (g.factor != 1) return Block(in, "a batch norm over flattened channels");
+    }
+    AddMember(in, Role::kNorm, params, 0);
+    space_[n->output()] = in;
+  }
+
+  void PRelu(Node* n) {
+    Space in = Of(n->input(0));
+    Source w = Resolve(root_, n->input(1), self_);
+    if (in.empty()) return;
+    at::Tensor weight = w.kind == Source::kAttr ? TensorAt(root_, w.path) : at::Tensor();
+    if (!weight.defined()) return Block(in, "a PReLU whose weight is not an attribute");
+    if (weight.numel() != 1) AddMember(in, Role::kChannelParam, {w.path}, 0);
+    space_[n->output()] = in;
+  }
+
+  void Reduce(Node* n) {
+    Space in = Of(n->input(0));
+    if (in.empty()) return;
+    const Shape* shape = ShapeOf(n->input(0));
+    auto dims = n->inputs().size() > 1 ? torch::jit::toIValue(n->input(1)) : c10::nullopt;
+    if (!shape || !dims || !dims->isIntList()) return Block(in, OpName(n) + " over all dimensions");
+    const int64_t rank = static_cast<int64_t>(shape->size());
+    for (int64_t d : dims->toIntVector()) {
+      if (d < 0) d += rank;
+      if (d <= 1) return Block(in, OpName(n) + " over the channel dimension");
+    }
+    for (const auto& g : in) {
+      if (g.factor != 1) return Block(in, OpName(n) + " on flattened channels");
+    }
+    space_[n->output()] = in;
+  }
+
+  // flatten / view / reshape / squeeze / unsqueeze that keep batch and channels in dims 0 and
+  // 1: either the trailing size is unchanged, or the trailing dims fold into the channels.
+  void Reshape(Node* n) {
+    Space in = Of(n->input(0));
+    if (in.empty()) return;
+    const Shape* a = ShapeOf(n->input(0));
+    const Shape* b = ShapeOf(n->output());
+    if (!a || !b || a->size() < 2 || b->size() < 2 || (*a)[0] != (*b)[0]) {
+      return Block(in, OpName(n) + " that moves the channel dimension");
+    }
+    auto tail = [](const Shape& s) {
+      int64_t p = 1;
+      for (size_t i = 2; i < s.size(); ++i) p *= s[i];
+      return p;
+    };
+    if ((*a)[1] == (*b)[1] && tail(*a) == tail(*b)) {
+      space_[n->output()] = in;
+      return;
+    }
+    if (b->size() == 2 && (*b)[1] == (*a)[1] * tail(*a)) {
+      Space out = in;
+      for (auto& g : out) g.factor *= tail(*a);
+      space_[n->output()] = out;
+      return;
+    }
+    Block(in, OpName(n) + " that moves the channel dimension");
+  }
+
+  void Cat(Node* n) {
+    Node* list = n->input(0)->node();
+    auto dim = torch::jit::toIValue(n->input(1));
+    const Shape* out_shape = ShapeOf(n->output());
+    if (list->kind() != prim::ListConstruct || !dim || !dim->isInt() || !out_shape) {
+      if (list->kind() == prim::ListConstruct) BlockTensorInputs(list, "a concatenation");
+      return;
+    }
+    int64_t d = dim->toInt();
+    if (d < 0) d += static_cast<int64_t>(out_shape->size());
+    if (d != 1) {
+      // Along another dimension the channels of every part line up.
+      return Elementwise(n, std::vector<Value*>(list->inputs().begin(), list->inputs().end()));
+    }
+    Space out;
+    bool any = false;
+    for (Value* v : list->inputs()) {
+      Space s = Of(v);
+      const Shape* sh = ShapeOf(v);
+      if (s.empty()) {
+        if (!sh || sh->size() < 2) return BlockTensorInputs(list, "a concatenation with parts of unknown size");
+        int a = NewAtom((*sh)[1], "");
+        BlockRoot(a, "fixed channels");
+        s = {Seg{a, (*sh)[1], 1}};
+      } else {
+        any = true;
+      }
+      for (const auto& g : s) {
+        if (g.factor != 1) return BlockTensorInputs(list, "a concatenation of flattened channels");
+      }
+      out.insert(out.end(), s.begin(), s.end());
+    }
+    if (any) space_[n->output()] = out;
+  }
+
+  void If(Node* n) {
+    for (size_t i = 0; i < n->outputs().size(); ++i) {
+      Value* a = n->blocks()[0]->outputs()[i];
+      Value* b = n->blocks()[1]->outputs()[i];
+      auto absent = [](Value* v) {
+        return v->type()->kind() == c10::TypeKind::NoneType || v->node()->kind() == prim::Uninitialized;
+      };
+      Space sa = Of(a), sb = Of(b);
+      if (absent(a)) {
+        space_[n->output(i)] = sb;
+        continue;
+      }
+      if (absent(b)) {
+        space_[n->output(i)] = sa;
+        continue;
+      }
+      if (sa.empty() && sb.empty()) continue;
+      bool same = sa.size() == sb.size();
+      for (size_t j = 0; same && j < sa.size(); ++j) same = sa[j].size == sb[j].size && sa[j].factor == sb[j].factor;
+      if (!same) {
+        Block(sa, "branches that return different channels");
+        Block(sb, "branches that return different channels");
+        continue;
+      }
+      for (size_t j = 0; j < sa.size(); ++j) Union(sa[j].atom, sb[j].atom);
+      space_[n->output(i)] = sa;
+    }
+  }
+
+  const torch::jit::Module& root_;
+  std::shared_ptr<Graph> graph_;
+  std::unordered_map<Value*, Shape> shapes_;
+  Value* self_;
+  std::vector<Atom> atoms_;
+  std::unordered_map<Value*, Space> space_;
+};
+
+// One group after the analysis: the root atom and everything cut with it.
+struct Group {
+  int root;
+  int64_t size;
+  int64_t granule;
+  std::string name;
+  bool blocked;
+  std::string why;
+  std::vector<Member> members;
+};
+
+std::vector<Group> Collect(Analysis& analysis) {
+  auto& atoms = analysis.atoms();
+  std::map<int, Group> by_root;
+  for (size_t i = 0; i < atoms.size(); ++i) {
+    int r = analysis.Find(static_cast<int>(i));
+    auto [it, fresh] =
+        by_root.try_emplace(r, Group{r, atoms[r].size, atoms[r].granule, "", atoms[r].blocked, atoms[r].why, {}});
+    Group& g = it->second;
+    if (g.name.empty()) g.name = atoms[i].name;
+    g.members.insert(g.members.end(), atoms[i].members.begin(), atoms[i].members.end());
+  }
+  std::vector<Group> out;
+  for (auto& [r, g] : by_root) {
+    bool produces = false;
+    for (const auto& m : g.members) produces |= m.role == Role::kOut;
+    if (!produces) continue;  // channels of the input or of fixed parts
+    if (g.name.empty()) g.name = "(unnamed)";
+    out.push_back(std::move(g));
+  }
+  return out;
+}
+
+// Index ranges each group owns along (tensor, dim); two groups claiming one index (shared
+// weights) cannot be cut independently, and sizes must match what the graph implies.
+void CheckClaims(const torch::jit::Module& root, std::vector<Group>& groups) {
+  for (int round = 0; round < 4; ++round) {
+    std::map<std::pair<std::string, int64_t>, std::vector<int>> owner;  // per element: group index + 1
+    std::set<size_t> bad;
+    for (size_t gi = 0; gi < groups.size(); ++gi) {
+      Group& g = groups[gi];
+      if (g.blocked) continue;
+      for (const auto& m : g.members) {
+        for (const auto& p : m.params) {
+          at::Tensor t = TensorAt(root, p);
+          if (!t.defined() || t.dim() <= m.dim) {
+            bad.insert(gi);
+            continue;
+          }
+          const int64_t len = t.size(m.dim);
+          const int64_t need = m.offset + g.size * m.factor;
+          bool exact = m.role == Role::kOut || m.role == Role::kDepthwise;
+          if (need > len || (exact && need != len)) {
+            bad.insert(gi);
+            continue;
+          }
+          auto& claims = owner[{Join(p), m.dim}];
+          claims.resize(static_cast<size_t>(len), 0);
+          for (int64_t i = m.offset; i < need; ++i) {
+            int& c = claims[static_cast<size_t>(i)];
+            if (c != 0 && c != static_cast<int>(gi) + 1) {
+              bad.insert(gi);
+              bad.insert(static_cast<size_t>(c - 1));
+            }
+            c = static_cast<int>(gi) + 1;
+          }
+        }
+      }
+    }
+    if (bad.empty()) return;
+    for (size_t gi : bad) {
+      groups[gi].blocked = true;
+      groups[gi].why = "its parameters are shared with other channels or do not have the expected size";
+    }
+  }
+}
+
+// Score of each channel of a group: norm of the producing filters, or |gamma| of its norms.
+at::Tensor Scores(const torch::jit::Module& root, const Group& g, const std::string& criterion, bool& fell_back) {
+  at::Tensor score = at::zeros({g.size}, at::kDouble);
+  if (criterion == "BN_SCALE") {
+    bool found = false;
+    for (const auto& m : g.members) {
+      if (m.role != Role::kNorm || m.params.size() != 4) continue;
+      at::Tensor gamma = TensorAt(root, m.params[0]).detach().to(at::kCPU, at::kDouble);
+      score += gamma.slice(0, m.offset, m.offset + g.size).abs();
+      found = true;
+    }
+    if (found) return score;
+    fell_back = true;
+  }
+  const bool l2 = criterion == "L2";
+  for (const auto& m : g.members) {
+    if (m.role != Role::kOut && m.role != Role::kDepthwise) continue;
+    at::Tensor w = TensorAt(root, m.params[0]).detach().to(at::kCPU, at::kDouble).reshape({g.size, -1});
+    score += l2 ? w.pow(2).sum(1) : w.abs().sum(1);
+  }
+  return l2 ? score.sqrt() : score;
+}
+
+int64_t RoundKept(int64_t size, double keep, int round_to, int64_t granule) {
+  if (granule > 1) {  // whole groups of a grouped convolution
+    int64_t groups = std::max<int64_t>(1, static_cast<int64_t>(std::llround(keep / double(granule))));
+    return std::min(size, groups * granule);
+  }
+  int64_t k = static_cast<int64_t>(std::llround(keep));
+  if (round_to > 1 && size >= 2 * round_to) {
+    k = std::max<int64_t>(round_to, (k + round_to / 2) / round_to * round_to);
+  }
+  return std::clamp<int64_t>(k, 1, size);
+}
+
+std::vector<ChannelGroup> Describe(const std::vector<Group>& groups, const std::vector<int64_t>& kept) {
+  std::vector<ChannelGroup> out;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const Group& g = groups[i];
+    ChannelGroup d;
+    d.name = g.name;
+    d.channels = g.size;
+    d.kept = kept.empty() ? g.size : kept[i];
+    d.prunable = !g.blocked;
+    d.why_intact = g.why;
+    std::set<std::string> seen;
+    for (const auto& m : g.members) {
+      for (const auto& p : m.params) {
+        std::string s = Join(p) + "[" + std::to_string(m.dim) + "]";
+        if (seen.insert(s).second) d.members.push_back(s);
+      }
+    }
+    out.push_back(std::move(d));
+  }
+  return out;
+}
+
+struct Prepared {
+  torch::jit::Module module;
+  std::shared_ptr<Graph> graph;
+  std::vector<Group> groups;
+  at::Tensor probe;
+  c10::IValue reference;
+  bool train_ok = false;
+};
+
+Prepared Prepare(const torch::jit::Module& module, const std::vector<int64_t>& input_shape) {
+  Prepared p;
+  p.module = module.clone();
+  p.module.eval();
+  if (!p.module.find_method("forward") || p.module.get_method("forward").graph()->inputs().size() != 2) {
+    throw EngineError(Code::kInvalidArgument, "CHANNEL_PRUNE",
+                      "prune.channel needs a model whose forward takes one tensor");
+  }
+  p.graph = InlineForward(p.module);
+  std::vector<int64_t> shape = input_shape;
+  shape[0] = 2;  // batch norms in training mode need more than one value per channel
+  c10::Device device = c10::kCPU;
+  for (const auto& t : p.module.parameters()) {
+    device = t.device();
+    break;
+  }
+  at::Generator gen = at::detail::createCPUGenerator(7);
+  p.probe = at::randn(shape, gen).to(device);
+  std::unordered_map<Value*, Shape> shapes;
+  p.train_ok = ProbeShapes(p.module, p.graph, p.probe, true, shapes, p.reference);
+  Analysis analysis(p.module, p.graph, std::move(shapes));
+  analysis.Run();
+  p.groups = Collect(analysis);
+  CheckClaims(p.module, p.groups);
+  return p;
+}
+
+// Shapes of every tensor in a (possibly nested) output.
+void OutputShapes(const c10::IValue& v, std::vector<Shape>& out) {
+  if (v.isTensor()) out.push_back(v.toTensor().sizes().vec());
+  else if (v.isTuple()) for (const auto& e : v.toTupleRef().elements()) OutputShapes(e, out);
+  else if (v.isList()) for (const auto& e : v.toListRef()) OutputShapes(e, out);
+  else if (v.isGenericDict()) for (const auto& e : v.toGenericDict()) OutputShapes(e.value(), out);
+}
+
+}  // namespace
+
+std::vector<ChannelGroup> ChannelGroups(const torch::jit::Module& module, const std::vector<int64_t>& input_shape) {
+  Prepared p = Prepare(module, input_shape);
+  return Describe(p.groups, {});
+}
+
+ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelPruneSpec& spec,
+                                const std::vector<int64_t>& input_shape) {
+  if (!(spec.amount >= 0 && spec.amount < 1)) {
+    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel amount must be in [0, 1)");
+  }
+  if (!(spec.criterion == "L1" || spec.criterion == "L2" || spec.criterion == "BN_SCALE")) {
+    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel criterion must be L1, L2 or BN_SCALE");
+  }
+  if (spec.round_to < 1 || spec.round_to > 256) {
+    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel roundTo must be in [1, 256]");
+  }
+  Prepared p = Prepare(module, input_shape);
+  ChannelPruneResult result;
+  result.module = p.module;
+
+  // Scores and kept counts.
+  bool fell_back = false;
+  std::vector<at::Tensor> scores(p.groups.size());
+  std::vector<int64_t> kept(p.groups.size());
+  for (size_t i = 0; i < p.groups.size(); ++i) {
+    kept[i] = p.groups[i].size;
+    if (p.groups[i].blocked || p.groups[i].size < 2) continue;
+    scores[i] = Scores(p.module, p.groups[i], spec.criterion, fell_back);
+  }
+  if (spec.global) {
+    // One threshold over scores normalised by each group's mean; no group loses more than 90%.
+    std::vector<at::Tensor> all;
+    for (const auto& s : scores) {
+      if (s.defined()) all.push_back(s / s.mean().clamp_min(1e-12));
+    }
+    if (!all.empty()) {
+      at::Tensor sorted = std::get<0>(at::cat(all).sort());
+      int64_t k = static_cast<int64_t>(spec.amount * double(sorted.numel()));
+      double threshold = k > 0 ? sorted[k - 1].item<double>() : -1.0;
+      for (size_t i = 0; i < scores.size(); ++i) {
+        if (!scores[i].defined()) continue;
+        at::Tensor norm = scores[i] / scores[i].mean().clamp_min(1e-12);
+        double keep = std::max<double>((norm > threshold).sum().item<double>(), 0.1 * double(p.groups[i].size));
+        kept[i] = RoundKept(p.groups[i].size, keep, spec.round_to, p.groups[i].granule);
+      }
+    }
+  } else {
+    for (size_t i = 0; i < scores.size(); ++i) {
+      if (!scores[i].defined()) continue;
+      kept[i] = RoundKept(p.groups[i].size, double(p.groups[i].size) * (1.0 - spec.amount), spec.round_to,
+                           p.groups[i].granule);
+    }
+  }
+
+  // Keep masks per (tensor, dim), then one index_select each.
+  struct Cut {
+    Path path;
+    int64_t dim;
+    std::vector<bool> keep;
+  };
+  std::map<std::pair<std::string, int64_t>, Cut> cuts;
+  std::vector<std::pair<Node*, size_t>> depthwise;
+  std::vector<std::pair<Node*, std::pair<size_t, int64_t>>> group_updates;
+  for (size_t i = 0; i < p.groups.size(); ++i) {
+    const Group& g = p.groups[i];
+    if (!scores[i].defined() || kept[i] == g.size) continue;
+    // Whole granules (runs of `granule` channels) ranked by their summed score.
+    at::Tensor order = std::get<1>(scores[i].reshape({-1, g.granule}).sum(1).sort(/*dim=*/0, /*descending=*/true));
+    std::vector<bool> keep(static_cast<size_t>(g.size), false);
+    for (int64_t j = 0; j < kept[i] / g.granule; ++j) {
+      for (int64_t c = 0; c < g.granule; ++c) keep[static_cast<size_t>(order[j].item<int64_t>() * g.granule + c)] = true;
+    }
+    for (const auto& m : g.members) {
+      for (const auto& path : m.params) {
+        auto key = std::make_pair(Join(path), m.dim);
+        auto it = cuts.find(key);
+        if (it == cuts.end()) {
+          int64_t len = TensorAt(p.module, path).size(m.dim);
+          it = cuts.emplace(key, Cut{path, m.dim, std::vector<bool>(static_cast<size_t>(len), true)}).first;
+        }
+        for (int64_t c = 0; c < g.size; ++c) {
+          if (keep[static_cast<size_t>(c)]) continue;
+          for (int64_t f = 0; f < m.factor; ++f) it->second.keep[static_cast<size_t>(m.offset + c * m.factor + f)] = false;
+        }
+      }
+      if (m.role == Role::kDepthwise) group_updates.push_back({m.conv, {m.groups_input, kept[i] / m.per_group}});
+    }
+  }
+  for (auto& [key, cut] : cuts) {
+    at::Tensor t = TensorAt(p.module, cut.path);
+    std::vector<int64_t> idx;
+    for (size_t j = 0; j < cut.keep.size(); ++j) {
+      if (cut.keep[j]) idx.push_back(static_cast<int64_t>(j));
+    }
+    at::Tensor index = at::tensor(idx, at::TensorOptions().dtype(at::kLong)).to(t.device());
+    at::Tensor smaller;
+    {
+      torch::NoGradGuard no_grad;
+      smaller = t.index_select(cut.dim, index).clone();
+    }
+    smaller.set_requires_grad(t.requires_grad());
+    SetTensorAt(p.module, cut.path, smaller);
+  }
+  for (auto& [node, update] : group_updates) {
+    torch::jit::WithInsertPoint guard(node);
+    node->replaceInput(update.first, p.graph->insertConstant(update.second));
+  }
+
+  // The result must run, in both modes, and return what the original returned.
+  auto broken = [&](const std::string& what) {
+    return EngineError(Code::kInternal, "CHANNEL_PRUNE_BROKE",
+                       "channel pruning produced an inconsistent model (" + what +
+                           "); this is a bug in Pare's analysis for this architecture, please report it");
+  };
+  std::vector<Shape> want, got;
+  OutputShapes(p.reference, want);
+  try {
+    torch::NoGradGuard no_grad;
+    OutputShapes(p.module.forward({p.probe}), got);
+    if (p.train_ok) {
+      torch::jit::Module clone = p.module.clone();
+      clone.train();
+      clone.forward({p.probe});
+    }
+  } catch (const std::exception& e) {
+    std::string msg = e.what();
+    while (!msg.empty() && msg.back() == '\n') msg.pop_back();
+    throw broken(msg.substr(msg.rfind('\n') == std::string::npos ? 0 : msg.rfind('\n') + 1, 300));
+  }
+  if (want != got) throw broken("the output shapes changed");
+
+  result.groups = Describe(p.groups, kept);
+  int64_t before = 0, after = 0, pruned = 0;
+  std::vector<std::string> intact;
+  for (const auto& g : result.groups) {
+    before += g.channels;
+    after += g.kept;
+    if (g.kept < g.channels) ++pruned;
+    if (!g.prunable && g.why_intact != "it reaches the model's output") intact.push_back(g.name + " (" + g.why_intact + ")");
+  }
+  result.notes.push_back("channel groups: " + std::to_string(result.groups.size()) + ", pruned " +
+                         std::to_string(pruned) + "; channels " + std::to_string(before) + " -> " +
+                         std::to_string(after));
+  if (!intact.empty()) {
+    std::string s = "left intact (" + std::to_string(intact.size()) + "): ";
+    for (size_t i = 0; i < intact.size() && i < 12; ++i) s += (i ? "; " : "") + intact[i];
+    if (intact.size() > 12) s += "; ...";
+    result.notes.push_back(s);
+  }
+  if (fell_back) result.notes.push_back("groups without batch norm were ranked by the L1 norm instead of BN_SCALE");
+  if (!p.train_ok) result.notes.push_back("the model does not run in training mode, so only eval mode was checked");
+  return result;
+}
+
+int FoldInlinedConvBatchNorm(torch::jit::Module& module) {
+  auto graph = module.get_method("forward").graph();
+  Value* self = graph->inputs()[0];
+  int folded = 0;
+  std::vector<Node*> norms;
+  for (Node* n : graph->nodes()) {
+    if (n->kind() == aten::batch_norm) norms.push_back(n);
+  }
+  for (Node* bn : norms) {
+    Node* conv = bn->input(0)->node();
+    if (!In(conv->kind(), {aten::conv1d, aten::conv2d, aten::conv3d})) continue;
+    // Besides the norm, only shape checks (batch norm's own input checks) may read the conv.
+    bool alone = true;
+    for (const auto& use : conv->output()->uses()) {
+      alone &= use.user == bn || In(use.user->kind(), {aten::dim, aten::size});
+    }
+    if (!alone) continue;
+    Source w = Resolve(module, conv->input(1), self);
+    Source b = Resolve(module, conv->input(2), self);
+    Source gamma = Resolve(module, bn->input(1), self), beta = Resolve(module, bn->input(2), self);
+    Source mean = Resolve(module, bn->input(3), self), var = Resolve(module, bn->input(4), self);
+    auto eps = torch::jit::toIValue(bn->input(7));
+    if (w.kind != Source::kAttr || b.kind == Source::kOther || mean.kind != Source::kAttr ||
+        var.kind != Source::kAttr || gamma.kind == Source::kOther || beta.kind == Source::kOther || !eps) {
+      continue;
+    }
+    torch::NoGradGuard no_grad;
+    at::Tensor weight = TensorAt(module, w.path);
+    at::Tensor rm = TensorAt(module, mean.path), rv = TensorAt(module, var.path);
+    at::Tensor scale = (rv + eps->toDouble()).rsqrt();
+    if (gamma.kind == Source::kAttr) scale = scale * TensorAt(module, gamma.path);
+    at::Tensor bias = b.kind == Source::kAttr ? TensorAt(module, b.path) : at::zeros_like(rm);
+    at::Tensor new_bias = (bias - rm) * scale;
+    if (beta.kind == Source::kAttr) new_bias = new_bias + TensorAt(module, beta.path);
+    std::vector<int64_t> view(static_cast<size_t>(weight.dim()), 1);
+    view[0] = -1;
+    SetTensorAt(module, w.path, (weight * scale.reshape(view)).contiguous());
+    // The conv's bias may be declared None: the folded bias lives on the top module.
+    std::string name = "_pare_folded_bias_" + std::to_string(folded);
+    while (module.hasattr(name)) name += "_";
+    module.register_parameter(name, new_bias.contiguous(), false);
+    torch::jit::WithInsertPoint guard(conv);
+    Value* attr = graph->insertGetAttr(self, name);
+    conv->replaceInput(2, attr);
+    bn->output()->replaceAllUsesWith(conv->output());
+    ++folded;
+  }
+  if (folded) torch::jit::EliminateDeadCode(graph);
+  return folded;
+}
+
+}  // namespace pare::engine

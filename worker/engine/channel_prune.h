@@ -1,0 +1,48 @@
+// Structured (channel/filter) pruning that physically removes channels.
+//
+// The model's forward is inlined into one graph (parameters stay module attributes, so the
+// result still trains), channel dependency groups are built from that graph, the least
+// important channels of each group are cut from every coupled parameter and buffer, and the
+// `groups` of depthwise convolutions are rewritten in that graph. Any group that meets an op
+// the analysis does not understand is left intact and named in the notes.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <torch/script.h>
+
+#include "worker/engine/recipe.h"
+
+namespace pare::engine {
+
+// One channel dependency group, as the analysis found it (for reports and tests).
+struct ChannelGroup {
+  std::string name;         // the first producing layer, e.g. "layer1.0.conv1"
+  int64_t channels = 0;     // before pruning
+  int64_t kept = 0;         // after pruning (== channels when left intact)
+  bool prunable = false;
+  std::string why_intact;   // when not prunable
+  std::vector<std::string> members;  // parameters and buffers cut with it ("layer1.0.bn1.weight[0]")
+};
+
+struct ChannelPruneResult {
+  torch::jit::Module module;
+  std::vector<ChannelGroup> groups;
+  std::vector<std::string> notes;
+};
+
+// Prunes a copy of `module`; `input_shape` (batch first) is what the analysis runs the model on.
+// Throws EngineError when the spec is invalid or the result would not be consistent.
+ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelPruneSpec& spec,
+                                const std::vector<int64_t>& input_shape);
+
+// Only the analysis: the groups the model has, nothing changed.
+std::vector<ChannelGroup> ChannelGroups(const torch::jit::Module& module, const std::vector<int64_t>& input_shape);
+
+// Folds eval-mode batch norms into the convolutions that feed them, in an inlined forward
+// graph (the module-level pass of LibTorch only sees conv/bn submodule calls). Returns how many
+// were folded.
+int FoldInlinedConvBatchNorm(torch::jit::Module& module);
+
+}  // namespace pare::engine
