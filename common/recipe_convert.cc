@@ -12,12 +12,6 @@ std::string Upper(std::string s) {
   return s;
 }
 
-Status Unsupported(const std::string& where, const std::string& what) {
-  return InvalidArgument(where + ": '" + what +
-                         "' is not supported by this version of Pare yet (supported: prune.magnitude, prune.channel, prune.nm, "
-                         "quantize.dynamic, quantize.static, quantize.fp16, quantize.bf16, finetune, distill)");
-}
-
 // Defaults: 1 epoch, learning rate 0.01, batch 64, SGD.
 Result<engine::TrainSpec> ConvertTrain(const std::string& where, int epochs, float lr, int batch,
                                        const std::string& optimizer) {
@@ -145,8 +139,24 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
       if (s.alpha < 0 || s.alpha > 1) return InvalidArgument(where + ".alpha must be in [0, 1]");
       return engine::StepSpec(s);
     }
-    case v1::Step::kFactorize:
-      return Unsupported(at, "factorize");
+    case v1::Step::kFactorize: {
+      const auto& f = step.factorize();
+      const std::string where = at + ".factorize";
+      engine::FactorizeSpec s;
+      if (f.rank_ratio() != 0 && f.energy() != 0) {
+        return InvalidArgument(where + ": give rankRatio or energy, not both");
+      }
+      if (f.rank_ratio() != 0 && !(f.rank_ratio() > 0 && f.rank_ratio() <= 1)) {
+        return InvalidArgument(where + ".rankRatio must be in (0, 1], got " + std::to_string(f.rank_ratio()));
+      }
+      if (f.energy() != 0 && !(f.energy() > 0 && f.energy() <= 1)) {
+        return InvalidArgument(where + ".energy must be in (0, 1], got " + std::to_string(f.energy()));
+      }
+      s.rank_ratio = f.rank_ratio();
+      s.energy = f.energy();
+      if (s.rank_ratio == 0 && s.energy == 0) s.rank_ratio = 0.5;
+      return engine::StepSpec(s);
+    }
     case v1::Step::kFinetune: {
       const auto& f = step.finetune();
       auto train = ConvertTrain(at + ".finetune", f.epochs(), f.learning_rate(), f.batch_size(), f.optimizer());

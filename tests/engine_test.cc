@@ -10,6 +10,7 @@
 #include "worker/engine/dataset.h"
 #include "worker/engine/engine.h"
 #include "worker/engine/error.h"
+#include "worker/engine/factorize.h"
 #include "worker/engine/macs.h"
 #include "worker/engine/measure.h"
 #include "worker/engine/model_util.h"
@@ -640,6 +641,47 @@ TEST_F(EngineTest, ChannelPruneWorksOnTorchvisionFamilies) {
     EXPECT_LT(after->macs, 0.6 * before->macs);
     EXPECT_EQ(r.module.forward({at::randn({2, 3, 64, 64})}).toTensor().sizes(), (std::vector<int64_t>{2, 10}));
   }
+}
+
+TEST_F(EngineTest, FactorizeRecoversALowRankLayerExactly) {
+  auto m = torch::jit::load(Fixture("mlp.pt"));
+  m.eval();
+  {
+    torch::NoGradGuard no_grad;
+    // net.1 is Linear(64, 128): make its weight rank 8.
+    Param(m, "net.1.weight").copy_(at::randn({128, 8}).mm(at::randn({8, 64})) / 8);
+  }
+  at::Tensor x = at::randn({4, 1, 8, 8});
+  at::Tensor want = m.forward({x}).toTensor();
+  FactorizeSpec spec;
+  spec.energy = 0.999999;
+  auto r = Factorize(m, spec, {1, 1, 8, 8});
+  EXPECT_EQ(r.factorized, 1);  // Linear(128, 10) at full energy would not be smaller
+  EXPECT_EQ(Param(r.module, "factorized__net_1__a").sizes(), (std::vector<int64_t>{8, 64}));
+  EXPECT_EQ(Param(r.module, "factorized__net_1__b").sizes(), (std::vector<int64_t>{128, 8}));
+  EXPECT_EQ(Param(r.module, "net.1.weight").numel(), 0);
+  EXPECT_TRUE(at::allclose(r.module.forward({x}).toTensor(), want, 1e-4, 1e-4));
+}
+
+TEST_F(EngineTest, FactorizeSplitsConvolutionsAndTheResultTrains) {
+  auto m = torch::jit::load(Fixture("small_cnn.pt"));
+  m.eval();
+  FactorizeSpec spec;
+  spec.rank_ratio = 0.25;
+  auto r = Factorize(m, spec, {1, 1, 28, 28});
+  // conv2 (20x10x5x5 -> rank 5: 5x10x5x5 then 20x5x1x1); conv1 (10 x 25, rank 3 of 10) too.
+  EXPECT_EQ(Param(r.module, "factorized__conv2__a").sizes(), (std::vector<int64_t>{5, 10, 5, 5}));
+  EXPECT_EQ(Param(r.module, "factorized__conv2__b").sizes(), (std::vector<int64_t>{20, 5, 1, 1}));
+  EXPECT_GE(r.factorized, 3);
+  auto macs_before = CountMacs(m, {1, 1, 28, 28});
+  auto macs_after = CountMacs(r.module, {1, 1, 28, 28});
+  ASSERT_TRUE(macs_before && macs_after);
+  EXPECT_LT(macs_after->macs, macs_before->macs);
+  r.module.train();
+  r.module.forward({at::randn({4, 1, 28, 28})}).toTensor().sum().backward();
+  EXPECT_TRUE(Param(r.module, "factorized__conv2__a").grad().defined());
+  spec.rank_ratio = 1.5;
+  EXPECT_THROW(Factorize(m, spec, {1, 1, 28, 28}), EngineError);
 }
 
 }  // namespace

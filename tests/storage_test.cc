@@ -116,7 +116,7 @@ TEST(ArchiveCheckTest, DatasetsByFormat) {
   EXPECT_EQ(CheckDataset(Fixture("mnist_like.pt"), "csv", limits).code(), Code::kInvalidArgument);
 }
 
-TEST(RecipeTest, TheIssuesRecipeParsesAndUnsupportedStepsAreNamed) {
+TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
   const std::string all = R"({"steps": [
     {"prune":     {"magnitude": {"amount": 0.5, "scope": "GLOBAL"}}},
     {"prune":     {"channel":   {"amount": 0.3, "criterion": "L1"}}},
@@ -133,8 +133,24 @@ TEST(RecipeTest, TheIssuesRecipeParsesAndUnsupportedStepsAreNamed) {
   EXPECT_EQ(recipe->steps_size(), 9);
   EXPECT_FLOAT_EQ(recipe->steps(6).distill().alpha(), 0.7f);
   auto steps = ToEngineSteps(recipe.value());
-  EXPECT_EQ(steps.status().code(), Code::kInvalidArgument);
-  EXPECT_NE(steps.status().message().find("steps[7]: 'factorize'"), std::string::npos) << steps.status().message();
+  ASSERT_TRUE(steps.ok()) << steps.status().ToString();
+  ASSERT_EQ(steps->size(), 9u);
+  const auto& channel = std::get<engine::ChannelPruneSpec>(steps->at(1));
+  EXPECT_DOUBLE_EQ(channel.amount, 0.3f);
+  EXPECT_EQ(channel.round_to, 8);
+  EXPECT_FALSE(channel.global);
+  EXPECT_DOUBLE_EQ(std::get<engine::FactorizeSpec>(steps->at(7)).rank_ratio, 0.5);
+  // Bad values are refused by field.
+  for (const auto& [json, field] : std::vector<std::pair<std::string, std::string>>{
+           {R"({"steps":[{"prune":{"channel":{"amount":1.5}}}]})", "steps[0].prune.channel.amount"},
+           {R"({"steps":[{"prune":{"channel":{"criterion":"L3"}}}]})", "steps[0].prune.channel.criterion"},
+           {R"({"steps":[{"prune":{"channel":{"scope":"ALL"}}}]})", "steps[0].prune.channel.scope"},
+           {R"({"steps":[{"factorize":{"rankRatio":0.5,"energy":0.9}}]})", "steps[0].factorize"},
+           {R"({"steps":[{"factorize":{"energy":1.5}}]})", "steps[0].factorize.energy"}}) {
+    auto r = ToEngineSteps(ParseRecipeJson(json).value());
+    EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << json;
+    EXPECT_NE(r.status().message().find(field), std::string::npos) << r.status().message();
+  }
 
   auto ok = ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":0.5,"scope":"GLOBAL","include":["fc"]}}},
                                          {"prune":{"nm":{"n":2,"m":4}}},{"quantize":{"dynamic":{}}}]})");

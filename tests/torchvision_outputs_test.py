@@ -2,7 +2,8 @@
 """Every compressed torchvision model loads and runs in Python PyTorch, as users will use it.
 
 Runs `pare compress` (the offline engine) on the small torchvision fixtures with channel
-pruning, alone and followed by static INT8 quantization, and checks in Python that each
+pruning, alone and followed by static INT8 quantization, and with low-rank factorization,
+and checks in Python that each
 result loads, keeps the original's output shapes, has fewer parameters and MACs, and still
 trains (train-mode forward and backward) where it is a float model.
 
@@ -61,8 +62,9 @@ def main():
                 ({"steps": [{"prune": {"channel": {"amount": 0.5}}}]}, False),
                 ({"steps": [{"prune": {"channel": {"amount": 0.4, "scope": "GLOBAL"}}},
                             {"quantize": {"static": {"calibrationBatches": 2}}}]}, True),
+                ({"steps": [{"factorize": {"rankRatio": 0.25}}]}, False),
             ]:
-                name = f"{model} {'prune+int8' if quantized else 'prune'}"
+                name = f"{model} {json.dumps(recipe['steps'][0])[:40]}{' +int8' if quantized else ''}"
                 try:
                     out, report = compress(model, recipe, work)
                     m = torch.jit.load(out).eval()

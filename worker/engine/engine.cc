@@ -8,6 +8,7 @@
 
 #include "worker/engine/channel_prune.h"
 #include "worker/engine/dataset.h"
+#include "worker/engine/factorize.h"
 #include "worker/engine/error.h"
 #include "worker/engine/measure.h"
 #include "worker/engine/prune.h"
@@ -120,6 +121,11 @@ torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, c
     }
     torch::jit::Module operator()(const ChannelPruneSpec& s) {
       ChannelPruneResult r = ChannelPrune(m, s, ctx.input_shape);
+      Add(r.notes);
+      return r.module;
+    }
+    torch::jit::Module operator()(const FactorizeSpec& s) {
+      FactorizeResult r = Factorize(m, s, ctx.input_shape);
       Add(r.notes);
       return r.module;
     }

@@ -28,6 +28,13 @@ struct ChannelPruneSpec {
   int round_to = 8;              // kept channels rounded to a multiple where the group is wide enough
 };
 
+// Low-rank factorization: a layer's weight W (out x in, a conv's flattened) becomes B·A by
+// truncated SVD, i.e. two smaller layers, where that has fewer parameters.
+struct FactorizeSpec {
+  double rank_ratio = 0;  // kept rank as a fraction of min(out, in), in (0, 1]
+  double energy = 0;      // else: the smallest rank keeping this fraction of sum(sigma^2), in (0, 1]
+};
+
 struct DynamicQuantSpec {};
 
 // Static INT8 post-training quantization: conv-bn folding, per-channel symmetric int8
@@ -68,7 +75,7 @@ struct DistillSpec {
 };
 
 using StepSpec =
-    std::variant<MagnitudePruneSpec, NMPruneSpec, ChannelPruneSpec, DynamicQuantSpec, StaticQuantSpec, HalfPrecisionSpec, FinetuneSpec,
+    std::variant<MagnitudePruneSpec, NMPruneSpec, ChannelPruneSpec, FactorizeSpec, DynamicQuantSpec, StaticQuantSpec, HalfPrecisionSpec, FinetuneSpec,
                  DistillSpec>;
 
 // The name a step has in reports and progress, e.g. "prune.magnitude".
@@ -77,6 +84,7 @@ inline std::string StepName(const StepSpec& s) {
     std::string operator()(const MagnitudePruneSpec&) const { return "prune.magnitude"; }
     std::string operator()(const NMPruneSpec&) const { return "prune.nm"; }
     std::string operator()(const ChannelPruneSpec&) const { return "prune.channel"; }
+    std::string operator()(const FactorizeSpec&) const { return "factorize"; }
     std::string operator()(const DynamicQuantSpec&) const { return "quantize.dynamic"; }
     std::string operator()(const StaticQuantSpec&) const { return "quantize.static"; }
     std::string operator()(const HalfPrecisionSpec& h) const { return h.bf16 ? "quantize.bf16" : "quantize.fp16"; }

@@ -1,0 +1,165 @@
+#include "worker/engine/graph_edit.h"
+
+#include <torch/csrc/jit/ir/constants.h>
+#include <torch/csrc/jit/passes/constant_propagation.h>
+#include <torch/csrc/jit/passes/dead_code_elimination.h>
+#include <torch/csrc/jit/passes/inliner.h>
+#include <torch/csrc/jit/passes/lower_tuples.h>
+#include <torch/csrc/jit/passes/remove_mutation.h>
+
+#include <algorithm>
+#include <functional>
+#include <set>
+
+namespace pare::engine {
+
+using torch::jit::Block;
+using torch::jit::Graph;
+using torch::jit::Node;
+using torch::jit::Value;
+namespace aten = c10::aten;
+namespace prim = c10::prim;
+
+std::string Join(const AttrPath& p) {
+  std::string s;
+  for (const auto& part : p) s += (s.empty() ? "" : ".") + part;
+  return s;
+}
+
+// A list built and appended to in one block and only read by concatenations (DenseNet's
+// features) becomes one ListConstruct per concatenation, so the concatenation's parts are
+// visible. LibTorch's RemoveListMutation leaves lists that are read before an append.
+static void LowerListAppends(Graph& graph) {
+  std::vector<Node*> lists;
+  for (Node* n : graph.nodes()) {
+    if (n->kind() == prim::ListConstruct) lists.push_back(n);
+  }
+  for (Node* list : lists) {
+    std::vector<Node*> users;
+    bool simple = true;
+    for (const auto& use : list->output()->uses()) {
+      Node* u = use.user;
+      simple &= u->owningBlock() == list->owningBlock() && use.offset == 0 &&
+                ((u->kind() == aten::cat) || (u->kind() == aten::append && !u->output()->hasUses()));
+      users.push_back(u);
+    }
+    if (!simple || users.empty()) continue;
+    std::sort(users.begin(), users.end(), [](Node* a, Node* b) { return a->isBefore(b); });
+    std::vector<Value*> elements(list->inputs().begin(), list->inputs().end());
+    for (Node* u : users) {
+      if (u->kind() == aten::append) {
+        elements.push_back(u->input(1));
+        u->destroy();
+        continue;
+      }
+      Node* fresh = graph.createList(list->output()->type()->expectRef<c10::ListType>().getElementType(), elements);
+      fresh->insertBefore(u);
+      u->replaceInput(0, fresh->output());
+    }
+    if (!list->output()->hasUses()) list->destroy();
+  }
+}
+
+// Makes `module`'s forward one graph: submodule calls inlined, tuples and list appends
+// lowered, and constant bool and int attributes (never set by the graph, other than `training`)
+// folded so that dead branches disappear. Parameters stay attributes.
+std::shared_ptr<Graph> InlineForward(torch::jit::Module& module) {
+  auto graph = module.get_method("forward").graph();
+  torch::jit::Inline(*graph);
+  torch::jit::LowerSimpleTuples(graph);
+  std::set<std::string> assigned;
+  std::function<void(Block*)> find_set = [&](Block* b) {
+    for (Node* n : b->nodes()) {
+      if (n->kind() == prim::SetAttr) assigned.insert(n->s(c10::attr::name));
+      for (Block* s : n->blocks()) find_set(s);
+    }
+  };
+  find_set(graph->block());
+  std::vector<Node*> bool_reads;
+  std::function<void(Block*)> find_bools = [&](Block* b) {
+    for (Node* n : b->nodes()) {
+      const auto type = n->kind() == prim::GetAttr ? n->output()->type()->kind() : c10::TypeKind::AnyType;
+      if ((type == c10::TypeKind::BoolType || type == c10::TypeKind::IntType) &&
+          n->s(c10::attr::name) != "training" && !assigned.count(n->s(c10::attr::name))) {
+        bool_reads.push_back(n);
+      }
+      for (Block* s : n->blocks()) find_bools(s);
+    }
+  };
+  find_bools(graph->block());
+  for (Node* n : bool_reads) {
+    // Evaluate the attribute through its owner chain.
+    std::vector<std::string> names;
+    Value* v = n->input(0);
+    bool from_self = true;
+    while (v != graph->inputs()[0]) {
+      if (v->node()->kind() != prim::GetAttr) { from_self = false; break; }
+      names.push_back(v->node()->s(c10::attr::name));
+      v = v->node()->input(0);
+    }
+    if (!from_self) continue;
+    c10::intrusive_ptr<c10::ivalue::Object> obj = module._ivalue();
+    for (auto it = names.rbegin(); it != names.rend(); ++it) obj = obj->getAttr(*it).toObject();
+    c10::IValue value = obj->getAttr(n->s(c10::attr::name));
+    torch::jit::WithInsertPoint guard(n);
+    n->output()->replaceAllUsesWith(graph->insertConstant(value));
+  }
+  torch::jit::RemoveListMutation(graph);
+  torch::jit::ConstantPropagation(graph);
+  torch::jit::EliminateDeadCode(graph);
+  LowerListAppends(*graph);
+  torch::jit::EliminateDeadCode(graph);
+  return graph;
+}
+
+Source Resolve(const torch::jit::Module& root, Value* v, Value* self) {
+  if (v->type()->kind() == c10::TypeKind::NoneType) return {Source::kNone, {}};
+  Node* n = v->node();
+  if (n->kind() == prim::unchecked_cast) return Resolve(root, n->input(0), self);
+  if (n->kind() == prim::If) {
+    size_t i = v->offset();
+    Source a = Resolve(root, n->blocks()[0]->outputs()[i], self);
+    Source b = Resolve(root, n->blocks()[1]->outputs()[i], self);
+    if (a.kind == Source::kNone) return b;
+    if (b.kind == Source::kNone) return a;
+    if (a.kind == Source::kAttr && b.kind == Source::kAttr && a.path == b.path) return a;
+    return {};
+  }
+  AttrPath rev;
+  while (v != self) {
+    Node* d = v->node();
+    if (d->kind() != prim::GetAttr) return {};
+    rev.push_back(d->s(c10::attr::name));
+    v = d->input(0);
+  }
+  AttrPath path(rev.rbegin(), rev.rend());
+  if (path.empty()) return {};
+  // An Optional[Tensor] attribute holding None (a conv without bias).
+  c10::intrusive_ptr<c10::ivalue::Object> obj = root._ivalue();
+  for (size_t i = 0; i + 1 < path.size(); ++i) {
+    c10::IValue next = obj->getAttr(path[i]);
+    if (!next.isObject()) return {};
+    obj = next.toObject();
+  }
+  c10::IValue value = obj->getAttr(path.back());
+  if (value.isNone()) return {Source::kNone, {}};
+  if (!value.isTensor()) return {};
+  return {Source::kAttr, path};
+}
+
+static c10::intrusive_ptr<c10::ivalue::Object> Owner(const torch::jit::Module& root, const AttrPath& path) {
+  c10::intrusive_ptr<c10::ivalue::Object> obj = root._ivalue();
+  for (size_t i = 0; i + 1 < path.size(); ++i) obj = obj->getAttr(path[i]).toObject();
+  return obj;
+}
+
+at::Tensor TensorAt(const torch::jit::Module& root, const AttrPath& path) {
+  c10::IValue v = Owner(root, path)->getAttr(path.back());
+  return v.isTensor() ? v.toTensor() : at::Tensor();
+}
+
+void SetTensorAt(const torch::jit::Module& root, const AttrPath& path, const at::Tensor& t) {
+  Owner(root, path)->setAttr(path.back(), t);
+}
+
+}  // namespace pare::engine

@@ -1,0 +1,37 @@
+// Editing a TorchScript model through its forward graph, shared by the passes that change a
+// model's structure (channel pruning, factorization, batch-norm folding).
+//
+// A scripted model's layers share class types (and so the constants in their methods), so
+// per-layer structure changes are made in the top module's forward graph, inlined, where every
+// call site has its own nodes; parameters stay attributes, so the model still trains.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/script.h>
+
+namespace pare::engine {
+
+using AttrPath = std::vector<std::string>;
+
+std::string Join(const AttrPath& p);
+
+// Inlines `module`'s forward (in place: call it on a clone), lowers tuples and list appends,
+// folds bool/int attributes the graph never assigns (other than `training`) and dead branches.
+std::shared_ptr<torch::jit::Graph> InlineForward(torch::jit::Module& module);
+
+// What a graph value holds: None, a tensor attribute reached from `self` (through Optional
+// refinements and `x if cond else None` branches), or something else.
+struct Source {
+  enum Kind { kNone, kAttr, kOther } kind = kOther;
+  AttrPath path;
+};
+Source Resolve(const torch::jit::Module& root, torch::jit::Value* v, torch::jit::Value* self);
+
+// The tensor attribute at `path` (undefined when it is not a tensor), and replacing it.
+at::Tensor TensorAt(const torch::jit::Module& root, const AttrPath& path);
+void SetTensorAt(const torch::jit::Module& root, const AttrPath& path, const at::Tensor& t);
+
+}  // namespace pare::engine
