@@ -60,6 +60,9 @@ class BlobStore {
   // Stores a small in-memory blob (reports).
   Result<std::string> PutBytes(const std::string& bytes);
 
+  // Committed blobs and their bytes (walks the folder: for periodic metrics, not hot paths).
+  std::pair<uint64_t, uint64_t> CountAndBytes() const;
+
   const std::string& root() const { return root_; }
   std::string tmp_dir() const { return root_ + "/tmp"; }
 

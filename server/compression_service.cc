@@ -1,5 +1,7 @@
 #include "server/compression_service.h"
 
+#include <chrono>
+
 #include <mutex>
 
 #include "common/grpc_status.h"
@@ -11,6 +13,10 @@
 
 namespace pare::server {
 namespace {
+
+double SecondsSince(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
 
 constexpr size_t kMaxNameLength = 256;
 
@@ -34,7 +40,8 @@ Status CheckUploadHeader(const v1::UploadHeader& h, const Limits& limits) {
 class ModelUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHeader> {
  public:
   ModelUpload(ServiceContext* ctx, std::string tenant, v1::Model* resp)
-      : IngestReactor(ctx->executor, ctx->blobs), ctx_(ctx), tenant_(std::move(tenant)), resp_(resp) {}
+      : IngestReactor(ctx->executor, ctx->blobs), ctx_(ctx), tenant_(std::move(tenant)), resp_(resp),
+        start_(std::chrono::steady_clock::now()) {}
 
  protected:
   Status OnHeader(const v1::UploadHeader& h, uint64_t* expected, uint64_t* limit) override {
@@ -68,6 +75,7 @@ class ModelUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHead
     PARE_RETURN_IF_ERROR(ctx_->store->PutModel(m));
     spdlog::info(Kv({{"msg", "model uploaded"}, {"model", m.id}, {"sha256", m.sha256},
                      {"bytes", std::to_string(m.size_bytes)}}));
+    if (ctx_->metrics) ctx_->metrics->Uploaded("model", m.size_bytes, SecondsSince(start_));
     *resp_ = ToProto(m);
     return Status::Ok();
   }
@@ -76,12 +84,14 @@ class ModelUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHead
   ServiceContext* ctx_;
   std::string tenant_;
   v1::Model* resp_;
+  std::chrono::steady_clock::time_point start_;
 };
 
 class DatasetUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHeader> {
  public:
   DatasetUpload(ServiceContext* ctx, std::string tenant, v1::Dataset* resp)
-      : IngestReactor(ctx->executor, ctx->blobs), ctx_(ctx), tenant_(std::move(tenant)), resp_(resp) {}
+      : IngestReactor(ctx->executor, ctx->blobs), ctx_(ctx), tenant_(std::move(tenant)), resp_(resp),
+        start_(std::chrono::steady_clock::now()) {}
 
  protected:
   Status OnHeader(const v1::UploadHeader& h, uint64_t* expected, uint64_t* limit) override {
@@ -109,6 +119,7 @@ class DatasetUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHe
     PARE_RETURN_IF_ERROR(ctx_->store->PutDataset(d));
     spdlog::info(Kv({{"msg", "dataset uploaded"}, {"dataset", d.id}, {"format", d.format},
                      {"bytes", std::to_string(d.size_bytes)}}));
+    if (ctx_->metrics) ctx_->metrics->Uploaded("dataset", d.size_bytes, SecondsSince(start_));
     *resp_ = ToProto(d);
     return Status::Ok();
   }
@@ -117,6 +128,7 @@ class DatasetUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHe
   ServiceContext* ctx_;
   std::string tenant_;
   v1::Dataset* resp_;
+  std::chrono::steady_clock::time_point start_;
 };
 
 // Streams a job's state now and after every change, until it ends or the client leaves.
@@ -322,6 +334,7 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
     if (!created.ok()) return created.status();
     const JobRecord& stored = created->first;
     if (created->second) {
+      if (ctx_->metrics) ctx_->metrics->JobSubmitted();
       spdlog::info(Kv({{"msg", "job submitted"}, {"job", stored.id}, {"model", stored.model_id},
                        {"first_step", FirstStepKind(req->recipe())}}));
     }
@@ -371,8 +384,11 @@ grpc::ServerUnaryReactor* CompressionService::CancelJob(grpc::CallbackServerCont
   auto tenant = ctx_->auth->Client(call);
   if (!tenant.ok()) return Refuse(call, tenant.status());
   return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
-    auto j = ctx_->store->CancelJob(tenant, req->id(), ctx_->clock->NowMs());
+    const int64_t now = ctx_->clock->NowMs();
+    auto j = ctx_->store->CancelJob(tenant, req->id(), now);
     if (!j.ok()) return j.status();
+    // A queued job ends here (a running one ends when its worker stops).
+    if (ctx_->metrics && j->state == JobState::kCancelled && j->finished_ms == now) ctx_->metrics->JobEnded(j.value(), "");
     spdlog::info(Kv({{"msg", "job cancel requested"}, {"job", j->id}, {"state", JobStateName(j->state)}}));
     ctx_->events->Publish(j->id);
     *resp = ToProto(j.value());
@@ -407,7 +423,10 @@ grpc::ServerWriteReactor<v1::Chunk>* CompressionService::DownloadResult(grpc::Ca
     if (!size.ok()) return DataLoss("the result of job '" + job_id + "' is missing from the blob store");
     return BlobRef{ctx->blobs->PathOf(sha), sha, size.value()};
   };
-  return new BlobSendReactor(ctx_->executor, resolve, req->offset());
+  Metrics* metrics = ctx_->metrics;
+  return new BlobSendReactor(ctx_->executor, resolve, req->offset(), [metrics, kind](uint64_t n) {
+    if (metrics) metrics->Downloaded(kind == v1::REPORT ? "report" : "result", n);
+  });
 }
 
 }  // namespace pare::server

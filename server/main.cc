@@ -11,6 +11,7 @@
 
 int main(int argc, char** argv) {
   pare::server::ServerOptions o;
+  o.metrics_listen = "127.0.0.1:9090";
   CLI::App app{"pare-server: the Pare model-compression service"};
   app.add_option("--listen", o.listen, "host:port for gRPC (port 0 picks a free port)")->capture_default_str();
   app.add_option("--data-dir", o.data_dir, "folder for the SQLite store and the blob files")->capture_default_str();
@@ -29,6 +30,9 @@ int main(int argc, char** argv) {
   app.add_option("--max-attempts", o.limits.max_attempts, "leases a job may take before it fails")
       ->capture_default_str();
   app.add_option("--drain-seconds", o.drain_seconds, "grace period on SIGTERM")->capture_default_str();
+  app.add_option("--metrics-listen", o.metrics_listen,
+                 "host:port for Prometheus /metrics (port 0 picks a free one; empty: off)")
+      ->capture_default_str();
   app.add_option("--auth-tokens", o.auth_tokens_file, "file of 'TENANT TOKEN' lines; without it, loopback only")
       ->check(CLI::ExistingFile);
   app.add_option("--worker-token-file", o.worker_token_file, "file holding the token workers present")
@@ -56,7 +60,12 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::cout << "pare-server listening on " << server.value()->address() << " (data in " << o.data_dir << ", "
-            << o.local_workers << " local worker" << (o.local_workers == 1 ? "" : "s") << ")" << std::endl;
+            << o.local_workers << " local worker" << (o.local_workers == 1 ? "" : "s") << ")";
+  if (int mp = server.value()->metrics_port()) {
+    std::cout << "; metrics on http://" << o.metrics_listen.substr(0, o.metrics_listen.rfind(':')) << ":" << mp
+              << "/metrics";
+  }
+  std::cout << std::endl;
   std::thread signals([&] {
     int sig = 0;
     sigwait(&set, &sig);

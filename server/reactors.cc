@@ -8,8 +8,9 @@
 
 namespace pare::server {
 
-BlobSendReactor::BlobSendReactor(Executor* executor, std::function<Result<BlobRef>()> resolve, uint64_t offset)
-    : executor_(executor), resolve_(std::move(resolve)), offset_(offset) {
+BlobSendReactor::BlobSendReactor(Executor* executor, std::function<Result<BlobRef>()> resolve, uint64_t offset,
+                                 std::function<void(uint64_t)> on_sent)
+    : executor_(executor), resolve_(std::move(resolve)), offset_(offset), on_sent_(std::move(on_sent)) {
   Post([this] { Resolve(); });
 }
 
@@ -51,6 +52,7 @@ void BlobSendReactor::SendNext() {
 
 void BlobSendReactor::OnWriteDone(bool ok) {
   if (!ok) return Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
+  if (on_sent_) on_sent_(chunk_.data().size());
   Post([this] { SendNext(); });
 }
 

@@ -67,7 +67,9 @@ struct BlobRef {
 // and checks the caller may read it.
 class BlobSendReactor final : public grpc::ServerWriteReactor<v1::Chunk> {
  public:
-  BlobSendReactor(Executor* executor, std::function<Result<BlobRef>()> resolve, uint64_t offset);
+  // `on_sent` (optional) learns the bytes of every chunk written.
+  BlobSendReactor(Executor* executor, std::function<Result<BlobRef>()> resolve, uint64_t offset,
+                  std::function<void(uint64_t)> on_sent = nullptr);
   void OnWriteDone(bool ok) override;
   void OnDone() override { delete this; }
 
@@ -80,6 +82,7 @@ class BlobSendReactor final : public grpc::ServerWriteReactor<v1::Chunk> {
   Executor* executor_;
   std::function<Result<BlobRef>()> resolve_;
   uint64_t offset_;
+  std::function<void(uint64_t)> on_sent_;
   BlobRef blob_;
   int fd_ = -1;
   bool sent_any_ = false;

@@ -2,8 +2,11 @@
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/support/server_interceptor.h>
+#include <google/protobuf/descriptor.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 
@@ -29,6 +32,68 @@ std::string FindWorkerBinary() {
   }
   return "pare-worker";
 }
+
+// Counts every call by method and status code and times it, streams included.
+class MetricsInterceptor final : public grpc::experimental::Interceptor {
+ public:
+  MetricsInterceptor(Metrics* metrics, std::string method)
+      : metrics_(metrics), method_(std::move(method)), start_(std::chrono::steady_clock::now()) {
+    metrics_->CallStarted();
+  }
+  ~MetricsInterceptor() override {
+    if (!finished_) metrics_->CallFinished(method_, "CANCELLED", Elapsed());
+  }
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
+      finished_ = true;
+      metrics_->CallFinished(method_, CodeName(methods->GetSendStatus().error_code()), Elapsed());
+    }
+    methods->Proceed();
+  }
+
+ private:
+  double Elapsed() const {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  }
+  static std::string CodeName(grpc::StatusCode c) {
+    static const char* names[] = {"OK",        "CANCELLED",          "UNKNOWN",           "INVALID_ARGUMENT",
+                                  "DEADLINE_EXCEEDED", "NOT_FOUND",   "ALREADY_EXISTS",    "PERMISSION_DENIED",
+                                  "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+                                  "UNIMPLEMENTED", "INTERNAL",         "UNAVAILABLE",       "DATA_LOSS",
+                                  "UNAUTHENTICATED"};
+    int i = static_cast<int>(c);
+    return i >= 0 && i < 17 ? names[i] : "UNKNOWN";
+  }
+  Metrics* metrics_;
+  std::string method_;
+  std::chrono::steady_clock::time_point start_;
+  bool finished_ = false;
+};
+
+class MetricsInterceptorFactory final : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit MetricsInterceptorFactory(Metrics* metrics) : metrics_(metrics) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(grpc::experimental::ServerRpcInfo* info) override {
+    return new MetricsInterceptor(metrics_, info->method() ? info->method() : "unknown");
+  }
+
+ private:
+  Metrics* metrics_;
+};
+
+std::vector<std::string> ServiceMethods() {
+  std::vector<std::string> out;
+  for (const char* name : {"pare.v1.Compression", "pare.v1.Workers"}) {
+    const auto* service = google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(name);
+    if (!service) continue;
+    for (int i = 0; i < service->method_count(); ++i) out.push_back("/" + std::string(name) + "/" + service->method(i)->name());
+  }
+  out.push_back("/grpc.health.v1.Health/Check");
+  return out;
+}
+
+// The health service name a readiness probe asks: SERVING only while a worker is connected.
+constexpr char kReadinessService[] = "pare.readiness";
 
 }  // namespace
 
@@ -62,6 +127,9 @@ Result<std::unique_ptr<Server>> Server::Create(ServerOptions options, std::share
   s->ctx_.events = &s->events_;
   s->ctx_.clock = s->clock_.get();
   s->ctx_.auth = &s->auth_;
+  s->metrics_ = std::make_unique<Metrics>(ServiceMethods(), PARE_VERSION, PARE_LIBTORCH_VERSION);
+  s->ctx_.metrics = s->metrics_.get();
+  s->ctx_.workers = &s->worker_registry_;
   s->ctx_.limits = s->options_.limits;
   s->compression_ = std::make_unique<CompressionService>(&s->ctx_);
   s->workers_ = std::make_unique<WorkersService>(&s->ctx_);
@@ -108,9 +176,23 @@ Status Server::Start() {
   builder.RegisterService(workers_.get());
   // Chunks are at most 1 MiB; leave room for the message framing.
   builder.SetMaxReceiveMessageSize(4 << 20);
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(std::make_unique<MetricsInterceptorFactory>(metrics_.get()));
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  if (!options_.metrics_listen.empty()) {
+    try {
+      exposer_ = std::make_unique<prometheus::Exposer>(options_.metrics_listen);
+    } catch (const std::exception& e) {
+      return Unavailable("cannot serve metrics on " + options_.metrics_listen + ": " + e.what());
+    }
+    exposer_->RegisterCollectable(metrics_->registry());
+  }
   grpc_ = builder.BuildAndStart();
   if (!grpc_ || port_ == 0) return Unavailable("cannot listen on " + options_.listen + " (address in use?)");
   grpc_->GetHealthCheckService()->SetServingStatus(true);
+  // Liveness ("") is SERVING; readiness waits for a worker (RefreshGauges).
+  grpc_->GetHealthCheckService()->SetServingStatus(kReadinessService, false);
+  RefreshGauges();
   reaper_ = std::thread([this] { ReaperLoop(); });
   if (options_.local_workers > 0) {
     SupervisorOptions so;
@@ -123,23 +205,59 @@ Status Server::Start() {
     supervisor_->Start();
   }
   spdlog::info(Kv({{"msg", "serving"}, {"address", address()}, {"data_dir", options_.data_dir},
+                   {"metrics", options_.metrics_listen.empty() ? "off" : "http://" + options_.metrics_listen.substr(0, options_.metrics_listen.rfind(':')) + ":" + std::to_string(metrics_port()) + "/metrics"},
                    {"local_workers", std::to_string(options_.local_workers)}}));
   return Status::Ok();
 }
 
+int Server::metrics_port() const {
+  if (!exposer_) return 0;
+  auto ports = exposer_->GetListeningPorts();
+  return ports.empty() ? 0 : ports.front();
+}
+
+// Gauges from the store, the workers' calls, the blob folder and the supervisor; and the
+// readiness status, which follows whether any worker is connected.
+void Server::RefreshGauges() {
+  const int64_t now = clock_->NowMs();
+  auto counts = store_->CountJobs();
+  if (counts.ok()) metrics_->SetJobsByState(counts.value());
+  auto workers = worker_registry_.Snapshot(now, options_.limits.lease_ttl_ms);
+  metrics_->SetWorkers(workers);
+  int connected = 0;
+  for (const auto& [device, c] : workers) connected += c.first;
+  if (supervisor_) metrics_->SetLocalWorkerRestarts(supervisor_->restarts());
+  auto [count, bytes] = blobs_->CountAndBytes();
+  metrics_->SetBlobs(count, bytes);
+  const bool ready = connected > 0 && !ctx_.draining;
+  if (grpc_ && ready != ready_) {
+    ready_ = ready;
+    grpc_->GetHealthCheckService()->SetServingStatus(kReadinessService, ready);
+    spdlog::info(Kv({{"msg", ready ? "ready: a worker is connected" : "not ready: no worker connected"},
+                     {"workers", std::to_string(connected)}}));
+  }
+}
+
 void Server::ReaperLoop() {
   std::unique_lock<std::mutex> lock(mu_);
+  auto last_refresh = std::chrono::steady_clock::now();
   while (!stopping_) {
     lock.unlock();
     auto changed = store_->ExpireLeases(clock_->NowMs());
     if (changed.ok()) {
       for (const auto& j : changed.value()) {
-        spdlog::warn(Kv({{"msg", "lease expired"}, {"job", j.id}, {"state", JobStateName(j.state)},
+        spdlog::warn(Kv({{"msg", "lease expired"}, {"job", j.id}, {"model", j.model_id}, {"state", JobStateName(j.state)},
                          {"attempts", std::to_string(j.attempts)}}));
+        metrics_->LeaseExpired(j.state == JobState::kQueued);
+        metrics_->JobEnded(j, worker_registry_.DeviceOf(j.worker));
         events_.Publish(j.id);
       }
     } else {
       spdlog::error(Kv({{"msg", "lease reaper failed"}, {"error", changed.status().message()}}));
+    }
+    if (std::chrono::steady_clock::now() - last_refresh > std::chrono::seconds(1)) {
+      RefreshGauges();
+      last_refresh = std::chrono::steady_clock::now();
     }
     lock.lock();
     cv_.wait_for(lock, std::chrono::milliseconds(options_.reaper_interval_ms), [this] { return stopping_; });
@@ -151,6 +269,7 @@ void Server::Drain() {
   spdlog::info(Kv({{"msg", "draining"}, {"grace_seconds", std::to_string(options_.drain_seconds)}}));
   grpc_->GetHealthCheckService()->SetServingStatus(false);
   ctx_.draining = true;
+  ready_ = false;
   // Local workers finish their job within the grace period or hand it back, then exit.
   if (supervisor_) supervisor_->Stop(options_.drain_seconds);
   Shutdown();

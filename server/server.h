@@ -3,6 +3,7 @@
 #pragma once
 
 #include <grpcpp/grpcpp.h>
+#include <prometheus/exposer.h>
 
 #include <atomic>
 #include <condition_variable>
@@ -13,12 +14,14 @@
 #include <vector>
 
 #include "common/status.h"
+#include "server/metrics.h"
 #include "server/service_context.h"
 #include "server/worker_supervisor.h"
 
 namespace pare::server {
 
 class CompressionService;
+class Metrics;
 class WorkersService;
 
 struct ServerOptions {
@@ -42,6 +45,9 @@ struct ServerOptions {
   size_t executor_queue = 4096;
   // How often expired leases are looked for.
   int reaper_interval_ms = 500;
+  // host:port of the Prometheus /metrics endpoint (port 0 picks a free one); empty: none
+  // (pare-server's flag defaults to 127.0.0.1:9090).
+  std::string metrics_listen;
   // On drain: time given to running jobs and streams before they are handed back / cut.
   double drain_seconds = 30;
 };
@@ -54,6 +60,8 @@ class Server {
   // Binds and starts serving, the reaper, and the local workers.
   Status Start();
   int port() const { return port_; }
+  // Port of /metrics (0 when off).
+  int metrics_port() const;
   std::string address() const;
   // SIGTERM: health NOT_SERVING, refuse new work, let workers finish or hand back, stop.
   void Drain();
@@ -66,6 +74,7 @@ class Server {
   explicit Server(ServerOptions options, std::shared_ptr<Clock> clock);
   Status SetUpAuth();
   void ReaperLoop();
+  void RefreshGauges();
   void Shutdown();
 
   ServerOptions options_;
@@ -80,6 +89,10 @@ class Server {
   std::unique_ptr<CompressionService> compression_;
   std::unique_ptr<WorkersService> workers_;
   std::unique_ptr<grpc::Server> grpc_;
+  std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  WorkerRegistry worker_registry_;
+  std::atomic<bool> ready_{false};  // readiness last set on the health service
   std::unique_ptr<WorkerSupervisor> supervisor_;
   int port_ = 0;
 

@@ -442,4 +442,15 @@ Result<std::vector<JobRecord>> SqliteStore::ExpireLeases(int64_t now_ms) {
   return changed;
 }
 
+Result<std::map<JobState, int64_t>> SqliteStore::CountJobs() {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt s(db_, "SELECT state, COUNT(*) FROM jobs GROUP BY state");
+  if (!s.ok()) return s.Error("count jobs");
+  std::map<JobState, int64_t> out;
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) out[static_cast<JobState>(s.Int(0))] = s.Int(1);
+  if (rc != SQLITE_DONE) return s.Error("count jobs");
+  return out;
+}
+
 }  // namespace pare::server

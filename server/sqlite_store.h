@@ -32,6 +32,7 @@ class SqliteStore final : public Store {
                                 int64_t now_ms) override;
   Result<JobRecord> CancelJob(const std::string& tenant, const std::string& id, int64_t now_ms) override;
   Result<std::vector<JobRecord>> ExpireLeases(int64_t now_ms) override;
+  Result<std::map<JobState, int64_t>> CountJobs() override;
 
  private:
   explicit SqliteStore(sqlite3* db) : db_(db) {}

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -112,6 +113,8 @@ class Store {
   virtual Result<JobRecord> CancelJob(const std::string& tenant, const std::string& id, int64_t now_ms) = 0;
   // Requeues (or fails, after max_attempts) jobs whose lease ran out; returns the jobs changed.
   virtual Result<std::vector<JobRecord>> ExpireLeases(int64_t now_ms) = 0;
+  // Jobs per state, all tenants (for metrics).
+  virtual Result<std::map<JobState, int64_t>> CountJobs() = 0;
 };
 
 }  // namespace pare::server

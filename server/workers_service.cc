@@ -1,5 +1,7 @@
 #include "server/workers_service.h"
 
+#include <chrono>
+
 #include "common/grpc_status.h"
 #include "common/ids.h"
 #include "common/logging.h"
@@ -41,7 +43,8 @@ Result<v1::LeasedJob> Describe(ServiceContext* ctx, const JobRecord& j) {
 // The job's result: a header with the outcome and reports, then the model's chunks.
 class CompleteReactor final : public IngestReactor<v1::CompleteRequest, v1::CompleteHeader> {
  public:
-  explicit CompleteReactor(ServiceContext* ctx) : IngestReactor(ctx->executor, ctx->blobs), ctx_(ctx) {}
+  explicit CompleteReactor(ServiceContext* ctx)
+      : IngestReactor(ctx->executor, ctx->blobs), ctx_(ctx), start_(std::chrono::steady_clock::now()) {}
 
  protected:
   Status OnHeader(const v1::CompleteHeader& h, uint64_t* expected, uint64_t* limit) override {
@@ -81,14 +84,24 @@ class CompleteReactor final : public IngestReactor<v1::CompleteRequest, v1::Comp
     holder.SerializeToString(&o.reports_pb);
     auto j = ctx_->store->CompleteJob(h.job_id(), h.lease_id(), o, ctx_->clock->NowMs());
     if (!j.ok()) return j.status();
-    spdlog::info(Kv({{"msg", "job ended"}, {"job", j->id}, {"state", JobStateName(j->state)},
+    spdlog::info(Kv({{"msg", "job ended"}, {"job", j->id}, {"model", j->model_id}, {"state", JobStateName(j->state)},
                      {"attempts", std::to_string(j->attempts)}, {"reason", j->error_reason}}));
+    const std::string device = ctx_->workers ? ctx_->workers->DeviceOf(j->worker) : "";
+    if (ctx_->workers) ctx_->workers->Touch(j->worker, false, ctx_->clock->NowMs());
+    if (ctx_->metrics) {
+      if (h.state() == v1::SUCCEEDED) ctx_->metrics->Uploaded("result", h.result_size_bytes(), SecondsSince(start_));
+      ctx_->metrics->JobEnded(j.value(), device);
+    }
     ctx_->events->Publish(j->id);
     return Status::Ok();
   }
 
  private:
+  static double SecondsSince(std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+  }
   ServiceContext* ctx_;
+  std::chrono::steady_clock::time_point start_;
 };
 
 }  // namespace
@@ -99,11 +112,15 @@ grpc::ServerUnaryReactor* WorkersService::Lease(grpc::CallbackServerContext* cal
   return RunUnary(ctx_->executor, call, [this, req, resp]() -> Status {
     if (req->worker_id().empty()) return InvalidArgument("worker_id is required");
     if (ctx_->draining) return Status::Ok();  // no new work while draining
-    auto leased = ctx_->store->LeaseJob(req->worker_id(), req->capabilities().cuda(), NewId("lease"),
-                                        ctx_->clock->NowMs(), ctx_->limits.lease_ttl_ms);
+    const int64_t now = ctx_->clock->NowMs();
+    const std::string device_kind = req->capabilities().cuda() ? "cuda" : "cpu";
+    auto leased = ctx_->store->LeaseJob(req->worker_id(), req->capabilities().cuda(), NewId("lease"), now,
+                                        ctx_->limits.lease_ttl_ms);
     if (!leased.ok()) return leased.status();
+    if (ctx_->workers) ctx_->workers->Seen(req->worker_id(), device_kind, leased->has_value(), now);
     if (!leased->has_value()) return Status::Ok();
     const JobRecord& j = **leased;
+    if (ctx_->metrics && j.attempts == 1) ctx_->metrics->JobLeased(double(now - j.created_ms) / 1000.0);
     auto described = Describe(ctx_, j);
     if (!described.ok()) {
       JobOutcome o;
@@ -111,7 +128,9 @@ grpc::ServerUnaryReactor* WorkersService::Lease(grpc::CallbackServerContext* cal
       o.error_code = "FAILED_PRECONDITION";
       o.error_reason = "INPUT_MISSING";
       o.error_message = described.status().message();
-      ctx_->store->CompleteJob(j.id, j.lease_id, o, ctx_->clock->NowMs());
+      auto failed = ctx_->store->CompleteJob(j.id, j.lease_id, o, ctx_->clock->NowMs());
+      if (failed.ok() && ctx_->metrics) ctx_->metrics->JobEnded(failed.value(), device_kind);
+      if (ctx_->workers) ctx_->workers->Touch(req->worker_id(), false, now);
       ctx_->events->Publish(j.id);
       return Status::Ok();
     }
@@ -140,6 +159,7 @@ grpc::ServerUnaryReactor* WorkersService::Heartbeat(grpc::CallbackServerContext*
     }
     resp->set_lease_valid(true);
     resp->set_cancelled(j->cancel_requested);
+    if (ctx_->workers) ctx_->workers->Touch(j->worker, true, ctx_->clock->NowMs());
     ctx_->events->Publish(j->id);
     return Status::Ok();
   });
@@ -163,7 +183,10 @@ grpc::ServerWriteReactor<v1::Chunk>* WorkersService::Fetch(grpc::CallbackServerC
     if (!size.ok()) return DataLoss("input blob " + sha + " is missing from the blob store");
     return BlobRef{ctx->blobs->PathOf(sha), sha, size.value()};
   };
-  return new BlobSendReactor(ctx_->executor, resolve, req->offset());
+  Metrics* metrics = ctx_->metrics;
+  return new BlobSendReactor(ctx_->executor, resolve, req->offset(), [metrics](uint64_t n) {
+    if (metrics) metrics->Downloaded("input", n);
+  });
 }
 
 grpc::ServerReadReactor<v1::CompleteRequest>* WorkersService::Complete(grpc::CallbackServerContext* call,

@@ -19,11 +19,11 @@ expect_rc() { # expected-rc description command...
 }
 
 cd "$work"
-"$BIN/server/pare-server" --listen 127.0.0.1:0 --data-dir "$work/pare-data" --local-workers 1 \
+"$BIN/server/pare-server" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --data-dir "$work/pare-data" --local-workers 1 \
   --worker-threads 1 >"$work/server.out" 2>"$work/server.log" &
 server_pid=$!
 for _ in $(seq 100); do grep -q "listening on" "$work/server.out" 2>/dev/null && break; sleep 0.1; done
-export PARE_SERVER=$(grep -o '127.0.0.1:[0-9]*' "$work/server.out")
+export PARE_SERVER=$(grep -o 'listening on 127.0.0.1:[0-9]*' "$work/server.out" | grep -o '127.0.0.1:[0-9]*')
 [ -n "$PARE_SERVER" ] || fail "pare-server did not start"
 
 model=$($PARE upload-model "$FX/resnet18.pt" --name resnet18 --input-shape 1,3,64,64)
@@ -67,9 +67,9 @@ expect_rc 3 "unreachable" $PARE --server 127.0.0.1:1 --timeout 3 list
 expect_rc 4 "garbage model" $PARE upload-model "$FX/garbage.bin"
 grep -q "not a zip archive" "$work/err" || fail "garbage upload message"
 expect_rc 4 "unknown job" $PARE status job_nope
-echo '{"steps":[{"factorize":{"rankRatio":0.5}}]}' >unsupported.json
-expect_rc 4 "unsupported step" $PARE submit --model "$model" --recipe unsupported.json
-grep -q "steps\[0\]: 'factorize'" "$work/err" || fail "unsupported step not named"
+echo '{"steps":[{"factorize":{"rankRatio":1.5}}]}' >bad-field.json
+expect_rc 4 "out-of-range recipe field" $PARE submit --model "$model" --recipe bad-field.json
+grep -q "steps\[0\].factorize.rankRatio" "$work/err" || fail "bad recipe field not named"
 
 # IDX datasets (gzip, as Fashion-MNIST ships) with labels, packed by the CLI.
 ds=$($PARE upload-dataset "$FX/idx-images.gz" --labels "$FX/idx-labels.gz" --format idx)

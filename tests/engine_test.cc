@@ -626,6 +626,26 @@ TEST_F(EngineTest, ChannelPrunedModelsFoldBatchNormAndQuantize) {
   EXPECT_TRUE(at::allclose(p.forward({x}).toTensor(), before));
 }
 
+TEST_F(EngineTest, StaticQuantizationOfAChannelPrunedResNetAgrees) {
+  // ResNet's blocks keep their own (unused after inlining) forward methods with conv/bn calls:
+  // batch norms must be folded exactly once.
+  auto m = torch::jit::load(Fixture("tv_resnet18.pt"));
+  m.eval();
+  ChannelPruneSpec spec;
+  spec.amount = 0.3;
+  auto p = ChannelPrune(m, spec, {1, 3, 64, 64}).module;
+  at::Generator gen = at::detail::createCPUGenerator(5);
+  std::vector<at::Tensor> calibration;
+  for (int i = 0; i < 4; ++i) calibration.push_back(at::randn({8, 3, 64, 64}, gen));
+  at::Tensor x = at::randn({16, 3, 64, 64}, gen);
+  at::Tensor want = p.forward({x}).toTensor();
+  auto q = QuantizeStatic(p, StaticQuantSpec{"MINMAX", 4, true}, calibration);
+  at::Tensor got = q.forward({x}).toTensor();
+  EXPECT_EQ(q.get_method("forward").graph()->toString().find("batch_norm"), std::string::npos);
+  EXPECT_GT(at::cosine_similarity(got, want, 1).min().item<double>(), 0.98);
+  EXPECT_GE((got.argmax(1) == want.argmax(1)).to(at::kFloat).mean().item<double>(), 0.9);
+}
+
 TEST_F(EngineTest, ChannelPruneWorksOnTorchvisionFamilies) {
   // Residual, depthwise + squeeze-excitation, concatenation, grouped, shuffled networks.
   for (const char* name : {"tv_resnet18.pt", "tv_mobilenet_v3_small.pt", "tv_densenet_small.pt",

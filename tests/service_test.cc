@@ -294,10 +294,11 @@ TEST_F(ServiceTest, SubmitValidatesIsIdempotentAndListsInPages) {
   std::string model = UploadModel("small_cnn.pt", {1, 1, 28, 28});
   v1::SubmitJobRequest req;
   req.set_model_id(model);
-  *req.mutable_recipe() = Recipe(R"({"steps":[{"factorize":{"rankRatio":0.5}}]})");
-  auto unsupported = client_->Submit(req);
-  EXPECT_EQ(unsupported.status().code(), Code::kInvalidArgument);
-  EXPECT_NE(unsupported.status().message().find("steps[0]: 'factorize'"), std::string::npos);
+  *req.mutable_recipe() = Recipe(R"({"steps":[{"factorize":{"rankRatio":1.5}}]})");
+  auto bad_field = client_->Submit(req);
+  EXPECT_EQ(bad_field.status().code(), Code::kInvalidArgument);
+  EXPECT_NE(bad_field.status().message().find("steps[0].factorize.rankRatio"), std::string::npos)
+      << bad_field.status().message();
   *req.mutable_recipe() = Recipe(R"({"steps":[{"distill":{"epochs":1}}]})");
   auto no_train = client_->Submit(req);
   EXPECT_EQ(no_train.status().code(), Code::kInvalidArgument);

@@ -91,7 +91,8 @@ class ServerProcess {
   std::string Start() {
     int fds[2];
     if (::pipe(fds) != 0) return "";
-    std::vector<std::string> args = {BinDir() + "/server/pare-server", "--listen", "127.0.0.1:0", "--data-dir", data_dir_};
+    std::vector<std::string> args = {BinDir() + "/server/pare-server", "--listen", "127.0.0.1:0",
+                                     "--metrics-listen", "127.0.0.1:0", "--data-dir", data_dir_};
     args.insert(args.end(), extra_.begin(), extra_.end());
     pid_ = ::fork();
     if (pid_ == 0) {

@@ -224,6 +224,19 @@ static void DequantizeTupleElements(const std::shared_ptr<torch::jit::Graph>& gr
   }
 }
 
+// Whether the forward graph still calls submodule methods (else it is one inlined graph).
+static bool CallsSubmodules(const torch::jit::Module& module) {
+  bool calls = false;
+  std::function<void(torch::jit::Block*)> find = [&](torch::jit::Block* b) {
+    for (torch::jit::Node* n : b->nodes()) {
+      calls |= n->kind() == c10::prim::CallMethod;
+      for (torch::jit::Block* s : n->blocks()) find(s);
+    }
+  };
+  find(module.get_method("forward").graph()->block());
+  return calls;
+}
+
 static void SpecializeForEval(torch::jit::Module& module) {
   auto graph = module.get_method("forward").graph();
   std::vector<torch::jit::Node*> reads;
@@ -256,11 +269,18 @@ torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQ
   if (calibration.empty()) {
     throw EngineError(Code::kInvalidArgument, "NO_CALIBRATION", "quantize.static needs calibration inputs");
   }
-  // FoldConvBatchNorm returns a copy: the input stays unchanged and the later passes
-  // work in place on that copy (Python's quantize_jit copies the model twice more).
-  torch::jit::Module module = torch::jit::FoldConvBatchNorm(input);
-  // Models whose forward is one inlined graph (channel-pruned ones) have no conv/bn
-  // submodule calls for that pass to see.
+  // Conv-bn folding. A model whose forward is one inlined graph (channel-pruned ones) is
+  // folded by Pare's own pass on that graph. LibTorch's FoldConvBatchNorm must not see it: it
+  // folds the conv/bn submodule calls of the submodules' own (now unused) methods into the
+  // shared weights, leaving the inlined graph's batch norms in place, so their effect would be
+  // applied twice. Both return or work on a copy: the input stays unchanged, and the later
+  // passes work in place on that copy (Python's quantize_jit copies the model twice more).
+  torch::jit::Module module;
+  if (CallsSubmodules(input)) {
+    module = torch::jit::FoldConvBatchNorm(input);
+  } else {
+    module = input.clone();
+  }
   FoldInlinedConvBatchNorm(module);
   module.eval();
   SpecializeForEval(module);

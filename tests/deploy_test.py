@@ -1,0 +1,240 @@
+#!/usr/bin/python3
+"""Checks deploy/ and the Dockerfile without a cluster or a Docker engine, against the real binaries.
+
+Kubernetes (deploy/k8s, kustomize base + overlays):
+  * every file is valid YAML; each overlay's resources resolve (files exist, no duplicates);
+  * every container port a probe or Service names exists; every volumeMount has a volume;
+    every secret/configMap referenced exists in the base; every $(VAR) in args is a ConfigMap key;
+  * the security context is restricted (non-root, read-only root, no privilege escalation,
+    ALL capabilities dropped, RuntimeDefault seccomp); the grace period covers the drain;
+  * the GPU overlay asks for nvidia.com/gpu and tolerates GPU nodes;
+  * the container args are flags the binaries accept: pare-server is started with them (paths
+    and ports mapped to a temporary folder) and must serve; pare-worker must get past flag
+    parsing and keep trying to reach its server.
+Docker: every shared library `ldd` finds for the three binaries comes from a package that the
+runtime stage installs, or that one of those pulls in (apt's dependency closure), or Debian's
+base image has.
+
+Usage: deploy_test.py  (PARE_BIN_DIR from ctest)
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+K8S = os.path.join(ROOT, "deploy", "k8s")
+BIN = os.environ["PARE_BIN_DIR"]
+failures = []
+
+
+def check(cond, what):
+    if not cond:
+        failures.append(what)
+        print("FAIL", what)
+
+
+def load_kustomization(path):
+    """All documents of a kustomization (recursively), with the file each came from."""
+    k = yaml.safe_load(open(os.path.join(path, "kustomization.yaml")))
+    docs = []
+    for r in k.get("resources", []):
+        full = os.path.normpath(os.path.join(path, r))
+        if os.path.isdir(full):
+            docs += load_kustomization(full)
+        else:
+            check(os.path.exists(full), f"{path}: resource {r} does not exist")
+            for d in yaml.safe_load_all(open(full)):
+                if d:
+                    docs.append((full, d))
+    return docs
+
+
+def pod_specs(docs):
+    for f, d in docs:
+        if d.get("kind") == "Deployment":
+            yield f, d, d["spec"]["template"]["spec"]
+
+
+def check_k8s():
+    base = load_kustomization(os.path.join(K8S, "base"))
+    config = next(d for _, d in base if d["kind"] == "ConfigMap")
+    secrets = {d["metadata"]["name"]: d for _, d in base if d["kind"] == "Secret"}
+    pvcs = {d["metadata"]["name"] for _, d in base if d["kind"] == "PersistentVolumeClaim"}
+    for overlay in ("cpu", "gpu"):
+        docs = load_kustomization(os.path.join(K8S, "overlays", overlay))
+        names = [(d["kind"], d["metadata"]["name"]) for _, d in docs]
+        check(len(names) == len(set(names)), f"overlay {overlay}: duplicate resources {names}")
+        kinds = {k for k, _ in names}
+        for kind in ("Deployment", "Service", "PersistentVolumeClaim", "ConfigMap", "Secret", "ServiceMonitor",
+                     "PodDisruptionBudget"):
+            check(kind in kinds, f"overlay {overlay}: no {kind}")
+        ports_by_app = {}
+        for f, d, spec in pod_specs(docs):
+            name = d["metadata"]["name"]
+            sel = d["spec"]["selector"]["matchLabels"]
+            check(all(d["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in sel.items()),
+                  f"{name}: selector does not match the pod labels")
+            psc = spec.get("securityContext", {})
+            check(psc.get("runAsNonRoot") is True, f"{name}: runAsNonRoot")
+            check(psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{name}: seccomp RuntimeDefault")
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            grace = spec.get("terminationGracePeriodSeconds", 30)
+            for c in spec["containers"]:
+                sc = c.get("securityContext", {})
+                check(sc.get("allowPrivilegeEscalation") is False, f"{name}: allowPrivilegeEscalation")
+                check(sc.get("readOnlyRootFilesystem") is True, f"{name}: readOnlyRootFilesystem")
+                check(sc.get("capabilities", {}).get("drop") == ["ALL"], f"{name}: capabilities drop ALL")
+                for m in c.get("volumeMounts", []):
+                    check(m["name"] in volumes, f"{name}: volumeMount {m['name']} has no volume")
+                for v in volumes.values():
+                    if "secret" in v:
+                        check(v["secret"]["secretName"] in secrets, f"{name}: secret {v['secret']['secretName']}")
+                    if "persistentVolumeClaim" in v:
+                        check(v["persistentVolumeClaim"]["claimName"] in pvcs, f"{name}: pvc")
+                for ref in c.get("envFrom", []):
+                    check(ref["configMapRef"]["name"] == config["metadata"]["name"], f"{name}: configmap ref")
+                ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+                ports_by_app[d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]] = ports
+                for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                    if probe in c:
+                        port = c[probe]["grpc"]["port"]
+                        check(port in ports.values() or port in ports, f"{name}: {probe} port {port} is not a container port")
+                args = " ".join(c.get("args", []))
+                for var in re.findall(r"\$\((\w+)\)", args):
+                    check(var in config["data"], f"{name}: $({var}) is not in the ConfigMap")
+                drain = [int(config["data"][v]) for v in re.findall(r"--drain-seconds=\$\((\w+)\)", args)]
+                for dsec in drain:
+                    check(grace >= dsec + 5, f"{name}: grace period {grace}s does not cover a {dsec}s drain")
+                if "server" in c["name"]:
+                    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                        check(probe in c and "grpc" in c[probe], f"{name}: no gRPC {probe}")
+                    check(c["readinessProbe"]["grpc"].get("service") == "pare.readiness",
+                          f"{name}: readiness must ask for pare.readiness")
+                if overlay == "gpu" and "gpu" in name:
+                    check(c["resources"]["limits"].get("nvidia.com/gpu") == 1, f"{name}: nvidia.com/gpu limit")
+                    check(any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", [])),
+                          f"{name}: no GPU toleration")
+                    check("nodeSelector" in spec, f"{name}: no node selector")
+        for _, d in docs:
+            if d["kind"] == "Service":
+                app = d["spec"]["selector"]["app.kubernetes.io/name"]
+                for p in d["spec"]["ports"]:
+                    check(p["targetPort"] in ports_by_app.get(app, {}),
+                          f"Service {d['metadata']['name']}: targetPort {p['targetPort']} not a port of {app}")
+            if d["kind"] == "ServiceMonitor":
+                svc = [s for _, s in docs if s["kind"] == "Service" and
+                       s["metadata"]["labels"].get("app.kubernetes.io/name") ==
+                       d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]]
+                check(any(p["name"] == d["spec"]["endpoints"][0]["port"] for s in svc for p in s["spec"]["ports"]),
+                      "ServiceMonitor: its port is not a named Service port")
+        print(f"ok   overlay {overlay}: {len(docs)} resources")
+    return base, config, secrets
+
+
+def run_binaries(base, config, secrets):
+    work = tempfile.mkdtemp(prefix="pare-deploy-")
+    secret = secrets["pare-tokens"]["stringData"]
+    os.makedirs(os.path.join(work, "tokens"))
+    for k, v in secret.items():
+        with open(os.path.join(work, "tokens", k), "w") as f:
+            f.write(v)
+    mapping = {"/data": os.path.join(work, "data"), "/etc/pare/tokens": os.path.join(work, "tokens"),
+               "/work": os.path.join(work, "work"), "0.0.0.0:50051": "127.0.0.1:0", "0.0.0.0:9090": "127.0.0.1:0",
+               "pare-server-workers:50051": "127.0.0.1:1"}
+    os.makedirs(mapping["/work"])
+
+    def real_args(c):
+        out = []
+        for a in c["args"]:
+            a = re.sub(r"\$\((\w+)\)", lambda m: config["data"][m.group(1)], a)
+            flag, _, value = a.partition("=")
+            for k in sorted(mapping, key=len, reverse=True):  # one mapping, on the value's prefix
+                if value.startswith(k):
+                    value = mapping[k] + value[len(k):]
+                    break
+            out.append(f"{flag}={value}")
+        return out
+
+    for f, d, spec in pod_specs(base):
+        before = len(failures)
+        c = spec["containers"][0]
+        binary = os.path.join(BIN, "server" if "server" in c["command"][0] else "worker", os.path.basename(c["command"][0]))
+        args = real_args(c)
+        p = subprocess.Popen([binary, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if "server" in binary:
+            line = p.stdout.readline()
+            check("listening on" in line, f"pare-server with the manifest's args did not serve: {line} "
+                                          f"{p.stderr.read() if p.poll() is not None else ''}")
+            p.send_signal(signal.SIGTERM)
+            check(p.wait(timeout=30) == 0, "pare-server did not drain and exit 0 on SIGTERM")
+        else:
+            time.sleep(2)
+            rc = p.poll()
+            err = "" if rc is None else p.stderr.read()
+            check(rc is None, f"pare-worker with the manifest's args exited ({rc}): {err[-500:]}")
+            p.kill()
+            p.wait()
+        if len(failures) == before:
+            print(f"ok   {d['metadata']['name']}: {os.path.basename(binary)} accepts {' '.join(c['args'])}")
+
+
+def package_of(path):
+    for candidate in (path, path.replace("/usr/lib/", "/lib/", 1)):
+        r = subprocess.run(["dpkg", "-S", candidate], capture_output=True, text=True)
+        if r.returncode == 0:
+            return r.stdout.split(":")[0]
+    return None
+
+
+def check_docker():
+    text = open(os.path.join(ROOT, "Dockerfile")).read()
+    runtime = text[text.index("AS runtime"):]
+    install = re.search(r"apt-get install -y --no-install-recommends(.*?)&&", runtime, re.S).group(1)
+    wanted = set(install.replace("\\", " ").split())
+    # Debian's base image (bookworm-slim) has the essential packages; apt adds the closure.
+    closure = set(wanted)
+    r = subprocess.run(["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests", "--no-conflicts",
+                        "--no-breaks", "--no-replaces", "--no-enhances", "--no-pre-depends", *sorted(wanted)],
+                       capture_output=True, text=True)
+    for line in r.stdout.splitlines():
+        m = re.match(r"\s*(?:\|)?Depends: <?([^>\s]+)>?", line)
+        if m:
+            closure.add(m.group(1).split(":")[0])
+        elif line and not line.startswith(" "):
+            closure.add(line.strip().split(":")[0])
+    essential = set(subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Essential}\n"], capture_output=True,
+                                   text=True).stdout.split("\n"))
+    essential = {l.split()[0] for l in essential if l.endswith(" yes")}
+    libs = set()
+    for b in ("server/pare-server", "worker/pare-worker", "client/pare"):
+        out = subprocess.run(["ldd", os.path.join(BIN, b)], capture_output=True, text=True).stdout
+        check("not found" not in out, f"ldd {b}: a library is not found")
+        libs |= {os.path.realpath(m) for m in re.findall(r"=> (\S+) \(", out)}
+    missing = {}
+    for lib in sorted(libs):
+        pkg = package_of(lib)
+        if pkg is None:
+            missing[lib] = "no Debian package owns it"
+        elif pkg not in closure and pkg not in essential:
+            missing[lib] = pkg
+    for lib, why in missing.items():
+        check(False, f"Dockerfile runtime stage lacks {why} (for {lib})")
+    print(f"ok   Dockerfile: {len(libs)} libraries of the binaries, all from {len(wanted)} runtime packages "
+          f"and their {len(closure)}-package closure" if not missing else "")
+
+
+def main():
+    base, config, secrets = check_k8s()
+    run_binaries(base, config, secrets)
+    check_docker()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
