@@ -162,7 +162,8 @@ int WaitFor(pare::client::Client& c, const std::string& id) {
 int Compress(const std::string& model, const std::string& recipe_path, const std::string& out,
              const std::string& report_path, const std::string& calibration, const std::string& train,
              const std::string& eval, const std::string& format, const std::string& shape_text,
-             const std::string& device, int threads, double latency_budget) {
+             const std::string& device, int threads, double latency_budget,
+             const std::vector<std::string>& extra_models) {
   std::string text;
   Status st = ReadFile(recipe_path, &text);
   if (!st.ok()) return Fail(st, "reading the recipe");
@@ -178,6 +179,14 @@ int Compress(const std::string& model, const std::string& recipe_path, const std
   }
   opts.device = device;
   opts.latency_budget_seconds = latency_budget;
+  for (const auto& m : extra_models) {
+    auto eq = m.find('=');
+    if (eq == std::string::npos || eq == 0 || !fs::is_regular_file(m.substr(eq + 1))) {
+      Fail(pare::InvalidArgument("--model takes ID=FILE with an existing file, got '" + m + "'"), "usage");
+      return kExitUsage;
+    }
+    opts.models[m.substr(0, eq)] = m.substr(eq + 1);
+  }
   if (!calibration.empty()) opts.calibration = pare::engine::DatasetInput{format, calibration};
   if (!train.empty()) opts.train = pare::engine::DatasetInput{format, train};
   if (!eval.empty()) opts.eval = pare::engine::DatasetInput{format, eval};
@@ -245,6 +254,7 @@ int main(int argc, char** argv) {
   bool wait = false;
   int page_size = 50, threads = 0;
   double latency_budget = 1.0;
+  std::vector<std::string> extra_models;
 
   auto* up_model = app.add_subcommand("upload-model", "upload a TorchScript model; prints its id");
   up_model->add_option("FILE", file, "the .pt file (torch.jit.save)")->required()->check(CLI::ExistingFile);
@@ -252,9 +262,11 @@ int main(int argc, char** argv) {
   up_model->add_option("--input-shape", shape, "input shape for measurements, e.g. 1,3,224,224");
 
   auto* up_ds = app.add_subcommand("upload-dataset", "upload a dataset; prints its id");
-  up_ds->add_option("FILE", file, "tensors: a torch.save file; idx: an IDX images file (or a tar of IDX files)")
+  up_ds->add_option("FILE", file,
+                    "tensors: a torch.save file; idx: an IDX images file (or a tar of IDX files); image-folder: a "
+                    "folder of class folders of PNG/JPEG images (packed here) or a tar of one")
       ->required()
-      ->check(CLI::ExistingFile);
+      ->check(CLI::ExistingPath);
   up_ds->add_option("--format", format, "tensors, idx or image-folder")
       ->required()
       ->check(CLI::IsMember({"tensors", "idx", "image-folder"}));
@@ -292,10 +304,13 @@ int main(int argc, char** argv) {
   compress->add_option("--calibration", calib, "calibration data file");
   compress->add_option("--train", train, "training data file");
   compress->add_option("--eval", eval, "evaluation data file");
-  compress->add_option("--format", format, "format of the data files: tensors or idx")->default_val("tensors");
+  compress->add_option("--format", format, "format of the data files: tensors, idx or image-folder (a folder)")
+      ->default_val("tensors");
   compress->add_option("--input-shape", shape, "input shape, e.g. 1,3,224,224");
   compress->add_option("--device", device, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   compress->add_option("--threads", threads, "intra-op threads (0: LibTorch default)");
+  compress->add_option("--model", extra_models,
+                       "ID=FILE: a model the recipe names (distill teacherModel/studentModel), repeatable");
   compress->add_option("--latency-budget", latency_budget, "seconds spent timing each model at each batch size")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 600.0));
@@ -308,7 +323,8 @@ int main(int argc, char** argv) {
   }
 
   if (compress->parsed()) {
-    return Compress(file, recipe, out, report, calib, train, eval, format, shape, device, threads, latency_budget);
+    return Compress(file, recipe, out, report, calib, train, eval, format, shape, device, threads, latency_budget,
+                    extra_models);
   }
 
   pare::client::ClientOptions co;
@@ -341,6 +357,11 @@ int main(int argc, char** argv) {
       tmp = (fs::temp_directory_path() / ("pare-idx-" + std::to_string(::getpid()) + ".tar")).string();
       Status st = pare::client::PackIdxPair(file, labels, tmp);
       if (!st.ok()) return Fail(st, "packing the idx files");
+      path = tmp;
+    } else if (format == "image-folder" && fs::is_directory(file)) {
+      tmp = (fs::temp_directory_path() / ("pare-images-" + std::to_string(::getpid()) + ".tar")).string();
+      Status st = pare::client::PackImageFolder(file, tmp);
+      if (!st.ok()) return Fail(st, "packing the image folder");
       path = tmp;
     }
     auto d = c.UploadDataset(path, format, name.empty() ? fs::path(file).filename().string() : name);

@@ -10,4 +10,7 @@ namespace pare::client {
 
 Status PackIdxPair(const std::string& images, const std::string& labels, const std::string& out_tar);
 
+// Packs an image-folder dataset (CLASS/IMAGE files and preprocess.json) into a tar.
+Status PackImageFolder(const std::string& folder, const std::string& out_tar);
+
 }  // namespace pare::client

@@ -121,15 +121,15 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
     case v1::Step::kDistill: {
       const auto& d = step.distill();
       const std::string where = at + ".distill";
-      if (!d.student_model().empty()) {
-        return InvalidArgument(where + ".studentModel: uploaded student architectures are not supported by this "
-                               "version yet; the student is the model the previous step produced");
-      }
-      if (!d.teacher_model().empty()) {
-        return InvalidArgument(where + ".teacherModel: other teachers are not supported by this version yet; the "
-                               "teacher is the job's input model");
-      }
       engine::DistillSpec s;
+      for (const auto& [field, id] : {std::pair<const char*, std::string>{"teacherModel", d.teacher_model()},
+                                      {"studentModel", d.student_model()}}) {
+        if (id.size() > 64 || id.find_first_of(" /\\\n") != std::string::npos) {
+          return InvalidArgument(where + "." + field + " is not a model id");
+        }
+      }
+      s.teacher_model = d.teacher_model();
+      s.student_model = d.student_model();
       auto train = ConvertTrain(where, d.epochs(), d.learning_rate(), d.batch_size(), d.optimizer());
       if (!train.ok()) return train.status();
       s.train = train.value();

@@ -7,7 +7,7 @@ packages=(
   build-essential cmake ninja-build ccache pkg-config
   libopenblas0-pthread libtorch-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev libspdlog-dev libgtest-dev libsqlite3-dev libssl-dev libcli11-dev
-  nlohmann-json3-dev libarchive-dev zlib1g-dev
+  nlohmann-json3-dev libarchive-dev zlib1g-dev libpng-dev libjpeg-dev
   python3-torch python3-torchvision python3-grpcio python3-yaml dataset-fashion-mnist prometheus
 )
 missing=()

@@ -299,6 +299,17 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
     if (!(device.empty() || device == "auto" || device == "cpu" || device == "cuda")) {
       return InvalidArgument("device must be cpu, cuda or auto; got '" + device + "'");
     }
+    for (int i = 0; i < req->recipe().steps_size(); ++i) {
+      const auto& step = req->recipe().steps(i);
+      if (!step.has_distill()) continue;
+      for (const auto& [field, id] : {std::pair<const char*, std::string>{"teacherModel", step.distill().teacher_model()},
+                                      {"studentModel", step.distill().student_model()}}) {
+        if (!id.empty() && !ctx_->store->GetModel(tenant, id).ok()) {
+          return NotFound("recipe.steps[" + std::to_string(i) + "].distill." + field + ": model '" + id +
+                          "' does not exist");
+        }
+      }
+    }
     if (req->request_id().size() > 128) return InvalidArgument("request_id is longer than 128 characters");
     for (size_t i = 0; i < steps->size(); ++i) {
       if (engine::NeedsTrainData((*steps)[i]) && req->train_dataset_id().empty()) {
@@ -314,9 +325,6 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
       if (id.empty()) continue;
       auto ds = ctx_->store->GetDataset(tenant, id);
       if (!ds.ok()) return NotFound(std::string(field) + ": dataset '" + id + "' does not exist");
-      if (ds->format == "image-folder") {
-        return InvalidArgument(std::string(field) + ": image-folder datasets are not supported by this version yet");
-      }
     }
     JobRecord j;
     j.id = NewId("job");

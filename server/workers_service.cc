@@ -22,6 +22,18 @@ Result<v1::LeasedJob> Describe(ServiceContext* ctx, const JobRecord& j) {
   auto model = ctx->store->GetModel(j.tenant, j.model_id);
   if (!model.ok()) return model.status();
   out.set_model_sha256(model->sha256);
+  out.set_model_id(j.model_id);
+  for (const auto& step : out.recipe().steps()) {
+    if (!step.has_distill()) continue;
+    for (const std::string& id : {step.distill().teacher_model(), step.distill().student_model()}) {
+      if (id.empty()) continue;
+      auto other = ctx->store->GetModel(j.tenant, id);
+      if (!other.ok()) return other.status();
+      auto* ref = out.add_models();
+      ref->set_id(id);
+      ref->set_sha256(other->sha256);
+    }
+  }
   for (int64_t d : model->input_shape) out.add_input_shape(d);
   for (const auto& [role, id] : {std::pair<const char*, std::string>{"calibration", j.calibration_dataset_id},
                                  {"train", j.train_dataset_id},
@@ -177,6 +189,7 @@ grpc::ServerWriteReactor<v1::Chunk>* WorkersService::Fetch(grpc::CallbackServerC
     auto described = Describe(ctx, j.value());
     if (!described.ok()) return described.status();
     bool referenced = described->model_sha256() == sha;
+    for (const auto& m : described->models()) referenced = referenced || m.sha256() == sha;
     for (const auto& d : described->datasets()) referenced = referenced || d.sha256() == sha;
     if (!referenced) return PermissionDenied("blob " + sha + " is not an input of job '" + job_id + "'");
     auto size = ctx->blobs->SizeOf(sha);

@@ -85,10 +85,26 @@ expect_rc 0 "static INT8 calibrated on an idx dataset" $PARE --json submit --mod
 "$PY" -c "import json; j=json.load(open('$work/out')); r=j['reports'][1]; assert r['step']=='quantize.static' and r['notes']==['calibrated on 16 images'], r" \
   || fail "static quantization report"
 
+# image-folder datasets: a folder of class folders (PNG and JPEG) packed by the CLI, with its
+# preprocess.json; calibration and evaluation on it; a tar whose image does not decode.
+imgs=$($PARE upload-dataset "$FX/images" --format image-folder)
+[[ $imgs == ds_* ]] || fail "upload-dataset of an image folder printed '$imgs'"
+rgb=$($PARE upload-model "$FX/rgb16_cnn.pt" --input-shape 1,3,16,16)
+expect_rc 0 "static INT8 on an image-folder dataset" $PARE --json submit --model "$rgb" --recipe static.json \
+  --calibration "$imgs" --eval "$imgs" --wait
+"$PY" -c "import json; j=json.load(open('$work/out')); r=j['reports'][1]; assert r['stats']['hasAccuracy'] and r['notes']==['calibrated on 16 images'], r" \
+  || fail "image-folder job report"
+bad_imgs=$($PARE upload-dataset "$FX/images_bad.tar" --format image-folder)
+expect_rc 1 "a job on an image that does not decode" $PARE submit --model "$rgb" --recipe static.json \
+  --eval "$bad_imgs" --wait
+grep -q "a/broken.png" "$work/out" "$work/err" || fail "the undecodable image is not named"
+
 # Offline: the same engine without a server.
 expect_rc 0 "compress" $PARE compress "$FX/small_cnn.pt" --recipe recipe.json -o offline.pt --report offline.json \
   --input-shape 1,1,28,28 --eval "$FX/mnist_like.pt" --threads 1
 "$PY" -c "import torch; print(torch.jit.load('offline.pt')(torch.randn(1,1,28,28)).shape)" >/dev/null || fail "offline result"
+expect_rc 0 "compress with an image folder" $PARE compress "$FX/rgb16_cnn.pt" --recipe static.json -o offline-rgb.pt \
+  --calibration "$FX/images" --eval "$FX/images" --format image-folder --threads 1
 
 kill -TERM "$server_pid"; wait "$server_pid" || fail "pare-server did not exit cleanly on SIGTERM"
 server_pid=""

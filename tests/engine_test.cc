@@ -11,6 +11,7 @@
 #include "worker/engine/engine.h"
 #include "worker/engine/error.h"
 #include "worker/engine/factorize.h"
+#include "worker/engine/image_folder.h"
 #include "worker/engine/macs.h"
 #include "worker/engine/measure.h"
 #include "worker/engine/model_util.h"
@@ -259,6 +260,29 @@ TEST_F(EngineTest, CompressRunsPruneThenFinetuneAndNeedsTrainData) {
   // Fine-tuning keeps the pruned weights at zero.
   EXPECT_EQ(r.steps[2].stats.nonzero_parameters, r.steps[1].stats.nonzero_parameters);
   EXPECT_EQ(r.steps[2].notes[0], "kept the zeros of 4 pruned weight tensors");
+}
+
+TEST_F(EngineTest, DistillationTakesAnUploadedStudentAndTeacher) {
+  CompressOptions opts;
+  opts.device = "cpu";
+  opts.latency_batches = {1};
+  opts.latency_budget_seconds = 0.02;
+  opts.train = DatasetInput{"tensors", Fixture("quadrants_train.pt")};
+  opts.eval = DatasetInput{"tensors", Fixture("quadrants_eval.pt")};
+  DistillSpec distill;
+  distill.train = TrainSpec{3, 0.01, 32, "ADAM", 0};
+  // The input is an untrained MLP-shaped CNN; the teacher and the (untrained) student are uploaded.
+  distill.teacher_model = "mdl_teacher";
+  distill.student_model = "mdl_student";
+  EXPECT_THROW(Compress(Fixture("small_cnn.pt"), {distill}, opts, TempPath("nomodels.pt")), EngineError);
+  opts.models = {{"mdl_teacher", Fixture("small_cnn_trained.pt")}, {"mdl_student", Fixture("small_cnn.pt")}};
+  Report r = Compress(Fixture("small_cnn.pt"), {distill}, opts, TempPath("uploaded.pt"));
+  ASSERT_EQ(r.steps.size(), 2u);
+  EXPECT_LT(*r.steps[0].stats.top1_accuracy, 0.5);  // the untrained input
+  EXPECT_GT(*r.steps[1].stats.top1_accuracy, 0.9);  // the student learned from the trained teacher
+  bool named = false;
+  for (const auto& n : r.steps[1].notes) named |= n == "student: uploaded model mdl_student";
+  EXPECT_TRUE(named);
 }
 
 // A trained model: prune 90% -> distill from the input model -> finetune, on `device`.
@@ -642,8 +666,9 @@ TEST_F(EngineTest, StaticQuantizationOfAChannelPrunedResNetAgrees) {
   auto q = QuantizeStatic(p, StaticQuantSpec{"MINMAX", 4, true}, calibration);
   at::Tensor got = q.forward({x}).toTensor();
   EXPECT_EQ(q.get_method("forward").graph()->toString().find("batch_norm"), std::string::npos);
+  // Random weights give near-tied logits, so top-1 agreement means little here; the outputs'
+  // direction does (a batch norm applied twice drops it far below this).
   EXPECT_GT(at::cosine_similarity(got, want, 1).min().item<double>(), 0.98);
-  EXPECT_GE((got.argmax(1) == want.argmax(1)).to(at::kFloat).mean().item<double>(), 0.9);
 }
 
 TEST_F(EngineTest, ChannelPruneWorksOnTorchvisionFamilies) {
@@ -702,6 +727,43 @@ TEST_F(EngineTest, FactorizeSplitsConvolutionsAndTheResultTrains) {
   EXPECT_TRUE(Param(r.module, "factorized__conv2__a").grad().defined());
   spec.rank_ratio = 1.5;
   EXPECT_THROW(Factorize(m, spec, {1, 1, 28, 28}), EngineError);
+}
+
+TEST_F(EngineTest, ImageFolderDecodesPngAndJpegAndPreprocesses) {
+  Dataset d = LoadDataset("image-folder", Fixture("images"));
+  ASSERT_EQ(d.images.sizes(), (std::vector<int64_t>{18, 3, 16, 16}));  // resize 20, crop 16
+  EXPECT_EQ(d.class_names, (std::vector<std::string>{"left", "middle", "right"}));
+  EXPECT_EQ(d.labels.slice(0, 0, 6).eq(0).all().item<bool>(), true);
+  EXPECT_EQ(d.labels.slice(0, 12, 18).eq(2).all().item<bool>(), true);
+  // Normalised with mean 0.5, std 0.25: pixels in [0, 1] land in [-2, 2]; the bright square
+  // (230/255) is near +1.6 and the dark background (< 60/255) below -1.
+  EXPECT_LE(d.images.max().item<float>(), 2.0f + 1e-5f);
+  EXPECT_GE(d.images.min().item<float>(), -2.0f - 1e-5f);
+  EXPECT_GT(d.images.max().item<float>(), 1.3f);
+  EXPECT_LT(d.images.median().item<float>(), -1.0f);
+  // The square sits left of centre for class "left" and right of it for "right".
+  at::Tensor left = d.images[0].mean(0), right = d.images[12].mean(0);
+  EXPECT_GT(left.slice(1, 0, 8).mean().item<float>(), left.slice(1, 8, 16).mean().item<float>());
+  EXPECT_GT(right.slice(1, 8, 16).mean().item<float>(), right.slice(1, 0, 8).mean().item<float>());
+
+  try {
+    LoadDataset("image-folder", Fixture("images_bad"));
+    FAIL() << "a broken PNG was accepted";
+  } catch (const EngineError& e) {
+    EXPECT_EQ(e.reason(), "BAD_DATASET");
+    EXPECT_NE(std::string(e.what()).find("a/broken.png"), std::string::npos) << e.what();
+  }
+  // preprocess.json errors name the key.
+  std::string dir = TempPath("badspec");
+  fs::create_directories(dir + "/c");
+  fs::copy_file(Fixture("images/middle/0.png"), dir + "/c/0.png", fs::copy_options::overwrite_existing);
+  std::ofstream(dir + "/preprocess.json") << R"({"resize": 20, "rotate": 90})";
+  try {
+    LoadDataset("image-folder", dir);
+    FAIL();
+  } catch (const EngineError& e) {
+    EXPECT_NE(std::string(e.what()).find("rotate"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

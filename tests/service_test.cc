@@ -2,6 +2,9 @@
 // a real SQLite file and real TorchScript models from the fixture script.
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <thread>
+
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -299,6 +302,11 @@ TEST_F(ServiceTest, SubmitValidatesIsIdempotentAndListsInPages) {
   EXPECT_EQ(bad_field.status().code(), Code::kInvalidArgument);
   EXPECT_NE(bad_field.status().message().find("steps[0].factorize.rankRatio"), std::string::npos)
       << bad_field.status().message();
+  *req.mutable_recipe() = Recipe(R"({"steps":[{"distill":{"epochs":1,"teacherModel":"mdl_nope"}}]})");
+  req.set_train_dataset_id("");
+  auto no_teacher = client_->Submit(req);
+  EXPECT_NE(no_teacher.status().message().find("distill.teacherModel"), std::string::npos)
+      << no_teacher.status().message();
   *req.mutable_recipe() = Recipe(R"({"steps":[{"distill":{"epochs":1}}]})");
   auto no_train = client_->Submit(req);
   EXPECT_EQ(no_train.status().code(), Code::kInvalidArgument);
@@ -409,6 +417,31 @@ TEST_F(ServiceTest, HealthAndReflectionAnswerAnotherLanguagesClient) {
   EXPECT_EQ(py.substr(0, 5), "0801\n") << py;
   EXPECT_NE(py.find("pare.v1.Compression"), std::string::npos) << py;
   EXPECT_NE(py.find("pare.v1.Workers"), std::string::npos) << py;
+}
+
+TEST_F(ServiceTest, ReadinessFollowsConnectedWorkers) {
+  // Health of service "pare.readiness" over python3-grpcio: 0801 SERVING, 0802 NOT_SERVING.
+  auto readiness = [&](const std::string& address) {
+    std::string out;
+    std::string cmd = Python() + " -c \"" + "import grpc;ch=grpc.insecure_channel('" + address + "');"
+                      "h=ch.unary_unary('/grpc.health.v1.Health/Check',request_serializer=lambda x:x,"
+                      "response_deserializer=lambda x:x);n=b'pare.readiness';"
+                      "print(h(bytes([10,len(n)])+n,timeout=10).hex())\"";
+    EXPECT_EQ(pare::testing::Run(cmd, &out), 0) << out;
+    return out.substr(0, 4);
+  };
+  StartServer({}, /*workers=*/0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  EXPECT_EQ(readiness(server_->address()), "0802");  // no worker: not ready (liveness stays SERVING)
+  server_->Drain();
+  server_.reset();
+  StartServer({}, /*workers=*/1);
+  std::string state;
+  for (int i = 0; i < 100 && state != "0801"; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    state = readiness(server_->address());
+  }
+  EXPECT_EQ(state, "0801");  // the local worker connected
 }
 
 }  // namespace

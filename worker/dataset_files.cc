@@ -24,8 +24,15 @@ bool LooksLikeTar(const std::string& path) {
   return archive_read_next_header(a.get(), &e) == ARCHIVE_OK;
 }
 
-// Extracts regular files of a tar into `dir`, flattened to their base names.
-Status Untar(const std::string& path, const std::string& dir, uint64_t max_bytes) {
+// A path component that is safe to create: not empty, not hidden, not "." or "..", no slash.
+bool SafeComponent(const std::string& s) {
+  return !s.empty() && s[0] != '.' && s.find('/') == std::string::npos && s.size() < 256;
+}
+
+// Extracts regular files of a tar into `dir`. idx: flattened to their base names (at most 16
+// files). image-folder: kept as CLASS/FILE (an optional single top folder is dropped), plus
+// preprocess.json at the root; nothing deeper.
+Status Untar(const std::string& path, const std::string& dir, uint64_t max_bytes, bool keep_classes) {
   std::unique_ptr<struct archive, int (*)(struct archive*)> a(archive_read_new(), archive_read_free);
   archive_read_support_format_tar(a.get());
   archive_read_support_format_gnutar(a.get());
@@ -52,8 +59,25 @@ Status Untar(const std::string& path, const std::string& dir, uint64_t max_bytes
     }
     std::string base = fs::path(name).filename().string();
     if (base.empty() || base[0] == '.') continue;
-    if (++files > 16) return InvalidArgument("an idx dataset tar holds at most an images and a labels file");
     std::string out_path = dir + "/" + base;
+    if (keep_classes) {
+      std::vector<std::string> parts;
+      for (const auto& p : fs::path(name)) {
+        if (p.string() != "." && !p.string().empty()) parts.push_back(p.string());
+      }
+      if (parts.size() == 3) parts.erase(parts.begin());  // "dataset/CLASS/FILE"
+      const bool spec = parts.size() == 1 && parts[0] == "preprocess.json";
+      if (!spec && (parts.size() != 2 || !SafeComponent(parts[0]) || !SafeComponent(parts[1]))) {
+        return InvalidArgument("image-folder tar entry '" + name + "' is not CLASS/IMAGE (or preprocess.json)");
+      }
+      if (++files > 2000000) return InvalidArgument("the image-folder tar holds too many files");
+      if (!spec) {
+        fs::create_directories(dir + "/" + parts[0], ec);
+        out_path = dir + "/" + parts[0] + "/" + parts[1];
+      }
+    } else if (++files > 16) {
+      return InvalidArgument("an idx dataset tar holds at most an images and a labels file");
+    }
     int fd = ::open(out_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0) return InvalidArgument("dataset tar entry '" + name + "' is duplicated or cannot be written");
     std::vector<char> buf(1 << 16);
@@ -87,7 +111,11 @@ Result<engine::DatasetInput> PrepareDataset(const std::string& blob_path, const 
   if (format == "tensors") return engine::DatasetInput{format, blob_path};
   if (format == "idx") {
     if (!LooksLikeTar(blob_path)) return engine::DatasetInput{format, blob_path};
-    PARE_RETURN_IF_ERROR(Untar(blob_path, unpack_dir, uint64_t(8) << 30));
+    PARE_RETURN_IF_ERROR(Untar(blob_path, unpack_dir, uint64_t(8) << 30, false));
+    return engine::DatasetInput{format, unpack_dir};
+  }
+  if (format == "image-folder") {
+    PARE_RETURN_IF_ERROR(Untar(blob_path, unpack_dir, uint64_t(16) << 30, true));
     return engine::DatasetInput{format, unpack_dir};
   }
   return InvalidArgument("dataset format '" + format + "' is not supported by this worker");

@@ -182,7 +182,8 @@ void Worker::Complete(const v1::LeasedJob& job, v1::CompleteHeader header, const
 
 void Worker::RunJob(const v1::LeasedJob& job) {
   const std::string& job_id = job.job_id();
-  spdlog::info(Kv({{"msg", "job started"}, {"job", job_id}, {"attempt", std::to_string(job.attempt())}}));
+  spdlog::info(Kv({{"msg", "job started"}, {"job", job_id}, {"model", job.model_id()}, {"step", "original"},
+                   {"attempt", std::to_string(job.attempt())}}));
   std::string dir_template = options_.work_dir + "/pare-job-XXXXXX";
   std::vector<char> buf(dir_template.begin(), dir_template.end());
   buf.push_back('\0');
@@ -271,8 +272,14 @@ void Worker::RunJob(const v1::LeasedJob& job) {
       if (d.role() == "train") opts.train = input.value();
       if (d.role() == "eval") opts.eval = input.value();
     }
+    std::string logged_step;
     opts.progress = [&](const engine::ProgressUpdate& u) {
       if (u.fraction >= 0) {
+        if (u.step != logged_step) {
+          logged_step = u.step;
+          spdlog::info(Kv({{"msg", "step started"}, {"job", job_id}, {"model", job.model_id()}, {"step", u.step},
+                           {"index", std::to_string(u.step_index)}}));
+        }
         std::lock_guard<std::mutex> lock(mu);
         progress.set_step_index(u.step_index);
         progress.set_step_count(u.step_count);
@@ -283,6 +290,12 @@ void Worker::RunJob(const v1::LeasedJob& job) {
       return !should_stop();
     };
     result_path = dir + "/result.pt";
+    for (const auto& other : job.models()) {
+      if (opts.models.count(other.id())) continue;
+      const std::string path = dir + "/model-" + std::to_string(opts.models.size()) + ".pt";
+      if (!Fetch(job, other.sha256(), path, &error)) throw engine::EngineError(Code::kUnavailable, "FETCH_FAILED", error);
+      opts.models[other.id()] = path;
+    }
     engine::Report report = engine::Compress(model_path, steps.value(), opts, result_path);
     nlohmann::json j = engine::ToJson(report);
     j["job_id"] = job_id;
@@ -317,11 +330,12 @@ void Worker::RunJob(const v1::LeasedJob& job) {
   }
   finish_heartbeat();
   if (lease_lost) {
-    spdlog::warn(Kv({{"msg", "lease lost; dropping the job"}, {"job", job_id}}));
+    spdlog::warn(Kv({{"msg", "lease lost; dropping the job"}, {"job", job_id}, {"model", job.model_id()},
+                     {"step", progress.step()}}));
   } else {
     Complete(job, header, result_path);
-    spdlog::info(Kv({{"msg", "job finished"}, {"job", job_id}, {"state", v1::JobState_Name(header.state())},
-                     {"reason", header.error().reason()}}));
+    spdlog::info(Kv({{"msg", "job finished"}, {"job", job_id}, {"model", job.model_id()}, {"step", progress.step()},
+                     {"state", v1::JobState_Name(header.state())}, {"reason", header.error().reason()}}));
   }
   std::error_code ec;
   fs::remove_all(dir, ec);

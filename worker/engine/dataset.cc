@@ -7,6 +7,7 @@
 #include <iterator>
 
 #include "worker/engine/error.h"
+#include "worker/engine/image_folder.h"
 
 namespace pare::engine {
 namespace {
@@ -175,8 +176,9 @@ Dataset LoadTensors(const std::string& path) {
 Dataset LoadDataset(const std::string& format, const std::string& path) {
   if (format == "tensors") return LoadTensors(path);
   if (format == "idx") return LoadIdx(path);
+  if (format == "image-folder") return LoadImageFolder(path);
   throw EngineError(Code::kInvalidArgument, "BAD_DATASET",
-                    "dataset format '" + format + "' is not supported (tensors, idx)");
+                    "dataset format '" + format + "' is not supported (tensors, idx, image-folder)");
 }
 
 }  // namespace pare::engine

@@ -79,6 +79,7 @@ struct StepContext {
   const Dataset* calibration = nullptr;  // calibration set, else the train set, else none
   std::vector<int64_t> input_shape;
   uint64_t seed = 0;
+  const std::map<std::string, std::string>* models = nullptr;  // other models by id
 };
 
 // Calibration inputs: `batches` batches of 8 from the dataset (a seeded sample), or
@@ -162,9 +163,23 @@ torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, c
       if (!(s.temperature > 0) || s.alpha < 0 || s.alpha > 1) {
         throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "distill needs temperature > 0 and alpha in [0, 1]");
       }
-      torch::jit::Module teacher = LoadModel(ctx.input_path);
-      Add(Train(m, &teacher, s.train, s.temperature, s.alpha, ctx.train));
-      return m;
+      auto path_of = [&](const std::string& id, const char* field) {
+        if (!ctx.models || !ctx.models->count(id)) {
+          throw EngineError(Code::kInvalidArgument, "MODEL_MISSING",
+                            std::string("distill.") + field + " names model '" + id + "', which this job was not given");
+        }
+        return ctx.models->at(id);
+      };
+      torch::jit::Module teacher = LoadModel(s.teacher_model.empty() ? ctx.input_path : path_of(s.teacher_model, "teacherModel"));
+      torch::jit::Module student = m;
+      if (!s.student_model.empty()) {
+        student = LoadModel(path_of(s.student_model, "studentModel"));
+        notes.push_back("student: uploaded model " + s.student_model);
+      }
+      if (!s.teacher_model.empty()) notes.push_back("teacher: uploaded model " + s.teacher_model);
+      student.to(ctx.train.device);
+      Add(Train(student, &teacher, s.train, s.temperature, s.alpha, ctx.train));
+      return student;
     }
   };
   return std::visit(V{current, ctx, notes}, step);
@@ -291,6 +306,7 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     StepContext step_ctx{input_path, TrainContext{},
                          calibration.size() ? &calibration : (train.size() ? &train : nullptr), shape, options.seed};
     step_ctx.train.device = ctx.device;
+    step_ctx.models = &options.models;
     step_ctx.train.train = train.labels.defined() ? &train : nullptr;
     step_ctx.train.eval = ctx.eval;
     step_ctx.train.seed = options.seed;

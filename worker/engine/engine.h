@@ -4,6 +4,8 @@
 #pragma once
 
 #include <functional>
+#include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -33,6 +35,8 @@ struct CompressOptions {
   std::string device = "auto";
   // Input shape for measurements; empty means [1, 3, 224, 224].
   std::vector<int64_t> input_shape;
+  // Models other than the input that steps name (distill's teacherModel/studentModel), by id.
+  std::map<std::string, std::string> models;
   std::optional<DatasetInput> calibration;
   std::optional<DatasetInput> train;
   std::optional<DatasetInput> eval;

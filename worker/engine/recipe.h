@@ -70,6 +70,10 @@ struct FinetuneSpec {
 // loss = alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
 struct DistillSpec {
   TrainSpec train;
+  // Other uploaded models by id (resolved to files through CompressOptions::models): the
+  // teacher instead of the job's input model, the student instead of the current model.
+  std::string teacher_model;
+  std::string student_model;
   double temperature = 4.0;
   double alpha = 0.7;
 };
