@@ -655,6 +655,22 @@ TEST_F(EngineTest, StaticQuantizationOfAChannelPrunedResNetAgrees) {
   // batch norms must be folded exactly once.
   auto m = torch::jit::load(Fixture("tv_resnet18.pt"));
   m.eval();
+  {
+    // Untrained batch norms are identities (folding them twice would not show): give them
+    // the statistics and scales of a trained network.
+    torch::NoGradGuard no_grad;
+    at::Generator g = at::detail::createCPUGenerator(3);
+    for (const auto& b : m.named_buffers()) {
+      if (b.name.find("running_var") != std::string::npos) b.value.copy_(at::rand(b.value.sizes(), g) * 2 + 0.2);
+      if (b.name.find("running_mean") != std::string::npos) b.value.copy_(at::randn(b.value.sizes(), g) * 0.3);
+    }
+    for (const auto& p : m.named_parameters()) {
+      if (p.name.find("bn") != std::string::npos || p.name.find("downsample.1") != std::string::npos) {
+        p.value.copy_(p.name.find("weight") != std::string::npos ? at::rand(p.value.sizes(), g) + 0.5
+                                                                 : at::randn(p.value.sizes(), g) * 0.1);
+      }
+    }
+  }
   ChannelPruneSpec spec;
   spec.amount = 0.3;
   auto p = ChannelPrune(m, spec, {1, 3, 64, 64}).module;
