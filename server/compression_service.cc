@@ -21,6 +21,19 @@ double SecondsSince(std::chrono::steady_clock::time_point t) {
 constexpr size_t kMaxNameLength = 256;
 
 // What every upload header must satisfy: a sane name, a size within the limit, a well-formed digest.
+// The tenant's stored-bytes quota, before an upload of `size` bytes is accepted.
+Status CheckStorageQuota(ServiceContext* ctx, const std::string& tenant, uint64_t size) {
+  if (ctx->limits.tenant_max_bytes == 0) return Status::Ok();
+  auto usage = ctx->store->Usage(tenant);
+  if (!usage.ok()) return usage.status();
+  if (usage->stored_bytes + size > ctx->limits.tenant_max_bytes) {
+    return ResourceExhausted("tenant '" + tenant + "' stored-bytes quota: it stores " +
+                             std::to_string(usage->stored_bytes) + " of " + std::to_string(ctx->limits.tenant_max_bytes) +
+                             " bytes and this upload is " + std::to_string(size));
+  }
+  return Status::Ok();
+}
+
 Status CheckUploadHeader(const v1::UploadHeader& h, const Limits& limits) {
   if (h.name().size() > kMaxNameLength) return InvalidArgument("header.name is longer than 256 characters");
   for (unsigned char c : h.name()) {
@@ -46,6 +59,7 @@ class ModelUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHead
  protected:
   Status OnHeader(const v1::UploadHeader& h, uint64_t* expected, uint64_t* limit) override {
     PARE_RETURN_IF_ERROR(CheckUploadHeader(h, ctx_->limits));
+    PARE_RETURN_IF_ERROR(CheckStorageQuota(ctx_, tenant_, h.size_bytes()));
     if (h.input_shape_size() > 0) {
       if (h.input_shape_size() < 2 || h.input_shape_size() > 6) {
         return InvalidArgument("header.input_shape needs 2 to 6 dimensions (batch first)");
@@ -99,6 +113,7 @@ class DatasetUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHe
       return InvalidArgument("header.format must be one of tensors, idx, image-folder; got '" + h.format() + "'");
     }
     PARE_RETURN_IF_ERROR(CheckUploadHeader(h, ctx_->limits));
+    PARE_RETURN_IF_ERROR(CheckStorageQuota(ctx_, tenant_, h.size_bytes()));
     *expected = *limit = h.size_bytes();
     return Status::Ok();
   }
@@ -338,7 +353,8 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
     j.device = device.empty() ? "auto" : device;
     j.max_attempts = ctx_->limits.max_attempts;
     j.created_ms = ctx_->clock->NowMs();
-    auto created = ctx_->store->CreateJob(j);
+    auto created = ctx_->store->CreateJob(
+        j, Store::QueueLimits{ctx_->limits.tenant_max_active_jobs, ctx_->limits.max_queued_jobs});
     if (!created.ok()) return created.status();
     const JobRecord& stored = created->first;
     if (created->second) {

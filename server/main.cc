@@ -30,6 +30,16 @@ int main(int argc, char** argv) {
   app.add_option("--max-attempts", o.limits.max_attempts, "leases a job may take before it fails")
       ->capture_default_str();
   app.add_option("--drain-seconds", o.drain_seconds, "grace period on SIGTERM")->capture_default_str();
+  app.add_option("--tenant-max-bytes", o.limits.tenant_max_bytes,
+                 "bytes of models and datasets one tenant may store (0: no limit)")
+      ->capture_default_str();
+  app.add_option("--tenant-max-active-jobs", o.limits.tenant_max_active_jobs,
+                 "queued + running jobs one tenant may have")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--max-queued-jobs", o.limits.max_queued_jobs, "queued jobs of all tenants together")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_option("--metrics-listen", o.metrics_listen,
                  "host:port for Prometheus /metrics (port 0 picks a free one; empty: off)")
       ->capture_default_str();

@@ -26,6 +26,9 @@ struct Limits {
   int64_t lease_ttl_ms = 15000;                    // a worker that misses heartbeats this long loses its job
   int max_attempts = 3;                            // leases a job may take before it fails
   int max_page_size = 500;                         // ListJobs
+  uint64_t tenant_max_bytes = 0;                   // models + datasets a tenant may store (0: no limit)
+  int64_t tenant_max_active_jobs = 1000;           // queued + running jobs of one tenant
+  int64_t max_queued_jobs = 100000;                // queued jobs of all tenants together
 };
 
 // Workers as the server sees them through their calls: last contact, device kind, lease held.

@@ -264,7 +264,7 @@ Result<JobRecord> SqliteStore::GetJobLocked(const std::string& tenant, const std
   return ReadJob(s);
 }
 
-Result<std::pair<JobRecord, bool>> SqliteStore::CreateJob(const JobRecord& j) {
+Result<std::pair<JobRecord, bool>> SqliteStore::CreateJob(const JobRecord& j, const QueueLimits& limits) {
   std::lock_guard<std::mutex> lock(mu_);
   Txn t(db_);
   if (!t.ok()) return Internal(std::string("begin: ") + sqlite3_errmsg(db_));
@@ -275,6 +275,21 @@ Result<std::pair<JobRecord, bool>> SqliteStore::CreateJob(const JobRecord& j) {
       auto existing = GetJobLocked(j.tenant, s.Text(0));
       if (!existing.ok()) return existing.status();
       return std::make_pair(existing.value(), false);
+    }
+  }
+  {
+    Stmt c(db_, "SELECT (SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN (?, ?)), "
+                "(SELECT COUNT(*) FROM jobs WHERE state = ?)");
+    c.Bind(j.tenant).Bind(static_cast<int64_t>(JobState::kQueued)).Bind(static_cast<int64_t>(JobState::kRunning))
+        .Bind(static_cast<int64_t>(JobState::kQueued));
+    if (c.Step() != SQLITE_ROW) return c.Error("count jobs");
+    if (c.Int(0) >= limits.tenant_active_jobs) {
+      return ResourceExhausted("tenant '" + j.tenant + "' active-jobs quota: " + std::to_string(c.Int(0)) +
+                               " jobs queued or running, the limit is " + std::to_string(limits.tenant_active_jobs));
+    }
+    if (c.Int(1) >= limits.queued_jobs) {
+      return ResourceExhausted("the job queue is full (" + std::to_string(limits.queued_jobs) +
+                               " queued jobs, the server's limit); retry later");
     }
   }
   Stmt s(db_,
@@ -451,6 +466,20 @@ Result<std::map<JobState, int64_t>> SqliteStore::CountJobs() {
   while ((rc = s.Step()) == SQLITE_ROW) out[static_cast<JobState>(s.Int(0))] = s.Int(1);
   if (rc != SQLITE_DONE) return s.Error("count jobs");
   return out;
+}
+
+Result<Store::TenantUsage> SqliteStore::Usage(const std::string& tenant) {
+  std::lock_guard<std::mutex> lock(mu_);
+  TenantUsage u;
+  Stmt s(db_, "SELECT (SELECT COALESCE(SUM(size_bytes), 0) FROM models WHERE tenant = ?) + "
+              "(SELECT COALESCE(SUM(size_bytes), 0) FROM datasets WHERE tenant = ?), "
+              "(SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN (?, ?))");
+  s.Bind(tenant).Bind(tenant).Bind(tenant).Bind(static_cast<int64_t>(JobState::kQueued))
+      .Bind(static_cast<int64_t>(JobState::kRunning));
+  if (s.Step() != SQLITE_ROW) return s.Error("usage");
+  u.stored_bytes = static_cast<uint64_t>(s.Int(0));
+  u.active_jobs = s.Int(1);
+  return u;
 }
 
 }  // namespace pare::server

@@ -21,7 +21,8 @@ class SqliteStore final : public Store {
   Result<ModelRecord> GetModel(const std::string& tenant, const std::string& id) override;
   Status PutDataset(const DatasetRecord& d) override;
   Result<DatasetRecord> GetDataset(const std::string& tenant, const std::string& id) override;
-  Result<std::pair<JobRecord, bool>> CreateJob(const JobRecord& job) override;
+  Result<std::pair<JobRecord, bool>> CreateJob(const JobRecord& job, const QueueLimits& limits) override;
+  using Store::CreateJob;
   Result<JobRecord> GetJob(const std::string& tenant, const std::string& id) override;
   Result<std::vector<JobRecord>> ListJobs(const std::string& tenant, int64_t after_seq, int limit) override;
   Result<std::optional<JobRecord>> LeaseJob(const std::string& worker, bool has_cuda, const std::string& lease_id,
@@ -33,6 +34,7 @@ class SqliteStore final : public Store {
   Result<JobRecord> CancelJob(const std::string& tenant, const std::string& id, int64_t now_ms) override;
   Result<std::vector<JobRecord>> ExpireLeases(int64_t now_ms) override;
   Result<std::map<JobState, int64_t>> CountJobs() override;
+  Result<TenantUsage> Usage(const std::string& tenant) override;
 
  private:
   explicit SqliteStore(sqlite3* db) : db_(db) {}

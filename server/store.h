@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <climits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -92,9 +93,16 @@ class Store {
   virtual Status PutDataset(const DatasetRecord& d) = 0;
   virtual Result<DatasetRecord> GetDataset(const std::string& tenant, const std::string& id) = 0;
 
+  // Bounds checked atomically with the insert.
+  struct QueueLimits {
+    int64_t tenant_active_jobs = INT64_MAX;  // queued + running jobs of the job's tenant
+    int64_t queued_jobs = INT64_MAX;         // queued jobs of all tenants
+  };
   // Inserts the job unless (tenant, request_id) already names one; returns the stored job
-  // and whether it was created now.
-  virtual Result<std::pair<JobRecord, bool>> CreateJob(const JobRecord& job) = 0;
+  // and whether it was created now. RESOURCE_EXHAUSTED, naming the limit, when a new job
+  // would exceed `limits`.
+  virtual Result<std::pair<JobRecord, bool>> CreateJob(const JobRecord& job, const QueueLimits& limits) = 0;
+  Result<std::pair<JobRecord, bool>> CreateJob(const JobRecord& job) { return CreateJob(job, QueueLimits{}); }
   // An empty tenant matches any (for the worker protocol).
   virtual Result<JobRecord> GetJob(const std::string& tenant, const std::string& id) = 0;
   // Jobs with seq > after_seq in insertion order, at most `limit`.
@@ -113,8 +121,14 @@ class Store {
   virtual Result<JobRecord> CancelJob(const std::string& tenant, const std::string& id, int64_t now_ms) = 0;
   // Requeues (or fails, after max_attempts) jobs whose lease ran out; returns the jobs changed.
   virtual Result<std::vector<JobRecord>> ExpireLeases(int64_t now_ms) = 0;
-  // Jobs per state, all tenants (for metrics).
+  // Jobs per state, all tenants (for metrics and the global queue bound).
   virtual Result<std::map<JobState, int64_t>> CountJobs() = 0;
+  // What a tenant holds: bytes of its models and datasets, and its queued or running jobs.
+  struct TenantUsage {
+    uint64_t stored_bytes = 0;
+    int64_t active_jobs = 0;
+  };
+  virtual Result<TenantUsage> Usage(const std::string& tenant) = 0;
 };
 
 }  // namespace pare::server

@@ -419,6 +419,49 @@ TEST_F(ServiceTest, HealthAndReflectionAnswerAnotherLanguagesClient) {
   EXPECT_NE(py.find("pare.v1.Workers"), std::string::npos) << py;
 }
 
+TEST_F(ServiceTest, QuotasAnswerResourceExhaustedNamingTheLimit) {
+  const std::string alice = "alice-token-0123456789", bob = "bob-token-0123456789";
+  tokens_file_ = dir_.path() + "/tokens";
+  std::ofstream(tokens_file_) << "alice " << alice << "\nbob " << bob << "\n";
+  client_token_ = alice;
+  server::ServerOptions o;
+  o.listen = "127.0.0.1:0";
+  o.data_dir = dir_.path() + "/quota";
+  o.local_workers = 0;  // jobs stay queued
+  o.auth_tokens_file = tokens_file_;
+  o.limits.tenant_max_bytes = 150000;     // small_cnn.pt is about 97 kB: one fits, two do not
+  o.limits.tenant_max_active_jobs = 2;
+  auto s = server::Server::Create(o);
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  server_ = std::move(s).value();
+  ASSERT_TRUE(server_->Start().ok());
+  client_ = MakeClient(client_token_);
+  std::string model = UploadModel("small_cnn.pt", {1, 1, 28, 28});
+  auto second = client_->UploadModel(Fixture("small_cnn_5.pt"), "again", {1, 1, 28, 28});
+  ASSERT_EQ(second.status().code(), Code::kResourceExhausted);
+  EXPECT_NE(second.status().message().find("stored-bytes quota"), std::string::npos) << second.status().message();
+  v1::SubmitJobRequest req;
+  req.set_model_id(model);
+  *req.mutable_recipe() = Recipe(R"({"steps":[{"prune":{"nm":{"n":2,"m":4}}}]})");
+  for (const char* id : {"q1", "q2"}) {
+    req.set_request_id(id);
+    ASSERT_TRUE(client_->Submit(req).ok());
+  }
+  req.set_request_id("q3");
+  auto third = client_->Submit(req);
+  ASSERT_EQ(third.status().code(), Code::kResourceExhausted);
+  EXPECT_NE(third.status().message().find("active-jobs quota"), std::string::npos) << third.status().message();
+  req.set_request_id("q1");  // a resubmission is still answered with its job
+  EXPECT_TRUE(client_->Submit(req).ok());
+  // Another tenant is not limited by this one's jobs.
+  auto other = MakeClient(bob);
+  auto upload = other->UploadModel(Fixture("small_cnn.pt"), "b", {1, 1, 28, 28});
+  ASSERT_TRUE(upload.ok()) << upload.status().ToString();
+  req.set_model_id(upload->id());
+  req.set_request_id("b1");
+  EXPECT_TRUE(other->Submit(req).ok());
+}
+
 TEST_F(ServiceTest, ReadinessFollowsConnectedWorkers) {
   // Health of service "pare.readiness" over python3-grpcio: 0801 SERVING, 0802 NOT_SERVING.
   auto readiness = [&](const std::string& address) {
