@@ -180,6 +180,53 @@ TEST_F(ServiceTest, AKilledWorkerLosesItsLeaseAndTheJobSucceedsOnTheNextOne) {
   EXPECT_GE(server_->supervisor()->restarts(), 1);
 }
 
+// The job's own process (pare-worker --run-job) of the worker `worker_pid`, once it exists.
+pid_t JobProcessOf(pid_t worker_pid) {
+  for (int i = 0; i < 200; ++i) {
+    std::ifstream children("/proc/" + std::to_string(worker_pid) + "/task/" + std::to_string(worker_pid) + "/children");
+    pid_t child = 0;
+    if (children >> child && child > 0) return child;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return 0;
+}
+
+TEST_F(ServiceTest, HostileModelsFailTheirJobWithAReasonAndTheWorkerGoesOn) {
+  // A 1.5 GiB address-space limit per job process, an 8 s wall-clock limit.
+  StartServer({"--job-memory-mb", "1536", "--job-timeout", "8"});
+  std::string small = UploadModel("small_cnn.pt", {1, 1, 28, 28});
+  const std::string recipe = R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}}]})";
+
+  // Allocates 4 GiB: the limit stops it, not the machine.
+  v1::Job hog = WaitEnd(Submit(UploadModel("hog.pt", {1, 1, 28, 28}), recipe).id());
+  EXPECT_EQ(hog.state(), v1::FAILED);
+  EXPECT_EQ(hog.error().reason(), "JOB_MEMORY_LIMIT") << hog.error().message();
+
+  // Loops for minutes: the wall-clock limit ends it.
+  v1::Job slow = WaitEnd(Submit(UploadModel("slow.pt", {1, 1, 28, 28}), recipe).id());
+  EXPECT_EQ(slow.state(), v1::FAILED);
+  EXPECT_EQ(slow.error().reason(), "JOB_TIMEOUT") << slow.error().message();
+  EXPECT_NE(slow.error().message().find("8 s"), std::string::npos) << slow.error().message();
+
+  // A job process that crashes (SIGSEGV, as a LibTorch fault would) fails only its job.
+  v1::Job crashing = Submit(UploadModel("slow.pt", {1, 1, 28, 28}), recipe);
+  auto pids = server_->supervisor()->Pids();
+  ASSERT_EQ(pids.size(), 1u);
+  pid_t job_process = JobProcessOf(pids[0]);
+  ASSERT_GT(job_process, 0);
+  ::kill(job_process, SIGSEGV);
+  v1::Job crashed = WaitEnd(crashing.id());
+  EXPECT_EQ(crashed.state(), v1::FAILED);
+  EXPECT_EQ(crashed.error().reason(), "JOB_CRASHED") << crashed.error().message();
+  EXPECT_NE(crashed.error().message().find("SIGSEGV"), std::string::npos) << crashed.error().message();
+
+  // The same worker process (not restarted) runs the next job.
+  v1::Job ok = WaitEnd(Submit(small, recipe).id());
+  EXPECT_EQ(ok.state(), v1::SUCCEEDED) << ok.error().message();
+  EXPECT_EQ(server_->supervisor()->Pids(), pids);
+  EXPECT_EQ(server_->supervisor()->restarts(), 0);
+}
+
 TEST_F(ServiceTest, CancelStopsARunningJob) {
   StartServer({"--latency-budget", "3"});
   std::string model = UploadModel("resnet18.pt", {1, 3, 64, 64});

@@ -29,10 +29,24 @@ int main(int argc, char** argv) {
   app.add_option("--latency-budget", o.latency_budget_seconds, "seconds spent timing each batch size")
       ->capture_default_str();
   app.add_flag("--once", o.once, "exit after one job");
+  app.add_option("--job-timeout", o.job_timeout_seconds, "wall-clock seconds a job may run (0: no limit)")
+      ->capture_default_str();
+  app.add_option("--job-memory-mb", o.job_memory_mb, "address-space limit of a CPU job's process in MiB (0: none)")
+      ->capture_default_str();
+  app.add_option("--job-cpu-seconds", o.job_cpu_seconds, "CPU-time limit of a job's process (0: none)")
+      ->capture_default_str();
+  app.add_option("--job-max-open-files", o.job_max_open_files, "open-files limit of a job's process")
+      ->capture_default_str();
+  std::string run_job;
+  app.add_option("--run-job", run_job, "internal: run the job prepared in this folder (the sandboxed job process)");
   std::string token_file;
   app.add_option("--token-file", token_file, "file holding the worker token (default $PARE_WORKER_TOKEN)")
       ->check(CLI::ExistingFile);
   CLI11_PARSE(app, argc, argv);
+  if (!run_job.empty()) {
+    pare::InitLogging("job");
+    return pare::worker::RunJobChild(run_job);
+  }
 
   if (!token_file.empty()) {
     std::ifstream in(token_file);

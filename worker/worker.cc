@@ -1,12 +1,21 @@
 #include "worker/worker.h"
 
+#include <fcntl.h>
 #include <grpcpp/grpcpp.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <cstring>
 
 #include <chrono>
 #include <condition_variable>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <mutex>
 #include <thread>
 
@@ -251,16 +260,14 @@ void Worker::RunJob(const v1::LeasedJob& job) {
   try {
     auto steps = ToEngineSteps(job.recipe());
     if (!steps.ok()) throw engine::EngineError(steps.status().code(), "BAD_RECIPE", steps.status().message());
+    // Inputs are fetched and checked here; the model is loaded and the data parsed only by
+    // the job's own sandboxed process (RunJobChild).
     std::string error;
-    const std::string model_path = dir + "/model.pt";
-    if (!Fetch(job, job.model_sha256(), model_path, &error)) {
+    nlohmann::json spec;
+    spec["model"] = dir + "/model.pt";
+    if (!Fetch(job, job.model_sha256(), spec["model"], &error)) {
       throw engine::EngineError(Code::kUnavailable, "FETCH_FAILED", error);
     }
-    engine::CompressOptions opts;
-    opts.device = job.device();
-    opts.input_shape.assign(job.input_shape().begin(), job.input_shape().end());
-    opts.latency_batches = options_.latency_batches;
-    opts.latency_budget_seconds = options_.latency_budget_seconds;
     for (const auto& d : job.datasets()) {
       const std::string blob = dir + "/" + d.role() + ".data";
       if (!Fetch(job, d.sha256(), blob, &error)) throw engine::EngineError(Code::kUnavailable, "FETCH_FAILED", error);
@@ -268,53 +275,57 @@ void Worker::RunJob(const v1::LeasedJob& job) {
       if (!input.ok()) {
         throw engine::EngineError(input.status().code(), "BAD_DATASET", d.role() + " dataset: " + input.status().message());
       }
-      if (d.role() == "calibration") opts.calibration = input.value();
-      if (d.role() == "train") opts.train = input.value();
-      if (d.role() == "eval") opts.eval = input.value();
+      spec["datasets"][d.role()] = {{"format", input->format}, {"path", input->path}};
+    }
+    for (const auto& other : job.models()) {
+      if (spec["models"].contains(other.id())) continue;
+      const std::string path = dir + "/model-" + std::to_string(spec["models"].size()) + ".pt";
+      if (!Fetch(job, other.sha256(), path, &error)) throw engine::EngineError(Code::kUnavailable, "FETCH_FAILED", error);
+      spec["models"][other.id()] = path;
+    }
+    result_path = dir + "/result.pt";
+    spec["result"] = result_path;
+    spec["latency_batches"] = options_.latency_batches;
+    spec["latency_budget"] = options_.latency_budget_seconds;
+    spec["threads"] = options_.threads;
+    spec["quantized_engine"] = options_.quantized_engine;
+    spec["worker"] = options_.id;
+    spec["device_name"] = device_name_;
+    std::ofstream(dir + "/spec.json") << spec.dump();
+    {
+      std::ofstream out(dir + "/job.pb", std::ios::binary);
+      job.SerializeToOstream(&out);
     }
     std::string logged_step;
-    opts.progress = [&](const engine::ProgressUpdate& u) {
-      if (u.fraction >= 0) {
-        if (u.step != logged_step) {
-          logged_step = u.step;
-          spdlog::info(Kv({{"msg", "step started"}, {"job", job_id}, {"model", job.model_id()}, {"step", u.step},
-                           {"index", std::to_string(u.step_index)}}));
-        }
-        std::lock_guard<std::mutex> lock(mu);
-        progress.set_step_index(u.step_index);
-        progress.set_step_count(u.step_count);
-        progress.set_step(u.step);
-        progress.set_fraction(static_cast<float>(u.fraction));
-        progress.set_message(u.message);
+    auto on_progress = [&](const nlohmann::json& u) {
+      const std::string step = u.value("step", "");
+      if (step != logged_step) {
+        logged_step = step;
+        spdlog::info(Kv({{"msg", "step started"}, {"job", job_id}, {"model", job.model_id()}, {"step", step},
+                         {"index", std::to_string(u.value("index", 0))}}));
       }
-      return !should_stop();
+      std::lock_guard<std::mutex> lock(mu);
+      progress.set_step_index(u.value("index", 0));
+      progress.set_step_count(u.value("count", 0));
+      progress.set_step(step);
+      progress.set_fraction(u.value("fraction", 0.0f));
+      progress.set_message(u.value("message", ""));
     };
-    result_path = dir + "/result.pt";
-    for (const auto& other : job.models()) {
-      if (opts.models.count(other.id())) continue;
-      const std::string path = dir + "/model-" + std::to_string(opts.models.size()) + ".pt";
-      if (!Fetch(job, other.sha256(), path, &error)) throw engine::EngineError(Code::kUnavailable, "FETCH_FAILED", error);
-      opts.models[other.id()] = path;
+    // CUDA reserves far more address space than it uses: no RLIMIT_AS for GPU jobs.
+    const bool cuda_job = has_cuda_ && job.device() != "cpu";
+    header = RunSandboxed(dir, cuda_job, on_progress, should_stop, [&] {
+      std::lock_guard<std::mutex> lock(mu);
+      return progress.step();
+    });
+    if (header.state() == v1::QUEUED) {  // the job process stopped on request
+      header.set_state(handed_back && !cancelled ? v1::QUEUED : v1::CANCELLED);
+      if (header.state() == v1::CANCELLED) {
+        header.mutable_error()->set_code("CANCELLED");
+        header.mutable_error()->set_reason("CANCELLED");
+        header.mutable_error()->set_message("cancelled while running");
+      }
     }
-    engine::Report report = engine::Compress(model_path, steps.value(), opts, result_path);
-    nlohmann::json j = engine::ToJson(report);
-    j["job_id"] = job_id;
-    j["worker"] = options_.id;
-    j["libtorch"] = LibTorchVersion();
-    j["device_name"] = device_name_;
-    header.set_state(v1::SUCCEEDED);
-    header.set_report_json(j.dump(2));
-    for (const auto& s : report.steps) *header.add_reports() = ToProto(s);
-    header.set_result_size_bytes(fs::file_size(result_path));
-    header.set_result_sha256(Sha256OfFile(result_path));
-  } catch (const engine::Cancelled&) {
-    header.set_state(handed_back && !cancelled ? v1::QUEUED : v1::CANCELLED);
-    if (header.state() == v1::CANCELLED) {
-      header.mutable_error()->set_code("CANCELLED");
-      header.mutable_error()->set_reason("CANCELLED");
-      header.mutable_error()->set_message("cancelled while running");
-    }
-    result_path.clear();
+    if (header.state() != v1::SUCCEEDED) result_path.clear();
   } catch (const engine::EngineError& e) {
     header.set_state(v1::FAILED);
     header.mutable_error()->set_code(CodeName(e.code()));
@@ -339,6 +350,235 @@ void Worker::RunJob(const v1::LeasedJob& job) {
   }
   std::error_code ec;
   fs::remove_all(dir, ec);
+}
+
+namespace {
+
+std::atomic<bool> g_child_stop{false};
+void OnChildStop(int) { g_child_stop = true; }
+
+bool OutOfMemory(const std::string& message) {
+  return message.find("can't allocate memory") != std::string::npos || message.find("not enough memory") != std::string::npos ||
+         message.find("std::bad_alloc") != std::string::npos || message.find("out of memory") != std::string::npos;
+}
+
+std::string SignalName(int sig) {
+  const char* d = ::sigdescr_np(sig);
+  std::string name = ::sigabbrev_np(sig) ? std::string("SIG") + ::sigabbrev_np(sig) : "signal " + std::to_string(sig);
+  return d ? name + " (" + d + ")" : name;
+}
+
+}  // namespace
+
+int RunJobChild(const std::string& dir) {
+  struct sigaction sa {};
+  sa.sa_handler = OnChildStop;
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+  v1::CompleteHeader header;
+  nlohmann::json spec;
+  v1::LeasedJob job;
+  try {
+    std::ifstream in(dir + "/spec.json");
+    spec = nlohmann::json::parse(in);
+    std::ifstream pb(dir + "/job.pb", std::ios::binary);
+    if (!job.ParseFromIstream(&pb)) throw std::runtime_error("job.pb is unreadable");
+  } catch (const std::exception& e) {
+    std::cerr << "pare-worker --run-job: " << e.what() << "\n";
+    return 2;
+  }
+  const std::string result_path = spec["result"];
+  try {
+    engine::InitProcess(spec.value("threads", 0), spec.value("quantized_engine", ""));
+    auto steps = ToEngineSteps(job.recipe());
+    if (!steps.ok()) throw engine::EngineError(steps.status().code(), "BAD_RECIPE", steps.status().message());
+    engine::CompressOptions opts;
+    opts.device = job.device();
+    opts.input_shape.assign(job.input_shape().begin(), job.input_shape().end());
+    opts.latency_batches = spec["latency_batches"].get<std::vector<int>>();
+    opts.latency_budget_seconds = spec["latency_budget"];
+    if (spec.contains("datasets")) {
+      for (const auto& [role, d] : spec["datasets"].items()) {
+        engine::DatasetInput input{d["format"], d["path"]};
+        if (role == "calibration") opts.calibration = input;
+        if (role == "train") opts.train = input;
+        if (role == "eval") opts.eval = input;
+      }
+    }
+    if (spec.contains("models")) {
+      for (const auto& [id, path] : spec["models"].items()) opts.models[id] = path;
+    }
+    opts.progress = [&](const engine::ProgressUpdate& u) {
+      if (u.fraction >= 0) {
+        nlohmann::json line = {{"index", u.step_index}, {"count", u.step_count}, {"step", u.step},
+                               {"fraction", u.fraction}, {"message", u.message}};
+        std::cout << line.dump() << std::endl;
+      }
+      return !g_child_stop;
+    };
+    engine::Report report = engine::Compress(spec["model"], steps.value(), opts, result_path);
+    nlohmann::json j = engine::ToJson(report);
+    j["job_id"] = job.job_id();
+    j["worker"] = spec.value("worker", "");
+    j["libtorch"] = LibTorchVersion();
+    j["device_name"] = spec.value("device_name", "");
+    header.set_state(v1::SUCCEEDED);
+    header.set_report_json(j.dump(2));
+    for (const auto& s : report.steps) *header.add_reports() = ToProto(s);
+    header.set_result_size_bytes(fs::file_size(result_path));
+    header.set_result_sha256(Sha256OfFile(result_path));
+  } catch (const engine::Cancelled&) {
+    return 3;
+  } catch (const engine::EngineError& e) {
+    header.set_state(v1::FAILED);
+    header.mutable_error()->set_code(CodeName(e.code()));
+    header.mutable_error()->set_reason(e.reason());
+    header.mutable_error()->set_message(e.what());
+  } catch (const std::exception& e) {
+    header.set_state(v1::FAILED);
+    header.mutable_error()->set_code("INTERNAL");
+    header.mutable_error()->set_reason("ENGINE");
+    header.mutable_error()->set_message(e.what());
+  }
+  if (header.state() == v1::FAILED && OutOfMemory(header.error().message())) {
+    header.mutable_error()->set_code("RESOURCE_EXHAUSTED");
+    header.mutable_error()->set_reason("JOB_MEMORY_LIMIT");
+    header.mutable_error()->set_message("the job ran out of memory (the worker's limit or the machine's): " +
+                                        header.error().message());
+  }
+  std::ofstream out(dir + "/outcome.pb", std::ios::binary);
+  if (!header.SerializeToOstream(&out)) return 2;
+  return 0;
+}
+
+v1::CompleteHeader Worker::RunSandboxed(const std::string& dir, bool cuda_job,
+                                        const std::function<void(const nlohmann::json&)>& on_progress,
+                                        const std::function<bool()>& should_stop,
+                                        const std::function<std::string()>& current_step) {
+  // Everything the child needs between fork and exec is prepared here: only
+  // async-signal-safe calls may follow fork in a threaded process.
+  std::error_code ec;
+  const std::string self = fs::read_symlink("/proc/self/exe", ec).string();
+  if (ec) throw engine::EngineError(Code::kInternal, "WORKER", "cannot find the pare-worker executable");
+  std::vector<std::string> args = {self, "--run-job", dir};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) throw engine::EngineError(Code::kInternal, "WORKER", "pipe failed");
+  const rlim_t memory = options_.job_memory_mb > 0 && !cuda_job ? rlim_t(options_.job_memory_mb) << 20 : RLIM_INFINITY;
+  const rlim_t cpu = options_.job_cpu_seconds > 0 ? rlim_t(options_.job_cpu_seconds) : RLIM_INFINITY;
+  const rlim_t files = options_.job_max_open_files > 0 ? rlim_t(options_.job_max_open_files) : RLIM_INFINITY;
+  pid_t pid = ::fork();
+  if (pid < 0) {
+    ::close(fds[0]);
+    ::close(fds[1]);
+    throw engine::EngineError(Code::kInternal, "WORKER", "fork failed");
+  }
+  if (pid == 0) {
+    ::dup2(fds[1], STDOUT_FILENO);
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    struct rlimit r;
+    r.rlim_cur = r.rlim_max = memory;
+    ::setrlimit(RLIMIT_AS, &r);
+    r.rlim_cur = cpu;
+    r.rlim_max = cpu == RLIM_INFINITY ? RLIM_INFINITY : cpu + 5;
+    ::setrlimit(RLIMIT_CPU, &r);
+    r.rlim_cur = r.rlim_max = files;
+    ::setrlimit(RLIMIT_NOFILE, &r);
+    r.rlim_cur = r.rlim_max = 0;
+    ::setrlimit(RLIMIT_CORE, &r);
+    if (::chdir(dir.c_str()) != 0) ::_exit(126);
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  ::close(fds[1]);
+  const auto start = SteadyClock::now();
+  auto term_sent = SteadyClock::time_point::max();
+  bool timed_out = false, killed_by_us = false;
+  std::string pending;
+  char buf[4096];
+  while (true) {
+    pollfd p{fds[0], POLLIN, 0};
+    int r = ::poll(&p, 1, 200);
+    if (r > 0) {
+      ssize_t n = ::read(fds[0], buf, sizeof buf);
+      if (n <= 0) break;  // the child closed stdout: it ended
+      pending.append(buf, static_cast<size_t>(n));
+      for (auto nl = pending.find('\n'); nl != std::string::npos; nl = pending.find('\n')) {
+        std::string line = pending.substr(0, nl);
+        pending.erase(0, nl + 1);
+        try {
+          on_progress(nlohmann::json::parse(line));
+        } catch (const std::exception&) {
+          // Not a progress line (a model printing to stdout): ignore it.
+        }
+      }
+    }
+    const auto now = SteadyClock::now();
+    if (term_sent == SteadyClock::time_point::max() && should_stop()) {
+      ::kill(pid, SIGTERM);
+      term_sent = now;
+    }
+    if (term_sent != SteadyClock::time_point::max() && now - term_sent > std::chrono::seconds(15) && !killed_by_us) {
+      ::kill(pid, SIGKILL);  // it did not stop at the next progress point
+      killed_by_us = true;
+    }
+    if (options_.job_timeout_seconds > 0 && !timed_out &&
+        now - start > std::chrono::milliseconds(static_cast<int64_t>(options_.job_timeout_seconds * 1000))) {
+      ::kill(pid, SIGKILL);
+      timed_out = killed_by_us = true;
+    }
+  }
+  ::close(fds[0]);
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  v1::CompleteHeader header;
+  auto fail = [&](const std::string& code, const std::string& reason, const std::string& message) {
+    header.set_state(v1::FAILED);
+    header.mutable_error()->set_code(code);
+    header.mutable_error()->set_reason(reason);
+    header.mutable_error()->set_message(message);
+    return header;
+  };
+  const std::string step = current_step().empty() ? "loading" : current_step();
+  if (timed_out) {
+    return fail("DEADLINE_EXCEEDED", "JOB_TIMEOUT",
+                "the job ran longer than this worker's limit of " + std::to_string(int(options_.job_timeout_seconds)) +
+                    " s (during " + step + ") and was stopped");
+  }
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 3) {
+    header.set_state(v1::QUEUED);
+    return header;
+  }
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+    std::ifstream in(dir + "/outcome.pb", std::ios::binary);
+    if (header.ParseFromIstream(&in)) return header;
+    return fail("INTERNAL", "JOB_CRASHED", "the job process ended without an outcome");
+  }
+  if (WIFSIGNALED(status)) {
+    const int sig = WTERMSIG(status);
+    if (killed_by_us) {
+      header.set_state(v1::QUEUED);
+      return header;
+    }
+    if (sig == SIGXCPU) {
+      return fail("RESOURCE_EXHAUSTED", "JOB_CPU_LIMIT",
+                  "the job used more than this worker's CPU-time limit of " + std::to_string(options_.job_cpu_seconds) +
+                      " s (during " + step + ")");
+    }
+    if (sig == SIGKILL) {
+      return fail("RESOURCE_EXHAUSTED", "JOB_KILLED",
+                  "the job process was killed (SIGKILL) during " + step +
+                      "; most often the kernel's out-of-memory killer: the model or its data needs more memory");
+    }
+    return fail("INTERNAL", "JOB_CRASHED",
+                "the job process crashed with " + SignalName(sig) + " during " + step +
+                    "; the model or its data made LibTorch fail. The worker is unaffected");
+  }
+  return fail("INTERNAL", "JOB_CRASHED",
+              "the job process exited with code " + std::to_string(WEXITSTATUS(status)) + " during " + step);
 }
 
 }  // namespace pare::worker

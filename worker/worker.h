@@ -5,11 +5,13 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include <grpcpp/grpcpp.h>
+#include <nlohmann/json.hpp>
 
 #include "pare/v1/workers.grpc.pb.h"
 
@@ -28,7 +30,19 @@ struct WorkerOptions {
   double latency_budget_seconds = 1.0;
   bool once = false;                       // exit after one job (tests, batch use)
   std::string token;                       // the server's worker token (default $PARE_WORKER_TOKEN)
+  // Limits of each job's process (0: none). The job runs in a child process of its own
+  // (pare-worker --run-job): a crash, a limit or a timeout fails that job with a reason that
+  // says so, and the worker goes on with the next job.
+  double job_timeout_seconds = 3600;       // wall clock
+  int64_t job_memory_mb = 0;               // address space (RLIMIT_AS); not applied to CUDA jobs
+  int64_t job_cpu_seconds = 0;             // CPU time (RLIMIT_CPU)
+  int64_t job_max_open_files = 1024;       // RLIMIT_NOFILE
 };
+
+// The job process: runs the engine on a folder prepared by the worker (spec.json, job.pb),
+// prints progress as JSON lines on stdout, writes outcome.pb (a CompleteHeader). Exit code 0
+// with an outcome, 3 when stopped by SIGTERM (cancel or hand-back).
+int RunJobChild(const std::string& dir);
 
 class Worker {
  public:
@@ -44,6 +58,11 @@ class Worker {
   void RunJob(const v1::LeasedJob& job);
   bool Fetch(const v1::LeasedJob& job, const std::string& sha, const std::string& path, std::string* error);
   void Complete(const v1::LeasedJob& job, v1::CompleteHeader header, const std::string& result_path);
+  // Runs the job folder's job in a child process under the limits; QUEUED means it stopped
+  // because `should_stop` asked it to.
+  v1::CompleteHeader RunSandboxed(const std::string& dir, bool cuda_job, const std::function<void(const nlohmann::json&)>& on_progress,
+                                  const std::function<bool()>& should_stop,
+                                  const std::function<std::string()>& current_step);
 
   WorkerOptions options_;
   std::unique_ptr<v1::Workers::Stub> stub_;

@@ -29,6 +29,11 @@ std::string FirstLine(const std::exception& e) {
   auto pos = msg.rfind("\nbuiltins.");
   if (pos != std::string::npos) msg = msg.substr(pos + 1);
   while (!msg.empty() && (msg.back() == '\n' || msg.back() == ' ')) msg.pop_back();
+  // An operator that failed inside the interpreter: a traceback, then the error on the last line.
+  if (msg.rfind("The following operation failed in the TorchScript interpreter", 0) == 0) {
+    auto last = msg.rfind('\n');
+    if (last != std::string::npos) msg = msg.substr(last + 1);
+  }
   if (msg.size() > 600) msg = msg.substr(0, 600) + "...";
   return msg;
 }
