@@ -14,17 +14,18 @@ namespace {
 namespace fs = std::filesystem;
 constexpr size_t kChunk = 1 << 20;
 
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& server) {
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(4 << 20);
-  return grpc::CreateCustomChannel(server, grpc::InsecureChannelCredentials(), args);
+std::shared_ptr<grpc::Channel> ChannelFor(const ClientOptions& o) {
+  auto channel = MakeChannel(o.server, o.tls);
+  // Bad TLS files are found by the CLI before it gets here (CheckTls); a channel to nowhere
+  // then answers every call with UNAVAILABLE rather than crashing.
+  return channel.ok() ? channel.value() : grpc::CreateChannel("unix:/nonexistent", grpc::InsecureChannelCredentials());
 }
 
 bool Retryable(const Status& s) { return s.code() == Code::kUnavailable; }
 
 }  // namespace
 
-Client::Client(ClientOptions options) : Client(MakeChannel(options.server), options) {}
+Client::Client(ClientOptions options) : Client(ChannelFor(options), options) {}
 
 Client::Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options)
     : options_(std::move(options)), stub_(v1::Compression::NewStub(std::move(channel))) {}

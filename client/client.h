@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "common/tls.h"
 #include "pare/v1/compression.grpc.pb.h"
 
 namespace pare::client {
@@ -19,6 +20,7 @@ struct ClientOptions {
   double deadline_seconds = 30;          // unary calls
   double transfer_deadline_seconds = 3600;  // uploads and downloads
   std::string token;                        // bearer token; empty: none sent
+  TlsClientFiles tls;                       // TLS (and mutual TLS) to the server
 };
 
 class Client {

@@ -247,6 +247,11 @@ int main(int argc, char** argv) {
   app.add_option("--server", server, "pare-server address (default $PARE_SERVER, else 127.0.0.1:50051)");
   app.add_option("--timeout", timeout, "deadline in seconds for each call")->capture_default_str();
   app.add_option("--token", token, "bearer token (default $PARE_TOKEN)");
+  pare::TlsClientFiles tls;
+  app.add_option("--tls-ca", tls.ca, "PEM CA of the server's certificate: talk TLS")->check(CLI::ExistingFile);
+  app.add_option("--tls-cert", tls.cert, "PEM client certificate, for mutual TLS")->check(CLI::ExistingFile);
+  app.add_option("--tls-key", tls.key, "PEM key of --tls-cert")->check(CLI::ExistingFile);
+  app.add_option("--tls-server-name", tls.server_name, "name expected in the server's certificate");
   app.add_flag("--json", g_json, "machine-readable output on stdout");
 
   std::string file, name, shape, format, labels, model_id, recipe, calib, train, eval, device = "auto", request_id, job_id,
@@ -331,6 +336,11 @@ int main(int argc, char** argv) {
   co.server = server;
   co.deadline_seconds = timeout;
   co.token = token;
+  co.tls = tls;
+  if (auto channel = pare::MakeChannel(server, tls); !channel.ok()) {
+    Fail(channel.status(), "usage");
+    return kExitUsage;
+  }
   pare::client::Client c(co);
 
   if (up_model->parsed()) {

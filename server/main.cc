@@ -45,6 +45,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--auth-tokens", o.auth_tokens_file, "file of 'TENANT TOKEN' lines; without it, loopback only")
       ->check(CLI::ExistingFile);
+  app.add_option("--tls-cert", o.tls_cert_file, "PEM certificate: serve gRPC over TLS")->check(CLI::ExistingFile);
+  app.add_option("--tls-key", o.tls_key_file, "PEM key of --tls-cert")->check(CLI::ExistingFile);
+  app.add_option("--tls-client-ca", o.tls_client_ca_file, "PEM CA: require client certificates it signed (mutual TLS)")
+      ->check(CLI::ExistingFile);
   app.add_option("--worker-token-file", o.worker_token_file, "file holding the token workers present")
       ->check(CLI::ExistingFile);
   CLI11_PARSE(app, argc, argv);

@@ -13,6 +13,7 @@
 #include "common/ids.h"
 
 #include "common/logging.h"
+#include "common/tls.h"
 #include "server/compression_service.h"
 #include "server/sqlite_store.h"
 #include "server/workers_service.h"
@@ -171,7 +172,19 @@ Status Server::Start() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options_.listen, grpc::InsecureServerCredentials(), &port_);
+  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
+  const bool tls = !options_.tls_cert_file.empty();
+  if (tls) {
+    auto c = TlsServerCredentials(options_.tls_cert_file, options_.tls_key_file, options_.tls_client_ca_file);
+    if (!c.ok()) return c.status();
+    credentials = c.value();
+  } else if (!options_.tls_key_file.empty() || !options_.tls_client_ca_file.empty()) {
+    return InvalidArgument("--tls-key and --tls-client-ca need --tls-cert");
+  }
+  builder.AddListeningPort(options_.listen, credentials, &port_);
+  if (tls && options_.local_workers > 0) {
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &local_port_);
+  }
   builder.RegisterService(compression_.get());
   builder.RegisterService(workers_.get());
   // Chunks are at most 1 MiB; leave room for the message framing.
@@ -197,7 +210,9 @@ Status Server::Start() {
   if (options_.local_workers > 0) {
     SupervisorOptions so;
     so.worker_binary = options_.worker_binary.empty() ? FindWorkerBinary() : options_.worker_binary;
-    so.args = {"--server", "127.0.0.1:" + std::to_string(port_), "--drain-seconds", std::to_string(options_.drain_seconds)};
+    const int worker_port = local_port_ ? local_port_ : port_;
+    so.args = {"--server", "127.0.0.1:" + std::to_string(worker_port), "--drain-seconds",
+               std::to_string(options_.drain_seconds)};
     so.args.insert(so.args.end(), options_.worker_args.begin(), options_.worker_args.end());
     so.count = options_.local_workers;
     if (!worker_token_.empty()) so.env.emplace_back("PARE_WORKER_TOKEN", worker_token_);

@@ -45,6 +45,9 @@ struct ServerOptions {
   size_t executor_queue = 4096;
   // How often expired leases are looked for.
   int reaper_interval_ms = 500;
+  // TLS on the gRPC port (PEM files); with tls_client_ca, clients must present a certificate it
+  // signed (mutual TLS). Local workers then use a second, loopback-only plaintext port.
+  std::string tls_cert_file, tls_key_file, tls_client_ca_file;
   // host:port of the Prometheus /metrics endpoint (port 0 picks a free one); empty: none
   // (pare-server's flag defaults to 127.0.0.1:9090).
   std::string metrics_listen;
@@ -95,6 +98,7 @@ class Server {
   std::atomic<bool> ready_{false};  // readiness last set on the health service
   std::unique_ptr<WorkerSupervisor> supervisor_;
   int port_ = 0;
+  int local_port_ = 0;  // loopback plaintext port for local workers when the main port is TLS
 
   std::mutex mu_;  // guards stopping_ and stopped_
   std::condition_variable cv_;

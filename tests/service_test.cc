@@ -509,6 +509,59 @@ TEST_F(ServiceTest, QuotasAnswerResourceExhaustedNamingTheLimit) {
   EXPECT_TRUE(other->Submit(req).ok());
 }
 
+TEST_F(ServiceTest, MutualTlsAdmitsOnlyClientsWithACertificate) {
+  // A CA, a server certificate for localhost/127.0.0.1 and a client certificate, made here.
+  const std::string d = dir_.path();
+  std::string out;
+  std::ofstream(d + "/san.ext") << "subjectAltName=DNS:localhost,IP:127.0.0.1\n";
+  std::ofstream(d + "/certs.sh")
+      << "set -e\ncd " << d << "\n"
+      << "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=pare-test-ca\n"
+      << "for n in server client; do\n"
+      << "  openssl req -newkey rsa:2048 -nodes -keyout $n.key -out $n.csr -subj /CN=$n\n"
+      << "  openssl x509 -req -in $n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $n.pem -days 1 -extfile san.ext\n"
+      << "done\n";
+  ASSERT_EQ(pare::testing::Run("bash " + d + "/certs.sh 2>&1", &out), 0) << out;
+  const std::string alice = "alice-token-0123456789";
+  tokens_file_ = d + "/tokens";
+  std::ofstream(tokens_file_) << "alice " << alice << "\n";
+  server::ServerOptions o;
+  o.listen = "127.0.0.1:0";
+  o.data_dir = d + "/tls-data";
+  o.local_workers = 1;
+  o.worker_binary = BinDir() + "/worker/pare-worker";
+  o.worker_args = {"--latency-batches", "1", "--latency-budget", "0.05", "--threads", "1"};
+  o.auth_tokens_file = tokens_file_;
+  o.tls_cert_file = d + "/server.pem";
+  o.tls_key_file = d + "/server.key";
+  o.tls_client_ca_file = d + "/ca.pem";
+  auto s = server::Server::Create(o);
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  server_ = std::move(s).value();
+  Status started = server_->Start();
+  ASSERT_TRUE(started.ok()) << started.ToString();
+  auto make = [&](bool with_cert, bool tls) {
+    client::ClientOptions co;
+    co.server = server_->address();
+    co.token = alice;
+    co.deadline_seconds = 5;
+    if (tls) co.tls.ca = d + "/ca.pem";
+    if (with_cert) {
+      co.tls.cert = d + "/client.pem";
+      co.tls.key = d + "/client.key";
+    }
+    return std::make_unique<client::Client>(co);
+  };
+  // With the client certificate: the whole story, the local worker running the job.
+  client_ = make(true, true);
+  std::string model = UploadModel("small_cnn.pt", {1, 1, 28, 28});
+  v1::Job done = WaitEnd(Submit(model, R"({"steps":[{"prune":{"nm":{"n":2,"m":4}}}]})").id());
+  EXPECT_EQ(done.state(), v1::SUCCEEDED) << done.error().message();
+  // Without a client certificate, or in plaintext: no connection.
+  EXPECT_EQ(make(false, true)->ListJobs(10, "").status().code(), Code::kUnavailable);
+  EXPECT_EQ(make(false, false)->ListJobs(10, "").status().code(), Code::kUnavailable);
+}
+
 TEST_F(ServiceTest, ReadinessFollowsConnectedWorkers) {
   // Health of service "pare.readiness" over python3-grpcio: 0801 SERVING, 0802 NOT_SERVING.
   auto readiness = [&](const std::string& address) {

@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdlib>
 #include <fstream>
+#include <iostream>
 
 #include "common/logging.h"
 #include "worker/worker.h"
@@ -37,6 +38,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--job-max-open-files", o.job_max_open_files, "open-files limit of a job's process")
       ->capture_default_str();
+  app.add_option("--tls-ca", o.tls.ca, "PEM CA of the server's certificate: talk TLS")->check(CLI::ExistingFile);
+  app.add_option("--tls-cert", o.tls.cert, "PEM client certificate, for mutual TLS")->check(CLI::ExistingFile);
+  app.add_option("--tls-key", o.tls.key, "PEM key of --tls-cert")->check(CLI::ExistingFile);
+  app.add_option("--tls-server-name", o.tls.server_name, "name expected in the server's certificate");
   std::string run_job;
   app.add_option("--run-job", run_job, "internal: run the job prepared in this folder (the sandboxed job process)");
   std::string token_file;
@@ -55,6 +60,10 @@ int main(int argc, char** argv) {
     o.token = t;
   }
   pare::InitLogging("worker");
+  if (auto channel = pare::MakeChannel(o.server, o.tls); !channel.ok()) {
+    std::cerr << "pare-worker: " << channel.status().message() << "\n";
+    return 2;
+  }
   pare::worker::Worker worker(o);
   g_worker = &worker;
   struct sigaction sa {};

@@ -68,9 +68,9 @@ Worker::Worker(WorkerOptions options) : options_(std::move(options)) {
     ::gethostname(host, sizeof host - 1);
     options_.id = std::string(host) + "-" + std::to_string(::getpid());
   }
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(4 << 20);
-  stub_ = v1::Workers::NewStub(grpc::CreateCustomChannel(options_.server, grpc::InsecureChannelCredentials(), args));
+  auto channel = MakeChannel(options_.server, options_.tls);
+  if (!channel.ok()) throw std::invalid_argument(channel.status().message());
+  stub_ = v1::Workers::NewStub(channel.value());
 }
 
 std::unique_ptr<grpc::ClientContext> Worker::Context(double seconds) const {

@@ -13,6 +13,7 @@
 #include <grpcpp/grpcpp.h>
 #include <nlohmann/json.hpp>
 
+#include "common/tls.h"
 #include "pare/v1/workers.grpc.pb.h"
 
 namespace pare::worker {
@@ -30,6 +31,7 @@ struct WorkerOptions {
   double latency_budget_seconds = 1.0;
   bool once = false;                       // exit after one job (tests, batch use)
   std::string token;                       // the server's worker token (default $PARE_WORKER_TOKEN)
+  TlsClientFiles tls;                      // TLS to the server
   // Limits of each job's process (0: none). The job runs in a child process of its own
   // (pare-worker --run-job): a crash, a limit or a timeout fails that job with a reason that
   // says so, and the worker goes on with the next job.
