@@ -9,6 +9,12 @@
 #include <vector>
 
 namespace pare::client {
+// libarchive's error text, which may be null (a corrupt header without a message).
+inline std::string ArchiveErrorText(struct archive* a) {
+  const char* e = archive_error_string(a);
+  return e ? e : "unknown archive error";
+}
+
 
 namespace {
 
@@ -18,7 +24,7 @@ Result<ArchivePtr> OpenTar(const std::string& out_tar) {
   ArchivePtr a(archive_write_new(), archive_write_free);
   archive_write_set_format_pax_restricted(a.get());
   if (archive_write_open_filename(a.get(), out_tar.c_str()) != ARCHIVE_OK) {
-    return InvalidArgument("cannot write " + out_tar + ": " + archive_error_string(a.get()));
+    return InvalidArgument("cannot write " + out_tar + ": " + ArchiveErrorText(a.get()));
   }
   return a;
 }
@@ -32,13 +38,13 @@ Status AddFile(struct archive* a, const std::string& path, const std::string& na
   archive_entry_set_size(e.get(), static_cast<la_int64_t>(size));
   archive_entry_set_filetype(e.get(), AE_IFREG);
   archive_entry_set_perm(e.get(), 0644);
-  if (archive_write_header(a, e.get()) != ARCHIVE_OK) return Internal(std::string("tar header: ") + archive_error_string(a));
+  if (archive_write_header(a, e.get()) != ARCHIVE_OK) return Internal(std::string("tar header: ") + ArchiveErrorText(a));
   std::ifstream in(path, std::ios::binary);
   std::vector<char> buf(1 << 20);
   while (in) {
     in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
     if (in.gcount() > 0 && archive_write_data(a, buf.data(), static_cast<size_t>(in.gcount())) < 0) {
-      return Internal(std::string("tar data: ") + archive_error_string(a));
+      return Internal(std::string("tar data: ") + ArchiveErrorText(a));
     }
   }
   return Status::Ok();
@@ -85,14 +91,14 @@ Status PackIdxPair(const std::string& images, const std::string& labels, const s
     archive_entry_set_filetype(e.get(), AE_IFREG);
     archive_entry_set_perm(e.get(), 0644);
     if (archive_write_header(a.get(), e.get()) != ARCHIVE_OK) {
-      return Internal(std::string("tar header: ") + archive_error_string(a.get()));
+      return Internal(std::string("tar header: ") + ArchiveErrorText(a.get()));
     }
     std::ifstream in(path, std::ios::binary);
     std::vector<char> buf(1 << 20);
     while (in) {
       in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
       if (in.gcount() > 0 && archive_write_data(a.get(), buf.data(), static_cast<size_t>(in.gcount())) < 0) {
-        return Internal(std::string("tar data: ") + archive_error_string(a.get()));
+        return Internal(std::string("tar data: ") + ArchiveErrorText(a.get()));
       }
     }
   }

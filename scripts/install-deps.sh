@@ -4,7 +4,7 @@ set -euo pipefail
 # libopenblas0-pthread: LibTorch's float conv fallback (small spatial inputs) and linear layers go
 # through BLAS; Debian's reference BLAS makes them several times slower.
 packages=(
-  build-essential cmake ninja-build ccache pkg-config
+  build-essential cmake ninja-build ccache pkg-config clang libclang-rt-14-dev openssl
   libopenblas0-pthread libtorch-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev libspdlog-dev libgtest-dev libsqlite3-dev libssl-dev libcli11-dev
   nlohmann-json3-dev libarchive-dev zlib1g-dev libpng-dev libjpeg-dev

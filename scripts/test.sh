@@ -6,3 +6,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/build.sh"
 cd "${PARE_BUILD_DIR:-$root/build}"
 ctest --output-on-failure --timeout 900 -j "${PARE_TEST_JOBS:-2}" "$@"
+# libFuzzer targets, a short run each (PARE_FUZZ_SECONDS=0 skips it on machines without clang).
+if [ "${PARE_FUZZ_SECONDS:-10}" != 0 ]; then
+  "$root/scripts/fuzz.sh" "${PARE_FUZZ_SECONDS:-10}"
+fi

@@ -9,6 +9,12 @@
 #include <vector>
 
 namespace pare::server {
+// libarchive's error text, which may be null (a corrupt header without a message).
+inline std::string ArchiveErrorText(struct archive* a) {
+  const char* e = archive_error_string(a);
+  return e ? e : "unknown archive error";
+}
+
 namespace {
 
 using ArchivePtr = std::unique_ptr<struct archive, int (*)(struct archive*)>;
@@ -43,7 +49,7 @@ Result<std::vector<Entry>> ScanArchive(ArchivePtr& a, const std::string& what, c
     int rc = archive_read_next_header(a.get(), &e);
     if (rc == ARCHIVE_EOF) break;
     if (rc != ARCHIVE_OK && rc != ARCHIVE_WARN) {
-      return InvalidArgument(what + " is corrupt or truncated (" + archive_error_string(a.get()) + ")");
+      return InvalidArgument(what + " is corrupt or truncated (" + ArchiveErrorText(a.get()) + ")");
     }
     const char* raw_name = archive_entry_pathname(e);
     std::string name = raw_name ? raw_name : "";
@@ -68,7 +74,7 @@ Result<std::vector<Entry>> ScanArchive(ArchivePtr& a, const std::string& what, c
     while (true) {
       la_ssize_t n = archive_read_data(a.get(), buf.data(), buf.size());
       if (n < 0) {
-        return InvalidArgument(what + " entry '" + name + "' cannot be read (" + archive_error_string(a.get()) + ")");
+        return InvalidArgument(what + " entry '" + name + "' cannot be read (" + ArchiveErrorText(a.get()) + ")");
       }
       if (n == 0) break;
       actual += static_cast<uint64_t>(n);

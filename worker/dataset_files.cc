@@ -10,6 +10,12 @@
 #include <memory>
 
 namespace pare::worker {
+// libarchive's error text, which may be null (a corrupt header without a message).
+inline std::string ArchiveErrorText(struct archive* a) {
+  const char* e = archive_error_string(a);
+  return e ? e : "unknown archive error";
+}
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -38,7 +44,7 @@ Status Untar(const std::string& path, const std::string& dir, uint64_t max_bytes
   archive_read_support_format_gnutar(a.get());
   archive_read_support_filter_gzip(a.get());
   if (archive_read_open_filename(a.get(), path.c_str(), 1 << 16) != ARCHIVE_OK) {
-    return InvalidArgument(std::string("the dataset tar cannot be opened: ") + archive_error_string(a.get()));
+    return InvalidArgument(std::string("the dataset tar cannot be opened: ") + ArchiveErrorText(a.get()));
   }
   std::error_code ec;
   fs::create_directories(dir, ec);
@@ -48,7 +54,7 @@ Status Untar(const std::string& path, const std::string& dir, uint64_t max_bytes
   while (true) {
     int rc = archive_read_next_header(a.get(), &e);
     if (rc == ARCHIVE_EOF) break;
-    if (rc != ARCHIVE_OK) return InvalidArgument(std::string("the dataset tar is corrupt: ") + archive_error_string(a.get()));
+    if (rc != ARCHIVE_OK) return InvalidArgument(std::string("the dataset tar is corrupt: ") + ArchiveErrorText(a.get()));
     std::string name = archive_entry_pathname(e) ? archive_entry_pathname(e) : "";
     if (archive_entry_filetype(e) == AE_IFDIR) continue;
     if (archive_entry_filetype(e) != AE_IFREG) {

@@ -188,6 +188,20 @@ ImagePreprocess ReadPreprocess(const std::string& folder) {
   return p;
 }
 
+at::Tensor DecodeImage(const std::string& name, const std::vector<uint8_t>& data, int channels) {
+#ifdef PARE_HAVE_IMAGE_CODECS
+  // Decide by content, not by name: a .jpg holding PNG data still decodes.
+  const bool png = data.size() >= 8 && png_sig_cmp(data.data(), 0, 8) == 0;
+  const bool jpeg = data.size() >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF;
+  if (!png && !jpeg) Bad(name, "is neither PNG nor JPEG data");
+  return png ? DecodePng(name, data, channels) : DecodeJpeg(name, data, channels);
+#else
+  (void)data;
+  (void)channels;
+  Bad(name, "this build of Pare has no PNG/JPEG decoding (built without libpng and libjpeg)");
+#endif
+}
+
 Dataset LoadImageFolder(const std::string& folder) {
   if (!fs::is_directory(folder)) Bad(folder, "an image-folder dataset is a folder of class folders");
   const ImagePreprocess p = ReadPreprocess(folder);
@@ -215,17 +229,7 @@ Dataset LoadImageFolder(const std::string& folder) {
     for (const auto& f : files) {
       const std::string rel = classes[label] + "/" + f.filename().string();
       if (static_cast<int64_t>(images.size()) >= kMaxImages) Bad(rel, "the dataset has too many images");
-#ifdef PARE_HAVE_IMAGE_CODECS
-      auto data = ReadAll(f.string());
-      // Decide by content, not by name: a .jpg holding PNG data still decodes.
-      const bool png = data.size() >= 8 && png_sig_cmp(data.data(), 0, 8) == 0;
-      const bool jpeg = data.size() >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF;
-      if (!png && !jpeg) Bad(rel, "is neither PNG nor JPEG data");
-      at::Tensor hwc = png ? DecodePng(rel, data, channels) : DecodeJpeg(rel, data, channels);
-#else
-      Bad(rel, "this build of Pare has no PNG/JPEG decoding (built without libpng and libjpeg)");
-      at::Tensor hwc;
-#endif
+      at::Tensor hwc = DecodeImage(rel, ReadAll(f.string()), channels);
       at::Tensor chw = hwc.permute({2, 0, 1}).to(at::kFloat).div_(255.0);
       if (p.resize > 0) chw = ResizeShorter(chw, p.resize);
       if (p.crop > 0) chw = CenterCrop(chw, p.crop, rel);

@@ -24,6 +24,10 @@ struct ImagePreprocess {
 // Reads `folder`/preprocess.json (defaults when absent); EngineError BAD_DATASET naming the key.
 ImagePreprocess ReadPreprocess(const std::string& folder);
 
+// One PNG or JPEG file's bytes to an H x W x channels uint8 tensor (channels 1 or 3);
+// EngineError BAD_DATASET naming `name` when it is neither or does not decode.
+at::Tensor DecodeImage(const std::string& name, const std::vector<uint8_t>& bytes, int channels);
+
 // Decodes and preprocesses every image; EngineError BAD_DATASET naming the file that fails.
 Dataset LoadImageFolder(const std::string& folder);
 
