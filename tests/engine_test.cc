@@ -37,6 +37,16 @@ std::string TempPath(const std::string& name) {
 
 double Sparsity(const at::Tensor& t) { return 1.0 - double(t.count_nonzero().item<int64_t>()) / double(t.numel()); }
 
+// CPU, short latency timing, and the quadrants task's eval set.
+CompressOptions QuickOptions() {
+  CompressOptions opts;
+  opts.device = "cpu";
+  opts.latency_batches = {1};
+  opts.latency_budget_seconds = 0.02;
+  opts.eval = DatasetInput{"tensors", Fixture("quadrants_eval.pt")};
+  return opts;
+}
+
 class EngineTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() { InitProcess(1, "onednn"); }
@@ -246,11 +256,7 @@ TEST_F(EngineTest, DistillationRefusesAStudentWhoseOutputDiffers) {
 }
 
 TEST_F(EngineTest, CompressRunsPruneThenFinetuneAndNeedsTrainData) {
-  CompressOptions opts;
-  opts.device = "cpu";
-  opts.latency_batches = {1};
-  opts.latency_budget_seconds = 0.02;
-  opts.eval = DatasetInput{"tensors", Fixture("quadrants_eval.pt")};
+  CompressOptions opts = QuickOptions();
   std::vector<StepSpec> steps = {MagnitudePruneSpec{0.5, true, {}, {}}, FinetuneSpec{TrainSpec{2, 0.05, 32, "SGD", 5e-4}}};
   EXPECT_THROW(Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("nt.pt")), EngineError);
   opts.train = DatasetInput{"tensors", Fixture("quadrants_train.pt")};
@@ -263,12 +269,8 @@ TEST_F(EngineTest, CompressRunsPruneThenFinetuneAndNeedsTrainData) {
 }
 
 TEST_F(EngineTest, DistillationTakesAnUploadedStudentAndTeacher) {
-  CompressOptions opts;
-  opts.device = "cpu";
-  opts.latency_batches = {1};
-  opts.latency_budget_seconds = 0.02;
+  CompressOptions opts = QuickOptions();
   opts.train = DatasetInput{"tensors", Fixture("quadrants_train.pt")};
-  opts.eval = DatasetInput{"tensors", Fixture("quadrants_eval.pt")};
   DistillSpec distill;
   distill.train = TrainSpec{3, 0.01, 32, "ADAM", 0};
   // The input is an untrained MLP-shaped CNN; the teacher and the (untrained) student are uploaded.

@@ -15,6 +15,7 @@
 
 #include "worker/engine/error.h"
 #include "worker/engine/graph_edit.h"
+#include "worker/engine/model_util.h"
 
 namespace pare::engine {
 namespace {
@@ -713,11 +714,7 @@ Prepared Prepare(const torch::jit::Module& module, const std::vector<int64_t>& i
   p.graph = InlineForward(p.module);
   std::vector<int64_t> shape = input_shape;
   shape[0] = 2;  // batch norms in training mode need more than one value per channel
-  c10::Device device = c10::kCPU;
-  for (const auto& t : p.module.parameters()) {
-    device = t.device();
-    break;
-  }
+  const c10::Device device = ModuleDevice(p.module);
   at::Generator gen = at::detail::createCPUGenerator(7);
   p.probe = at::randn(shape, gen).to(device);
   std::unordered_map<Value*, Shape> shapes;

@@ -8,6 +8,7 @@
 
 #include "worker/engine/error.h"
 #include "worker/engine/graph_edit.h"
+#include "worker/engine/model_util.h"
 
 namespace pare::engine {
 namespace {
@@ -50,12 +51,7 @@ FactorizeResult Factorize(const torch::jit::Module& module, const FactorizeSpec&
   }
   std::vector<int64_t> shape = input_shape;
   shape[0] = 2;
-  c10::Device device = c10::kCPU;
-  for (const auto& t : m.parameters()) {
-    device = t.device();
-    break;
-  }
-  at::Tensor probe = at::randn(shape, at::detail::createCPUGenerator(11)).to(device);
+  at::Tensor probe = at::randn(shape, at::detail::createCPUGenerator(11)).to(ModuleDevice(m));
   c10::IValue reference;
   {
     torch::NoGradGuard no_grad;

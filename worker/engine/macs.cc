@@ -1,5 +1,7 @@
 #include "worker/engine/macs.h"
 
+#include "worker/engine/model_util.h"
+
 #include <torch/csrc/jit/api/function_impl.h>
 #include <torch/csrc/jit/ir/constants.h>
 
@@ -95,11 +97,7 @@ std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::
   std::vector<int64_t> shape = input_shape;
   shape[0] = 1;
   // Frozen weights are graph constants on the model's device: the input goes there too.
-  c10::Device device = c10::kCPU;
-  for (const auto& p : module.parameters()) {
-    device = p.device();
-    break;
-  }
+  const c10::Device device = ModuleDevice(module);
   torch::jit::Stack stack{frozen._ivalue(), at::randn(shape, at::TensorOptions().device(device))};
   {
     c10::InferenceMode guard;

@@ -139,4 +139,9 @@ at::Tensor OutputTensor(const c10::IValue& out) {
                         ", not a tensor (or a tuple/list/dict holding one)");
 }
 
+c10::Device ModuleDevice(const torch::jit::Module& module) {
+  for (const auto& p : module.parameters()) return p.device();
+  return c10::kCPU;
+}
+
 }  // namespace pare::engine

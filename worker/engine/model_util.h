@@ -34,6 +34,9 @@ std::vector<PackedWeight> PackedWeights(const torch::jit::Module& module);
 // named "constant:<value name>", each storage once.
 std::vector<PackedWeight> FrozenWeights(const torch::jit::Module& module);
 
+// The device of the module's first parameter (CPU for a module without parameters).
+c10::Device ModuleDevice(const torch::jit::Module& module);
+
 // The tensor a model returned: itself, the first tensor of a tuple/list, or dict["out"].
 at::Tensor OutputTensor(const c10::IValue& out);
 
