@@ -76,6 +76,81 @@ TEST(CrashTest, KillNineAfterSuccessLosesNothing) {
   EXPECT_EQ(same->id(), job_id);
 }
 
+// kill -9 of the server in the middle of an upload and of a download: after a restart every
+// acknowledged upload is intact, the cut upload left nothing behind, and the download resumes
+// to a byte-identical file.
+TEST(CrashTest, KillNineDuringAnUploadAndADownloadLosesNothingAcknowledged) {
+  TempDir dir;
+  const std::string data = dir.path() + "/data";
+  const std::string big = Fixture("resnet18.pt");  // 45 MB: many chunks
+  const std::string big_sha = Sha256OfFile(big);
+  std::string small_id, small_sha;
+  {
+    ServerProcess server(data, kWorkerFlags);
+    std::string address = server.Start();
+    ASSERT_FALSE(address.empty());
+    auto c = ClientFor(address);
+    auto small = c.UploadModel(Fixture("small_cnn.pt"), "cnn", {1, 1, 28, 28});
+    ASSERT_TRUE(small.ok()) << small.status().ToString();
+    small_id = small->id();
+    small_sha = small->sha256();
+    bool killed = false;
+    auto cut = c.UploadModel(big, "resnet", {1, 3, 64, 64}, [&](uint64_t done, uint64_t total) {
+      if (!killed && done > total / 2) {
+        server.Kill(SIGKILL);
+        killed = true;
+      }
+    });
+    ASSERT_TRUE(killed);
+    EXPECT_FALSE(cut.ok());
+  }
+  ServerProcess again(data, kWorkerFlags);
+  std::string address = again.Start();
+  ASSERT_FALSE(address.empty());
+  auto c = ClientFor(address);
+  auto small = c.GetModel(small_id);
+  ASSERT_TRUE(small.ok()) << small.status().ToString();
+  EXPECT_EQ(small->sha256(), small_sha);
+  EXPECT_TRUE(std::filesystem::exists(data + "/blobs/" + small_sha.substr(0, 2) + "/" + small_sha));
+  // Nothing half-written is visible: no blob of the cut upload, no temporary file left.
+  EXPECT_FALSE(std::filesystem::exists(data + "/blobs/" + big_sha.substr(0, 2) + "/" + big_sha));
+  EXPECT_TRUE(std::filesystem::is_empty(data + "/tmp"));
+
+  // A job with a large result; the server dies a third of the way into its download.
+  auto model = c.UploadModel(big, "resnet", {1, 3, 64, 64});
+  ASSERT_TRUE(model.ok()) << model.status().ToString();
+  v1::SubmitJobRequest req;
+  req.set_model_id(model->id());
+  *req.mutable_recipe() = ParseRecipeJson(R"({"steps":[{"prune":{"nm":{"n":2,"m":4}}}]})").value();
+  auto job = c.Submit(req);
+  ASSERT_TRUE(job.ok());
+  auto done = c.Watch(job->id(), nullptr);
+  ASSERT_TRUE(done.ok());
+  ASSERT_EQ(done->state(), v1::SUCCEEDED) << done->error().message();
+  const std::string out = dir.path() + "/result.pt";
+  bool killed = false;
+  Status first = c.Download(job->id(), v1::MODEL, out, [&](uint64_t got, uint64_t total) {
+    if (!killed && got > total / 3) {
+      again.Kill(SIGKILL);
+      killed = true;
+    }
+  });
+  ASSERT_TRUE(killed);
+  EXPECT_FALSE(first.ok());
+  EXPECT_FALSE(std::filesystem::exists(out));  // only the .part, never a wrong final file
+  ServerProcess third(data, kWorkerFlags);
+  address = third.Start();
+  ASSERT_FALSE(address.empty());
+  auto c3 = ClientFor(address);
+  uint64_t resumed_from = UINT64_MAX;
+  Status second = c3.Download(job->id(), v1::MODEL, out, [&](uint64_t got, uint64_t) {
+    resumed_from = std::min(resumed_from, got);
+  });
+  ASSERT_TRUE(second.ok()) << second.ToString();
+  EXPECT_GT(resumed_from, 0u);  // it went on from the part, not from zero
+  EXPECT_EQ(Sha256OfFile(out), done->result_sha256());
+}
+
 TEST(CrashTest, SigtermHandsARunningJobBackAndARestartFinishesIt) {
   TempDir dir;
   const std::string data = dir.path() + "/data";
