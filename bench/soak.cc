@@ -1,0 +1,193 @@
+// Soak driver: many concurrent clients upload, submit, poll and download against one
+// pare-server with local workers, for a bounded time. Reports throughput, errors (which must
+// be 0 apart from the deliberate rejections it provokes) and the server's RSS growth after
+// warm-up.
+//
+//   pare-soak --bin-dir build --model tests/fixtures/small_cnn.pt --seconds 120 --clients 8
+//
+// Exit code 1 when an unexpected error happened or RSS grew by more than --max-growth-mb.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "client/client.h"
+#include "common/recipe_convert.h"
+#include "common/sha256.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double RssMb(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string key;
+  while (in >> key) {
+    if (key == "VmRSS:") {
+      double kb = 0;
+      in >> kb;
+      return kb / 1024.0;
+    }
+    std::string rest;
+    std::getline(in, rest);
+  }
+  return 0;
+}
+
+struct Counters {
+  std::atomic<int64_t> uploads{0}, jobs{0}, downloads{0}, polls{0}, rejections{0}, errors{0};
+  std::mutex mu;
+  std::vector<std::string> first_errors;
+  void Error(const std::string& what) {
+    ++errors;
+    std::lock_guard<std::mutex> lock(mu);
+    if (first_errors.size() < 10) first_errors.push_back(what);
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"pare-soak: concurrent clients against one pare-server"};
+  std::string bin_dir = "build", model_path, work;
+  double seconds = 60, warmup = 10, max_growth_mb = 50;
+  int clients = 8, workers = 2;
+  app.add_option("--bin-dir", bin_dir, "build folder holding server/pare-server and worker/pare-worker");
+  app.add_option("--model", model_path, "a small TorchScript model to upload")->required()->check(CLI::ExistingFile);
+  app.add_option("--seconds", seconds, "how long the clients run")->capture_default_str();
+  app.add_option("--warmup", warmup, "seconds before the RSS baseline is taken")->capture_default_str();
+  app.add_option("--clients", clients, "concurrent clients")->capture_default_str();
+  app.add_option("--workers", workers, "local workers of the server")->capture_default_str();
+  app.add_option("--max-growth-mb", max_growth_mb, "fail above this RSS growth after warm-up")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  work = (fs::temp_directory_path() / ("pare-soak-" + std::to_string(::getpid()))).string();
+  fs::create_directories(work);
+  int out[2];
+  if (::pipe(out) != 0) return 2;
+  pid_t server = ::fork();
+  if (server == 0) {
+    ::dup2(out[1], STDOUT_FILENO);
+    ::close(out[0]);
+    std::string bin = bin_dir + "/server/pare-server", wbin = bin_dir + "/worker/pare-worker",
+                data = work + "/data", nworkers = std::to_string(workers);
+    ::execl(bin.c_str(), bin.c_str(), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir",
+            data.c_str(), "--local-workers", nworkers.c_str(), "--worker-threads", "1", "--worker-binary", wbin.c_str(),
+            static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  ::close(out[1]);
+  std::string line;
+  char c;
+  while (::read(out[0], &c, 1) == 1 && c != '\n') line.push_back(c);
+  auto at = line.find("listening on ");
+  if (at == std::string::npos) {
+    std::cerr << "pare-soak: pare-server did not start: " << line << "\n";
+    return 2;
+  }
+  const std::string address = line.substr(at + 13, line.find(' ', at + 13) - at - 13);
+
+  const auto good = pare::ParseRecipeJson(R"({"steps":[{"prune":{"nm":{"n":2,"m":4}}}]})").value();
+  const auto bad = pare::ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":3}}}]})").value();
+  Counters n;
+  std::atomic<bool> stop{false};
+  auto client_loop = [&](int index) {
+    pare::client::ClientOptions o;
+    o.server = address;
+    pare::client::Client client(o);
+    int round = 0;
+    while (!stop) {
+      auto m = client.UploadModel(model_path, "soak", {1, 1, 28, 28});
+      if (!m.ok()) {
+        n.Error("upload: " + m.status().ToString());
+        continue;
+      }
+      ++n.uploads;
+      pare::v1::SubmitJobRequest req;
+      req.set_model_id(m->id());
+      *req.mutable_recipe() = bad;  // a deliberate rejection
+      auto rejected = client.Submit(req);
+      if (rejected.ok() || rejected.status().code() != pare::Code::kInvalidArgument) {
+        n.Error("a bad recipe was not refused");
+      } else {
+        ++n.rejections;
+      }
+      *req.mutable_recipe() = good;
+      req.set_request_id("soak-" + std::to_string(index) + "-" + std::to_string(round++));
+      auto job = client.Submit(req);
+      if (!job.ok()) {
+        n.Error("submit: " + job.status().ToString());
+        continue;
+      }
+      pare::v1::Job j = job.value();
+      while (!stop && (j.state() == pare::v1::QUEUED || j.state() == pare::v1::RUNNING)) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        auto polled = client.GetJob(j.id());
+        if (!polled.ok()) {
+          n.Error("poll: " + polled.status().ToString());
+          break;
+        }
+        ++n.polls;
+        j = polled.value();
+      }
+      if (j.state() == pare::v1::QUEUED || j.state() == pare::v1::RUNNING) break;  // stopping
+      if (j.state() != pare::v1::SUCCEEDED) {
+        n.Error("job " + j.id() + " ended " + pare::v1::JobState_Name(j.state()) + ": " + j.error().message());
+        continue;
+      }
+      ++n.jobs;
+      const std::string file = work + "/result-" + std::to_string(index) + ".pt";
+      auto st = client.Download(j.id(), pare::v1::MODEL, file);
+      if (!st.ok() || pare::Sha256OfFile(file) != j.result_sha256()) {
+        n.Error("download: " + st.ToString());
+        continue;
+      }
+      fs::remove(file);
+      ++n.downloads;
+    }
+  };
+  const auto start = Clock::now();
+  std::vector<std::thread> threads;
+  for (int i = 0; i < clients; ++i) threads.emplace_back(client_loop, i);
+  std::this_thread::sleep_for(std::chrono::milliseconds(static_cast<int64_t>(warmup * 1000)));
+  const double rss_warm = RssMb(server);
+  double rss_peak = rss_warm;
+  while (Clock::now() - start < std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000))) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    rss_peak = std::max(rss_peak, RssMb(server));
+  }
+  stop = true;
+  for (auto& t : threads) t.join();
+  const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+  const double rss_end = RssMb(server);
+  ::kill(server, SIGTERM);
+  int status = 0;
+  ::waitpid(server, &status, 0);
+  fs::remove_all(work);
+
+  const double growth = rss_end - rss_warm;
+  std::printf("| clients | seconds | uploads | jobs done | downloads | polls | deliberate rejections | errors | jobs/s "
+              "| server RSS after %.0f s warm-up | at the end | peak | growth |\n",
+              warmup);
+  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+  std::printf("| %d | %.0f | %lld | %lld | %lld | %lld | %lld | %lld | %.2f | %.1f MB | %.1f MB | %.1f MB | %+.1f MB |\n",
+              clients, elapsed, (long long)n.uploads.load(), (long long)n.jobs.load(), (long long)n.downloads.load(),
+              (long long)n.polls.load(), (long long)n.rejections.load(), (long long)n.errors.load(),
+              double(n.jobs.load()) / elapsed, rss_warm, rss_end, rss_peak, growth);
+  for (const auto& e : n.first_errors) std::fprintf(stderr, "error: %s\n", e.c_str());
+  const bool ok = n.errors == 0 && growth < max_growth_mb && n.jobs > 0;
+  if (!ok) std::fprintf(stderr, "pare-soak: FAILED (errors %lld, RSS growth %.1f MB, limit %.0f MB)\n",
+                        (long long)n.errors.load(), growth, max_growth_mb);
+  return ok ? 0 : 1;
+}
