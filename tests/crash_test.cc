@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
 
 #include "client/client.h"
 #include "common/recipe_convert.h"
@@ -149,6 +150,32 @@ TEST(CrashTest, KillNineDuringAnUploadAndADownloadLosesNothingAcknowledged) {
   ASSERT_TRUE(second.ok()) << second.ToString();
   EXPECT_GT(resumed_from, 0u);  // it went on from the part, not from zero
   EXPECT_EQ(Sha256OfFile(out), done->result_sha256());
+}
+
+// A full disk during an upload, made with a file-size limit on the server process (write()
+// then fails with EFBIG, as it would with ENOSPC): the upload gets a clear error, nothing of
+// it stays, the server keeps serving and earlier data is intact.
+TEST(CrashTest, AFullDiskDuringAnUploadFailsItCleanly) {
+  TempDir dir;
+  const std::string data = dir.path() + "/data";
+  const std::string launcher = dir.path() + "/small-disk.sh";
+  std::ofstream(launcher) << "#!/bin/bash\ntrap '' XFSZ\nulimit -f 20480\nexec \"$@\"\n";  // 20 MiB files
+  std::filesystem::permissions(launcher, std::filesystem::perms::owner_all);
+  ServerProcess server(data, {"--local-workers", "0"}, launcher);
+  std::string address = server.Start();
+  ASSERT_FALSE(address.empty());
+  auto c = ClientFor(address);
+  auto small = c.UploadModel(Fixture("small_cnn.pt"), "cnn", {1, 1, 28, 28});
+  ASSERT_TRUE(small.ok()) << small.status().ToString();
+  auto big = c.UploadModel(Fixture("resnet18.pt"), "resnet", {1, 3, 64, 64});  // 45 MB
+  ASSERT_FALSE(big.ok());
+  EXPECT_NE(big.status().message().find("writing blob"), std::string::npos) << big.status().ToString();
+  EXPECT_TRUE(std::filesystem::is_empty(data + "/tmp"));
+  // Still serving, earlier data intact.
+  auto again = c.GetModel(small->id());
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(again->sha256(), small->sha256());
+  EXPECT_TRUE(c.UploadModel(Fixture("small_cnn_5.pt"), "cnn5", {1, 1, 28, 28}).ok());
 }
 
 TEST(CrashTest, SigtermHandsARunningJobBackAndARestartFinishesIt) {

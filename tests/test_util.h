@@ -84,7 +84,9 @@ inline int Run(const std::string& cmd, std::string* out = nullptr) {
 // pare-server as its own process, on port 0, with its stdout read for the address.
 class ServerProcess {
  public:
-  ServerProcess(std::string data_dir, std::vector<std::string> extra) : data_dir_(std::move(data_dir)), extra_(std::move(extra)) {}
+  // `launcher`: run the server through this program (e.g. a script setting limits); empty: directly.
+  ServerProcess(std::string data_dir, std::vector<std::string> extra, std::string launcher = "")
+      : data_dir_(std::move(data_dir)), extra_(std::move(extra)), launcher_(std::move(launcher)) {}
   ~ServerProcess() { Kill(); }
 
   // Starts and returns the address, or "" if it did not come up within 30 s.
@@ -94,6 +96,7 @@ class ServerProcess {
     std::vector<std::string> args = {BinDir() + "/server/pare-server", "--listen", "127.0.0.1:0",
                                      "--metrics-listen", "127.0.0.1:0", "--data-dir", data_dir_};
     args.insert(args.end(), extra_.begin(), extra_.end());
+    if (!launcher_.empty()) args.insert(args.begin(), launcher_);
     pid_ = ::fork();
     if (pid_ == 0) {
       ::dup2(fds[1], 1);
@@ -141,6 +144,7 @@ class ServerProcess {
  private:
   std::string data_dir_;
   std::vector<std::string> extra_;
+  std::string launcher_;
   pid_t pid_ = -1;
   std::string address_;
 };
