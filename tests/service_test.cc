@@ -227,6 +227,36 @@ TEST_F(ServiceTest, HostileModelsFailTheirJobWithAReasonAndTheWorkerGoesOn) {
   EXPECT_EQ(server_->supervisor()->restarts(), 0);
 }
 
+TEST_F(ServiceTest, HostileFilesFailTheirJobsWithClearErrorsAndTheServerServes) {
+  StartServer();
+  const std::string recipe = R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}}]})";
+  struct Case {
+    const char* model;
+    const char* eval;  // dataset fixture, or ""
+    const char* reason;
+    const char* says;
+  };
+  for (const Case& k : {Case{"unknown_op.pt", "", "MODEL_LOAD", "pare_missing"},
+                        Case{"evil_pickle.pt", "", "MODEL_LOAD", "os.system"},
+                        Case{"throws.pt", "", "MODEL_RUN", "this model always fails"},
+                        Case{"small_cnn.pt", "labels_out_of_range.pt", "BAD_DATASET", "eval labels go up to 50"}}) {
+    SCOPED_TRACE(k.model);
+    std::string eval;
+    if (*k.eval) {
+      auto d = client_->UploadDataset(Fixture(k.eval), "tensors", "eval");
+      ASSERT_TRUE(d.ok()) << d.status().ToString();
+      eval = d->id();
+    }
+    v1::Job j = WaitEnd(Submit(UploadModel(k.model, {1, 1, 28, 28}), recipe, eval).id());
+    EXPECT_EQ(j.state(), v1::FAILED);
+    EXPECT_EQ(j.error().reason(), k.reason) << j.error().message();
+    EXPECT_NE(j.error().message().find(k.says), std::string::npos) << j.error().message();
+  }
+  // The server and its worker are fine.
+  v1::Job ok = WaitEnd(Submit(UploadModel("small_cnn.pt", {1, 1, 28, 28}), recipe).id());
+  EXPECT_EQ(ok.state(), v1::SUCCEEDED) << ok.error().message();
+}
+
 TEST_F(ServiceTest, CancelStopsARunningJob) {
   StartServer({"--latency-budget", "3"});
   std::string model = UploadModel("resnet18.pt", {1, 3, 64, 64});
