@@ -3,6 +3,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include "client/client.h"
 #include "common/recipe_convert.h"
@@ -155,6 +156,49 @@ TEST(CrashTest, KillNineDuringAnUploadAndADownloadLosesNothingAcknowledged) {
 // A full disk during an upload, made with a file-size limit on the server process (write()
 // then fails with EFBIG, as it would with ENOSPC): the upload gets a clear error, nothing of
 // it stays, the server keeps serving and earlier data is intact.
+// kill -9 of the server while a job runs: after a restart the job's lease runs out, it is
+// queued again and a new worker finishes it.
+TEST(CrashTest, KillNineDuringAJobAndTheRestartFinishesIt) {
+  TempDir dir;
+  const std::string data = dir.path() + "/data";
+  std::vector<std::string> flags = kWorkerFlags;
+  flags.insert(flags.end(), {"--lease-ttl", "3"});
+  std::string job_id;
+  {
+    ServerProcess server(data, flags);
+    std::string address = server.Start();
+    ASSERT_FALSE(address.empty());
+    auto c = ClientFor(address);
+    auto m = c.UploadModel(Fixture("resnet18.pt"), "resnet", {1, 3, 64, 64});
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    v1::SubmitJobRequest req;
+    req.set_model_id(m->id());
+    *req.mutable_recipe() = ParseRecipeJson(R"({"steps":[{"prune":{"nm":{"n":2,"m":4}}}]})").value();
+    auto job = c.Submit(req);
+    ASSERT_TRUE(job.ok());
+    job_id = job->id();
+    bool running = false;
+    for (int i = 0; i < 600 && !running; ++i) {
+      auto now = c.GetJob(job_id);
+      running = now.ok() && now->state() == v1::RUNNING;
+      if (!running) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    ASSERT_TRUE(running);
+    server.Kill(SIGKILL);
+  }
+  ServerProcess again(data, flags);
+  std::string address = again.Start();
+  ASSERT_FALSE(address.empty());
+  auto c = ClientFor(address);
+  auto done = c.Watch(job_id, nullptr);
+  ASSERT_TRUE(done.ok()) << done.status().ToString();
+  EXPECT_EQ(done->state(), v1::SUCCEEDED) << done->error().message();
+  EXPECT_GE(done->attempts(), 2);
+  std::string out = dir.path() + "/result.pt";
+  ASSERT_TRUE(c.Download(job_id, v1::MODEL, out).ok());
+  EXPECT_EQ(Sha256OfFile(out), done->result_sha256());
+}
+
 TEST(CrashTest, AFullDiskDuringAnUploadFailsItCleanly) {
   TempDir dir;
   const std::string data = dir.path() + "/data";

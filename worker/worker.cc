@@ -151,8 +151,9 @@ bool Worker::Fetch(const v1::LeasedJob& job, const std::string& sha, const std::
       return false;
     }
   }
-  *error = "fetching input " + sha + " kept failing";
-  return false;
+  // The server is unreachable (restarting?): the job goes back to the queue, not to FAILED.
+  throw engine::EngineError(Code::kUnavailable, "SERVER_UNREACHABLE",
+                            "fetching input " + sha + " kept failing: the server is unreachable");
 }
 
 void Worker::Complete(const v1::LeasedJob& job, v1::CompleteHeader header, const std::string& result_path) {
@@ -327,7 +328,8 @@ void Worker::RunJob(const v1::LeasedJob& job) {
     }
     if (header.state() != v1::SUCCEEDED) result_path.clear();
   } catch (const engine::EngineError& e) {
-    header.set_state(v1::FAILED);
+    // A job whose inputs could not be fetched because the server was away is handed back.
+    header.set_state(e.reason() == "SERVER_UNREACHABLE" ? v1::QUEUED : v1::FAILED);
     header.mutable_error()->set_code(CodeName(e.code()));
     header.mutable_error()->set_reason(e.reason());
     header.mutable_error()->set_message(e.what());
