@@ -19,6 +19,16 @@ using pare::testing::TempDir;
 
 const std::vector<std::string> kWorkerFlags = {"--local-workers", "1", "--worker-threads", "1"};
 
+// Submits `recipe_json` for `model_id` (with `request_id` when given).
+Result<v1::Job> SubmitRecipe(client::Client& c, const std::string& model_id, const std::string& recipe_json,
+                             const std::string& request_id = "") {
+  v1::SubmitJobRequest req;
+  req.set_model_id(model_id);
+  *req.mutable_recipe() = ParseRecipeJson(recipe_json).value();
+  req.set_request_id(request_id);
+  return c.Submit(req);
+}
+
 client::Client ClientFor(const std::string& address) {
   client::ClientOptions o;
   o.server = address;
@@ -38,11 +48,7 @@ TEST(CrashTest, KillNineAfterSuccessLosesNothing) {
     ASSERT_TRUE(m.ok()) << m.status().ToString();
     model_id = m->id();
     model_sha = m->sha256();
-    v1::SubmitJobRequest req;
-    req.set_model_id(model_id);
-    *req.mutable_recipe() = ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":0.5,"scope":"GLOBAL"}}}]})").value();
-    req.set_request_id("crash-test");
-    auto job = c.Submit(req);
+    auto job = SubmitRecipe(c, model_id, R"({"steps":[{"prune":{"magnitude":{"amount":0.5,"scope":"GLOBAL"}}}]})", "crash-test");
     ASSERT_TRUE(job.ok());
     job_id = job->id();
     auto done = c.Watch(job_id, nullptr);
@@ -69,11 +75,7 @@ TEST(CrashTest, KillNineAfterSuccessLosesNothing) {
   EXPECT_EQ(Sha256OfFile(second), result_sha);
   EXPECT_EQ(Sha256OfFile(second), Sha256OfFile(result_file));
   // The idempotency key survived too.
-  v1::SubmitJobRequest req;
-  req.set_model_id(model_id);
-  *req.mutable_recipe() = ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}}]})").value();
-  req.set_request_id("crash-test");
-  auto same = c.Submit(req);
+  auto same = SubmitRecipe(c, model_id, R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}}]})", "crash-test");
   ASSERT_TRUE(same.ok());
   EXPECT_EQ(same->id(), job_id);
 }
@@ -121,10 +123,7 @@ TEST(CrashTest, KillNineDuringAnUploadAndADownloadLosesNothingAcknowledged) {
   // A job with a large result; the server dies a third of the way into its download.
   auto model = c.UploadModel(big, "resnet", {1, 3, 64, 64});
   ASSERT_TRUE(model.ok()) << model.status().ToString();
-  v1::SubmitJobRequest req;
-  req.set_model_id(model->id());
-  *req.mutable_recipe() = ParseRecipeJson(R"({"steps":[{"prune":{"nm":{"n":2,"m":4}}}]})").value();
-  auto job = c.Submit(req);
+  auto job = SubmitRecipe(c, model->id(), R"({"steps":[{"prune":{"nm":{"n":2,"m":4}}}]})");
   ASSERT_TRUE(job.ok());
   auto done = c.Watch(job->id(), nullptr);
   ASSERT_TRUE(done.ok());
@@ -171,19 +170,13 @@ TEST(CrashTest, KillNineDuringAJobAndTheRestartFinishesIt) {
     auto c = ClientFor(address);
     auto m = c.UploadModel(Fixture("resnet18.pt"), "resnet", {1, 3, 64, 64});
     ASSERT_TRUE(m.ok()) << m.status().ToString();
-    v1::SubmitJobRequest req;
-    req.set_model_id(m->id());
-    *req.mutable_recipe() = ParseRecipeJson(R"({"steps":[{"prune":{"nm":{"n":2,"m":4}}}]})").value();
-    auto job = c.Submit(req);
+    auto job = SubmitRecipe(c, m->id(), R"({"steps":[{"prune":{"nm":{"n":2,"m":4}}}]})");
     ASSERT_TRUE(job.ok());
     job_id = job->id();
-    bool running = false;
-    for (int i = 0; i < 600 && !running; ++i) {
+    ASSERT_TRUE(pare::testing::Eventually([&] {
       auto now = c.GetJob(job_id);
-      running = now.ok() && now->state() == v1::RUNNING;
-      if (!running) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    }
-    ASSERT_TRUE(running);
+      return now.ok() && now->state() == v1::RUNNING;
+    }, 60));
     server.Kill(SIGKILL);
   }
   ServerProcess again(data, flags);
@@ -236,10 +229,7 @@ TEST(CrashTest, SigtermHandsARunningJobBackAndARestartFinishesIt) {
     auto c = ClientFor(address);
     auto m = c.UploadModel(Fixture("resnet18.pt"), "r18", {1, 3, 224, 224});
     ASSERT_TRUE(m.ok()) << m.status().ToString();
-    v1::SubmitJobRequest req;
-    req.set_model_id(m->id());
-    *req.mutable_recipe() = ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}},{"prune":{"nm":{"n":2,"m":4}}}]})").value();
-    auto job = c.Submit(req);
+    auto job = SubmitRecipe(c, m->id(), R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}},{"prune":{"nm":{"n":2,"m":4}}}]})");
     ASSERT_TRUE(job.ok());
     job_id = job->id();
     ASSERT_TRUE(pare::testing::Eventually([&] {
