@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Shows the service working: scripts a torchvision ResNet-18 (random weights) as a user
-# would, uploads it, runs magnitude pruning + dynamic INT8, follows the job, downloads the
-# result and its report, and loads the result in Python PyTorch.
+# would, uploads it, runs channel pruning + static INT8 (calibrated on synthetic inputs, which
+# the report warns about), follows the job, downloads the result and its report, and loads
+# the result in Python PyTorch.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=${PARE_BIN_DIR:-$root/build}
@@ -15,8 +16,8 @@ torch.jit.script(torchvision.models.resnet18().eval()).save(sys.argv[1])
 PY
 cat >"$work/recipe.json" <<'JSON'
 {"steps": [
-  {"prune":    {"magnitude": {"amount": 0.5, "scope": "GLOBAL"}}},
-  {"quantize": {"dynamic":   {}}}
+  {"prune":    {"channel": {"amount": 0.5}}},
+  {"quantize": {"static":  {"calibrationBatches": 4}}}
 ]}
 JSON
 set -x
