@@ -260,6 +260,7 @@ int main(int argc, char** argv) {
   int page_size = 50, threads = 0;
   double latency_budget = 1.0;
   std::vector<std::string> extra_models;
+  uint32_t job_timeout = 0;
 
   auto* up_model = app.add_subcommand("upload-model", "upload a TorchScript model; prints its id");
   up_model->add_option("FILE", file, "the .pt file (torch.jit.save)")->required()->check(CLI::ExistingFile);
@@ -287,6 +288,7 @@ int main(int argc, char** argv) {
   submit->add_option("--device", device, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   submit->add_option("--request-id", request_id, "idempotency key: the same key returns the same job");
   submit->add_flag("--wait", wait, "follow the job until it ends");
+  submit->add_option("--job-timeout", job_timeout, "wall-clock seconds the job may run (0: the server's maximum)");
 
   auto* status = app.add_subcommand("status", "show a job");
   status->add_option("JOB", job_id)->required();
@@ -401,6 +403,7 @@ int main(int argc, char** argv) {
     req.set_eval_dataset_id(eval);
     req.set_device(device);
     req.set_request_id(request_id);
+    req.set_timeout_seconds(job_timeout);
     auto job = c.Submit(req);
     if (!job.ok()) return Fail(job.status(), "submit");
     if (!wait) {

@@ -326,6 +326,10 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
       }
     }
     if (req->request_id().size() > 128) return InvalidArgument("request_id is longer than 128 characters");
+    if (int64_t(req->timeout_seconds()) > ctx_->limits.max_job_seconds) {
+      return InvalidArgument("timeout_seconds " + std::to_string(req->timeout_seconds()) +
+                             " exceeds the server's maximum of " + std::to_string(ctx_->limits.max_job_seconds));
+    }
     for (size_t i = 0; i < steps->size(); ++i) {
       if (engine::NeedsTrainData((*steps)[i]) && req->train_dataset_id().empty()) {
         return InvalidArgument("train_dataset_id is required: steps[" + std::to_string(i) + "] (" +
@@ -351,6 +355,7 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
     j.train_dataset_id = req->train_dataset_id();
     j.eval_dataset_id = req->eval_dataset_id();
     j.device = device.empty() ? "auto" : device;
+    j.timeout_seconds = req->timeout_seconds() ? int64_t(req->timeout_seconds()) : ctx_->limits.max_job_seconds;
     j.max_attempts = ctx_->limits.max_attempts;
     j.created_ms = ctx_->clock->NowMs();
     auto created = ctx_->store->CreateJob(

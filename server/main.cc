@@ -37,6 +37,10 @@ int main(int argc, char** argv) {
                  "queued + running jobs one tenant may have")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  app.add_option("--max-job-seconds", o.limits.max_job_seconds,
+                 "longest wall-clock limit a job may ask for, and the limit of jobs that ask for none")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_option("--max-queued-jobs", o.limits.max_queued_jobs, "queued jobs of all tenants together")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);

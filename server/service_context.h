@@ -29,6 +29,7 @@ struct Limits {
   uint64_t tenant_max_bytes = 0;                   // models + datasets a tenant may store (0: no limit)
   int64_t tenant_max_active_jobs = 1000;           // queued + running jobs of one tenant
   int64_t max_queued_jobs = 100000;                // queued jobs of all tenants together
+  int64_t max_job_seconds = 3600;                  // the longest wall-clock limit a job may ask for
 };
 
 // Workers as the server sees them through their calls: last contact, device kind, lease held.

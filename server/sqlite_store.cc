@@ -19,7 +19,7 @@ const char* JobStateName(JobState s) {
 
 namespace {
 
-constexpr int kSchemaVersion = 1;
+constexpr int kSchemaVersion = 2;
 
 const char* kSchemaV1 = R"SQL(
 CREATE TABLE models (
@@ -44,11 +44,14 @@ CREATE TABLE jobs (
 CREATE INDEX jobs_by_state ON jobs (state, seq);
 )SQL";
 
+// v2: a wall-clock limit per job.
+const char* kSchemaV2 = "ALTER TABLE jobs ADD COLUMN timeout_seconds INTEGER NOT NULL DEFAULT 0;";
+
 const char* kJobColumns =
     "seq, id, tenant, COALESCE(request_id, ''), model_id, recipe, calibration_dataset_id, train_dataset_id, "
     "eval_dataset_id, device, state, attempts, max_attempts, lease_id, worker, lease_expires_ms, cancel_requested, "
     "progress, reports, error_code, error_reason, error_message, result_sha256, result_size_bytes, report_sha256, "
-    "created_ms, started_ms, finished_ms";
+    "created_ms, started_ms, finished_ms, timeout_seconds";
 
 // A prepared statement with positional binding.
 class Stmt {
@@ -141,6 +144,7 @@ JobRecord ReadJob(const Stmt& s) {
   j.created_ms = s.Int(c++);
   j.started_ms = s.Int(c++);
   j.finished_ms = s.Int(c++);
+  j.timeout_seconds = s.Int(c++);
   return j;
 }
 
@@ -213,6 +217,12 @@ Status SqliteStore::Migrate() {
     Txn t(db_);
     PARE_RETURN_IF_ERROR(Exec(kSchemaV1));
     PARE_RETURN_IF_ERROR(Exec("INSERT INTO schema_version (version) VALUES (1)"));
+    PARE_RETURN_IF_ERROR(t.Commit());
+  }
+  if (version < 2) {
+    Txn t(db_);
+    PARE_RETURN_IF_ERROR(Exec(kSchemaV2));
+    PARE_RETURN_IF_ERROR(Exec("INSERT INTO schema_version (version) VALUES (2)"));
     PARE_RETURN_IF_ERROR(t.Commit());
   }
   return Status::Ok();
@@ -294,10 +304,12 @@ Result<std::pair<JobRecord, bool>> SqliteStore::CreateJob(const JobRecord& j, co
   }
   Stmt s(db_,
          "INSERT INTO jobs (id, tenant, request_id, model_id, recipe, calibration_dataset_id, train_dataset_id, "
-         "eval_dataset_id, device, state, attempts, max_attempts, created_ms) VALUES (?,?,?,?,?,?,?,?,?,?,0,?,?)");
+         "eval_dataset_id, device, state, attempts, max_attempts, created_ms, timeout_seconds) "
+         "VALUES (?,?,?,?,?,?,?,?,?,?,0,?,?,?)");
   s.Bind(j.id).Bind(j.tenant).BindNullIfEmpty(j.request_id).Bind(j.model_id).BindBlob(j.recipe_pb)
       .Bind(j.calibration_dataset_id).Bind(j.train_dataset_id).Bind(j.eval_dataset_id).Bind(j.device)
-      .Bind(static_cast<int64_t>(JobState::kQueued)).Bind(static_cast<int64_t>(j.max_attempts)).Bind(j.created_ms);
+      .Bind(static_cast<int64_t>(JobState::kQueued)).Bind(static_cast<int64_t>(j.max_attempts)).Bind(j.created_ms)
+      .Bind(j.timeout_seconds);
   if (s.Step() != SQLITE_DONE) return s.Error("insert job");
   auto created = GetJobLocked(j.tenant, j.id);
   if (!created.ok()) return created.status();

@@ -53,6 +53,7 @@ struct JobRecord {
   std::string train_dataset_id;
   std::string eval_dataset_id;
   std::string device = "auto";
+  int64_t timeout_seconds = 0;  // wall-clock limit of a run
   JobState state = JobState::kQueued;
   int attempts = 0;
   int max_attempts = 3;

@@ -23,6 +23,7 @@ Result<v1::LeasedJob> Describe(ServiceContext* ctx, const JobRecord& j) {
   if (!model.ok()) return model.status();
   out.set_model_sha256(model->sha256);
   out.set_model_id(j.model_id);
+  out.set_timeout_seconds(static_cast<uint32_t>(j.timeout_seconds));
   for (const auto& step : out.recipe().steps()) {
     if (!step.has_distill()) continue;
     for (const std::string& id : {step.distill().teacher_model(), step.distill().student_model()}) {

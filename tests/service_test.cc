@@ -202,11 +202,26 @@ TEST_F(ServiceTest, HostileModelsFailTheirJobWithAReasonAndTheWorkerGoesOn) {
   EXPECT_EQ(hog.state(), v1::FAILED);
   EXPECT_EQ(hog.error().reason(), "JOB_MEMORY_LIMIT") << hog.error().message();
 
-  // Loops for minutes: the wall-clock limit ends it.
-  v1::Job slow = WaitEnd(Submit(UploadModel("slow.pt", {1, 1, 28, 28}), recipe).id());
+  // Loops for minutes: the wall-clock limit ends it — the worker's (8 s), or the job's own
+  // when it asks for less (4 s); more than the server's maximum is refused at submit.
+  const std::string slow_model = UploadModel("slow.pt", {1, 1, 28, 28});
+  v1::Job slow = WaitEnd(Submit(slow_model, recipe).id());
   EXPECT_EQ(slow.state(), v1::FAILED);
   EXPECT_EQ(slow.error().reason(), "JOB_TIMEOUT") << slow.error().message();
   EXPECT_NE(slow.error().message().find("8 s"), std::string::npos) << slow.error().message();
+  v1::SubmitJobRequest timed;
+  timed.set_model_id(slow_model);
+  *timed.mutable_recipe() = Recipe(recipe);
+  timed.set_timeout_seconds(4);
+  auto own = client_->Submit(timed);
+  ASSERT_TRUE(own.ok()) << own.status().ToString();
+  v1::Job own_end = WaitEnd(own->id());
+  EXPECT_EQ(own_end.error().reason(), "JOB_TIMEOUT") << own_end.error().message();
+  EXPECT_NE(own_end.error().message().find("4 s"), std::string::npos) << own_end.error().message();
+  timed.set_timeout_seconds(100000);
+  auto too_long = client_->Submit(timed);
+  EXPECT_EQ(too_long.status().code(), Code::kInvalidArgument);
+  EXPECT_NE(too_long.status().message().find("timeout_seconds"), std::string::npos) << too_long.status().message();
 
   // A job process that crashes (SIGSEGV, as a LibTorch fault would) fails only its job.
   v1::Job crashing = Submit(UploadModel("slow.pt", {1, 1, 28, 28}), recipe);

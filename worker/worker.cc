@@ -314,7 +314,10 @@ void Worker::RunJob(const v1::LeasedJob& job) {
     };
     // CUDA reserves far more address space than it uses: no RLIMIT_AS for GPU jobs.
     const bool cuda_job = has_cuda_ && job.device() != "cpu";
-    header = RunSandboxed(dir, cuda_job, on_progress, should_stop, [&] {
+    // The job's own limit, within this worker's.
+    double timeout = options_.job_timeout_seconds;
+    if (job.timeout_seconds() > 0 && (timeout <= 0 || job.timeout_seconds() < timeout)) timeout = job.timeout_seconds();
+    header = RunSandboxed(dir, cuda_job, timeout, on_progress, should_stop, [&] {
       std::lock_guard<std::mutex> lock(mu);
       return progress.step();
     });
@@ -453,7 +456,7 @@ int RunJobChild(const std::string& dir) {
   return 0;
 }
 
-v1::CompleteHeader Worker::RunSandboxed(const std::string& dir, bool cuda_job,
+v1::CompleteHeader Worker::RunSandboxed(const std::string& dir, bool cuda_job, double timeout_seconds,
                                         const std::function<void(const nlohmann::json&)>& on_progress,
                                         const std::function<bool()>& should_stop,
                                         const std::function<std::string()>& current_step) {
@@ -526,8 +529,8 @@ v1::CompleteHeader Worker::RunSandboxed(const std::string& dir, bool cuda_job,
       ::kill(pid, SIGKILL);  // it did not stop at the next progress point
       killed_by_us = true;
     }
-    if (options_.job_timeout_seconds > 0 && !timed_out &&
-        now - start > std::chrono::milliseconds(static_cast<int64_t>(options_.job_timeout_seconds * 1000))) {
+    if (timeout_seconds > 0 && !timed_out &&
+        now - start > std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000))) {
       ::kill(pid, SIGKILL);
       timed_out = killed_by_us = true;
     }
@@ -547,8 +550,8 @@ v1::CompleteHeader Worker::RunSandboxed(const std::string& dir, bool cuda_job,
   const std::string step = current_step().empty() ? "loading" : current_step();
   if (timed_out) {
     return fail("DEADLINE_EXCEEDED", "JOB_TIMEOUT",
-                "the job ran longer than this worker's limit of " + std::to_string(int(options_.job_timeout_seconds)) +
-                    " s (during " + step + ") and was stopped");
+                "the job ran longer than its limit of " + std::to_string(int(timeout_seconds)) + " s (during " +
+                    step + ") and was stopped");
   }
   if (WIFEXITED(status) && WEXITSTATUS(status) == 3) {
     header.set_state(v1::QUEUED);

@@ -62,7 +62,8 @@ class Worker {
   void Complete(const v1::LeasedJob& job, v1::CompleteHeader header, const std::string& result_path);
   // Runs the job folder's job in a child process under the limits; QUEUED means it stopped
   // because `should_stop` asked it to.
-  v1::CompleteHeader RunSandboxed(const std::string& dir, bool cuda_job, const std::function<void(const nlohmann::json&)>& on_progress,
+  v1::CompleteHeader RunSandboxed(const std::string& dir, bool cuda_job, double timeout_seconds,
+                                  const std::function<void(const nlohmann::json&)>& on_progress,
                                   const std::function<bool()>& should_stop,
                                   const std::function<std::string()>& current_step);
 
