@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <functional>
 #include <thread>
 
 #include <filesystem>
@@ -163,21 +164,31 @@ TEST_F(ServiceTest, AKilledWorkerLosesItsLeaseAndTheJobSucceedsOnTheNextOne) {
   // Latency timing long enough that the job is surely still running when its worker dies.
   StartServer({"--latency-budget", "3"});
   std::string model = UploadModel("resnet18.pt", {1, 3, 64, 64});
-  v1::Job job = Submit(model, R"({"steps":[{"prune":{"magnitude":{"amount":0.3,"scope":"GLOBAL"}}}]})");
-  bool killed = false;
-  auto final_job = client_->Watch(job.id(), [&](const v1::Job& u) {
-    if (!killed && u.state() == v1::RUNNING && u.progress().fraction() > 0) {
-      auto pids = server_->supervisor()->Pids();
-      ASSERT_EQ(pids.size(), 1u);
-      ::kill(pids[0], SIGKILL);
-      killed = true;
-    }
-  });
-  ASSERT_TRUE(killed);
-  ASSERT_TRUE(final_job.ok()) << final_job.status().ToString();
-  EXPECT_EQ(final_job->state(), v1::SUCCEEDED) << final_job->error().message();
-  EXPECT_EQ(final_job->attempts(), 2);
-  EXPECT_GE(server_->supervisor()->restarts(), 1);
+  // kill -9 at several points: as soon as the job is leased (fetching its inputs), while the
+  // original is measured, and after the step, while the result is measured.
+  const std::vector<std::pair<const char*, std::function<bool(const v1::Job&)>>> points = {
+      {"leased", [](const v1::Job& u) { return u.state() == v1::RUNNING; }},
+      {"measuring the original", [](const v1::Job& u) { return u.progress().fraction() > 0; }},
+      {"measuring the result", [](const v1::Job& u) { return u.progress().fraction() > 0.5; }}};
+  int restarts = 0;
+  for (const auto& [name, when] : points) {
+    SCOPED_TRACE(name);
+    v1::Job job = Submit(model, R"({"steps":[{"prune":{"magnitude":{"amount":0.3,"scope":"GLOBAL"}}}]})");
+    bool killed = false;
+    auto final_job = client_->Watch(job.id(), [&](const v1::Job& u) {
+      if (!killed && u.attempts() == 1 && u.state() == v1::RUNNING && when(u)) {
+        auto pids = server_->supervisor()->Pids();
+        ASSERT_EQ(pids.size(), 1u);
+        ::kill(pids[0], SIGKILL);
+        killed = true;
+      }
+    });
+    ASSERT_TRUE(killed);
+    ASSERT_TRUE(final_job.ok()) << final_job.status().ToString();
+    EXPECT_EQ(final_job->state(), v1::SUCCEEDED) << final_job->error().message();
+    EXPECT_EQ(final_job->attempts(), 2);
+    EXPECT_GE(server_->supervisor()->restarts(), ++restarts);
+  }
 }
 
 // The job's own process (pare-worker --run-job) of the worker `worker_pid`, once it exists.
