@@ -108,4 +108,23 @@ expect_rc 0 "compress with an image folder" $PARE compress "$FX/rgb16_cnn.pt" --
 
 kill -TERM "$server_pid"; wait "$server_pid" || fail "pare-server did not exit cleanly on SIGTERM"
 server_pid=""
+
+# Mutual TLS from the CLI: certificates made here; without the client certificate, no answer.
+echo "subjectAltName=DNS:localhost,IP:127.0.0.1" >san.ext
+openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=cli-test-ca 2>/dev/null
+for n in server client; do
+  openssl req -newkey rsa:2048 -nodes -keyout $n.key -out $n.csr -subj /CN=$n 2>/dev/null
+  openssl x509 -req -in $n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $n.pem -days 1 -extfile san.ext 2>/dev/null
+done
+"$BIN/server/pare-server" --listen 127.0.0.1:0 --metrics-listen "" --data-dir "$work/tls-data" --local-workers 0 \
+  --tls-cert server.pem --tls-key server.key --tls-client-ca ca.pem >"$work/tls.out" 2>"$work/tls.log" &
+server_pid=$!
+for _ in $(seq 100); do grep -q "listening on" "$work/tls.out" 2>/dev/null && break; sleep 0.1; done
+tls_server=$(grep -o 'listening on 127.0.0.1:[0-9]*' "$work/tls.out" | grep -o '127.0.0.1:[0-9]*')
+expect_rc 0 "list over mutual TLS" $PARE --server "$tls_server" --tls-ca ca.pem --tls-cert client.pem --tls-key client.key list
+expect_rc 3 "list over TLS without a client certificate" $PARE --server "$tls_server" --timeout 3 --tls-ca ca.pem list
+expect_rc 3 "list in plaintext to a TLS port" $PARE --server "$tls_server" --timeout 3 list
+expect_rc 2 "a TLS file that is not PEM" $PARE --server "$tls_server" --tls-ca recipe.json list
+kill -TERM "$server_pid"; wait "$server_pid" || true
+server_pid=""
 echo "cli_test: all checks passed"
