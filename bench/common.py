@@ -1,27 +1,16 @@
 """What the benchmark scripts share: the classic small CNN and the Fashion-MNIST reader."""
 import gzip
 import os
+import sys
 
 import torch
-import torch.nn as nn
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 
 
-class SmallCnn(nn.Module):
-    """The classic MNIST CNN: conv 1->10 k5, conv 10->20 k5, linear 320->50, linear 50->10."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 10, 5)
-        self.conv2 = nn.Conv2d(10, 20, 5)
-        self.fc1 = nn.Linear(320, 50)
-        self.fc2 = nn.Linear(50, 10)
-
-    def forward(self, x):
-        x = torch.relu(torch.max_pool2d(self.conv1(x), 2))
-        x = torch.relu(torch.max_pool2d(self.conv2(x), 2))
-        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+# The classic small CNN is the one the test fixtures script: one definition for both.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures"))
+from make_fixtures import SmallCnn  # noqa: E402,F401
 
 
 def load_fashion(split):

@@ -205,7 +205,7 @@ Status Server::Start() {
   grpc_->GetHealthCheckService()->SetServingStatus(true);
   // Liveness ("") is SERVING; readiness waits for a worker (RefreshGauges).
   grpc_->GetHealthCheckService()->SetServingStatus(kReadinessService, false);
-  RefreshGauges();
+  RefreshGauges(/*blobs=*/true);
   reaper_ = std::thread([this] { ReaperLoop(); });
   if (options_.local_workers > 0) {
     SupervisorOptions so;
@@ -233,7 +233,7 @@ int Server::metrics_port() const {
 
 // Gauges from the store, the workers' calls, the blob folder and the supervisor; and the
 // readiness status, which follows whether any worker is connected.
-void Server::RefreshGauges() {
+void Server::RefreshGauges(bool blobs) {
   const int64_t now = clock_->NowMs();
   auto counts = store_->CountJobs();
   if (counts.ok()) metrics_->SetJobsByState(counts.value());
@@ -242,8 +242,10 @@ void Server::RefreshGauges() {
   int connected = 0;
   for (const auto& [device, c] : workers) connected += c.first;
   if (supervisor_) metrics_->SetLocalWorkerRestarts(supervisor_->restarts());
-  auto [count, bytes] = blobs_->CountAndBytes();
-  metrics_->SetBlobs(count, bytes);
+  if (blobs) {
+    auto [count, bytes] = blobs_->CountAndBytes();
+    metrics_->SetBlobs(count, bytes);
+  }
   const bool ready = connected > 0 && !ctx_.draining;
   if (grpc_ && ready != ready_) {
     ready_ = ready;
@@ -256,6 +258,7 @@ void Server::RefreshGauges() {
 void Server::ReaperLoop() {
   std::unique_lock<std::mutex> lock(mu_);
   auto last_refresh = std::chrono::steady_clock::now();
+  int refreshes = 0;
   while (!stopping_) {
     lock.unlock();
     auto changed = store_->ExpireLeases(clock_->NowMs());
@@ -271,7 +274,7 @@ void Server::ReaperLoop() {
       spdlog::error(Kv({{"msg", "lease reaper failed"}, {"error", changed.status().message()}}));
     }
     if (std::chrono::steady_clock::now() - last_refresh > std::chrono::seconds(1)) {
-      RefreshGauges();
+      RefreshGauges(/*blobs=*/++refreshes % 15 == 0);  // gauges every second, blob totals every 15 s
       last_refresh = std::chrono::steady_clock::now();
     }
     lock.lock();

@@ -77,7 +77,8 @@ class Server {
   explicit Server(ServerOptions options, std::shared_ptr<Clock> clock);
   Status SetUpAuth();
   void ReaperLoop();
-  void RefreshGauges();
+  // `blobs`: also walk the blob folder (slow with many blobs: done less often).
+  void RefreshGauges(bool blobs);
   void Shutdown();
 
   ServerOptions options_;

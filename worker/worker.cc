@@ -81,6 +81,7 @@ std::unique_ptr<grpc::ClientContext> Worker::Context(double seconds) const {
 }
 
 int Worker::Run() {
+  // Jobs run in their own processes, which set these again; here they check the flags at start-up.
   engine::InitProcess(options_.threads, options_.quantized_engine);
   has_cuda_ = CudaAvailable();
   device_name_ = DeviceName(has_cuda_);

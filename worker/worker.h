@@ -55,7 +55,6 @@ class Worker {
   void RequestStop() { stop_ = true; }
 
  private:
-  struct JobRun;
   std::unique_ptr<grpc::ClientContext> Context(double seconds) const;
   void RunJob(const v1::LeasedJob& job);
   bool Fetch(const v1::LeasedJob& job, const std::string& sha, const std::string& path, std::string* error);

@@ -736,11 +736,6 @@ void OutputShapes(const c10::IValue& v, std::vector<Shape>& out) {
 
 }  // namespace
 
-std::vector<ChannelGroup> ChannelGroups(const torch::jit::Module& module, const std::vector<int64_t>& input_shape) {
-  Prepared p = Prepare(module, input_shape);
-  return Describe(p.groups, {});
-}
-
 ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelPruneSpec& spec,
                                 const std::vector<int64_t>& input_shape) {
   if (!(spec.amount >= 0 && spec.amount < 1)) {

@@ -37,9 +37,6 @@ struct ChannelPruneResult {
 ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelPruneSpec& spec,
                                 const std::vector<int64_t>& input_shape);
 
-// Only the analysis: the groups the model has, nothing changed.
-std::vector<ChannelGroup> ChannelGroups(const torch::jit::Module& module, const std::vector<int64_t>& input_shape);
-
 // Folds eval-mode batch norms into the convolutions that feed them, in an inlined forward
 // graph (the module-level pass of LibTorch only sees conv/bn submodule calls). Returns how many
 // were folded.
