@@ -113,14 +113,32 @@ TEST_F(EngineTest, RejectsBadAmounts) {
   EXPECT_THROW(NMPrune(m, NMPruneSpec{4, 4}), EngineError);
 }
 
+// The graphs of every method of every module, as text.
+std::string AllCode(const torch::jit::Module& m) {
+  std::string all;
+  for (const auto& sub : m.modules()) {
+    for (const auto& method : sub.get_methods()) all += method.graph()->toString();
+  }
+  return all;
+}
+
 TEST_F(EngineTest, DynamicQuantizationPacksLinearLayersAndAgrees) {
   auto m = torch::jit::load(Fixture("small_cnn.pt"));
   m.eval();
-  auto q = QuantizeDynamic(m);
+  DynamicQuantResult r = QuantizeDynamic(m);
+  torch::jit::Module& q = r.module;
+  EXPECT_EQ(r.linear, 2);  // fc1 and fc2
   auto packed = PackedWeights(q);
-  EXPECT_EQ(packed.size(), 2u);  // fc1 and fc2
-  std::string graph = q.get_method("forward").graph()->toString();
-  EXPECT_NE(graph.find("quantized::linear_dynamic"), std::string::npos) << graph;
+  EXPECT_EQ(packed.size(), 2u);
+  std::string code = AllCode(q);
+  EXPECT_NE(code.find("quantized::linear_dynamic"), std::string::npos) << code;
+  EXPECT_EQ(code.find("aten::linear"), std::string::npos) << code;
+  // The float weights of the linear layers are gone; the convs' stay.
+  for (const auto& p : q.named_parameters()) EXPECT_EQ(p.name.find("fc"), std::string::npos) << p.name;
+  EXPECT_EQ(q.parameters().size(), 4u);  // conv1 and conv2, weight and bias
+  // The input model is unchanged.
+  EXPECT_EQ(m.parameters().size(), 8u);
+  EXPECT_EQ(AllCode(m).find("linear_dynamic"), std::string::npos);
   at::Tensor x = at::randn({16, 1, 28, 28});
   c10::InferenceMode guard;
   at::Tensor ref = m.forward({x}).toTensor();
@@ -131,6 +149,40 @@ TEST_F(EngineTest, DynamicQuantizationPacksLinearLayersAndAgrees) {
   q.save(path);
   auto reloaded = torch::jit::load(path);
   EXPECT_TRUE(at::allclose(reloaded.forward({x}).toTensor(), out));
+}
+
+// LSTM and GRU layers become quantized_lstm / quantized_gru on packed int8 cells (both the
+// sequence and the packed-sequence paths), nn.RNN stays float and is named.
+TEST_F(EngineTest, DynamicQuantizationOfLstmAndGru) {
+  auto m = torch::jit::load(Fixture("sequence_classifier.pt"));
+  m.eval();
+  DynamicQuantResult r = QuantizeDynamic(m);
+  EXPECT_EQ(r.linear, 1);
+  EXPECT_EQ(r.lstm, 1);
+  EXPECT_EQ(r.gru, 1);
+  bool rnn_named = false;
+  for (const auto& n : r.notes) rnn_named |= n.find("nn.RNN") != std::string::npos;
+  EXPECT_TRUE(rnn_named);
+  std::string code = AllCode(r.module);
+  EXPECT_EQ(code.find("aten::lstm"), std::string::npos) << code;
+  EXPECT_EQ(code.find("aten::gru"), std::string::npos) << code;
+  EXPECT_NE(code.find("aten::quantized_lstm"), std::string::npos);
+  EXPECT_NE(code.find("aten::quantized_gru"), std::string::npos);
+  // 2 layers x 2 directions of LSTM cells + 1 GRU cell, two matrices each, plus the head.
+  EXPECT_EQ(PackedWeights(r.module).size(), 4u * 2 + 2 + 1);
+  // Only nn.RNN keeps float parameters.
+  for (const auto& p : r.module.named_parameters()) EXPECT_EQ(p.name.rfind("rnn.", 0), 0u) << p.name;
+  std::string path = TempPath("rnn_q.pt");
+  r.module.save(path);
+  EXPECT_LT(std::filesystem::file_size(path), std::filesystem::file_size(Fixture("sequence_classifier.pt")) / 2);
+  auto q = torch::jit::load(path);
+  at::Tensor x = at::randn({8, 12, 16});
+  c10::InferenceMode guard;
+  at::Tensor ref = m.forward({x}).toTensor();
+  at::Tensor out = q.forward({x}).toTensor();
+  EXPECT_EQ(out.sizes(), ref.sizes());
+  EXPECT_GT(at::cosine_similarity(ref, out, 1).mean().item<double>(), 0.99);
+  EXPECT_GT((ref.argmax(1) == out.argmax(1)).to(at::kFloat).mean().item<double>(), 0.7);
 }
 
 TEST_F(EngineTest, CompressRunsARecipeAndReportsEveryStep) {
@@ -393,6 +445,13 @@ TEST_F(EngineTest, MacsComeFromTheRealShapes) {
   // Counted per input: the batch size does not change it; twice the side is four times the convolutions.
   auto r18_large = CountMacs(torch::jit::load(Fixture("resnet18.pt")), {8, 3, 448, 448});
   EXPECT_EQ(r18_large->macs, 4 * (r18->macs - 512 * 10) + 512 * 10);
+  // Recurrent layers: each of the 12 steps multiplies by every weight matrix once. LSTM layer 0
+  // 2 x (128x16 + 128x32), layer 1 2 x (128x64 + 128x32), GRU 72x64 + 72x24, RNN 2 x 24x24;
+  // the head 5 x 24 once.
+  auto seq = CountMacs(torch::jit::load(Fixture("sequence_classifier.pt")), {1, 12, 16});
+  ASSERT_TRUE(seq.has_value());
+  EXPECT_EQ(seq->macs, 12.0 * (12288 + 24576 + 6336 + 1152) + 120);
+  EXPECT_EQ(seq->counted_ops, 4);
 }
 
 TEST_F(EngineTest, Bf16HalvesTheSizeAndKeepsAFloatInterface) {

@@ -137,9 +137,15 @@ torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, c
     }
     torch::jit::Module operator()(const DynamicQuantSpec&) {
       m.to(c10::kCPU);
-      torch::jit::Module q = QuantizeDynamic(m);
-      if (!IsQuantized(q)) notes.push_back("no linear layer was found to quantize; the model is unchanged");
-      return q;
+      DynamicQuantResult r = QuantizeDynamic(m);
+      Add(r.notes);
+      if (r.linear + r.lstm + r.gru == 0) {
+        notes.push_back("no linear, LSTM or GRU layer was found to quantize; the model is unchanged");
+      } else {
+        notes.push_back("int8 weights: " + std::to_string(r.linear) + " linear, " + std::to_string(r.lstm) + " LSTM, " +
+                        std::to_string(r.gru) + " GRU module(s)");
+      }
+      return r.module;
     }
     torch::jit::Module operator()(const StaticQuantSpec& s) {
       m.to(c10::kCPU);

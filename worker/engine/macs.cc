@@ -10,7 +10,7 @@
 namespace pare::engine {
 namespace {
 
-enum class OpKind { kConv, kConvTranspose, kLinear, kMatmul, kAddmm, kOther };
+enum class OpKind { kConv, kConvTranspose, kLinear, kMatmul, kAddmm, kRnn, kOther };
 
 OpKind KindOf(const torch::jit::Node* n) {
   const auto k = n->kind();
@@ -25,6 +25,9 @@ OpKind KindOf(const torch::jit::Node* n) {
   if (k == c10::aten::linear) return OpKind::kLinear;
   if (k == c10::aten::matmul || k == c10::aten::mm || k == c10::aten::bmm) return OpKind::kMatmul;
   if (k == c10::aten::addmm) return OpKind::kAddmm;
+  if (k == c10::aten::lstm || k == c10::aten::gru || k == c10::aten::rnn_tanh || k == c10::aten::rnn_relu) {
+    return OpKind::kRnn;
+  }
   return OpKind::kOther;
 }
 
@@ -57,6 +60,7 @@ std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::
     OpKind kind;
     std::vector<int64_t> weight;  // constant weight's shape, when the op has one
     size_t first_output = 0;      // index among the extra outputs
+    int64_t rnn_weights = 0;      // RNNs: elements of all their weight matrices
   };
   std::vector<Probe> probes;
   const size_t base_outputs = graph->outputs().size();
@@ -77,7 +81,17 @@ std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::
         if (!w || !w->isTensor()) continue;
         p.weight = w->toTensor().sizes().vec();
       }
-      graph->registerOutput(n->output());
+      if (kind == OpKind::kRnn) {
+        // The weight list is input 2 (sequences) or 3 (packed sequences, after batch_sizes).
+        const torch::jit::FunctionSchema* schema = n->maybeSchema();
+        if (!schema) continue;
+        auto params = torch::jit::toIValue(n->input(schema->overload_name() == "data" ? 3 : 2));
+        if (!params || !params->isTensorList()) continue;
+        for (const at::Tensor& w : params->toTensorVector()) {
+          if (w.dim() == 2) p.rnn_weights += w.numel();
+        }
+      }
+      graph->registerOutput(n->outputs()[0]);
       if (kind == OpKind::kConvTranspose) graph->registerOutput(n->input(0));
       if (kind == OpKind::kMatmul) graph->registerOutput(n->input(0));
       if (kind == OpKind::kAddmm) graph->registerOutput(n->input(1));
@@ -124,6 +138,9 @@ std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::
         macs = double(y.numel()) * double(a.dim() ? a.size(-1) : 1);
         break;
       }
+      case OpKind::kRnn:  // every step of every sequence multiplies by each weight matrix once
+        macs = double(y.numel() / std::max<int64_t>(1, y.size(-1))) * double(p.rnn_weights);
+        break;
       case OpKind::kOther:
         break;
     }

@@ -62,15 +62,46 @@ bool NameSelected(const std::string& name, const std::vector<std::string>& inclu
   return false;
 }
 
+static at::Tensor Unpacked(const char* unpack, const c10::IValue& packed) {
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow(unpack, "");
+  torch::jit::Stack stack{packed};
+  op.callBoxed(&stack);
+  if (stack.empty()) return at::Tensor();
+  return stack[0].isTuple() ? stack[0].toTupleRef().elements()[0].toTensor() : stack[0].toTensor();
+}
+
 std::vector<PackedWeight> PackedWeights(const torch::jit::Module& module) {
   std::vector<PackedWeight> out;
   for (const auto& item : module.named_modules()) {
     const auto& type = item.value.type();
     for (size_t i = 0; i < type->numAttributes(); ++i) {
       const auto& attr_type = type->getAttribute(i);
-      auto cls = attr_type->cast<c10::ClassType>();
+      std::string name = type->getAttributeName(i);
+      if (!item.name.empty()) name = item.name + "." + name;
+      auto list_type = attr_type->cast<c10::ListType>();
+      auto cls = (list_type ? list_type->getElementType() : attr_type)->cast<c10::ClassType>();
       if (!cls || !cls->name()) continue;
       const std::string qn = cls->name()->qualifiedName();
+      const c10::IValue& slot = item.value._ivalue()->getSlot(i);
+      if (list_type && qn == "__torch__.torch.classes.rnn.CellParamsBase") {
+        // Quantized LSTM/GRU cells: their state holds the two packed linear weights.
+        c10::List<c10::IValue> cells = slot.toList();
+        for (size_t k = 0; k < cells.size(); ++k) {
+          c10::IValue cell = cells.get(k);
+          torch::jit::Stack stack{cell};
+          cell.toObject()->type()->getMethod("__getstate__").run(stack);
+          const auto& elements = stack.at(0).toTupleRef().elements();
+          std::vector<c10::IValue> state(elements.begin(), elements.end());
+          if (state.size() < 5 || !state[4].isList()) continue;
+          c10::List<c10::IValue> packed = state[4].toList();
+          for (size_t j = 0; j < packed.size(); ++j) {
+            at::Tensor w = Unpacked("quantized::linear_unpack", packed.get(j));
+            if (w.defined()) out.push_back({name + "." + std::to_string(k) + (j ? ".hh" : ".ih"), w});
+          }
+        }
+        continue;
+      }
+      if (list_type) continue;
       const char* unpack = nullptr;
       if (qn == "__torch__.torch.classes.quantized.LinearPackedParamsBase") {
         unpack = "quantized::linear_unpack";
@@ -80,15 +111,8 @@ std::vector<PackedWeight> PackedWeights(const torch::jit::Module& module) {
         unpack = "quantized::conv3d_unpack";
       }
       if (!unpack) continue;
-      auto op = c10::Dispatcher::singleton().findSchemaOrThrow(unpack, "");
-      torch::jit::Stack stack{item.value._ivalue()->getSlot(i)};
-      op.callBoxed(&stack);
-      if (stack.empty()) continue;
-      at::Tensor w = stack[0].isTuple() ? stack[0].toTupleRef().elements()[0].toTensor()
-                                        : stack[0].toTensor();
-      std::string owner = item.name;
-      std::string attr = type->getAttributeName(i);
-      out.push_back({owner.empty() ? attr : owner + "." + attr, w});
+      at::Tensor w = Unpacked(unpack, slot);
+      if (w.defined()) out.push_back({name, w});
     }
   }
   return out;

@@ -8,33 +8,13 @@
 #include <torch/csrc/jit/passes/quantization/finalize.h>
 #include <torch/csrc/jit/passes/quantization/insert_observers.h>
 #include <torch/csrc/jit/passes/quantization/insert_quant_dequant.h>
+#include <torch/csrc/jit/runtime/graph_executor.h>
 
 #include "worker/engine/channel_prune.h"
 #include "worker/engine/error.h"
 
 namespace pare::engine {
 namespace {
-
-// Dynamic activations are quantized at run time: the pass reads the observer's dtype and
-// whether it is dynamic, and recognises it by "PlaceholderObserver" in the class name.
-torch::jit::Module MakeDynamicActivationObserver() {
-  torch::jit::Module obs(c10::QualifiedName("__torch__.pare.observers.DynamicPlaceholderObserver"));
-  obs.register_attribute("training", c10::BoolType::get(), false);
-  obs.register_attribute("dtype", c10::IntType::get(), static_cast<int64_t>(at::kQUInt8));
-  // The pass dereferences these without checking: LibTorch 1.13 reads compute_dtype,
-  // 2.x reads is_dynamic. Both are set so one engine works with either.
-  obs.register_attribute("compute_dtype", c10::IntType::get(), static_cast<int64_t>(at::kQUInt8));
-  obs.register_attribute("is_dynamic", c10::BoolType::get(), true);
-  obs.define(R"JIT(
-def forward(self, x: Tensor) -> Tensor:
-    return x
-
-def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
-    assert False, "dynamic activations have no fixed quantization parameters"
-    return torch.ones([1]), torch.zeros([1]).long()
-)JIT");
-  return obs;
-}
 
 // Activation observer for static quantization (affine uint8). All four kinds track the
 // running range; HISTOGRAM and PERCENTILE also keep a bounded, evenly thinned sample of
@@ -63,8 +43,7 @@ def forward(self, x: Tensor) -> Tensor:
     if x.numel() == 0:
         return x
     v = x.detach().float()
-    lo = torch.min(v)
-    hi = torch.max(v)
+    lo, hi = torch.aminmax(v)
     if self.kind == 1 and self.seen:
         self.min_val = self.min_val + self.averaging_constant * (lo - self.min_val)
         self.max_val = self.max_val + self.averaging_constant * (hi - self.max_val)
@@ -290,6 +269,9 @@ torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQ
       torch::jit::InsertObservers(module, "forward", qconfig, /*inplace=*/true, torch::jit::QuantType::STATIC);
   {
     torch::NoGradGuard no_grad;
+    // A few runs of a graph that is thrown away afterwards: the executor's profiling and
+    // optimizing would cost more than they save.
+    torch::jit::GraphOptimizerEnabledGuard no_optimizer(false);
     for (const auto& batch : calibration) observed.forward({batch});
   }
   torch::jit::Module quantized = torch::jit::InsertQuantDeQuant(observed, "forward", /*inplace=*/true,
@@ -297,26 +279,6 @@ torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQ
   quantized = torch::jit::Finalize(quantized, torch::jit::QuantType::STATIC, {});
   auto graph = quantized.get_method("forward").graph();
   DequantizeTupleElements(graph);
-  torch::jit::ConstantPropagation(graph);
-  torch::jit::EliminateDeadCode(graph);
-  return quantized;
-}
-
-torch::jit::Module QuantizeDynamic(const torch::jit::Module& input) {
-  if (!input.find_method("forward")) {
-    throw EngineError(Code::kInvalidArgument, "MODEL_FORMAT", "the model has no forward method");
-  }
-  // One copy (the input stays unchanged); the passes then work in place on it.
-  torch::jit::Module module = input.clone();
-  module.eval();
-  torch::jit::QConfigDict qconfig;
-  qconfig[""] = std::make_tuple(MakeDynamicActivationObserver(), MakeWeightObserver(/*per_channel=*/false));
-  torch::jit::Module observed =
-      torch::jit::InsertObservers(module, "forward", qconfig, /*inplace=*/true, torch::jit::QuantType::DYNAMIC);
-  torch::jit::Module quantized = torch::jit::InsertQuantDeQuant(observed, "forward", /*inplace=*/true,
-                                                                /*debug=*/false, torch::jit::QuantType::DYNAMIC);
-  quantized = torch::jit::Finalize(quantized, torch::jit::QuantType::DYNAMIC, {});
-  auto graph = quantized.get_method("forward").graph();
   torch::jit::ConstantPropagation(graph);
   torch::jit::EliminateDeadCode(graph);
   return quantized;

@@ -3,15 +3,22 @@
 
 #include <torch/script.h>
 
+#include <string>
 #include <vector>
 
 #include "worker/engine/recipe.h"
 
 namespace pare::engine {
 
-// Dynamic INT8: linear layers get int8 weights (per-tensor symmetric) and quantize
-// their activations on the fly. Returns the new module; the input is left unchanged.
-torch::jit::Module QuantizeDynamic(const torch::jit::Module& module);
+struct DynamicQuantResult {
+  torch::jit::Module module;
+  std::vector<std::string> notes;  // what was kept in float, and why
+  int linear = 0, lstm = 0, gru = 0;  // modules quantized
+};
+
+// Dynamic INT8: linear layers, LSTMs and GRUs get int8 weights (per-tensor symmetric) and
+// quantize their activations on the fly. Returns a new module; the input is left unchanged.
+DynamicQuantResult QuantizeDynamic(const torch::jit::Module& module);
 
 // 16-bit float weights behind a float32 interface: returns a module whose forward casts
 // its tensor input to the 16-bit type, runs the converted model, and casts the result back.
