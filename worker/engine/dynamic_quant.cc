@@ -101,45 +101,56 @@ struct Rewriter {
 
   bool RewriteLinear(const std::shared_ptr<torch::jit::Graph>& g, Node* n, const std::string& where) {
     Value* self = g->inputs()[0];
-    std::vector<std::string> wpath;
+    std::vector<std::string> wpath, bpath;  // empty bpath: no bias
     if (!ChainFromSelf(n->input(1), self, wpath)) return false;  // weights computed or passed in
-    const std::string wname = wpath.back();
-    std::string bname;  // empty: no bias
     Value* b = n->input(2);
-    if (b->type()->kind() != c10::TypeKind::NoneType) {
-      std::vector<std::string> bpath;
-      bool same_owner = ChainFromSelf(b, self, bpath) && bpath.size() == wpath.size() &&
-                        std::equal(bpath.begin(), bpath.end() - 1, wpath.begin());
-      if (!same_owner) {
-        notes.push_back("kept in float: a linear layer in " + where + " whose bias is not an attribute beside its weight");
-        return false;
-      }
-      bname = bpath.back();
-    }
-    Value* owner_value = n->input(1)->node()->input(0);
-    auto owner_type = owner_value->type()->cast<c10::ClassType>();
-    if (!owner_type) return false;
-    const std::string packed = "_pare_qpacked_" + wname;
-    auto key = std::make_pair(owner_type.get(), packed);
-    auto seen = packed_bias.find(key);
-    if (seen != packed_bias.end() && seen->second != bname) {
-      notes.push_back("kept in float: " + wname + " in " + where + " is used with two different biases");
+    if (b->type()->kind() != c10::TypeKind::NoneType && !ChainFromSelf(b, self, bpath)) {
+      notes.push_back("kept in float: a linear layer in " + where + " whose bias is computed");
       return false;
     }
+    // The packed weight lives beside the float one (so the inlined graph of a pruned model and
+    // the layer's own forward share it); when the bias belongs to another module (a factorized
+    // layer's second half), on the module that owns this graph.
+    const bool beside = bpath.empty() || (bpath.size() == wpath.size() &&
+                                          std::equal(bpath.begin(), bpath.end() - 1, wpath.begin()));
+    Value* owner_value = beside ? n->input(1)->node()->input(0) : self;
+    const size_t skip = beside ? wpath.size() - 1 : 0;
+    std::vector<std::string> wrel(wpath.begin() + skip, wpath.end());
+    std::vector<std::string> brel = bpath.empty() ? bpath : std::vector<std::string>(bpath.begin() + skip, bpath.end());
+    auto owner_type = owner_value->type()->cast<c10::ClassType>();
+    if (!owner_type || instances[owner_type.get()].empty()) return false;
+    std::string packed = "_pare_qpacked";
+    for (const auto& part : wrel) packed += "_" + part;
+    auto key = std::make_pair(owner_type.get(), packed);
+    std::string bias_key;
+    for (const auto& part : brel) bias_key += "." + part;
+    auto seen = packed_bias.find(key);
+    if (seen != packed_bias.end() && seen->second != bias_key) {
+      notes.push_back("kept in float: " + wpath.back() + " in " + where + " is used with two different biases");
+      return false;
+    }
+    auto at_path = [](const Obj& o, const std::vector<std::string>& path) {
+      Obj cur = o;
+      for (size_t i = 0; i + 1 < path.size(); ++i) cur = cur->getAttr(path[i]).toObject();
+      return cur->getAttr(path.back());
+    };
     // Every object that owns such a weight must hold a float matrix there.
     for (const Obj& o : instances[owner_type.get()]) {
-      if (!FloatMatrix(o->getAttr(wname))) return false;
+      if (!FloatMatrix(at_path(o, wrel))) return false;
     }
-    if (instances[owner_type.get()].empty()) return false;
-    auto make = [wname, bname](const Obj& o) {
-      return PackLinear(o->getAttr(wname).toTensor(), bname.empty() ? c10::IValue() : o->getAttr(bname));
+    auto make = [wrel, brel, at_path](const Obj& o) {
+      return PackLinear(at_path(o, wrel).toTensor(), brel.empty() ? c10::IValue() : at_path(o, brel));
     };
     if (seen == packed_bias.end()) {
       c10::IValue sample = make(instances[owner_type.get()].front());
       Provide(owner_type, packed, sample.type(), 'L', make);
-      packed_bias[key] = bname;
-      consumed.insert({owner_type.get(), wname});
-      if (!bname.empty()) consumed.insert({owner_type.get(), bname});
+      packed_bias[key] = bias_key;
+      for (Value* v : {n->input(1), b}) {
+        if (v->node()->kind() != c10::prim::GetAttr) continue;
+        if (auto t = v->node()->input(0)->type()->cast<c10::ClassType>()) {
+          consumed.insert({t.get(), v->node()->s(c10::attr::name)});
+        }
+      }
     }
     torch::jit::WithInsertPoint guard(n);
     Value* p = g->insertGetAttr(owner_value, packed);
