@@ -335,12 +335,12 @@ struct Rewriter {
 
 }  // namespace
 
-DynamicQuantResult QuantizeDynamic(const torch::jit::Module& input) {
+DynamicQuantResult QuantizeDynamic(const torch::jit::Module& input, bool in_place) {
   if (!input.find_method("forward")) {
     throw EngineError(Code::kInvalidArgument, "MODEL_FORMAT", "the model has no forward method");
   }
-  // The clone has its own class types, so rewriting their methods leaves the input unchanged.
-  DynamicQuantResult r{input.clone(), {}, 0, 0, 0};
+  // A clone has its own class types, so rewriting their methods leaves the input unchanged.
+  DynamicQuantResult r{in_place ? input : input.clone(), {}, 0, 0, 0};
   r.module.eval();
   Rewriter w;
   w.Run(r.module);

@@ -17,8 +17,9 @@ struct DynamicQuantResult {
 };
 
 // Dynamic INT8: linear layers, LSTMs and GRUs get int8 weights (per-tensor symmetric) and
-// quantize their activations on the fly. Returns a new module; the input is left unchanged.
-DynamicQuantResult QuantizeDynamic(const torch::jit::Module& module);
+// quantize their activations on the fly. Returns a new module and leaves the input unchanged,
+// or (in_place: no copy of the weights) rewrites the input's own types and objects.
+DynamicQuantResult QuantizeDynamic(const torch::jit::Module& module, bool in_place = false);
 
 // 16-bit float weights behind a float32 interface: returns a module whose forward casts
 // its tensor input to the 16-bit type, runs the converted model, and casts the result back.
