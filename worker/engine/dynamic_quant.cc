@@ -273,11 +273,11 @@ struct Rewriter {
   }
 
   void RewriteGraph(const std::shared_ptr<torch::jit::Graph>& g, const std::string& where) {
-    std::vector<Node*> todo;
+    std::vector<Node*> found;
     std::function<void(torch::jit::Block*)> find = [&](torch::jit::Block* b) {
       for (Node* n : b->nodes()) {
         if (n->kind() == c10::aten::linear || n->kind() == c10::aten::lstm || n->kind() == c10::aten::gru) {
-          todo.push_back(n);
+          found.push_back(n);
         } else if (n->kind() == c10::aten::rnn_tanh || n->kind() == c10::aten::rnn_relu) {
           notes.push_back("kept in float: nn.RNN layers (LibTorch has no dynamic int8 kernel for them)");
         }
@@ -285,14 +285,14 @@ struct Rewriter {
       }
     };
     find(g->block());
-    for (Node* n : todo) {
+    for (Node* n : found) {
       if (n->kind() == c10::aten::linear) {
         RewriteLinear(g, n, where);
       } else {
         RewriteRnn(g, n, where);
       }
     }
-    if (!todo.empty()) torch::jit::EliminateDeadCode(g);
+    if (!found.empty()) torch::jit::EliminateDeadCode(g);
   }
 
   void Run(torch::jit::Module& root) {
