@@ -17,6 +17,7 @@
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
 
 #include "worker/engine/error.h"
+#include "worker/engine/graph_edit.h"
 #include "worker/engine/quantize.h"
 
 namespace pare::engine {
@@ -63,8 +64,17 @@ c10::IValue Field(const Obj& o, const std::string& name) {
   return c10::IValue();
 }
 
-bool FloatMatrix(const c10::IValue& v) {
-  return v.isTensor() && v.toTensor().dim() == 2 && v.toTensor().is_floating_point();
+bool FloatMatrix(const at::Tensor& t) { return t.defined() && t.dim() == 2 && t.is_floating_point(); }
+
+// The suffixes of an nn.LSTM / nn.GRU's per-layer, per-direction weights: _l0, _l0_reverse, ….
+std::vector<std::string> CellSuffixes(const Obj& o) {
+  std::vector<std::string> out;
+  const int64_t layers = Field(o, "num_layers").toInt();
+  const int dirs = Field(o, "bidirectional").toBool() ? 2 : 1;
+  for (int64_t l = 0; l < layers; ++l) {
+    for (int d = 0; d < dirs; ++d) out.push_back("_l" + std::to_string(l) + (d ? "_reverse" : ""));
+  }
+  return out;
 }
 
 struct Rewriter {
@@ -129,17 +139,13 @@ struct Rewriter {
       notes.push_back("kept in float: " + wpath.back() + " in " + where + " is used with two different biases");
       return false;
     }
-    auto at_path = [](const Obj& o, const std::vector<std::string>& path) {
-      Obj cur = o;
-      for (size_t i = 0; i + 1 < path.size(); ++i) cur = cur->getAttr(path[i]).toObject();
-      return cur->getAttr(path.back());
-    };
     // Every object that owns such a weight must hold a float matrix there.
     for (const Obj& o : instances[owner_type.get()]) {
-      if (!FloatMatrix(at_path(o, wrel))) return false;
+      if (!FloatMatrix(TensorAt(torch::jit::Module(o), wrel))) return false;
     }
-    auto make = [wrel, brel, at_path](const Obj& o) {
-      return PackLinear(at_path(o, wrel).toTensor(), brel.empty() ? c10::IValue() : at_path(o, brel));
+    auto make = [wrel, brel](const Obj& o) {
+      at::Tensor bias = brel.empty() ? at::Tensor() : TensorAt(torch::jit::Module(o), brel);  // undefined: None
+      return PackLinear(TensorAt(torch::jit::Module(o), wrel), bias.defined() ? c10::IValue(bias) : c10::IValue());
     };
     if (seen == packed_bias.end()) {
       c10::IValue sample = make(instances[owner_type.get()].front());
@@ -192,18 +198,13 @@ struct Rewriter {
         notes.push_back("kept in float: " + what + " with proj_size (no quantized kernel for projections)");
         return false;
       }
-      const int64_t layers = Field(o, "num_layers").toInt();
       const int64_t hidden = Field(o, "hidden_size").toInt();
-      const int dirs = Field(o, "bidirectional").toBool() ? 2 : 1;
-      for (int64_t l = 0; l < layers; ++l) {
-        for (int d = 0; d < dirs; ++d) {
-          const std::string sfx = "_l" + std::to_string(l) + (d ? "_reverse" : "");
-          for (const char* w : {"weight_ih", "weight_hh"}) {
-            if (!o->type()->hasAttribute(w + sfx) || !FloatMatrix(o->getAttr(w + sfx)) ||
-                o->getAttr(w + sfx).toTensor().size(0) != gates * hidden) {
-              notes.push_back("kept in float: " + what + " without a float " + w + sfx);
-              return false;
-            }
+      for (const std::string& sfx : CellSuffixes(o)) {
+        for (const char* w : {"weight_ih", "weight_hh"}) {
+          c10::IValue v = Field(o, w + sfx);
+          if (!v.isTensor() || !FloatMatrix(v.toTensor()) || v.toTensor().size(0) != gates * hidden) {
+            notes.push_back("kept in float: " + what + " without a float " + w + sfx);
+            return false;
           }
         }
       }
@@ -211,27 +212,22 @@ struct Rewriter {
     const std::string packed = "_pare_qcells_" + path.back();
     if (!makers.count({owner_type.get(), packed})) {
       auto make = [gates](const Obj& o) {
-        const int64_t layers = Field(o, "num_layers").toInt();
         const int64_t hidden = Field(o, "hidden_size").toInt();
-        const int dirs = Field(o, "bidirectional").toBool() ? 2 : 1;
         c10::TypePtr cell_type;
         std::vector<c10::IValue> cells;
-        for (int64_t l = 0; l < layers; ++l) {
-          for (int d = 0; d < dirs; ++d) {
-            const std::string sfx = "_l" + std::to_string(l) + (d ? "_reverse" : "");
-            auto bias = [&](const std::string& name) {
-              if (o->type()->hasAttribute(name) && o->getAttr(name).isTensor()) {
-                return o->getAttr(name).toTensor().detach().to(at::kFloat).contiguous();
-              }
-              return at::zeros({gates * hidden});  // bias=False: the same as a zero bias
-            };
-            at::Tensor b_ih = bias("bias_ih" + sfx), b_hh = bias("bias_hh" + sfx);
-            c10::IValue ih = PackLinear(o->getAttr("weight_ih" + sfx).toTensor(), b_ih);
-            c10::IValue hh = PackLinear(o->getAttr("weight_hh" + sfx).toTensor(), b_hh);
-            // reduce_range as PyTorch's quantized dynamic RNN modules (version 2) pass it.
-            cells.push_back(CallOp("quantized::make_quantized_cell_params_dynamic", {ih, hh, b_ih, b_hh, true}));
-            cell_type = cells.back().type();
-          }
+        for (const std::string& sfx : CellSuffixes(o)) {
+          auto bias = [&](const std::string& name) {
+            if (o->type()->hasAttribute(name) && o->getAttr(name).isTensor()) {
+              return o->getAttr(name).toTensor().detach().to(at::kFloat).contiguous();
+            }
+            return at::zeros({gates * hidden});  // bias=False: the same as a zero bias
+          };
+          at::Tensor b_ih = bias("bias_ih" + sfx), b_hh = bias("bias_hh" + sfx);
+          c10::IValue ih = PackLinear(o->getAttr("weight_ih" + sfx).toTensor(), b_ih);
+          c10::IValue hh = PackLinear(o->getAttr("weight_hh" + sfx).toTensor(), b_hh);
+          // reduce_range as PyTorch's quantized dynamic RNN modules (version 2) pass it.
+          cells.push_back(CallOp("quantized::make_quantized_cell_params_dynamic", {ih, hh, b_ih, b_hh, true}));
+          cell_type = cells.back().type();
         }
         c10::impl::GenericList list(cell_type);
         for (auto& c : cells) list.push_back(std::move(c));
@@ -241,13 +237,8 @@ struct Rewriter {
       Provide(owner_type, packed, sample.type(), is_lstm ? 'S' : 'G', make);
       consumed.insert({owner_type.get(), path.back()});
       for (const Obj& o : objs) {
-        const int64_t layers = Field(o, "num_layers").toInt();
-        const int dirs = Field(o, "bidirectional").toBool() ? 2 : 1;
-        for (int64_t l = 0; l < layers; ++l) {
-          for (int d = 0; d < dirs; ++d) {
-            const std::string sfx = "_l" + std::to_string(l) + (d ? "_reverse" : "");
-            for (const char* a : {"weight_ih", "weight_hh", "bias_ih", "bias_hh"}) consumed.insert({owner_type.get(), a + sfx});
-          }
+        for (const std::string& sfx : CellSuffixes(o)) {
+          for (const char* a : {"weight_ih", "weight_hh", "bias_ih", "bias_hh"}) consumed.insert({owner_type.get(), a + sfx});
         }
       }
     }
