@@ -84,6 +84,12 @@ TEST_F(EngineTest, GlobalMagnitudePruneUsesOneThreshold) {
   }
   EXPECT_NEAR(double(zeros) / double(total), 0.5, 1e-4);
   EXPECT_LT(max_pruned, min_kept);  // one threshold separates pruned from kept weights
+  // Exactly the weights at or below LibTorch's own k-th smallest magnitude are zeroed.
+  std::vector<at::Tensor> flat;
+  for (auto& o : originals) flat.push_back(o.abs().flatten());
+  at::Tensor all = at::cat(flat);
+  float kth = std::get<0>(all.kthvalue(static_cast<int64_t>(0.5 * double(total)))).item<float>();
+  EXPECT_EQ(zeros, (all <= kth).sum().item<int64_t>());
   // Layers end up with different sparsity (unlike per-layer pruning).
   EXPECT_GT(std::abs(Sparsity(after[0].weight) - Sparsity(after[2].weight)), 0.01);
 }

@@ -1,5 +1,8 @@
 #include "worker/engine/prune.h"
 
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <sstream>
 
 #include "worker/engine/error.h"
@@ -22,9 +25,61 @@ std::vector<WeightRef> Selected(const torch::jit::Module& module, const std::vec
   return out;
 }
 
+// Magnitudes as ordered integers: for |x| the IEEE-754 bit pattern (sign cleared) sorts as the
+// value does, NaN above infinity.
+inline uint32_t MagnitudeBits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits & 0x7fffffffu;
+}
+
+// The k-th smallest magnitude (1-based, as at::kthvalue) over all elements of `tensors`
+// (contiguous CPU float). A radix select: one pass counts the high 16 bits of every magnitude,
+// a second gathers the low bits of the one bucket that holds rank k. Two linear passes instead
+// of at::kthvalue's copy and quickselect, which was most of a global pruning step's time.
+float KthSmallestMagnitude(const std::vector<at::Tensor>& tensors, int64_t k) {
+  std::vector<int64_t> histogram(1 << 16, 0);
+  for (const auto& t : tensors) {
+    const float* p = t.data_ptr<float>();
+    for (int64_t i = 0, n = t.numel(); i < n; ++i) ++histogram[MagnitudeBits(p[i]) >> 16];
+  }
+  uint32_t bucket = 0;
+  int64_t below = 0;
+  while (below + histogram[bucket] < k) below += histogram[bucket++];
+  std::vector<uint32_t> low;
+  low.reserve(static_cast<size_t>(histogram[bucket]));
+  for (const auto& t : tensors) {
+    const float* p = t.data_ptr<float>();
+    for (int64_t i = 0, n = t.numel(); i < n; ++i) {
+      uint32_t bits = MagnitudeBits(p[i]);
+      if ((bits >> 16) == bucket) low.push_back(bits & 0xffffu);
+    }
+  }
+  auto nth = low.begin() + (k - below - 1);
+  std::nth_element(low.begin(), nth, low.end());
+  uint32_t bits = (bucket << 16) | *nth;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+// A weight as contiguous CPU float: the tensor itself where it already is one (the common case,
+// no copy), else a copy.
+at::Tensor FloatCpu(const at::Tensor& w) {
+  return w.detach().to(at::kCPU, at::kFloat).contiguous();
+}
+
 // Zeroes every element of `w` whose magnitude is at most `threshold`.
-void ZeroBelow(at::Tensor& w, const at::Tensor& threshold) {
-  w.masked_fill_(w.abs() <= threshold.to(w.device()), 0.0);
+void ZeroBelow(at::Tensor& w, float threshold) {
+  if (w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous()) {
+    float* p = w.data_ptr<float>();
+    const uint32_t limit = MagnitudeBits(threshold);
+    for (int64_t i = 0, n = w.numel(); i < n; ++i) {
+      if (MagnitudeBits(p[i]) <= limit) p[i] = 0.0f;
+    }
+    return;
+  }
+  w.masked_fill_(w.abs() <= threshold, 0.0);
 }
 
 }  // namespace
@@ -41,24 +96,22 @@ std::vector<std::string> MagnitudePrune(torch::jit::Module& module, const Magnit
     std::vector<at::Tensor> flat;
     int64_t total = 0;
     for (auto& w : weights) {
-      flat.push_back(w.weight.detach().abs().flatten().to(at::kFloat).cpu());
+      flat.push_back(FloatCpu(w.weight));
       total += w.weight.numel();
     }
-    at::Tensor all = at::cat(flat);
     int64_t k = static_cast<int64_t>(spec.amount * static_cast<double>(total));
     if (k == 0) return notes;
-    at::Tensor threshold = std::get<0>(all.kthvalue(k));
+    float threshold = KthSmallestMagnitude(flat, k);
     for (auto& w : weights) ZeroBelow(w.weight, threshold);
     std::ostringstream os;
-    os << "global magnitude threshold " << threshold.item<float>() << " over " << weights.size()
+    os << "global magnitude threshold " << threshold << " over " << weights.size()
        << " layers";
     notes.push_back(os.str());
   } else {
     for (auto& w : weights) {
       int64_t k = static_cast<int64_t>(spec.amount * static_cast<double>(w.weight.numel()));
       if (k == 0) continue;
-      at::Tensor threshold = std::get<0>(w.weight.detach().abs().flatten().to(at::kFloat).kthvalue(k));
-      ZeroBelow(w.weight, threshold);
+      ZeroBelow(w.weight, KthSmallestMagnitude({FloatCpu(w.weight)}, k));
     }
   }
   return notes;
