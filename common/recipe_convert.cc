@@ -79,6 +79,15 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
             return InvalidArgument(where + ".roundTo must be in [1, 256], got " + std::to_string(c.round_to()));
           }
           if (c.round_to() > 0) s.round_to = c.round_to();
+          if (c.target_macs() != 0.0f) {
+            if (!(c.target_macs() > 0.0f && c.target_macs() < 1.0f)) {
+              return InvalidArgument(where + ".targetMacs must be in (0, 1), got " + std::to_string(c.target_macs()));
+            }
+            if (c.amount() != 0.0f) {
+              return InvalidArgument(where + ": set amount or targetMacs, not both");
+            }
+            s.target_macs = c.target_macs();
+          }
           return engine::StepSpec(s);
         }
         case v1::PruneStep::METHOD_NOT_SET:

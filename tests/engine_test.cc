@@ -693,6 +693,33 @@ TEST_F(EngineTest, ChannelPruneRoundsAndScopesAndRefusesBadSpecs) {
   EXPECT_THROW(ChannelPrune(m, spec, kCouplingsShape), EngineError);
 }
 
+TEST_F(EngineTest, ChannelPruneSearchesTheAmountForAMacsTarget) {
+  auto m = torch::jit::load(Fixture("couplings.pt"));
+  m.eval();
+  const double dense = CountMacs(m, kCouplingsShape)->macs;
+  for (bool global : {false, true}) {
+    ChannelPruneSpec spec;
+    spec.round_to = 1;
+    spec.global = global;
+    spec.target_macs = 0.5;
+    auto r = ChannelPrune(m, spec, kCouplingsShape);
+    double kept = CountMacs(r.module, kCouplingsShape)->macs / dense;
+    EXPECT_LE(kept, 0.5) << global;
+    EXPECT_GT(kept, 0.4) << global;  // the smallest amount that meets it, not any amount
+    ASSERT_FALSE(r.notes.empty());
+    EXPECT_EQ(r.notes[0].rfind("targetMacs 0.500: amount ", 0), 0u) << r.notes[0];
+    EXPECT_EQ(r.module.forward({at::randn({2, 3, 16, 16})}).toTensor().size(1), 10);
+  }
+  ChannelPruneSpec unreachable;
+  unreachable.target_macs = 0.001;
+  try {
+    ChannelPrune(m, unreachable, kCouplingsShape);
+    FAIL() << "an unreachable MACs target was accepted";
+  } catch (const EngineError& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot be reached"), std::string::npos) << e.what();
+  }
+}
+
 TEST_F(EngineTest, ChannelPrunedModelsFoldBatchNormAndQuantize) {
   auto m = torch::jit::load(Fixture("couplings.pt"));
   m.eval();

@@ -139,12 +139,18 @@ TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
   EXPECT_DOUBLE_EQ(channel.amount, 0.3f);
   EXPECT_EQ(channel.round_to, 8);
   EXPECT_FALSE(channel.global);
+  auto by_macs = ToEngineSteps(ParseRecipeJson(R"({"steps":[{"prune":{"channel":{"targetMacs":0.4}}}]})").value());
+  ASSERT_TRUE(by_macs.ok()) << by_macs.status().ToString();
+  EXPECT_FLOAT_EQ(std::get<engine::ChannelPruneSpec>(by_macs->at(0)).target_macs, 0.4f);
   EXPECT_DOUBLE_EQ(std::get<engine::FactorizeSpec>(steps->at(7)).rank_ratio, 0.5);
   // Bad values are refused by field.
   for (const auto& [json, field] : std::vector<std::pair<std::string, std::string>>{
            {R"({"steps":[{"prune":{"channel":{"amount":1.5}}}]})", "steps[0].prune.channel.amount"},
            {R"({"steps":[{"prune":{"channel":{"criterion":"L3"}}}]})", "steps[0].prune.channel.criterion"},
            {R"({"steps":[{"prune":{"channel":{"scope":"ALL"}}}]})", "steps[0].prune.channel.scope"},
+           {R"({"steps":[{"prune":{"channel":{"targetMacs":1.5}}}]})", "steps[0].prune.channel.targetMacs"},
+           {R"({"steps":[{"prune":{"channel":{"targetMacs":-0.5}}}]})", "steps[0].prune.channel.targetMacs"},
+           {R"({"steps":[{"prune":{"channel":{"amount":0.3,"targetMacs":0.5}}}]})", "amount or targetMacs"},
            {R"({"steps":[{"factorize":{"rankRatio":0.5,"energy":0.9}}]})", "steps[0].factorize"},
            {R"({"steps":[{"factorize":{"energy":1.5}}]})", "steps[0].factorize.energy"}}) {
     auto r = ToEngineSteps(ParseRecipeJson(json).value());

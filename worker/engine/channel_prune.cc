@@ -11,10 +11,12 @@
 #include <mutex>
 #include <numeric>
 #include <set>
+#include <sstream>
 #include <unordered_map>
 
 #include "worker/engine/error.h"
 #include "worker/engine/graph_edit.h"
+#include "worker/engine/macs.h"
 #include "worker/engine/model_util.h"
 
 namespace pare::engine {
@@ -734,10 +736,8 @@ void OutputShapes(const c10::IValue& v, std::vector<Shape>& out) {
   else if (v.isGenericDict()) for (const auto& e : v.toGenericDict()) OutputShapes(e.value(), out);
 }
 
-}  // namespace
-
-ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelPruneSpec& spec,
-                                const std::vector<int64_t>& input_shape) {
+ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const ChannelPruneSpec& spec,
+                                 const std::vector<int64_t>& input_shape) {
   if (!(spec.amount >= 0 && spec.amount < 1)) {
     throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel amount must be in [0, 1)");
   }
@@ -883,6 +883,66 @@ ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelP
   if (fell_back) result.notes.push_back("groups without batch norm were ranked by the L1 norm instead of BN_SCALE");
   if (!p.train_ok) result.notes.push_back("the model does not run in training mode, so only eval mode was checked");
   return result;
+}
+
+double Macs(const torch::jit::Module& module, const std::vector<int64_t>& input_shape) {
+  auto count = CountMacs(module, input_shape);
+  if (!count || count->macs <= 0) {
+    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
+                      "prune.channel.targetMacs: the model's MACs cannot be counted (a quantized or frozen model, "
+                      "or no conv/linear ops outside control flow); give amount instead");
+  }
+  return count->macs;
+}
+
+std::string Fixed(double v, int digits) {
+  std::ostringstream os;
+  os.setf(std::ios::fixed);
+  os.precision(digits);
+  os << v;
+  return os.str();
+}
+
+}  // namespace
+
+ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelPruneSpec& spec,
+                                const std::vector<int64_t>& input_shape) {
+  if (spec.target_macs == 0) return PruneByAmount(module, spec, input_shape);
+  if (!(spec.target_macs > 0 && spec.target_macs < 1)) {
+    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel.targetMacs must be in (0, 1)");
+  }
+  const double original = Macs(module, input_shape);
+  const double want = spec.target_macs * original;
+  // Removing more channels never adds MACs, up to rounding: bisect on the amount.
+  ChannelPruneSpec s = spec;
+  s.target_macs = 0;
+  s.amount = 0.95;
+  ChannelPruneResult best = PruneByAmount(module, s, input_shape);
+  double best_macs = Macs(best.module, input_shape);
+  if (best_macs > want) {
+    throw EngineError(Code::kInvalidArgument, "TARGET_UNREACHABLE",
+                      "prune.channel.targetMacs " + Fixed(spec.target_macs, 3) +
+                          " cannot be reached: removing 95% of every prunable group still keeps " +
+                          Fixed(best_macs / original, 3) +
+                          " of the MACs (the output layer and the groups left intact are not pruned)");
+  }
+  double lo = 0.0, hi = s.amount;
+  while (hi - lo > 0.005) {
+    s.amount = 0.5 * (lo + hi);
+    ChannelPruneResult r = PruneByAmount(module, s, input_shape);
+    double macs = Macs(r.module, input_shape);
+    if (macs <= want) {
+      hi = s.amount;
+      best = std::move(r);
+      best_macs = macs;
+    } else {
+      lo = s.amount;
+    }
+  }
+  best.notes.insert(best.notes.begin(), "targetMacs " + Fixed(spec.target_macs, 3) + ": amount " + Fixed(hi, 3) +
+                                            (spec.global ? " (global)" : " (uniform)") + " keeps " +
+                                            Fixed(best_macs / original, 3) + " of the MACs");
+  return best;
 }
 
 int FoldInlinedConvBatchNorm(torch::jit::Module& module) {

@@ -33,7 +33,10 @@ struct ChannelPruneResult {
 };
 
 // Prunes a copy of `module`; `input_shape` (batch first) is what the analysis runs the model on.
-// Throws EngineError when the spec is invalid or the result would not be consistent.
+// With `spec.target_macs` set, the amount is found by bisection: the smallest (to 0.005) whose
+// result keeps at most that fraction of the model's MACs at `input_shape`.
+// Throws EngineError when the spec is invalid, the target cannot be reached, or the result would
+// not be consistent.
 ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelPruneSpec& spec,
                                 const std::vector<int64_t>& input_shape);
 

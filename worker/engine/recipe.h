@@ -26,6 +26,7 @@ struct ChannelPruneSpec {
   std::string criterion = "L1";  // L1 or L2 norm of the group's producer filters, or BN_SCALE
   bool global = false;           // one threshold over all groups (normalised scores) or uniform
   int round_to = 8;              // kept channels rounded to a multiple where the group is wide enough
+  double target_macs = 0;        // > 0: search the amount that keeps at most this fraction of the MACs
 };
 
 // Low-rank factorization: a layer's weight W (out x in, a conv's flattened) becomes B·A by
