@@ -400,6 +400,9 @@ TEST_F(EngineTest, StaticQuantizationWithEveryObserverKeepsTheTrainedModelsAnswe
     auto q = QuantizeStatic(m, StaticQuantSpec{observer, 8, true}, calibration);
     std::string graph = q.get_method("forward").graph()->toString();
     EXPECT_EQ(Count(graph, "quantized::conv2d"), 2u) << observer << graph;
+    // conv -> max_pool -> relu: the relu is hoisted over the pool and fused into the conv.
+    EXPECT_EQ(Count(graph, "quantized::conv2d_relu"), 2u) << observer << graph;
+    EXPECT_EQ(Count(graph, "aten::relu("), 0u) << observer << graph;
     EXPECT_EQ(Count(graph, "quantized::linear"), 2u) << observer;
     EXPECT_EQ(Count(graph, "aten::conv2d"), 0u) << observer;
     at::Tensor out = q.forward({eval.images}).toTensor();
@@ -409,6 +412,20 @@ TEST_F(EngineTest, StaticQuantizationWithEveryObserverKeepsTheTrainedModelsAnswe
     EXPECT_GE(cosine, 0.99) << observer;
   }
   EXPECT_THROW(QuantizeStatic(m, StaticQuantSpec{"KMEANS", 8, true}, calibration), EngineError);
+}
+
+TEST_F(EngineTest, ReluIsHoistedOverMaxPoolOnlyAfterAConvolution) {
+  auto m = torch::jit::load(Fixture("small_cnn.pt"));
+  m.eval();
+  at::Tensor x = at::randn({4, 1, 28, 28});
+  at::Tensor before = m.forward({x}).toTensor();
+  auto graph = m.get_method("forward").graph();
+  EXPECT_EQ(HoistReluOverMaxPool(graph), 2);
+  EXPECT_EQ(HoistReluOverMaxPool(graph), 0);  // relu(pool(relu(conv))) no longer matches
+  for (torch::jit::Node* n : graph->nodes()) {
+    if (n->kind() == c10::aten::max_pool2d) EXPECT_EQ(n->input(0)->node()->kind(), c10::aten::relu);
+  }
+  EXPECT_TRUE(at::equal(m.forward({x}).toTensor(), before));
 }
 
 TEST_F(EngineTest, StaticQuantizationOfResNet18FoldsBatchNormAndQuantizesEveryConv) {

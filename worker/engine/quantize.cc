@@ -235,6 +235,47 @@ static void SpecializeForEval(torch::jit::Module& module) {
   torch::jit::EliminateDeadCode(graph);
 }
 
+// Whether `v` is a convolution's output: an aten conv op, or the forward of a Conv submodule.
+static bool FromConvolution(torch::jit::Value* v) {
+  torch::jit::Node* n = v->node();
+  if (n->kind() == c10::aten::conv1d || n->kind() == c10::aten::conv2d || n->kind() == c10::aten::conv3d ||
+      n->kind() == c10::aten::_convolution) {
+    return true;
+  }
+  if (n->kind() != c10::prim::CallMethod || n->s(c10::attr::name) != "forward") return false;
+  auto cls = n->input(0)->type()->cast<c10::ClassType>();
+  if (!cls || !cls->name()) return false;
+  const std::string t = cls->name()->name();
+  return t == "Conv1d" || t == "Conv2d" || t == "Conv3d";
+}
+
+// relu(max_pool(conv(x))) -> max_pool(relu(conv(x))), the same values (relu and max commute),
+// so that the relu follows its convolution and quantization fuses the two into one
+// quantized::conv2d_relu (LeNet-style models pool before the activation). Returns how many.
+int HoistReluOverMaxPool(const std::shared_ptr<torch::jit::Graph>& graph) {
+  std::vector<torch::jit::Node*> relus;
+  for (torch::jit::Node* n : graph->nodes()) {
+    if (n->kind() != c10::aten::relu) continue;
+    torch::jit::Node* pool = n->input(0)->node();
+    if (pool->kind() != c10::aten::max_pool1d && pool->kind() != c10::aten::max_pool2d &&
+        pool->kind() != c10::aten::max_pool3d) {
+      continue;
+    }
+    torch::jit::Value* x = pool->input(0);
+    if (pool->output()->uses().size() != 1 || x->uses().size() != 1 || !FromConvolution(x)) continue;
+    relus.push_back(n);
+  }
+  for (torch::jit::Node* relu : relus) {
+    torch::jit::Node* pool = relu->input(0)->node();
+    torch::jit::Value* activated = relu->output();
+    activated->replaceAllUsesWith(pool->output());  // users of relu(pool(x)) read pool(relu(x))
+    relu->replaceInput(0, pool->input(0));
+    relu->moveBefore(pool);
+    pool->replaceInput(0, activated);
+  }
+  return static_cast<int>(relus.size());
+}
+
 torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQuantSpec& spec,
                                   const std::vector<at::Tensor>& calibration) {
   if (!input.find_method("forward")) {
@@ -263,6 +304,7 @@ torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQ
   FoldInlinedConvBatchNorm(module);
   module.eval();
   SpecializeForEval(module);
+  HoistReluOverMaxPool(module.get_method("forward").graph());
   torch::jit::QConfigDict qconfig;
   qconfig[""] = std::make_tuple(MakeActivationObserver(k), MakeWeightObserver(spec.per_channel));
   torch::jit::Module observed =

@@ -25,6 +25,10 @@ DynamicQuantResult QuantizeDynamic(const torch::jit::Module& module, bool in_pla
 // its tensor input to the 16-bit type, runs the converted model, and casts the result back.
 torch::jit::Module ConvertHalf(const torch::jit::Module& module, const HalfPrecisionSpec& spec);
 
+// relu(max_pool(conv(x))) -> max_pool(relu(conv(x))) in `graph` (the same values: relu and max
+// commute), so that static quantization fuses the relu into its convolution. Returns how many.
+int HoistReluOverMaxPool(const std::shared_ptr<torch::jit::Graph>& graph);
+
 // Static INT8: folds conv-bn, observes activations on `calibration` batches (each already
 // on the CPU), and converts to quantized ops. Returns the new module.
 torch::jit::Module QuantizeStatic(const torch::jit::Module& module, const StaticQuantSpec& spec,
