@@ -414,6 +414,20 @@ TEST_F(EngineTest, StaticQuantizationWithEveryObserverKeepsTheTrainedModelsAnswe
   EXPECT_THROW(QuantizeStatic(m, StaticQuantSpec{"KMEANS", 8, true}, calibration), EngineError);
 }
 
+TEST_F(EngineTest, StaticQuantizationRefusesControlFlowItCannotObserve) {
+  auto m = torch::jit::load(Fixture("branchy.pt"));
+  try {
+    QuantizeStatic(m, StaticQuantSpec{}, {at::randn({2, 3, 8, 8})});
+    FAIL() << "static quantization of branches observed differently was accepted";
+  } catch (const EngineError& e) {
+    EXPECT_EQ(e.code(), Code::kFailedPrecondition);
+    EXPECT_EQ(e.reason(), "QUANTIZE_UNSUPPORTED");
+    EXPECT_NE(std::string(e.what()).find("quantize.dynamic"), std::string::npos) << e.what();
+  }
+  // Dynamic INT8 of the same model works.
+  EXPECT_EQ(QuantizeDynamic(m).linear, 1);
+}
+
 TEST_F(EngineTest, ReluIsHoistedOverMaxPoolOnlyAfterAConvolution) {
   auto m = torch::jit::load(Fixture("small_cnn.pt"));
   m.eval();

@@ -307,8 +307,18 @@ torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQ
   HoistReluOverMaxPool(module.get_method("forward").graph());
   torch::jit::QConfigDict qconfig;
   qconfig[""] = std::make_tuple(MakeActivationObserver(k), MakeWeightObserver(spec.per_channel));
-  torch::jit::Module observed =
-      torch::jit::InsertObservers(module, "forward", qconfig, /*inplace=*/true, torch::jit::QuantType::STATIC);
+  torch::jit::Module observed;
+  try {
+    observed = torch::jit::InsertObservers(module, "forward", qconfig, /*inplace=*/true, torch::jit::QuantType::STATIC);
+  } catch (const c10::Error& e) {
+    // Graph-mode quantization refuses some control flow (Swin's shifted-window branches):
+    // a limit of the technique for this model, not a fault of the job.
+    std::string why = e.what_without_backtrace();
+    why = why.substr(0, why.find('\n'));
+    throw EngineError(Code::kFailedPrecondition, "QUANTIZE_UNSUPPORTED",
+                      "quantize.static cannot observe this model's activations (" + why.substr(0, 400) +
+                          "); quantize.dynamic converts its linear layers instead");
+  }
   {
     torch::NoGradGuard no_grad;
     // A few runs of a graph that is thrown away afterwards: the executor's profiling and
