@@ -428,6 +428,20 @@ TEST_F(EngineTest, StaticQuantizationRefusesControlFlowItCannotObserve) {
   EXPECT_EQ(QuantizeDynamic(m).linear, 1);
 }
 
+TEST_F(EngineTest, StaticQuantizationFoldsBranchesOnConstantBoolAttributes) {
+  auto m = torch::jit::load(Fixture("transform_input.pt"));
+  m.eval();
+  at::Tensor x = at::randn({4, 3, 8, 8});
+  at::Tensor ref = m.forward({x}).toTensor();
+  auto q = QuantizeStatic(m, StaticQuantSpec{"MINMAX", 4, true}, {x});
+  std::string graph = q.get_method("forward").graph()->toString();
+  EXPECT_EQ(Count(graph, "quantized::conv2d"), 1u) << graph;
+  EXPECT_EQ(Count(graph, "prim::If"), 0u) << graph;
+  EXPECT_GE(at::cosine_similarity(q.forward({x}).toTensor(), ref, 1).mean().item<double>(), 0.99);
+  // The input model keeps its branch.
+  EXPECT_EQ(Count(m.get_method("forward").graph()->toString(), "prim::If"), 1u);
+}
+
 TEST_F(EngineTest, ReluIsHoistedOverMaxPoolOnlyAfterAConvolution) {
   auto m = torch::jit::load(Fixture("small_cnn.pt"));
   m.eval();

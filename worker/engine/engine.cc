@@ -15,6 +15,7 @@
 #include "worker/engine/factorize.h"
 #include "worker/engine/error.h"
 #include "worker/engine/measure.h"
+#include "worker/engine/model_util.h"
 #include "worker/engine/prune.h"
 #include "worker/engine/quantize.h"
 #include "worker/engine/train.h"
@@ -23,24 +24,6 @@ namespace pare::engine {
 namespace {
 
 namespace fs = std::filesystem;
-
-// LibTorch messages carry a C++ backtrace or a TorchScript traceback; keep what a person needs.
-std::string FirstLine(const std::exception& e) {
-  std::string msg;
-  if (auto* c = dynamic_cast<const c10::Error*>(&e)) msg = c->what_without_backtrace();
-  else msg = e.what();
-  // TorchScript exceptions end with "builtins.X: message"; prefer that line.
-  auto pos = msg.rfind("\nbuiltins.");
-  if (pos != std::string::npos) msg = msg.substr(pos + 1);
-  while (!msg.empty() && (msg.back() == '\n' || msg.back() == ' ')) msg.pop_back();
-  // An operator that failed inside the interpreter: a traceback, then the error on the last line.
-  if (msg.rfind("The following operation failed in the TorchScript interpreter", 0) == 0) {
-    auto last = msg.rfind('\n');
-    if (last != std::string::npos) msg = msg.substr(last + 1);
-  }
-  if (msg.size() > 600) msg = msg.substr(0, 600) + "...";
-  return msg;
-}
 
 // Lets the engine's own exceptions through and turns LibTorch's into EngineError.
 template <typename F>
@@ -52,7 +35,7 @@ auto Guard(Code code, const std::string& reason, const std::string& what, F&& f)
   } catch (const Cancelled&) {
     throw;
   } catch (const std::exception& e) {
-    throw EngineError(code, reason, what + ": " + FirstLine(e));
+    throw EngineError(code, reason, what + ": " + ErrorText(e));
   }
 }
 
@@ -76,7 +59,7 @@ torch::jit::Module LoadModel(const std::string& path) {
     return m;
   } catch (const std::exception& e) {
     throw EngineError(Code::kInvalidArgument, "MODEL_LOAD",
-                      "the model is not a loadable TorchScript file: " + FirstLine(e));
+                      "the model is not a loadable TorchScript file: " + ErrorText(e));
   }
 }
 

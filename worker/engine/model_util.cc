@@ -168,4 +168,23 @@ c10::Device ModuleDevice(const torch::jit::Module& module) {
   return c10::kCPU;
 }
 
+// LibTorch messages carry a C++ backtrace or a TorchScript traceback; keep what a person needs.
+std::string ErrorText(const std::exception& e) {
+  std::string msg;
+  if (auto* c = dynamic_cast<const c10::Error*>(&e)) msg = c->what_without_backtrace();
+  else msg = e.what();
+  // TorchScript exceptions end with "builtins.X: message"; prefer that line.
+  auto pos = msg.rfind("\nbuiltins.");
+  if (pos != std::string::npos) msg = msg.substr(pos + 1);
+  while (!msg.empty() && (msg.back() == '\n' || msg.back() == ' ')) msg.pop_back();
+  msg.erase(0, std::min(msg.size(), msg.find_first_not_of("\n ")));
+  // An operator that failed inside the interpreter: a traceback, then the error on the last line.
+  if (msg.rfind("The following operation failed in the TorchScript interpreter", 0) == 0) {
+    auto last = msg.rfind('\n');
+    if (last != std::string::npos) msg = msg.substr(last + 1);
+  }
+  if (msg.size() > 600) msg = msg.substr(0, 600) + "...";
+  return msg;
+}
+
 }  // namespace pare::engine

@@ -40,4 +40,8 @@ c10::Device ModuleDevice(const torch::jit::Module& module);
 // The tensor a model returned: itself, the first tensor of a tuple/list, or dict["out"].
 at::Tensor OutputTensor(const c10::IValue& out);
 
+// The part of an exception's message a person needs: LibTorch's without its C++ backtrace,
+// a TorchScript error's own line rather than the traceback, at most 600 characters.
+std::string ErrorText(const std::exception& e);
+
 }  // namespace pare::engine

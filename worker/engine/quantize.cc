@@ -1,6 +1,7 @@
 #include "worker/engine/quantize.h"
 
 #include <functional>
+#include <set>
 
 #include <torch/csrc/jit/passes/constant_propagation.h>
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
@@ -9,9 +10,11 @@
 #include <torch/csrc/jit/passes/quantization/insert_observers.h>
 #include <torch/csrc/jit/passes/quantization/insert_quant_dequant.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
+#include <torch/csrc/jit/runtime/jit_exception.h>
 
 #include "worker/engine/channel_prune.h"
 #include "worker/engine/error.h"
+#include "worker/engine/model_util.h"
 
 namespace pare::engine {
 namespace {
@@ -216,23 +219,45 @@ static bool CallsSubmodules(const torch::jit::Module& module) {
   return calls;
 }
 
+// Folds, in the top module's own methods, reads of `training` (false: the model is quantized for
+// inference) and of bool attributes no method assigns (Inception's `transform_input`), so that
+// branches on them disappear before observers are inserted: graph-mode quantization refuses an
+// `if` whose branches it would observe differently. The top module's class type is its own,
+// so its methods may be specialized to its values.
 static void SpecializeForEval(torch::jit::Module& module) {
-  auto graph = module.get_method("forward").graph();
-  std::vector<torch::jit::Node*> reads;
-  std::function<void(torch::jit::Block*)> find = [&](torch::jit::Block* b) {
+  std::set<std::string> assigned;
+  std::function<void(torch::jit::Block*)> find_set = [&](torch::jit::Block* b) {
     for (torch::jit::Node* n : b->nodes()) {
-      if (n->kind() == c10::prim::GetAttr && n->s(c10::attr::name) == "training") reads.push_back(n);
-      for (torch::jit::Block* s : n->blocks()) find(s);
+      if (n->kind() == c10::prim::SetAttr) assigned.insert(n->s(c10::attr::name));
+      for (torch::jit::Block* s : n->blocks()) find_set(s);
     }
   };
-  find(graph->block());
-  for (torch::jit::Node* n : reads) {
-    torch::jit::WithInsertPoint guard(n);
-    n->output()->replaceAllUsesWith(graph->insertConstant(false));
+  for (const auto& method : module.get_methods()) find_set(method.graph()->block());
+  for (const auto& method : module.get_methods()) {
+    auto graph = method.graph();
+    torch::jit::Value* self = graph->inputs()[0];
+    std::vector<torch::jit::Node*> reads;
+    std::function<void(torch::jit::Block*)> find = [&](torch::jit::Block* b) {
+      for (torch::jit::Node* n : b->nodes()) {
+        if (n->kind() == c10::prim::GetAttr && n->output()->type()->kind() == c10::TypeKind::BoolType) {
+          // `training` of any module (an inlined graph reads its layers'); others of the top's own.
+          const std::string& name = n->s(c10::attr::name);
+          if (name == "training" || (n->input(0) == self && !assigned.count(name))) reads.push_back(n);
+        }
+        for (torch::jit::Block* s : n->blocks()) find(s);
+      }
+    };
+    find(graph->block());
+    for (torch::jit::Node* n : reads) {
+      const std::string& name = n->s(c10::attr::name);
+      bool value = name == "training" ? false : module.attr(name).toBool();
+      torch::jit::WithInsertPoint guard(n);
+      n->output()->replaceAllUsesWith(graph->insertConstant(value));
+    }
+    if (reads.empty()) continue;
+    torch::jit::ConstantPropagation(graph);
+    torch::jit::EliminateDeadCode(graph);
   }
-  if (reads.empty()) return;
-  torch::jit::ConstantPropagation(graph);
-  torch::jit::EliminateDeadCode(graph);
 }
 
 // Whether `v` is a convolution's output: an aten conv op, or the forward of a Conv submodule.
@@ -307,28 +332,34 @@ torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQ
   HoistReluOverMaxPool(module.get_method("forward").graph());
   torch::jit::QConfigDict qconfig;
   qconfig[""] = std::make_tuple(MakeActivationObserver(k), MakeWeightObserver(spec.per_channel));
-  torch::jit::Module observed;
+  // Graph-mode quantization refuses some models: control flow whose branches it cannot observe
+  // alike (Swin's shifted-window masks), observers on values that turn out to be lists
+  // (torchvision's ViT attention). A limit of the technique for that model, not a fault of the
+  // job: say so, and what works instead.
+  auto unsupported = [](const std::exception& e) {
+    return EngineError(Code::kFailedPrecondition, "QUANTIZE_UNSUPPORTED",
+                       "quantize.static: LibTorch's graph-mode quantization cannot handle this model (" +
+                           ErrorText(e) + "); quantize.dynamic converts its linear layers instead");
+  };
+  torch::jit::Module quantized;
   try {
-    observed = torch::jit::InsertObservers(module, "forward", qconfig, /*inplace=*/true, torch::jit::QuantType::STATIC);
+    torch::jit::Module observed =
+        torch::jit::InsertObservers(module, "forward", qconfig, /*inplace=*/true, torch::jit::QuantType::STATIC);
+    {
+      torch::NoGradGuard no_grad;
+      // A few runs of a graph that is thrown away afterwards: the executor's profiling and
+      // optimizing would cost more than they save.
+      torch::jit::GraphOptimizerEnabledGuard no_optimizer(false);
+      for (const auto& batch : calibration) observed.forward({batch});
+    }
+    quantized = torch::jit::InsertQuantDeQuant(observed, "forward", /*inplace=*/true,
+                                               /*debug=*/false, torch::jit::QuantType::STATIC);
+    quantized = torch::jit::Finalize(quantized, torch::jit::QuantType::STATIC, {});
   } catch (const c10::Error& e) {
-    // Graph-mode quantization refuses some control flow (Swin's shifted-window branches):
-    // a limit of the technique for this model, not a fault of the job.
-    std::string why = e.what_without_backtrace();
-    why = why.substr(0, why.find('\n'));
-    throw EngineError(Code::kFailedPrecondition, "QUANTIZE_UNSUPPORTED",
-                      "quantize.static cannot observe this model's activations (" + why.substr(0, 400) +
-                          "); quantize.dynamic converts its linear layers instead");
+    throw unsupported(e);
+  } catch (const torch::jit::JITException& e) {
+    throw unsupported(e);
   }
-  {
-    torch::NoGradGuard no_grad;
-    // A few runs of a graph that is thrown away afterwards: the executor's profiling and
-    // optimizing would cost more than they save.
-    torch::jit::GraphOptimizerEnabledGuard no_optimizer(false);
-    for (const auto& batch : calibration) observed.forward({batch});
-  }
-  torch::jit::Module quantized = torch::jit::InsertQuantDeQuant(observed, "forward", /*inplace=*/true,
-                                                                /*debug=*/false, torch::jit::QuantType::STATIC);
-  quantized = torch::jit::Finalize(quantized, torch::jit::QuantType::STATIC, {});
   auto graph = quantized.get_method("forward").graph();
   DequantizeTupleElements(graph);
   torch::jit::ConstantPropagation(graph);
