@@ -451,7 +451,9 @@ TEST_F(EngineTest, ReluIsHoistedOverMaxPoolOnlyAfterAConvolution) {
   EXPECT_EQ(HoistReluOverMaxPool(graph), 2);
   EXPECT_EQ(HoistReluOverMaxPool(graph), 0);  // relu(pool(relu(conv))) no longer matches
   for (torch::jit::Node* n : graph->nodes()) {
-    if (n->kind() == c10::aten::max_pool2d) EXPECT_EQ(n->input(0)->node()->kind(), c10::aten::relu);
+    if (n->kind() == c10::aten::max_pool2d) {
+      EXPECT_EQ(n->input(0)->node()->kind(), c10::aten::relu);
+    }
   }
   EXPECT_TRUE(at::equal(m.forward({x}).toTensor(), before));
 }
