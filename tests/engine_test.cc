@@ -17,6 +17,7 @@
 #include "worker/engine/model_util.h"
 #include "worker/engine/prune.h"
 #include "worker/engine/quantize.h"
+#include "worker/engine/report.h"
 #include "worker/engine/train.h"
 
 namespace pare::engine {
@@ -440,6 +441,18 @@ TEST_F(EngineTest, StaticQuantizationFoldsBranchesOnConstantBoolAttributes) {
   EXPECT_GE(at::cosine_similarity(q.forward({x}).toTensor(), ref, 1).mean().item<double>(), 0.99);
   // The input model keeps its branch.
   EXPECT_EQ(Count(m.get_method("forward").graph()->toString(), "prim::If"), 1u);
+}
+
+TEST(ReportTest, SlowdownNotesNameEveryBatchSizeThatGotSlower) {
+  ModelStats before, after;
+  before.latency = {{1, 10.0, 12.0, 50}, {32, 100.0, 110.0, 10}};
+  after.latency = {{1, 11.9, 13.0, 50}, {32, 150.0, 160.0, 10}};
+  auto notes = SlowdownNotes(before, after, 0.2);
+  ASSERT_EQ(notes.size(), 1u);  // batch 1 is within 20%, batch 32 is 1.5x slower
+  EXPECT_EQ(notes[0], "WARNING: slower at batch 32 than before this step: p50 100.000 -> 150.000 ms (1.50x)");
+  after.latency[0].p50_ms = 12.5;
+  EXPECT_EQ(SlowdownNotes(before, after, 0.2).size(), 2u);
+  EXPECT_TRUE(SlowdownNotes(after, before, 0.2).empty());  // faster: nothing to say
 }
 
 TEST_F(EngineTest, ReluIsHoistedOverMaxPoolOnlyAfterAConvolution) {

@@ -342,6 +342,15 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
       // Frozen (quantized) graphs are not counted: their arithmetic is the float model's.
       sr.stats.macs = report.steps.back().stats.macs;
     }
+    // Steps that change the model's structure or number format are there to make it faster;
+    // say so when it got slower (beyond timing noise). Training steps keep the structure.
+    const StepSpec& st = steps[i];
+    if (std::holds_alternative<ChannelPruneSpec>(st) || std::holds_alternative<FactorizeSpec>(st) ||
+        std::holds_alternative<DynamicQuantSpec>(st) || std::holds_alternative<StaticQuantSpec>(st) ||
+        std::holds_alternative<HalfPrecisionSpec>(st)) {
+      auto slower = SlowdownNotes(report.steps.back().stats, sr.stats, 0.2);
+      sr.notes.insert(sr.notes.end(), slower.begin(), slower.end());
+    }
     report.steps.push_back(sr);
   }
 

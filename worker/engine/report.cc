@@ -1,6 +1,22 @@
 #include "worker/engine/report.h"
 
+#include <cstdio>
+
 namespace pare::engine {
+
+std::vector<std::string> SlowdownNotes(const ModelStats& before, const ModelStats& after, double tolerance) {
+  std::vector<std::string> notes;
+  for (const auto& a : after.latency) {
+    for (const auto& b : before.latency) {
+      if (b.batch != a.batch || b.p50_ms <= 0 || a.p50_ms <= b.p50_ms * (1.0 + tolerance)) continue;
+      char line[200];
+      std::snprintf(line, sizeof line, "WARNING: slower at batch %d than before this step: p50 %.3f -> %.3f ms (%.2fx)",
+                    a.batch, b.p50_ms, a.p50_ms, a.p50_ms / b.p50_ms);
+      notes.push_back(line);
+    }
+  }
+  return notes;
+}
 
 nlohmann::json ToJson(const ModelStats& s) {
   nlohmann::json j;

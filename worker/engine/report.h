@@ -51,6 +51,12 @@ struct Report {
   std::vector<StepReport> steps;
 };
 
+// Warnings for a step that made the model slower: one per batch size whose p50 latency grew by
+// more than `tolerance` (a share) from `before` to `after` — the "smaller but not faster"
+// case (INT8 of a model whose activations LibTorch cannot keep quantized, a pruned conv that
+// falls to a slower kernel), said in the report rather than left for the user to find.
+std::vector<std::string> SlowdownNotes(const ModelStats& before, const ModelStats& after, double tolerance);
+
 nlohmann::json ToJson(const ModelStats& s);
 nlohmann::json ToJson(const Report& r);
 
