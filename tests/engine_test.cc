@@ -842,9 +842,9 @@ TEST_F(EngineTest, StaticQuantizationOfAChannelPrunedResNetAgrees) {
 }
 
 TEST_F(EngineTest, ChannelPruneWorksOnTorchvisionFamilies) {
-  // Residual, depthwise + squeeze-excitation, concatenation, grouped, shuffled networks.
+  // Residual, depthwise + squeeze-excitation, concatenation, grouped, shuffled, channels-last.
   for (const char* name : {"tv_resnet18.pt", "tv_mobilenet_v3_small.pt", "tv_densenet_small.pt",
-                           "tv_regnet_y_400mf.pt", "tv_shufflenet_v2_x0_5.pt"}) {
+                           "tv_regnet_y_400mf.pt", "tv_shufflenet_v2_x0_5.pt", "tv_convnext_small.pt"}) {
     SCOPED_TRACE(name);
     auto m = torch::jit::load(Fixture(name));
     m.eval();
@@ -856,6 +856,31 @@ TEST_F(EngineTest, ChannelPruneWorksOnTorchvisionFamilies) {
     EXPECT_LT(after->macs, 0.6 * before->macs);
     EXPECT_EQ(r.module.forward({at::randn({2, 3, 64, 64})}).toTensor().sizes(), (std::vector<int64_t>{2, 10}));
   }
+}
+
+TEST_F(EngineTest, ChannelPruneFollowsChannelsLastBlocks) {
+  // ConvNeXt: depthwise conv, permute to [N, H, W, C], layer_norm and two linear layers over C,
+  // permute back, layer scale [C, 1, 1], residual add; a stochastic depth of probability 0.
+  auto m = torch::jit::load(Fixture("tv_convnext_small.pt"));
+  m.eval();
+  ChannelPruneSpec spec;  // half of every group, rounded to 8
+  auto r = ChannelPrune(m, spec, {1, 3, 64, 64});
+  for (const auto& g : r.groups) {
+    if (g.name != "classifier.2") EXPECT_TRUE(g.prunable) << g.name << ": " << g.why_intact;
+  }
+  EXPECT_EQ(Param(r.module, "features.0.0.weight").size(0), 16);          // stem: 32 -> 16
+  EXPECT_EQ(Param(r.module, "features.0.1.weight").size(0), 16);          // its LayerNorm2d
+  EXPECT_EQ(Param(r.module, "features.1.0.layer_scale").size(0), 16);
+  EXPECT_EQ(Param(r.module, "features.1.0.block.2.weight").size(0), 16);  // LayerNorm over C
+  EXPECT_EQ(Param(r.module, "features.1.0.block.3.weight").sizes(), (std::vector<int64_t>{64, 16}));
+  EXPECT_EQ(Param(r.module, "features.1.0.block.5.weight").sizes(), (std::vector<int64_t>{16, 64}));
+  EXPECT_EQ(Param(r.module, "classifier.2.weight").sizes(), (std::vector<int64_t>{10, 32}));
+  at::Tensor x = at::randn({2, 3, 64, 64});
+  EXPECT_EQ(r.module.forward({x}).toTensor().sizes(), (std::vector<int64_t>{2, 10}));
+  r.module.train();
+  r.module.forward({x}).toTensor().sum().backward();
+  EXPECT_TRUE(Param(r.module, "features.1.0.layer_scale").grad().defined());
+  EXPECT_TRUE(Param(r.module, "features.1.0.block.2.weight").grad().defined());
 }
 
 TEST_F(EngineTest, FactorizeRecoversALowRankLayerExactly) {

@@ -22,7 +22,8 @@ warnings.filterwarnings("ignore")
 BIN = os.path.join(os.environ["PARE_BIN_DIR"], "client", "pare")
 FIXTURES = os.environ["PARE_FIXTURES"]
 MODELS = ["tv_resnet18.pt", "tv_mobilenet_v3_small.pt", "tv_efficientnet_b0.pt", "tv_densenet_small.pt",
-          "tv_regnet_y_400mf.pt", "tv_shufflenet_v2_x0_5.pt", "tv_googlenet.pt", "tv_squeezenet1_1.pt"]
+          "tv_regnet_y_400mf.pt", "tv_shufflenet_v2_x0_5.pt", "tv_googlenet.pt", "tv_squeezenet1_1.pt",
+          "tv_convnext_small.pt"]
 SHAPE = (1, 3, 64, 64)
 
 

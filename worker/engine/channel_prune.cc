@@ -145,7 +145,9 @@ int64_t Length(const Space& s) {
   return n;
 }
 
-enum class Role { kOut, kIn, kNorm, kDepthwise, kChannelParam };
+// kLayerNorm: weight and bias along dim 0, and the node whose `normalized_shape` follows the
+// kept count (`conv`, `groups_input`).
+enum class Role { kOut, kIn, kNorm, kDepthwise, kChannelParam, kLayerNorm };
 
 struct Member {
   Role role;
@@ -219,6 +221,22 @@ class Analysis {
     auto it = space_.find(v);
     return it == space_.end() ? Space{} : it->second;
   }
+  // The dimension that holds a value's channels: 1, or the last one after a permute to
+  // channels-last (ConvNeXt's blocks run their norm and linear layers that way).
+  int64_t CDim(Value* v) {
+    auto it = cdim_.find(v);
+    return it == cdim_.end() ? 1 : it->second;
+  }
+  void Set(Value* v, const Space& s, int64_t cdim = 1) {
+    space_[v] = s;
+    if (cdim != 1) cdim_[v] = cdim;
+  }
+  // Channels in dim 1, as convolutions, pools and reshapes expect.
+  bool ChannelsFirst(Value* v, const Space& s, const std::string& op) {
+    if (CDim(v) == 1) return true;
+    Block(s, op + " on channels-last values");
+    return false;
+  }
   const Shape* ShapeOf(Value* v) {
     auto it = shapes_.find(v);
     return it == shapes_.end() ? nullptr : &it->second;
@@ -241,6 +259,7 @@ class Analysis {
   void Elementwise(Node* n, const std::vector<Value*>& operands) {
     Space result;
     int64_t rank = -1;
+    int64_t cdim = 1;
     bool ok = true;
     std::vector<Value*> unknown;
     for (Value* v : operands) {
@@ -252,9 +271,10 @@ class Analysis {
       if (const Shape* sh = ShapeOf(v)) rank = std::max<int64_t>(rank, static_cast<int64_t>(sh->size()));
       if (result.empty()) {
         result = s;
+        cdim = CDim(v);
         continue;
       }
-      bool same = result.size() == s.size();
+      bool same = result.size() == s.size() && CDim(v) == cdim;
       for (size_t i = 0; same && i < s.size(); ++i) {
         same = result[i].size == s[i].size && result[i].factor == s[i].factor;
       }
@@ -266,23 +286,30 @@ class Analysis {
       for (size_t i = 0; i < s.size(); ++i) Union(result[i].atom, s[i].atom);
     }
     if (result.empty()) return;
+    bool flat = false;
+    for (const auto& g : result) flat |= g.factor != 1;
     for (Value* v : unknown) {
       const Shape* sh = ShapeOf(v);
       if (!sh || rank < 0) {
         ok = false;
         break;
       }
-      int64_t index = 1 - (rank - static_cast<int64_t>(sh->size()));  // v's dim aligned with dim 1
-      if (index >= 0 && (*sh)[index] != 1) {
-        ok = false;
-        break;
+      int64_t index = cdim - (rank - static_cast<int64_t>(sh->size()));  // v's dim aligned with the channels
+      if (index < 0 || (*sh)[index] == 1) continue;
+      // A per-channel parameter (ConvNeXt's layer scale, shape [C, 1, 1]) is cut with them.
+      Source src = Resolve(root_, v, self_);
+      if (!flat && src.kind == Source::kAttr && (*sh)[index] == Length(result)) {
+        AddMember(result, Role::kChannelParam, {src.path}, index);
+        continue;
       }
+      ok = false;
+      break;
     }
     if (!ok) {
       Block(result, OpName(n) + " combines the channels with a tensor that has as many fixed channels");
       return;
     }
-    space_[n->output(0)] = result;
+    Set(n->output(0), result, cdim);
   }
 
   void Visit(torch::jit::Block* b) {
@@ -300,11 +327,13 @@ class Analysis {
       return;
     }
     if (k == prim::unchecked_cast) {
-      space_[n->output()] = Of(n->input(0));
+      Set(n->output(), Of(n->input(0)), CDim(n->input(0)));
       return;
     }
     if (In(k, {aten::conv1d, aten::conv2d, aten::conv3d, aten::_convolution})) return Conv(n);
     if (k == aten::linear) return Linear(n);
+    if (k == aten::permute) return Permute(n);
+    if (k == aten::layer_norm) return LayerNorm(n);
     if (k == aten::batch_norm) return BatchNorm(n);
     if (k == aten::prelu) return PRelu(n);
     if (In(k, {aten::relu, aten::relu_, aten::relu6, aten::relu6_, aten::hardtanh, aten::hardtanh_, aten::sigmoid,
@@ -326,6 +355,7 @@ class Analysis {
                aten::avg_pool3d, aten::adaptive_avg_pool1d, aten::adaptive_avg_pool2d, aten::adaptive_avg_pool3d,
                aten::upsample_nearest2d, aten::upsample_bilinear2d})) {
       Space s = Of(n->input(0));
+      if (!ChannelsFirst(n->input(0), s, OpName(n))) return;
       for (const auto& g : s) {
         if (g.factor != 1) return Block(s, OpName(n) + " on flattened channels");
       }
@@ -356,6 +386,7 @@ class Analysis {
     const size_t groups_at = long_form ? 8 : 6;
     Value* x = n->input(0);
     Space in = Of(x);
+    if (!ChannelsFirst(x, in, "a convolution")) return;
     Source w = Resolve(root_, n->input(1), self_);
     Source b = Resolve(root_, n->input(2), self_);
     auto groups = torch::jit::toIValue(n->input(groups_at));
@@ -405,23 +436,79 @@ class Analysis {
     Source b = Resolve(root_, n->input(2), self_);
     at::Tensor weight = w.kind == Source::kAttr ? TensorAt(root_, w.path) : at::Tensor();
     const Shape* shape = ShapeOf(n->input(0));
-    if (!weight.defined() || b.kind == Source::kOther || weight.dim() != 2) {
+    const Shape* out_shape = ShapeOf(n->output());
+    if (!weight.defined() || b.kind == Source::kOther || weight.dim() != 2 || !out_shape) {
       return Block(in, "a linear layer whose weight or bias is not a plain attribute");
     }
-    if (!in.empty() && (!shape || shape->size() != 2 || Length(in) != weight.size(1))) {
-      return Block(in, "a linear layer over more than two dimensions");
+    if (!in.empty()) {
+      // Over [N, C] (possibly flattened channels), or over channels-last [N, ..., C].
+      const int64_t rank = shape ? static_cast<int64_t>(shape->size()) : 0;
+      bool flat = false;
+      for (const auto& g : in) flat |= g.factor != 1;
+      const bool ok = shape && Length(in) == weight.size(1) &&
+                      (rank == 2 || (CDim(n->input(0)) == rank - 1 && !flat));
+      if (!ok) return Block(in, "a linear layer over more than two dimensions");
     }
     AddMember(in, Role::kIn, {w.path}, 1);
     std::vector<Path> params{w.path};
     if (b.kind == Source::kAttr) params.push_back(b.path);
     int a = NewAtom(weight.size(0), Join(Path(w.path.begin(), w.path.end() - 1)));
     atoms_[a].members.push_back(Member{Role::kOut, params, 0, 0, 1});
-    space_[n->output()] = {Seg{a, weight.size(0), 1}};
+    Set(n->output(), {Seg{a, weight.size(0), 1}}, static_cast<int64_t>(out_shape->size()) - 1);
+  }
+
+  // permute that moves the channels to the last dimension or back to dim 1.
+  void Permute(Node* n) {
+    Space in = Of(n->input(0));
+    if (in.empty()) return;
+    auto dims = torch::jit::toIValue(n->input(1));
+    const Shape* shape = ShapeOf(n->input(0));
+    for (const auto& g : in) {
+      if (g.factor != 1) return Block(in, "aten::permute of flattened channels");
+    }
+    if (!dims || !dims->isIntList() || !shape) return Block(in, "aten::permute with dimensions only known at run time");
+    const int64_t rank = static_cast<int64_t>(shape->size());
+    std::vector<int64_t> order = dims->toIntVector();
+    for (size_t j = 0; j < order.size(); ++j) {
+      int64_t d = order[j] < 0 ? order[j] + rank : order[j];
+      if (d != CDim(n->input(0))) continue;
+      const int64_t to = static_cast<int64_t>(j);
+      if (order[0] % rank != 0 || (to != 1 && to != rank - 1)) break;
+      Set(n->output(), in, to);
+      return;
+    }
+    Block(in, "aten::permute that moves the channel dimension");
+  }
+
+  // layer_norm over the channels alone, channels last (ConvNeXt): its weight and bias are cut
+  // with them and `normalized_shape` follows the kept count.
+  void LayerNorm(Node* n) {
+    Space in = Of(n->input(0));
+    if (in.empty()) return;
+    const Shape* shape = ShapeOf(n->input(0));
+    Source w = Resolve(root_, n->input(2), self_);
+    Source b = Resolve(root_, n->input(3), self_);
+    at::Tensor weight = w.kind == Source::kAttr ? TensorAt(root_, w.path) : at::Tensor();
+    bool flat = false;
+    for (const auto& g : in) flat |= g.factor != 1;
+    if (!shape || flat || CDim(n->input(0)) != static_cast<int64_t>(shape->size()) - 1 || !weight.defined() ||
+        weight.dim() != 1 || weight.size(0) != Length(in) || b.kind == Source::kOther) {
+      return Block(in, "a layer_norm that is not over the channels alone");
+    }
+    std::vector<Path> params{w.path};
+    if (b.kind == Source::kAttr) params.push_back(b.path);
+    int64_t offset = 0;
+    for (const auto& g : in) {
+      atoms_[g.atom].members.push_back(Member{Role::kLayerNorm, params, 0, offset, 1, n, 1, 1});
+      offset += g.size;
+    }
+    if (in.size() != 1) return Block(in, "a layer_norm over channels of several producers");
+    Set(n->output(), in, CDim(n->input(0)));
   }
 
   void BatchNorm(Node* n) {
     Space in = Of(n->input(0));
-    if (in.empty()) return;
+    if (in.empty() || !ChannelsFirst(n->input(0), in, "a batch norm")) return;
     std::vector<Path> params;
     for (size_t i : {1, 2, 3, 4}) {
       Source s = Resolve(root_, n->input(i), self_);
@@ -438,7 +525,7 @@ class Analysis {
   void PRelu(Node* n) {
     Space in = Of(n->input(0));
     Source w = Resolve(root_, n->input(1), self_);
-    if (in.empty()) return;
+    if (in.empty() || !ChannelsFirst(n->input(0), in, "a PReLU")) return;
     at::Tensor weight = w.kind == Source::kAttr ? TensorAt(root_, w.path) : at::Tensor();
     if (!weight.defined()) return Block(in, "a PReLU whose weight is not an attribute");
     if (weight.numel() != 1) AddMember(in, Role::kChannelParam, {w.path}, 0);
@@ -447,7 +534,7 @@ class Analysis {
 
   void Reduce(Node* n) {
     Space in = Of(n->input(0));
-    if (in.empty()) return;
+    if (in.empty() || !ChannelsFirst(n->input(0), in, OpName(n))) return;
     const Shape* shape = ShapeOf(n->input(0));
     auto dims = n->inputs().size() > 1 ? torch::jit::toIValue(n->input(1)) : c10::nullopt;
     if (!shape || !dims || !dims->isIntList()) return Block(in, OpName(n) + " over all dimensions");
@@ -466,7 +553,7 @@ class Analysis {
   // 1: either the trailing size is unchanged, or the trailing dims fold into the channels.
   void Reshape(Node* n) {
     Space in = Of(n->input(0));
-    if (in.empty()) return;
+    if (in.empty() || !ChannelsFirst(n->input(0), in, OpName(n))) return;
     const Shape* a = ShapeOf(n->input(0));
     const Shape* b = ShapeOf(n->output());
     if (!a || !b || a->size() < 2 || b->size() < 2 || (*a)[0] != (*b)[0]) {
@@ -497,6 +584,9 @@ class Analysis {
     if (list->kind() != prim::ListConstruct || !dim || !dim->isInt() || !out_shape) {
       if (list->kind() == prim::ListConstruct) BlockTensorInputs(list, "a concatenation");
       return;
+    }
+    for (Value* v : list->inputs()) {
+      if (!Of(v).empty() && CDim(v) != 1) return BlockTensorInputs(list, "a concatenation of channels-last values");
     }
     int64_t d = dim->toInt();
     if (d < 0) d += static_cast<int64_t>(out_shape->size());
@@ -534,15 +624,15 @@ class Analysis {
       };
       Space sa = Of(a), sb = Of(b);
       if (absent(a)) {
-        space_[n->output(i)] = sb;
+        Set(n->output(i), sb, CDim(b));
         continue;
       }
       if (absent(b)) {
-        space_[n->output(i)] = sa;
+        Set(n->output(i), sa, CDim(a));
         continue;
       }
       if (sa.empty() && sb.empty()) continue;
-      bool same = sa.size() == sb.size();
+      bool same = sa.size() == sb.size() && CDim(a) == CDim(b);
       for (size_t j = 0; same && j < sa.size(); ++j) same = sa[j].size == sb[j].size && sa[j].factor == sb[j].factor;
       if (!same) {
         Block(sa, "branches that return different channels");
@@ -550,7 +640,7 @@ class Analysis {
         continue;
       }
       for (size_t j = 0; j < sa.size(); ++j) Union(sa[j].atom, sb[j].atom);
-      space_[n->output(i)] = sa;
+      Set(n->output(i), sa, CDim(a));
     }
   }
 
@@ -560,6 +650,7 @@ class Analysis {
   Value* self_;
   std::vector<Atom> atoms_;
   std::unordered_map<Value*, Space> space_;
+  std::unordered_map<Value*, int64_t> cdim_;
 };
 
 // One group after the analysis: the root atom and everything cut with it.
@@ -794,6 +885,7 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
   std::map<std::pair<std::string, int64_t>, Cut> cuts;
   std::vector<std::pair<Node*, size_t>> depthwise;
   std::vector<std::pair<Node*, std::pair<size_t, int64_t>>> group_updates;
+  std::vector<std::pair<Node*, std::pair<size_t, int64_t>>> shape_updates;  // layer_norm's normalized_shape
   for (size_t i = 0; i < p.groups.size(); ++i) {
     const Group& g = p.groups[i];
     if (!scores[i].defined() || kept[i] == g.size) continue;
@@ -817,6 +909,7 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
         }
       }
       if (m.role == Role::kDepthwise) group_updates.push_back({m.conv, {m.groups_input, kept[i] / m.per_group}});
+      if (m.role == Role::kLayerNorm) shape_updates.push_back({m.conv, {m.groups_input, kept[i]}});
     }
   }
   for (auto& [key, cut] : cuts) {
@@ -837,6 +930,10 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
   for (auto& [node, update] : group_updates) {
     torch::jit::WithInsertPoint guard(node);
     node->replaceInput(update.first, p.graph->insertConstant(update.second));
+  }
+  for (auto& [node, update] : shape_updates) {
+    torch::jit::WithInsertPoint guard(node);
+    node->replaceInput(update.first, p.graph->insertConstant(std::vector<int64_t>{update.second}));
   }
 
   // The result must run, in both modes, and return what the original returned.

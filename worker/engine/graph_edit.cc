@@ -61,8 +61,9 @@ static void LowerListAppends(Graph& graph) {
 }
 
 // Makes `module`'s forward one graph: submodule calls inlined, tuples and list appends
-// lowered, and constant bool and int attributes (never set by the graph, other than `training`)
-// folded so that dead branches disappear. Parameters stay attributes.
+// lowered, and constant bool, int, float and string attributes (never set by the graph, other
+// than `training`) folded so that dead branches disappear (a stochastic depth of probability 0),
+// as are int lists only `permute` reads. Parameters stay attributes.
 std::shared_ptr<Graph> InlineForward(torch::jit::Module& module) {
   auto graph = module.get_method("forward").graph();
   torch::jit::Inline(*graph);
@@ -79,7 +80,16 @@ std::shared_ptr<Graph> InlineForward(torch::jit::Module& module) {
   std::function<void(Block*)> find_bools = [&](Block* b) {
     for (Node* n : b->nodes()) {
       const auto type = n->kind() == prim::GetAttr ? n->output()->type()->kind() : c10::TypeKind::AnyType;
-      if ((type == c10::TypeKind::BoolType || type == c10::TypeKind::IntType) &&
+      // Lists are mutable: an int list (torchvision's Permute dims) only where permute alone reads it.
+      bool int_list = false;
+      if (type == c10::TypeKind::ListType &&
+          n->output()->type()->containedType(0)->kind() == c10::TypeKind::IntType) {
+        int_list = !n->output()->uses().empty();
+        for (const auto& use : n->output()->uses()) int_list &= use.user->kind() == aten::permute;
+      }
+      const bool scalar = type == c10::TypeKind::BoolType || type == c10::TypeKind::IntType ||
+                          type == c10::TypeKind::FloatType || type == c10::TypeKind::StringType;
+      if ((scalar || int_list) &&
           n->s(c10::attr::name) != "training" && !assigned.count(n->s(c10::attr::name))) {
         bool_reads.push_back(n);
       }

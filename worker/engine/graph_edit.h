@@ -19,7 +19,8 @@ using AttrPath = std::vector<std::string>;
 std::string Join(const AttrPath& p);
 
 // Inlines `module`'s forward (in place: call it on a clone), lowers tuples and list appends,
-// folds bool/int attributes the graph never assigns (other than `training`) and dead branches.
+// folds bool/int/float/str attributes the graph never assigns (other than `training`), int lists
+// only `permute` reads, and dead branches.
 std::shared_ptr<torch::jit::Graph> InlineForward(torch::jit::Module& module);
 
 // What a graph value holds: None, a tensor attribute reached from `self` (through Optional
