@@ -866,7 +866,9 @@ TEST_F(EngineTest, ChannelPruneFollowsChannelsLastBlocks) {
   ChannelPruneSpec spec;  // half of every group, rounded to 8
   auto r = ChannelPrune(m, spec, {1, 3, 64, 64});
   for (const auto& g : r.groups) {
-    if (g.name != "classifier.2") EXPECT_TRUE(g.prunable) << g.name << ": " << g.why_intact;
+    if (g.name != "classifier.2") {
+      EXPECT_TRUE(g.prunable) << g.name << ": " << g.why_intact;
+    }
   }
   EXPECT_EQ(Param(r.module, "features.0.0.weight").size(0), 16);          // stem: 32 -> 16
   EXPECT_EQ(Param(r.module, "features.0.1.weight").size(0), 16);          // its LayerNorm2d
