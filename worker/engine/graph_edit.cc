@@ -76,8 +76,8 @@ std::shared_ptr<Graph> InlineForward(torch::jit::Module& module) {
     }
   };
   find_set(graph->block());
-  std::vector<Node*> bool_reads;
-  std::function<void(Block*)> find_bools = [&](Block* b) {
+  std::vector<Node*> config_reads;
+  std::function<void(Block*)> find_config = [&](Block* b) {
     for (Node* n : b->nodes()) {
       const auto type = n->kind() == prim::GetAttr ? n->output()->type()->kind() : c10::TypeKind::AnyType;
       // Lists are mutable: an int list (torchvision's Permute dims) only where permute alone reads it.
@@ -91,13 +91,13 @@ std::shared_ptr<Graph> InlineForward(torch::jit::Module& module) {
                           type == c10::TypeKind::FloatType || type == c10::TypeKind::StringType;
       if ((scalar || int_list) &&
           n->s(c10::attr::name) != "training" && !assigned.count(n->s(c10::attr::name))) {
-        bool_reads.push_back(n);
+        config_reads.push_back(n);
       }
-      for (Block* s : n->blocks()) find_bools(s);
+      for (Block* s : n->blocks()) find_config(s);
     }
   };
-  find_bools(graph->block());
-  for (Node* n : bool_reads) {
+  find_config(graph->block());
+  for (Node* n : config_reads) {
     // Evaluate the attribute through its owner chain.
     std::vector<std::string> names;
     Value* v = n->input(0);
