@@ -11,6 +11,7 @@
 #include <mutex>
 #include <numeric>
 #include <set>
+#include <tuple>
 #include <sstream>
 #include <unordered_map>
 
@@ -138,6 +139,14 @@ struct Seg {
   int64_t factor;
 };
 using Space = std::vector<Seg>;  // empty: channels nobody may change (model input, unknown ops)
+
+// Whether some channels are flattened into several elements each (after `x.flatten(1)`).
+bool Flattened(const Space& s) {
+  for (const auto& g : s) {
+    if (g.factor != 1) return true;
+  }
+  return false;
+}
 
 int64_t Length(const Space& s) {
   int64_t n = 0;
@@ -286,8 +295,7 @@ class Analysis {
       for (size_t i = 0; i < s.size(); ++i) Union(result[i].atom, s[i].atom);
     }
     if (result.empty()) return;
-    bool flat = false;
-    for (const auto& g : result) flat |= g.factor != 1;
+    const bool flat = Flattened(result);
     for (Value* v : unknown) {
       const Shape* sh = ShapeOf(v);
       if (!sh || rank < 0) {
@@ -443,10 +451,8 @@ class Analysis {
     if (!in.empty()) {
       // Over [N, C] (possibly flattened channels), or over channels-last [N, ..., C].
       const int64_t rank = shape ? static_cast<int64_t>(shape->size()) : 0;
-      bool flat = false;
-      for (const auto& g : in) flat |= g.factor != 1;
       const bool ok = shape && Length(in) == weight.size(1) &&
-                      (rank == 2 || (CDim(n->input(0)) == rank - 1 && !flat));
+                      (rank == 2 || (CDim(n->input(0)) == rank - 1 && !Flattened(in)));
       if (!ok) return Block(in, "a linear layer over more than two dimensions");
     }
     AddMember(in, Role::kIn, {w.path}, 1);
@@ -463,9 +469,7 @@ class Analysis {
     if (in.empty()) return;
     auto dims = torch::jit::toIValue(n->input(1));
     const Shape* shape = ShapeOf(n->input(0));
-    for (const auto& g : in) {
-      if (g.factor != 1) return Block(in, "aten::permute of flattened channels");
-    }
+    if (Flattened(in)) return Block(in, "aten::permute of flattened channels");
     if (!dims || !dims->isIntList() || !shape) return Block(in, "aten::permute with dimensions only known at run time");
     const int64_t rank = static_cast<int64_t>(shape->size());
     std::vector<int64_t> order = dims->toIntVector();
@@ -489,20 +493,14 @@ class Analysis {
     Source w = Resolve(root_, n->input(2), self_);
     Source b = Resolve(root_, n->input(3), self_);
     at::Tensor weight = w.kind == Source::kAttr ? TensorAt(root_, w.path) : at::Tensor();
-    bool flat = false;
-    for (const auto& g : in) flat |= g.factor != 1;
-    if (!shape || flat || CDim(n->input(0)) != static_cast<int64_t>(shape->size()) - 1 || !weight.defined() ||
+    if (in.size() != 1) return Block(in, "a layer_norm over channels of several producers");
+    if (!shape || Flattened(in) || CDim(n->input(0)) != static_cast<int64_t>(shape->size()) - 1 || !weight.defined() ||
         weight.dim() != 1 || weight.size(0) != Length(in) || b.kind == Source::kOther) {
       return Block(in, "a layer_norm that is not over the channels alone");
     }
     std::vector<Path> params{w.path};
     if (b.kind == Source::kAttr) params.push_back(b.path);
-    int64_t offset = 0;
-    for (const auto& g : in) {
-      atoms_[g.atom].members.push_back(Member{Role::kLayerNorm, params, 0, offset, 1, n, 1, 1});
-      offset += g.size;
-    }
-    if (in.size() != 1) return Block(in, "a layer_norm over channels of several producers");
+    AddMember(in, Role::kLayerNorm, params, 0, n, /*normalized_shape*/ 1);
     Set(n->output(), in, CDim(n->input(0)));
   }
 
@@ -883,9 +881,9 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
     std::vector<bool> keep;
   };
   std::map<std::pair<std::string, int64_t>, Cut> cuts;
-  std::vector<std::pair<Node*, size_t>> depthwise;
-  std::vector<std::pair<Node*, std::pair<size_t, int64_t>>> group_updates;
-  std::vector<std::pair<Node*, std::pair<size_t, int64_t>>> shape_updates;  // layer_norm's normalized_shape
+  // Graph constants that follow the kept count: a depthwise conv's `groups`, a layer_norm's
+  // `normalized_shape` (node, input index, new value).
+  std::vector<std::tuple<Node*, size_t, c10::IValue>> graph_updates;
   for (size_t i = 0; i < p.groups.size(); ++i) {
     const Group& g = p.groups[i];
     if (!scores[i].defined() || kept[i] == g.size) continue;
@@ -908,8 +906,8 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
           for (int64_t f = 0; f < m.factor; ++f) it->second.keep[static_cast<size_t>(m.offset + c * m.factor + f)] = false;
         }
       }
-      if (m.role == Role::kDepthwise) group_updates.push_back({m.conv, {m.groups_input, kept[i] / m.per_group}});
-      if (m.role == Role::kLayerNorm) shape_updates.push_back({m.conv, {m.groups_input, kept[i]}});
+      if (m.role == Role::kDepthwise) graph_updates.emplace_back(m.conv, m.groups_input, kept[i] / m.per_group);
+      if (m.role == Role::kLayerNorm) graph_updates.emplace_back(m.conv, m.groups_input, std::vector<int64_t>{kept[i]});
     }
   }
   for (auto& [key, cut] : cuts) {
@@ -927,13 +925,9 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
     smaller.set_requires_grad(t.requires_grad());
     SetTensorAt(p.module, cut.path, smaller);
   }
-  for (auto& [node, update] : group_updates) {
+  for (auto& [node, input, value] : graph_updates) {
     torch::jit::WithInsertPoint guard(node);
-    node->replaceInput(update.first, p.graph->insertConstant(update.second));
-  }
-  for (auto& [node, update] : shape_updates) {
-    torch::jit::WithInsertPoint guard(node);
-    node->replaceInput(update.first, p.graph->insertConstant(std::vector<int64_t>{update.second}));
+    node->replaceInput(input, p.graph->insertConstant(value));
   }
 
   // The result must run, in both modes, and return what the original returned.
