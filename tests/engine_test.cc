@@ -415,6 +415,32 @@ TEST_F(EngineTest, StaticQuantizationWithEveryObserverKeepsTheTrainedModelsAnswe
   EXPECT_THROW(QuantizeStatic(m, StaticQuantSpec{"KMEANS", 8, true}, calibration), EngineError);
 }
 
+TEST_F(EngineTest, StaticQuantizationOfAChannelPrunedModelFusesConvAndRelu) {
+  // A channel-pruned model's forward is one inlined graph: its convs are aten ops, which
+  // LibTorch's observer pass does not pair with the relu after them.
+  Dataset train = LoadDataset("tensors", Fixture("quadrants_train.pt"));
+  Dataset eval = LoadDataset("tensors", Fixture("quadrants_eval.pt"));
+  auto m = torch::jit::load(Fixture("small_cnn_trained.pt"));
+  m.eval();
+  ChannelPruneSpec spec;
+  spec.amount = 0.3;
+  spec.round_to = 1;
+  auto pruned = ChannelPrune(m, spec, {1, 1, 28, 28}).module;
+  pruned.eval();
+  std::vector<at::Tensor> calibration;
+  for (int i = 0; i < 8; ++i) calibration.push_back(train.images.slice(0, i * 8, i * 8 + 8));
+  c10::InferenceMode guard;
+  at::Tensor ref = pruned.forward({eval.images}).toTensor();
+  auto q = QuantizeStatic(pruned, StaticQuantSpec{"HISTOGRAM", 8, true}, calibration);
+  std::string graph = q.get_method("forward").graph()->toString();
+  EXPECT_EQ(Count(graph, "quantized::conv2d_relu"), 2u) << graph;
+  EXPECT_EQ(Count(graph, "aten::relu"), 0u) << graph;
+  EXPECT_EQ(Count(graph, "quantized::linear_relu"), 1u) << graph;
+  at::Tensor out = q.forward({eval.images}).toTensor();
+  EXPECT_GE((out.argmax(1) == ref.argmax(1)).to(at::kFloat).mean().item<double>(), 0.9);
+  EXPECT_GE(at::cosine_similarity(out, ref, 1).mean().item<double>(), 0.99);
+}
+
 TEST_F(EngineTest, StaticQuantizationRefusesControlFlowItCannotObserve) {
   auto m = torch::jit::load(Fixture("branchy.pt"));
   try {
@@ -835,7 +861,12 @@ TEST_F(EngineTest, StaticQuantizationOfAChannelPrunedResNetAgrees) {
   at::Tensor want = p.forward({x}).toTensor();
   auto q = QuantizeStatic(p, StaticQuantSpec{"MINMAX", 4, true}, calibration);
   at::Tensor got = q.forward({x}).toTensor();
-  EXPECT_EQ(q.get_method("forward").graph()->toString().find("batch_norm"), std::string::npos);
+  std::string graph = q.get_method("forward").graph()->toString();
+  EXPECT_EQ(graph.find("batch_norm"), std::string::npos);
+  // The stem's and every block's first conv carry their relu; each block's add its own.
+  EXPECT_EQ(Count(graph, "quantized::conv2d_relu"), 9u) << graph;
+  EXPECT_EQ(Count(graph, "quantized::add_relu"), 8u) << graph;
+  EXPECT_EQ(Count(graph, "aten::relu"), 0u) << graph;
   // Random weights give near-tied logits, so top-1 agreement means little here; the outputs'
   // direction does (a batch norm applied twice drops it far below this).
   EXPECT_GT(at::cosine_similarity(got, want, 1).min().item<double>(), 0.98);

@@ -301,6 +301,47 @@ int HoistReluOverMaxPool(const std::shared_ptr<torch::jit::Graph>& graph) {
   return static_cast<int>(relus.size());
 }
 
+// LibTorch's InsertObservers leaves the output of a conv that a relu follows unobserved, and
+// observes the relu's instead, so that Finalize fuses the two into quantized::conv*d_relu; but
+// it recognises only a Conv submodule's call. In an inlined forward (every channel-pruned
+// model) the conv is an aten op, so the conv's output got its own observer and quantize/
+// dequantize pair: an extra op per conv and its output quantized over the pre-relu range.
+// Moves each such observer from the conv's output to the relu's. Returns how many.
+int ObserveAfterConvRelu(const std::shared_ptr<torch::jit::Graph>& graph) {
+  auto is_observer_call = [](torch::jit::Node* n) {
+    if (n->kind() != c10::prim::CallMethod || n->s(c10::attr::name) != "forward" || n->inputs().size() != 2) {
+      return false;
+    }
+    auto cls = n->input(0)->type()->cast<c10::ClassType>();
+    return cls && cls->name() && cls->name()->name() == "ActivationObserver" &&
+           n->input(0)->node()->kind() == c10::prim::GetAttr;
+  };
+  std::vector<torch::jit::Node*> calls;
+  for (torch::jit::Node* n : graph->nodes()) {
+    if (!is_observer_call(n)) continue;
+    torch::jit::Value* conv = n->input(1);
+    torch::jit::NodeKind k = conv->node()->kind();
+    if (k != c10::aten::conv1d && k != c10::aten::conv2d && k != c10::aten::conv3d) continue;
+    if (conv->uses().size() != 1 || n->output()->uses().size() != 1) continue;
+    torch::jit::Node* relu = n->output()->uses()[0].user;
+    if ((relu->kind() != c10::aten::relu && relu->kind() != c10::aten::relu_) || relu->owningBlock() != n->owningBlock()) {
+      continue;
+    }
+    calls.push_back(n);
+  }
+  for (torch::jit::Node* call : calls) {
+    torch::jit::Node* relu = call->output()->uses()[0].user;
+    torch::jit::Node* get = call->input(0)->node();
+    relu->replaceInput(0, call->input(1));  // the relu reads the conv
+    torch::jit::Value* activated = relu->output();
+    activated->replaceAllUsesWith(call->output());  // its users read the observed value
+    call->replaceInput(1, activated);               // which is now the relu's
+    get->moveAfter(relu);
+    call->moveAfter(get);
+  }
+  return static_cast<int>(calls.size());
+}
+
 torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQuantSpec& spec,
                                   const std::vector<at::Tensor>& calibration) {
   if (!input.find_method("forward")) {
@@ -345,6 +386,7 @@ torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQ
   try {
     torch::jit::Module observed =
         torch::jit::InsertObservers(module, "forward", qconfig, /*inplace=*/true, torch::jit::QuantType::STATIC);
+    ObserveAfterConvRelu(observed.get_method("forward").graph());
     {
       torch::NoGradGuard no_grad;
       // A few runs of a graph that is thrown away afterwards: the executor's profiling and

@@ -29,6 +29,11 @@ torch::jit::Module ConvertHalf(const torch::jit::Module& module, const HalfPreci
 // commute), so that static quantization fuses the relu into its convolution. Returns how many.
 int HoistReluOverMaxPool(const std::shared_ptr<torch::jit::Graph>& graph);
 
+// After InsertObservers on an inlined forward: moves the observer of an aten conv's output to
+// the relu that follows it (as LibTorch does for Conv submodule calls), so that the pair is
+// quantized into one quantized::conv*d_relu. Returns how many were moved.
+int ObserveAfterConvRelu(const std::shared_ptr<torch::jit::Graph>& graph);
+
 // Static INT8: folds conv-bn, observes activations on `calibration` batches (each already
 // on the CPU), and converts to quantized ops. Returns the new module.
 torch::jit::Module QuantizeStatic(const torch::jit::Module& module, const StaticQuantSpec& spec,
