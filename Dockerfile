@@ -13,7 +13,7 @@ ARG LIBTORCH=debian
 FROM debian:bookworm AS build-base
 RUN apt-get update && apt-get install -y --no-install-recommends \
       build-essential cmake ninja-build pkg-config ca-certificates \
-      libtorch-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
+      libtorch-dev libopenblas0-openmp libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
       prometheus-cpp-dev libspdlog-dev libsqlite3-dev libssl-dev libcli11-dev nlohmann-json3-dev \
       libarchive-dev zlib1g-dev libpng-dev libjpeg-dev \
     && rm -rf /var/lib/apt/lists/*
@@ -47,7 +47,7 @@ FROM debian:bookworm-slim AS runtime
 # runtime-packages: the shared libraries the three binaries load (tests/docker_test.py checks
 # this list against `ldd` of the binaries built here).
 RUN apt-get update && apt-get install -y --no-install-recommends \
-      libtorch1.13 libopenblas0-pthread libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623 \
+      libtorch1.13 libopenblas0-openmp libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623 \
       libprometheus-cpp-pull1.0 libprometheus-cpp-core1.0 libspdlog1.10 libsqlite3-0 libssl3 libarchive13 zlib1g libpng16-16 libjpeg62-turbo libstdc++6 libgcc-s1 libc6 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 pare && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin pare

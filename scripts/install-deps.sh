@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs Pare's build and test dependencies from Debian bookworm (apt), only if missing.
 set -euo pipefail
-# libopenblas0-pthread: LibTorch's float conv fallback (small spatial inputs) and linear layers go
-# through BLAS; Debian's reference BLAS makes them several times slower.
+# libopenblas0-openmp: LibTorch's float conv fallback (small spatial inputs) and linear layers go
+# through BLAS; Debian's reference BLAS makes them several times slower, and OpenBLAS's pthread
+# build fights LibTorch's OpenMP threads (the engine links the OpenMP build first, by RPATH).
 packages=(
   build-essential cmake ninja-build ccache pkg-config clang libclang-rt-14-dev openssl
-  libopenblas0-pthread libtorch-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libopenblas0-openmp libtorch-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev libspdlog-dev libgtest-dev libsqlite3-dev libssl-dev libcli11-dev
   nlohmann-json3-dev libarchive-dev zlib1g-dev libpng-dev libjpeg-dev
   python3-torch python3-torchvision python3-grpcio python3-yaml dataset-fashion-mnist prometheus

@@ -382,6 +382,13 @@ TEST_F(EngineTest, PruneDistillFinetuneOnCuda) {
   PruneDistillFinetune("cuda");
 }
 
+TEST(ProcessTest, BlasIsTheOneTheBuildLinked) {
+  std::string blas = BlasName();
+  const char* expect = std::getenv("PARE_EXPECT_BLAS");
+  if (!expect) GTEST_SKIP() << "this build links the system's BLAS: " << blas;
+  EXPECT_NE(blas.find(expect), std::string::npos) << blas;
+}
+
 size_t Count(const std::string& text, const std::string& what) {
   size_t n = 0;
   for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;

@@ -87,7 +87,7 @@ int Worker::Run() {
   device_name_ = DeviceName(has_cuda_);
   spdlog::info(Kv({{"msg", "worker started"}, {"worker", options_.id}, {"server", options_.server},
                    {"cuda", has_cuda_ ? "true" : "false"}, {"device", device_name_},
-                   {"libtorch", LibTorchVersion()}}));
+                   {"libtorch", LibTorchVersion()}, {"blas", engine::BlasName()}}));
   int failures = 0;
   while (!stop_) {
     v1::LeaseRequest req;

@@ -185,13 +185,35 @@ torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, c
 
 }  // namespace
 
+std::string BlasName() {
+  using GetConfig = char* (*)();
+  using GetParallel = int (*)();
+  auto config = reinterpret_cast<GetConfig>(dlsym(RTLD_DEFAULT, "openblas_get_config"));
+  auto parallel = reinterpret_cast<GetParallel>(dlsym(RTLD_DEFAULT, "openblas_get_parallel"));
+  if (!config || !parallel) return "libblas.so.3 (not OpenBLAS)";
+  std::string name = config();
+  // "OpenBLAS 0.3.21 DYNAMIC_ARCH NO_AFFINITY Haswell MAX_THREADS=64": name and version.
+  auto second_space = name.find(' ', name.find(' ') + 1);
+  if (second_space != std::string::npos) name.resize(second_space);
+  switch (parallel()) {
+    case 0: return name + " (sequential)";
+    case 1: return name + " (pthreads)";
+    case 2: return name + " (OpenMP)";
+    default: return name;
+  }
+}
+
 void InitProcess(int num_threads, const std::string& quantized_engine) {
   if (num_threads > 0) at::set_num_threads(num_threads);
-  // LibTorch splits its ops over its own threads; a BLAS that starts as many threads again
-  // inside each call (OpenBLAS's pthread build, Debian's default) makes them fight for the
-  // cores: a small CNN's training step ran twice as slow, its linear layers' matrix products
-  // 30x. One BLAS thread, unless the operator asked for more (OPENBLAS_NUM_THREADS).
-  if (!std::getenv("OPENBLAS_NUM_THREADS")) {
+  // LibTorch splits its ops over its own OpenMP threads. OpenBLAS's OpenMP build (what the
+  // engine links first, see its CMakeLists) shares them. Its pthread build starts as many
+  // threads again inside each call, and they fight LibTorch's for the cores: a small CNN's
+  // training step ran twice as slow, its linear layers' matrix products 30x. With that build,
+  // one BLAS thread, unless the operator asked for more (OPENBLAS_NUM_THREADS).
+  using GetParallel = int (*)();
+  auto get_parallel = reinterpret_cast<GetParallel>(dlsym(RTLD_DEFAULT, "openblas_get_parallel"));
+  constexpr int kOpenBlasPthreads = 1;
+  if (get_parallel && get_parallel() == kOpenBlasPthreads && !std::getenv("OPENBLAS_NUM_THREADS")) {
     using SetThreads = void (*)(int);
     if (auto set = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) set(1);
   }

@@ -59,4 +59,8 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
 // Sets process-wide LibTorch settings once (quantized engine, thread count).
 void InitProcess(int num_threads, const std::string& quantized_engine = "");
 
+// The BLAS this process runs LibTorch's matrix products on, e.g. "OpenBLAS 0.3.21 (OpenMP)",
+// for logs and reports.
+std::string BlasName();
+
 }  // namespace pare::engine
