@@ -15,7 +15,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
 LIBDIR = "/usr/lib/x86_64-linux-gnu"
 BUILDS = {
@@ -26,27 +25,16 @@ BUILDS = {
 
 def child(models, threads, calls):
     import torch
+    from common import p50_ms
     torch.set_num_threads(threads)
     out = []
     for spec in models:
         path, shape = spec.rsplit(":", 1)
         m = torch.jit.load(path).eval()
         x = torch.randn(*[int(d) for d in shape.split(",")])
-        with torch.no_grad():
-            m(x)  # the first call optimises the graph
-            t0 = time.perf_counter()
-            m(x)
-            once = time.perf_counter() - t0
-            n = max(20, min(calls, int(2.0 / max(once, 1e-6))))  # about 2 s a model
-            for _ in range(max(5, n // 20)):
-                m(x)
-            ts = []
-            for _ in range(n):
-                t = time.perf_counter()
-                m(x)
-                ts.append(time.perf_counter() - t)
-        ts.sort()
-        out.append(ts[len(ts) // 2] * 1e3)
+        once = p50_ms(m, x, runs=1, warmup=1)  # after the call that optimises the graph
+        n = max(20, min(calls, int(2000 / max(once, 1e-3))))  # about 2 s a model
+        out.append(p50_ms(m, x, runs=n, warmup=max(5, n // 20)))
     print(" ".join(f"{v:.4f}" for v in out))
 
 

@@ -1,7 +1,8 @@
-"""What the benchmark scripts share: the classic small CNN and the Fashion-MNIST reader."""
+"""What the benchmark scripts share: the classic small CNN, the Fashion-MNIST reader, a latency timer."""
 import gzip
 import os
 import sys
+import time
 
 import torch
 
@@ -21,3 +22,16 @@ def load_fashion(split):
     with gzip.open(os.path.join(FASHION, f"{prefix}-labels-idx1-ubyte.gz")) as f:
         labels = torch.frombuffer(bytearray(f.read()[8:]), dtype=torch.uint8).long().clone()
     return images, labels
+
+
+def p50_ms(module, x, runs, warmup):
+    """Median of `runs` timed calls after `warmup` untimed ones, in milliseconds."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            module(x)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            module(x)
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1000

@@ -28,7 +28,7 @@ from torch.ao.quantization import get_default_qconfig, default_dynamic_qconfig, 
 from torch.nn.utils import prune
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import FASHION, SmallCnn, load_fashion  # noqa: E402
+from common import FASHION, SmallCnn, load_fashion, p50_ms  # noqa: E402
 
 
 
@@ -223,17 +223,7 @@ def main():
     os.replace(os.path.join(work, "out.pt"), pruned50)
 
     def py_latency(path, batch=1, runs=20):
-        m = torch.jit.load(path).eval()
-        x = torch.randn(batch, 3, 224, 224)
-        with torch.no_grad():
-            for _ in range(3):
-                m(x)
-            times = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                m(x)
-                times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2] * 1000
+        return p50_ms(torch.jit.load(path).eval(), torch.randn(batch, 3, 224, 224), runs, warmup=3)
 
     py_dense, py_pruned = py_latency(r50), py_latency(pruned50)
 
