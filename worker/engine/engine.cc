@@ -183,22 +183,29 @@ torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, c
   return std::visit(V{current, ctx, notes}, step);
 }
 
+// A function of the OpenBLAS this process loaded, or null (another BLAS).
+template <typename F>
+F OpenBlas(const char* name) {
+  return reinterpret_cast<F>(dlsym(RTLD_DEFAULT, name));
+}
+
+// openblas_get_parallel(): how the loaded OpenBLAS runs its threads.
+constexpr int kOpenBlasSequential = 0, kOpenBlasPthreads = 1, kOpenBlasOpenMP = 2;
+
 }  // namespace
 
 std::string BlasName() {
-  using GetConfig = char* (*)();
-  using GetParallel = int (*)();
-  auto config = reinterpret_cast<GetConfig>(dlsym(RTLD_DEFAULT, "openblas_get_config"));
-  auto parallel = reinterpret_cast<GetParallel>(dlsym(RTLD_DEFAULT, "openblas_get_parallel"));
+  auto config = OpenBlas<char* (*)()>("openblas_get_config");
+  auto parallel = OpenBlas<int (*)()>("openblas_get_parallel");
   if (!config || !parallel) return "libblas.so.3 (not OpenBLAS)";
   std::string name = config();
   // "OpenBLAS 0.3.21 DYNAMIC_ARCH NO_AFFINITY Haswell MAX_THREADS=64": name and version.
   auto second_space = name.find(' ', name.find(' ') + 1);
   if (second_space != std::string::npos) name.resize(second_space);
   switch (parallel()) {
-    case 0: return name + " (sequential)";
-    case 1: return name + " (pthreads)";
-    case 2: return name + " (OpenMP)";
+    case kOpenBlasSequential: return name + " (sequential)";
+    case kOpenBlasPthreads: return name + " (pthreads)";
+    case kOpenBlasOpenMP: return name + " (OpenMP)";
     default: return name;
   }
 }
@@ -210,12 +217,10 @@ void InitProcess(int num_threads, const std::string& quantized_engine) {
   // threads again inside each call, and they fight LibTorch's for the cores: a small CNN's
   // training step ran twice as slow, its linear layers' matrix products 30x. With that build,
   // one BLAS thread, unless the operator asked for more (OPENBLAS_NUM_THREADS).
-  using GetParallel = int (*)();
-  auto get_parallel = reinterpret_cast<GetParallel>(dlsym(RTLD_DEFAULT, "openblas_get_parallel"));
-  constexpr int kOpenBlasPthreads = 1;
-  if (get_parallel && get_parallel() == kOpenBlasPthreads && !std::getenv("OPENBLAS_NUM_THREADS")) {
-    using SetThreads = void (*)(int);
-    if (auto set = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) set(1);
+  auto parallel = OpenBlas<int (*)()>("openblas_get_parallel");
+  auto set_threads = OpenBlas<void (*)(int)>("openblas_set_num_threads");
+  if (parallel && set_threads && parallel() == kOpenBlasPthreads && !std::getenv("OPENBLAS_NUM_THREADS")) {
+    set_threads(1);
   }
   const auto& supported = at::globalContext().supportedQEngines();
   auto has = [&](at::QEngine e) { return std::find(supported.begin(), supported.end(), e) != supported.end(); };

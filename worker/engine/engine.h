@@ -60,7 +60,7 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
 void InitProcess(int num_threads, const std::string& quantized_engine = "");
 
 // The BLAS this process runs LibTorch's matrix products on, e.g. "OpenBLAS 0.3.21 (OpenMP)",
-// for logs and reports.
+// for the worker's start-up log.
 std::string BlasName();
 
 }  // namespace pare::engine
