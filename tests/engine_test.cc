@@ -896,6 +896,31 @@ TEST_F(EngineTest, ChannelPruneWorksOnTorchvisionFamilies) {
   }
 }
 
+TEST_F(EngineTest, ChannelPruneFollowsFeatureDictsOfSegmentationModels) {
+  // LRASPP: the backbone returns a dict of two stages' features (which stages: a dict
+  // attribute), the head reads them by key, upsamples with F.interpolate (branches that raise
+  // leave uninitialized values), and the model returns {"out": ...}.
+  auto m = torch::jit::load(Fixture("tv_lraspp_small.pt"));
+  m.eval();
+  ChannelPruneSpec spec;
+  auto r = ChannelPrune(m, spec, {1, 3, 64, 64});
+  size_t intact = 0;
+  for (const auto& g : r.groups) {
+    if (!g.prunable) {
+      ++intact;
+      EXPECT_EQ(g.why_intact, "it reaches the model's output") << g.name;
+    }
+  }
+  EXPECT_EQ(intact, 1u);  // the 5 classes
+  auto before = CountMacs(m, {1, 3, 64, 64});
+  auto after = CountMacs(r.module, {1, 3, 64, 64});
+  ASSERT_TRUE(before && after);
+  EXPECT_LT(after->macs, 0.4 * before->macs);
+  // Another input size: the upsampling follows it.
+  auto out = r.module.forward({at::randn({2, 3, 96, 80})}).toGenericDict();
+  EXPECT_EQ(out.at("out").toTensor().sizes(), (std::vector<int64_t>{2, 5, 96, 80}));
+}
+
 TEST_F(EngineTest, ChannelPruneFollowsChannelsLastBlocks) {
   // ConvNeXt: depthwise conv, permute to [N, H, W, C], layer_norm and two linear layers over C,
   // permute back, layer scale [C, 1, 1], residual add; a stochastic depth of probability 0.

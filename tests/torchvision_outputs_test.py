@@ -23,7 +23,7 @@ BIN = os.path.join(os.environ["PARE_BIN_DIR"], "client", "pare")
 FIXTURES = os.environ["PARE_FIXTURES"]
 MODELS = ["tv_resnet18.pt", "tv_mobilenet_v3_small.pt", "tv_efficientnet_b0.pt", "tv_densenet_small.pt",
           "tv_regnet_y_400mf.pt", "tv_shufflenet_v2_x0_5.pt", "tv_googlenet.pt", "tv_squeezenet1_1.pt",
-          "tv_convnext_small.pt"]
+          "tv_convnext_small.pt", "tv_lraspp_small.pt"]
 SHAPE = (1, 3, 64, 64)
 
 
@@ -32,6 +32,8 @@ def tensors(out):
         return [out]
     if isinstance(out, (tuple, list)):
         return [t for o in out for t in tensors(o)]
+    if isinstance(out, dict):  # segmentation models: {"out": ...}
+        return [t for k in sorted(out) for t in tensors(out[k])]
     return []
 
 

@@ -73,7 +73,9 @@ bool ProbeShapes(const torch::jit::Module& module, const std::shared_ptr<Graph>&
   std::vector<Value*> originals;
   std::vector<Value*> copies;
   PairValues(graph->block(), copy->block(), [&](Value* o, Value* c) {
-    if (!IsTensor(o)) return;
+    // prim::Uninitialized stands for a variable on a path that raises (F.interpolate's
+    // argument checks): typed Tensor, never one.
+    if (!IsTensor(o) || o->node()->kind() == prim::Uninitialized) return;
     originals.push_back(o);
     copies.push_back(c);
   });
@@ -190,7 +192,12 @@ class Analysis {
 
   void Run() {
     Visit(graph_->block());
-    for (Value* v : graph_->outputs()) Block(Of(v), "it reaches the model's output");
+    for (Value* v : graph_->outputs()) {
+      Block(Of(v), "it reaches the model's output");
+      auto d = dicts_.find(v);  // a returned dict: what it holds is the output
+      if (d == dicts_.end()) continue;
+      for (const auto& [key, held] : d->second) Block(Of(held), "it reaches the model's output");
+    }
   }
 
   std::vector<Atom>& atoms() { return atoms_; }
@@ -320,6 +327,43 @@ class Analysis {
     Set(n->output(0), result, cdim);
   }
 
+  // The constant key of a dict op, as text ("" when it is not a constant string or int).
+  static std::string DictKey(Value* key) {
+    auto k = torch::jit::toIValue(key);
+    if (!k) return "";
+    if (k->isString()) return "s:" + k->toStringRef();
+    if (k->isInt()) return "i:" + std::to_string(k->toInt());
+    return "";
+  }
+
+  // A dict whose every use is a `d[key] = v` in the graph's top block or a `d[key]` read, with
+  // constant keys, or the graph's return: a read gives the channels of the value last stored.
+  void Dict(Node* n) {
+    if (n->kind() == prim::DictConstruct || n->kind() == aten::dict) {  // built, or empty
+      Value* d = n->output();
+      bool local = true;
+      for (const auto& use : d->uses()) {
+        const auto k = use.user->kind();
+        if (use.user == graph_->return_node()) continue;
+        local &= (k == aten::_set_item || k == aten::__getitem__) && use.offset == 0 && !DictKey(use.user->input(1)).empty() &&
+                 (k == aten::__getitem__ || use.user->owningBlock() == graph_->block());
+      }
+      for (size_t i = 0; local && i + 1 < n->inputs().size(); i += 2) local = !DictKey(n->input(i)).empty();
+      if (!local) return BlockTensorInputs(n, "a dict of tensors");
+      auto& held = dicts_[d];
+      for (size_t i = 0; i + 1 < n->inputs().size(); i += 2) held[DictKey(n->input(i))] = n->input(i + 1);
+      return;
+    }
+    auto& held = dicts_[n->input(0)];
+    const std::string key = DictKey(n->input(1));
+    if (n->kind() == aten::_set_item) {
+      held[key] = n->input(2);
+      return;
+    }
+    auto it = held.find(key);
+    if (it != held.end() && IsTensor(n->output())) Set(n->output(), Of(it->second), CDim(it->second));
+  }
+
   void Visit(torch::jit::Block* b) {
     for (Node* n : b->nodes()) VisitNode(n);
   }
@@ -373,6 +417,9 @@ class Analysis {
     }
     if (In(k, {aten::mean, aten::sum, aten::amax})) return Reduce(n);
     if (In(k, {aten::flatten, aten::view, aten::reshape, aten::squeeze, aten::unsqueeze})) return Reshape(n);
+    if (k == prim::DictConstruct || (k == aten::dict && n->inputs().empty()) || ((k == aten::_set_item || k == aten::__getitem__) && dicts_.count(n->input(0)))) {
+      return Dict(n);
+    }
     if (k == prim::ListConstruct) {
       for (const auto& use : n->output()->uses()) {
         if (!(use.user->kind() == aten::cat && use.offset == 0)) return BlockTensorInputs(n, "a list of tensors");
@@ -648,6 +695,9 @@ class Analysis {
   Value* self_;
   std::vector<Atom> atoms_;
   std::unordered_map<Value*, Space> space_;
+  // Dicts built by the graph (torchvision's IntermediateLayerGetter, segmentation outputs) and
+  // only filled and read with constant keys: the value each key holds so far.
+  std::unordered_map<Value*, std::map<std::string, Value*>> dicts_;
   std::unordered_map<Value*, int64_t> cdim_;
 };
 

@@ -63,7 +63,8 @@ static void LowerListAppends(Graph& graph) {
 // Makes `module`'s forward one graph: submodule calls inlined, tuples and list appends
 // lowered, and constant bool, int, float and string attributes (never set by the graph, other
 // than `training`) folded so that dead branches disappear (a stochastic depth of probability 0),
-// as are int lists only `permute` reads. Parameters stay attributes.
+// as are int lists only `permute` reads and lookups with constant keys in dict attributes.
+// Parameters stay attributes.
 std::shared_ptr<Graph> InlineForward(torch::jit::Module& module) {
   auto graph = module.get_method("forward").graph();
   torch::jit::Inline(*graph);
@@ -87,9 +88,23 @@ std::shared_ptr<Graph> InlineForward(torch::jit::Module& module) {
         int_list = !n->output()->uses().empty();
         for (const auto& use : n->output()->uses()) int_list &= use.user->kind() == aten::permute;
       }
+      // A dict of configuration (torchvision's IntermediateLayerGetter.return_layers) only where
+      // it is looked up with constant keys: `name in d` and `d[name]`.
+      bool lookup_dict = false;
+      if (type == c10::TypeKind::DictType) {
+        const auto v = n->output()->type()->containedType(1)->kind();
+        lookup_dict = !n->output()->uses().empty() &&
+                      (v == c10::TypeKind::BoolType || v == c10::TypeKind::IntType ||
+                       v == c10::TypeKind::FloatType || v == c10::TypeKind::StringType);
+        for (const auto& use : n->output()->uses()) {
+          const auto k = use.user->kind();
+          lookup_dict &= (k == aten::__contains__ || k == aten::__getitem__) && use.offset == 0 &&
+                         use.user->input(1)->node()->kind() == prim::Constant;
+        }
+      }
       const bool scalar = type == c10::TypeKind::BoolType || type == c10::TypeKind::IntType ||
                           type == c10::TypeKind::FloatType || type == c10::TypeKind::StringType;
-      if ((scalar || int_list) &&
+      if ((scalar || int_list || lookup_dict) &&
           n->s(c10::attr::name) != "training" && !assigned.count(n->s(c10::attr::name))) {
         config_reads.push_back(n);
       }
@@ -111,6 +126,20 @@ std::shared_ptr<Graph> InlineForward(torch::jit::Module& module) {
     c10::intrusive_ptr<c10::ivalue::Object> obj = module._ivalue();
     for (auto it = names.rbegin(); it != names.rend(); ++it) obj = obj->getAttr(*it).toObject();
     c10::IValue value = obj->getAttr(n->s(c10::attr::name));
+    if (value.isGenericDict()) {
+      const auto dict = value.toGenericDict();
+      std::vector<Node*> lookups;
+      for (const auto& use : n->output()->uses()) lookups.push_back(use.user);
+      for (Node* lookup : lookups) {
+        const c10::IValue key = torch::jit::toIValue(lookup->input(1)).value();
+        const bool found = dict.contains(key);
+        if (lookup->kind() == aten::__getitem__ && !found) continue;  // raises at run time, as it should
+        torch::jit::WithInsertPoint guard(lookup);
+        lookup->output()->replaceAllUsesWith(
+            graph->insertConstant(lookup->kind() == aten::__contains__ ? c10::IValue(found) : dict.at(key)));
+      }
+      continue;
+    }
     torch::jit::WithInsertPoint guard(n);
     n->output()->replaceAllUsesWith(graph->insertConstant(value));
   }
