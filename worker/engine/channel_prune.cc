@@ -345,7 +345,8 @@ class Analysis {
       for (const auto& use : d->uses()) {
         const auto k = use.user->kind();
         if (use.user == graph_->return_node()) continue;
-        local &= (k == aten::_set_item || k == aten::__getitem__) && use.offset == 0 && !DictKey(use.user->input(1)).empty() &&
+        local &= (k == aten::_set_item || k == aten::__getitem__) && use.offset == 0 &&
+                 !DictKey(use.user->input(1)).empty() &&
                  (k == aten::__getitem__ || use.user->owningBlock() == graph_->block());
       }
       for (size_t i = 0; local && i + 1 < n->inputs().size(); i += 2) local = !DictKey(n->input(i)).empty();
@@ -417,9 +418,8 @@ class Analysis {
     }
     if (In(k, {aten::mean, aten::sum, aten::amax})) return Reduce(n);
     if (In(k, {aten::flatten, aten::view, aten::reshape, aten::squeeze, aten::unsqueeze})) return Reshape(n);
-    if (k == prim::DictConstruct || (k == aten::dict && n->inputs().empty()) || ((k == aten::_set_item || k == aten::__getitem__) && dicts_.count(n->input(0)))) {
-      return Dict(n);
-    }
+    const bool dict_op = (k == aten::_set_item || k == aten::__getitem__) && dicts_.count(n->input(0));
+    if (k == prim::DictConstruct || (k == aten::dict && n->inputs().empty()) || dict_op) return Dict(n);
     if (k == prim::ListConstruct) {
       for (const auto& use : n->output()->uses()) {
         if (!(use.user->kind() == aten::cat && use.offset == 0)) return BlockTensorInputs(n, "a list of tensors");

@@ -324,9 +324,8 @@ int ObserveAfterConvRelu(const std::shared_ptr<torch::jit::Graph>& graph) {
     if (k != c10::aten::conv1d && k != c10::aten::conv2d && k != c10::aten::conv3d) continue;
     if (conv->uses().size() != 1 || n->output()->uses().size() != 1) continue;
     torch::jit::Node* relu = n->output()->uses()[0].user;
-    if ((relu->kind() != c10::aten::relu && relu->kind() != c10::aten::relu_) || relu->owningBlock() != n->owningBlock()) {
-      continue;
-    }
+    const bool is_relu = relu->kind() == c10::aten::relu || relu->kind() == c10::aten::relu_;
+    if (!is_relu || relu->owningBlock() != n->owningBlock()) continue;
     calls.push_back(n);
   }
   for (torch::jit::Node* call : calls) {
