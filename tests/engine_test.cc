@@ -1013,6 +1013,15 @@ TEST_F(EngineTest, ImageFolderDecodesPngAndJpegAndPreprocesses) {
     EXPECT_EQ(e.reason(), "BAD_DATASET");
     EXPECT_NE(std::string(e.what()).find("a/broken.png"), std::string::npos) << e.what();
   }
+  // A CMYK JPEG, an RGBA PNG with transparent pixels and a palette PNG decode to the RGB
+  // pixels PIL (torchvision's ImageFolder) gives for them.
+  Dataset formats = LoadDataset("image-folder", Fixture("images_formats"));
+  Dataset pil = LoadDataset("tensors", Fixture("images_formats_rgb.pt"));
+  ASSERT_EQ(formats.images.sizes(), pil.images.sizes());
+  for (int64_t i = 0; i < 3; ++i) {
+    EXPECT_LE((formats.images[i] - pil.images[i]).abs().max().item<float>(), 1.5f / 255) << "image " << i;
+    EXPECT_GT(pil.images[i].std().item<float>(), 0.1f);  // not a flat image
+  }
   // preprocess.json errors name the key.
   std::string dir = TempPath("badspec");
   fs::create_directories(dir + "/c");

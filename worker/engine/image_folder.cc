@@ -54,14 +54,16 @@ at::Tensor DecodePng(const std::string& path, const std::vector<uint8_t>& bytes,
     png_image_free(&image);
     Bad(path, "is " + std::to_string(image.width) + "x" + std::to_string(image.height) + ", larger than allowed");
   }
-  image.format = channels == 1 ? PNG_FORMAT_GRAY : PNG_FORMAT_RGB;
-  at::Tensor out = at::empty({int64_t(image.height), int64_t(image.width), channels}, at::kByte);
+  // Read with alpha and drop it, as PIL's convert("RGB") does (what torchvision's ImageFolder
+  // sees); without an alpha channel in the output libpng would composite onto black.
+  image.format = channels == 1 ? PNG_FORMAT_GA : PNG_FORMAT_RGBA;
+  at::Tensor out = at::empty({int64_t(image.height), int64_t(image.width), channels + 1}, at::kByte);
   if (!png_image_finish_read(&image, nullptr, out.data_ptr<uint8_t>(), 0, nullptr)) {
     std::string msg = image.message;
     png_image_free(&image);
     Bad(path, "PNG data is corrupt (" + msg + ")");
   }
-  return out;
+  return out.slice(2, 0, channels).contiguous();
 }
 
 struct JpegError {
@@ -78,6 +80,16 @@ void JpegErrorExit(j_common_ptr cinfo) {
 
 void JpegSilence(j_common_ptr, int) {}
 
+// HxWx4 CMYK (as libjpeg returns it; Adobe's files store it inverted) to HxWxchannels, the way
+// PIL converts it (so torchvision's ImageFolder and Pare see the same pixels).
+at::Tensor CmykTo(const at::Tensor& cmyk, bool inverted, int channels) {
+  at::Tensor v = cmyk.to(at::kFloat);
+  if (!inverted) v = 255 - v;  // now (255 - C, 255 - M, 255 - Y, 255 - K)
+  at::Tensor rgb = v.slice(2, 0, 3) * v.slice(2, 3, 4) / 255;
+  if (channels == 1) rgb = (rgb * at::tensor({0.299f, 0.587f, 0.114f})).sum(2, /*keepdim=*/true);
+  return rgb.round().clamp(0, 255).to(at::kByte).contiguous();
+}
+
 at::Tensor DecodeJpeg(const std::string& path, const std::vector<uint8_t>& bytes, int channels) {
   jpeg_decompress_struct cinfo{};
   JpegError err{};
@@ -85,6 +97,7 @@ at::Tensor DecodeJpeg(const std::string& path, const std::vector<uint8_t>& bytes
   err.mgr.error_exit = JpegErrorExit;
   err.mgr.emit_message = JpegSilence;
   at::Tensor out;
+  bool inverted_cmyk = false;
   std::string failure;
   // No C++ object with a destructor may live between setjmp and a longjmp back to it.
   if (setjmp(err.jump)) {
@@ -97,10 +110,14 @@ at::Tensor DecodeJpeg(const std::string& path, const std::vector<uint8_t>& bytes
       failure = "is " + std::to_string(cinfo.image_width) + "x" + std::to_string(cinfo.image_height) +
                 ", larger than allowed";
     } else {
-      cinfo.out_color_space = channels == 1 ? JCS_GRAYSCALE : JCS_RGB;
+      // Print-oriented files (a few in ImageNet) are CMYK or YCCK: libjpeg gives CMYK, converted below.
+      const bool cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
+      cinfo.out_color_space = cmyk ? JCS_CMYK : channels == 1 ? JCS_GRAYSCALE : JCS_RGB;
+      const int components = cmyk ? 4 : channels;
+      inverted_cmyk = cmyk && cinfo.saw_Adobe_marker;
       jpeg_start_decompress(&cinfo);
-      out = at::empty({int64_t(cinfo.output_height), int64_t(cinfo.output_width), channels}, at::kByte);
-      const size_t stride = size_t(cinfo.output_width) * size_t(channels);
+      out = at::empty({int64_t(cinfo.output_height), int64_t(cinfo.output_width), components}, at::kByte);
+      const size_t stride = size_t(cinfo.output_width) * size_t(components);
       while (cinfo.output_scanline < cinfo.output_height) {
         JSAMPROW row = out.data_ptr<uint8_t>() + size_t(cinfo.output_scanline) * stride;
         jpeg_read_scanlines(&cinfo, &row, 1);
@@ -110,7 +127,7 @@ at::Tensor DecodeJpeg(const std::string& path, const std::vector<uint8_t>& bytes
   }
   jpeg_destroy_decompress(&cinfo);
   if (!failure.empty()) Bad(path, failure.rfind("is ", 0) == 0 ? failure : "is not a valid JPEG (" + failure + ")");
-  return out;
+  return out.size(2) == 4 ? CmykTo(out, inverted_cmyk, channels) : out;
 }
 
 #endif  // PARE_HAVE_IMAGE_CODECS
