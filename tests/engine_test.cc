@@ -448,6 +448,61 @@ TEST_F(EngineTest, StaticQuantizationOfAChannelPrunedModelFusesConvAndRelu) {
   EXPECT_GE(at::cosine_similarity(out, ref, 1).mean().item<double>(), 0.99);
 }
 
+TEST_F(EngineTest, StaticQuantizationOfEfficientNetFoldsStochasticDepth) {
+  // torchvision's StochasticDepth calls a free function with `self.training`; its training
+  // branch returns a differently observed tensor, which graph-mode quantization refuses unless
+  // the call is inlined and `training` folded in every module's methods.
+  auto m = torch::jit::load(Fixture("tv_efficientnet_b0.pt"));
+  m.eval();
+  {
+    // Trained-looking batch norms: torchvision's initialisation makes the logits ~1e-14.
+    torch::NoGradGuard no_grad;
+    at::Generator g = at::detail::createCPUGenerator(11);
+    for (const auto& b : m.named_buffers()) {
+      if (b.name.find("running_var") != std::string::npos) b.value.copy_(at::rand(b.value.sizes(), g) * 0.5 + 0.5);
+      if (b.name.find("running_mean") != std::string::npos) b.value.copy_(at::randn(b.value.sizes(), g) * 0.1);
+    }
+    for (const auto& p : m.named_parameters()) {
+      if (p.value.dim() == 1) p.value.copy_(at::rand(p.value.sizes(), g) * 0.5 + 0.75);
+      else p.value.copy_(at::randn(p.value.sizes(), g) * (1.0 / std::sqrt(double(p.value[0].numel()))));
+    }
+  }
+  at::Generator gen = at::detail::createCPUGenerator(12);
+  std::vector<at::Tensor> calibration;
+  for (int i = 0; i < 4; ++i) calibration.push_back(at::randn({8, 3, 64, 64}, gen));
+  at::Tensor x = at::randn({16, 3, 64, 64}, gen);
+  at::Tensor want = m.forward({x}).toTensor();
+  auto q = QuantizeStatic(m, StaticQuantSpec{"MINMAX", 4, true}, calibration);
+  std::string graph = q.get_method("forward").graph()->toString();
+  EXPECT_GT(Count(graph, "quantized::conv2d"), 40u);
+  EXPECT_EQ(Count(graph, "bernoulli"), 0u) << graph;  // the training branch is gone
+  at::Tensor got = q.forward({x}).toTensor();
+  EXPECT_GT(want.std().item<double>(), 1e-3);  // the reference is not degenerate
+  EXPECT_GT(at::cosine_similarity(got, want, 1).mean().item<double>(), 0.95);
+  // The input model keeps its stochastic depth (and trains as before).
+  EXPECT_NE(m.get_method("forward").graph()->toString().find("prim::CallMethod"), std::string::npos);
+}
+
+TEST_F(EngineTest, StaticQuantizationFallsBackToTheInlinedGraph) {
+  // GoogLeNet's optional auxiliary heads make LibTorch's observer pass assert on the module
+  // form; as one inlined graph the same model quantizes.
+  auto m = torch::jit::load(Fixture("tv_googlenet.pt"));
+  m.eval();
+  at::Generator gen = at::detail::createCPUGenerator(13);
+  std::vector<at::Tensor> calibration;
+  for (int i = 0; i < 4; ++i) calibration.push_back(at::randn({8, 3, 64, 64}, gen));
+  at::Tensor x = at::randn({16, 3, 64, 64}, gen);
+  c10::IValue out = m.forward({x});
+  at::Tensor want = out.isTensor() ? out.toTensor() : out.toTupleRef().elements()[0].toTensor();
+  auto q = QuantizeStatic(m, StaticQuantSpec{"MINMAX", 4, true}, calibration);
+  std::string graph = q.get_method("forward").graph()->toString();
+  EXPECT_GE(Count(graph, "quantized::conv2d"), 57u);  // every conv of the main path
+  c10::IValue qout = q.forward({x});
+  at::Tensor got = qout.isTensor() ? qout.toTensor() : qout.toTupleRef().elements()[0].toTensor();
+  EXPECT_GT(want.std().item<double>(), 1e-3);
+  EXPECT_GT(at::cosine_similarity(got, want, 1).mean().item<double>(), 0.95);
+}
+
 TEST_F(EngineTest, StaticQuantizationRefusesControlFlowItCannotObserve) {
   auto m = torch::jit::load(Fixture("branchy.pt"));
   try {

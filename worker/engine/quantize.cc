@@ -3,6 +3,7 @@
 #include <functional>
 #include <set>
 
+#include <torch/csrc/jit/api/function_impl.h>
 #include <torch/csrc/jit/passes/constant_propagation.h>
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
 #include <torch/csrc/jit/passes/fold_conv_bn.h>
@@ -14,6 +15,7 @@
 
 #include "worker/engine/channel_prune.h"
 #include "worker/engine/error.h"
+#include "worker/engine/graph_edit.h"
 #include "worker/engine/model_util.h"
 
 namespace pare::engine {
@@ -225,6 +227,57 @@ static bool CallsSubmodules(const torch::jit::Module& module) {
 // `if` whose branches it would observe differently. The top module's class type is its own,
 // so its methods may be specialized to its values.
 static void SpecializeForEval(torch::jit::Module& module) {
+  // In every module's methods: free functions (other than torch.nn.functional's) inlined and
+  // `training` folded to false (all the modules are in eval mode; shared class types get the
+  // same value), so that a function taking `training` as an argument (torchvision's
+  // stochastic_depth in EfficientNet and ConvNeXt blocks) loses its training branch. Other attributes may differ between the instances of a
+  // shared type and are left alone.
+  std::set<const c10::ClassType*> seen;
+  for (const auto& m : module.modules()) {
+    if (!seen.insert(m.type().get()).second) continue;
+    for (const auto& method : m.get_methods()) {
+      auto graph = method.graph();
+      bool changed = false;
+      for (bool again = true; again;) {  // a function's body may call functions
+        std::vector<torch::jit::Node*> calls;
+        std::function<void(torch::jit::Block*)> find_calls = [&](torch::jit::Block* b) {
+          for (torch::jit::Node* n : b->nodes()) {
+            if (n->kind() == c10::prim::CallFunction) calls.push_back(n);
+            for (torch::jit::Block* sub : n->blocks()) find_calls(sub);
+          }
+        };
+        find_calls(graph->block());
+        again = false;
+        for (torch::jit::Node* call : calls) {
+          auto fn_type = call->input(0)->type()->cast<c10::FunctionType>();
+          torch::jit::GraphFunction* fn = fn_type ? torch::jit::tryToGraphFunction(*fn_type->function()) : nullptr;
+          // torch.nn.functional's calls stay: LibTorch's passes match them as they are (F.relu
+          // after a conv, F.dropout).
+          if (!fn || fn->qualname().qualifiedName().rfind("__torch__.torch.nn.functional.", 0) == 0) continue;
+          call->removeInput(0);  // the function itself; the rest are its arguments
+          torch::jit::inlineCallTo(call, fn);
+          again = changed = true;
+        }
+      }
+      std::vector<torch::jit::Node*> training;
+      std::function<void(torch::jit::Block*)> find_training = [&](torch::jit::Block* b) {
+        for (torch::jit::Node* n : b->nodes()) {
+          if (n->kind() == c10::prim::GetAttr && n->s(c10::attr::name) == "training") training.push_back(n);
+          for (torch::jit::Block* sub : n->blocks()) find_training(sub);
+        }
+      };
+      find_training(graph->block());
+      for (torch::jit::Node* n : training) {
+        torch::jit::WithInsertPoint guard(n);
+        n->output()->replaceAllUsesWith(graph->insertConstant(false));
+        changed = true;
+      }
+      if (!changed) continue;
+      torch::jit::ConstantPropagation(graph);
+      torch::jit::EliminateDeadCode(graph);
+    }
+  }
+
   std::set<std::string> assigned;
   std::function<void(torch::jit::Block*)> find_set = [&](torch::jit::Block* b) {
     for (torch::jit::Node* n : b->nodes()) {
@@ -341,8 +394,32 @@ int ObserveAfterConvRelu(const std::shared_ptr<torch::jit::Graph>& graph) {
   return static_cast<int>(calls.size());
 }
 
+static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, const StaticQuantSpec& spec,
+                                             const std::vector<at::Tensor>& calibration);
+
 torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQuantSpec& spec,
                                   const std::vector<at::Tensor>& calibration) {
+  try {
+    return QuantizeStaticOnce(input, spec, calibration);
+  } catch (const EngineError& e) {
+    if (e.reason() != "QUANTIZE_UNSUPPORTED" || !CallsSubmodules(input)) throw;
+    // LibTorch's passes follow the model's submodule calls, and some structures defeat them
+    // (GoogLeNet's optional auxiliary heads: "isObject() INTERNAL ASSERT FAILED"). The same
+    // model as one inlined graph, configuration folded (what channel pruning produces), often
+    // quantizes: try that before refusing, and refuse with the first error if it fails too.
+    torch::jit::Module flat = input.clone();
+    flat.eval();
+    try {
+      InlineForward(flat);
+      return QuantizeStaticOnce(flat, spec, calibration);
+    } catch (const std::exception&) {
+      throw e;
+    }
+  }
+}
+
+static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, const StaticQuantSpec& spec,
+                                             const std::vector<at::Tensor>& calibration) {
   if (!input.find_method("forward")) {
     throw EngineError(Code::kInvalidArgument, "MODEL_FORMAT", "the model has no forward method");
   }
