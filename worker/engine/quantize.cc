@@ -221,11 +221,11 @@ static bool CallsSubmodules(const torch::jit::Module& module) {
   return calls;
 }
 
-// Folds, in the top module's own methods, reads of `training` (false: the model is quantized for
-// inference) and of bool attributes no method assigns (Inception's `transform_input`), so that
-// branches on them disappear before observers are inserted: graph-mode quantization refuses an
-// `if` whose branches it would observe differently. The top module's class type is its own,
-// so its methods may be specialized to its values.
+// Folds reads of `training` (false: the model is quantized for inference) in every module's
+// methods, and, in the top module's own, of bool attributes no method assigns (Inception's
+// `transform_input`), so that branches on them disappear before observers are inserted:
+// graph-mode quantization refuses an `if` whose branches it would observe differently. The top
+// module's class type is its own, so its methods may be specialized to its values.
 static void SpecializeForEval(torch::jit::Module& module) {
   // In every module's methods: free functions (other than torch.nn.functional's) inlined and
   // `training` folded to false (all the modules are in eval mode; shared class types get the
