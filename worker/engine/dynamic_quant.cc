@@ -265,17 +265,13 @@ struct Rewriter {
 
   void RewriteGraph(const std::shared_ptr<torch::jit::Graph>& g, const std::string& where) {
     std::vector<Node*> found;
-    std::function<void(torch::jit::Block*)> find = [&](torch::jit::Block* b) {
-      for (Node* n : b->nodes()) {
-        if (n->kind() == c10::aten::linear || n->kind() == c10::aten::lstm || n->kind() == c10::aten::gru) {
-          found.push_back(n);
-        } else if (n->kind() == c10::aten::rnn_tanh || n->kind() == c10::aten::rnn_relu) {
-          notes.push_back("kept in float: nn.RNN layers (LibTorch has no dynamic int8 kernel for them)");
-        }
-        for (torch::jit::Block* s : n->blocks()) find(s);
+    ForEachNode(g->block(), [&](Node* n) {
+      if (n->kind() == c10::aten::linear || n->kind() == c10::aten::lstm || n->kind() == c10::aten::gru) {
+        found.push_back(n);
+      } else if (n->kind() == c10::aten::rnn_tanh || n->kind() == c10::aten::rnn_relu) {
+        notes.push_back("kept in float: nn.RNN layers (LibTorch has no dynamic int8 kernel for them)");
       }
-    };
-    find(g->block());
+    });
     for (Node* n : found) {
       if (n->kind() == c10::aten::linear) {
         RewriteLinear(g, n, where);
@@ -303,13 +299,11 @@ struct Rewriter {
     }
     // Remove the float weights that no method reads any more (they would still be saved).
     std::set<std::pair<const c10::ClassType*, std::string>> read;
-    std::function<void(torch::jit::Block*)> reads = [&](torch::jit::Block* b) {
-      for (Node* n : b->nodes()) {
-        if (n->kind() == c10::prim::GetAttr) {
-          if (auto t = n->input(0)->type()->cast<c10::ClassType>()) read.insert({t.get(), n->s(c10::attr::name)});
-        }
-        for (torch::jit::Block* s : n->blocks()) reads(s);
-      }
+    auto reads = [&](torch::jit::Block* b) {
+      ForEachNode(b, [&](Node* n) {
+        if (n->kind() != c10::prim::GetAttr) return;
+        if (auto t = n->input(0)->type()->cast<c10::ClassType>()) read.insert({t.get(), n->s(c10::attr::name)});
+      });
     };
     for (const auto& [raw, type] : types) {
       for (torch::jit::Function* f : type->methods()) {

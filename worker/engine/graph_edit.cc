@@ -60,6 +60,13 @@ static void LowerListAppends(Graph& graph) {
   }
 }
 
+void ForEachNode(Block* block, const std::function<void(Node*)>& f) {
+  for (Node* n : block->nodes()) {
+    f(n);
+    for (Block* sub : n->blocks()) ForEachNode(sub, f);
+  }
+}
+
 // Makes `module`'s forward one graph: submodule calls inlined, tuples and list appends
 // lowered, and constant bool, int, float and string attributes (never set by the graph, other
 // than `training`) folded so that dead branches disappear (a stochastic depth of probability 0),
@@ -70,48 +77,40 @@ std::shared_ptr<Graph> InlineForward(torch::jit::Module& module) {
   torch::jit::Inline(*graph);
   torch::jit::LowerSimpleTuples(graph);
   std::set<std::string> assigned;
-  std::function<void(Block*)> find_set = [&](Block* b) {
-    for (Node* n : b->nodes()) {
-      if (n->kind() == prim::SetAttr) assigned.insert(n->s(c10::attr::name));
-      for (Block* s : n->blocks()) find_set(s);
-    }
-  };
-  find_set(graph->block());
+  ForEachNode(graph->block(), [&](Node* n) {
+    if (n->kind() == prim::SetAttr) assigned.insert(n->s(c10::attr::name));
+  });
   std::vector<Node*> config_reads;
-  std::function<void(Block*)> find_config = [&](Block* b) {
-    for (Node* n : b->nodes()) {
-      const auto type = n->kind() == prim::GetAttr ? n->output()->type()->kind() : c10::TypeKind::AnyType;
-      // Lists are mutable: an int list (torchvision's Permute dims) only where permute alone reads it.
-      bool int_list = false;
-      if (type == c10::TypeKind::ListType &&
-          n->output()->type()->containedType(0)->kind() == c10::TypeKind::IntType) {
-        int_list = !n->output()->uses().empty();
-        for (const auto& use : n->output()->uses()) int_list &= use.user->kind() == aten::permute;
-      }
-      // A dict of configuration (torchvision's IntermediateLayerGetter.return_layers) only where
-      // it is looked up with constant keys: `name in d` and `d[name]`.
-      bool lookup_dict = false;
-      if (type == c10::TypeKind::DictType) {
-        const auto v = n->output()->type()->containedType(1)->kind();
-        lookup_dict = !n->output()->uses().empty() &&
-                      (v == c10::TypeKind::BoolType || v == c10::TypeKind::IntType ||
-                       v == c10::TypeKind::FloatType || v == c10::TypeKind::StringType);
-        for (const auto& use : n->output()->uses()) {
-          const auto k = use.user->kind();
-          lookup_dict &= (k == aten::__contains__ || k == aten::__getitem__) && use.offset == 0 &&
-                         use.user->input(1)->node()->kind() == prim::Constant;
-        }
-      }
-      const bool scalar = type == c10::TypeKind::BoolType || type == c10::TypeKind::IntType ||
-                          type == c10::TypeKind::FloatType || type == c10::TypeKind::StringType;
-      if ((scalar || int_list || lookup_dict) &&
-          n->s(c10::attr::name) != "training" && !assigned.count(n->s(c10::attr::name))) {
-        config_reads.push_back(n);
-      }
-      for (Block* s : n->blocks()) find_config(s);
+  ForEachNode(graph->block(), [&](Node* n) {
+    const auto type = n->kind() == prim::GetAttr ? n->output()->type()->kind() : c10::TypeKind::AnyType;
+    // Lists are mutable: an int list (torchvision's Permute dims) only where permute alone reads it.
+    bool int_list = false;
+    if (type == c10::TypeKind::ListType &&
+        n->output()->type()->containedType(0)->kind() == c10::TypeKind::IntType) {
+      int_list = !n->output()->uses().empty();
+      for (const auto& use : n->output()->uses()) int_list &= use.user->kind() == aten::permute;
     }
-  };
-  find_config(graph->block());
+    // A dict of configuration (torchvision's IntermediateLayerGetter.return_layers) only where
+    // it is looked up with constant keys: `name in d` and `d[name]`.
+    bool lookup_dict = false;
+    if (type == c10::TypeKind::DictType) {
+      const auto v = n->output()->type()->containedType(1)->kind();
+      lookup_dict = !n->output()->uses().empty() &&
+                    (v == c10::TypeKind::BoolType || v == c10::TypeKind::IntType ||
+                     v == c10::TypeKind::FloatType || v == c10::TypeKind::StringType);
+      for (const auto& use : n->output()->uses()) {
+        const auto k = use.user->kind();
+        lookup_dict &= (k == aten::__contains__ || k == aten::__getitem__) && use.offset == 0 &&
+                       use.user->input(1)->node()->kind() == prim::Constant;
+      }
+    }
+    const bool scalar = type == c10::TypeKind::BoolType || type == c10::TypeKind::IntType ||
+                        type == c10::TypeKind::FloatType || type == c10::TypeKind::StringType;
+    if ((scalar || int_list || lookup_dict) &&
+        n->s(c10::attr::name) != "training" && !assigned.count(n->s(c10::attr::name))) {
+      config_reads.push_back(n);
+    }
+  });
   for (Node* n : config_reads) {
     // Evaluate the attribute through its owner chain.
     std::vector<std::string> names;

@@ -6,6 +6,7 @@
 // call site has its own nodes; parameters stay attributes, so the model still trains.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -17,6 +18,10 @@ namespace pare::engine {
 using AttrPath = std::vector<std::string>;
 
 std::string Join(const AttrPath& p);
+
+// Calls `f` on every node of `block` and of the blocks nested in it, each node before its own
+// blocks. `f` may collect nodes, not destroy them.
+void ForEachNode(torch::jit::Block* block, const std::function<void(torch::jit::Node*)>& f);
 
 // Inlines `module`'s forward (in place: call it on a clone), lowers tuples and list appends,
 // folds bool/int/float/str attributes the graph never assigns (other than `training`), int lists

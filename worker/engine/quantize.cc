@@ -211,13 +211,8 @@ static void DequantizeTupleElements(const std::shared_ptr<torch::jit::Graph>& gr
 // Whether the forward graph still calls submodule methods (else it is one inlined graph).
 static bool CallsSubmodules(const torch::jit::Module& module) {
   bool calls = false;
-  std::function<void(torch::jit::Block*)> find = [&](torch::jit::Block* b) {
-    for (torch::jit::Node* n : b->nodes()) {
-      calls |= n->kind() == c10::prim::CallMethod;
-      for (torch::jit::Block* s : n->blocks()) find(s);
-    }
-  };
-  find(module.get_method("forward").graph()->block());
+  ForEachNode(module.get_method("forward").graph()->block(),
+              [&](torch::jit::Node* n) { calls |= n->kind() == c10::prim::CallMethod; });
   return calls;
 }
 
@@ -230,8 +225,8 @@ static void SpecializeForEval(torch::jit::Module& module) {
   // In every module's methods: free functions (other than torch.nn.functional's) inlined and
   // `training` folded to false (all the modules are in eval mode; shared class types get the
   // same value), so that a function taking `training` as an argument (torchvision's
-  // stochastic_depth in EfficientNet and ConvNeXt blocks) loses its training branch. Other attributes may differ between the instances of a
-  // shared type and are left alone.
+  // stochastic_depth in EfficientNet and ConvNeXt blocks) loses its training branch. Other
+  // attributes may differ between the instances of a shared type and are left alone.
   std::set<const c10::ClassType*> seen;
   for (const auto& m : module.modules()) {
     if (!seen.insert(m.type().get()).second) continue;
@@ -240,13 +235,9 @@ static void SpecializeForEval(torch::jit::Module& module) {
       bool changed = false;
       for (bool again = true; again;) {  // a function's body may call functions
         std::vector<torch::jit::Node*> calls;
-        std::function<void(torch::jit::Block*)> find_calls = [&](torch::jit::Block* b) {
-          for (torch::jit::Node* n : b->nodes()) {
-            if (n->kind() == c10::prim::CallFunction) calls.push_back(n);
-            for (torch::jit::Block* sub : n->blocks()) find_calls(sub);
-          }
-        };
-        find_calls(graph->block());
+        ForEachNode(graph->block(), [&](torch::jit::Node* n) {
+          if (n->kind() == c10::prim::CallFunction) calls.push_back(n);
+        });
         again = false;
         for (torch::jit::Node* call : calls) {
           auto fn_type = call->input(0)->type()->cast<c10::FunctionType>();
@@ -260,13 +251,9 @@ static void SpecializeForEval(torch::jit::Module& module) {
         }
       }
       std::vector<torch::jit::Node*> training;
-      std::function<void(torch::jit::Block*)> find_training = [&](torch::jit::Block* b) {
-        for (torch::jit::Node* n : b->nodes()) {
-          if (n->kind() == c10::prim::GetAttr && n->s(c10::attr::name) == "training") training.push_back(n);
-          for (torch::jit::Block* sub : n->blocks()) find_training(sub);
-        }
-      };
-      find_training(graph->block());
+      ForEachNode(graph->block(), [&](torch::jit::Node* n) {
+        if (n->kind() == c10::prim::GetAttr && n->s(c10::attr::name) == "training") training.push_back(n);
+      });
       for (torch::jit::Node* n : training) {
         torch::jit::WithInsertPoint guard(n);
         n->output()->replaceAllUsesWith(graph->insertConstant(false));
@@ -278,34 +265,26 @@ static void SpecializeForEval(torch::jit::Module& module) {
     }
   }
 
+  // The top module's own bool attributes (`training` is folded above, in every module).
   std::set<std::string> assigned;
-  std::function<void(torch::jit::Block*)> find_set = [&](torch::jit::Block* b) {
-    for (torch::jit::Node* n : b->nodes()) {
+  for (const auto& method : module.get_methods()) {
+    ForEachNode(method.graph()->block(), [&](torch::jit::Node* n) {
       if (n->kind() == c10::prim::SetAttr) assigned.insert(n->s(c10::attr::name));
-      for (torch::jit::Block* s : n->blocks()) find_set(s);
-    }
-  };
-  for (const auto& method : module.get_methods()) find_set(method.graph()->block());
+    });
+  }
   for (const auto& method : module.get_methods()) {
     auto graph = method.graph();
     torch::jit::Value* self = graph->inputs()[0];
     std::vector<torch::jit::Node*> reads;
-    std::function<void(torch::jit::Block*)> find = [&](torch::jit::Block* b) {
-      for (torch::jit::Node* n : b->nodes()) {
-        if (n->kind() == c10::prim::GetAttr && n->output()->type()->kind() == c10::TypeKind::BoolType) {
-          // `training` of any module (an inlined graph reads its layers'); others of the top's own.
-          const std::string& name = n->s(c10::attr::name);
-          if (name == "training" || (n->input(0) == self && !assigned.count(name))) reads.push_back(n);
-        }
-        for (torch::jit::Block* s : n->blocks()) find(s);
+    ForEachNode(graph->block(), [&](torch::jit::Node* n) {
+      if (n->kind() == c10::prim::GetAttr && n->input(0) == self &&
+          n->output()->type()->kind() == c10::TypeKind::BoolType && !assigned.count(n->s(c10::attr::name))) {
+        reads.push_back(n);
       }
-    };
-    find(graph->block());
+    });
     for (torch::jit::Node* n : reads) {
-      const std::string& name = n->s(c10::attr::name);
-      bool value = name == "training" ? false : module.attr(name).toBool();
       torch::jit::WithInsertPoint guard(n);
-      n->output()->replaceAllUsesWith(graph->insertConstant(value));
+      n->output()->replaceAllUsesWith(graph->insertConstant(module.attr(n->s(c10::attr::name)).toBool()));
     }
     if (reads.empty()) continue;
     torch::jit::ConstantPropagation(graph);
