@@ -116,6 +116,12 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
           }
           if (q2.calibration_batches() > 0) s.calibration_batches = q2.calibration_batches();
           s.per_channel = !q2.per_tensor_weights();
+          std::string target = q2.target();
+          std::transform(target.begin(), target.end(), target.begin(), [](unsigned char c) { return std::tolower(c); });
+          if (!target.empty()) s.target = target;
+          if (!(s.target == "auto" || s.target == "avx2" || s.target == "vnni")) {
+            return InvalidArgument(where + ".target must be auto, avx2 or vnni, got '" + q2.target() + "'");
+          }
           return engine::StepSpec(s);
         }
         case v1::QuantizeStep::kFp16:

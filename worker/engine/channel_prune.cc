@@ -174,7 +174,8 @@ struct Member {
 struct Atom {
   int64_t size;
   int parent;
-  int64_t granule = 1;  // channels are removed in whole runs of this many (a grouped conv's groups)
+  int64_t granule = 1;   // channels are removed in whole runs of this many (a grouped conv's groups)
+  int64_t multiple = 1;  // the kept count stays a multiple of this (a group norm's groups)
   bool blocked = false;
   std::string why;
   std::string name;
@@ -213,7 +214,7 @@ class Analysis {
 
  private:
   int NewAtom(int64_t size, const std::string& name) {
-    atoms_.push_back(Atom{size, static_cast<int>(atoms_.size()), 1, false, "", name, {}});
+    atoms_.push_back(Atom{size, static_cast<int>(atoms_.size()), 1, 1, false, "", name, {}});
     return atoms_.back().parent;
   }
   void Union(int a, int b) {
@@ -227,7 +228,11 @@ class Analysis {
     }
     atoms_[b].parent = a;
     atoms_[a].granule = std::lcm(atoms_[a].granule, atoms_[b].granule);
+    atoms_[a].multiple = std::lcm(atoms_[a].multiple, atoms_[b].multiple);
     if (atoms_[a].size % atoms_[a].granule != 0) BlockRoot(a, "grouped convolutions with incompatible group sizes");
+    if (atoms_[a].size % std::lcm(atoms_[a].granule, atoms_[a].multiple) != 0) {
+      BlockRoot(a, "group norms and grouped convolutions whose group sizes do not fit together");
+    }
     if (atoms_[b].blocked) BlockRoot(a, atoms_[b].why);
   }
   void Block(const Space& s, const std::string& why) {
@@ -370,8 +375,14 @@ class Analysis {
   }
 
   void VisitNode(Node* n) {
-    for (torch::jit::Block* b : n->blocks()) Visit(b);
     const auto k = n->kind();
+    // A branch on the input's rank or sizes that never ran on the probe (InstanceNorm's path
+    // for unbatched inputs) has no shapes to analyse and cannot run on inputs of this shape.
+    const bool static_if = k == prim::If && ShapeDerived(n->input(0), 0);
+    for (torch::jit::Block* b : n->blocks()) {
+      if (static_if && NeverRan(b)) skipped_.insert(b);
+      else Visit(b);
+    }
     // Reads that adapt to any channel count.
     if (In(k, {prim::Constant, prim::GetAttr, aten::size, aten::dim, aten::len, aten::__is__, aten::__isnot__,
                prim::isinstance, aten::is_floating_point, prim::device, prim::dtype, prim::requires_grad,
@@ -384,6 +395,19 @@ class Analysis {
       return;
     }
     if (In(k, {aten::conv1d, aten::conv2d, aten::conv3d, aten::_convolution})) return Conv(n);
+    if (In(k, {aten::conv_transpose1d, aten::conv_transpose2d, aten::conv_transpose3d})) return ConvTranspose(n, 6);
+    if (k == aten::group_norm) return GroupNorm(n);
+    if (k == aten::instance_norm) return InstanceNorm(n);
+    if (k == prim::TupleConstruct && Returned(n->output())) {
+      return BlockTensorInputs(n, "it reaches the model's output");
+    }
+    if (In(k, {aten::pixel_shuffle, aten::pixel_unshuffle})) {
+      return BlockTensorInputs(n, OpName(n) + " ties channels to spatial positions" + Code(n));
+    }
+    if (In(k, {aten::chunk, aten::split, aten::split_with_sizes, aten::unsafe_chunk, aten::unsafe_split,
+               aten::tensor_split, aten::unbind})) {
+      return BlockTensorInputs(n, OpName(n) + " splits the channels into parts" + Code(n));
+    }
     if (k == aten::linear) return Linear(n);
     if (k == aten::permute) return Permute(n);
     if (k == aten::layer_norm) return LayerNorm(n);
@@ -396,7 +420,9 @@ class Analysis {
                aten::feature_dropout_, aten::alpha_dropout, aten::alpha_dropout_, aten::feature_alpha_dropout,
                aten::contiguous, aten::clone, aten::detach, aten::neg, aten::clamp, aten::clamp_, aten::clamp_min,
                aten::clamp_min_, aten::clamp_max, aten::to, aten::add, aten::add_, aten::sub, aten::sub_, aten::mul,
-               aten::mul_, aten::div, aten::div_, aten::maximum, aten::minimum, aten::exp, aten::sqrt})) {
+               aten::mul_, aten::div, aten::div_, aten::maximum, aten::minimum, aten::exp, aten::sqrt,
+               // Along the channels too: with fewer channels they normalise over the ones kept.
+               aten::softmax, aten::log_softmax})) {
       std::vector<Value*> operands;
       for (Value* v : n->inputs()) {
         if (IsTensor(v)) operands.push_back(v);
@@ -421,19 +447,68 @@ class Analysis {
     const bool dict_op = (k == aten::_set_item || k == aten::__getitem__) && dicts_.count(n->input(0));
     if (k == prim::DictConstruct || (k == aten::dict && n->inputs().empty()) || dict_op) return Dict(n);
     if (k == prim::ListConstruct) {
+      if (Returned(n->output())) return BlockTensorInputs(n, "it reaches the model's output");
       for (const auto& use : n->output()->uses()) {
-        if (!(use.user->kind() == aten::cat && use.offset == 0)) return BlockTensorInputs(n, "a list of tensors");
+        if (!(use.user->kind() == aten::cat && use.offset == 0)) {
+          return BlockTensorInputs(n, "a list of tensors" + Code(use.user));
+        }
       }
       return;
     }
     if (k == aten::cat) return Cat(n);
     if (k == prim::If) return If(n);
     if (k == prim::Loop) {
-      BlockTensorInputs(n, "a loop");
-      for (Value* v : n->blocks()[0]->outputs()) Block(Of(v), "a loop");
+      BlockTensorInputs(n, "a loop" + Code(n));
+      for (Value* v : n->blocks()[0]->outputs()) Block(Of(v), "a loop" + Code(n));
       return;
     }
-    BlockTensorInputs(n, OpName(n));
+    BlockTensorInputs(n, OpName(n) + Code(n));
+  }
+
+  // Whether a condition depends only on constants and the ranks and sizes of tensors.
+  bool ShapeDerived(Value* v, int depth) {
+    if (depth > 32 || IsTensor(v)) return false;
+    Node* d = v->node();
+    const auto k = d->kind();
+    if (k == prim::Constant || In(k, {aten::dim, aten::size, aten::len, aten::__is__, aten::__isnot__})) return true;
+    if (In(k, {prim::Param, prim::GetAttr, prim::CallMethod, prim::CallFunction, prim::If, prim::Loop})) return false;
+    for (Value* in : d->inputs()) {
+      if (!ShapeDerived(in, depth + 1)) return false;
+    }
+    return true;
+  }
+  // Whether a block makes tensors and none of them was seen by the probe.
+  bool NeverRan(torch::jit::Block* b) {
+    bool makes = false, seen = false;
+    ForEachNode(b, [&](Node* n) {
+      for (Value* o : n->outputs()) {
+        if (!IsTensor(o) || n->kind() == prim::Uninitialized) continue;
+        makes = true;
+        seen |= shapes_.count(o) > 0;
+      }
+    });
+    return makes && !seen;
+  }
+  bool Returned(Value* v) {
+    for (const auto& use : v->uses()) {
+      if (use.user == graph_->return_node()) return true;
+    }
+    return false;
+  }
+  // " (`torch.chunk(x, 2, 1)`, line 12 of code/__torch__/model.py)": where the op is in the
+  // model's code, for the report.
+  static std::string Code(Node* n) {
+    const auto& range = n->sourceRange();
+    if (!range.source()) return "";
+    std::string text(range.text().begin(), range.text().end());
+    auto nl = text.find('\n');
+    if (nl != std::string::npos) text = text.substr(0, nl) + " ...";
+    if (text.size() > 80) text = text.substr(0, 77) + "...";
+    std::string out = " (`" + text + "`";
+    if (auto where = range.file_line_col()) {
+      out += ", line " + std::to_string(std::get<1>(*where)) + " of " + std::get<0>(*where);
+    }
+    return out + ")";
   }
 
   void Conv(Node* n) {
@@ -445,13 +520,13 @@ class Analysis {
     Source w = Resolve(root_, n->input(1), self_);
     Source b = Resolve(root_, n->input(2), self_);
     auto groups = torch::jit::toIValue(n->input(groups_at));
-    bool transposed = false;
     if (long_form) {
       auto t = torch::jit::toIValue(n->input(6));
-      transposed = !t || !t->isBool() || t->toBool();
+      if (!t || !t->isBool()) return Block(in, "a convolution that may be transposed" + Code(n));
+      if (t->toBool()) return ConvTranspose(n, 8);
     }
     at::Tensor weight = w.kind == Source::kAttr ? TensorAt(root_, w.path) : at::Tensor();
-    if (!weight.defined() || !groups || !groups->isInt() || transposed || b.kind == Source::kOther) {
+    if (!weight.defined() || !groups || !groups->isInt() || b.kind == Source::kOther) {
       return Block(in, "a convolution whose weight, bias or groups is not a plain attribute");
     }
     const int64_t g = groups->toInt();
@@ -483,6 +558,76 @@ class Analysis {
       return;
     }
     Block(in, "a grouped convolution (" + Join(layer) + ", groups=" + std::to_string(g) + ")");
+  }
+
+  // A transposed convolution: weight [in, out / groups, k...], so its input channels are dim 0
+  // and its output channels dim 1 of the weight.
+  void ConvTranspose(Node* n, size_t groups_at) {
+    Value* x = n->input(0);
+    Space in = Of(x);
+    if (!ChannelsFirst(x, in, "a transposed convolution")) return;
+    Source w = Resolve(root_, n->input(1), self_);
+    Source b = Resolve(root_, n->input(2), self_);
+    auto groups = torch::jit::toIValue(n->input(groups_at));
+    at::Tensor weight = w.kind == Source::kAttr ? TensorAt(root_, w.path) : at::Tensor();
+    if (!weight.defined() || !groups || !groups->isInt() || b.kind == Source::kOther) {
+      return Block(in, "a transposed convolution whose weight, bias or groups is not a plain attribute");
+    }
+    Path layer(w.path.begin(), w.path.end() - 1);
+    if (groups->toInt() != 1) {
+      return Block(in, "a grouped transposed convolution (" + Join(layer) + ")");
+    }
+    if (Flattened(in) || (!in.empty() && Length(in) != weight.size(0))) {
+      return Block(in, "a transposed convolution whose input does not match");
+    }
+    AddMember(in, Role::kIn, {w.path}, 0);
+    const int64_t out = weight.size(1);
+    int a = NewAtom(out, Join(layer));
+    atoms_[a].members.push_back(Member{Role::kOut, {w.path}, 1, 0, 1});
+    if (b.kind == Source::kAttr) atoms_[a].members.push_back(Member{Role::kChannelParam, {b.path}, 0, 0, 1});
+    space_[n->output()] = {Seg{a, out, 1}};
+  }
+
+  // group_norm: weight and bias cut with the channels, and the kept count stays a multiple
+  // of its (unchanged) number of groups.
+  void GroupNorm(Node* n) {
+    Space in = Of(n->input(0));
+    if (in.empty() || !ChannelsFirst(n->input(0), in, "a group norm")) return;
+    auto groups = torch::jit::toIValue(n->input(1));
+    Source w = Resolve(root_, n->input(2), self_);
+    Source b = Resolve(root_, n->input(3), self_);
+    if (!groups || !groups->isInt() || groups->toInt() < 1) return Block(in, "a group norm with a variable group count");
+    if (w.kind == Source::kOther || b.kind == Source::kOther) {
+      return Block(in, "a group norm whose parameters are not plain attributes");
+    }
+    if (Flattened(in)) return Block(in, "a group norm over flattened channels");
+    if (in.size() != 1) return Block(in, "a group norm over the channels of several producers");
+    std::vector<Path> params;
+    for (const Source* src : {&w, &b}) {
+      if (src->kind == Source::kAttr) params.push_back(src->path);
+    }
+    AddMember(in, Role::kNorm, params, 0);
+    Atom& root = atoms_[Find(in[0].atom)];
+    root.multiple = std::lcm(root.multiple, groups->toInt());
+    if (root.size % std::lcm(root.granule, root.multiple) != 0) {
+      BlockRoot(in[0].atom, "group norms and grouped convolutions whose group sizes do not fit together");
+    }
+    space_[n->output()] = in;
+  }
+
+  // instance_norm: its optional weight, bias and running statistics are cut with the channels.
+  void InstanceNorm(Node* n) {
+    Space in = Of(n->input(0));
+    if (in.empty() || !ChannelsFirst(n->input(0), in, "an instance norm")) return;
+    std::vector<Path> params;
+    for (size_t i : {1, 2, 3, 4}) {
+      Source src = Resolve(root_, n->input(i), self_);
+      if (src.kind == Source::kOther) return Block(in, "an instance norm whose parameters are not plain attributes");
+      if (src.kind == Source::kAttr) params.push_back(src.path);
+    }
+    if (Flattened(in)) return Block(in, "an instance norm over flattened channels");
+    if (!params.empty()) AddMember(in, Role::kNorm, params, 0);
+    space_[n->output()] = in;
   }
 
   void Linear(Node* n) {
@@ -611,15 +756,30 @@ class Analysis {
     };
     if ((*a)[1] == (*b)[1] && tail(*a) == tail(*b)) {
       space_[n->output()] = in;
+      SizeInList(n, in, (*b)[1]);
       return;
     }
     if (b->size() == 2 && (*b)[1] == (*a)[1] * tail(*a)) {
       Space out = in;
       for (auto& g : out) g.factor *= tail(*a);
       space_[n->output()] = out;
+      SizeInList(n, out, (*b)[1]);
       return;
     }
     Block(in, OpName(n) + " that moves the channel dimension");
+  }
+
+  // A view/reshape whose size list gives dim 1 as the constant `extent`: remember it.
+  void SizeInList(Node* n, const Space& out, int64_t extent) {
+    if (n->kind() != aten::view && n->kind() != aten::reshape) return;
+    Value* size = n->input(1);
+    c10::optional<c10::IValue> element;
+    if (size->node()->kind() == prim::ListConstruct && size->node()->inputs().size() >= 2) {
+      element = torch::jit::toIValue(size->node()->input(1));
+    } else if (auto whole = torch::jit::toIValue(size); whole && whole->isIntList() && whole->toIntVector().size() >= 2) {
+      element = whole->toIntVector()[1];
+    }
+    if (element && element->isInt() && element->toInt() == extent) size_constants.push_back({n, out});
   }
 
   void Cat(Node* n) {
@@ -664,15 +824,15 @@ class Analysis {
     for (size_t i = 0; i < n->outputs().size(); ++i) {
       Value* a = n->blocks()[0]->outputs()[i];
       Value* b = n->blocks()[1]->outputs()[i];
-      auto absent = [](Value* v) {
+      auto absent = [&](Value* v) {
         return v->type()->kind() == c10::TypeKind::NoneType || v->node()->kind() == prim::Uninitialized;
       };
       Space sa = Of(a), sb = Of(b);
-      if (absent(a)) {
+      if (skipped_.count(n->blocks()[0]) || absent(a)) {
         Set(n->output(i), sb, CDim(b));
         continue;
       }
-      if (absent(b)) {
+      if (skipped_.count(n->blocks()[1]) || absent(b)) {
         Set(n->output(i), sa, CDim(a));
         continue;
       }
@@ -699,6 +859,15 @@ class Analysis {
   // only filled and read with constant keys: the value each key holds so far.
   std::unordered_map<Value*, std::map<std::string, Value*>> dicts_;
   std::unordered_map<Value*, int64_t> cdim_;
+  std::set<torch::jit::Block*> skipped_;  // branches on shapes that never ran on the probe
+ public:
+  // view/reshape whose size list holds the channel count (times the flattened spatial size)
+  // as a constant, `x.view(-1, 320)`: that constant follows the kept channels.
+  struct SizeConstant {
+    Node* node;
+    Space space;
+  };
+  std::vector<SizeConstant> size_constants;
 };
 
 // One group after the analysis: the root atom and everything cut with it.
@@ -706,6 +875,7 @@ struct Group {
   int root;
   int64_t size;
   int64_t granule;
+  int64_t multiple;
   std::string name;
   bool blocked;
   std::string why;
@@ -717,8 +887,8 @@ std::vector<Group> Collect(Analysis& analysis) {
   std::map<int, Group> by_root;
   for (size_t i = 0; i < atoms.size(); ++i) {
     int r = analysis.Find(static_cast<int>(i));
-    auto [it, fresh] =
-        by_root.try_emplace(r, Group{r, atoms[r].size, atoms[r].granule, "", atoms[r].blocked, atoms[r].why, {}});
+    auto [it, fresh] = by_root.try_emplace(
+        r, Group{r, atoms[r].size, atoms[r].granule, atoms[r].multiple, "", atoms[r].blocked, atoms[r].why, {}});
     Group& g = it->second;
     if (g.name.empty()) g.name = atoms[i].name;
     g.members.insert(g.members.end(), atoms[i].members.begin(), atoms[i].members.end());
@@ -795,16 +965,23 @@ at::Tensor Scores(const torch::jit::Module& root, const Group& g, const std::str
   const bool l2 = criterion == "L2";
   for (const auto& m : g.members) {
     if (m.role != Role::kOut && m.role != Role::kDepthwise) continue;
-    at::Tensor w = TensorAt(root, m.params[0]).detach().to(at::kCPU, at::kDouble).reshape({g.size, -1});
+    // Output channels along dim 0 (convolutions, linear layers) or 1 (transposed convolutions).
+    at::Tensor w = TensorAt(root, m.params[0]).detach().to(at::kCPU, at::kDouble).transpose(0, m.dim).reshape({g.size, -1});
     score += l2 ? w.pow(2).sum(1) : w.abs().sum(1);
   }
   return l2 ? score.sqrt() : score;
 }
 
-int64_t RoundKept(int64_t size, double keep, int round_to, int64_t granule) {
-  if (granule > 1) {  // whole groups of a grouped convolution
-    int64_t groups = std::max<int64_t>(1, static_cast<int64_t>(std::llround(keep / double(granule))));
-    return std::min(size, groups * granule);
+// The kept count: whole granules of a grouped convolution, a multiple of a group norm's
+// groups, and else a multiple of `round_to` where the group is wide enough.
+int64_t RoundKept(int64_t size, double keep, int round_to, int64_t granule, int64_t multiple) {
+  const int64_t step = std::lcm(granule, multiple);
+  if (step > 1) {
+    int64_t unit = step;
+    const int64_t rounded = std::lcm<int64_t>(round_to, step);
+    if (granule == 1 && round_to > 1 && size >= 2 * rounded) unit = rounded;
+    const int64_t n = std::max<int64_t>(1, static_cast<int64_t>(std::llround(keep / double(unit))));
+    return std::min(size, n * unit);
   }
   int64_t k = static_cast<int64_t>(std::llround(keep));
   if (round_to > 1 && size >= 2 * round_to) {
@@ -835,10 +1012,18 @@ std::vector<ChannelGroup> Describe(const std::vector<Group>& groups, const std::
   return out;
 }
 
+// A view/reshape size constant that follows the kept channels: for each run of channels, its
+// group (-1: not a group, its size stays) and how many elements each channel has.
+struct SizeFixup {
+  Node* node;
+  std::vector<std::tuple<int, int64_t, int64_t>> parts;  // group index, channels, factor
+};
+
 struct Prepared {
   torch::jit::Module module;
   std::shared_ptr<Graph> graph;
   std::vector<Group> groups;
+  std::vector<SizeFixup> fixups;
   at::Tensor probe;
   c10::IValue reference;
   bool train_ok = false;
@@ -864,6 +1049,16 @@ Prepared Prepare(const torch::jit::Module& module, const std::vector<int64_t>& i
   analysis.Run();
   p.groups = Collect(analysis);
   CheckClaims(p.module, p.groups);
+  std::map<int, int> group_of_root;
+  for (size_t i = 0; i < p.groups.size(); ++i) group_of_root[p.groups[i].root] = static_cast<int>(i);
+  for (const auto& c : analysis.size_constants) {
+    SizeFixup f{c.node, {}};
+    for (const auto& seg : c.space) {
+      auto it = group_of_root.find(analysis.Find(seg.atom));
+      f.parts.emplace_back(it == group_of_root.end() ? -1 : it->second, seg.size, seg.factor);
+    }
+    p.fixups.push_back(std::move(f));
+  }
   return p;
 }
 
@@ -875,23 +1070,8 @@ void OutputShapes(const c10::IValue& v, std::vector<Shape>& out) {
   else if (v.isGenericDict()) for (const auto& e : v.toGenericDict()) OutputShapes(e.value(), out);
 }
 
-ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const ChannelPruneSpec& spec,
-                                 const std::vector<int64_t>& input_shape) {
-  if (!(spec.amount >= 0 && spec.amount < 1)) {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel amount must be in [0, 1)");
-  }
-  if (!(spec.criterion == "L1" || spec.criterion == "L2" || spec.criterion == "BN_SCALE")) {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel criterion must be L1, L2 or BN_SCALE");
-  }
-  if (spec.round_to < 1 || spec.round_to > 256) {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel roundTo must be in [1, 256]");
-  }
-  Prepared p = Prepare(module, input_shape);
-  ChannelPruneResult result;
-  result.module = p.module;
-
-  // Scores and kept counts.
-  bool fell_back = false;
+// Kept counts per group (the group's size where nothing is cut) and channel scores.
+std::vector<int64_t> KeptCounts(const Prepared& p, const ChannelPruneSpec& spec, bool& fell_back) {
   std::vector<at::Tensor> scores(p.groups.size());
   std::vector<int64_t> kept(p.groups.size());
   for (size_t i = 0; i < p.groups.size(); ++i) {
@@ -899,6 +1079,10 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
     if (p.groups[i].blocked || p.groups[i].size < 2) continue;
     scores[i] = Scores(p.module, p.groups[i], spec.criterion, fell_back);
   }
+  auto round = [&](size_t i, double keep) {
+    const Group& g = p.groups[i];
+    return RoundKept(g.size, keep, spec.round_to, g.granule, g.multiple);
+  };
   if (spec.global) {
     // One threshold over scores normalised by each group's mean; no group loses more than 90%.
     std::vector<at::Tensor> all;
@@ -913,17 +1097,21 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
         if (!scores[i].defined()) continue;
         at::Tensor norm = scores[i] / scores[i].mean().clamp_min(1e-12);
         double keep = std::max<double>((norm > threshold).sum().item<double>(), 0.1 * double(p.groups[i].size));
-        kept[i] = RoundKept(p.groups[i].size, keep, spec.round_to, p.groups[i].granule);
+        kept[i] = round(i, keep);
       }
     }
   } else {
     for (size_t i = 0; i < scores.size(); ++i) {
-      if (!scores[i].defined()) continue;
-      kept[i] = RoundKept(p.groups[i].size, double(p.groups[i].size) * (1.0 - spec.amount), spec.round_to,
-                           p.groups[i].granule);
+      if (scores[i].defined()) kept[i] = round(i, double(p.groups[i].size) * (1.0 - spec.amount));
     }
   }
+  return kept;
+}
 
+// Cuts every group to its kept count (the strongest channels stay) in `p` and rewrites the
+// graph constants that follow the counts. Returns what is wrong with the result ("" when it
+// runs in both modes and returns what the original returned).
+std::string Apply(Prepared& p, const std::vector<int64_t>& kept, const std::string& criterion) {
   // Keep masks per (tensor, dim), then one index_select each.
   struct Cut {
     Path path;
@@ -934,11 +1122,13 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
   // Graph constants that follow the kept count: a depthwise conv's `groups`, a layer_norm's
   // `normalized_shape` (node, input index, new value).
   std::vector<std::tuple<Node*, size_t, c10::IValue>> graph_updates;
+  bool unused = false;
   for (size_t i = 0; i < p.groups.size(); ++i) {
     const Group& g = p.groups[i];
-    if (!scores[i].defined() || kept[i] == g.size) continue;
+    if (kept[i] == g.size) continue;
+    at::Tensor score = Scores(p.module, g, criterion, unused);
     // Whole granules (runs of `granule` channels) ranked by their summed score.
-    at::Tensor order = std::get<1>(scores[i].reshape({-1, g.granule}).sum(1).sort(/*dim=*/0, /*descending=*/true));
+    at::Tensor order = std::get<1>(score.reshape({-1, g.granule}).sum(1).sort(/*dim=*/0, /*descending=*/true));
     std::vector<bool> keep(static_cast<size_t>(g.size), false);
     for (int64_t j = 0; j < kept[i] / g.granule; ++j) {
       for (int64_t c = 0; c < g.granule; ++c) keep[static_cast<size_t>(order[j].item<int64_t>() * g.granule + c)] = true;
@@ -979,13 +1169,32 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
     torch::jit::WithInsertPoint guard(node);
     node->replaceInput(input, p.graph->insertConstant(value));
   }
+  // `x.view(-1, 320)`: a size list of its own for each such view, with the new extent.
+  for (const auto& f : p.fixups) {
+    int64_t extent = 0;
+    bool changed = false;
+    for (const auto& [group, channels, factor] : f.parts) {
+      const int64_t k = group < 0 ? channels : kept[static_cast<size_t>(group)];
+      changed |= k != channels;
+      extent += k * factor;
+    }
+    if (!changed) continue;
+    torch::jit::WithInsertPoint guard(f.node);
+    Value* size = f.node->input(1);
+    Value* fresh = nullptr;
+    if (size->node()->kind() == prim::ListConstruct) {
+      std::vector<Value*> items(size->node()->inputs().begin(), size->node()->inputs().end());
+      items[1] = p.graph->insertConstant(extent);
+      fresh = p.graph->insertNode(p.graph->createList(c10::IntType::get(), items))->output();
+    } else {
+      std::vector<int64_t> items = torch::jit::toIValue(size)->toIntVector();
+      items[1] = extent;
+      fresh = p.graph->insertConstant(items);
+    }
+    f.node->replaceInput(1, fresh);
+  }
 
   // The result must run, in both modes, and return what the original returned.
-  auto broken = [&](const std::string& what) {
-    return EngineError(Code::kInternal, "CHANNEL_PRUNE_BROKE",
-                       "channel pruning produced an inconsistent model (" + what +
-                           "); this is a bug in Pare's analysis for this architecture, please report it");
-  };
   std::vector<Shape> want, got;
   OutputShapes(p.reference, want);
   try {
@@ -997,12 +1206,102 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
       clone.forward({p.probe});
     }
   } catch (const std::exception& e) {
-    std::string msg = e.what();
+    std::string msg = ErrorText(e);
     while (!msg.empty() && msg.back() == '\n') msg.pop_back();
-    throw broken(msg.substr(msg.rfind('\n') == std::string::npos ? 0 : msg.rfind('\n') + 1, 300));
+    return msg.substr(msg.rfind('\n') == std::string::npos ? 0 : msg.rfind('\n') + 1, 300);
   }
-  if (want != got) throw broken("the output shapes changed");
+  if (want != got) return "the output shapes changed";
+  return "";
+}
 
+ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const ChannelPruneSpec& spec,
+                                 const std::vector<int64_t>& input_shape) {
+  if (!(spec.amount >= 0 && spec.amount < 1)) {
+    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel amount must be in [0, 1)");
+  }
+  if (!(spec.criterion == "L1" || spec.criterion == "L2" || spec.criterion == "BN_SCALE")) {
+    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel criterion must be L1, L2 or BN_SCALE");
+  }
+  if (spec.round_to < 1 || spec.round_to > 256) {
+    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel roundTo must be in [1, 256]");
+  }
+  Prepared p = Prepare(module, input_shape);
+  bool fell_back = false;
+  std::vector<int64_t> kept = KeptCounts(p, spec, fell_back);
+  std::string error = Apply(p, kept, spec.criterion);
+  if (!error.empty()) {
+    // Some group's cut broke the model in a way the analysis did not foresee (a size computed
+    // from a constant channel count, say). Find the groups whose cut breaks it, one at a time
+    // (the smallest failing prefix of the cut groups, by bisection), leave them intact with
+    // the error, and prune the rest. The analysis is deterministic, so every trial starts
+    // from a fresh Prepare with the same groups.
+    std::vector<size_t> cut;
+    for (size_t i = 0; i < kept.size(); ++i) {
+      if (kept[i] < p.groups[i].size) cut.push_back(i);
+    }
+    std::vector<size_t> allowed;
+    std::map<size_t, std::string> culprits;
+    int trials = 0;
+    auto attempt = [&](const std::vector<size_t>& with) {
+      Prepared q = Prepare(module, input_shape);
+      std::vector<int64_t> k(q.groups.size());
+      for (size_t i = 0; i < k.size(); ++i) k[i] = q.groups[i].size;
+      for (size_t i : with) k[i] = kept[i];
+      ++trials;
+      return Apply(q, k, spec.criterion);
+    };
+    size_t start = 0;
+    std::string last = error;
+    while (start < cut.size() && trials < 64) {
+      // allowed + cut[start, hi) breaks, allowed + cut[start, lo) does not.
+      size_t lo = start, hi = cut.size();
+      while (hi - lo > 1 && trials < 64) {
+        size_t mid = (lo + hi) / 2;
+        std::vector<size_t> with = allowed;
+        with.insert(with.end(), cut.begin() + static_cast<long>(start), cut.begin() + static_cast<long>(mid));
+        std::string e = attempt(with);
+        if (e.empty()) lo = mid;
+        else {
+          hi = mid;
+          last = e;
+        }
+      }
+      culprits[cut[hi - 1]] = last;
+      allowed.insert(allowed.end(), cut.begin() + static_cast<long>(start), cut.begin() + static_cast<long>(hi - 1));
+      start = hi;
+      if (start >= cut.size()) break;
+      std::vector<size_t> with = allowed;
+      with.insert(with.end(), cut.begin() + static_cast<long>(start), cut.end());
+      last = attempt(with);
+      if (last.empty()) {
+        allowed = with;
+        start = cut.size();
+      }
+    }
+    p = Prepare(module, input_shape);
+    std::vector<int64_t> k(p.groups.size());
+    for (size_t i = 0; i < k.size(); ++i) k[i] = p.groups[i].size;
+    for (size_t i : allowed) k[i] = kept[i];
+    error = Apply(p, k, spec.criterion);
+    if (!error.empty()) {
+      throw EngineError(Code::kInternal, "CHANNEL_PRUNE_BROKE",
+                        "channel pruning produced an inconsistent model (" + error +
+                            ") and leaving the groups that broke it intact did not help; this is a bug in Pare's "
+                            "analysis for this architecture, please report it");
+    }
+    for (size_t i = 0; i < p.groups.size(); ++i) {
+      if (k[i] < kept[i] || (k[i] == p.groups[i].size && kept[i] < p.groups[i].size)) {
+        p.groups[i].blocked = true;
+        auto c = culprits.find(i);
+        p.groups[i].why = c != culprits.end() ? "cutting it broke the model: " + c->second
+                                              : "not tried after " + std::to_string(trials) + " trials";
+      }
+    }
+    kept = k;
+  }
+
+  ChannelPruneResult result;
+  result.module = p.module;
   result.groups = Describe(p.groups, kept);
   int64_t before = 0, after = 0, pruned = 0;
   std::vector<std::string> intact;

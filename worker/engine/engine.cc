@@ -137,7 +137,7 @@ torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, c
     torch::jit::Module operator()(const StaticQuantSpec& s) {
       m.to(c10::kCPU);
       auto batches = CalibrationBatches(ctx, s.calibration_batches, notes);
-      torch::jit::Module q = QuantizeStatic(m, s, batches);
+      torch::jit::Module q = QuantizeStatic(m, s, batches, &notes);
       if (!IsQuantized(q)) notes.push_back("no conv or linear layer was quantized");
       return q;
     }

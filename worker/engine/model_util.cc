@@ -151,11 +151,16 @@ at::Tensor OutputTensor(const c10::IValue& out) {
     }
   }
   if (out.isGenericDict()) {
+    // Segmentation models' {"out": ..., "aux": ...}: "out"; else the first tensor stored
+    // ({"logits": ..., "features": ...}).
     auto dict = out.toGenericDict();
     for (const auto& kv : dict) {
       if (kv.key().isString() && kv.key().toStringRef() == "out" && kv.value().isTensor()) {
         return kv.value().toTensor();
       }
+    }
+    for (const auto& kv : dict) {
+      if (kv.value().isTensor()) return kv.value().toTensor();
     }
   }
   throw EngineError(Code::kInvalidArgument, "MODEL_OUTPUT",

@@ -1,6 +1,7 @@
 #include "worker/engine/quantize.h"
 
 #include <functional>
+#include <map>
 #include <set>
 
 #include <torch/csrc/jit/api/function_impl.h>
@@ -14,6 +15,7 @@
 #include <torch/csrc/jit/runtime/jit_exception.h>
 
 #include "worker/engine/channel_prune.h"
+#include "worker/engine/cpu_features.h"
 #include "worker/engine/error.h"
 #include "worker/engine/graph_edit.h"
 #include "worker/engine/model_util.h"
@@ -24,7 +26,7 @@ namespace {
 // Activation observer for static quantization (affine uint8). All four kinds track the
 // running range; HISTOGRAM and PERCENTILE also keep a bounded, evenly thinned sample of
 // the values, from which calculate_qparams picks the range.
-torch::jit::Module MakeActivationObserver(const std::string& kind) {
+torch::jit::Module MakeActivationObserver(const std::string& kind, bool reduce_range) {
   int64_t k = kind == "MINMAX" ? 0 : kind == "MOVING_AVERAGE" ? 1 : kind == "HISTOGRAM" ? 2 : 3;
   torch::jit::Module obs(c10::QualifiedName("__torch__.pare.observers.ActivationObserver"));
   obs.register_attribute("training", c10::BoolType::get(), false);
@@ -34,7 +36,7 @@ torch::jit::Module MakeActivationObserver(const std::string& kind) {
   obs.register_attribute("dtype", c10::IntType::get(), static_cast<int64_t>(at::kQUInt8));
   obs.register_attribute("qscheme", c10::IntType::get(), static_cast<int64_t>(at::kPerTensorAffine));
   obs.register_attribute("quant_min", c10::IntType::get(), int64_t{0});
-  obs.register_attribute("quant_max", c10::IntType::get(), int64_t{255});
+  obs.register_attribute("quant_max", c10::IntType::get(), int64_t{reduce_range ? 127 : 255});
   obs.register_attribute("eps", c10::FloatType::get(), 1.1920928955078125e-07);
   obs.register_attribute("is_dynamic", c10::BoolType::get(), false);
   obs.register_attribute("kind", c10::IntType::get(), k);
@@ -202,7 +204,9 @@ static void DequantizeTupleElements(const std::shared_ptr<torch::jit::Graph>& gr
         elements.push_back(e);
       }
     }
-    torch::jit::Node* fresh = graph->insertNode(graph->createTuple(elements, tuple->output()->type()->expect<c10::TupleType>()));
+    auto type = tuple->output()->type()->expect<c10::TupleType>();
+    // createTuple takes a type only for named tuples.
+    torch::jit::Node* fresh = graph->insertNode(graph->createTuple(elements, type->schema() ? type : nullptr));
     n->output()->replaceAllUsesWith(fresh->output());
     n->destroy();
   }
@@ -373,32 +377,223 @@ int ObserveAfterConvRelu(const std::shared_ptr<torch::jit::Graph>& graph) {
   return static_cast<int>(calls.size());
 }
 
+// Whether static INT8 for `target` must keep activations to 7 bits (0..127): on x86 without
+// VNNI, oneDNN's int8 kernels multiply u8*s8 pairs into saturating 16-bit sums (VPMADDUBSW),
+// which full-range activations overflow (PyTorch's fbgemm qconfig reduces the range for the
+// same reason). QNNPACK sums in 32 bits everywhere.
+static bool ReduceRange(const std::string& target, std::string& why) {
+  if (target == "avx2") {
+    why = "the target is avx2 (x86 without VNNI)";
+    return true;
+  }
+  if (target == "vnni") {
+    why = "the target is vnni";
+    return false;
+  }
+  if (target != "auto" && !target.empty()) {
+    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "quantize.static.target must be auto, avx2 or vnni");
+  }
+  const CpuFeatures& cpu = HostCpu();
+  if (at::globalContext().qEngine() == at::QEngine::QNNPACK) {
+    why = "the QNNPACK engine sums in 32 bits";
+    return false;
+  }
+  if (!cpu.x86) {
+    why = "this worker's CPU is not x86";
+    return false;
+  }
+  const std::string name = cpu.model.empty() ? "this worker's CPU" : "this worker's CPU (" + cpu.model + ")";
+  if (cpu.FastInt8()) {
+    why = name + " has " + (cpu.avx512_vnni ? "AVX-512 VNNI" : "AMX");
+    return false;
+  }
+  why = name + " has no AVX-512 VNNI or AMX, so its int8 kernels sum in saturating 16 bits";
+  return true;
+}
+
+// LibTorch has no per-channel transposed convolutions ("Per Channel Quantization is currently
+// disabled for transposed conv"): after InsertObservers, the weight observers of transposed
+// convolutions (in every module's methods) observe per tensor. Returns how many.
+static int PerTensorTransposedWeights(torch::jit::Module& observed) {
+  int changed = 0;
+  for (const auto& m : observed.modules()) {
+    for (const auto& method : m.get_methods()) {
+      auto graph = method.graph();
+      torch::jit::Value* self = graph->inputs()[0];
+      ForEachNode(graph->block(), [&](torch::jit::Node* n) {
+        const auto k = n->kind();
+        bool transposed = k == c10::aten::conv_transpose1d || k == c10::aten::conv_transpose2d ||
+                          k == c10::aten::conv_transpose3d;
+        if (k == c10::aten::_convolution) {
+          auto t = torch::jit::toIValue(n->input(6));
+          transposed = t && t->isBool() && t->toBool();
+        }
+        if (!transposed) return;
+        torch::jit::Node* call = n->input(1)->node();
+        if (call->kind() != c10::prim::CallMethod || call->input(0)->node()->kind() != c10::prim::GetAttr ||
+            call->input(0)->node()->input(0) != self) {
+          return;
+        }
+        auto obs = m.attr(call->input(0)->node()->s(c10::attr::name));
+        if (!obs.isObject()) return;
+        torch::jit::Module observer(obs.toObject());
+        if (!observer.hasattr("per_channel") || !observer.attr("per_channel").toBool()) return;
+        observer.setattr("per_channel", false);
+        observer.setattr("qscheme", static_cast<int64_t>(at::kPerTensorSymmetric));
+        ++changed;
+      });
+    }
+  }
+  return changed;
+}
+
+// Quantized convolutions hand back channels-last tensors, on which a `view` (`x.view(-1, 320)`
+// after the last pool) fails: "view size is not compatible with input tensor's size and
+// stride". PyTorch's quantize_jit leaves such models broken. Every view reads a contiguous
+// copy instead (`contiguous()` returns the tensor itself when it already is). Returns how many.
+static int ContiguousBeforeView(const std::shared_ptr<torch::jit::Graph>& graph) {
+  std::vector<torch::jit::Node*> views;
+  ForEachNode(graph->block(), [&](torch::jit::Node* n) {
+    if (n->kind() == c10::aten::view && n->input(0)->type()->kind() == c10::TypeKind::TensorType) views.push_back(n);
+  });
+  for (torch::jit::Node* view : views) {
+    torch::jit::WithInsertPoint guard(view);
+    torch::jit::Value* dense = graph->insert(c10::aten::contiguous, {view->input(0)});
+    view->replaceInput(0, dense);
+  }
+  return static_cast<int>(views.size());
+}
+
+// The convolutions and linear layers a quantized graph still runs in float.
+static std::vector<std::string> FloatLayers(const std::shared_ptr<torch::jit::Graph>& graph) {
+  std::map<std::string, int> count;
+  ForEachNode(graph->block(), [&](torch::jit::Node* n) {
+    const auto k = n->kind();
+    if (k == c10::aten::conv1d || k == c10::aten::conv2d || k == c10::aten::conv3d || k == c10::aten::_convolution ||
+        k == c10::aten::conv_transpose1d || k == c10::aten::conv_transpose2d || k == c10::aten::conv_transpose3d ||
+        k == c10::aten::linear || k == c10::aten::matmul || k == c10::aten::addmm) {
+      ++count[k.toQualString()];
+    }
+  });
+  std::vector<std::string> out;
+  for (const auto& [op, n] : count) out.push_back(std::to_string(n) + " " + op);
+  return out;
+}
+
 static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, const StaticQuantSpec& spec,
-                                             const std::vector<at::Tensor>& calibration);
+                                             const std::vector<at::Tensor>& calibration,
+                                             std::vector<std::string>& notes,
+                                             const std::set<std::string>& keep_float = {});
+
+// Submodules (by path) whose own forward branches or loops on something other than an
+// assertion, grouped by class name: the parts graph-mode quantization may refuse to observe
+// (Swin's shifted-window attention, nn.MultiheadAttention), after eval specialization.
+static std::map<std::string, std::vector<std::string>> ControlFlowModules(const torch::jit::Module& input) {
+  torch::jit::Module m = input.clone();
+  m.eval();
+  SpecializeForEval(m);
+  std::map<std::string, std::vector<std::string>> out;
+  for (const auto& item : m.named_modules()) {
+    if (item.name.empty() || !item.value.find_method("forward")) continue;
+    bool flow = false;
+    ForEachNode(item.value.get_method("forward").graph()->block(), [&](torch::jit::Node* n) {
+      if (n->kind() == c10::prim::Loop) flow = true;
+      if (n->kind() != c10::prim::If) return;
+      bool raises = false;
+      for (torch::jit::Block* b : n->blocks()) {
+        for (torch::jit::Node* inner : b->nodes()) raises |= inner->kind() == c10::prim::RaiseException;
+      }
+      flow |= !raises;
+    });
+    if (!flow) continue;
+    auto type = item.value.type()->name();
+    out[type ? type->name() : "?"].push_back(item.name);
+  }
+  return out;
+}
+
+// When the whole model cannot be quantized: the same with the submodules that have control
+// flow kept float (qconfig None for their paths), then each kind of them quantized again where
+// the model still converts. Throws the original error when even that fails.
+static torch::jit::Module QuantizeAroundControlFlow(const torch::jit::Module& input, const StaticQuantSpec& spec,
+                                                    const std::vector<at::Tensor>& calibration,
+                                                    std::vector<std::string>& notes, const EngineError& first) {
+  auto kinds = ControlFlowModules(input);
+  std::set<std::string> keep;
+  for (const auto& [kind, paths] : kinds) keep.insert(paths.begin(), paths.end());
+  if (keep.empty()) throw first;
+  const size_t before = notes.size();
+  torch::jit::Module best;
+  try {
+    best = QuantizeStaticOnce(input, spec, calibration, notes, keep);
+  } catch (const std::exception&) {
+    notes.resize(before);
+    throw first;
+  }
+  std::vector<std::string> best_notes(notes.begin() + static_cast<long>(before), notes.end());
+  std::map<std::string, std::vector<std::string>> kept_float = kinds;
+  for (const auto& [kind, paths] : kinds) {
+    std::set<std::string> fewer = keep;
+    for (const auto& p : paths) fewer.erase(p);
+    std::vector<std::string> trial_notes;
+    try {
+      torch::jit::Module q = QuantizeStaticOnce(input, spec, calibration, trial_notes, fewer);
+      // The module-form result is checked as a whole by the caller; here it must at least run.
+      torch::NoGradGuard no_grad;
+      q.forward({calibration.front()});
+      best = q;
+      best_notes = trial_notes;
+      keep = fewer;
+      kept_float.erase(kind);
+    } catch (const std::exception&) {
+    }
+  }
+  notes.resize(before);
+  notes.insert(notes.end(), best_notes.begin(), best_notes.end());
+  // The first line of LibTorch's complaint, without Pare's wrapping around it.
+  std::string why = first.what();
+  const std::string prefix = "cannot handle this model (";
+  if (auto at = why.find(prefix); at != std::string::npos) why = why.substr(at + prefix.size());
+  why = why.substr(0, std::min({why.find('\n'), why.find(", if node"), why.find("); quantize.dynamic"), size_t{200}}));
+  for (const auto& [kind, paths] : kept_float) {
+    notes.push_back("kept float: " + std::to_string(paths.size()) + " " + kind + " module(s) (" + paths.front() +
+                    (paths.size() > 1 ? ", ..." : "") +
+                    "): LibTorch's graph-mode quantization cannot observe their control flow (" + why + ")");
+  }
+  return best;
+}
 
 torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQuantSpec& spec,
-                                  const std::vector<at::Tensor>& calibration) {
+                                  const std::vector<at::Tensor>& calibration, std::vector<std::string>* notes) {
+  std::vector<std::string> local;
+  std::vector<std::string>& out = notes ? *notes : local;
+  const size_t before = out.size();
   try {
-    return QuantizeStaticOnce(input, spec, calibration);
+    return QuantizeStaticOnce(input, spec, calibration, out);
   } catch (const EngineError& e) {
     if (e.reason() != "QUANTIZE_UNSUPPORTED" || !CallsSubmodules(input)) throw;
     // LibTorch's passes follow the model's submodule calls, and some structures defeat them
     // (GoogLeNet's optional auxiliary heads: "isObject() INTERNAL ASSERT FAILED"). The same
     // model as one inlined graph, configuration folded (what channel pruning produces), often
     // quantizes: try that before refusing, and refuse with the first error if it fails too.
+    out.resize(before);
     torch::jit::Module flat = input.clone();
     flat.eval();
     try {
       InlineForward(flat);
-      return QuantizeStaticOnce(flat, spec, calibration);
+      return QuantizeStaticOnce(flat, spec, calibration, out);
     } catch (const std::exception&) {
-      throw e;
+      out.resize(before);
     }
+    // Some parts defeat both (data-dependent branches: Swin's shifted windows): quantize the
+    // rest and keep those float.
+    return QuantizeAroundControlFlow(input, spec, calibration, out, e);
   }
 }
 
 static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, const StaticQuantSpec& spec,
-                                             const std::vector<at::Tensor>& calibration) {
+                                             const std::vector<at::Tensor>& calibration,
+                                             std::vector<std::string>& notes, const std::set<std::string>& keep_float) {
   if (!input.find_method("forward")) {
     throw EngineError(Code::kInvalidArgument, "MODEL_FORMAT", "the model has no forward method");
   }
@@ -410,6 +605,8 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
   if (calibration.empty()) {
     throw EngineError(Code::kInvalidArgument, "NO_CALIBRATION", "quantize.static needs calibration inputs");
   }
+  std::string range_why;
+  const bool reduce_range = ReduceRange(spec.target, range_why);
   // Conv-bn folding. A model whose forward is one inlined graph (channel-pruned ones) is
   // folded by Pare's own pass on that graph. LibTorch's FoldConvBatchNorm must not see it: it
   // folds the conv/bn submodule calls of the submodules' own (now unused) methods into the
@@ -427,7 +624,8 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
   SpecializeForEval(module);
   HoistReluOverMaxPool(module.get_method("forward").graph());
   torch::jit::QConfigDict qconfig;
-  qconfig[""] = std::make_tuple(MakeActivationObserver(k), MakeWeightObserver(spec.per_channel));
+  qconfig[""] = std::make_tuple(MakeActivationObserver(k, reduce_range), MakeWeightObserver(spec.per_channel));
+  for (const auto& path : keep_float) qconfig[path] = c10::nullopt;
   // Graph-mode quantization refuses some models: control flow whose branches it cannot observe
   // alike (Swin's shifted-window masks), observers on values that turn out to be lists
   // (torchvision's ViT attention). A limit of the technique for that model, not a fault of the
@@ -438,10 +636,12 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
                            ErrorText(e) + "); quantize.dynamic converts its linear layers instead");
   };
   torch::jit::Module quantized;
+  int transposed = 0;
   try {
     torch::jit::Module observed =
         torch::jit::InsertObservers(module, "forward", qconfig, /*inplace=*/true, torch::jit::QuantType::STATIC);
     ObserveAfterConvRelu(observed.get_method("forward").graph());
+    if (spec.per_channel) transposed = PerTensorTransposedWeights(observed);
     {
       torch::NoGradGuard no_grad;
       // A few runs of a graph that is thrown away afterwards: the executor's profiling and
@@ -452,15 +652,33 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
     quantized = torch::jit::InsertQuantDeQuant(observed, "forward", /*inplace=*/true,
                                                /*debug=*/false, torch::jit::QuantType::STATIC);
     quantized = torch::jit::Finalize(quantized, torch::jit::QuantType::STATIC, {});
+    auto final_graph = quantized.get_method("forward").graph();
+    DequantizeTupleElements(final_graph);
+    ContiguousBeforeView(final_graph);
+    // Some refusals only show when the quantized ops run (a kernel the engine lacks).
+    torch::NoGradGuard no_grad;
+    quantized.forward({calibration.front()});
   } catch (const c10::Error& e) {
     throw unsupported(e);
   } catch (const torch::jit::JITException& e) {
     throw unsupported(e);
   }
   auto graph = quantized.get_method("forward").graph();
-  DequantizeTupleElements(graph);
   torch::jit::ConstantPropagation(graph);
   torch::jit::EliminateDeadCode(graph);
+  notes.push_back(std::string("activations: ") + (reduce_range ? "7-bit (0..127), since " : "8-bit, since ") +
+                  range_why);
+  if (transposed) {
+    notes.push_back(std::to_string(transposed) +
+                    " transposed convolution weight(s) quantized per tensor (LibTorch has no per-channel "
+                    "quantized transposed convolution)");
+  }
+  auto left = FloatLayers(graph);
+  if (!left.empty()) {
+    std::string s = "stayed float: ";
+    for (size_t i = 0; i < left.size(); ++i) s += (i ? ", " : "") + left[i];
+    notes.push_back(s);
+  }
   return quantized;
 }
 

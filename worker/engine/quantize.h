@@ -35,8 +35,11 @@ int HoistReluOverMaxPool(const std::shared_ptr<torch::jit::Graph>& graph);
 int ObserveAfterConvRelu(const std::shared_ptr<torch::jit::Graph>& graph);
 
 // Static INT8: folds conv-bn, observes activations on `calibration` batches (each already
-// on the CPU), and converts to quantized ops. Returns the new module.
+// on the CPU), and converts to quantized ops. Returns the new module; `notes` (when given)
+// gets what the report should say: the activation range chosen for the target CPU, weights
+// quantized per tensor, layers that stayed float.
 torch::jit::Module QuantizeStatic(const torch::jit::Module& module, const StaticQuantSpec& spec,
-                                  const std::vector<at::Tensor>& calibration);
+                                  const std::vector<at::Tensor>& calibration,
+                                  std::vector<std::string>* notes = nullptr);
 
 }  // namespace pare::engine

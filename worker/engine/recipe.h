@@ -46,6 +46,10 @@ struct StaticQuantSpec {
   std::string observer = "HISTOGRAM";
   int calibration_batches = 16;  // of 8 inputs each
   bool per_channel = true;
+  // The CPU the model will run on: "vnni" (AVX-512 VNNI/AMX, full 8-bit activations), "avx2"
+  // (x86 without VNNI: 7-bit activations, as its int8 kernels saturate 16-bit sums of u8*s8
+  // pairs) or "auto" (the CPU this process runs on).
+  std::string target = "auto";
 };
 
 // Weights and buffers converted to 16-bit floats for GPU deployment; the model keeps a
