@@ -7,6 +7,7 @@
 #include <fstream>
 
 #include "worker/engine/channel_prune.h"
+#include "worker/engine/cpu_features.h"
 #include "worker/engine/dataset.h"
 #include "worker/engine/engine.h"
 #include "worker/engine/error.h"
@@ -882,11 +883,20 @@ TEST_F(EngineTest, ChannelPrunedModelsFoldBatchNormAndQuantize) {
   EXPECT_TRUE(at::allclose(folded.forward({x}).toTensor(), before, 1e-4, 1e-4));
   std::vector<at::Tensor> calibration;
   for (int i = 0; i < 4; ++i) calibration.push_back(at::randn({8, 3, 16, 16}));
-  auto q = QuantizeStatic(p, StaticQuantSpec{}, calibration);
-  std::string graph = q.get_method("forward").graph()->toString();
-  EXPECT_NE(graph.find("quantized::conv2d"), std::string::npos);
-  at::Tensor y = q.forward({x}).toTensor();
-  EXPECT_GT(at::cosine_similarity(y.flatten(), before.flatten(), 0).item<double>(), 0.99);
+  // The same tolerance for both activation ranges: "auto" is 7-bit on CPUs without VNNI (whose
+  // int8 kernels would saturate full-range activations), 8-bit on this one if it has VNNI.
+  std::vector<std::string> targets{"auto", "avx2"};
+  if (HostCpu().FastInt8()) targets.push_back("vnni");
+  torch::jit::Module q;
+  for (const auto& target : targets) {
+    StaticQuantSpec qs;
+    qs.target = target;
+    q = QuantizeStatic(p, qs, calibration);
+    std::string graph = q.get_method("forward").graph()->toString();
+    EXPECT_NE(graph.find("quantized::conv2d"), std::string::npos);
+    at::Tensor y = q.forward({x}).toTensor();
+    EXPECT_GT(at::cosine_similarity(y.flatten(), before.flatten(), 0).item<double>(), 0.99) << target;
+  }
   // Quantizing worked on a copy: the pruned float model still has its norms and trains.
   EXPECT_NE(p.get_method("forward").graph()->toString().find("aten::batch_norm"), std::string::npos);
   EXPECT_TRUE(at::allclose(p.forward({x}).toTensor(), before));
@@ -1087,6 +1097,153 @@ TEST_F(EngineTest, ImageFolderDecodesPngAndJpegAndPreprocesses) {
     FAIL();
   } catch (const EngineError& e) {
     EXPECT_NE(std::string(e.what()).find("rotate"), std::string::npos) << e.what();
+  }
+}
+
+// --- Networks as users write them (tests/fixtures/user_nets.py) ---
+
+// The scale of the first activation quantization in a quantized graph (the model's input).
+double FirstInputScale(const torch::jit::Module& q) {
+  for (torch::jit::Node* n : q.get_method("forward").graph()->nodes()) {
+    if (n->kind() == c10::aten::quantize_per_tensor) return torch::jit::toIValue(n->input(1))->toDouble();
+  }
+  return 0;
+}
+
+TEST_F(EngineTest, ChannelPruneRewritesConstantViewSizes) {
+  // The article's CNN: `x.view(-1, 320)` after conv2 (20 channels of 4x4).
+  auto m = torch::jit::load(Fixture("user_article_cnn.pt"));
+  ChannelPruneSpec spec;
+  spec.round_to = 1;
+  auto r = ChannelPrune(m, spec, {1, 1, 28, 28});
+  const int64_t kept = Param(r.module, "conv2.weight").size(0);
+  EXPECT_EQ(kept, 10);
+  EXPECT_EQ(Param(r.module, "fc1.weight").size(1), kept * 16);
+  EXPECT_EQ(r.module.forward({at::randn({3, 1, 28, 28})}).toTensor().sizes().vec(), (std::vector<int64_t>{3, 10}));
+  // The view's constant was rewritten: no group was left intact for it.
+  for (const auto& g : r.groups) EXPECT_EQ(g.why_intact.find("view"), std::string::npos) << g.name;
+  // MobileNetV1's `view(-1, 256)` after a 1x1 pool keeps the channels in place.
+  auto v1 = ChannelPrune(torch::jit::load(Fixture("user_mobilenet_v1.pt")), spec, {1, 3, 64, 64});
+  EXPECT_EQ(Param(v1.module, "fc.weight").size(1), Param(v1.module, "model.9.3.weight").size(0));
+  EXPECT_LT(Param(v1.module, "fc.weight").size(1), 256);
+}
+
+TEST_F(EngineTest, ChannelPruneKeepsGroupNormGroupsWhole) {
+  auto m = torch::jit::load(Fixture("user_norms.pt"));
+  ChannelPruneSpec spec;
+  spec.amount = 0.3;
+  spec.round_to = 1;
+  auto r = ChannelPrune(m, spec, {1, 3, 32, 32});
+  const int64_t gn1 = Param(r.module, "gn1.weight").size(0), gn3 = Param(r.module, "gn3.weight").size(0);
+  EXPECT_LT(gn1, 32);
+  EXPECT_EQ(gn1 % 4, 0) << gn1;  // GroupNorm(4, 32)
+  EXPECT_LT(gn3, 64);
+  EXPECT_EQ(gn3 % 8, 0) << gn3;  // GroupNorm(8, 64)
+  EXPECT_EQ(Param(r.module, "conv1.weight").size(0), gn1);
+  // The affine instance norm is cut with its convolution.
+  EXPECT_EQ(Param(r.module, "in2.weight").size(0), Param(r.module, "conv2.weight").size(0));
+  EXPECT_LT(Param(r.module, "in2.weight").size(0), 48);
+  EXPECT_EQ(r.module.forward({at::randn({2, 3, 32, 32})}).toTensor().size(1), 10);
+}
+
+TEST_F(EngineTest, ChannelPruneCutsTransposedConvolutions) {
+  auto m = torch::jit::load(Fixture("user_unet.pt"));
+  ChannelPruneSpec spec;
+  spec.round_to = 1;
+  auto r = ChannelPrune(m, spec, {1, 3, 32, 32});
+  // ConvTranspose2d weight is [in, out, k, k]: both sides follow their groups.
+  at::Tensor up = Param(r.module, "up1.weight");
+  EXPECT_EQ(up.size(0), Param(r.module, "down2.1.net.3.weight").size(0));
+  EXPECT_EQ(up.size(1), 16);
+  EXPECT_EQ(Param(r.module, "up1.bias").size(0), 16);
+  // conv1 reads cat([x2, up1(x3)]): both parts cut.
+  EXPECT_EQ(Param(r.module, "conv1.net.0.weight").size(1), Param(r.module, "down1.1.net.3.weight").size(0) + 16);
+  EXPECT_EQ(r.module.forward({at::randn({2, 3, 32, 32})}).toTensor().sizes().vec(),
+            (std::vector<int64_t>{2, 2, 32, 32}));
+}
+
+TEST_F(EngineTest, ChannelPruneLeavesIntactACutThatBreaksTheModel) {
+  // `view(b, 16 * h * w)`: a size computed from a constant channel count.
+  auto m = torch::jit::load(Fixture("user_computed_view.pt"));
+  ChannelPruneSpec spec;
+  spec.round_to = 1;
+  auto r = ChannelPrune(m, spec, {1, 3, 32, 32});
+  bool named = false;
+  for (const auto& g : r.groups) {
+    if (g.name == "conv2") {
+      EXPECT_FALSE(g.prunable);
+      EXPECT_NE(g.why_intact.find("cutting it broke the model"), std::string::npos) << g.why_intact;
+      named = true;
+    }
+  }
+  EXPECT_TRUE(named);
+  EXPECT_EQ(Param(r.module, "conv1.weight").size(0), 16);  // the rest is still pruned
+  EXPECT_EQ(Param(r.module, "conv2.weight").size(0), 16);
+  EXPECT_EQ(r.module.forward({at::randn({2, 3, 32, 32})}).toTensor().size(1), 10);
+}
+
+TEST_F(EngineTest, StaticQuantizationActivationRangeFollowsTheTarget) {
+  auto m = torch::jit::load(Fixture("user_vgg_style.pt"));
+  std::vector<at::Tensor> calibration;
+  for (int i = 0; i < 4; ++i) calibration.push_back(at::randn({8, 3, 32, 32}));
+  auto quantize = [&](const std::string& target, std::vector<std::string>& notes) {
+    StaticQuantSpec spec{"MINMAX", 4, true, target};
+    return QuantizeStatic(m, spec, calibration, &notes);
+  };
+  std::vector<std::string> avx2_notes, vnni_notes, auto_notes;
+  auto avx2 = quantize("avx2", avx2_notes);
+  auto vnni = quantize("vnni", vnni_notes);
+  auto host = quantize("auto", auto_notes);
+  // MINMAX over the same values: 7-bit activations have twice the 8-bit step (255 / 127).
+  EXPECT_NEAR(FirstInputScale(avx2) / FirstInputScale(vnni), 255.0 / 127.0, 1e-3);
+  auto says = [](const std::vector<std::string>& notes, const std::string& what) {
+    for (const auto& n : notes) {
+      if (n.rfind("activations: " + what, 0) == 0) return true;
+    }
+    return false;
+  };
+  EXPECT_TRUE(says(avx2_notes, "7-bit"));
+  EXPECT_TRUE(says(vnni_notes, "8-bit"));
+  EXPECT_TRUE(says(auto_notes, HostCpu().FastInt8() ? "8-bit" : "7-bit"));
+  EXPECT_DOUBLE_EQ(FirstInputScale(host), FirstInputScale(HostCpu().FastInt8() ? vnni : avx2));
+  // The VGG flattens with view(x.size(0), -1) after a quantized conv: it must run.
+  at::Tensor x = at::randn({4, 3, 32, 32});
+  at::Tensor want = m.forward({x}).toTensor();
+  for (auto* q : {&avx2, &vnni}) {
+    at::Tensor got = q->forward({x}).toTensor();
+    EXPECT_GT(at::cosine_similarity(got.flatten(), want.flatten(), 0).item<double>(), 0.98);
+  }
+  StaticQuantSpec bad;
+  bad.target = "neon";
+  EXPECT_THROW(QuantizeStatic(m, bad, calibration), EngineError);
+}
+
+TEST_F(EngineTest, StaticQuantizationOfTransposedConvolutionsUsesPerTensorWeights) {
+  auto m = torch::jit::load(Fixture("user_unet.pt"));
+  std::vector<at::Tensor> calibration;
+  for (int i = 0; i < 2; ++i) calibration.push_back(at::randn({4, 3, 32, 32}));
+  std::vector<std::string> notes;
+  auto q = QuantizeStatic(m, StaticQuantSpec{"MINMAX", 2, true}, calibration, &notes);
+  EXPECT_NE(q.get_method("forward").graph()->toString().find("quantized::conv_transpose2d"), std::string::npos);
+  bool said = false;
+  for (const auto& n : notes) said |= n.find("1 transposed convolution weight(s) quantized per tensor") == 0;
+  EXPECT_TRUE(said);
+  at::Tensor x = at::randn({2, 3, 32, 32});
+  EXPECT_GT(at::cosine_similarity(q.forward({x}).toTensor().flatten(), m.forward({x}).toTensor().flatten(), 0)
+                .item<double>(),
+            0.95);
+}
+
+TEST_F(EngineTest, TwoInputModelsAreRefusedWithTheirInputs) {
+  CompressOptions opts = QuickOptions();
+  opts.eval.reset();
+  opts.input_shape = {1, 3, 32, 32};
+  try {
+    Compress(Fixture("user_two_input.pt"), {DynamicQuantSpec{}}, opts, TempPath("two.pt"));
+    FAIL() << "a two-input model was accepted";
+  } catch (const EngineError& e) {
+    EXPECT_EQ(e.reason(), "MODEL_INPUTS");
+    EXPECT_NE(std::string(e.what()).find("takes 2 inputs (x, y)"), std::string::npos) << e.what();
   }
 }
 

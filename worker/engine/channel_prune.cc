@@ -726,8 +726,13 @@ class Analysis {
     Space in = Of(n->input(0));
     if (in.empty() || !ChannelsFirst(n->input(0), in, OpName(n))) return;
     const Shape* shape = ShapeOf(n->input(0));
-    auto dims = n->inputs().size() > 1 ? torch::jit::toIValue(n->input(1)) : c10::nullopt;
-    if (!shape || !dims || !dims->isIntList()) return Block(in, OpName(n) + " over all dimensions");
+    // Over every dimension (`x.mean()` in a condition): a scalar, whatever the channel count.
+    if (n->inputs().size() == 1 || (n->inputs().size() == 2 && n->input(1)->type()->kind() != c10::TypeKind::ListType)) {
+      return;
+    }
+    auto dims = torch::jit::toIValue(n->input(1));
+    if (!shape || !dims || !dims->isIntList()) return Block(in, OpName(n) + " over dimensions known only at run time");
+    if (dims->toIntVector().empty()) return;  // amax(x): over every dimension
     const int64_t rank = static_cast<int64_t>(shape->size());
     for (int64_t d : dims->toIntVector()) {
       if (d < 0) d += rank;

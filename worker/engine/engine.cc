@@ -269,6 +269,22 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
   if (!model.find_method("forward")) {
     throw EngineError(Code::kInvalidArgument, "MODEL_FORMAT", "the model has no forward method");
   }
+  {
+    // A job feeds the model one input tensor (of the job's input shape).
+    const auto& schema = model.get_method("forward").function().getSchema();
+    std::vector<std::string> required;
+    for (size_t i = 1; i < schema.arguments().size(); ++i) {
+      if (!schema.arguments()[i].default_value()) required.push_back(schema.arguments()[i].name());
+    }
+    if (required.size() != 1) {
+      std::string names;
+      for (const auto& n : required) names += (names.empty() ? "" : ", ") + n;
+      throw EngineError(Code::kInvalidArgument, "MODEL_INPUTS",
+                        "the model's forward takes " + std::to_string(required.size()) + " inputs (" + names +
+                            "); Pare runs models on one input tensor: wrap it in a module whose forward takes one "
+                            "tensor (for a pair of images, both stacked along the batch or channel dimension)");
+    }
+  }
 
   Dataset eval, calibration, train;
   if (options.eval) eval = LoadDataset(options.eval->format, options.eval->path);
