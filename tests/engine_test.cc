@@ -685,6 +685,10 @@ TEST_F(EngineTest, DatasetsLoadAndBadOnesAreNamed) {
   EXPECT_EQ(ds.images.scalar_type(), at::kFloat);
   EXPECT_LE(ds.images.max().item<float>(), 1.0f);
   EXPECT_EQ(ds.labels.size(0), 64);
+  // Images alone (a one-item dict, which LibTorch's unpickler cannot read as it is).
+  Dataset unlabelled = LoadDataset("tensors", Fixture("images_only.pt"));
+  EXPECT_EQ(unlabelled.images.size(0), 16);
+  EXPECT_FALSE(unlabelled.labels.defined());
 
   // A hand-written IDX pair: 2 images of 3x2, and 2 labels.
   std::string dir = TempPath("idx");

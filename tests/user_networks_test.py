@@ -14,6 +14,9 @@ float model's mean output over the batch: the network's response to its input, n
 constant part every input shares (which would make any comparison pass). The inputs are
 smooth random images, so that pooled features differ from image to image.
 
+At the end it prints a Markdown table of the results (the README's table comes from it),
+with the CPU it ran on.
+
 Usage: user_networks_test.py [NAME_SUBSTRING]  (PARE_BIN_DIR and PARE_FIXTURES from ctest)
 """
 import json
@@ -120,9 +123,55 @@ def compress(model, shape, steps, data, work):
         return out, json.load(f)
 
 
+def cpu_line():
+    model, flags = "unknown CPU", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags") and not flags:
+                    flags = line.split()
+    except OSError:
+        pass
+    ext = [name for flag, name in [("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"),
+                                   ("amx_int8", "AMX-INT8")] if flag in flags]
+    return f"{model} ({', '.join(ext) or 'no AVX2'}), {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def summary(recipe, cos, report):
+    """One table cell."""
+    steps = report["steps"]
+    notes = steps[-1].get("notes", [])
+    if recipe == "channel":
+        groups = next((n for n in notes if n.startswith("channel groups:")), "")
+        # "channel groups: 5, pruned 4; channels 218 -> 162"
+        parts = groups.replace("channel groups: ", "").replace("pruned ", "").split(";")[0].split(", ")
+        intact = next((n for n in notes if n.startswith("left intact")), "")
+        why = ""
+        if intact:
+            body = intact.split(": ", 1)[1].split("; ")
+            first = body[0].split(" (`")[0]
+            first = first[:90] + ("..." if len(first) > 90 else "")
+            why = "; intact: " + first + ")" * (first.count("(") - first.count(")"))
+            why += f" and {len(body) - 1} more" if len(body) > 1 else ""
+        return (f"{parts[1]}/{parts[0]} groups, MACs ×{steps[-1]['stats']['macs'] / steps[0]['stats']['macs']:.2f}"
+                f"{why}")
+    if recipe == "magnitude":
+        stats = steps[-1]["stats"]
+        return f"{1 - stats['nonzero_parameters'] / stats['parameters']:.2f} zero"
+    cell = f"{cos:.3f}"
+    if recipe.startswith("static"):
+        kept = [n.split(" (")[0].replace("kept float: ", "") for n in notes if n.startswith("kept float")]
+        if kept:
+            cell += " (float: " + ", ".join(kept) + ")"
+    return cell
+
+
 def main():
     only = sys.argv[1] if len(sys.argv) > 1 else ""
     failures, passed, unsupported = [], 0, 0
+    table = {}
     with tempfile.TemporaryDirectory() as work:
         for name, ctor, shape in user_nets.NETS:
             if only not in name:
@@ -144,6 +193,7 @@ def main():
                     unsupported += 1
                     if not ok:
                         failures.append(f"{name}: unclear error: {e}")
+                    table[name] = {r: "refused (MODEL_INPUTS)" for r in RECIPES}
                 continue
             with torch.no_grad():
                 want = tensors(original(x))
@@ -155,8 +205,7 @@ def main():
                 labels = first.argmax(1) if first.dim() == 2 else torch.randint(0, 10, (x.size(0),))
             data = {"calibration": os.path.join(work, "calibration.pt"), "eval": os.path.join(work, "eval.pt"),
                     "train": os.path.join(work, "train.pt")}
-            # (LibTorch 1.13's unpickler cannot read a one-key dict: labels go with the images.)
-            torch.save({"images": smooth_images(64, shape, seed=5), "labels": labels}, data["calibration"])
+            torch.save({"images": smooth_images(64, shape, seed=5)}, data["calibration"])
             torch.save({"images": x, "labels": labels}, data["eval"])
             torch.save({"images": smooth_images(128, shape, seed=7),
                         "labels": labels.repeat(2)}, data["train"])
@@ -205,13 +254,22 @@ def main():
                         sum(t.float().sum() for t in tensors(m(x[:4]))).backward()
                         assert any(p.grad is not None for p in m.parameters()), "no gradients after pruning"
                     passed += 1
+                    table.setdefault(name, {})[recipe] = summary(recipe, cos, report)
                     extra = [n for n in notes if not n.startswith(("calibrated on", "WARNING: slower"))]
                     floor = f" (floor {tolerance:.3f})" if tolerance is not None else ""
                     print(f"ok   {label}: centred cosine {cos:.4f}{floor}; MACs {macs0:.3g} -> {stats['macs']:.3g}"
                           f"{'; ' + ' | '.join(extra)[:300] if extra else ''}")
                 except Exception as e:  # report every case, then fail
+                    table.setdefault(name, {})[recipe] = "FAIL"
                     failures.append(f"{label}: {e}")
                     print(f"FAIL {label}: {e}")
+    print(f"\nOn {cpu_line()}. Channel pruning: groups pruned/total, the MACs kept, groups left intact; "
+          "magnitude: the share of zero parameters; the others: the centred output cosine with the float model "
+          "(dynamic INT8 and distillation too).\n")
+    print("| fixture | " + " | ".join(RECIPES) + " |")
+    print("|---" * (len(RECIPES) + 1) + "|")
+    for name, cells in table.items():
+        print(f"| {name[5:-3]} | " + " | ".join(cells.get(r, "") for r in RECIPES) + " |")
     print(f"user_networks: {passed} passed, {len(failures)} failed, {unsupported} refused as unsupported")
     if failures:
         print("\n".join(failures))

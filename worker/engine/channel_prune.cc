@@ -432,14 +432,19 @@ class Analysis {
     }
     if (In(k, {aten::max_pool1d, aten::max_pool2d, aten::max_pool3d, aten::avg_pool1d, aten::avg_pool2d,
                aten::avg_pool3d, aten::adaptive_avg_pool1d, aten::adaptive_avg_pool2d, aten::adaptive_avg_pool3d,
-               aten::upsample_nearest2d, aten::upsample_bilinear2d})) {
+               aten::adaptive_max_pool1d, aten::adaptive_max_pool2d, aten::adaptive_max_pool3d,
+               aten::max_pool1d_with_indices, aten::max_pool2d_with_indices, aten::max_pool3d_with_indices,
+               aten::upsample_nearest1d, aten::upsample_nearest2d, aten::upsample_nearest3d, aten::upsample_linear1d,
+               aten::upsample_bilinear2d, aten::upsample_bicubic2d, aten::upsample_trilinear3d})) {
       Space s = Of(n->input(0));
       if (!ChannelsFirst(n->input(0), s, OpName(n))) return;
       for (const auto& g : s) {
         if (g.factor != 1) return Block(s, OpName(n) + " on flattened channels");
       }
-      if (n->outputs().size() == 1) space_[n->output()] = s;
-      else Block(s, OpName(n));
+      // Pools that also return indices: those have the same channels.
+      for (Value* out : n->outputs()) {
+        if (IsTensor(out)) space_[out] = s;
+      }
       return;
     }
     if (In(k, {aten::mean, aten::sum, aten::amax})) return Reduce(n);
@@ -471,7 +476,16 @@ class Analysis {
     Node* d = v->node();
     const auto k = d->kind();
     if (k == prim::Constant || In(k, {aten::dim, aten::size, aten::len, aten::__is__, aten::__isnot__})) return true;
-    if (In(k, {prim::Param, prim::GetAttr, prim::CallMethod, prim::CallFunction, prim::If, prim::Loop})) return false;
+    if (k == prim::If) {  // `a and b`: a condition, then a value per branch
+      if (!ShapeDerived(d->input(0), depth + 1)) return false;
+      for (torch::jit::Block* b : d->blocks()) {
+        for (Value* out : b->outputs()) {
+          if (!ShapeDerived(out, depth + 1)) return false;
+        }
+      }
+      return true;
+    }
+    if (In(k, {prim::Param, prim::GetAttr, prim::CallMethod, prim::CallFunction, prim::Loop})) return false;
     for (Value* in : d->inputs()) {
       if (!ShapeDerived(in, depth + 1)) return false;
     }
@@ -498,7 +512,9 @@ class Analysis {
   // " (`torch.chunk(x, 2, 1)`, line 12 of code/__torch__/model.py)": where the op is in the
   // model's code, for the report.
   static std::string Code(Node* n) {
-    const auto& range = n->sourceRange();
+    // The user's own source when the file kept it (debug info), else the serialized code.
+    const auto original = n->sourceRange().findSourceRangeThatGenerated();
+    const auto& range = original ? *original : n->sourceRange();
     if (!range.source()) return "";
     std::string text(range.text().begin(), range.text().end());
     auto nl = text.find('\n');

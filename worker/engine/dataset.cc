@@ -1,7 +1,13 @@
 #include "worker/engine/dataset.h"
 
+#include <caffe2/serialize/inline_container.h>
+#include <caffe2/serialize/read_adapter_interface.h>
+#include <torch/csrc/jit/serialization/unpickler.h>
+
 #include <zlib.h>
 
+#include <algorithm>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -126,6 +132,53 @@ Dataset LoadIdx(const std::string& path) {
   return ds;
 }
 
+// The bytes of a torch.save file, in memory, for PyTorchStreamReader.
+class BytesAdapter final : public caffe2::serialize::ReadAdapterInterface {
+ public:
+  explicit BytesAdapter(const std::vector<char>& bytes) : bytes_(bytes) {}
+  size_t size() const override { return bytes_.size(); }
+  size_t read(uint64_t pos, void* buf, size_t n, const char* /*what*/) const override {
+    if (pos >= bytes_.size()) return 0;
+    n = std::min<size_t>(n, bytes_.size() - pos);
+    std::memcpy(buf, bytes_.data() + pos, n);
+    return n;
+  }
+
+ private:
+  const std::vector<char>& bytes_;
+};
+
+// LibTorch 1.13's unpickler has no SETITEM, the opcode Python writes for a dict of one item
+// (`torch.save({"images": x})`); dicts of several items use MARK ... SETITEMS, which it has.
+// Rewrites a top-level one-item dict that way and unpickles it with the file's tensors.
+c10::IValue LoadOneItemDict(const std::vector<char>& bytes) {
+  caffe2::serialize::PyTorchStreamReader reader(std::make_shared<BytesAdapter>(bytes));
+  auto [data, size] = reader.getRecord("data.pkl");
+  std::string pkl(static_cast<const char*>(data.get()), size);
+  // PROTO 2, EMPTY_DICT, an optional BINPUT/LONG_BINPUT, ..., SETITEM, STOP.
+  size_t at = 2;
+  if (pkl.size() < 6 || pkl.compare(0, 2, "\x80\x02") != 0 || pkl[at] != '}' || pkl.back() != '.' ||
+      pkl[pkl.size() - 2] != 's') {
+    throw std::runtime_error("not a dict of one item");
+  }
+  ++at;
+  if (pkl[at] == 'q') at += 2;
+  else if (pkl[at] == 'r') at += 5;
+  pkl[pkl.size() - 2] = 'u';
+  pkl.insert(at, 1, '(');
+  size_t pos = 0;
+  torch::jit::Unpickler unpickler(
+      [&](char* buf, size_t n) {
+        n = std::min(n, pkl.size() - pos);
+        std::memcpy(buf, pkl.data() + pos, n);
+        pos += n;
+        return n;
+      },
+      nullptr, nullptr,
+      [&](const std::string& name) { return std::get<0>(reader.getRecord("data/" + name)); }, c10::Device(c10::kCPU));
+  return unpickler.parse_ivalue();
+}
+
 Dataset LoadTensors(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) Bad(path, "cannot be opened");
@@ -133,6 +186,12 @@ Dataset LoadTensors(const std::string& path) {
   c10::IValue value;
   try {
     value = torch::jit::pickle_load(bytes);
+  } catch (const c10::Error& e) {
+    try {
+      value = LoadOneItemDict(bytes);
+    } catch (const std::exception&) {
+      Bad(path, std::string("is not a torch.save file (of torch >= 1.6's zip format): ") + e.what_without_backtrace());
+    }
   } catch (const std::exception& e) {
     Bad(path, std::string("is not a torch.save file: ") + e.what());
   }

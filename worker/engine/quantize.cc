@@ -496,7 +496,14 @@ static std::map<std::string, std::vector<std::string>> ControlFlowModules(const 
   for (const auto& item : m.named_modules()) {
     if (item.name.empty() || !item.value.find_method("forward")) continue;
     bool flow = false;
-    ForEachNode(item.value.get_method("forward").graph()->block(), [&](torch::jit::Node* n) {
+    std::function<void(torch::jit::Node*)> visit = [&](torch::jit::Node* n) {
+      if (n->kind() == c10::prim::CallFunction) {
+        // torch.nn.functional's calls stay calls (F.interpolate branches on rank and mode).
+        auto fn_type = n->input(0)->type()->cast<c10::FunctionType>();
+        torch::jit::GraphFunction* fn = fn_type ? torch::jit::tryToGraphFunction(*fn_type->function()) : nullptr;
+        if (fn) ForEachNode(fn->graph()->block(), visit);
+        return;
+      }
       if (n->kind() == c10::prim::Loop) flow = true;
       if (n->kind() != c10::prim::If) return;
       bool raises = false;
@@ -504,7 +511,8 @@ static std::map<std::string, std::vector<std::string>> ControlFlowModules(const 
         for (torch::jit::Node* inner : b->nodes()) raises |= inner->kind() == c10::prim::RaiseException;
       }
       flow |= !raises;
-    });
+    };
+    ForEachNode(item.value.get_method("forward").graph()->block(), visit);
     if (!flow) continue;
     auto type = item.value.type()->name();
     out[type ? type->name() : "?"].push_back(item.name);
@@ -517,11 +525,12 @@ static std::map<std::string, std::vector<std::string>> ControlFlowModules(const 
 // the model still converts. Throws the original error when even that fails.
 static torch::jit::Module QuantizeAroundControlFlow(const torch::jit::Module& input, const StaticQuantSpec& spec,
                                                     const std::vector<at::Tensor>& calibration,
-                                                    std::vector<std::string>& notes, const EngineError& first) {
+                                                    std::vector<std::string>& notes, const EngineError& first,
+                                                    const std::set<std::string>& always_float) {
   auto kinds = ControlFlowModules(input);
-  std::set<std::string> keep;
+  std::set<std::string> keep = always_float;
   for (const auto& [kind, paths] : kinds) keep.insert(paths.begin(), paths.end());
-  if (keep.empty()) throw first;
+  if (keep.size() == always_float.size()) throw first;
   const size_t before = notes.size();
   torch::jit::Module best;
   try {
@@ -563,13 +572,39 @@ static torch::jit::Module QuantizeAroundControlFlow(const torch::jit::Module& in
   return best;
 }
 
+// Transposed convolution submodules with a non-zero output_padding: oneDNN has no quantized
+// kernel for them ("ONEDNN only supports zero output_padding"), so they stay float.
+static std::set<std::string> PaddedTransposedConvolutions(const torch::jit::Module& input) {
+  std::set<std::string> out;
+  if (at::globalContext().qEngine() != at::QEngine::ONEDNN) return out;
+  for (const auto& item : input.named_modules()) {
+    auto type = item.value.type()->name();
+    if (!type || type->name().rfind("ConvTranspose", 0) != 0 || !item.value.hasattr("output_padding")) continue;
+    auto padding = item.value.attr("output_padding");
+    bool padded = false;
+    if (padding.isTuple()) {
+      for (const auto& e : padding.toTupleRef().elements()) padded |= e.isInt() && e.toInt() != 0;
+    } else if (padding.isIntList()) {
+      for (int64_t v : padding.toIntVector()) padded |= v != 0;
+    }
+    if (padded) out.insert(item.name);
+  }
+  return out;
+}
+
 torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQuantSpec& spec,
                                   const std::vector<at::Tensor>& calibration, std::vector<std::string>* notes) {
   std::vector<std::string> local;
   std::vector<std::string>& out = notes ? *notes : local;
+  const std::set<std::string> padded = PaddedTransposedConvolutions(input);
+  if (!padded.empty()) {
+    out.push_back("kept float: " + std::to_string(padded.size()) + " transposed convolution(s) with output_padding (" +
+                  *padded.begin() + (padded.size() > 1 ? ", ..." : "") +
+                  "): the onednn engine has no quantized kernel for them");
+  }
   const size_t before = out.size();
   try {
-    return QuantizeStaticOnce(input, spec, calibration, out);
+    return QuantizeStaticOnce(input, spec, calibration, out, padded);
   } catch (const EngineError& e) {
     if (e.reason() != "QUANTIZE_UNSUPPORTED" || !CallsSubmodules(input)) throw;
     // LibTorch's passes follow the model's submodule calls, and some structures defeat them
@@ -587,7 +622,7 @@ torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQ
     }
     // Some parts defeat both (data-dependent branches: Swin's shifted windows): quantize the
     // rest and keep those float.
-    return QuantizeAroundControlFlow(input, spec, calibration, out, e);
+    return QuantizeAroundControlFlow(input, spec, calibration, out, e, padded);
   }
 }
 
@@ -658,9 +693,7 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
     // Some refusals only show when the quantized ops run (a kernel the engine lacks).
     torch::NoGradGuard no_grad;
     quantized.forward({calibration.front()});
-  } catch (const c10::Error& e) {
-    throw unsupported(e);
-  } catch (const torch::jit::JITException& e) {
+  } catch (const std::exception& e) {
     throw unsupported(e);
   }
   auto graph = quantized.get_method("forward").graph();
