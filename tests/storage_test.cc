@@ -122,7 +122,7 @@ TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
     {"prune":     {"channel":   {"amount": 0.3, "criterion": "L1"}}},
     {"prune":     {"nm":        {"n": 2, "m": 4}}},
     {"quantize":  {"dynamic":   {}}},
-    {"quantize":  {"static":    {"observer": "HISTOGRAM", "calibrationBatches": 16}}},
+    {"quantize":  {"static":    {"observer": "HISTOGRAM", "calibrationBatches": 16, "target": "AVX2"}}},
     {"quantize":  {"fp16":      {}}},
     {"distill":   {"epochs": 3, "temperature": 4.0, "alpha": 0.7, "learningRate": 0.01, "batchSize": 64}},
     {"factorize": {"rankRatio": 0.5}},
@@ -143,6 +143,10 @@ TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
   ASSERT_TRUE(by_macs.ok()) << by_macs.status().ToString();
   EXPECT_FLOAT_EQ(std::get<engine::ChannelPruneSpec>(by_macs->at(0)).target_macs, 0.4f);
   EXPECT_DOUBLE_EQ(std::get<engine::FactorizeSpec>(steps->at(7)).rank_ratio, 0.5);
+  EXPECT_EQ(std::get<engine::StaticQuantSpec>(steps->at(4)).target, "avx2");
+  auto no_target = ToEngineSteps(ParseRecipeJson(R"({"steps":[{"quantize":{"static":{}}}]})").value());
+  ASSERT_TRUE(no_target.ok());
+  EXPECT_EQ(std::get<engine::StaticQuantSpec>(no_target->at(0)).target, "auto");
   // Bad values are refused by field.
   for (const auto& [json, field] : std::vector<std::pair<std::string, std::string>>{
            {R"({"steps":[{"prune":{"channel":{"amount":1.5}}}]})", "steps[0].prune.channel.amount"},
@@ -152,7 +156,8 @@ TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
            {R"({"steps":[{"prune":{"channel":{"targetMacs":-0.5}}}]})", "steps[0].prune.channel.targetMacs"},
            {R"({"steps":[{"prune":{"channel":{"amount":0.3,"targetMacs":0.5}}}]})", "amount or targetMacs"},
            {R"({"steps":[{"factorize":{"rankRatio":0.5,"energy":0.9}}]})", "steps[0].factorize"},
-           {R"({"steps":[{"factorize":{"energy":1.5}}]})", "steps[0].factorize.energy"}}) {
+           {R"({"steps":[{"factorize":{"energy":1.5}}]})", "steps[0].factorize.energy"},
+           {R"({"steps":[{"quantize":{"static":{"target":"arm"}}}]})", "steps[0].quantize.static.target"}}) {
     auto r = ToEngineSteps(ParseRecipeJson(json).value());
     EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << json;
     EXPECT_NE(r.status().message().find(field), std::string::npos) << r.status().message();
