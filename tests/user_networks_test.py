@@ -257,6 +257,8 @@ def main():
                     table.setdefault(name, {})[recipe] = summary(recipe, cos, report)
                     extra = [n for n in notes if not n.startswith(("calibrated on", "WARNING: slower"))]
                     floor = f" (floor {tolerance:.3f})" if tolerance is not None else ""
+                    if recipe.startswith("static") and reference.get(reduce) is not None:
+                        floor += f" (PyTorch's quantize_jit: {reference[reduce]:.3f})"
                     print(f"ok   {label}: centred cosine {cos:.4f}{floor}; MACs {macs0:.3g} -> {stats['macs']:.3g}"
                           f"{'; ' + ' | '.join(extra)[:300] if extra else ''}")
                 except Exception as e:  # report every case, then fail
