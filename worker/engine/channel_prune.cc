@@ -397,7 +397,7 @@ class Analysis {
     if (In(k, {aten::conv1d, aten::conv2d, aten::conv3d, aten::_convolution})) return Conv(n);
     if (In(k, {aten::conv_transpose1d, aten::conv_transpose2d, aten::conv_transpose3d})) return ConvTranspose(n, 6);
     if (k == aten::group_norm) return GroupNorm(n);
-    if (k == aten::instance_norm) return InstanceNorm(n);
+    if (k == aten::instance_norm) return Norm(n, "an instance norm");
     if (k == prim::TupleConstruct && Returned(n->output())) {
       return BlockTensorInputs(n, "it reaches the model's output");
     }
@@ -411,7 +411,7 @@ class Analysis {
     if (k == aten::linear) return Linear(n);
     if (k == aten::permute) return Permute(n);
     if (k == aten::layer_norm) return LayerNorm(n);
-    if (k == aten::batch_norm) return BatchNorm(n);
+    if (k == aten::batch_norm) return Norm(n, "a batch norm");
     if (k == aten::prelu) return PRelu(n);
     if (In(k, {aten::relu, aten::relu_, aten::relu6, aten::relu6_, aten::hardtanh, aten::hardtanh_, aten::sigmoid,
                aten::sigmoid_, aten::hardsigmoid, aten::hardsigmoid_, aten::hardswish, aten::hardswish_, aten::silu,
@@ -631,21 +631,6 @@ class Analysis {
     space_[n->output()] = in;
   }
 
-  // instance_norm: its optional weight, bias and running statistics are cut with the channels.
-  void InstanceNorm(Node* n) {
-    Space in = Of(n->input(0));
-    if (in.empty() || !ChannelsFirst(n->input(0), in, "an instance norm")) return;
-    std::vector<Path> params;
-    for (size_t i : {1, 2, 3, 4}) {
-      Source src = Resolve(root_, n->input(i), self_);
-      if (src.kind == Source::kOther) return Block(in, "an instance norm whose parameters are not plain attributes");
-      if (src.kind == Source::kAttr) params.push_back(src.path);
-    }
-    if (Flattened(in)) return Block(in, "an instance norm over flattened channels");
-    if (!params.empty()) AddMember(in, Role::kNorm, params, 0);
-    space_[n->output()] = in;
-  }
-
   void Linear(Node* n) {
     Space in = Of(n->input(0));
     Source w = Resolve(root_, n->input(1), self_);
@@ -712,19 +697,19 @@ class Analysis {
     Set(n->output(), in, CDim(n->input(0)));
   }
 
-  void BatchNorm(Node* n) {
+  // batch_norm and instance_norm: their weight, bias, running mean and variance (inputs 1-4,
+  // each optional) are cut with the channels.
+  void Norm(Node* n, const std::string& what) {
     Space in = Of(n->input(0));
-    if (in.empty() || !ChannelsFirst(n->input(0), in, "a batch norm")) return;
+    if (in.empty() || !ChannelsFirst(n->input(0), in, what)) return;
     std::vector<Path> params;
     for (size_t i : {1, 2, 3, 4}) {
       Source s = Resolve(root_, n->input(i), self_);
-      if (s.kind == Source::kOther) return Block(in, "a batch norm whose parameters are not plain attributes");
+      if (s.kind == Source::kOther) return Block(in, what + " whose parameters are not plain attributes");
       if (s.kind == Source::kAttr) params.push_back(s.path);
     }
-    for (const auto& g : in) {
-      if (g.factor != 1) return Block(in, "a batch norm over flattened channels");
-    }
-    AddMember(in, Role::kNorm, params, 0);
+    if (Flattened(in)) return Block(in, what + " over flattened channels");
+    if (!params.empty()) AddMember(in, Role::kNorm, params, 0);
     space_[n->output()] = in;
   }
 
