@@ -555,8 +555,11 @@ def parse_args():
     ap.add_argument("--jobs", type=int, default=1, help="recipes of one model run at once (default 1)")
     ap.add_argument("--threads", type=int, default=0, help="the CLI's --threads (0: LibTorch's default)")
     ap.add_argument("--json", help="append one JSON line per model to this file")
+    ap.add_argument("--from-json", help="print the table of an earlier (possibly partial) --json file, run nothing")
     args = ap.parse_args()
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if args.from_json:
+        return args
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown or not args.recipes:
         ap.error(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
@@ -567,6 +570,16 @@ def parse_args():
 
 def main():
     args = parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        listed = {name for name, _ in all_models()}
+        missing = sorted(listed - {r["model"] for r in rows})
+        header = machine_header(f"the run recorded in {args.from_json}")[:-1]
+        if missing:
+            header.append(f"- not run ({len(missing)}): {', '.join(missing)}")
+        print(markdown(rows, args.recipes, header))
+        return
     models = selected_models(args)
     if not models:
         sys.exit("no model matches")

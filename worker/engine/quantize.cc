@@ -690,9 +690,11 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
     auto final_graph = quantized.get_method("forward").graph();
     DequantizeTupleElements(final_graph);
     ContiguousBeforeView(final_graph);
-    // Some refusals only show when the quantized ops run (a kernel the engine lacks).
+    // Some refusals only show when the quantized ops run (a kernel the engine lacks, or one
+    // that fails at batch 1 only): run a calibration batch and one input of it.
     torch::NoGradGuard no_grad;
     quantized.forward({calibration.front()});
+    quantized.forward({calibration.front().slice(0, 0, 1)});
   } catch (const std::exception& e) {
     throw unsupported(e);
   }
