@@ -78,10 +78,15 @@ Result<Resp> Client::Upload(const std::string& path, v1::UploadHeader header, co
 }
 
 Result<v1::Model> Client::UploadModel(const std::string& path, const std::string& name,
-                                      const std::vector<int64_t>& input_shape, const ByteProgress& progress) {
+                                      const std::vector<int64_t>& input_shape, const ByteProgress& progress,
+                                      const std::vector<std::vector<int64_t>>& more_input_shapes) {
   v1::UploadHeader h;
   h.set_name(name.empty() ? fs::path(path).filename().string() : name);
   for (int64_t d : input_shape) h.add_input_shape(d);
+  for (const auto& more : more_input_shapes) {
+    auto* shape = h.add_more_input_shapes();
+    for (int64_t d : more) shape->add_dims(d);
+  }
   return Upload<v1::Model>(path, h, progress);
 }
 

@@ -31,7 +31,8 @@ class Client {
   // `progress` gets bytes sent so far and the total.
   using ByteProgress = std::function<void(uint64_t done, uint64_t total)>;
   Result<v1::Model> UploadModel(const std::string& path, const std::string& name,
-                                const std::vector<int64_t>& input_shape, const ByteProgress& progress = nullptr);
+                                const std::vector<int64_t>& input_shape, const ByteProgress& progress = nullptr,
+                                const std::vector<std::vector<int64_t>>& more_input_shapes = {});
   Result<v1::Dataset> UploadDataset(const std::string& path, const std::string& format, const std::string& name,
                                     const ByteProgress& progress = nullptr);
   Result<v1::Model> GetModel(const std::string& id);

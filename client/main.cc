@@ -161,7 +161,7 @@ int WaitFor(pare::client::Client& c, const std::string& id) {
 
 int Compress(const std::string& model, const std::string& recipe_path, const std::string& out,
              const std::string& report_path, const std::string& calibration, const std::string& train,
-             const std::string& eval, const std::string& format, const std::string& shape_text,
+             const std::string& eval, const std::string& format, const std::vector<std::string>& shape_texts,
              const std::string& device, int threads, double latency_budget,
              const std::vector<std::string>& extra_models) {
   std::string text;
@@ -172,10 +172,16 @@ int Compress(const std::string& model, const std::string& recipe_path, const std
   auto steps = pare::ToEngineSteps(recipe.value());
   if (!steps.ok()) return Fail(steps.status(), recipe_path);
   pare::engine::CompressOptions opts;
-  st = ParseShape(shape_text, &opts.input_shape);
-  if (!st.ok()) {
-    Fail(st, "usage");
-    return kExitUsage;
+  // One --input-shape per tensor input of forward; the first is the job's input shape.
+  for (size_t i = 0; i < shape_texts.size(); ++i) {
+    std::vector<int64_t> dims;
+    st = ParseShape(shape_texts[i], &dims);
+    if (!st.ok()) {
+      Fail(st, "usage");
+      return kExitUsage;
+    }
+    if (i == 0) opts.input_shape = dims;
+    else opts.more_input_shapes.push_back(dims);
   }
   opts.device = device;
   opts.latency_budget_seconds = latency_budget;
@@ -254,18 +260,22 @@ int main(int argc, char** argv) {
   app.add_option("--tls-server-name", tls.server_name, "name expected in the server's certificate");
   app.add_flag("--json", g_json, "machine-readable output on stdout");
 
-  std::string file, name, shape, format, labels, model_id, recipe, calib, train, eval, device = "auto", request_id, job_id,
+  std::string file, name, format, labels, model_id, recipe, calib, train, eval, device = "auto", request_id, job_id,
       out, report;
   bool wait = false;
   int page_size = 50, threads = 0;
   double latency_budget = 1.0;
   std::vector<std::string> extra_models;
+  std::vector<std::string> compress_shapes;  // pare compress: one --input-shape per input
+  std::vector<std::string> upload_shapes;    // upload-model: likewise
   uint32_t job_timeout = 0;
 
   auto* up_model = app.add_subcommand("upload-model", "upload a TorchScript model; prints its id");
   up_model->add_option("FILE", file, "the .pt file (torch.jit.save)")->required()->check(CLI::ExistingFile);
   up_model->add_option("--name", name, "a name for it (default: the file name)");
-  up_model->add_option("--input-shape", shape, "input shape for measurements, e.g. 1,3,224,224");
+  up_model->add_option("--input-shape", upload_shapes,
+                       "input shape for measurements, e.g. 1,3,224,224; repeat it for a model whose forward takes "
+                       "several tensors");
 
   auto* up_ds = app.add_subcommand("upload-dataset", "upload a dataset; prints its id");
   up_ds->add_option("FILE", file,
@@ -313,7 +323,8 @@ int main(int argc, char** argv) {
   compress->add_option("--eval", eval, "evaluation data file");
   compress->add_option("--format", format, "format of the data files: tensors, idx or image-folder (a folder)")
       ->default_val("tensors");
-  compress->add_option("--input-shape", shape, "input shape, e.g. 1,3,224,224");
+  compress->add_option("--input-shape", compress_shapes,
+                       "input shape, e.g. 1,3,224,224; repeat it for a model whose forward takes several tensors");
   compress->add_option("--device", device, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   compress->add_option("--threads", threads, "intra-op threads (0: LibTorch default)");
   compress->add_option("--model", extra_models,
@@ -330,7 +341,7 @@ int main(int argc, char** argv) {
   }
 
   if (compress->parsed()) {
-    return Compress(file, recipe, out, report, calib, train, eval, format, shape, device, threads, latency_budget,
+    return Compress(file, recipe, out, report, calib, train, eval, format, compress_shapes, device, threads, latency_budget,
                     extra_models);
   }
 
@@ -347,12 +358,18 @@ int main(int argc, char** argv) {
 
   if (up_model->parsed()) {
     std::vector<int64_t> dims;
-    Status st = ParseShape(shape, &dims);
-    if (!st.ok()) {
-      Fail(st, "usage");
-      return kExitUsage;
+    std::vector<std::vector<int64_t>> more;
+    for (size_t i = 0; i < upload_shapes.size(); ++i) {
+      std::vector<int64_t> d;
+      Status st = ParseShape(upload_shapes[i], &d);
+      if (!st.ok()) {
+        Fail(st, "usage");
+        return kExitUsage;
+      }
+      if (i == 0) dims = d;
+      else more.push_back(d);
     }
-    auto m = c.UploadModel(file, name, dims);
+    auto m = c.UploadModel(file, name, dims, nullptr, more);
     if (!m.ok()) return Fail(m.status(), "upload-model " + file);
     if (g_json) std::cout << ToJson(m.value()) << "\n";
     else std::cout << m->id() << "\n";

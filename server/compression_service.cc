@@ -60,13 +60,20 @@ class ModelUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHead
   Status OnHeader(const v1::UploadHeader& h, uint64_t* expected, uint64_t* limit) override {
     PARE_RETURN_IF_ERROR(CheckUploadHeader(h, ctx_->limits));
     PARE_RETURN_IF_ERROR(CheckStorageQuota(ctx_, tenant_, h.size_bytes()));
-    if (h.input_shape_size() > 0) {
-      if (h.input_shape_size() < 2 || h.input_shape_size() > 6) {
-        return InvalidArgument("header.input_shape needs 2 to 6 dimensions (batch first)");
+    auto check = [](const auto& dims, const std::string& field) -> Status {
+      if (dims.size() < 2 || dims.size() > 6) return InvalidArgument(field + " needs 2 to 6 dimensions (batch first)");
+      for (int64_t d : dims) {
+        if (d <= 0 || d > 100000) return InvalidArgument(field + " has a dimension out of range: " + std::to_string(d));
       }
-      for (int64_t d : h.input_shape()) {
-        if (d <= 0 || d > 100000) return InvalidArgument("header.input_shape has a dimension out of range: " + std::to_string(d));
-      }
+      return Status::Ok();
+    };
+    if (h.input_shape_size() > 0) PARE_RETURN_IF_ERROR(check(h.input_shape(), "header.input_shape"));
+    if (h.more_input_shapes_size() > 0 && h.input_shape_size() == 0) {
+      return InvalidArgument("header.more_input_shapes needs header.input_shape (the first input's)");
+    }
+    if (h.more_input_shapes_size() > 15) return InvalidArgument("header.more_input_shapes has more than 15 shapes");
+    for (int i = 0; i < h.more_input_shapes_size(); ++i) {
+      PARE_RETURN_IF_ERROR(check(h.more_input_shapes(i).dims(), "header.more_input_shapes[" + std::to_string(i) + "]"));
     }
     if (!h.format().empty()) return InvalidArgument("header.format is for datasets; a model has none");
     *expected = *limit = h.size_bytes();
@@ -85,6 +92,7 @@ class ModelUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHead
     m.sha256 = sha.value();
     m.size_bytes = h.size_bytes();
     m.input_shape.assign(h.input_shape().begin(), h.input_shape().end());
+    for (const auto& more : h.more_input_shapes()) m.more_input_shapes.emplace_back(more.dims().begin(), more.dims().end());
     m.created_ms = ctx_->clock->NowMs();
     PARE_RETURN_IF_ERROR(ctx_->store->PutModel(m));
     spdlog::info(Kv({{"msg", "model uploaded"}, {"model", m.id}, {"sha256", m.sha256},

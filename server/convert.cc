@@ -18,6 +18,10 @@ v1::Model ToProto(const ModelRecord& m) {
   p.set_sha256(m.sha256);
   p.set_size_bytes(m.size_bytes);
   for (int64_t d : m.input_shape) p.add_input_shape(d);
+  for (const auto& more : m.more_input_shapes) {
+    auto* shape = p.add_more_input_shapes();
+    for (int64_t d : more) shape->add_dims(d);
+  }
   SetTime(m.created_ms, p.mutable_created_at());
   return p;
 }

@@ -113,6 +113,25 @@ std::vector<int64_t> SplitShape(const std::string& s) {
   return out;
 }
 
+// A model's input shapes in its `input_shape` column: "1,3,32,32;1,3,32,32" (the first, then
+// the further inputs of a forward that takes several; rows from before hold one shape).
+std::string JoinShapes(const ModelRecord& m) {
+  std::string s = JoinShape(m.input_shape);
+  for (const auto& more : m.more_input_shapes) s += ";" + JoinShape(more);
+  return s;
+}
+
+void SplitShapes(const std::string& s, ModelRecord& m) {
+  std::stringstream ss(s);
+  std::string part;
+  bool first = true;
+  while (std::getline(ss, part, ';')) {
+    if (first) m.input_shape = SplitShape(part);
+    else m.more_input_shapes.push_back(SplitShape(part));
+    first = false;
+  }
+}
+
 JobRecord ReadJob(const Stmt& s) {
   JobRecord j;
   int c = 0;
@@ -232,7 +251,7 @@ Status SqliteStore::PutModel(const ModelRecord& m) {
   std::lock_guard<std::mutex> lock(mu_);
   Stmt s(db_, "INSERT INTO models (id, tenant, name, sha256, size_bytes, input_shape, created_ms) VALUES (?,?,?,?,?,?,?)");
   s.Bind(m.id).Bind(m.tenant).Bind(m.name).Bind(m.sha256).Bind(static_cast<int64_t>(m.size_bytes))
-      .Bind(JoinShape(m.input_shape)).Bind(m.created_ms);
+      .Bind(JoinShapes(m)).Bind(m.created_ms);
   if (s.Step() != SQLITE_DONE) return s.Error("insert model");
   return Status::Ok();
 }
@@ -242,8 +261,8 @@ Result<ModelRecord> SqliteStore::GetModel(const std::string& tenant, const std::
   Stmt s(db_, "SELECT id, tenant, name, sha256, size_bytes, input_shape, created_ms FROM models WHERE id = ? AND tenant = ?");
   s.Bind(id).Bind(tenant);
   if (s.Step() != SQLITE_ROW) return NotFound("model '" + id + "' does not exist");
-  ModelRecord m{s.Text(0), s.Text(1), s.Text(2), s.Text(3), static_cast<uint64_t>(s.Int(4)), SplitShape(s.Text(5)),
-                s.Int(6)};
+  ModelRecord m{s.Text(0), s.Text(1), s.Text(2), s.Text(3), static_cast<uint64_t>(s.Int(4)), {}, {}, s.Int(6)};
+  SplitShapes(s.Text(5), m);
   return m;
 }
 

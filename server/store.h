@@ -22,6 +22,7 @@ struct ModelRecord {
   std::string sha256;
   uint64_t size_bytes = 0;
   std::vector<int64_t> input_shape;
+  std::vector<std::vector<int64_t>> more_input_shapes;  // forward's further inputs, if any
   int64_t created_ms = 0;
 };
 

@@ -36,6 +36,10 @@ Result<v1::LeasedJob> Describe(ServiceContext* ctx, const JobRecord& j) {
     }
   }
   for (int64_t d : model->input_shape) out.add_input_shape(d);
+  for (const auto& more : model->more_input_shapes) {
+    auto* shape = out.add_more_input_shapes();
+    for (int64_t d : more) shape->add_dims(d);
+  }
   for (const auto& [role, id] : {std::pair<const char*, std::string>{"calibration", j.calibration_dataset_id},
                                  {"train", j.train_dataset_id},
                                  {"eval", j.eval_dataset_id}}) {

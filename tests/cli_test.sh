@@ -85,6 +85,22 @@ expect_rc 0 "static INT8 calibrated on an idx dataset" $PARE --json submit --mod
 "$PY" -c "import json; j=json.load(open('$work/out')); r=j['reports'][1]; assert r['step']=='quantize.static' and r['notes'][0]=='calibrated on 16 images' and r['notes'][1].startswith('activations: ') and all(n.startswith('WARNING: slower') for n in r['notes'][2:]), r" \
   || fail "static quantization report"
 
+# A model whose forward takes two tensors: one --input-shape per input, through the service;
+# the job is calibrated and measured on synthetic inputs, and the result takes both.
+pair=$($PARE --json upload-model "$FX/user_two_input.pt" --input-shape 1,3,32,32 --input-shape 1,3,32,32)
+"$PY" -c "import json,sys; m=json.loads(sys.argv[1]); assert m['moreInputShapes']==[{'dims':['1','3','32','32']}], m" "$pair" \
+  || fail "upload-model of a two-input model: $pair"
+pair=$("$PY" -c "import json,sys; print(json.loads(sys.argv[1])['id'])" "$pair")
+echo '{"steps":[{"prune":{"channel":{"amount":0.5}}},{"quantize":{"static":{"calibrationBatches":2}}}]}' >pair.json
+expect_rc 0 "a two-input model pruned and quantized" $PARE submit --model "$pair" --recipe pair.json --wait
+pair_job=$(head -1 "$work/out")
+expect_rc 0 "download the two-input result" $PARE download "$pair_job" -o pair.pt
+"$PY" -c "import torch; m=torch.jit.load('pair.pt'); y=m(torch.randn(2,3,32,32), torch.randn(2,3,32,32)); assert y.shape==(2,10), y.shape" \
+  || fail "the two-input result does not take its two inputs"
+one=$($PARE upload-model "$FX/user_two_input.pt" --input-shape 1,3,32,32)
+expect_rc 1 "a two-input model with one input shape" $PARE submit --model "$one" --recipe pair.json --wait
+grep -q "MODEL_INPUTS\|takes 2 input" "$work/out" "$work/err" || fail "the missing input shape is not named"
+
 # image-folder datasets: a folder of class folders (PNG and JPEG) packed by the CLI, with its
 # preprocess.json; calibration and evaluation on it; a tar whose image does not decode.
 imgs=$($PARE upload-dataset "$FX/images" --format image-folder)

@@ -1238,17 +1238,32 @@ TEST_F(EngineTest, StaticQuantizationOfTransposedConvolutionsUsesPerTensorWeight
             0.95);
 }
 
-TEST_F(EngineTest, TwoInputModelsAreRefusedWithTheirInputs) {
+TEST_F(EngineTest, TwoInputModelsTakeAShapePerInput) {
   CompressOptions opts = QuickOptions();
   opts.eval.reset();
   opts.input_shape = {1, 3, 32, 32};
+  // One shape for a forward of two tensors: refused, naming its inputs.
   try {
     Compress(Fixture("user_two_input.pt"), {DynamicQuantSpec{}}, opts, TempPath("two.pt"));
-    FAIL() << "a two-input model was accepted";
+    FAIL() << "a two-input model ran with one input shape";
   } catch (const EngineError& e) {
     EXPECT_EQ(e.reason(), "MODEL_INPUTS");
-    EXPECT_NE(std::string(e.what()).find("takes 2 inputs (x, y)"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("takes 2 input(s) (x, y)"), std::string::npos) << e.what();
   }
+  // A shape per input: pruned and quantized on synthetic inputs, and the result takes both.
+  opts.more_input_shapes = {{1, 3, 32, 32}};
+  ChannelPruneSpec prune;
+  prune.round_to = 1;
+  Report r = Compress(Fixture("user_two_input.pt"), {prune, StaticQuantSpec{"MINMAX", 2, true}}, opts,
+                      TempPath("two.pt"));
+  ASSERT_EQ(r.steps.size(), 3u);
+  EXPECT_LT(r.steps[1].stats.macs, r.steps[0].stats.macs);
+  auto q = torch::jit::load(TempPath("two.pt"));
+  at::Tensor y = q.forward({at::randn({3, 3, 32, 32}), at::randn({3, 3, 32, 32})}).toTensor();
+  EXPECT_EQ(y.sizes().vec(), (std::vector<int64_t>{3, 10}));
+  // Datasets hold one images tensor: a training step is refused for such a model.
+  opts.train = DatasetInput{"tensors", Fixture("quadrants_train.pt")};
+  EXPECT_THROW(Compress(Fixture("user_two_input.pt"), {FinetuneSpec{}}, opts, TempPath("two.pt")), EngineError);
 }
 
 }  // namespace

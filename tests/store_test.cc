@@ -183,8 +183,10 @@ TEST_F(StoreTest, SucceededJobsCannotBeCancelledAndListPages) {
 
 TEST_F(StoreTest, StateSurvivesReopening) {
   NewJob("job_1");
-  ModelRecord m{"mdl_1", "t1", "resnet", std::string(64, 'b'), 123, {1, 3, 224, 224}, 5};
+  ModelRecord m{"mdl_1", "t1", "resnet", std::string(64, 'b'), 123, {1, 3, 224, 224}, {}, 5};
   ASSERT_TRUE(store_->PutModel(m).ok());
+  ModelRecord pair{"mdl_2", "t1", "siamese", std::string(64, 'c'), 456, {1, 3, 32, 32}, {{1, 3, 32, 32}, {1, 8}}, 6};
+  ASSERT_TRUE(store_->PutModel(pair).ok());
   store_.reset();
   store_ = Open();
   auto j = store_->GetJob("t1", "job_1");
@@ -193,6 +195,11 @@ TEST_F(StoreTest, StateSurvivesReopening) {
   auto back = store_->GetModel("t1", "mdl_1");
   ASSERT_TRUE(back.ok());
   EXPECT_EQ(back->input_shape, (std::vector<int64_t>{1, 3, 224, 224}));
+  EXPECT_TRUE(back->more_input_shapes.empty());
+  auto two = store_->GetModel("t1", "mdl_2");
+  ASSERT_TRUE(two.ok());
+  EXPECT_EQ(two->input_shape, (std::vector<int64_t>{1, 3, 32, 32}));
+  EXPECT_EQ(two->more_input_shapes, (std::vector<std::vector<int64_t>>{{1, 3, 32, 32}, {1, 8}}));
   EXPECT_EQ(store_->GetModel("t2", "mdl_1").status().code(), Code::kNotFound);
 }
 

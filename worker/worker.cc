@@ -401,6 +401,7 @@ int RunJobChild(const std::string& dir) {
     engine::CompressOptions opts;
     opts.device = job.device();
     opts.input_shape.assign(job.input_shape().begin(), job.input_shape().end());
+    for (const auto& more : job.more_input_shapes()) opts.more_input_shapes.emplace_back(more.dims().begin(), more.dims().end());
     opts.latency_batches = spec["latency_batches"].get<std::vector<int>>();
     opts.latency_budget_seconds = spec["latency_budget"];
     if (spec.contains("datasets")) {

@@ -67,8 +67,9 @@ void PairValues(Block* a, Block* b, const std::function<void(Value*, Value*)>& f
 // and, when `train_too`, in training mode on a clone. Returns false when the training run failed.
 // The module's own forward must not run before the graph is final: its executor would keep
 // the old graph. The eval-mode result goes to `output`.
-bool ProbeShapes(const torch::jit::Module& module, const std::shared_ptr<Graph>& graph, const at::Tensor& input,
-                 bool train_too, std::unordered_map<Value*, Shape>& shapes, c10::IValue& output) {
+bool ProbeShapes(const torch::jit::Module& module, const std::shared_ptr<Graph>& graph,
+                 const std::vector<at::Tensor>& inputs, bool train_too, std::unordered_map<Value*, Shape>& shapes,
+                 c10::IValue& output) {
   auto copy = graph->copy();
   std::vector<Value*> originals;
   std::vector<Value*> copies;
@@ -105,7 +106,8 @@ bool ProbeShapes(const torch::jit::Module& module, const std::shared_ptr<Graph>&
   probe_sink = &found;
   auto run = [&](const torch::jit::Module& m) {
     torch::NoGradGuard no_grad;
-    torch::jit::Stack stack{m._ivalue(), input};
+    torch::jit::Stack stack{m._ivalue()};
+    stack.insert(stack.end(), inputs.begin(), inputs.end());
     fn.run(stack);
     return stack.at(0);
   };
@@ -1030,25 +1032,28 @@ struct Prepared {
   std::shared_ptr<Graph> graph;
   std::vector<Group> groups;
   std::vector<SizeFixup> fixups;
-  at::Tensor probe;
+  std::vector<at::Tensor> probe;  // one tensor per input of forward
   c10::IValue reference;
   bool train_ok = false;
 };
 
-Prepared Prepare(const torch::jit::Module& module, const std::vector<int64_t>& input_shape) {
+Prepared Prepare(const torch::jit::Module& module, const std::vector<int64_t>& input_shape, const InputShapes& more) {
   Prepared p;
   p.module = module.clone();
   p.module.eval();
-  if (!p.module.find_method("forward") || p.module.get_method("forward").graph()->inputs().size() != 2) {
+  if (!p.module.find_method("forward") ||
+      p.module.get_method("forward").graph()->inputs().size() != 2 + more.size()) {
     throw EngineError(Code::kInvalidArgument, "CHANNEL_PRUNE",
-                      "prune.channel needs a model whose forward takes one tensor");
+                      "prune.channel needs a model whose forward takes " + std::to_string(1 + more.size()) +
+                          " tensor(s), one per input shape");
   }
   p.graph = InlineForward(p.module);
   std::vector<int64_t> shape = input_shape;
   shape[0] = 2;  // batch norms in training mode need more than one value per channel
   const c10::Device device = ModuleDevice(p.module);
   at::Generator gen = at::detail::createCPUGenerator(7);
-  p.probe = at::randn(shape, gen).to(device);
+  p.probe = {at::randn(shape, gen).to(device)};
+  for (const at::Tensor& t : RandomInputs(more, 2, device, gen)) p.probe.push_back(t);
   std::unordered_map<Value*, Shape> shapes;
   p.train_ok = ProbeShapes(p.module, p.graph, p.probe, true, shapes, p.reference);
   Analysis analysis(p.module, p.graph, std::move(shapes));
@@ -1205,11 +1210,12 @@ std::string Apply(Prepared& p, const std::vector<int64_t>& kept, const std::stri
   OutputShapes(p.reference, want);
   try {
     torch::NoGradGuard no_grad;
-    OutputShapes(p.module.forward({p.probe}), got);
+    std::vector<c10::IValue> args(p.probe.begin(), p.probe.end());
+    OutputShapes(p.module.forward(args), got);
     if (p.train_ok) {
       torch::jit::Module clone = p.module.clone();
       clone.train();
-      clone.forward({p.probe});
+      clone.forward(args);
     }
   } catch (const std::exception& e) {
     std::string msg = ErrorText(e);
@@ -1221,7 +1227,7 @@ std::string Apply(Prepared& p, const std::vector<int64_t>& kept, const std::stri
 }
 
 ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const ChannelPruneSpec& spec,
-                                 const std::vector<int64_t>& input_shape) {
+                                 const std::vector<int64_t>& input_shape, const InputShapes& more) {
   if (!(spec.amount >= 0 && spec.amount < 1)) {
     throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel amount must be in [0, 1)");
   }
@@ -1231,7 +1237,7 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
   if (spec.round_to < 1 || spec.round_to > 256) {
     throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel roundTo must be in [1, 256]");
   }
-  Prepared p = Prepare(module, input_shape);
+  Prepared p = Prepare(module, input_shape, more);
   bool fell_back = false;
   std::vector<int64_t> kept = KeptCounts(p, spec, fell_back);
   std::string error = Apply(p, kept, spec.criterion);
@@ -1249,7 +1255,7 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
     std::map<size_t, std::string> culprits;
     int trials = 0;
     auto attempt = [&](const std::vector<size_t>& with) {
-      Prepared q = Prepare(module, input_shape);
+      Prepared q = Prepare(module, input_shape, more);
       std::vector<int64_t> k(q.groups.size());
       for (size_t i = 0; i < k.size(); ++i) k[i] = q.groups[i].size;
       for (size_t i : with) k[i] = kept[i];
@@ -1284,7 +1290,7 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
         start = cut.size();
       }
     }
-    p = Prepare(module, input_shape);
+    p = Prepare(module, input_shape, more);
     std::vector<int64_t> k(p.groups.size());
     for (size_t i = 0; i < k.size(); ++i) k[i] = p.groups[i].size;
     for (size_t i : allowed) k[i] = kept[i];
@@ -1331,8 +1337,8 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
   return result;
 }
 
-double Macs(const torch::jit::Module& module, const std::vector<int64_t>& input_shape) {
-  auto count = CountMacs(module, input_shape);
+double Macs(const torch::jit::Module& module, const std::vector<int64_t>& input_shape, const InputShapes& more) {
+  auto count = CountMacs(module, input_shape, more);
   if (!count || count->macs <= 0) {
     throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
                       "prune.channel.targetMacs: the model's MACs cannot be counted (a quantized or frozen model, "
@@ -1352,19 +1358,19 @@ std::string Fixed(double v, int digits) {
 }  // namespace
 
 ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelPruneSpec& spec,
-                                const std::vector<int64_t>& input_shape) {
-  if (spec.target_macs == 0) return PruneByAmount(module, spec, input_shape);
+                                const std::vector<int64_t>& input_shape, const InputShapes& more) {
+  if (spec.target_macs == 0) return PruneByAmount(module, spec, input_shape, more);
   if (!(spec.target_macs > 0 && spec.target_macs < 1)) {
     throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel.targetMacs must be in (0, 1)");
   }
-  const double original = Macs(module, input_shape);
+  const double original = Macs(module, input_shape, more);
   const double want = spec.target_macs * original;
   // Removing more channels never adds MACs, up to rounding: bisect on the amount.
   ChannelPruneSpec s = spec;
   s.target_macs = 0;
   s.amount = 0.95;
-  ChannelPruneResult best = PruneByAmount(module, s, input_shape);
-  double best_macs = Macs(best.module, input_shape);
+  ChannelPruneResult best = PruneByAmount(module, s, input_shape, more);
+  double best_macs = Macs(best.module, input_shape, more);
   if (best_macs > want) {
     throw EngineError(Code::kInvalidArgument, "TARGET_UNREACHABLE",
                       "prune.channel.targetMacs " + Fixed(spec.target_macs, 3) +
@@ -1375,8 +1381,8 @@ ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelP
   double lo = 0.0, hi = s.amount;
   while (hi - lo > 0.005) {
     s.amount = 0.5 * (lo + hi);
-    ChannelPruneResult r = PruneByAmount(module, s, input_shape);
-    double macs = Macs(r.module, input_shape);
+    ChannelPruneResult r = PruneByAmount(module, s, input_shape, more);
+    double macs = Macs(r.module, input_shape, more);
     if (macs <= want) {
       hi = s.amount;
       best = std::move(r);

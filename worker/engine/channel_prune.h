@@ -37,8 +37,10 @@ struct ChannelPruneResult {
 // result keeps at most that fraction of the model's MACs at `input_shape`.
 // Throws EngineError when the spec is invalid, the target cannot be reached, or the result would
 // not be consistent.
+// `more_inputs`: the shapes of forward's further tensor inputs, for models that take several.
 ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelPruneSpec& spec,
-                                const std::vector<int64_t>& input_shape);
+                                const std::vector<int64_t>& input_shape,
+                                const std::vector<std::vector<int64_t>>& more_inputs = {});
 
 // Folds eval-mode batch norms into the convolutions that feed them, in an inlined forward
 // graph (the module-level pass of LibTorch only sees conv/bn submodule calls). Returns how many

@@ -72,11 +72,13 @@ struct StepContext {
   std::vector<int64_t> input_shape;
   uint64_t seed = 0;
   const std::map<std::string, std::string>* models = nullptr;  // other models by id
+  InputShapes more_inputs = {};  // forward's further inputs
 };
 
 // Calibration inputs: `batches` batches of 8 from the dataset (a seeded sample), or
 // standard-normal inputs of the model's shape when there is no dataset.
-std::vector<at::Tensor> CalibrationBatches(const StepContext& ctx, int batches, std::vector<std::string>& notes) {
+std::vector<at::Tensor> CalibrationBatches(const StepContext& ctx, int batches, std::vector<std::string>& notes,
+                                           std::vector<std::vector<at::Tensor>>& more) {
   constexpr int64_t kBatch = 8;
   std::vector<at::Tensor> out;
   at::Generator gen = at::detail::createCPUGenerator(ctx.seed + 17);
@@ -89,7 +91,10 @@ std::vector<at::Tensor> CalibrationBatches(const StepContext& ctx, int batches, 
   } else {
     std::vector<int64_t> shape = ctx.input_shape;
     shape[0] = kBatch;
-    for (int b = 0; b < batches; ++b) out.push_back(at::randn(shape, gen));
+    for (int b = 0; b < batches; ++b) {
+      out.push_back(at::randn(shape, gen));
+      more.push_back(RandomInputs(ctx.more_inputs, kBatch, c10::kCPU, gen));
+    }
     notes.push_back("WARNING: no calibration dataset was given; calibrated on " + std::to_string(kBatch * batches) +
                     " synthetic standard-normal inputs, so activation ranges may not match real data");
   }
@@ -113,12 +118,12 @@ torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, c
       return m;
     }
     torch::jit::Module operator()(const ChannelPruneSpec& s) {
-      ChannelPruneResult r = ChannelPrune(m, s, ctx.input_shape);
+      ChannelPruneResult r = ChannelPrune(m, s, ctx.input_shape, ctx.more_inputs);
       Add(r.notes);
       return r.module;
     }
     torch::jit::Module operator()(const FactorizeSpec& s) {
-      FactorizeResult r = Factorize(m, s, ctx.input_shape);
+      FactorizeResult r = Factorize(m, s, ctx.input_shape, ctx.more_inputs);
       Add(r.notes);
       return r.module;
     }
@@ -136,8 +141,9 @@ torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, c
     }
     torch::jit::Module operator()(const StaticQuantSpec& s) {
       m.to(c10::kCPU);
-      auto batches = CalibrationBatches(ctx, s.calibration_batches, notes);
-      torch::jit::Module q = QuantizeStatic(m, s, batches, &notes);
+      std::vector<std::vector<at::Tensor>> more;
+      auto batches = CalibrationBatches(ctx, s.calibration_batches, notes, more);
+      torch::jit::Module q = QuantizeStatic(m, s, batches, &notes, more);
       if (!IsQuantized(q)) notes.push_back("no conv or linear layer was quantized");
       return q;
     }
@@ -276,13 +282,37 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     for (size_t i = 1; i < schema.arguments().size(); ++i) {
       if (!schema.arguments()[i].default_value()) required.push_back(schema.arguments()[i].name());
     }
-    if (required.size() != 1) {
+    if (required.size() != 1 + options.more_input_shapes.size()) {
       std::string names;
       for (const auto& n : required) names += (names.empty() ? "" : ", ") + n;
       throw EngineError(Code::kInvalidArgument, "MODEL_INPUTS",
-                        "the model's forward takes " + std::to_string(required.size()) + " inputs (" + names +
-                            "); Pare runs models on one input tensor: wrap it in a module whose forward takes one "
-                            "tensor (for a pair of images, both stacked along the batch or channel dimension)");
+                        "the model's forward takes " + std::to_string(required.size()) + " input(s) (" + names +
+                            ") but the job gives " + std::to_string(1 + options.more_input_shapes.size()) +
+                            " input shape(s): give one per input (pare compress --input-shape A --input-shape B)");
+    }
+    if (!options.more_input_shapes.empty()) {
+      // Datasets hold one images tensor: a model of several inputs runs on synthetic ones.
+      if (options.eval || options.calibration || options.train) {
+        throw EngineError(Code::kInvalidArgument, "MODEL_INPUTS",
+                          "the model takes " + std::to_string(required.size()) +
+                              " inputs, and datasets hold one images tensor: a model of several inputs is "
+                              "calibrated and measured on synthetic inputs (give no dataset)");
+      }
+      for (const auto& step : steps) {
+        if (NeedsTrainData(step)) {
+          throw EngineError(Code::kInvalidArgument, "MODEL_INPUTS",
+                            StepName(step) + " trains on a dataset, which holds one images tensor; the model takes " +
+                                std::to_string(required.size()) + " inputs");
+        }
+      }
+      for (const auto& s : options.more_input_shapes) {
+        bool ok = s.size() >= 2;
+        for (int64_t d : s) ok &= d > 0;
+        if (!ok) {
+          throw EngineError(Code::kInvalidArgument, "BAD_INPUT_SHAPE",
+                            "input shape " + c10::str(s) + " needs 2 or more positive dimensions, batch first");
+        }
+      }
     }
   }
 
@@ -325,14 +355,21 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     s[0] = n;
     ctx.samples = at::randn(s);
   }
+  ctx.more_shapes = options.more_input_shapes;
+  ctx.more_samples = RandomInputs(options.more_input_shapes, n, c10::kCPU);
 
   Report report;
   report.device = ctx.device.str();
   report.input_shape = shape;
+  report.more_input_shapes = options.more_input_shapes;
   Guard(Code::kInvalidArgument, "MODEL_RUN",
-        "the model's forward failed on inputs of shape " + c10::str(at::IntArrayRef(shape).slice(1)), [&] {
+        "the model's forward failed on inputs of shape " + c10::str(at::IntArrayRef(shape).slice(1)) +
+            (options.input_shape.empty() && !sample_source
+                 ? " (the default: give the model's input shape, e.g. --input-shape 1,1,28,28)"
+                 : ""),
+        [&] {
           model.to(ctx.device);
-          ctx.reference = RunBatched(model, ctx.samples, ctx.device, 8, check_cancel);
+          ctx.reference = RunBatched(model, ctx.samples, ctx.device, 8, check_cancel, ctx.more_samples);
         });
 
   report_progress(0, "original", 0.5, "measuring the original model");
@@ -356,6 +393,7 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
                          calibration.size() ? &calibration : (train.size() ? &train : nullptr), shape, options.seed};
     step_ctx.train.device = ctx.device;
     step_ctx.models = &options.models;
+    step_ctx.more_inputs = options.more_input_shapes;
     step_ctx.train.train = train.labels.defined() ? &train : nullptr;
     step_ctx.train.eval = ctx.eval;
     step_ctx.train.seed = options.seed;

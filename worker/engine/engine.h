@@ -35,6 +35,9 @@ struct CompressOptions {
   std::string device = "auto";
   // Input shape for measurements; empty means [1, 3, 224, 224].
   std::vector<int64_t> input_shape;
+  // The shapes of forward's further tensor inputs, for a model that takes several (a pair of
+  // images): those inputs are synthetic (datasets hold one images tensor).
+  std::vector<std::vector<int64_t>> more_input_shapes;
   // Models other than the input that steps name (distill's teacherModel/studentModel), by id.
   std::map<std::string, std::string> models;
   std::optional<DatasetInput> calibration;

@@ -36,7 +36,7 @@ std::string Mangle(const AttrPath& layer) {
 }  // namespace
 
 FactorizeResult Factorize(const torch::jit::Module& module, const FactorizeSpec& spec,
-                          const std::vector<int64_t>& input_shape) {
+                          const std::vector<int64_t>& input_shape, const InputShapes& more) {
   const bool by_rank = spec.rank_ratio > 0;
   if (by_rank ? spec.rank_ratio > 1 : !(spec.energy > 0 && spec.energy <= 1)) {
     throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
@@ -46,16 +46,20 @@ FactorizeResult Factorize(const torch::jit::Module& module, const FactorizeSpec&
   result.module = module.clone();
   torch::jit::Module& m = result.module;
   m.eval();
-  if (!m.find_method("forward") || m.get_method("forward").graph()->inputs().size() != 2) {
-    throw EngineError(Code::kInvalidArgument, "FACTORIZE", "factorize needs a model whose forward takes one tensor");
+  if (!m.find_method("forward") || m.get_method("forward").graph()->inputs().size() != 2 + more.size()) {
+    throw EngineError(Code::kInvalidArgument, "FACTORIZE",
+                      "factorize needs a model whose forward takes " + std::to_string(1 + more.size()) +
+                          " tensor(s), one per input shape");
   }
   std::vector<int64_t> shape = input_shape;
   shape[0] = 2;
-  at::Tensor probe = at::randn(shape, at::detail::createCPUGenerator(11)).to(ModuleDevice(m));
+  at::Generator gen = at::detail::createCPUGenerator(11);
+  std::vector<c10::IValue> probe{at::randn(shape, gen).to(ModuleDevice(m))};
+  for (const at::Tensor& t : RandomInputs(more, 2, ModuleDevice(m), gen)) probe.push_back(t);
   c10::IValue reference;
   {
     torch::NoGradGuard no_grad;
-    reference = module.clone().forward({probe});
+    reference = module.clone().forward(probe);
   }
   auto graph = InlineForward(m);
   Value* self = graph->inputs()[0];
@@ -149,7 +153,7 @@ FactorizeResult Factorize(const torch::jit::Module& module, const FactorizeSpec&
   // The result must still return what the original returned.
   try {
     torch::NoGradGuard no_grad;
-    c10::IValue got = m.forward({probe});
+    c10::IValue got = m.forward(probe);
     at::Tensor a = got.isTensor() ? got.toTensor() : at::Tensor();
     at::Tensor b = reference.isTensor() ? reference.toTensor() : at::Tensor();
     if (a.defined() != b.defined() || (a.defined() && a.sizes() != b.sizes())) {

@@ -21,6 +21,7 @@ struct FactorizeResult {
 // conv; a linear to rank r, then a linear). The two factors are parameters of the top module
 // named "factorized__<layer>__{a,b}", so the result still trains.
 FactorizeResult Factorize(const torch::jit::Module& module, const FactorizeSpec& spec,
-                          const std::vector<int64_t>& input_shape);
+                          const std::vector<int64_t>& input_shape,
+                          const std::vector<std::vector<int64_t>>& more_inputs = {});
 
 }  // namespace pare::engine

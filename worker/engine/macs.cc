@@ -39,7 +39,8 @@ int64_t Product(at::IntArrayRef v, size_t from) {
 
 }  // namespace
 
-std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::vector<int64_t>& input_shape) {
+std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::vector<int64_t>& input_shape,
+                                   const std::vector<std::vector<int64_t>>& more_inputs) {
   // freeze() works on its own copy, but only of a module in eval mode.
   torch::jit::Module source = module;
   if (module.is_training()) {
@@ -113,6 +114,7 @@ std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::
   // Frozen weights are graph constants on the model's device: the input goes there too.
   const c10::Device device = ModuleDevice(module);
   torch::jit::Stack stack{frozen._ivalue(), at::randn(shape, at::TensorOptions().device(device))};
+  for (const at::Tensor& t : RandomInputs(more_inputs, 1, device)) stack.push_back(t);
   {
     c10::InferenceMode guard;
     fn.run(stack);

@@ -17,6 +17,7 @@ struct MacsCount {
 };
 
 // nullopt when the model cannot be counted this way (a quantized or frozen model).
-std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::vector<int64_t>& input_shape);
+std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::vector<int64_t>& input_shape,
+                                   const std::vector<std::vector<int64_t>>& more_inputs = {});
 
 }  // namespace pare::engine

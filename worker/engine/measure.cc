@@ -31,15 +31,16 @@ void Sync(const at::Tensor& t) { (void)t.sum().item<double>(); }
 Latency TimeBatch(torch::jit::Module& module, const MeasureContext& ctx, int batch) {
   std::vector<int64_t> shape = ctx.input_shape;
   shape[0] = batch;
-  at::Tensor input = at::randn(shape, at::TensorOptions().device(ctx.device));
+  std::vector<c10::IValue> input =
+      ForwardArgs(at::randn(shape, at::TensorOptions().device(ctx.device)), RandomInputs(ctx.more_shapes, batch, ctx.device));
   std::vector<double> ms;
   c10::InferenceMode guard;
-  for (int i = 0; i < 2; ++i) Sync(OutputTensor(module.forward({input})));
+  for (int i = 0; i < 2; ++i) Sync(OutputTensor(module.forward(input)));
   auto budget_end = Clock::now() + std::chrono::duration<double>(ctx.latency_budget_seconds);
   while (ms.size() < 3 || (ms.size() < 200 && Clock::now() < budget_end)) {
     if (ctx.check_cancel) ctx.check_cancel();
     auto t0 = Clock::now();
-    Sync(OutputTensor(module.forward({input})));
+    Sync(OutputTensor(module.forward(input)));
     ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
   }
   Latency l;
@@ -77,13 +78,15 @@ uint64_t DeflatedSize(const std::string& path) {
 }
 
 at::Tensor RunBatched(torch::jit::Module& module, const at::Tensor& inputs, c10::Device device,
-                      int64_t batch, const std::function<void()>& check_cancel) {
+                      int64_t batch, const std::function<void()>& check_cancel, const std::vector<at::Tensor>& more) {
   c10::InferenceMode guard;
   std::vector<at::Tensor> outs;
   for (int64_t i = 0; i < inputs.size(0); i += batch) {
     if (check_cancel) check_cancel();
-    at::Tensor x = inputs.slice(0, i, std::min(i + batch, inputs.size(0))).to(device);
-    at::Tensor y = OutputTensor(module.forward({x}));
+    const int64_t end = std::min(i + batch, inputs.size(0));
+    std::vector<at::Tensor> rest;
+    for (const at::Tensor& t : more) rest.push_back(t.slice(0, i, end).to(device));
+    at::Tensor y = OutputTensor(module.forward(ForwardArgs(inputs.slice(0, i, end).to(device), rest)));
     if (y.is_quantized()) y = y.dequantize();
     outs.push_back(y.to(at::kFloat).cpu());
   }
@@ -122,14 +125,14 @@ ModelStats Measure(torch::jit::Module& module, const std::string& path, const Me
     s.layers.push_back({w.name, n, zeros});
   }
 
-  if (auto macs = CountMacs(module, ctx.input_shape)) s.macs = macs->macs;
+  if (auto macs = CountMacs(module, ctx.input_shape, ctx.more_shapes)) s.macs = macs->macs;
 
   // Packed quantized weights run on the CPU only.
   c10::Device device = packed.empty() ? ctx.device : c10::Device(c10::kCPU);
   module.to(device);
   for (int b : ctx.latency_batches) s.latency.push_back(TimeBatch(module, ctx, b));
 
-  at::Tensor out = RunBatched(module, ctx.samples, device, 8, ctx.check_cancel);
+  at::Tensor out = RunBatched(module, ctx.samples, device, 8, ctx.check_cancel, ctx.more_samples);
   if (out.sizes() != ctx.reference.sizes()) {
     throw EngineError(Code::kInternal, "OUTPUT_SHAPE",
                       "the compressed model's output shape " + c10::str(out.sizes()) +

@@ -16,7 +16,9 @@ namespace pare::engine {
 struct MeasureContext {
   c10::Device device = c10::kCPU;
   std::vector<int64_t> input_shape;  // batch dimension first
+  std::vector<std::vector<int64_t>> more_shapes;  // forward's further inputs (synthetic), batch first
   at::Tensor samples;                // inputs for agreement (CPU)
+  std::vector<at::Tensor> more_samples;  // the further inputs that go with them
   at::Tensor reference;              // the original model's outputs on `samples` (CPU, float)
   const Dataset* eval = nullptr;     // with labels, for accuracy
   std::vector<int> latency_batches;
@@ -28,8 +30,10 @@ struct MeasureContext {
 uint64_t DeflatedSize(const std::string& path);
 
 // Runs `module` on `inputs` in batches and returns its float outputs on the CPU.
+// `more`: forward's further inputs, batched alike.
 at::Tensor RunBatched(torch::jit::Module& module, const at::Tensor& inputs, c10::Device device,
-                      int64_t batch, const std::function<void()>& check_cancel);
+                      int64_t batch, const std::function<void()>& check_cancel,
+                      const std::vector<at::Tensor>& more = {});
 
 // Whether the module holds packed quantized weights (and therefore runs on the CPU only).
 bool IsQuantized(const torch::jit::Module& module);

@@ -168,6 +168,22 @@ at::Tensor OutputTensor(const c10::IValue& out) {
                         ", not a tensor (or a tuple/list/dict holding one)");
 }
 
+std::vector<at::Tensor> RandomInputs(const InputShapes& shapes, int64_t batch, c10::Device device,
+                                     c10::optional<at::Generator> gen) {
+  std::vector<at::Tensor> out;
+  for (auto shape : shapes) {
+    if (batch > 0) shape[0] = batch;
+    out.push_back(at::randn(shape, gen).to(device));
+  }
+  return out;
+}
+
+std::vector<c10::IValue> ForwardArgs(const at::Tensor& x, const std::vector<at::Tensor>& more) {
+  std::vector<c10::IValue> args{x};
+  args.insert(args.end(), more.begin(), more.end());
+  return args;
+}
+
 c10::Device ModuleDevice(const torch::jit::Module& module) {
   for (const auto& p : module.parameters()) return p.device();
   return c10::kCPU;

@@ -34,6 +34,17 @@ std::vector<PackedWeight> PackedWeights(const torch::jit::Module& module);
 // named "constant:<value name>", each storage once.
 std::vector<PackedWeight> FrozenWeights(const torch::jit::Module& module);
 
+// The shapes of a model's further inputs (batch first), after the job's input shape, for a
+// forward that takes several tensors.
+using InputShapes = std::vector<std::vector<int64_t>>;
+
+// Standard-normal tensors of `shapes` with batch `batch` (0: as given), on `device`.
+std::vector<at::Tensor> RandomInputs(const InputShapes& shapes, int64_t batch, c10::Device device,
+                                     c10::optional<at::Generator> gen = c10::nullopt);
+
+// The arguments of forward: `x` then `more`.
+std::vector<c10::IValue> ForwardArgs(const at::Tensor& x, const std::vector<at::Tensor>& more);
+
 // The device of the module's first parameter (CPU for a module without parameters).
 c10::Device ModuleDevice(const torch::jit::Module& module);
 

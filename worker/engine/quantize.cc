@@ -23,6 +23,9 @@
 namespace pare::engine {
 namespace {
 
+// Calibration batches: the arguments of one forward call each.
+using Batches = std::vector<std::vector<c10::IValue>>;
+
 // Activation observer for static quantization (affine uint8). All four kinds track the
 // running range; HISTOGRAM and PERCENTILE also keep a bounded, evenly thinned sample of
 // the values, from which calculate_qparams picks the range.
@@ -481,7 +484,7 @@ static std::vector<std::string> FloatLayers(const std::shared_ptr<torch::jit::Gr
 }
 
 static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, const StaticQuantSpec& spec,
-                                             const std::vector<at::Tensor>& calibration,
+                                             const Batches& calibration,
                                              std::vector<std::string>& notes,
                                              const std::set<std::string>& keep_float = {});
 
@@ -524,7 +527,7 @@ static std::map<std::string, std::vector<std::string>> ControlFlowModules(const 
 // flow kept float (qconfig None for their paths), then each kind of them quantized again where
 // the model still converts. Throws the original error when even that fails.
 static torch::jit::Module QuantizeAroundControlFlow(const torch::jit::Module& input, const StaticQuantSpec& spec,
-                                                    const std::vector<at::Tensor>& calibration,
+                                                    const Batches& calibration,
                                                     std::vector<std::string>& notes, const EngineError& first,
                                                     const std::set<std::string>& always_float) {
   auto kinds = ControlFlowModules(input);
@@ -549,7 +552,7 @@ static torch::jit::Module QuantizeAroundControlFlow(const torch::jit::Module& in
       torch::jit::Module q = QuantizeStaticOnce(input, spec, calibration, trial_notes, fewer);
       // The module-form result is checked as a whole by the caller; here it must at least run.
       torch::NoGradGuard no_grad;
-      q.forward({calibration.front()});
+      q.forward(calibration.front());
       best = q;
       best_notes = trial_notes;
       keep = fewer;
@@ -593,7 +596,12 @@ static std::set<std::string> PaddedTransposedConvolutions(const torch::jit::Modu
 }
 
 torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQuantSpec& spec,
-                                  const std::vector<at::Tensor>& calibration, std::vector<std::string>* notes) {
+                                  const std::vector<at::Tensor>& inputs, std::vector<std::string>* notes,
+                                  const std::vector<std::vector<at::Tensor>>& more) {
+  Batches calibration;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    calibration.push_back(ForwardArgs(inputs[i], i < more.size() ? more[i] : std::vector<at::Tensor>{}));
+  }
   std::vector<std::string> local;
   std::vector<std::string>& out = notes ? *notes : local;
   const std::set<std::string> padded = PaddedTransposedConvolutions(input);
@@ -627,7 +635,7 @@ torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQ
 }
 
 static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, const StaticQuantSpec& spec,
-                                             const std::vector<at::Tensor>& calibration,
+                                             const Batches& calibration,
                                              std::vector<std::string>& notes, const std::set<std::string>& keep_float) {
   if (!input.find_method("forward")) {
     throw EngineError(Code::kInvalidArgument, "MODEL_FORMAT", "the model has no forward method");
@@ -682,7 +690,7 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
       // A few runs of a graph that is thrown away afterwards: the executor's profiling and
       // optimizing would cost more than they save.
       torch::jit::GraphOptimizerEnabledGuard no_optimizer(false);
-      for (const auto& batch : calibration) observed.forward({batch});
+      for (const auto& batch : calibration) observed.forward(batch);
     }
     quantized = torch::jit::InsertQuantDeQuant(observed, "forward", /*inplace=*/true,
                                                /*debug=*/false, torch::jit::QuantType::STATIC);
@@ -693,8 +701,10 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
     // Some refusals only show when the quantized ops run (a kernel the engine lacks, or one
     // that fails at batch 1 only): run a calibration batch and one input of it.
     torch::NoGradGuard no_grad;
-    quantized.forward({calibration.front()});
-    quantized.forward({calibration.front().slice(0, 0, 1)});
+    quantized.forward(calibration.front());
+    std::vector<c10::IValue> one;
+    for (const auto& v : calibration.front()) one.push_back(v.toTensor().slice(0, 0, 1));
+    quantized.forward(one);
   } catch (const std::exception& e) {
     throw unsupported(e);
   }

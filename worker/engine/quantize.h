@@ -38,8 +38,10 @@ int ObserveAfterConvRelu(const std::shared_ptr<torch::jit::Graph>& graph);
 // on the CPU), and converts to quantized ops. Returns the new module; `notes` (when given)
 // gets what the report should say: the activation range chosen for the target CPU, weights
 // quantized per tensor, layers that stayed float.
+// `more[i]`: forward's further inputs that go with `calibration[i]`, for models that take several.
 torch::jit::Module QuantizeStatic(const torch::jit::Module& module, const StaticQuantSpec& spec,
                                   const std::vector<at::Tensor>& calibration,
-                                  std::vector<std::string>* notes = nullptr);
+                                  std::vector<std::string>* notes = nullptr,
+                                  const std::vector<std::vector<at::Tensor>>& more = {});
 
 }  // namespace pare::engine

@@ -49,6 +49,7 @@ nlohmann::json ToJson(const Report& r) {
   nlohmann::json j;
   j["device"] = r.device;
   j["input_shape"] = r.input_shape;
+  if (!r.more_input_shapes.empty()) j["more_input_shapes"] = r.more_input_shapes;
   nlohmann::json steps = nlohmann::json::array();
   for (const auto& s : r.steps) {
     steps.push_back({{"step", s.step}, {"stats", ToJson(s.stats)}, {"wall_seconds", s.wall_seconds},

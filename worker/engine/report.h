@@ -48,6 +48,7 @@ struct StepReport {
 struct Report {
   std::string device;
   std::vector<int64_t> input_shape;
+  std::vector<std::vector<int64_t>> more_input_shapes;  // forward's further inputs, if any
   std::vector<StepReport> steps;
 };
 
