@@ -1132,6 +1132,16 @@ TEST_F(EngineTest, ChannelPruneRewritesConstantViewSizes) {
   EXPECT_LT(Param(v1.module, "fc.weight").size(1), 256);
 }
 
+TEST_F(EngineTest, MagnitudePruneReachesParametersOfFunctionalConvolutions) {
+  // `F.conv2d(x, self.weight, self.bias)`: a parameter of the top module, no Conv2d.
+  auto m = torch::jit::load(Fixture("user_functional.pt"));
+  bool found = false;
+  for (const auto& w : PrunableWeights(m)) found |= w.name == "weight" && w.is_conv;
+  EXPECT_TRUE(found);
+  MagnitudePrune(m, MagnitudePruneSpec{0.5, false, {}, {}});
+  EXPECT_NEAR(Sparsity(Param(m, "weight")), 0.5, 0.02);
+}
+
 TEST_F(EngineTest, ChannelPruneKeepsGroupNormGroupsWhole) {
   auto m = torch::jit::load(Fixture("user_norms.pt"));
   ChannelPruneSpec spec;

@@ -47,6 +47,38 @@ std::vector<WeightRef> PrunableWeights(const torch::jit::Module& module) {
     if (!weight.is_floating_point() || weight.dim() < 2) continue;
     out.push_back({item.name, weight, conv});
   }
+  // Parameters that a module's own code passes to a convolution or linear op
+  // (`F.conv2d(x, self.weight)`, `F.linear(x, self.w)`), named "<module>.<attribute>".
+  std::unordered_set<const void*> seen;
+  for (const auto& w : out) seen.insert(w.weight.unsafeGetTensorImpl());
+  for (const auto& item : module.named_modules()) {
+    for (const auto& method : item.value.get_methods()) {
+      auto graph = method.graph();
+      torch::jit::Value* self = graph->inputs()[0];
+      std::function<void(torch::jit::Block*)> visit = [&](torch::jit::Block* b) {
+        for (torch::jit::Node* n : b->nodes()) {
+          for (torch::jit::Block* inner : n->blocks()) visit(inner);
+          const auto k = n->kind();
+          const bool conv = k == c10::aten::conv1d || k == c10::aten::conv2d || k == c10::aten::conv3d ||
+                            k == c10::aten::conv_transpose1d || k == c10::aten::conv_transpose2d ||
+                            k == c10::aten::conv_transpose3d || k == c10::aten::_convolution;
+          if (!conv && k != c10::aten::linear) continue;
+          torch::jit::Node* get = n->input(1)->node();
+          if (get->kind() != c10::prim::GetAttr || get->input(0) != self) continue;
+          const std::string attr = get->s(c10::attr::name);
+          if (!item.value.hasattr(attr)) continue;
+          auto v = item.value.attr(attr);
+          if (!v.isTensor()) continue;
+          at::Tensor weight = v.toTensor();
+          if (!weight.is_floating_point() || weight.dim() < 2 || !seen.insert(weight.unsafeGetTensorImpl()).second) {
+            continue;
+          }
+          out.push_back({item.name.empty() ? attr : item.name + "." + attr, weight, conv});
+        }
+      };
+      visit(graph->block());
+    }
+  }
   return out;
 }
 
