@@ -11,45 +11,21 @@ Usage: torchvision_outputs_test.py  (PARE_BIN_DIR and PARE_FIXTURES from ctest)
 """
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import warnings
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pare_cli import compress, tensors  # noqa: E402
+
 warnings.filterwarnings("ignore")
-BIN = os.path.join(os.environ["PARE_BIN_DIR"], "client", "pare")
 FIXTURES = os.environ["PARE_FIXTURES"]
 MODELS = ["tv_resnet18.pt", "tv_mobilenet_v3_small.pt", "tv_efficientnet_b0.pt", "tv_densenet_small.pt",
           "tv_regnet_y_400mf.pt", "tv_shufflenet_v2_x0_5.pt", "tv_googlenet.pt", "tv_squeezenet1_1.pt",
           "tv_convnext_small.pt", "tv_lraspp_small.pt"]
 SHAPE = (1, 3, 64, 64)
-
-
-def tensors(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in tensors(o)]
-    if isinstance(out, dict):  # segmentation models: {"out": ...}
-        return [t for k in sorted(out) for t in tensors(out[k])]
-    return []
-
-
-def compress(model, recipe, work):
-    recipe_path = os.path.join(work, "recipe.json")
-    with open(recipe_path, "w") as f:
-        json.dump(recipe, f)
-    out = os.path.join(work, "out.pt")
-    report = os.path.join(work, "report.json")
-    cmd = [BIN, "compress", os.path.join(FIXTURES, model), "--recipe", recipe_path, "-o", out, "--report", report,
-           "--device", "cpu", "--input-shape", ",".join(map(str, SHAPE)), "--latency-budget", "0.05"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if r.returncode != 0:
-        raise AssertionError(f"{model}: pare compress failed ({r.returncode}): {r.stderr[-2000:]}")
-    with open(report) as f:
-        return out, json.load(f)
 
 
 def main():
@@ -69,7 +45,8 @@ def main():
             ]:
                 name = f"{model} {json.dumps(recipe['steps'][0])[:40]}{' +int8' if quantized else ''}"
                 try:
-                    out, report = compress(model, recipe, work)
+                    out, report = compress(os.path.join(FIXTURES, model), recipe["steps"], [SHAPE], work,
+                                           latency_budget="0.05")
                     m = torch.jit.load(out).eval()
                     with torch.no_grad():
                         got = [t.shape for t in tensors(m(x))]

@@ -19,9 +19,7 @@ with the CPU it ran on.
 
 Usage: user_networks_test.py [NAME_SUBSTRING]  (PARE_BIN_DIR and PARE_FIXTURES from ctest)
 """
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -30,10 +28,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import user_nets  # noqa: E402
+from pare_cli import compress, tensors  # noqa: E402
 
 warnings.filterwarnings("ignore")
-BIN = os.path.join(os.environ["PARE_BIN_DIR"], "client", "pare")
 FIXTURES = os.environ["PARE_FIXTURES"]
 
 # recipe name -> (steps, minimum centred cosine with the float model or None, needs train data).
@@ -81,16 +80,6 @@ def pytorch_static(model, calibration, xs, reduce_range):
         return None
 
 
-def tensors(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in tensors(o)]
-    if isinstance(out, dict):
-        return [t for k in sorted(out) for t in tensors(out[k])]
-    return []
-
-
 def smooth_images(n, shape, seed):
     """Low-frequency random images plus a little noise: pooled features vary per image."""
     g = torch.Generator().manual_seed(seed)
@@ -107,24 +96,10 @@ def centred_cosine(want, got):
     return F.cosine_similarity(a - mean, b - mean, dim=1).mean().item()
 
 
-def compress(model, shapes, steps, data, work):
-    recipe = os.path.join(work, "recipe.json")
-    with open(recipe, "w") as f:
-        json.dump({"steps": steps}, f)
-    out = os.path.join(work, "out.pt")
-    report = os.path.join(work, "report.json")
-    cmd = [BIN, "compress", model, "--recipe", recipe, "-o", out, "--report", report, "--device", "cpu",
-           "--latency-budget", "0.02"]
-    for shape in shapes:  # one per input of forward
-        cmd += ["--input-shape", ",".join(map(str, shape))]
-    for kind in ("calibration", "eval", "train"):
-        if kind in data:
-            cmd += ["--" + kind, data[kind]]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if r.returncode != 0:
-        raise AssertionError(f"pare compress failed ({r.returncode}): {r.stderr.strip().splitlines()[-1][-600:]}")
-    with open(report) as f:
-        return out, json.load(f)
+def run(model, shapes, steps, data, work):
+    """pare compress with the fixture's datasets (calibration, eval, train) where given."""
+    extra = [arg for kind in ("calibration", "eval", "train") if kind in data for arg in ("--" + kind, data[kind])]
+    return compress(model, steps, shapes, work, extra)
 
 
 def cpu_line():
@@ -214,7 +189,7 @@ def main():
                     # Training steps need a dataset, which holds one images tensor: refused,
                     # with a message that says so.
                     try:
-                        compress(path, shapes, steps, {}, work)
+                        run(path, shapes, steps, {}, work)
                         failures.append(f"{label}: a model of {inputs} inputs was trained without data")
                     except AssertionError as e:
                         if "MODEL_INPUTS" not in str(e):
@@ -224,7 +199,7 @@ def main():
                         table.setdefault(name, {})[recipe] = "refused: trains on a dataset of one input"
                     continue
                 try:
-                    out, report = compress(path, shapes, steps, data if needs_train else
+                    out, report = run(path, shapes, steps, data if needs_train else
                                            {k: v for k, v in data.items() if k != "train"}, work)
                     m = torch.jit.load(out).eval()
                     with torch.no_grad():

@@ -575,6 +575,82 @@ static torch::jit::Module QuantizeAroundControlFlow(const torch::jit::Module& in
   return best;
 }
 
+// The last resort when the model still does not convert (a quantized kernel that fails on
+// some layer: oneDNN's conv2d_relu on some grouped convolutions at batch 1): the convolution
+// and linear submodules whose quantization breaks it are found by bisection (the smallest
+// failing prefix of them, then on from there), kept float, and the rest is quantized.
+static torch::jit::Module QuantizeAroundBrokenLayers(const torch::jit::Module& input, const StaticQuantSpec& spec,
+                                                     const Batches& calibration, std::vector<std::string>& notes,
+                                                     const EngineError& first,
+                                                     const std::set<std::string>& always_float) {
+  std::vector<std::string> layers;
+  for (const auto& item : input.named_modules()) {
+    auto type = item.value.type()->name();
+    const std::string t = type ? type->name() : "";
+    if (!item.name.empty() && !always_float.count(item.name) &&
+        (t.rfind("Conv", 0) == 0 || t == "Linear" || t.find("LinearWithBias") != std::string::npos)) {
+      layers.push_back(item.name);
+    }
+  }
+  constexpr int kMaxTrials = 16;
+  int trials = 0;
+  std::vector<std::string> trial_notes;
+  // Quantizes the layers in `with` (and what is not a layer), the other layers float.
+  auto attempt = [&](const std::vector<std::string>& with, torch::jit::Module* out) {
+    std::set<std::string> keep = always_float;
+    keep.insert(layers.begin(), layers.end());
+    for (const auto& l : with) keep.erase(l);
+    ++trials;
+    trial_notes.clear();
+    try {
+      torch::jit::Module q = QuantizeStaticOnce(input, spec, calibration, trial_notes, keep);
+      if (out) *out = q;
+      return std::string();
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+  };
+  std::vector<std::string> allowed;
+  std::map<std::string, std::string> culprits;
+  size_t start = 0;
+  std::string last = first.what();
+  while (start < layers.size() && trials < kMaxTrials) {
+    size_t lo = start, hi = layers.size();  // allowed + [start, hi) fails; allowed + [start, lo) converts
+    while (hi - lo > 1 && trials < kMaxTrials) {
+      const size_t mid = (lo + hi) / 2;
+      std::vector<std::string> with = allowed;
+      with.insert(with.end(), layers.begin() + static_cast<long>(start), layers.begin() + static_cast<long>(mid));
+      std::string e = attempt(with, nullptr);
+      if (e.empty()) lo = mid;
+      else {
+        hi = mid;
+        last = e;
+      }
+    }
+    if (hi - lo > 1) break;  // out of trials
+    culprits[layers[hi - 1]] = last;
+    allowed.insert(allowed.end(), layers.begin() + static_cast<long>(start), layers.begin() + static_cast<long>(hi - 1));
+    start = hi;
+    std::vector<std::string> with = allowed;
+    with.insert(with.end(), layers.begin() + static_cast<long>(start), layers.end());
+    if (start < layers.size() && attempt(with, nullptr).empty()) {
+      allowed = with;
+      start = layers.size();
+    }
+  }
+  torch::jit::Module best;
+  if (allowed.empty() || !attempt(allowed, &best).empty()) throw first;
+  notes.insert(notes.end(), trial_notes.begin(), trial_notes.end());
+  const size_t float_layers = layers.size() - allowed.size();
+  std::string why = culprits.empty() ? first.what() : culprits.begin()->second;
+  if (auto at = why.find("cannot handle this model ("); at != std::string::npos) why = why.substr(at + 26);
+  why = why.substr(0, std::min({why.find('\n'), why.find("); quantize.dynamic"), size_t{200}}));
+  notes.push_back("kept float: " + std::to_string(float_layers) + " of " + std::to_string(layers.size()) +
+                  " conv/linear layers (" + (culprits.empty() ? std::string("untried") : culprits.begin()->first) +
+                  (float_layers > 1 ? ", ..." : "") + "): quantizing them broke the model (" + why + ")");
+  return best;
+}
+
 // Transposed convolution submodules with a non-zero output_padding: oneDNN has no quantized
 // kernel for them ("ONEDNN only supports zero output_padding"), so they stay float.
 static std::set<std::string> PaddedTransposedConvolutions(const torch::jit::Module& input) {
@@ -630,7 +706,13 @@ torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQ
     }
     // Some parts defeat both (data-dependent branches: Swin's shifted windows): quantize the
     // rest and keep those float.
-    return QuantizeAroundControlFlow(input, spec, calibration, out, e, padded);
+    try {
+      return QuantizeAroundControlFlow(input, spec, calibration, out, e, padded);
+    } catch (const std::exception&) {
+      out.resize(before);
+    }
+    // A layer whose quantized kernel fails: keep it float, quantize the rest.
+    return QuantizeAroundBrokenLayers(input, spec, calibration, out, e, padded);
   }
 }
 
