@@ -1,5 +1,6 @@
 #include "worker/engine/quantize.h"
 
+#include <algorithm>
 #include <functional>
 #include <map>
 #include <set>
@@ -576,30 +577,44 @@ static torch::jit::Module QuantizeAroundControlFlow(const torch::jit::Module& in
 }
 
 // The last resort when the model still does not convert (a quantized kernel that fails on
-// some layer: oneDNN's conv2d_relu on some grouped convolutions at batch 1): the convolution
-// and linear submodules whose quantization breaks it are found by bisection (the smallest
-// failing prefix of them, then on from there), kept float, and the rest is quantized.
+// some layers: oneDNN's conv2d_relu on some grouped convolutions at batch 1). Layers are grouped
+// into kinds (type, weight shape, groups: a kernel that fails on one layer fails on the others of
+// its kind), the kinds whose quantization breaks the model are found by bisection in module
+// order (the smallest failing prefix, then on from there), their layers kept float, and the rest
+// is quantized.
 static torch::jit::Module QuantizeAroundBrokenLayers(const torch::jit::Module& input, const StaticQuantSpec& spec,
                                                      const Batches& calibration, std::vector<std::string>& notes,
                                                      const EngineError& first,
                                                      const std::set<std::string>& always_float) {
-  std::vector<std::string> layers;
+  std::vector<std::string> kinds;                            // in order of first appearance
+  std::map<std::string, std::vector<std::string>> layers;    // kind -> layer paths
   for (const auto& item : input.named_modules()) {
     auto type = item.value.type()->name();
     const std::string t = type ? type->name() : "";
-    if (!item.name.empty() && !always_float.count(item.name) &&
-        (t.rfind("Conv", 0) == 0 || t == "Linear" || t.find("LinearWithBias") != std::string::npos)) {
-      layers.push_back(item.name);
+    if (item.name.empty() || always_float.count(item.name) ||
+        !(t.rfind("Conv", 0) == 0 || t == "Linear" || t.find("LinearWithBias") != std::string::npos)) {
+      continue;
     }
+    std::string k = t;
+    if (item.value.hasattr("weight") && item.value.attr("weight").isTensor()) {
+      k += c10::str(item.value.attr("weight").toTensor().sizes());
+    }
+    if (item.value.hasattr("groups") && item.value.attr("groups").isInt()) {
+      k += " groups " + std::to_string(item.value.attr("groups").toInt());
+    }
+    if (!layers.count(k)) kinds.push_back(k);
+    layers[k].push_back(item.name);
   }
-  constexpr int kMaxTrials = 16;
+  constexpr int kMaxTrials = 40;
   int trials = 0;
   std::vector<std::string> trial_notes;
-  // Quantizes the layers in `with` (and what is not a layer), the other layers float.
+  // Quantizes the layers of the kinds in `with` (and what is not a layer), the others float.
   auto attempt = [&](const std::vector<std::string>& with, torch::jit::Module* out) {
     std::set<std::string> keep = always_float;
-    keep.insert(layers.begin(), layers.end());
-    for (const auto& l : with) keep.erase(l);
+    for (const auto& [k, paths] : layers) keep.insert(paths.begin(), paths.end());
+    for (const auto& k : with) {
+      for (const auto& p : layers[k]) keep.erase(p);
+    }
     ++trials;
     trial_notes.clear();
     try {
@@ -611,15 +626,15 @@ static torch::jit::Module QuantizeAroundBrokenLayers(const torch::jit::Module& i
     }
   };
   std::vector<std::string> allowed;
-  std::map<std::string, std::string> culprits;
-  size_t start = 0;
+  std::vector<std::string> culprits;
   std::string last = first.what();
-  while (start < layers.size() && trials < kMaxTrials) {
-    size_t lo = start, hi = layers.size();  // allowed + [start, hi) fails; allowed + [start, lo) converts
+  size_t start = 0;
+  while (start < kinds.size() && trials < kMaxTrials) {
+    size_t lo = start, hi = kinds.size();  // allowed + [start, hi) fails; allowed + [start, lo) converts
     while (hi - lo > 1 && trials < kMaxTrials) {
       const size_t mid = (lo + hi) / 2;
       std::vector<std::string> with = allowed;
-      with.insert(with.end(), layers.begin() + static_cast<long>(start), layers.begin() + static_cast<long>(mid));
+      with.insert(with.end(), kinds.begin() + static_cast<long>(start), kinds.begin() + static_cast<long>(mid));
       std::string e = attempt(with, nullptr);
       if (e.empty()) lo = mid;
       else {
@@ -627,27 +642,32 @@ static torch::jit::Module QuantizeAroundBrokenLayers(const torch::jit::Module& i
         last = e;
       }
     }
-    if (hi - lo > 1) break;  // out of trials
-    culprits[layers[hi - 1]] = last;
-    allowed.insert(allowed.end(), layers.begin() + static_cast<long>(start), layers.begin() + static_cast<long>(hi - 1));
+    if (hi - lo > 1) break;  // out of trials: the rest stays float
+    culprits.push_back(kinds[hi - 1]);
+    allowed.insert(allowed.end(), kinds.begin() + static_cast<long>(start), kinds.begin() + static_cast<long>(hi - 1));
     start = hi;
     std::vector<std::string> with = allowed;
-    with.insert(with.end(), layers.begin() + static_cast<long>(start), layers.end());
-    if (start < layers.size() && attempt(with, nullptr).empty()) {
+    with.insert(with.end(), kinds.begin() + static_cast<long>(start), kinds.end());
+    if (start < kinds.size() && attempt(with, nullptr).empty()) {
       allowed = with;
-      start = layers.size();
+      start = kinds.size();
     }
   }
   torch::jit::Module best;
   if (allowed.empty() || !attempt(allowed, &best).empty()) throw first;
   notes.insert(notes.end(), trial_notes.begin(), trial_notes.end());
-  const size_t float_layers = layers.size() - allowed.size();
-  std::string why = culprits.empty() ? first.what() : culprits.begin()->second;
+  size_t quantized = 0, total = 0;
+  for (const auto& [k, paths] : layers) total += paths.size();
+  for (const auto& k : allowed) quantized += layers[k].size();
+  std::string why = last;
   if (auto at = why.find("cannot handle this model ("); at != std::string::npos) why = why.substr(at + 26);
   why = why.substr(0, std::min({why.find('\n'), why.find("); quantize.dynamic"), size_t{200}}));
-  notes.push_back("kept float: " + std::to_string(float_layers) + " of " + std::to_string(layers.size()) +
-                  " conv/linear layers (" + (culprits.empty() ? std::string("untried") : culprits.begin()->first) +
-                  (float_layers > 1 ? ", ..." : "") + "): quantizing them broke the model (" + why + ")");
+  std::string first_layer = culprits.empty() ? "" : layers[culprits.front()].front();
+  notes.push_back("kept float: " + std::to_string(total - quantized) + " of " + std::to_string(total) +
+                  " conv/linear layers, " + std::to_string(culprits.size()) + " kind(s) whose quantization broke " +
+                  "the model (" + first_layer + (total - quantized > 1 ? ", ..." : "") + ": " + why + ")" +
+                  (start < kinds.size() ? " and the kinds not tried in " + std::to_string(kMaxTrials) + " conversions"
+                                        : ""));
   return best;
 }
 
