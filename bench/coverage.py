@@ -555,7 +555,9 @@ def parse_args():
     ap.add_argument("--jobs", type=int, default=1, help="recipes of one model run at once (default 1)")
     ap.add_argument("--threads", type=int, default=0, help="the CLI's --threads (0: LibTorch's default)")
     ap.add_argument("--json", help="append one JSON line per model to this file")
-    ap.add_argument("--from-json", help="print the table of an earlier (possibly partial) --json file, run nothing")
+    ap.add_argument("--from-json", nargs="+",
+                    help="print the table of earlier (possibly partial) --json files, run nothing; a model's "
+                         "row in a later file replaces its row in an earlier one")
     args = ap.parse_args()
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if args.from_json:
@@ -571,11 +573,18 @@ def parse_args():
 def main():
     args = parse_args()
     if args.from_json:
-        with open(args.from_json) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        by_model = {}
+        for path in args.from_json:
+            with open(path) as f:
+                for line in f:
+                    if line.strip():
+                        row = json.loads(line)
+                        by_model[row["model"]] = row
+        order = [name for name, _ in all_models()]
+        rows = sorted(by_model.values(), key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
         listed = {name for name, _ in all_models()}
         missing = sorted(listed - {r["model"] for r in rows})
-        header = machine_header(f"the run recorded in {args.from_json}")[:-1]
+        header = machine_header("the runs recorded in " + ", ".join(args.from_json))[:-1]
         if missing:
             header.append(f"- not run ({len(missing)}): {', '.join(missing)}")
         print(markdown(rows, args.recipes, header))
