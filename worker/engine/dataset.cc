@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <fstream>
 #include <iterator>
 
@@ -197,12 +198,23 @@ Dataset LoadTensors(const std::string& path) {
   }
   if (!value.isGenericDict()) Bad(path, "holds " + value.tagKind() + ", expected a dict with 'images' and 'labels'");
   Dataset ds;
+  std::map<int, at::Tensor> more;  // "images_<i>": forward's further inputs
   for (const auto& kv : value.toGenericDict()) {
     if (!kv.key().isString()) continue;
     const std::string& k = kv.key().toStringRef();
-    if (k != "images" && k != "labels") continue;
+    int index = 0;
+    if (k.rfind("images_", 0) == 0) {
+      const std::string digits = k.substr(7);
+      if (digits.empty() || digits.size() > 2 || digits.find_first_not_of("0123456789") != std::string::npos ||
+          (index = std::stoi(digits)) < 1 || index > 15) {
+        Bad(path, "'" + k + "': further inputs are named images_1 ... images_15");
+      }
+    } else if (k != "images" && k != "labels") {
+      continue;
+    }
     if (!kv.value().isTensor()) Bad(path, "'" + k + "' is " + kv.value().tagKind() + ", not a tensor");
-    (k == "images" ? ds.images : ds.labels) = kv.value().toTensor();
+    if (index > 0) more[index] = kv.value().toTensor();
+    else (k == "images" ? ds.images : ds.labels) = kv.value().toTensor();
   }
   if (!ds.images.defined()) Bad(path, "has no 'images' tensor");
   at::Tensor images = ds.images;
@@ -217,6 +229,16 @@ Dataset LoadTensors(const std::string& path) {
     Bad(path, "'images' has dtype " + std::string(c10::toString(images.scalar_type())) + ", expected float or uint8");
   }
   ds.images = images.contiguous();
+  for (const auto& [index, t] : more) {
+    const std::string key = "images_" + std::to_string(index);
+    if (index != static_cast<int>(ds.more_images.size()) + 1) Bad(path, "has '" + key + "' without the ones before it");
+    if (t.dim() < 2 || t.size(0) != images.size(0)) {
+      Bad(path, "'" + key + "' must have one entry per image (" + std::to_string(images.size(0)) + "), batch first");
+    }
+    if (t.scalar_type() == at::kByte) ds.more_images.push_back(t.to(at::kFloat).div_(255.0).contiguous());
+    else if (t.is_floating_point()) ds.more_images.push_back(t.to(at::kFloat).contiguous());
+    else Bad(path, "'" + key + "' has dtype " + std::string(c10::toString(t.scalar_type())) + ", expected float or uint8");
+  }
   if (ds.labels.defined()) {
     if (ds.labels.dim() != 1 || ds.labels.size(0) != images.size(0)) {
       Bad(path, "'labels' must be one label per image (" + std::to_string(images.size(0)) + ")");

@@ -11,6 +11,9 @@ namespace pare::engine {
 struct Dataset {
   at::Tensor images;  // N x C x H x W, float32
   at::Tensor labels;  // N, int64; undefined when the dataset has none
+  // A model whose forward takes several tensors: its second, third... inputs ("images_1",
+  // "images_2", ... in a tensors file), N first, float32.
+  std::vector<at::Tensor> more_images;
   std::vector<std::string> class_names;  // image-folder: the class of each label
   size_t size() const { return images.defined() ? static_cast<size_t>(images.size(0)) : 0; }
 };

@@ -86,7 +86,13 @@ std::vector<at::Tensor> CalibrationBatches(const StepContext& ctx, int batches, 
     const at::Tensor& images = ctx.calibration->images;
     int64_t want = std::min<int64_t>(images.size(0), kBatch * batches);
     at::Tensor idx = at::randperm(images.size(0), gen, at::TensorOptions().dtype(at::kLong)).slice(0, 0, want);
-    for (int64_t i = 0; i < want; i += kBatch) out.push_back(images.index_select(0, idx.slice(0, i, std::min(i + kBatch, want))));
+    for (int64_t i = 0; i < want; i += kBatch) {
+      at::Tensor rows = idx.slice(0, i, std::min(i + kBatch, want));
+      out.push_back(images.index_select(0, rows));
+      std::vector<at::Tensor> further;
+      for (const at::Tensor& t : ctx.calibration->more_images) further.push_back(t.index_select(0, rows));
+      more.push_back(further);
+    }
     notes.push_back("calibrated on " + std::to_string(want) + " images");
   } else {
     std::vector<int64_t> shape = ctx.input_shape;
@@ -291,20 +297,6 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
                             " input shape(s): give one per input (pare compress --input-shape A --input-shape B)");
     }
     if (!options.more_input_shapes.empty()) {
-      // Datasets hold one images tensor: a model of several inputs runs on synthetic ones.
-      if (options.eval || options.calibration || options.train) {
-        throw EngineError(Code::kInvalidArgument, "MODEL_INPUTS",
-                          "the model takes " + std::to_string(required.size()) +
-                              " inputs, and datasets hold one images tensor: a model of several inputs is "
-                              "calibrated and measured on synthetic inputs (give no dataset)");
-      }
-      for (const auto& step : steps) {
-        if (NeedsTrainData(step)) {
-          throw EngineError(Code::kInvalidArgument, "MODEL_INPUTS",
-                            StepName(step) + " trains on a dataset, which holds one images tensor; the model takes " +
-                                std::to_string(required.size()) + " inputs");
-        }
-      }
       for (const auto& s : options.more_input_shapes) {
         bool ok = s.size() >= 2;
         for (int64_t d : s) ok &= d > 0;
@@ -336,6 +328,28 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
   for (int64_t d : shape) {
     if (d <= 0) throw EngineError(Code::kInvalidArgument, "BAD_INPUT_SHAPE", "input shape " + c10::str(shape) + " has a non-positive dimension");
   }
+  // A model of several inputs reads them from "images_1", "images_2"... of a tensors dataset.
+  for (const auto& [ds, role] : {std::make_pair(&eval, "eval"), std::make_pair(&calibration, "calibration"),
+                                 std::make_pair(&train, "train")}) {
+    if (!ds->size()) continue;
+    if (ds->more_images.size() != options.more_input_shapes.size()) {
+      throw EngineError(Code::kInvalidArgument, "MODEL_INPUTS",
+                        std::string("the ") + role + " dataset holds " + std::to_string(1 + ds->more_images.size()) +
+                            " input(s) per sample but the job gives the model " +
+                            std::to_string(1 + options.more_input_shapes.size()) +
+                            " (a tensors file holds the further inputs as images_1, images_2, ...)");
+    }
+    for (size_t i = 0; i < ds->more_images.size(); ++i) {
+      auto got = ds->more_images[i].sizes().vec();
+      const auto& want = options.more_input_shapes[i];
+      if (!std::equal(got.begin() + 1, got.end(), want.begin() + 1, want.end())) {
+        throw EngineError(Code::kInvalidArgument, "BAD_INPUT_SHAPE",
+                          std::string("the ") + role + " dataset's images_" + std::to_string(i + 1) + " are " +
+                              c10::str(at::IntArrayRef(got).slice(1)) + " but the model's input " +
+                              std::to_string(i + 2) + " is " + c10::str(at::IntArrayRef(want).slice(1)));
+      }
+    }
+  }
   for (const Dataset* ds : {&eval, &calibration, &train}) {
     if (!ds->size()) continue;
     auto ds_shape = ds->images.sizes().vec();
@@ -356,7 +370,11 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     ctx.samples = at::randn(s);
   }
   ctx.more_shapes = options.more_input_shapes;
-  ctx.more_samples = RandomInputs(options.more_input_shapes, n, c10::kCPU);
+  if (sample_source) {
+    for (const at::Tensor& t : sample_source->more_images) ctx.more_samples.push_back(t.slice(0, 0, ctx.samples.size(0)));
+  } else {
+    ctx.more_samples = RandomInputs(options.more_input_shapes, n, c10::kCPU);
+  }
 
   Report report;
   report.device = ctx.device.str();

@@ -143,7 +143,7 @@ ModelStats Measure(torch::jit::Module& module, const std::string& path, const Me
   s.top1_agreement = (a.argmax(1) == r.argmax(1)).to(at::kFloat).mean().item<double>();
 
   if (ctx.eval && ctx.eval->labels.defined()) {
-    at::Tensor logits = RunBatched(module, ctx.eval->images, device, 64, ctx.check_cancel).flatten(1);
+    at::Tensor logits = RunBatched(module, ctx.eval->images, device, 64, ctx.check_cancel, ctx.eval->more_images).flatten(1);
     const at::Tensor& labels = ctx.eval->labels;
     if (labels.max().item<int64_t>() >= logits.size(1)) {
       throw EngineError(Code::kInvalidArgument, "BAD_DATASET",

@@ -15,9 +15,23 @@ namespace {
 
 constexpr double kPi = 3.14159265358979323846;
 
+// forward's arguments for rows [begin, end) of a dataset (its images and any further inputs).
+std::vector<c10::IValue> Rows(const Dataset& ds, int64_t begin, int64_t end, c10::Device device) {
+  std::vector<at::Tensor> more;
+  for (const at::Tensor& t : ds.more_images) more.push_back(t.slice(0, begin, end).to(device));
+  return ForwardArgs(ds.images.slice(0, begin, end).to(device), more);
+}
+
+// The same for the rows listed in `idx`.
+std::vector<c10::IValue> Rows(const Dataset& ds, const at::Tensor& idx, c10::Device device) {
+  std::vector<at::Tensor> more;
+  for (const at::Tensor& t : ds.more_images) more.push_back(t.index_select(0, idx).to(device));
+  return ForwardArgs(ds.images.index_select(0, idx).to(device), more);
+}
+
 double Accuracy(torch::jit::Module& m, const Dataset& ds, c10::Device device) {
   m.eval();
-  at::Tensor logits = RunBatched(m, ds.images, device, 256, nullptr).flatten(1);
+  at::Tensor logits = RunBatched(m, ds.images, device, 256, nullptr, ds.more_images).flatten(1);
   return (logits.argmax(1) == ds.labels).to(at::kFloat).mean().item<double>();
 }
 
@@ -78,11 +92,11 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
     teacher->to(ctx.device);
     teacher->eval();
     // Shapes must agree before any training time is spent.
-    at::Tensor probe = train.images.slice(0, 0, std::min<int64_t>(2, n)).to(ctx.device);
+    std::vector<c10::IValue> probe = Rows(train, 0, std::min<int64_t>(2, n), ctx.device);
     c10::InferenceMode guard;
     student.eval();
-    auto s = OutputTensor(student.forward({probe})).sizes().vec();
-    auto t = OutputTensor(teacher->forward({probe})).sizes().vec();
+    auto s = OutputTensor(student.forward(probe)).sizes().vec();
+    auto t = OutputTensor(teacher->forward(probe)).sizes().vec();
     if (s != t) {
       throw EngineError(Code::kInvalidArgument, "SHAPE_MISMATCH",
                         "distill: the student's output shape " + c10::str(at::IntArrayRef(s)) +
@@ -108,7 +122,7 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
     c10::InferenceMode guard;
     std::vector<at::Tensor> parts;
     for (int64_t i = 0; i < n; i += 512) {
-      parts.push_back(OutputTensor(teacher->forward({train.images.slice(0, i, std::min(i + 512, n)).to(ctx.device)}))
+      parts.push_back(OutputTensor(teacher->forward(Rows(train, i, std::min(i + 512, n), ctx.device)))
                           .flatten(1)
                           .to(at::kFloat));
     }
@@ -132,9 +146,9 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
       double lr = spec.learning_rate * 0.5 * (1 + std::cos(kPi * double(done_batches) / double(total_batches)));
       for (auto& group : opt->param_groups()) group.options().set_lr(lr);
       at::Tensor idx = order.slice(0, i, std::min(i + batch, n));
-      at::Tensor x = train.images.index_select(0, idx).to(ctx.device);
+      std::vector<c10::IValue> x = Rows(train, idx, ctx.device);
       at::Tensor y = train.labels.index_select(0, idx).to(ctx.device);
-      at::Tensor logits = OutputTensor(student.forward({x})).flatten(1);
+      at::Tensor logits = OutputTensor(student.forward(x)).flatten(1);
       if (max_label >= logits.size(1)) {
         throw EngineError(Code::kInvalidArgument, "BAD_DATASET",
                           "train labels go up to " + std::to_string(max_label) + " but the model has " +
@@ -156,7 +170,7 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
         torch::NoGradGuard no_grad;
         for (auto& [p, mask] : masks) p.mul_(mask);
       }
-      const int64_t b = x.size(0);
+      const int64_t b = idx.size(0);
       loss_sum += loss.item<double>() * double(b);
       correct += (logits.argmax(1) == y).sum().item<int64_t>();
       seen += b;
