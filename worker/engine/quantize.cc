@@ -801,12 +801,21 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
     DequantizeTupleElements(final_graph);
     ContiguousBeforeView(final_graph);
     // Some refusals only show when the quantized ops run (a kernel the engine lacks, or one
-    // that fails at batch 1 only): run a calibration batch and one input of it.
+    // that fails at some batch sizes only: oneDNN picks its algorithm by shape): run a
+    // calibration batch, one input of it, and 32 (the measured batch sizes).
     torch::NoGradGuard no_grad;
     quantized.forward(calibration.front());
-    std::vector<c10::IValue> one;
-    for (const auto& v : calibration.front()) one.push_back(v.toTensor().slice(0, 0, 1));
-    quantized.forward(one);
+    for (int64_t batch : {1, 32}) {
+      std::vector<c10::IValue> args;
+      for (const auto& v : calibration.front()) {
+        const at::Tensor& t = v.toTensor();
+        const int64_t copies = (batch + t.size(0) - 1) / t.size(0);
+        std::vector<int64_t> reps(static_cast<size_t>(t.dim()), 1);
+        reps[0] = copies;
+        args.push_back(t.repeat(reps).slice(0, 0, batch));
+      }
+      quantized.forward(args);
+    }
   } catch (const std::exception& e) {
     throw unsupported(e);
   }
