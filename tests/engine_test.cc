@@ -1228,7 +1228,11 @@ TEST_F(EngineTest, StaticQuantizationActivationRangeFollowsTheTarget) {
   // The VGG flattens with view(x.size(0), -1) after a quantized conv: it must run.
   at::Tensor x = at::randn({4, 3, 32, 32});
   at::Tensor want = m.forward({x}).toTensor();
-  for (auto* q : {&avx2, &vnni}) {
+  // Full-range activations overflow the int8 kernels of a CPU without VNNI: the vnni model's
+  // answers are checked only where it can run as intended.
+  std::vector<torch::jit::Module*> runnable{&avx2};
+  if (HostCpu().FastInt8()) runnable.push_back(&vnni);
+  for (auto* q : runnable) {
     at::Tensor got = q->forward({x}).toTensor();
     EXPECT_GT(at::cosine_similarity(got.flatten(), want.flatten(), 0).item<double>(), 0.98);
   }

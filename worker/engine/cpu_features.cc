@@ -22,7 +22,8 @@ CpuFeatures Read() {
     __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     os_avx = (lo & 0x6) == 0x6;
     os_avx512 = os_avx && (lo & 0xe0) == 0xe0;
-    os_amx = (hi & 0x6) == 0x6 || (lo & (3u << 17)) == (3u << 17);
+    (void)hi;
+    os_amx = (lo & (3u << 17)) == (3u << 17);  // XTILECFG and XTILEDATA state
   }
   if (max_leaf >= 7 && __get_cpuid_count(7, 0, &a, &b, &c, &d)) {
     f.avx2 = os_avx && (b & (1u << 5));

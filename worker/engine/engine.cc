@@ -328,7 +328,7 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
   for (int64_t d : shape) {
     if (d <= 0) throw EngineError(Code::kInvalidArgument, "BAD_INPUT_SHAPE", "input shape " + c10::str(shape) + " has a non-positive dimension");
   }
-  // A model of several inputs reads them from "images_1", "images_2"... of a tensors dataset.
+  // Every dataset fits the model's inputs: `images` the first, `images_1`, `images_2`... the further ones.
   for (const auto& [ds, role] : {std::make_pair(&eval, "eval"), std::make_pair(&calibration, "calibration"),
                                  std::make_pair(&train, "train")}) {
     if (!ds->size()) continue;
@@ -349,9 +349,6 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
                               std::to_string(i + 2) + " is " + c10::str(at::IntArrayRef(want).slice(1)));
       }
     }
-  }
-  for (const Dataset* ds : {&eval, &calibration, &train}) {
-    if (!ds->size()) continue;
     auto ds_shape = ds->images.sizes().vec();
     if (!std::equal(ds_shape.begin() + 1, ds_shape.end(), shape.begin() + 1, shape.end())) {
       throw EngineError(Code::kInvalidArgument, "BAD_INPUT_SHAPE",

@@ -67,6 +67,19 @@ void ForEachNode(Block* block, const std::function<void(Node*)>& f) {
   }
 }
 
+LayerOp LayerOpOf(const Node* n) {
+  const auto k = n->kind();
+  if (k == c10::aten::conv1d || k == c10::aten::conv2d || k == c10::aten::conv3d) return LayerOp::kConv;
+  if (k == c10::aten::conv_transpose1d || k == c10::aten::conv_transpose2d || k == c10::aten::conv_transpose3d) {
+    return LayerOp::kTransposedConv;
+  }
+  if (k == c10::aten::_convolution) {
+    auto t = torch::jit::toIValue(n->input(6));
+    return t && t->isBool() && t->toBool() ? LayerOp::kTransposedConv : LayerOp::kConv;
+  }
+  return k == c10::aten::linear ? LayerOp::kLinear : LayerOp::kNone;
+}
+
 // Makes `module`'s forward one graph: submodule calls inlined, tuples and list appends
 // lowered, and constant bool, int, float and string attributes (never set by the graph, other
 // than `training`) folded so that dead branches disappear (a stochastic depth of probability 0),

@@ -23,6 +23,12 @@ std::string Join(const AttrPath& p);
 // blocks. `f` may collect nodes, not destroy them.
 void ForEachNode(torch::jit::Block* block, const std::function<void(torch::jit::Node*)>& f);
 
+// What a node computes, for the passes that treat convolutions and linear layers: a
+// convolution (conv1d/2d/3d, or _convolution not transposed), a transposed convolution, a
+// linear layer, or none of those.
+enum class LayerOp { kNone, kConv, kTransposedConv, kLinear };
+LayerOp LayerOpOf(const torch::jit::Node* n);
+
 // Inlines `module`'s forward (in place: call it on a clone), lowers tuples and list appends,
 // folds bool/int/float/str attributes the graph never assigns (other than `training`), int lists
 // only `permute` reads, and dead branches.

@@ -7,6 +7,7 @@
 #include <unordered_set>
 
 #include "worker/engine/error.h"
+#include "worker/engine/graph_edit.h"
 
 namespace pare::engine {
 namespace {
@@ -58,11 +59,9 @@ std::vector<WeightRef> PrunableWeights(const torch::jit::Module& module) {
       std::function<void(torch::jit::Block*)> visit = [&](torch::jit::Block* b) {
         for (torch::jit::Node* n : b->nodes()) {
           for (torch::jit::Block* inner : n->blocks()) visit(inner);
-          const auto k = n->kind();
-          const bool conv = k == c10::aten::conv1d || k == c10::aten::conv2d || k == c10::aten::conv3d ||
-                            k == c10::aten::conv_transpose1d || k == c10::aten::conv_transpose2d ||
-                            k == c10::aten::conv_transpose3d || k == c10::aten::_convolution;
-          if (!conv && k != c10::aten::linear) continue;
+          const LayerOp op = LayerOpOf(n);
+          if (op == LayerOp::kNone) continue;
+          const bool conv = op != LayerOp::kLinear;
           torch::jit::Node* get = n->input(1)->node();
           if (get->kind() != c10::prim::GetAttr || get->input(0) != self) continue;
           const std::string attr = get->s(c10::attr::name);

@@ -425,14 +425,7 @@ static int PerTensorTransposedWeights(torch::jit::Module& observed) {
       auto graph = method.graph();
       torch::jit::Value* self = graph->inputs()[0];
       ForEachNode(graph->block(), [&](torch::jit::Node* n) {
-        const auto k = n->kind();
-        bool transposed = k == c10::aten::conv_transpose1d || k == c10::aten::conv_transpose2d ||
-                          k == c10::aten::conv_transpose3d;
-        if (k == c10::aten::_convolution) {
-          auto t = torch::jit::toIValue(n->input(6));
-          transposed = t && t->isBool() && t->toBool();
-        }
-        if (!transposed) return;
+        if (LayerOpOf(n) != LayerOp::kTransposedConv) return;
         torch::jit::Node* call = n->input(1)->node();
         if (call->kind() != c10::prim::CallMethod || call->input(0)->node()->kind() != c10::prim::GetAttr ||
             call->input(0)->node()->input(0) != self) {
@@ -473,11 +466,7 @@ static std::vector<std::string> FloatLayers(const std::shared_ptr<torch::jit::Gr
   std::map<std::string, int> count;
   ForEachNode(graph->block(), [&](torch::jit::Node* n) {
     const auto k = n->kind();
-    if (k == c10::aten::conv1d || k == c10::aten::conv2d || k == c10::aten::conv3d || k == c10::aten::_convolution ||
-        k == c10::aten::conv_transpose1d || k == c10::aten::conv_transpose2d || k == c10::aten::conv_transpose3d ||
-        k == c10::aten::linear || k == c10::aten::matmul || k == c10::aten::addmm) {
-      ++count[k.toQualString()];
-    }
+    if (LayerOpOf(n) != LayerOp::kNone || k == c10::aten::matmul || k == c10::aten::addmm) ++count[k.toQualString()];
   });
   std::vector<std::string> out;
   for (const auto& [op, n] : count) out.push_back(std::to_string(n) + " " + op);
@@ -488,6 +477,14 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
                                              const Batches& calibration,
                                              std::vector<std::string>& notes,
                                              const std::set<std::string>& keep_float = {});
+
+// LibTorch's own complaint inside a QUANTIZE_UNSUPPORTED message, its first line, for notes.
+static std::string LibTorchReason(const std::string& message) {
+  static const std::string kPrefix = "cannot handle this model (";
+  std::string why = message;
+  if (auto at = why.find(kPrefix); at != std::string::npos) why = why.substr(at + kPrefix.size());
+  return why.substr(0, std::min({why.find('\n'), why.find(", if node"), why.find("); quantize.dynamic"), size_t{200}}));
+}
 
 // Submodules (by path) whose own forward branches or loops on something other than an
 // assertion, grouped by class name: the parts graph-mode quantization may refuse to observe
@@ -564,10 +561,7 @@ static torch::jit::Module QuantizeAroundControlFlow(const torch::jit::Module& in
   notes.resize(before);
   notes.insert(notes.end(), best_notes.begin(), best_notes.end());
   // The first line of LibTorch's complaint, without Pare's wrapping around it.
-  std::string why = first.what();
-  const std::string prefix = "cannot handle this model (";
-  if (auto at = why.find(prefix); at != std::string::npos) why = why.substr(at + prefix.size());
-  why = why.substr(0, std::min({why.find('\n'), why.find(", if node"), why.find("); quantize.dynamic"), size_t{200}}));
+  const std::string why = LibTorchReason(first.what());
   for (const auto& [kind, paths] : kept_float) {
     notes.push_back("kept float: " + std::to_string(paths.size()) + " " + kind + " module(s) (" + paths.front() +
                     (paths.size() > 1 ? ", ..." : "") +
@@ -659,9 +653,7 @@ static torch::jit::Module QuantizeAroundBrokenLayers(const torch::jit::Module& i
   size_t quantized = 0, total = 0;
   for (const auto& [k, paths] : layers) total += paths.size();
   for (const auto& k : allowed) quantized += layers[k].size();
-  std::string why = last;
-  if (auto at = why.find("cannot handle this model ("); at != std::string::npos) why = why.substr(at + 26);
-  why = why.substr(0, std::min({why.find('\n'), why.find("); quantize.dynamic"), size_t{200}}));
+  const std::string why = LibTorchReason(last);
   std::string first_layer = culprits.empty() ? "" : layers[culprits.front()].front();
   notes.push_back("kept float: " + std::to_string(total - quantized) + " of " + std::to_string(total) +
                   " conv/linear layers, " + std::to_string(culprits.size()) + " kind(s) whose quantization broke " +
@@ -804,23 +796,13 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
     torch::jit::ConstantPropagation(final_graph);
     torch::jit::EliminateDeadCode(final_graph);
     // Some refusals only show when the quantized ops run (a kernel the engine lacks, or one
-    // that fails at some batch sizes only: oneDNN picks its algorithm by shape): run a
-    // calibration batch, one input of it, and 32 (the measured batch sizes), each until the
-    // executor's optimized plan runs.
+    // that fails at batch 1 only: oneDNN's conv2d_relu on RegNet-Y-16GF's grouped convs): run
+    // a calibration batch and one input of it.
     c10::InferenceMode inference;  // as the model is measured and served
     quantized.forward(calibration.front());
-    for (int64_t batch : {1, 32}) {
-      std::vector<c10::IValue> args;
-      for (const auto& v : calibration.front()) {
-        const at::Tensor& t = v.toTensor();
-        const int64_t copies = (batch + t.size(0) - 1) / t.size(0);
-        std::vector<int64_t> reps(static_cast<size_t>(t.dim()), 1);
-        reps[0] = copies;
-        args.push_back(t.repeat(reps).slice(0, 0, batch));
-      }
-      // Three runs: the executor profiles the first ones and runs its optimized plan after.
-      for (int run = 0; run < 3; ++run) quantized.forward(args);
-    }
+    std::vector<c10::IValue> one;
+    for (const auto& v : calibration.front()) one.push_back(v.toTensor().slice(0, 0, 1));
+    quantized.forward(one);
   } catch (const std::exception& e) {
     throw unsupported(e);
   }
