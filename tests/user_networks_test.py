@@ -47,6 +47,9 @@ RECIPES = {
     "static-avx2": ([{"quantize": {"static": {"calibrationBatches": 8, "target": "avx2"}}}], 0.95, False),
     "static-vnni": ([{"quantize": {"static": {"calibrationBatches": 8, "target": "vnni"}}}], 0.95, False),
     "dynamic": ([{"quantize": {"dynamic": {}}}], 0.95, False),
+    # Prune, then quantize the pruned (inlined) graph: compared with the channel recipe's model.
+    "channel+static": ([{"prune": {"channel": {"amount": 0.3}}}, {"quantize": {"static": {"calibrationBatches": 8}}}],
+                       0.95, False),
     "distill": ([{"distill": {"epochs": 1, "learningRate": 0.001, "batchSize": 32}}], None, True),
 }
 
@@ -140,7 +143,7 @@ def summary(recipe, cos, report):
         stats = steps[-1]["stats"]
         return f"{1 - stats['nonzero_parameters'] / stats['parameters']:.2f} zero"
     cell = f"{cos:.3f}"
-    if recipe.startswith("static"):
+    if "static" in recipe:
         kept = [n.split(" (")[0].replace("kept float: ", "") for n in notes if n.startswith("kept float")]
         if kept:
             cell += " (float: " + ", ".join(kept) + ")"
@@ -184,6 +187,7 @@ def main():
             macs0 = None
             vnni = host_has_vnni()
             reference = {}  # reduce_range -> PyTorch's centred cosine
+            pruned, static_floor = None, 0.95  # the channel recipe's outputs, the static recipe's floor
             for recipe, (steps, tolerance, needs_train) in RECIPES.items():
                 label = f"{name} {recipe}"
                 try:
@@ -194,7 +198,13 @@ def main():
                         got = tensors(m(*xs))
                     assert [t.shape for t in got] == [t.shape for t in want], \
                         f"output shapes {[t.shape for t in got]} != {[t.shape for t in want]}"
-                    cos = centred_cosine(want, got)
+                    if recipe == "channel+static":
+                        assert pruned is not None, "the channel recipe failed"
+                        cos = centred_cosine(pruned, got)
+                        tolerance = static_floor - 0.05
+                        assert "quantized::" in str(m.graph), "no quantized op"
+                    else:
+                        cos = centred_cosine(want, got)
                     stats = report["steps"][-1]["stats"]
                     macs0 = report["steps"][0]["stats"]["macs"]
                     notes = report["steps"][-1].get("notes", [])
@@ -212,14 +222,17 @@ def main():
                             reference[reduce] = pytorch_static(original, calibration, xs, reduce)
                         if tolerance is not None and reference.get(reduce) is not None:
                             tolerance = min(tolerance, reference[reduce] - 0.02)
+                        if recipe == "static" and tolerance is not None:
+                            static_floor = tolerance
                     if recipe == "magnitude":
                         sparsity = 1 - stats["nonzero_parameters"] / stats["parameters"]
                         assert sparsity >= 0.2, f"only {sparsity:.2f} of the parameters are zero"
                     if tolerance is not None:
                         assert cos >= tolerance, f"centred cosine {cos:.4f} < {tolerance}"
-                        assert stats["output_cosine"] >= tolerance - 0.05, \
+                        assert recipe == "channel+static" or stats["output_cosine"] >= tolerance - 0.05, \
                             f"LibTorch's output cosine {stats['output_cosine']:.4f}"
                     if recipe == "channel":
+                        pruned = got
                         assert stats["macs"] < macs0, f"MACs not reduced: {macs0} -> {stats['macs']}"
                         m.train()
                         sum(t.float().sum() for t in tensors(m(*[x[:4] for x in xs]))).backward()

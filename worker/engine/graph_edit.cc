@@ -6,6 +6,7 @@
 #include <torch/csrc/jit/passes/inliner.h>
 #include <torch/csrc/jit/passes/lower_tuples.h>
 #include <torch/csrc/jit/passes/remove_mutation.h>
+#include <torch/csrc/jit/api/function_impl.h>
 
 #include <algorithm>
 #include <functional>
@@ -65,6 +66,101 @@ void ForEachNode(Block* block, const std::function<void(Node*)>& f) {
     f(n);
     for (Block* sub : n->blocks()) ForEachNode(sub, f);
   }
+}
+
+// The list a loop node fills as `[v for _ in range(n)]`, or null.
+static Value* RepeatedList(Node* loop) {
+  if (loop->kind() != prim::Loop || loop->outputs().size() != 0 || loop->inputs().size() != 2) return nullptr;
+  auto always = [](Value* v) {
+    auto c = torch::jit::toIValue(v);
+    return c && c->isBool() && c->toBool();
+  };
+  Block* body = loop->blocks()[0];
+  if (!always(loop->input(1)) || body->outputs().size() != 1 || !always(body->outputs()[0])) return nullptr;
+  auto nodes = body->nodes();
+  if (nodes.begin() == nodes.end() || std::next(nodes.begin()) != nodes.end()) return nullptr;
+  Node* append = *nodes.begin();
+  if (append->kind() != aten::append || append->inputs().size() != 2 || append->output()->hasUses()) return nullptr;
+  Value* list = append->input(0);
+  Value* item = append->input(1);
+  Node* made = list->node();
+  if (made->kind() != prim::ListConstruct || made->inputs().size() != 0 || made->owningBlock() != loop->owningBlock() ||
+      item->node()->owningBlock() == body) {
+    return nullptr;
+  }
+  for (const auto& use : list->uses()) {
+    if (use.user != append && !use.user->isAfter(loop)) return nullptr;
+  }
+  return list;
+}
+
+int RepeatListLoops(const std::shared_ptr<torch::jit::Graph>& graph, bool dry_run) {
+  std::vector<Node*> loops;
+  ForEachNode(graph->block(), [&](Node* n) {
+    if (RepeatedList(n)) loops.push_back(n);
+  });
+  if (dry_run) return static_cast<int>(loops.size());
+  for (Node* loop : loops) {
+    Value* list = RepeatedList(loop);
+    Node* append = *loop->blocks()[0]->nodes().begin();
+    torch::jit::WithInsertPoint guard(loop);
+    auto element = list->type()->expect<c10::ListType>()->getElementType();
+    Value* one = graph->insertNode(graph->createList(element, {append->input(1)}))->output();
+    Value* repeated = graph->insert(aten::mul, {one, loop->input(0)});
+    repeated->setType(list->type());
+    loop->destroy();  // and the append in it: the list's other uses all come after
+    list->replaceAllUsesWith(repeated);
+    list->node()->destroy();
+  }
+  return static_cast<int>(loops.size());
+}
+
+int FoldRanks(const torch::jit::Module& module, const std::shared_ptr<torch::jit::Graph>& graph,
+              const std::vector<c10::IValue>& example) {
+  // The ranks are read by running a copy of the graph that also returns every `dim()` of its
+  // top-level block; folding them may fold branches whose bodies hold more, so again.
+  int folded = 0;
+  for (int round = 0; round < 8; ++round) {
+    std::vector<Node*> dims;
+    for (Node* n : graph->nodes()) {
+      if (n->kind() == aten::dim && n->inputs().size() == 1) dims.push_back(n);
+    }
+    if (dims.empty()) break;
+    std::shared_ptr<Graph> copy = graph->copy();
+    std::vector<Node*> copied;
+    for (Node* n : copy->nodes()) {
+      if (n->kind() == aten::dim && n->inputs().size() == 1) copied.push_back(n);
+    }
+    if (copied.size() != dims.size() || copy->inputs().size() != example.size() + 1) break;
+    std::vector<Value*> outs(copy->outputs().begin(), copy->outputs().end());
+    for (Node* n : copied) outs.push_back(n->output());
+    Value* all = copy->insertNode(copy->createTuple(outs))->output();
+    while (!copy->outputs().empty()) copy->eraseOutput(0);
+    copy->registerOutput(all);
+    torch::jit::Stack stack;
+    stack.push_back(module._ivalue());
+    stack.insert(stack.end(), example.begin(), example.end());
+    try {
+      torch::NoGradGuard no_grad;
+      torch::jit::GraphFunction run("pare_ranks", copy, nullptr);
+      run.run(stack);
+    } catch (const std::exception&) {
+      break;
+    }
+    if (stack.size() != 1 || !stack[0].isTuple()) break;
+    const auto& values = stack[0].toTupleRef().elements();
+    const size_t first = values.size() - dims.size();
+    for (size_t i = 0; i < dims.size(); ++i) {
+      torch::jit::WithInsertPoint guard(dims[i]);
+      dims[i]->output()->replaceAllUsesWith(graph->insertConstant(values[first + i].toInt()));
+      dims[i]->destroy();
+    }
+    folded += static_cast<int>(dims.size());
+    std::shared_ptr<Graph> g = graph;
+    torch::jit::ConstantPropagation(g);
+    torch::jit::EliminateDeadCode(g);
+  }
+  return folded;
 }
 
 LayerOp LayerOpOf(const Node* n) {

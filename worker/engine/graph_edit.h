@@ -29,6 +29,20 @@ void ForEachNode(torch::jit::Block* block, const std::function<void(torch::jit::
 enum class LayerOp { kNone, kConv, kTransposedConv, kLinear };
 LayerOp LayerOpOf(const torch::jit::Node* n);
 
+// `[v for _ in range(n)]` as TorchScript compiles it (an empty list, then a loop of n trips
+// whose body only appends `v`, defined outside it: F.interpolate's scale factors) becomes
+// `[v] * n`, without the loop. LibTorch's graph-mode quantization passes drop such loops and
+// leave the list empty. Returns how many were rewritten; `dry_run` only counts them.
+int RepeatListLoops(const std::shared_ptr<torch::jit::Graph>& graph, bool dry_run = false);
+
+// Replaces `x.dim()` with a constant, the rank `x` has when the forward runs on `example` (its
+// arguments, without self), so that branches on rank (F.interpolate's choice of
+// upsample_nearest1d/2d/3d) fold away: LibTorch's quantization passes hoist the ops of such
+// branches and run all of them. The graph stays valid for any batch and spatial size, for
+// inputs of those ranks. `graph` is the forward graph of `module`. Returns how many.
+int FoldRanks(const torch::jit::Module& module, const std::shared_ptr<torch::jit::Graph>& graph,
+              const std::vector<c10::IValue>& example);
+
 // Inlines `module`'s forward (in place: call it on a clone), lowers tuples and list appends,
 // folds bool/int/float/str attributes the graph never assigns (other than `training`), int lists
 // only `permute` reads, and dead branches.

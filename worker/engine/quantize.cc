@@ -251,13 +251,18 @@ static void SpecializeForEval(torch::jit::Module& module) {
           auto fn_type = call->input(0)->type()->cast<c10::FunctionType>();
           torch::jit::GraphFunction* fn = fn_type ? torch::jit::tryToGraphFunction(*fn_type->function()) : nullptr;
           // torch.nn.functional's calls stay: LibTorch's passes match them as they are (F.relu
-          // after a conv, F.dropout).
-          if (!fn || fn->qualname().qualifiedName().rfind("__torch__.torch.nn.functional.", 0) == 0) continue;
+          // after a conv, F.dropout). F.interpolate is inlined: its list of scale factors is
+          // built by a loop those passes drop (RepeatListLoops, below, removes the loop).
+          if (!fn || (fn->qualname().qualifiedName().rfind("__torch__.torch.nn.functional.", 0) == 0 &&
+                      RepeatListLoops(fn->graph(), /*dry_run=*/true) == 0)) {
+            continue;
+          }
           call->removeInput(0);  // the function itself; the rest are its arguments
           torch::jit::inlineCallTo(call, fn);
           again = changed = true;
         }
       }
+      changed |= RepeatListLoops(graph) > 0;
       std::vector<torch::jit::Node*> training;
       ForEachNode(graph->block(), [&](torch::jit::Node* n) {
         if (n->kind() == c10::prim::GetAttr && n->s(c10::attr::name) == "training") training.push_back(n);
@@ -759,7 +764,13 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
   FoldInlinedConvBatchNorm(module);
   module.eval();
   SpecializeForEval(module);
-  HoistReluOverMaxPool(module.get_method("forward").graph());
+  {
+    auto forward = module.get_method("forward").graph();
+    std::vector<c10::IValue> one;  // ranks do not depend on the batch: one input is enough
+    for (const auto& v : calibration.front()) one.push_back(v.isTensor() ? v.toTensor().slice(0, 0, 1) : v);
+    FoldRanks(module, forward, one);
+    HoistReluOverMaxPool(forward);
+  }
   torch::jit::QConfigDict qconfig;
   qconfig[""] = std::make_tuple(MakeActivationObserver(k, reduce_range), MakeWeightObserver(spec.per_channel));
   for (const auto& path : keep_float) qconfig[path] = c10::nullopt;
