@@ -326,7 +326,7 @@ int main(int argc, char** argv) {
   compress->add_option("--input-shape", compress_shapes,
                        "input shape, e.g. 1,3,224,224; repeat it for a model whose forward takes several tensors");
   compress->add_option("--device", device, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
-  compress->add_option("--threads", threads, "intra-op threads (0: LibTorch default)");
+  compress->add_option("--threads", threads, "intra-op threads (0: the CPUs this process may use: affinity mask and cgroup CPU quota)");
   compress->add_option("--model", extra_models,
                        "ID=FILE: a model the recipe names (distill teacherModel/studentModel), repeatable");
   compress->add_option("--latency-budget", latency_budget, "seconds spent timing each model at each batch size")

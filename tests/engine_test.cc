@@ -1,6 +1,9 @@
 // Engine passes on real TorchScript models made by tests/fixtures/make_fixtures.py.
 #include <gtest/gtest.h>
+#include <ATen/Parallel.h>
 #include <torch/cuda.h>
+
+#include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -388,6 +391,92 @@ TEST(ProcessTest, BlasIsTheOneTheBuildLinked) {
   const char* expect = std::getenv("PARE_EXPECT_BLAS");
   if (!expect) GTEST_SKIP() << "this build links the system's BLAS: " << blas;
   EXPECT_NE(blas.find(expect), std::string::npos) << blas;
+}
+
+// A fake /proc/self/cgroup and cgroup tree: what a Kubernetes pod with a CPU limit sees.
+class CpuBudgetTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    root_ = std::filesystem::temp_directory_path() / ("pare_cgroup_" + std::to_string(::getpid()));
+    std::filesystem::remove_all(root_);
+    std::filesystem::create_directories(root_ / "sys");
+  }
+  void TearDown() override { std::filesystem::remove_all(root_); }
+  void Write(const std::string& rel, const std::string& text) {
+    auto p = root_ / rel;
+    std::filesystem::create_directories(p.parent_path());
+    std::ofstream(p) << text;
+  }
+  CpuBudget Read(int affinity) {
+    return UsableCpus((root_ / "self_cgroup").string(), (root_ / "sys").string(), affinity);
+  }
+  std::filesystem::path root_;
+};
+
+TEST_F(CpuBudgetTest, TheAffinityMaskWithoutAQuota) {
+  Write("self_cgroup", "0::/\n");
+  Write("sys/cpu.max", "max 100000\n");
+  CpuBudget b = Read(8);
+  EXPECT_EQ(b.cpus, 8);
+  EXPECT_EQ(b.why, "affinity mask: 8 CPUs");
+}
+
+TEST_F(CpuBudgetTest, ACgroupV2QuotaRoundsUpAndTheTightestAncestorWins) {
+  Write("self_cgroup", "0::/kubepods/pod1/c1\n");
+  Write("sys/kubepods/pod1/c1/cpu.max", "max 100000\n");
+  Write("sys/kubepods/pod1/cpu.max", "150000 100000\n");  // the pod's limit: 1.5 CPUs
+  Write("sys/kubepods/cpu.max", "400000 100000\n");
+  CpuBudget b = Read(16);
+  EXPECT_EQ(b.cpus, 2);
+  EXPECT_NE(b.why.find("cgroup CPU quota 1.5 CPUs (/kubepods/pod1)"), std::string::npos) << b.why;
+  Write("sys/kubepods/pod1/c1/cpu.max", "50000 100000\n");  // half a CPU: still one thread
+  EXPECT_EQ(Read(16).cpus, 1);
+  EXPECT_EQ(Read(1).cpus, 1);
+}
+
+TEST_F(CpuBudgetTest, AQuotaAboveTheAffinityMaskChangesNothing) {
+  Write("self_cgroup", "0::/job\n");
+  Write("sys/job/cpu.max", "800000 100000\n");
+  EXPECT_EQ(Read(4).cpus, 4);
+}
+
+TEST_F(CpuBudgetTest, CgroupV1CfsQuota) {
+  Write("self_cgroup", "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n");
+  Write("sys/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "300000\n");
+  Write("sys/cpu,cpuacct/docker/abc/cpu.cfs_period_us", "100000\n");
+  EXPECT_EQ(Read(64).cpus, 3);
+  Write("sys/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "-1\n");  // no limit
+  EXPECT_EQ(Read(64).cpus, 64);
+}
+
+TEST_F(CpuBudgetTest, UnreadableOrGarbledFilesFallBackToTheAffinityMask) {
+  EXPECT_EQ(Read(6).cpus, 6);  // no /proc/self/cgroup at all
+  Write("self_cgroup", "garbage\n0::/x\n");
+  Write("sys/x/cpu.max", "lots 0\n");
+  EXPECT_EQ(Read(6).cpus, 6);
+  EXPECT_GE(UsableCpus().cpus, 1);  // the live system
+}
+
+TEST(ProcessTest, InitProcessDefaultsToTheUsableCpusAndSaysWhy) {
+  ThreadChoice chosen = InitProcess(0, "onednn");
+  EXPECT_EQ(chosen.threads, UsableCpus().cpus);
+  EXPECT_EQ(at::get_num_threads(), chosen.threads);
+  EXPECT_EQ(chosen.why, UsableCpus().why);
+  ThreadChoice one = InitProcess(1, "onednn");  // the other tests run on one thread
+  EXPECT_EQ(one.threads, 1);
+  EXPECT_EQ(one.why, "--threads 1");
+}
+
+TEST(ReportTest, Int8GainNoteSaysWhatInt8GainedAndWhy) {
+  ModelStats before, after;
+  before.latency = {{1, 12.0, 13.0, 50}};
+  after.latency = {{1, 10.0, 11.0, 50}};
+  CpuFeatures cpu;
+  cpu.x86 = cpu.avx2 = true;
+  cpu.model = "AMD EPYC 7B12";
+  EXPECT_EQ(Int8GainNote(before, after, cpu),
+            "INT8 gains 1.20x at batch 1 on this CPU (AMD EPYC 7B12: AVX2; no AVX-512 VNNI or AMX, so int8 "
+            "products are summed in 16 bits): channel pruning is the lever here");
 }
 
 size_t Count(const std::string& text, const std::string& what) {

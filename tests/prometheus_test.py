@@ -8,7 +8,10 @@
 3. `prometheus` scrapes it every second; once it has samples, every panel query in
    deploy/grafana/pare-dashboard.json runs through Prometheus's HTTP API and must return data,
    and every alert expression in deploy/prometheus/pare-rules.yml must be accepted (the rules
-   are also loaded by Prometheus itself and checked by promtool).
+   are also loaded by Prometheus itself, each evaluated without error, and checked by promtool).
+4. `promtool test rules deploy/prometheus/pare-rules.test.yml`: synthetic series on which every
+   alert must fire (after its `for:`) and must stay quiet; the same tests must fail when any
+   alert's expression is replaced by one that never fires or always fires.
 
 Usage: prometheus_test.py  (PARE_BIN_DIR and PARE_FIXTURES from ctest; needs `prometheus`)
 """
@@ -33,6 +36,50 @@ FIXTURES = os.environ["PARE_FIXTURES"]
 PARE = os.path.join(BIN, "client", "pare")
 DASHBOARD = os.path.join(ROOT, "deploy", "grafana", "pare-dashboard.json")
 RULES = os.path.join(ROOT, "deploy", "prometheus", "pare-rules.yml")
+
+
+RULE_TESTS = os.path.join(ROOT, "deploy", "prometheus", "pare-rules.test.yml")
+
+
+def promtool_rule_tests():
+    """`promtool test rules` on synthetic series: every alert must fire in one case and stay
+    quiet in another, and the tests must catch an alert that never fires and one that always
+    does. Returns the failures."""
+    failures = []
+    r = subprocess.run(["promtool", "test", "rules", RULE_TESTS], capture_output=True, text=True,
+                       cwd=os.path.dirname(RULE_TESTS))
+    if r.returncode != 0:
+        return ["promtool test rules: " + r.stdout + r.stderr]
+    print("ok   promtool test rules " + os.path.basename(RULE_TESTS))
+    rules = yaml.safe_load(open(RULES))
+    alerts = [rule["alert"] for g in rules["groups"] for rule in g["rules"] if "alert" in rule]
+    tests = yaml.safe_load(open(RULE_TESTS))
+    cases = [c for t in tests["tests"] for c in t.get("alert_rule_test", [])]
+    for name in alerts:
+        fires = any(c["alertname"] == name and c.get("exp_alerts") for c in cases)
+        quiet = any(c["alertname"] == name and not c.get("exp_alerts") for c in cases)
+        if not (fires and quiet):
+            failures.append(f"{os.path.basename(RULE_TESTS)} lacks a case where {name} "
+                            f"{'fires' if not fires else 'stays quiet'}")
+    # Each alert broken both ways, one at a time: the unit tests must fail.
+    with tempfile.TemporaryDirectory() as work:
+        shutil.copy(RULE_TESTS, work)
+        for name in alerts:
+            for broken in ("vector(1) < 0", "vector(1)"):
+                mutated = yaml.safe_load(open(RULES))
+                for g in mutated["groups"]:
+                    for rule in g["rules"]:
+                        if rule.get("alert") == name:
+                            rule["expr"] = broken
+                with open(os.path.join(work, "pare-rules.yml"), "w") as f:
+                    yaml.safe_dump(mutated, f)
+                r = subprocess.run(["promtool", "test", "rules", os.path.basename(RULE_TESTS)], cwd=work,
+                                   capture_output=True, text=True)
+                if r.returncode == 0:
+                    failures.append(f"the rule tests pass with {name}'s expression replaced by `{broken}`")
+    if not failures:
+        print(f"ok   the rule tests fail when any of {len(alerts)} alerts never fires or always fires")
+    return failures
 
 
 def free_port():
@@ -64,6 +111,7 @@ def main():
     if not shutil.which("prometheus") or not shutil.which("promtool"):
         print("FAIL: Debian's prometheus package is not installed (scripts/install-deps.sh installs it)")
         return 1
+    rule_failures = promtool_rule_tests()
     work = tempfile.mkdtemp(prefix="pare-prom-")
     procs = []
     try:
@@ -140,7 +188,7 @@ def main():
              "--wait")
         time.sleep(4)
 
-        failures = []
+        failures = list(rule_failures)
         dashboard = json.load(open(DASHBOARD))
         exprs = [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
         assert len(exprs) >= 20, "the dashboard has fewer queries than expected"
@@ -172,15 +220,23 @@ def main():
                 print(f"ok   alert {a['alert']}: valid")
             except Exception as e:
                 failures.append(f"alert {a['alert']}: {e}")
-        time.sleep(2)  # at least one evaluation of every rule
-        loaded = json.loads(get(f"http://{prom}/api/v1/rules"))
-        states = {r["name"]: r["health"] for g in loaded["data"]["groups"] for r in g["rules"]}
+        # Every rule evaluated without error ("unknown" until its first evaluation: wait for it).
+        deadline = time.time() + 30
+        while True:
+            loaded = json.loads(get(f"http://{prom}/api/v1/rules"))
+            rules_now = {r["name"]: r for g in loaded["data"]["groups"] for r in g["rules"]}
+            if all(rules_now.get(a["alert"], {}).get("health") == "ok" for a in alerts) or time.time() > deadline:
+                break
+            time.sleep(0.5)
         for a in alerts:
-            if states.get(a["alert"]) not in ("ok", "unknown"):
-                failures.append(f"alert {a['alert']} is {states.get(a['alert'])} in Prometheus")
-        firing = [r["name"] for g in loaded["data"]["groups"] for r in g["rules"] if r.get("state") == "firing"]
-        if "PareServerDown" in firing or "PareNoWorkers" in firing:
-            failures.append(f"alerts fire on a healthy service: {firing}")
+            got = rules_now.get(a["alert"], {})
+            if got.get("health") != "ok":
+                failures.append(f"alert {a['alert']} has health {got.get('health')} in Prometheus: "
+                                f"{got.get('lastError', '')}")
+        # A healthy service with a connected worker: neither pending nor firing.
+        for name in ("PareServerDown", "PareNoWorkers", "PareLocalWorkersRestarting"):
+            if rules_now.get(name, {}).get("state") != "inactive":
+                failures.append(f"{name} is {rules_now.get(name, {}).get('state')} on a healthy service")
         for f in failures:
             print("FAIL", f)
         return 1 if failures else 0

@@ -21,7 +21,7 @@ int main(int argc, char** argv) {
   CLI::App app{"pare-worker: runs Pare compression jobs"};
   app.add_option("--server", o.server, "pare-server address")->capture_default_str();
   app.add_option("--id", o.id, "worker id (default: hostname-pid)");
-  app.add_option("--threads", o.threads, "intra-op threads (0: LibTorch default)")->capture_default_str();
+  app.add_option("--threads", o.threads, "intra-op threads (0: the CPUs this process may use: affinity mask and cgroup CPU quota)")->capture_default_str();
   app.add_option("--quantized-engine", o.quantized_engine, "onednn, qnnpack or fbgemm (default: best available)");
   app.add_option("--work-dir", o.work_dir, "where private job folders are made")->capture_default_str();
   app.add_option("--poll-ms", o.poll_ms, "wait between empty lease answers")->capture_default_str();

@@ -82,12 +82,13 @@ std::unique_ptr<grpc::ClientContext> Worker::Context(double seconds) const {
 
 int Worker::Run() {
   // Jobs run in their own processes, which set these again; here they check the flags at start-up.
-  engine::InitProcess(options_.threads, options_.quantized_engine);
+  const engine::ThreadChoice threads = engine::InitProcess(options_.threads, options_.quantized_engine);
   has_cuda_ = CudaAvailable();
   device_name_ = DeviceName(has_cuda_);
   spdlog::info(Kv({{"msg", "worker started"}, {"worker", options_.id}, {"server", options_.server},
                    {"cuda", has_cuda_ ? "true" : "false"}, {"device", device_name_},
-                   {"libtorch", LibTorchVersion()}, {"blas", engine::BlasName()}}));
+                   {"libtorch", LibTorchVersion()}, {"blas", engine::BlasName()},
+                   {"threads", std::to_string(threads.threads)}, {"threads_why", threads.why}}));
   int failures = 0;
   while (!stop_) {
     v1::LeaseRequest req;

@@ -4,7 +4,13 @@
 #include <cpuid.h>
 #endif
 
+#include <sched.h>
+
+#include <cmath>
 #include <cstring>
+#include <fstream>
+#include <sstream>
+#include <vector>
 
 namespace pare::engine {
 namespace {
@@ -63,6 +69,79 @@ std::string CpuFeatures::Extensions() const {
   add(avx_vnni, "AVX-VNNI");
   add(amx_int8, "AMX-INT8");
   return s.empty() ? "no AVX2" : s;
+}
+
+namespace {
+
+// The CPU quota in a cgroup folder, in CPUs, or 0 when there is none (v2 "max", v1 -1).
+double QuotaIn(const std::string& dir) {
+  std::ifstream v2(dir + "/cpu.max");
+  std::string quota;
+  double period = 0;
+  if (v2 >> quota >> period) {
+    if (quota == "max" || period <= 0) return 0;
+    try {
+      return std::stod(quota) / period;
+    } catch (const std::exception&) {
+      return 0;
+    }
+  }
+  std::ifstream q(dir + "/cpu.cfs_quota_us"), p(dir + "/cpu.cfs_period_us");
+  double quota_us = 0, period_us = 0;
+  if (q >> quota_us && p >> period_us && quota_us > 0 && period_us > 0) return quota_us / period_us;
+  return 0;
+}
+
+}  // namespace
+
+CpuBudget UsableCpus(const std::string& proc_self_cgroup, const std::string& cgroup_root, int affinity_cpus) {
+  CpuBudget b;
+  int affinity = affinity_cpus;
+  if (affinity <= 0) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    affinity = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+  }
+  b.cpus = std::max(1, affinity);
+  b.why = "affinity mask: " + std::to_string(b.cpus) + " CPU" + (b.cpus == 1 ? "" : "s");
+  // The cgroup folders of this process: "0::/path" (v2) or "N:cpu,cpuacct:/path" (v1), each
+  // with its ancestors, whose quotas bind it too.
+  std::ifstream cg(proc_self_cgroup);
+  std::string line;
+  double quota = 0;
+  std::string where;
+  while (std::getline(cg, line)) {
+    const auto a = line.find(':'), z = line.find(':', a == std::string::npos ? 0 : a + 1);
+    if (a == std::string::npos || z == std::string::npos) continue;
+    const std::string controllers = line.substr(a + 1, z - a - 1);
+    std::string path = line.substr(z + 1);
+    std::vector<std::string> roots;
+    if (controllers.empty()) {
+      roots.push_back(cgroup_root);  // v2, unified
+    } else if (("," + controllers + ",").find(",cpu,") != std::string::npos) {
+      roots = {cgroup_root + "/cpu,cpuacct", cgroup_root + "/cpu", cgroup_root + "/cpuacct,cpu"};
+    } else {
+      continue;
+    }
+    for (const auto& root : roots) {
+      for (std::string p = path;; p = p.substr(0, p.rfind('/'))) {
+        const double q = QuotaIn(root + (p == "/" ? "" : p));
+        if (q > 0 && (quota == 0 || q < quota)) {
+          quota = q;
+          where = p.empty() ? "/" : p;
+        }
+        if (p.empty() || p == "/") break;
+      }
+    }
+  }
+  if (quota > 0) {
+    const int limit = std::max(1, static_cast<int>(std::ceil(quota - 1e-9)));
+    std::ostringstream s;
+    s << "; cgroup CPU quota " << quota << " CPUs (" << where << ")";
+    b.why += s.str();
+    if (limit < b.cpus) b.cpus = limit;
+  }
+  return b;
 }
 
 const CpuFeatures& HostCpu() {

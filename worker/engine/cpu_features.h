@@ -25,4 +25,16 @@ struct CpuFeatures {
 // The host's features, read once.
 const CpuFeatures& HostCpu();
 
+// How many CPUs this process may keep busy: the CPUs of its affinity mask, capped by the CPU
+// quota of its cgroup and of the cgroups above it (a Kubernetes pod's CPU limit: cgroup v2
+// `cpu.max`, or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`), rounded up, at least 1. `why`
+// names what set it, e.g. "affinity mask: 8 CPUs; cgroup CPU quota 2.5 CPUs (/kubepods/...)".
+struct CpuBudget {
+  int cpus = 1;
+  std::string why;
+};
+// The roots are parameters for tests; the defaults are the live system's.
+CpuBudget UsableCpus(const std::string& proc_self_cgroup = "/proc/self/cgroup",
+                     const std::string& cgroup_root = "/sys/fs/cgroup", int affinity_cpus = 0);
+
 }  // namespace pare::engine

@@ -11,6 +11,7 @@
 #include <torch/cuda.h>
 
 #include "worker/engine/channel_prune.h"
+#include "worker/engine/cpu_features.h"
 #include "worker/engine/dataset.h"
 #include "worker/engine/factorize.h"
 #include "worker/engine/error.h"
@@ -222,8 +223,22 @@ std::string BlasName() {
   }
 }
 
-void InitProcess(int num_threads, const std::string& quantized_engine) {
-  if (num_threads > 0) at::set_num_threads(num_threads);
+namespace {
+ThreadChoice& Threads() {
+  static ThreadChoice choice{0, "not set"};
+  return choice;
+}
+}  // namespace
+
+ThreadChoice InitProcess(int num_threads, const std::string& quantized_engine) {
+  ThreadChoice& choice = Threads();
+  if (num_threads > 0) {
+    choice = {num_threads, "--threads " + std::to_string(num_threads)};
+  } else {
+    CpuBudget budget = UsableCpus();
+    choice = {budget.cpus, budget.why};
+  }
+  at::set_num_threads(choice.threads);
   // LibTorch splits its ops over its own OpenMP threads. OpenBLAS's OpenMP build (what the
   // engine links first, see its CMakeLists) shares them. Its pthread build starts as many
   // threads again inside each call, and they fight LibTorch's for the cores: a small CNN's
@@ -254,6 +269,7 @@ void InitProcess(int num_threads, const std::string& quantized_engine) {
     }
     at::globalContext().setQEngine(want);
   }
+  return choice;
 }
 
 Report Compress(const std::string& input_path, const std::vector<StepSpec>& steps, const CompressOptions& options,
@@ -375,6 +391,12 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
 
   Report report;
   report.device = ctx.device.str();
+  report.host.cpu = HostCpu().model;
+  report.host.extensions = HostCpu().Extensions();
+  report.host.fast_int8 = HostCpu().FastInt8();
+  report.host.threads = at::get_num_threads();
+  report.host.threads_why = Threads().threads ? Threads().why : "LibTorch's default";
+  report.host.blas = BlasName();
   report.input_shape = shape;
   report.more_input_shapes = options.more_input_shapes;
   Guard(Code::kInvalidArgument, "MODEL_RUN",
@@ -446,6 +468,9 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
         std::holds_alternative<HalfPrecisionSpec>(st)) {
       auto slower = SlowdownNotes(report.steps.back().stats, sr.stats, 0.2);
       sr.notes.insert(sr.notes.end(), slower.begin(), slower.end());
+    }
+    if (std::holds_alternative<StaticQuantSpec>(st) && ctx.device.is_cpu() && !HostCpu().FastInt8()) {
+      sr.notes.push_back(Int8GainNote(report.steps.back().stats, sr.stats, HostCpu()));
     }
     report.steps.push_back(sr);
   }

@@ -59,8 +59,15 @@ struct CompressOptions {
 Report Compress(const std::string& input_path, const std::vector<StepSpec>& steps,
                 const CompressOptions& options, const std::string& output_path);
 
-// Sets process-wide LibTorch settings once (quantized engine, thread count).
-void InitProcess(int num_threads, const std::string& quantized_engine = "");
+// Sets process-wide LibTorch settings once (quantized engine, thread count). `num_threads` 0
+// means the CPUs this process may use (UsableCpus: affinity mask and cgroup quota), not
+// LibTorch's own guess (1 on some 2-core VMs). Returns what it set, and why, for the logs; the
+// reports say it too.
+struct ThreadChoice {
+  int threads = 1;
+  std::string why;  // "--threads 4", or UsableCpus' reason
+};
+ThreadChoice InitProcess(int num_threads, const std::string& quantized_engine = "");
 
 // The BLAS this process runs LibTorch's matrix products on, e.g. "OpenBLAS 0.3.21 (OpenMP)",
 // for the worker's start-up log.

@@ -10,6 +10,8 @@
 
 namespace pare::engine {
 
+struct CpuFeatures;
+
 struct LayerSparsity {
   std::string name;
   uint64_t parameters = 0;
@@ -45,8 +47,19 @@ struct StepReport {
   std::vector<std::string> notes;
 };
 
+// The machine a job ran on: what its latencies and INT8 gains depend on.
+struct HostInfo {
+  std::string cpu;         // the CPU's brand string
+  std::string extensions;  // "AVX2, AVX-512, AVX-512 VNNI"
+  bool fast_int8 = false;  // int8 products summed in 32 bits (AVX-512 VNNI or AMX)
+  int threads = 0;         // LibTorch's intra-op threads
+  std::string threads_why;
+  std::string blas;
+};
+
 struct Report {
   std::string device;
+  HostInfo host;
   std::vector<int64_t> input_shape;
   std::vector<std::vector<int64_t>> more_input_shapes;  // forward's further inputs, if any
   std::vector<StepReport> steps;
@@ -57,6 +70,10 @@ struct Report {
 // case (INT8 of a model whose activations LibTorch cannot keep quantized, a pruned conv that
 // falls to a slower kernel), said in the report rather than left for the user to find.
 std::vector<std::string> SlowdownNotes(const ModelStats& before, const ModelStats& after, double tolerance);
+
+// On a CPU without a fast int8 path (x86 without AVX-512 VNNI/AMX): what static INT8 gained
+// at batch 1 on it, and that channel pruning is the lever there.
+std::string Int8GainNote(const ModelStats& before, const ModelStats& after, const CpuFeatures& cpu);
 
 nlohmann::json ToJson(const ModelStats& s);
 nlohmann::json ToJson(const Report& r);
