@@ -11,6 +11,8 @@ packages=(
   nlohmann-json3-dev libarchive-dev zlib1g-dev libpng-dev libjpeg-dev
   python3-torch python3-torchvision python3-grpcio python3-yaml dataset-fashion-mnist prometheus
 )
+# kubectl renders the kustomize overlays in tests/deploy_test.py: Debian's where the machine has none.
+command -v kubectl >/dev/null 2>&1 || packages+=(kubernetes-client)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -3,6 +3,9 @@
 
 Kubernetes (deploy/k8s, kustomize base + overlays):
   * every file is valid YAML; each overlay's resources resolve (files exist, no duplicates);
+  * every overlay is rendered with `kubectl kustomize` (Debian's kubernetes-client where the
+    machine has no kubectl), and the checks below read the rendered objects: they must be the
+    files' objects, each in namespace pare with the label app.kubernetes.io/part-of=pare;
   * every container port a probe or Service names exists; every volumeMount has a volume;
     every secret/configMap referenced exists in the base; every $(VAR) in args is a ConfigMap key;
   * the security context is restricted (non-root, read-only root, no privilege escalation,
@@ -19,6 +22,7 @@ Usage: deploy_test.py  (PARE_BIN_DIR from ctest)
 """
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,7 +47,7 @@ def load_kustomization(path):
     """All documents of a kustomization (recursively), with the file each came from."""
     k = yaml.safe_load(open(os.path.join(path, "kustomization.yaml")))
     docs = []
-    for r in k.get("resources", []):
+    for r in k.get("bases", []) + k.get("resources", []):
         full = os.path.normpath(os.path.join(path, r))
         if os.path.isdir(full):
             docs += load_kustomization(full)
@@ -53,6 +57,14 @@ def load_kustomization(path):
                 if d:
                     docs.append((full, d))
     return docs
+
+
+def render(path):
+    """The objects `kubectl kustomize` renders from a kustomization, as a cluster would get them
+    (namespace, labels and patches applied), each with the kustomization it came from."""
+    r = subprocess.run(["kubectl", "kustomize", path], capture_output=True, text=True, timeout=120)
+    check(r.returncode == 0, f"kubectl kustomize {path}: {r.stderr.strip()[-1000:]}")
+    return [(path, d) for d in yaml.safe_load_all(r.stdout) if d] if r.returncode == 0 else []
 
 
 def pod_specs(docs):
@@ -67,9 +79,18 @@ def check_k8s():
     secrets = {d["metadata"]["name"]: d for _, d in base if d["kind"] == "Secret"}
     pvcs = {d["metadata"]["name"] for _, d in base if d["kind"] == "PersistentVolumeClaim"}
     for overlay in ("cpu", "gpu"):
-        docs = load_kustomization(os.path.join(K8S, "overlays", overlay))
+        files = load_kustomization(os.path.join(K8S, "overlays", overlay))
+        docs = render(os.path.join(K8S, "overlays", overlay))
         names = [(d["kind"], d["metadata"]["name"]) for _, d in docs]
         check(len(names) == len(set(names)), f"overlay {overlay}: duplicate resources {names}")
+        check(sorted(names) == sorted((d["kind"], d["metadata"]["name"]) for _, d in files),
+              f"overlay {overlay}: kubectl kustomize renders {sorted(names)}, the files hold "
+              f"{sorted((d['kind'], d['metadata']['name']) for _, d in files)}")
+        for _, d in docs:
+            what = f"overlay {overlay}: {d['kind']} {d['metadata']['name']}"
+            check(d["metadata"].get("namespace") == "pare", f"{what} is not in namespace pare")
+            check(d["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "pare",
+                  f"{what} lacks the label app.kubernetes.io/part-of=pare")
         kinds = {k for k, _ in names}
         for kind in ("Deployment", "Service", "PersistentVolumeClaim", "ConfigMap", "Secret", "ServiceMonitor",
                      "PodDisruptionBudget"):
@@ -230,6 +251,9 @@ def check_docker():
 
 
 def main():
+    if not shutil.which("kubectl"):
+        print("FAIL: kubectl is not installed (scripts/install-deps.sh installs Debian's kubernetes-client)")
+        return 1
     base, config, secrets = check_k8s()
     run_binaries(base, config, secrets)
     check_docker()
