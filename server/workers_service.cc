@@ -18,7 +18,9 @@ Result<v1::LeasedJob> Describe(ServiceContext* ctx, const JobRecord& j) {
   v1::LeasedJob out;
   out.set_job_id(j.id);
   out.set_lease_id(j.lease_id);
-  out.mutable_recipe()->ParseFromString(j.recipe_pb);
+  if (!out.mutable_recipe()->ParseFromString(j.recipe_pb)) {
+    return DataLoss("job '" + j.id + "': its stored recipe cannot be decoded");
+  }
   auto model = ctx->store->GetModel(j.tenant, j.model_id);
   if (!model.ok()) return model.status();
   out.set_model_sha256(model->sha256);
@@ -142,8 +144,9 @@ grpc::ServerUnaryReactor* WorkersService::Lease(grpc::CallbackServerContext* cal
     if (!described.ok()) {
       JobOutcome o;
       o.state = JobState::kFailed;
-      o.error_code = "FAILED_PRECONDITION";
-      o.error_reason = "INPUT_MISSING";
+      const bool corrupt = described.status().code() == Code::kDataLoss;
+      o.error_code = corrupt ? "DATA_LOSS" : "FAILED_PRECONDITION";
+      o.error_reason = corrupt ? "CORRUPT_JOB" : "INPUT_MISSING";
       o.error_message = described.status().message();
       auto failed = ctx_->store->CompleteJob(j.id, j.lease_id, o, ctx_->clock->NowMs());
       if (failed.ok() && ctx_->metrics) ctx_->metrics->JobEnded(failed.value(), device_kind);

@@ -37,12 +37,13 @@ v1::Recipe Recipe(const std::string& json) {
 
 class ServiceTest : public ::testing::Test {
  protected:
-  void StartServer(std::vector<std::string> worker_args = {}, int workers = 1) {
+  void StartServerWith(const std::string& worker_binary) { StartServer({}, 1, worker_binary); }
+  void StartServer(std::vector<std::string> worker_args = {}, int workers = 1, std::string worker_binary = "") {
     server::ServerOptions o;
     o.listen = "127.0.0.1:0";
     o.data_dir = dir_.path() + "/data";
     o.local_workers = workers;
-    o.worker_binary = BinDir() + "/worker/pare-worker";
+    o.worker_binary = worker_binary.empty() ? BinDir() + "/worker/pare-worker" : worker_binary;
     // Quick measurements by default; a test's own flags replace these.
     std::map<std::string, std::string> flags = {
         {"--latency-batches", "1"}, {"--latency-budget", "0.05"}, {"--poll-ms", "100"}, {"--threads", "1"}};
@@ -641,6 +642,49 @@ TEST_F(ServiceTest, ReadinessFollowsConnectedWorkers) {
     state = readiness(server_->address());
   }
   EXPECT_EQ(state, "0801");  // the local worker connected
+}
+
+TEST_F(ServiceTest, AWorkerThatCannotWriteItsInputsFailsTheJobWithTheReasonAndGoesOn) {
+  // The worker runs under a 200 KiB file size limit (as a full disk would stop it): the 14 MB
+  // model cannot be written, the 96 KB one can. SIGXFSZ is ignored so that writes fail instead.
+  const std::string wrapper = dir_.path() + "/small-disk-worker.sh";
+  std::ofstream(wrapper) << "#!/bin/bash\ntrap '' XFSZ\nulimit -f 200\nexec " << BinDir()
+                         << "/worker/pare-worker \"$@\"\n";
+  fs::permissions(wrapper, fs::perms::owner_all);
+  StartServerWith(wrapper);
+  const std::string recipe = R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}}]})";
+  v1::Job big = WaitEnd(Submit(UploadModel("mobilenet_v2.pt", {1, 3, 64, 64}), recipe).id());
+  EXPECT_EQ(big.state(), v1::FAILED);
+  EXPECT_EQ(big.error().reason(), "WORKER_DISK") << big.error().message();
+  EXPECT_NE(big.error().message().find("model.pt"), std::string::npos) << big.error().message();
+  EXPECT_NE(big.error().message().find("File too large"), std::string::npos) << big.error().message();
+  // The same worker process runs the next job.
+  auto pids = server_->supervisor()->Pids();
+  v1::Job small = WaitEnd(Submit(UploadModel("small_cnn.pt", {1, 1, 28, 28}), recipe).id());
+  EXPECT_EQ(small.state(), v1::SUCCEEDED) << small.error().message();
+  EXPECT_EQ(server_->supervisor()->Pids(), pids);
+}
+
+TEST_F(ServiceTest, AJobWhoseStoredRecipeIsCorruptFailsWithCorruptJob) {
+  StartServer({}, /*workers=*/0);
+  v1::Job job = Submit(UploadModel("small_cnn.pt", {1, 1, 28, 28}),
+                       R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}}]})");
+  server_->Drain();
+  server_.reset();
+  // Garbage where the recipe's protobuf bytes are (a bad disk, a bad restore).
+  std::string out;
+  ASSERT_EQ(pare::testing::Run(Python() + " -c \"import sqlite3;c=sqlite3.connect('" + dir_.path() +
+                                   "/data/pare.db');c.execute('UPDATE jobs SET recipe=x\\'ffffffff0f\\' WHERE id=?',('" +
+                                   job.id() + "',));c.commit();print(c.total_changes)\"",
+                               &out),
+            0)
+      << out;
+  ASSERT_EQ(out.substr(0, 1), "1") << out;
+  StartServer({}, /*workers=*/1);
+  v1::Job end = WaitEnd(job.id());
+  EXPECT_EQ(end.state(), v1::FAILED);
+  EXPECT_EQ(end.error().reason(), "CORRUPT_JOB") << end.error().message();
+  EXPECT_NE(end.error().message().find("recipe"), std::string::npos) << end.error().message();
 }
 
 }  // namespace

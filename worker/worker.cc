@@ -119,12 +119,38 @@ int Worker::Run() {
   return 0;
 }
 
-bool Worker::Fetch(const v1::LeasedJob& job, const std::string& sha, const std::string& path, std::string* error) {
-  // Resumes from what arrived if the stream breaks, a few times.
+// Input fetches and result uploads: this many tries, waiting 0.5, 1, 2, 4 and 8 s between them
+// (a server restarting, a network blip), then the job is handed back or the result given up.
+constexpr int kTransferAttempts = 6;
+static std::chrono::milliseconds TransferBackoff(int retry) {
+  return std::chrono::milliseconds(int64_t{500} << std::min(std::max(retry - 1, 0), 5));
+}
+
+// A file the worker could not write (a full disk, a file size limit): the job fails with
+// WORKER_DISK and the reason, rather than run on a short file.
+[[noreturn]] static void DiskError(const std::string& what, const std::string& path, int err) {
+  throw engine::EngineError(Code::kInternal, "WORKER_DISK",
+                            "the worker cannot write " + what + " to " + path + ": " + std::strerror(err));
+}
+
+// Writes `text` to `path`, checked to the end (close included).
+static void WriteFileChecked(const std::string& what, const std::string& path, const std::string& text) {
+  errno = 0;
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (out) out.write(text.data(), static_cast<std::streamsize>(text.size()));
+  if (out) out.close();
+  if (!out) DiskError(what, path, errno ? errno : EIO);
+}
+
+bool Worker::Fetch(const v1::LeasedJob& job, const std::string& sha, const std::string& path, std::string* error) {
+  // Resumes from what was written if the stream breaks, a few times, waiting longer each time.
+  errno = 0;
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) DiskError("input " + sha, path, errno ? errno : EIO);
   uint64_t have = 0;
-  Sha256 hash;
-  for (int attempt = 0; attempt < 5; ++attempt) {
+  Sha256 hash;  // over the bytes written, in order
+  for (int attempt = 0; attempt < kTransferAttempts; ++attempt) {
+    if (attempt > 0) std::this_thread::sleep_for(TransferBackoff(attempt));
     v1::FetchRequest req;
     req.set_job_id(job.job_id());
     req.set_lease_id(job.lease_id());
@@ -134,13 +160,21 @@ bool Worker::Fetch(const v1::LeasedJob& job, const std::string& sha, const std::
     auto reader = stub_->Fetch(ctx.get(), req);
     v1::Chunk chunk;
     while (reader->Read(&chunk)) {
-      out.write(chunk.data().data(), static_cast<std::streamsize>(chunk.data().size()));
+      errno = 0;
+      if (!out.write(chunk.data().data(), static_cast<std::streamsize>(chunk.data().size())) || !out.flush()) {
+        const int err = errno ? errno : EIO;
+        ctx->TryCancel();
+        reader->Finish();
+        DiskError("input " + sha, path, err);
+      }
       hash.Update(chunk.data().data(), chunk.data().size());
       have += chunk.data().size();
     }
     grpc::Status st = reader->Finish();
     if (st.ok()) {
+      errno = 0;
       out.close();
+      if (!out) DiskError("input " + sha, path, errno ? errno : EIO);
       std::string got = hash.HexDigest();
       if (got != sha) {
         *error = "input " + sha + " arrived with digest " + got;
@@ -152,6 +186,9 @@ bool Worker::Fetch(const v1::LeasedJob& job, const std::string& sha, const std::
       *error = "fetching input " + sha + ": " + st.error_message();
       return false;
     }
+    spdlog::warn(Kv({{"msg", "fetching an input failed; retrying"}, {"job", job.job_id()}, {"sha256", sha},
+                     {"attempt", std::to_string(attempt + 1)}, {"have", std::to_string(have)},
+                     {"error", st.error_message()}}));
   }
   // The server is unreachable (restarting?): the job goes back to the queue, not to FAILED.
   throw engine::EngineError(Code::kUnavailable, "SERVER_UNREACHABLE",
@@ -161,7 +198,7 @@ bool Worker::Fetch(const v1::LeasedJob& job, const std::string& sha, const std::
 void Worker::Complete(const v1::LeasedJob& job, v1::CompleteHeader header, const std::string& result_path) {
   header.set_job_id(job.job_id());
   header.set_lease_id(job.lease_id());
-  for (int attempt = 0; attempt < 5; ++attempt) {
+  for (int attempt = 0; attempt < kTransferAttempts; ++attempt) {
     auto ctx = Context(600);
     v1::CompleteResponse resp;
     auto writer = stub_->Complete(ctx.get(), &resp);
@@ -188,7 +225,7 @@ void Worker::Complete(const v1::LeasedJob& job, v1::CompleteHeader header, const
         st.error_code() != grpc::StatusCode::RESOURCE_EXHAUSTED) {
       return;  // e.g. the lease moved on: the result is not ours to give any more
     }
-    std::this_thread::sleep_for(std::chrono::seconds(1 << attempt));
+    std::this_thread::sleep_for(TransferBackoff(attempt + 1));
   }
 }
 
@@ -294,11 +331,10 @@ void Worker::RunJob(const v1::LeasedJob& job) {
     spec["quantized_engine"] = options_.quantized_engine;
     spec["worker"] = options_.id;
     spec["device_name"] = device_name_;
-    std::ofstream(dir + "/spec.json") << spec.dump();
-    {
-      std::ofstream out(dir + "/job.pb", std::ios::binary);
-      job.SerializeToOstream(&out);
-    }
+    WriteFileChecked("the job's spec", dir + "/spec.json", spec.dump());
+    std::string job_pb;
+    if (!job.SerializeToString(&job_pb)) throw engine::EngineError(Code::kInternal, "WORKER", "cannot encode the job");
+    WriteFileChecked("the job", dir + "/job.pb", job_pb);
     std::string logged_step;
     auto on_progress = [&](const nlohmann::json& u) {
       const std::string step = u.value("step", "");
@@ -456,7 +492,8 @@ int RunJobChild(const std::string& dir) {
   }
   std::ofstream out(dir + "/outcome.pb", std::ios::binary);
   if (!header.SerializeToOstream(&out)) return 2;
-  return 0;
+  out.close();
+  return out ? 0 : 2;  // the worker reports a child that could not say how it ended
 }
 
 v1::CompleteHeader Worker::RunSandboxed(const std::string& dir, bool cuda_job, double timeout_seconds,
