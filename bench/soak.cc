@@ -1,7 +1,8 @@
 // Soak driver: many concurrent clients upload, submit, poll and download against one
 // pare-server with local workers, for a bounded time. Reports throughput, errors (which must
-// be 0 apart from the deliberate rejections it provokes) and the server's RSS growth after
-// warm-up.
+// be 0 apart from the deliberate rejections it provokes), the server's RSS growth after
+// warm-up and its peak (sampled every 0.5 s, the final sample included), and the RSS of the
+// local workers and their job processes (sum and largest, sampled the same way).
 //
 //   pare-soak --bin-dir build --model tests/fixtures/small_cnn.pt --seconds 120 --clients 8
 //
@@ -17,7 +18,9 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <mutex>
+#include <sstream>
 #include <thread>
 #include <vector>
 
@@ -43,6 +46,49 @@ double RssMb(pid_t pid) {
     std::getline(in, rest);
   }
   return 0;
+}
+
+// Every process below `root` (the server's local workers and their job processes).
+std::vector<pid_t> Descendants(pid_t root) {
+  std::map<pid_t, std::vector<pid_t>> children;
+  for (const auto& e : fs::directory_iterator("/proc", fs::directory_options::skip_permission_denied)) {
+    const std::string name = e.path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat(e.path() / "stat");
+    std::string line;
+    if (!std::getline(stat, line)) continue;
+    const auto close = line.rfind(')');  // "pid (comm) state ppid ..."; comm may hold spaces
+    if (close == std::string::npos) continue;
+    std::istringstream rest(line.substr(close + 1));
+    std::string state;
+    pid_t ppid = 0;
+    if (rest >> state >> ppid) children[ppid].push_back(static_cast<pid_t>(std::stol(name)));
+  }
+  std::vector<pid_t> out, todo = {root};
+  while (!todo.empty()) {
+    pid_t p = todo.back();
+    todo.pop_back();
+    for (pid_t c : children[p]) {
+      out.push_back(c);
+      todo.push_back(c);
+    }
+  }
+  return out;
+}
+
+// The memory of the server and of what it runs, sampled.
+struct MemorySample {
+  double server = 0, others = 0, largest_other = 0;  // MB
+};
+MemorySample SampleMemory(pid_t server) {
+  MemorySample m;
+  m.server = RssMb(server);
+  for (pid_t p : Descendants(server)) {
+    const double mb = RssMb(p);
+    m.others += mb;
+    m.largest_other = std::max(m.largest_other, mb);
+  }
+  return m;
 }
 
 struct Counters {
@@ -162,15 +208,22 @@ int main(int argc, char** argv) {
   for (int i = 0; i < clients; ++i) threads.emplace_back(client_loop, i);
   std::this_thread::sleep_for(std::chrono::milliseconds(static_cast<int64_t>(warmup * 1000)));
   const double rss_warm = RssMb(server);
-  double rss_peak = rss_warm;
+  double rss_peak = rss_warm, others_peak = 0, largest_peak = 0;
+  auto sample = [&] {
+    MemorySample m = SampleMemory(server);
+    rss_peak = std::max(rss_peak, m.server);
+    others_peak = std::max(others_peak, m.others);
+    largest_peak = std::max(largest_peak, m.largest_other);
+    return m;
+  };
   while (Clock::now() - start < std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000))) {
     std::this_thread::sleep_for(std::chrono::milliseconds(500));
-    rss_peak = std::max(rss_peak, RssMb(server));
+    sample();
   }
   stop = true;
   for (auto& t : threads) t.join();
   const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
-  const double rss_end = RssMb(server);
+  const double rss_end = sample().server;  // the peak includes the final sample
   ::kill(server, SIGTERM);
   int status = 0;
   ::waitpid(server, &status, 0);
@@ -178,13 +231,15 @@ int main(int argc, char** argv) {
 
   const double growth = rss_end - rss_warm;
   std::printf("| clients | seconds | uploads | jobs done | downloads | polls | deliberate rejections | errors | jobs/s "
-              "| server RSS after %.0f s warm-up | at the end | peak | growth |\n",
+              "| server RSS after %.0f s warm-up | at the end | peak | growth | workers + jobs RSS, peak sum "
+              "| largest worker or job process |\n",
               warmup);
-  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
-  std::printf("| %d | %.0f | %lld | %lld | %lld | %lld | %lld | %lld | %.2f | %.1f MB | %.1f MB | %.1f MB | %+.1f MB |\n",
+  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+  std::printf("| %d | %.0f | %lld | %lld | %lld | %lld | %lld | %lld | %.2f | %.1f MB | %.1f MB | %.1f MB | %+.1f MB "
+              "| %.1f MB | %.1f MB |\n",
               clients, elapsed, (long long)n.uploads.load(), (long long)n.jobs.load(), (long long)n.downloads.load(),
               (long long)n.polls.load(), (long long)n.rejections.load(), (long long)n.errors.load(),
-              double(n.jobs.load()) / elapsed, rss_warm, rss_end, rss_peak, growth);
+              double(n.jobs.load()) / elapsed, rss_warm, rss_end, rss_peak, growth, others_peak, largest_peak);
   for (const auto& e : n.first_errors) std::fprintf(stderr, "error: %s\n", e.c_str());
   const bool ok = n.errors == 0 && growth < max_growth_mb && n.jobs > 0;
   if (!ok) std::fprintf(stderr, "pare-soak: FAILED (errors %lld, RSS growth %.1f MB, limit %.0f MB)\n",

@@ -19,9 +19,12 @@ def tensors(out):
     return []
 
 
-def compress(model, steps, shapes, work, extra=(), latency_budget="0.02"):
+def compress(model, steps, shapes, work, extra=(), latency_budget="0.02", threads=1):
     """Runs `pare compress MODEL` with a recipe of `steps` and one --input-shape per shape;
-    returns (result path, report dict) or raises AssertionError with the CLI's last line."""
+    returns (result path, report dict) or raises AssertionError with the CLI's last line.
+    `threads` 1 by default: ctest runs two tests at once on 2 cores, and two jobs of 2 OpenMP
+    threads each on them ran user_networks_test 2.3x slower; None keeps the CLI's default (the
+    CPUs the process may use)."""
     recipe = os.path.join(work, "recipe.json")
     with open(recipe, "w") as f:
         json.dump({"steps": steps}, f)
@@ -29,6 +32,8 @@ def compress(model, steps, shapes, work, extra=(), latency_budget="0.02"):
     report = os.path.join(work, "report.json")
     cmd = [BIN, "compress", model, "--recipe", recipe, "-o", out, "--report", report, "--device", "cpu",
            "--latency-budget", latency_budget, *extra]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     for shape in shapes:  # one per input of forward
         cmd += ["--input-shape", ",".join(map(str, shape))]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
