@@ -972,6 +972,33 @@ TEST_F(EngineTest, ChannelPruneSearchesTheAmountForAMacsTarget) {
   }
 }
 
+TEST_F(EngineTest, ALayerCalledTwiceKeepsItsBatchNormWhenInlinedGraphsAreFolded) {
+  auto m = torch::jit::load(Fixture("shared_block.pt"));
+  m.eval();
+  ChannelPruneSpec spec;
+  spec.round_to = 1;
+  auto p = ChannelPrune(m, spec, {1, 3, 16, 16}).module;  // an inlined graph: two call sites
+  at::Tensor x = at::randn({8, 3, 16, 16});
+  at::Tensor before = p.forward({x}).toTensor();
+  auto folded = p.clone();
+  EXPECT_EQ(FoldInlinedConvBatchNorm(folded), 0);  // the shared conv's weight is not scaled twice
+  EXPECT_TRUE(at::allclose(folded.forward({x}).toTensor(), before, 1e-4, 1e-4));
+  std::vector<at::Tensor> calibration;
+  for (int i = 0; i < 4; ++i) calibration.push_back(at::randn({8, 3, 16, 16}));
+  StaticQuantSpec qs;
+  qs.target = "avx2";
+  at::Tensor centre = before.mean(0, true);
+  auto cosine = [&](torch::jit::Module float_model, torch::jit::Module q) {
+    at::Tensor want = float_model.forward({x}).toTensor(), got = q.forward({x}).toTensor();
+    return at::cosine_similarity(got - centre, want - centre, 1).mean().item<double>();
+  };
+  // As faithful as the same model quantized in module form (where LibTorch folds the norm once).
+  // Folded at both call sites, the shared weight was scaled twice: a cosine near 0.
+  const double inlined = cosine(p, QuantizeStatic(p, qs, calibration));
+  const double module_form = cosine(m, QuantizeStatic(m, qs, calibration));
+  EXPECT_GT(inlined, module_form - 0.1) << "module form " << module_form;
+}
+
 TEST_F(EngineTest, ChannelPrunedModelsFoldBatchNormAndQuantize) {
   auto m = torch::jit::load(Fixture("couplings.pt"));
   m.eval();

@@ -1405,6 +1405,19 @@ int FoldInlinedConvBatchNorm(torch::jit::Module& module) {
   for (Node* n : graph->nodes()) {
     if (n->kind() == aten::batch_norm) norms.push_back(n);
   }
+  // A layer called at several places (a block applied twice, a siamese encoder) shares its
+  // weight and statistics between call sites: folding at each would scale the shared weight
+  // once per site. Such pairs keep their batch norm.
+  std::map<std::string, int> readers;
+  ForEachNode(graph->block(), [&](Node* n) {
+    if (LayerOpOf(n) != LayerOp::kNone || n->kind() == aten::batch_norm) {
+      for (size_t i = 1; i < n->inputs().size() && i < 5; ++i) {
+        Source s = Resolve(module, n->input(i), self);
+        if (s.kind == Source::kAttr) ++readers[Join(s.path)];
+      }
+    }
+  });
+  auto shared = [&](const Source& s) { return s.kind == Source::kAttr && readers[Join(s.path)] > 1; };
   for (Node* bn : norms) {
     Node* conv = bn->input(0)->node();
     if (!In(conv->kind(), {aten::conv1d, aten::conv2d, aten::conv3d})) continue;
@@ -1423,6 +1436,7 @@ int FoldInlinedConvBatchNorm(torch::jit::Module& module) {
         var.kind != Source::kAttr || gamma.kind == Source::kOther || beta.kind == Source::kOther || !eps) {
       continue;
     }
+    if (shared(w) || shared(b) || shared(mean) || shared(var) || shared(gamma) || shared(beta)) continue;
     torch::NoGradGuard no_grad;
     at::Tensor weight = TensorAt(module, w.path);
     at::Tensor rm = TensorAt(module, mean.path), rv = TensorAt(module, var.path);
