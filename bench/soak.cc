@@ -64,13 +64,13 @@ std::vector<pid_t> Descendants(pid_t root) {
     pid_t ppid = 0;
     if (rest >> state >> ppid) children[ppid].push_back(static_cast<pid_t>(std::stol(name)));
   }
-  std::vector<pid_t> out, todo = {root};
-  while (!todo.empty()) {
-    pid_t p = todo.back();
-    todo.pop_back();
+  std::vector<pid_t> out, pending = {root};
+  while (!pending.empty()) {
+    pid_t p = pending.back();
+    pending.pop_back();
     for (pid_t c : children[p]) {
       out.push_back(c);
-      todo.push_back(c);
+      pending.push_back(c);
     }
   }
   return out;

@@ -226,7 +226,7 @@ TEST_F(EngineTest, CompressRunsARecipeAndReportsEveryStep) {
   EXPECT_DOUBLE_EQ(orig.top1_agreement, 1.0);
   EXPECT_NEAR(orig.output_cosine, 1.0, 1e-6);
   ASSERT_EQ(orig.latency.size(), 2u);
-  for (const auto& l : orig.latency) {  // a real distribution of timed runs, not a placeholder
+  for (const auto& l : orig.latency) {  // a distribution of timed runs
     EXPECT_GE(l.iterations, 3);
     EXPECT_GT(l.p50_ms, 0);
     EXPECT_GE(l.p95_ms, l.p50_ms);

@@ -483,6 +483,13 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
                                              std::vector<std::string>& notes,
                                              const std::set<std::string>& keep_float = {});
 
+// The first sample of a batch of forward arguments (each tensor sliced to batch 1).
+static std::vector<c10::IValue> FirstSample(const std::vector<c10::IValue>& batch) {
+  std::vector<c10::IValue> one;
+  for (const auto& v : batch) one.push_back(v.isTensor() ? v.toTensor().slice(0, 0, 1) : v);
+  return one;
+}
+
 // LibTorch's own complaint inside a QUANTIZE_UNSUPPORTED message, its first line, for notes.
 static std::string LibTorchReason(const std::string& message) {
   static const std::string kPrefix = "cannot handle this model (";
@@ -766,9 +773,7 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
   SpecializeForEval(module);
   {
     auto forward = module.get_method("forward").graph();
-    std::vector<c10::IValue> one;  // ranks do not depend on the batch: one input is enough
-    for (const auto& v : calibration.front()) one.push_back(v.isTensor() ? v.toTensor().slice(0, 0, 1) : v);
-    FoldRanks(module, forward, one);
+    FoldRanks(module, forward, FirstSample(calibration.front()));  // ranks do not depend on the batch
     HoistReluOverMaxPool(forward);
   }
   torch::jit::QConfigDict qconfig;
@@ -811,9 +816,7 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
     // a calibration batch and one input of it.
     c10::InferenceMode inference;  // as the model is measured and served
     quantized.forward(calibration.front());
-    std::vector<c10::IValue> one;
-    for (const auto& v : calibration.front()) one.push_back(v.toTensor().slice(0, 0, 1));
-    quantized.forward(one);
+    quantized.forward(FirstSample(calibration.front()));
   } catch (const std::exception& e) {
     throw unsupported(e);
   }
