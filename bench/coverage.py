@@ -38,7 +38,7 @@ Usage:
                 changing, then runs a private copy of it, so that a rebuild during a long
                 run neither breaks it nor mixes two binaries' results.
 
-The CLI times latency at batch 1 and batch 32 (it has no flag to choose); only batch 1 is
+The CLI times latency at batch 1 only (its default on a CPU); batch 1 is
 reported here.
 """
 import argparse

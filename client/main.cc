@@ -131,7 +131,8 @@ void PrintJobSummary(const pare::v1::Job& j) {
     std::cout << std::left << std::setw(18) << "step" << std::right << std::setw(12) << "size" << std::setw(12)
               << "deflated" << std::setw(12) << "params" << std::setw(12) << "nonzero" << std::setw(9) << "GMACs"
               << std::setw(10) << "p50 ms"
-              << std::setw(10) << "agree" << std::setw(9) << "cosine" << std::setw(8) << "top1" << "\n";
+              << std::setw(10) << "agree" << std::setw(9) << "cosine" << std::setw(9) << "centred"
+              << std::setw(8) << "top1" << "\n";
     for (const auto& r : j.reports()) {
       const auto& s = r.stats();
       std::cout << std::left << std::setw(18) << r.step() << std::right << std::setw(12) << s.size_bytes()
@@ -139,7 +140,7 @@ void PrintJobSummary(const pare::v1::Job& j) {
                 << s.nonzero_parameters() << std::setw(9) << std::fixed << std::setprecision(3) << s.macs() / 1e9
                 << std::setw(10) << std::setprecision(2) << s.latency_p50_ms()
                 << std::setw(10) << std::setprecision(3) << s.top1_agreement() << std::setw(9) << std::setprecision(4)
-                << s.output_cosine() << std::setw(8);
+                << s.output_cosine() << std::setw(9) << s.output_centred_cosine() << std::setw(8);
       if (s.has_accuracy()) std::cout << std::setprecision(3) << s.top1_accuracy();
       else std::cout << "-";
       std::cout << "\n";
@@ -162,7 +163,7 @@ int WaitFor(pare::client::Client& c, const std::string& id) {
 int Compress(const std::string& model, const std::string& recipe_path, const std::string& out,
              const std::string& report_path, const std::string& calibration, const std::string& train,
              const std::string& eval, const std::string& format, const std::vector<std::string>& shape_texts,
-             const std::string& device, int threads, double latency_budget,
+             const std::string& device, int threads, double latency_budget, const std::vector<int>& latency_batches,
              const std::vector<std::string>& extra_models) {
   std::string text;
   Status st = ReadFile(recipe_path, &text);
@@ -185,6 +186,13 @@ int Compress(const std::string& model, const std::string& recipe_path, const std
   }
   opts.device = device;
   opts.latency_budget_seconds = latency_budget;
+  opts.latency_batches = latency_batches;
+  for (int b : latency_batches) {
+    if (b < 1 || b > 4096) {
+      Fail(pare::InvalidArgument("--latency-batches: batch size " + std::to_string(b) + " is not in 1..4096"), "usage");
+      return kExitUsage;
+    }
+  }
   for (const auto& m : extra_models) {
     auto eq = m.find('=');
     if (eq == std::string::npos || eq == 0 || !fs::is_regular_file(m.substr(eq + 1))) {
@@ -265,6 +273,7 @@ int main(int argc, char** argv) {
   bool wait = false;
   int page_size = 50, threads = 0;
   double latency_budget = 1.0;
+  std::vector<int> latency_batches;
   std::vector<std::string> extra_models;
   std::vector<std::string> compress_shapes;  // pare compress: one --input-shape per input
   std::vector<std::string> upload_shapes;    // upload-model: likewise
@@ -332,6 +341,9 @@ int main(int argc, char** argv) {
   compress->add_option("--latency-budget", latency_budget, "seconds spent timing each model at each batch size")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 600.0));
+  compress->add_option("--latency-batches", latency_batches,
+                       "batch sizes to time, e.g. 1,32 (default: 1; 1 and 32 on a GPU)")
+      ->delimiter(',');
 
   try {
     app.parse(argc, argv);
@@ -342,7 +354,7 @@ int main(int argc, char** argv) {
 
   if (compress->parsed()) {
     return Compress(file, recipe, out, report, calib, train, eval, format, compress_shapes, device, threads, latency_budget,
-                    extra_models);
+                    latency_batches, extra_models);
   }
 
   pare::client::ClientOptions co;

@@ -26,7 +26,9 @@ int main(int argc, char** argv) {
   app.add_option("--work-dir", o.work_dir, "where private job folders are made")->capture_default_str();
   app.add_option("--poll-ms", o.poll_ms, "wait between empty lease answers")->capture_default_str();
   app.add_option("--drain-seconds", o.drain_seconds, "time to finish a job after SIGTERM")->capture_default_str();
-  app.add_option("--latency-batches", o.latency_batches, "batch sizes for latency measurements")->capture_default_str();
+  app.add_option("--latency-batches", o.latency_batches,
+                 "batch sizes for latency measurements, e.g. 1,32 (default: 1; 1 and 32 on a GPU)")
+      ->delimiter(',');
   app.add_option("--latency-budget", o.latency_budget_seconds, "seconds spent timing each batch size")
       ->capture_default_str();
   app.add_flag("--once", o.once, "exit after one job");

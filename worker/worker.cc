@@ -52,6 +52,7 @@ v1::StepReport ToProto(const engine::StepReport& s) {
   m->set_macs(s.stats.macs.value_or(0));
   m->set_top1_agreement(s.stats.top1_agreement);
   m->set_output_cosine(s.stats.output_cosine);
+  m->set_output_centred_cosine(s.stats.output_centred_cosine);
   if (s.stats.top1_accuracy) {
     m->set_has_accuracy(true);
     m->set_top1_accuracy(*s.stats.top1_accuracy);
@@ -604,7 +605,9 @@ v1::CompleteHeader Worker::RunSandboxed(const std::string& dir, bool cuda_job, d
   }
   if (WIFSIGNALED(status)) {
     const int sig = WTERMSIG(status);
-    if (killed_by_us) {
+    // Stopped on our request: killed after the grace, or a SIGTERM that came before the job
+    // process had set its handler (a cancel right after the lease).
+    if (killed_by_us || (sig == SIGTERM && term_sent != SteadyClock::time_point::max())) {
       header.set_state(v1::QUEUED);
       return header;
     }

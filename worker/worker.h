@@ -27,7 +27,7 @@ struct WorkerOptions {
   int poll_ms = 500;                       // wait between empty lease answers
   double heartbeat_seconds = 1.0;          // progress and lease renewal interval
   double drain_seconds = 30;               // after SIGTERM, time left to finish the running job
-  std::vector<int> latency_batches = {1, 32};
+  std::vector<int> latency_batches;  // empty: batch 1, and 32 too on a GPU (engine::CompressOptions)
   double latency_budget_seconds = 1.0;
   bool once = false;                       // exit after one job (tests, batch use)
   std::string token;                       // the server's worker token (default $PARE_WORKER_TOKEN)

@@ -514,19 +514,35 @@ class Analysis {
   // " (`torch.chunk(x, 2, 1)`, line 12 of code/__torch__/model.py)": where the op is in the
   // model's code, for the report.
   static std::string Code(Node* n) {
-    // The user's own source when the file kept it (debug info), else the serialized code.
-    const auto original = n->sourceRange().findSourceRangeThatGenerated();
-    const auto& range = original ? *original : n->sourceRange();
-    if (!range.source()) return "";
-    std::string text(range.text().begin(), range.text().end());
-    auto nl = text.find('\n');
-    if (nl != std::string::npos) text = text.substr(0, nl) + " ...";
-    if (text.size() > 80) text = text.substr(0, 77) + "...";
-    std::string out = " (`" + text + "`";
-    if (auto where = range.file_line_col()) {
-      out += ", line " + std::to_string(std::get<1>(*where)) + " of " + std::get<0>(*where);
+    // The user's own source when the file kept it (debug info), else the serialized code. A
+    // traced model's debug info can hold ranges LibTorch 1.13 cannot read back (its
+    // source_range.h asserts): then the serialized code, else the op's name alone.
+    auto describe = [](const torch::jit::SourceRange& range) -> std::string {
+      if (!range.source()) return "";
+      std::string text(range.text().begin(), range.text().end());
+      auto nl = text.find('\n');
+      if (nl != std::string::npos) text = text.substr(0, nl) + " ...";
+      if (text.size() > 80) text = text.substr(0, 77) + "...";
+      if (text.empty()) return "";
+      std::string out = " (`" + text + "`";
+      if (auto where = range.file_line_col()) {
+        out += ", line " + std::to_string(std::get<1>(*where)) + " of " + std::get<0>(*where);
+      }
+      return out + ")";
+    };
+    try {
+      if (const auto original = n->sourceRange().findSourceRangeThatGenerated()) {
+        std::string out = describe(*original);
+        if (!out.empty()) return out;
+      }
+    } catch (const std::exception&) {
     }
-    return out + ")";
+    try {
+      std::string out = describe(n->sourceRange());
+      if (!out.empty()) return out;
+    } catch (const std::exception&) {
+    }
+    return std::string(" (") + n->kind().toQualString() + ")";
   }
 
   void Conv(Node* n) {

@@ -216,10 +216,24 @@ Dataset LoadTensors(const std::string& path) {
     if (index > 0) more[index] = kv.value().toTensor();
     else (k == "images" ? ds.images : ds.labels) = kv.value().toTensor();
   }
-  if (!ds.images.defined()) Bad(path, "has no 'images' tensor");
+  if (!ds.images.defined()) {
+    std::string keys;
+    for (const auto& kv : value.toGenericDict()) {
+      if (keys.size() > 200) {
+        keys += ", ...";
+        break;
+      }
+      keys += (keys.empty() ? "" : ", ") + (kv.key().isString() ? "'" + kv.key().toStringRef() + "'" : kv.key().tagKind());
+    }
+    Bad(path, "has no 'images' tensor (its keys: " + (keys.empty() ? std::string("none") : keys) +
+                  "; a tensors file is a dict of 'images', N first, and optionally 'labels')");
+  }
   at::Tensor images = ds.images;
-  if (images.dim() == 3) images = images.unsqueeze(1);
-  if (images.dim() != 4) Bad(path, "'images' has " + std::to_string(images.dim()) + " dimensions, expected N x C x H x W");
+  if (images.dim() < 2 || images.dim() > 6) {
+    Bad(path, "'images' has " + std::to_string(images.dim()) +
+                  " dimensions, expected 2 to 6, batch first (N x C x H x W for images, N x C x L for signals)");
+  }
+  ds.rank3_ambiguous = images.dim() == 3;
   if (images.size(0) == 0) Bad(path, "'images' is empty");
   if (images.scalar_type() == at::kByte) {
     images = images.to(at::kFloat).div_(255.0);

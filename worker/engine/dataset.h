@@ -9,7 +9,11 @@
 namespace pare::engine {
 
 struct Dataset {
-  at::Tensor images;  // N x C x H x W, float32
+  // N first, float32: N x C x H x W for images; a tensors file may hold any rank >= 2 (N x C x L
+  // for 1-D signals, N x F for features). A rank-3 tensors file is ambiguous (grayscale N x H x W
+  // or N x C x L): `rank3_ambiguous` is set and the engine decides against the model's input.
+  at::Tensor images;
+  bool rank3_ambiguous = false;
   at::Tensor labels;  // N, int64; undefined when the dataset has none
   // A model whose forward takes several tensors: its second, third... inputs ("images_1",
   // "images_2", ... in a tensors file), N first, float32.

@@ -109,6 +109,46 @@ std::vector<at::Tensor> CalibrationBatches(const StepContext& ctx, int batches, 
 }
 
 // Applies one step to `current` and returns the new module.
+// A rank-3 tensors dataset is either grayscale images (N x H x W, fed as N x 1 x H x W) or signals
+// (N x C x L, fed as they are). The job's input shape decides when it names one; otherwise the
+// model does: the grayscale reading when forward accepts one such sample (the long-standing
+// reading, and a 2-d conv's), else the signal reading when forward accepts that.
+void ResolveRank3Datasets(const std::vector<Dataset*>& datasets, const std::vector<int64_t>& input_shape,
+                          torch::jit::Module& model) {
+  const Dataset* first = nullptr;
+  for (const Dataset* ds : datasets) {
+    if (ds->size() && ds->rank3_ambiguous) {
+      first = ds;
+      break;
+    }
+  }
+  if (!first) return;
+  bool grayscale = true;
+  if (!input_shape.empty()) {
+    grayscale = input_shape.size() == 4 && input_shape[1] == 1;
+  } else {
+    auto accepts = [&](const at::Tensor& x) {
+      std::vector<at::Tensor> more;
+      for (const at::Tensor& t : first->more_images) more.push_back(t.slice(0, 0, 1));
+      try {
+        torch::NoGradGuard no_grad;
+        model.eval();
+        model.forward(ForwardArgs(x, more));
+        return true;
+      } catch (const std::exception&) {
+        return false;
+      }
+    };
+    const at::Tensor one = first->images.slice(0, 0, 1);
+    grayscale = accepts(one.unsqueeze(1)) || !accepts(one);
+  }
+  for (Dataset* ds : datasets) {
+    if (!ds->size() || !ds->rank3_ambiguous) continue;
+    if (grayscale) ds->images = ds->images.unsqueeze(1).contiguous();
+    ds->rank3_ambiguous = false;
+  }
+}
+
 torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, const StepContext& ctx,
                              std::vector<std::string>& notes) {
   struct V {
@@ -289,6 +329,7 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
   MeasureContext ctx;
   ctx.device = ResolveDevice(options.device);
   ctx.latency_batches = options.latency_batches;
+  if (ctx.latency_batches.empty()) ctx.latency_batches = ctx.device.is_cuda() ? std::vector<int>{1, 32} : std::vector<int>{1};
   ctx.latency_budget_seconds = options.latency_budget_seconds;
   ctx.check_cancel = check_cancel;
 
@@ -334,6 +375,7 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
                         StepName(step) + " needs a train dataset with labels (--train)");
     }
   }
+  ResolveRank3Datasets({&eval, &calibration, &train}, options.input_shape, model);
   const Dataset* sample_source = eval.size() ? &eval : (calibration.size() ? &calibration : nullptr);
 
   std::vector<int64_t> shape = options.input_shape;
@@ -406,7 +448,7 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
                  : ""),
         [&] {
           model.to(ctx.device);
-          ctx.reference = RunBatched(model, ctx.samples, ctx.device, 8, check_cancel, ctx.more_samples);
+          ctx.reference = RunBatchedOutputs(model, ctx.samples, ctx.device, 8, check_cancel, ctx.more_samples);
         });
 
   report_progress(0, "original", 0.5, "measuring the original model");

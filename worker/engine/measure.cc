@@ -93,6 +93,53 @@ at::Tensor RunBatched(torch::jit::Module& module, const at::Tensor& inputs, c10:
   return at::cat(outs);
 }
 
+NamedOutputs RunBatchedOutputs(torch::jit::Module& module, const at::Tensor& inputs, c10::Device device,
+                               int64_t batch, const std::function<void()>& check_cancel,
+                               const std::vector<at::Tensor>& more) {
+  c10::InferenceMode guard;
+  std::vector<std::string> names;
+  std::vector<std::vector<at::Tensor>> parts;
+  for (int64_t i = 0; i < inputs.size(0); i += batch) {
+    if (check_cancel) check_cancel();
+    const int64_t end = std::min(i + batch, inputs.size(0));
+    std::vector<at::Tensor> rest;
+    for (const at::Tensor& t : more) rest.push_back(t.slice(0, i, end).to(device));
+    auto outs = OutputTensors(module.forward(ForwardArgs(inputs.slice(0, i, end).to(device), rest)));
+    if (i == 0) {
+      for (const auto& o : outs) names.push_back(o.first);
+      parts.resize(outs.size());
+    } else if (outs.size() != names.size()) {
+      throw EngineError(Code::kInvalidArgument, "MODEL_OUTPUT",
+                        "the model returned " + std::to_string(names.size()) + " tensors for the first batch and " +
+                            std::to_string(outs.size()) + " for a later one");
+    }
+    for (size_t k = 0; k < outs.size(); ++k) {
+      at::Tensor y = outs[k].second;
+      if (y.is_quantized()) y = y.dequantize();
+      if (!y.is_floating_point()) y = y.to(at::kFloat);
+      parts[k].push_back(y.to(at::kFloat).cpu());
+    }
+  }
+  NamedOutputs result;
+  for (size_t k = 0; k < names.size(); ++k) {
+    // An output without a batch dimension (a scalar, a per-model tensor) is compared as it is.
+    bool batched = true;
+    for (const auto& t : parts[k]) batched &= t.dim() >= 1;
+    result.emplace_back(names[k], batched ? at::cat(parts[k]) : parts[k].front());
+  }
+  return result;
+}
+
+std::pair<double, double> OutputCosines(const at::Tensor& out, const at::Tensor& reference) {
+  at::Tensor a = out.dim() >= 2 ? out.flatten(1) : out.reshape({1, -1});
+  at::Tensor r = reference.dim() >= 2 ? reference.flatten(1) : reference.reshape({1, -1});
+  const double plain = at::cosine_similarity(a, r, 1, 1e-12).mean().item<double>();
+  if (r.size(0) < 2) return {plain, plain};
+  at::Tensor mean = r.mean(0, true);
+  const double centred = at::cosine_similarity(a - mean, r - mean, 1, 1e-12).mean().item<double>();
+  return {plain, centred};
+}
+
 bool IsQuantized(const torch::jit::Module& module) { return !PackedWeights(module).empty(); }
 
 ModelStats Measure(torch::jit::Module& module, const std::string& path, const MeasureContext& ctx) {
@@ -132,15 +179,36 @@ ModelStats Measure(torch::jit::Module& module, const std::string& path, const Me
   module.to(device);
   for (int b : ctx.latency_batches) s.latency.push_back(TimeBatch(module, ctx, b));
 
-  at::Tensor out = RunBatched(module, ctx.samples, device, 8, ctx.check_cancel, ctx.more_samples);
-  if (out.sizes() != ctx.reference.sizes()) {
+  NamedOutputs outs = RunBatchedOutputs(module, ctx.samples, device, 8, ctx.check_cancel, ctx.more_samples);
+  if (outs.size() != ctx.reference.size()) {
     throw EngineError(Code::kInternal, "OUTPUT_SHAPE",
-                      "the compressed model's output shape " + c10::str(out.sizes()) +
-                          " differs from the original's " + c10::str(ctx.reference.sizes()));
+                      "the compressed model returns " + std::to_string(outs.size()) + " tensors, the original " +
+                          std::to_string(ctx.reference.size()));
   }
-  at::Tensor a = out.flatten(1), r = ctx.reference.flatten(1);
-  s.output_cosine = at::cosine_similarity(a, r, 1, 1e-12).mean().item<double>();
-  s.top1_agreement = (a.argmax(1) == r.argmax(1)).to(at::kFloat).mean().item<double>();
+  for (size_t k = 0; k < outs.size(); ++k) {
+    const auto& [name, out] = outs[k];
+    const at::Tensor& ref = ctx.reference[k].second;
+    const std::string which = outs.size() > 1 ? "output '" + name + "'" : "output";
+    if (out.sizes() != ref.sizes()) {
+      throw EngineError(Code::kInternal, "OUTPUT_SHAPE",
+                        "the compressed model's " + which + " shape " + c10::str(out.sizes()) +
+                            " differs from the original's " + c10::str(ref.sizes()));
+    }
+    auto [plain, centred] = OutputCosines(out, ref);
+    if (outs.size() > 1) s.outputs.push_back({name, plain, centred});
+    // The figures of the whole: the worst output's.
+    if (k == 0 || plain < s.output_cosine) s.output_cosine = plain;
+    if (k == 0 || centred < s.output_centred_cosine) s.output_centred_cosine = centred;
+  }
+  {
+    const at::Tensor& out = outs[0].second;
+    const at::Tensor& ref = ctx.reference[0].second;
+    // Classes along dimension 1: one arg-max per sample, or per position of a dense output
+    // (a segmentation map's pixels).
+    at::Tensor a = out.dim() >= 2 ? out : out.reshape({1, -1});
+    at::Tensor r = ref.dim() >= 2 ? ref : ref.reshape({1, -1});
+    s.top1_agreement = (a.argmax(1) == r.argmax(1)).to(at::kFloat).mean().item<double>();
+  }
 
   if (ctx.eval && ctx.eval->labels.defined()) {
     at::Tensor logits = RunBatched(module, ctx.eval->images, device, 64, ctx.check_cancel, ctx.eval->more_images).flatten(1);

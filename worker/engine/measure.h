@@ -13,13 +13,17 @@
 
 namespace pare::engine {
 
+using NamedOutputs = std::vector<std::pair<std::string, at::Tensor>>;
+
 struct MeasureContext {
   c10::Device device = c10::kCPU;
   std::vector<int64_t> input_shape;  // batch dimension first
   std::vector<std::vector<int64_t>> more_shapes;  // forward's further inputs (synthetic), batch first
   at::Tensor samples;                // inputs for agreement (CPU)
   std::vector<at::Tensor> more_samples;  // the further inputs that go with them
-  at::Tensor reference;              // the original model's outputs on `samples` (CPU, float)
+  // The original model's outputs on `samples` (CPU, float), every tensor forward returns, the
+  // primary one first (see OutputTensors).
+  NamedOutputs reference;
   const Dataset* eval = nullptr;     // with labels, for accuracy
   std::vector<int> latency_batches;
   double latency_budget_seconds = 1.0;
@@ -34,6 +38,17 @@ uint64_t DeflatedSize(const std::string& path);
 at::Tensor RunBatched(torch::jit::Module& module, const at::Tensor& inputs, c10::Device device,
                       int64_t batch, const std::function<void()>& check_cancel,
                       const std::vector<at::Tensor>& more = {});
+
+// Like RunBatched, with every tensor forward returns (OutputTensors' names and order).
+NamedOutputs RunBatchedOutputs(torch::jit::Module& module, const at::Tensor& inputs, c10::Device device,
+                               int64_t batch, const std::function<void()>& check_cancel,
+                               const std::vector<at::Tensor>& more = {});
+
+// How closely `out` follows `reference` (rows are samples): the mean cosine of the rows, and the
+// mean cosine after subtracting the reference's mean row from both (what the outputs vary by
+// input; a model that returns the same output for every input scores about 0, where the plain
+// cosine can stay near 1). The centred figure needs 2 or more rows; with one it is the plain one.
+std::pair<double, double> OutputCosines(const at::Tensor& out, const at::Tensor& reference);
 
 // Whether the module holds packed quantized weights (and therefore runs on the CPU only).
 bool IsQuantized(const torch::jit::Module& module);

@@ -3,6 +3,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/jit/ir/constants.h>
 
+#include <algorithm>
 #include <functional>
 #include <unordered_set>
 
@@ -197,6 +198,42 @@ at::Tensor OutputTensor(const c10::IValue& out) {
   throw EngineError(Code::kInvalidArgument, "MODEL_OUTPUT",
                     "the model's forward returned " + out.tagKind() +
                         ", not a tensor (or a tuple/list/dict holding one)");
+}
+
+namespace {
+void CollectOutputs(const c10::IValue& v, const std::string& name,
+                    std::vector<std::pair<std::string, at::Tensor>>& out) {
+  if (v.isTensor()) {
+    out.emplace_back(name, v.toTensor());
+  } else if (v.isTuple() || v.isList()) {
+    const auto elements = v.isTuple() ? v.toTupleRef().elements().vec() : v.toListRef().vec();
+    for (size_t i = 0; i < elements.size(); ++i) CollectOutputs(elements[i], name + "[" + std::to_string(i) + "]", out);
+  } else if (v.isGenericDict()) {
+    for (const auto& kv : v.toGenericDict()) {
+      const std::string key = kv.key().isString() ? kv.key().toStringRef() : "[" + c10::str(kv.key()) + "]";
+      CollectOutputs(kv.value(), name.empty() || key[0] == '[' ? name + key : name + "." + key, out);
+    }
+  }
+}
+}  // namespace
+
+std::vector<std::pair<std::string, at::Tensor>> OutputTensors(const c10::IValue& out) {
+  std::vector<std::pair<std::string, at::Tensor>> all;
+  CollectOutputs(out, "", all);
+  if (all.empty()) {
+    throw EngineError(Code::kInvalidArgument, "MODEL_OUTPUT",
+                      "the model's forward returned " + out.tagKind() +
+                          ", not a tensor (or a tuple/list/dict holding one)");
+  }
+  // The primary output first: a dict's "out" (segmentation models), as OutputTensor picks it.
+  const at::Tensor primary = OutputTensor(out);
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (all[i].second.unsafeGetTensorImpl() == primary.unsafeGetTensorImpl()) {
+      std::rotate(all.begin(), all.begin() + i, all.begin() + i + 1);
+      break;
+    }
+  }
+  return all;
 }
 
 std::vector<at::Tensor> RandomInputs(const InputShapes& shapes, int64_t batch, c10::Device device,

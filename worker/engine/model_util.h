@@ -51,6 +51,11 @@ c10::Device ModuleDevice(const torch::jit::Module& module);
 // The tensor a model returned: itself, the first tensor of a tuple/list, or dict["out"].
 at::Tensor OutputTensor(const c10::IValue& out);
 
+// Every tensor a forward returned, named by where it sits: "" for a lone tensor, "[1]" in a
+// tuple or list, "cls" in a dict, "[0].box" nested. The first is the one OutputTensor picks when
+// a dict has no "out". Throws EngineError(MODEL_OUTPUT) when there is none.
+std::vector<std::pair<std::string, at::Tensor>> OutputTensors(const c10::IValue& out);
+
 // The part of an exception's message a person needs: LibTorch's without its C++ backtrace,
 // a TorchScript error's own line rather than the traceback, at most 600 characters.
 std::string ErrorText(const std::exception& e);

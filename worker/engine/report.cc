@@ -53,6 +53,14 @@ nlohmann::json ToJson(const ModelStats& s) {
   j["top5_accuracy"] = s.top5_accuracy ? nlohmann::json(*s.top5_accuracy) : nlohmann::json();
   j["top1_agreement"] = s.top1_agreement;
   j["output_cosine"] = s.output_cosine;
+  j["output_centred_cosine"] = s.output_centred_cosine;
+  if (!s.outputs.empty()) {
+    nlohmann::json outs = nlohmann::json::array();
+    for (const auto& o : s.outputs) {
+      outs.push_back({{"name", o.name}, {"cosine", o.cosine}, {"centred_cosine", o.centred_cosine}});
+    }
+    j["outputs"] = outs;
+  }
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& l : s.layers) {
     layers.push_back({{"name", l.name}, {"parameters", l.parameters}, {"zeros", l.zeros},

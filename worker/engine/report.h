@@ -25,6 +25,12 @@ struct Latency {
   int iterations = 0;
 };
 
+struct OutputAgreement {
+  std::string name;  // "[1]", "cls", ... (see OutputTensors)
+  double cosine = 1.0;
+  double centred_cosine = 1.0;
+};
+
 struct ModelStats {
   uint64_t size_bytes = 0;
   uint64_t deflated_bytes = 0;
@@ -34,8 +40,14 @@ struct ModelStats {
   std::optional<double> macs;  // one forward pass at batch 1
   std::optional<double> top1_accuracy;
   std::optional<double> top5_accuracy;
-  double top1_agreement = 1.0;  // share of inputs where the arg-max matches the original's
-  double output_cosine = 1.0;   // mean cosine of outputs with the original's
+  // Share of inputs (of positions, for a dense output) whose arg-max over dimension 1 matches the original's.
+  double top1_agreement = 1.0;
+  // Agreement with the original's outputs on the same inputs (the worst output's, when forward
+  // returns several): the mean cosine, and the mean cosine of what the outputs vary by input
+  // (each centred on the original's mean output), which a constant-output model fails.
+  double output_cosine = 1.0;
+  double output_centred_cosine = 1.0;
+  std::vector<OutputAgreement> outputs;  // per output, when forward returns several tensors
   std::vector<LayerSparsity> layers;
 };
 

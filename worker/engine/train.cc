@@ -87,21 +87,40 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
   const Dataset& train = *ctx.train;
   const int64_t n = train.images.size(0);
   const int64_t batch = std::min<int64_t>(spec.batch_size, n);
+  // A teacher that returns several tensors (a dict of class logits and boxes, say): the first
+  // (primary) one is distilled by softened KL, the further ones by mean squared error scaled by
+  // the teacher's variance, so each counts alike whatever its units. Needs each further output
+  // batch-first; otherwise only the primary one is distilled, and the notes say so.
+  size_t further_outputs = 0;
+  bool further_ok = true;
   for (auto& [p, mask] : masks) mask = mask.to(p.device());
   if (teacher) {
     teacher->to(ctx.device);
     teacher->eval();
     // Shapes must agree before any training time is spent.
-    std::vector<c10::IValue> probe = Rows(train, 0, std::min<int64_t>(2, n), ctx.device);
+    const int64_t probe_rows = std::min<int64_t>(2, n);
+    std::vector<c10::IValue> probe = Rows(train, 0, probe_rows, ctx.device);
     c10::InferenceMode guard;
     student.eval();
-    auto s = OutputTensor(student.forward(probe)).sizes().vec();
-    auto t = OutputTensor(teacher->forward(probe)).sizes().vec();
-    if (s != t) {
+    auto s_outs = OutputTensors(student.forward(probe));
+    auto t_outs = OutputTensors(teacher->forward(probe));
+    if (s_outs.size() != t_outs.size()) {
       throw EngineError(Code::kInvalidArgument, "SHAPE_MISMATCH",
-                        "distill: the student's output shape " + c10::str(at::IntArrayRef(s)) +
-                            " does not match the teacher's " + c10::str(at::IntArrayRef(t)));
+                        "distill: the student returns " + std::to_string(s_outs.size()) + " tensors, the teacher " +
+                            std::to_string(t_outs.size()));
     }
+    for (size_t k = 0; k < s_outs.size(); ++k) {
+      auto s = s_outs[k].second.sizes().vec();
+      auto t = t_outs[k].second.sizes().vec();
+      if (s != t) {
+        const std::string which = s_outs.size() > 1 ? "output '" + s_outs[k].first + "'" : "output";
+        throw EngineError(Code::kInvalidArgument, "SHAPE_MISMATCH",
+                          "distill: the student's " + which + " shape " + c10::str(at::IntArrayRef(s)) +
+                              " does not match the teacher's " + c10::str(at::IntArrayRef(t)));
+      }
+      if (k > 0 && (s.empty() || s[0] != probe_rows)) further_ok = false;
+    }
+    further_outputs = s_outs.size() - 1;
   }
   const int64_t max_label = train.labels.max().item<int64_t>();
 
@@ -118,17 +137,32 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
   // The teacher is frozen and the inputs are not augmented, so its logits for the whole
   // train set are computed once, in large inference batches, rather than once per step.
   at::Tensor teacher_logits;
+  std::vector<at::Tensor> teacher_further;  // the teacher's further outputs, one per output
+  std::vector<double> teacher_further_scale;
   if (teacher) {
     c10::InferenceMode guard;
+    const bool with_further = further_outputs && further_ok;
     std::vector<at::Tensor> parts;
+    std::vector<std::vector<at::Tensor>> further(with_further ? further_outputs : 0);
     for (int64_t i = 0; i < n; i += 512) {
-      parts.push_back(OutputTensor(teacher->forward(Rows(train, i, std::min(i + 512, n), ctx.device)))
-                          .flatten(1)
-                          .to(at::kFloat));
+      auto outs = OutputTensors(teacher->forward(Rows(train, i, std::min(i + 512, n), ctx.device)));
+      parts.push_back(outs[0].second.flatten(1).to(at::kFloat));
+      for (size_t k = 0; k < further.size(); ++k) further[k].push_back(outs[k + 1].second.to(at::kFloat));
     }
     teacher_logits = at::cat(parts);
+    for (auto& p : further) {
+      at::Tensor t = at::cat(p);
+      teacher_further_scale.push_back(1.0 / std::max(t.var().item<double>(), 1e-8));
+      teacher_further.push_back(std::move(t));
+    }
   }
   std::vector<std::string> notes;
+  if (further_outputs) {
+    notes.push_back(teacher_further.empty()
+                        ? "distilled the first output only: the teacher's further outputs are not batch-first"
+                        : "distilled " + std::to_string(further_outputs) +
+                              " further output(s) by mean squared error (scaled by the teacher's variance)");
+  }
   if (!masks.empty()) notes.push_back("kept the zeros of " + std::to_string(masks.size()) + " pruned weight tensors");
   const int64_t batches_per_epoch = (n + batch - 1) / batch;
   const int64_t total_batches = batches_per_epoch * spec.epochs;
@@ -148,7 +182,8 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
       at::Tensor idx = order.slice(0, i, std::min(i + batch, n));
       std::vector<c10::IValue> x = Rows(train, idx, ctx.device);
       at::Tensor y = train.labels.index_select(0, idx).to(ctx.device);
-      at::Tensor logits = OutputTensor(student.forward(x)).flatten(1);
+      auto outs = OutputTensors(student.forward(x));
+      at::Tensor logits = outs[0].second.flatten(1);
       if (max_label >= logits.size(1)) {
         throw EngineError(Code::kInvalidArgument, "BAD_DATASET",
                           "train labels go up to " + std::to_string(max_label) + " but the model has " +
@@ -162,6 +197,10 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
         at::Tensor log_p_t = at::log_softmax(t_logits / temperature, 1);
         at::Tensor kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean();
         loss = alpha * temperature * temperature * kl + (1 - alpha) * loss;
+        for (size_t k = 0; k < teacher_further.size(); ++k) {
+          at::Tensor want = teacher_further[k].index_select(0, idx.to(teacher_further[k].device())).clone();
+          loss = loss + alpha * teacher_further_scale[k] * at::mse_loss(outs[k + 1].second.to(at::kFloat), want);
+        }
       }
       opt->zero_grad();
       loss.backward();
