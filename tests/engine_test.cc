@@ -1501,15 +1501,21 @@ TEST_F(EngineTest, EveryOutputOfADictModelIsComparedAndDistilled) {
   EXPECT_GT(distilled, pruned + 0.05);
 }
 
+// `n` standard-normal batches of `shape`, after seeding the global generator with `seed`.
+std::vector<at::Tensor> RandnBatches(uint64_t seed, int n, std::vector<int64_t> shape) {
+  at::manual_seed(seed);
+  std::vector<at::Tensor> out;
+  for (int i = 0; i < n; ++i) out.push_back(at::randn(shape));
+  return out;
+}
+
 TEST_F(EngineTest, HistogramObserverPicksTheRangeOfLeastErrorNotTheExtremes) {
   // Standard-normal inputs: the extremes are rare, and the least squared error at 8 bits clips
   // them a little (by one 5% step at each end, as an exhaustive search over the values finds).
   // A single far outlier is kept: clipping it costs more than the coarser steps of the bulk.
   auto m = torch::jit::load(Fixture("user_article_cnn.pt"));
   m.eval();
-  at::manual_seed(5);
-  std::vector<at::Tensor> calibration;
-  for (int i = 0; i < 4; ++i) calibration.push_back(at::randn({8, 1, 28, 28}));
+  std::vector<at::Tensor> calibration = RandnBatches(5, 4, {8, 1, 28, 28});
   const StaticQuantSpec vnni{"MINMAX", 4, true, "vnni"};
   StaticQuantSpec hist = vnni;
   hist.observer = "HISTOGRAM";
@@ -1528,9 +1534,7 @@ TEST_F(EngineTest, QuantizedLayersOfOneShapeDoNotShareOneDnnKernelsWithTheWrongZ
   // point.
   auto m = torch::jit::load(Fixture("user_vgg_style.pt"));
   m.eval();
-  at::manual_seed(9);
-  std::vector<at::Tensor> calibration;
-  for (int i = 0; i < 4; ++i) calibration.push_back(at::randn({8, 3, 32, 32}));
+  std::vector<at::Tensor> calibration = RandnBatches(9, 4, {8, 3, 32, 32});
   at::Tensor x = at::randn({32, 3, 32, 32});
   c10::InferenceMode guard;
   at::Tensor want = m.forward({x}).toTensor();
@@ -1548,11 +1552,14 @@ TEST_F(EngineTest, QuantizedLayersOfOneShapeDoNotShareOneDnnKernelsWithTheWrongZ
     }
     EXPECT_GT(seen, 0);
   }
+  // Each variant runs after the other once. Full-range 8-bit activations saturate on a CPU
+  // without VNNI (vpmaddubsw), so there only the 7-bit one, run after the 8-bit one, is judged.
   for (int round = 0; round < 2; ++round) {
-    for (auto& q : variants) {
-      at::Tensor got = q.forward({x}).toTensor();
+    for (size_t v = 0; v < variants.size(); ++v) {
+      at::Tensor got = variants[v].forward({x}).toTensor();
+      if (v == 0 && !HostCpu().FastInt8()) continue;
       at::Tensor mean = want.mean(0, true);
-      EXPECT_GT(at::cosine_similarity(got - mean, want - mean, 1).mean().item<double>(), 0.97) << round;
+      EXPECT_GT(at::cosine_similarity(got - mean, want - mean, 1).mean().item<double>(), 0.97) << round << v;
     }
   }
 }

@@ -77,22 +77,6 @@ uint64_t DeflatedSize(const std::string& path) {
   return total;
 }
 
-at::Tensor RunBatched(torch::jit::Module& module, const at::Tensor& inputs, c10::Device device,
-                      int64_t batch, const std::function<void()>& check_cancel, const std::vector<at::Tensor>& more) {
-  c10::InferenceMode guard;
-  std::vector<at::Tensor> outs;
-  for (int64_t i = 0; i < inputs.size(0); i += batch) {
-    if (check_cancel) check_cancel();
-    const int64_t end = std::min(i + batch, inputs.size(0));
-    std::vector<at::Tensor> rest;
-    for (const at::Tensor& t : more) rest.push_back(t.slice(0, i, end).to(device));
-    at::Tensor y = OutputTensor(module.forward(ForwardArgs(inputs.slice(0, i, end).to(device), rest)));
-    if (y.is_quantized()) y = y.dequantize();
-    outs.push_back(y.to(at::kFloat).cpu());
-  }
-  return at::cat(outs);
-}
-
 NamedOutputs RunBatchedOutputs(torch::jit::Module& module, const at::Tensor& inputs, c10::Device device,
                                int64_t batch, const std::function<void()>& check_cancel,
                                const std::vector<at::Tensor>& more) {
@@ -128,6 +112,11 @@ NamedOutputs RunBatchedOutputs(torch::jit::Module& module, const at::Tensor& inp
     result.emplace_back(names[k], batched ? at::cat(parts[k]) : parts[k].front());
   }
   return result;
+}
+
+at::Tensor RunBatched(torch::jit::Module& module, const at::Tensor& inputs, c10::Device device,
+                      int64_t batch, const std::function<void()>& check_cancel, const std::vector<at::Tensor>& more) {
+  return RunBatchedOutputs(module, inputs, device, batch, check_cancel, more).front().second;
 }
 
 std::pair<double, double> OutputCosines(const at::Tensor& out, const at::Tensor& reference) {
