@@ -91,8 +91,8 @@ def pytorch_static_here(path, calibration, xs, reduce_range):
 
 def pytorch_static(path, calibration, xs, reduce_range):
     """pytorch_static_here in a fresh process. LibTorch 1.13's oneDNN caches conv/linear kernels
-    without their output zero point (intel/ideep#152): PyTorch's quantized model, run in this
-    process after Pare's of the same shapes, would run with their zero points and score wrong."""
+    without their zero points (intel/ideep#152): PyTorch's quantized model, run in this process
+    after Pare's of the same layers and scales, could run with Pare's zero points."""
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
         return pool.apply(pytorch_static_here, (path, calibration, xs, reduce_range))
@@ -222,10 +222,12 @@ def main():
                         assert "quantized::" in str(m.graph), "no quantized op"
                         ref = pytorch_static(pruned_path, calibration, xs, not vnni)
                         reference["pruned"] = ref
-                        # 0.06, not 0.02: in pruned (inlined) graphs quantize_jit leaves instance
+                        # 0.07, not 0.02: in pruned (inlined) graphs quantize_jit leaves instance
                         # norms float inside the branches on rank that Pare folds and quantizes
-                        # (norms: quantized::instance_norm, 0.570 against quantize_jit's 0.625).
-                        tolerance = 0.95 if ref is None else min(0.95, ref - 0.06)
+                        # (norms: quantized::instance_norm, 0.570 against quantize_jit's 0.625),
+                        # and Pare's linear layers keep the middle zero point that LibTorch 1.13's
+                        # oneDNN linear kernels need (0.565 with it).
+                        tolerance = 0.95 if ref is None else min(0.95, ref - 0.07)
                     else:
                         cos = centred_cosine(want, got)
                     stats = report["steps"][-1]["stats"]
