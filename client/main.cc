@@ -16,6 +16,7 @@
 #include "client/client.h"
 #include "client/tar_pack.h"
 #include "common/recipe_convert.h"
+#include "common/sha256.h"
 #include "worker/engine/engine.h"
 #include "worker/engine/error.h"
 
@@ -160,23 +161,32 @@ int WaitFor(pare::client::Client& c, const std::string& id) {
   return job->state() == pare::v1::SUCCEEDED ? kExitOk : kExitJobFailed;
 }
 
-int Compress(const std::string& model, const std::string& recipe_path, const std::string& out,
-             const std::string& report_path, const std::string& calibration, const std::string& train,
-             const std::string& eval, const std::string& format, const std::vector<std::string>& shape_texts,
-             const std::string& device, int threads, double latency_budget, const std::vector<int>& latency_batches,
-             const std::vector<std::string>& extra_models) {
+// `pare compress`: what its command line gave.
+struct CompressArgs {
+  std::string model, recipe, out, report;
+  std::string calibration, train, eval, format = "tensors";
+  std::vector<std::string> shapes;  // one --input-shape per input of forward
+  std::string device = "auto";
+  int threads = 0;
+  double latency_budget = 1.0;
+  std::vector<int> latency_batches;
+  std::string latency_cache;  // empty: the original is timed every time
+  std::vector<std::string> extra_models;  // ID=FILE
+};
+
+int Compress(const CompressArgs& a) {
   std::string text;
-  Status st = ReadFile(recipe_path, &text);
+  Status st = ReadFile(a.recipe, &text);
   if (!st.ok()) return Fail(st, "reading the recipe");
   auto recipe = pare::ParseRecipeJson(text);
-  if (!recipe.ok()) return Fail(recipe.status(), recipe_path);
+  if (!recipe.ok()) return Fail(recipe.status(), a.recipe);
   auto steps = pare::ToEngineSteps(recipe.value());
-  if (!steps.ok()) return Fail(steps.status(), recipe_path);
+  if (!steps.ok()) return Fail(steps.status(), a.recipe);
   pare::engine::CompressOptions opts;
   // One --input-shape per tensor input of forward; the first is the job's input shape.
-  for (size_t i = 0; i < shape_texts.size(); ++i) {
+  for (size_t i = 0; i < a.shapes.size(); ++i) {
     std::vector<int64_t> dims;
-    st = ParseShape(shape_texts[i], &dims);
+    st = ParseShape(a.shapes[i], &dims);
     if (!st.ok()) {
       Fail(st, "usage");
       return kExitUsage;
@@ -184,16 +194,20 @@ int Compress(const std::string& model, const std::string& recipe_path, const std
     if (i == 0) opts.input_shape = dims;
     else opts.more_input_shapes.push_back(dims);
   }
-  opts.device = device;
-  opts.latency_budget_seconds = latency_budget;
-  opts.latency_batches = latency_batches;
-  for (int b : latency_batches) {
+  opts.device = a.device;
+  if (!a.latency_cache.empty()) {
+    opts.latency_cache_dir = a.latency_cache;
+    opts.model_digest = pare::Sha256OfFile(a.model);
+  }
+  opts.latency_budget_seconds = a.latency_budget;
+  opts.latency_batches = a.latency_batches;
+  for (int b : a.latency_batches) {
     if (b < 1 || b > 4096) {
       Fail(pare::InvalidArgument("--latency-batches: batch size " + std::to_string(b) + " is not in 1..4096"), "usage");
       return kExitUsage;
     }
   }
-  for (const auto& m : extra_models) {
+  for (const auto& m : a.extra_models) {
     auto eq = m.find('=');
     if (eq == std::string::npos || eq == 0 || !fs::is_regular_file(m.substr(eq + 1))) {
       Fail(pare::InvalidArgument("--model takes ID=FILE with an existing file, got '" + m + "'"), "usage");
@@ -201,9 +215,9 @@ int Compress(const std::string& model, const std::string& recipe_path, const std
     }
     opts.models[m.substr(0, eq)] = m.substr(eq + 1);
   }
-  if (!calibration.empty()) opts.calibration = pare::engine::DatasetInput{format, calibration};
-  if (!train.empty()) opts.train = pare::engine::DatasetInput{format, train};
-  if (!eval.empty()) opts.eval = pare::engine::DatasetInput{format, eval};
+  if (!a.calibration.empty()) opts.calibration = pare::engine::DatasetInput{a.format, a.calibration};
+  if (!a.train.empty()) opts.train = pare::engine::DatasetInput{a.format, a.train};
+  if (!a.eval.empty()) opts.eval = pare::engine::DatasetInput{a.format, a.eval};
   ProgressView view;
   pare::v1::Job shown;
   shown.set_id("compress");
@@ -220,12 +234,12 @@ int Compress(const std::string& model, const std::string& recipe_path, const std
     return true;
   };
   try {
-    pare::engine::InitProcess(threads);
-    auto report = pare::engine::Compress(model, steps.value(), opts, out);
+    pare::engine::InitProcess(a.threads);
+    auto report = pare::engine::Compress(a.model, steps.value(), opts, a.out);
     view.Done();
     std::string json = pare::engine::ToJson(report).dump(2);
-    if (!report_path.empty()) {
-      std::ofstream(report_path) << json << "\n";
+    if (!a.report.empty()) {
+      std::ofstream(a.report) << json << "\n";
     }
     if (g_json) {
       std::cout << json << "\n";
@@ -237,7 +251,7 @@ int Compress(const std::string& model, const std::string& recipe_path, const std
                   << s.stats.nonzero_parameters << " p50 " << std::fixed << std::setprecision(2) << p50 << " ms agree "
                   << std::setprecision(3) << s.stats.top1_agreement << "\n";
       }
-      std::cout << "wrote " << out << "\n";
+      std::cout << "wrote " << a.out << "\n";
     }
     return kExitOk;
   } catch (const pare::engine::EngineError& e) {
@@ -322,28 +336,33 @@ int main(int argc, char** argv) {
   download->add_option("-o,--output", out, "where to write the model")->required();
   download->add_option("--report", report, "also write the JSON report here");
 
+  CompressArgs ca;
   auto* compress = app.add_subcommand("compress", "run a recipe offline, without a server");
-  compress->add_option("MODEL", file, "the TorchScript model")->required()->check(CLI::ExistingFile);
-  compress->add_option("--recipe", recipe, "recipe JSON file")->required()->check(CLI::ExistingFile);
-  compress->add_option("-o,--output", out, "where to write the result")->required();
-  compress->add_option("--report", report, "write the JSON report here");
-  compress->add_option("--calibration", calib, "calibration data file");
-  compress->add_option("--train", train, "training data file");
-  compress->add_option("--eval", eval, "evaluation data file");
-  compress->add_option("--format", format, "format of the data files: tensors, idx or image-folder (a folder)")
-      ->default_val("tensors");
-  compress->add_option("--input-shape", compress_shapes,
+  compress->add_option("MODEL", ca.model, "the TorchScript model")->required()->check(CLI::ExistingFile);
+  compress->add_option("--recipe", ca.recipe, "recipe JSON file")->required()->check(CLI::ExistingFile);
+  compress->add_option("-o,--output", ca.out, "where to write the result")->required();
+  compress->add_option("--report", ca.report, "write the JSON report here");
+  compress->add_option("--calibration", ca.calibration, "calibration data file");
+  compress->add_option("--train", ca.train, "training data file");
+  compress->add_option("--eval", ca.eval, "evaluation data file");
+  compress->add_option("--format", ca.format, "format of the data files: tensors, idx or image-folder (a folder)")
+      ->capture_default_str();
+  compress->add_option("--input-shape", ca.shapes,
                        "input shape, e.g. 1,3,224,224; repeat it for a model whose forward takes several tensors");
-  compress->add_option("--device", device, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
-  compress->add_option("--threads", threads, "intra-op threads (0: the CPUs this process may use: affinity mask and cgroup CPU quota)");
-  compress->add_option("--model", extra_models,
+  compress->add_option("--device", ca.device, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  compress->add_option("--threads", ca.threads,
+                       "intra-op threads (0: the CPUs this process may use: affinity mask and cgroup CPU quota)");
+  compress->add_option("--model", ca.extra_models,
                        "ID=FILE: a model the recipe names (distill teacherModel/studentModel), repeatable");
-  compress->add_option("--latency-budget", latency_budget, "seconds spent timing each model at each batch size")
+  compress->add_option("--latency-budget", ca.latency_budget, "seconds spent timing each model at each batch size")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 600.0));
-  compress->add_option("--latency-batches", latency_batches,
+  compress->add_option("--latency-batches", ca.latency_batches,
                        "batch sizes to time, e.g. 1,32 (default: 1; 1 and 32 on a GPU)")
       ->delimiter(',');
+  compress->add_option("--latency-cache", ca.latency_cache,
+                       "a folder where the original model's latency is kept: a model timed before on this host with "
+                       "the same settings is not timed again (the report says so)");
 
   try {
     app.parse(argc, argv);
@@ -353,8 +372,7 @@ int main(int argc, char** argv) {
   }
 
   if (compress->parsed()) {
-    return Compress(file, recipe, out, report, calib, train, eval, format, compress_shapes, device, threads, latency_budget,
-                    latency_batches, extra_models);
+    return Compress(ca);
   }
 
   pare::client::ClientOptions co;

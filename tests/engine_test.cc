@@ -336,6 +336,45 @@ TEST_F(EngineTest, CompressRunsPruneThenFinetuneAndNeedsTrainData) {
   EXPECT_EQ(r.steps[2].notes[0], "kept the zeros of 4 pruned weight tensors");
 }
 
+TEST_F(EngineTest, TheOriginalsLatencyIsTimedOncePerModelHostAndSettings) {
+  CompressOptions opts = QuickOptions();
+  opts.latency_budget_seconds = 0.05;
+  opts.latency_cache_dir = TempPath("latency-cache");
+  fs::remove_all(opts.latency_cache_dir);
+  opts.model_digest = std::string(64, 'a');
+  const std::vector<StepSpec> steps = {MagnitudePruneSpec{0.5, true, {}, {}}};
+  auto cached = [](const StepReport& s) {
+    for (const auto& n : s.notes) {
+      if (n.rfind("latency from the measurement cache", 0) == 0) return true;
+    }
+    return false;
+  };
+  auto cache_note = [&](const Report& r) { return cached(r.steps[0]); };
+  Report first = Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("cache1.pt"));
+  EXPECT_FALSE(cache_note(first));
+  Report again = Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("cache2.pt"));
+  EXPECT_TRUE(cache_note(again));
+  ASSERT_EQ(again.steps[0].stats.latency.size(), 1u);
+  EXPECT_EQ(again.steps[0].stats.latency[0].p50_ms, first.steps[0].stats.latency[0].p50_ms);
+  EXPECT_EQ(again.steps[0].stats.latency[0].iterations, first.steps[0].stats.latency[0].iterations);
+  // The steps' results are always timed.
+  EXPECT_FALSE(cached(again.steps[1]));
+  // Another model, other batch sizes or a corrupt entry: timed again.
+  opts.model_digest = std::string(64, 'b');
+  EXPECT_FALSE(cache_note(Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("cache3.pt"))));
+  opts.latency_batches = {1, 2};
+  Report batches = Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("cache4.pt"));
+  EXPECT_FALSE(cache_note(batches));
+  EXPECT_EQ(batches.steps[0].stats.latency.size(), 2u);
+  for (const auto& f : fs::directory_iterator(opts.latency_cache_dir)) std::ofstream(f.path()) << "{\"key\": 3";
+  EXPECT_FALSE(cache_note(Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("cache5.pt"))));
+  EXPECT_TRUE(cache_note(Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("cache6.pt"))));
+  // No digest: no cache.
+  opts.model_digest.clear();
+  EXPECT_FALSE(cache_note(Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("cache7.pt"))));
+  EXPECT_FALSE(cache_note(Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("cache8.pt"))));
+}
+
 TEST_F(EngineTest, DistillationTakesAnUploadedStudentAndTeacher) {
   CompressOptions opts = QuickOptions();
   opts.train = DatasetInput{"tensors", Fixture("quadrants_train.pt")};
@@ -1527,11 +1566,13 @@ TEST_F(EngineTest, HistogramObserverPicksTheRangeOfLeastErrorNotTheExtremes) {
   EXPECT_NEAR(FirstInputScale(QuantizeStatic(m, hist, calibration)), 200.0 / 255, 0.01);
 }
 
-TEST_F(EngineTest, QuantizedLayersOfOneShapeDoNotShareOneDnnKernelsWithTheWrongZeroPoint) {
-  // LibTorch 1.13's oneDNN caches conv/linear kernels without their output zero point: two INT8
-  // variants of one network (8-bit for VNNI, 7-bit for AVX2) run one after the other in one
-  // process gave the second an agreement of 0.17 before every such output got the middle zero
-  // point.
+TEST_F(EngineTest, Int8LinearLayersAllTakeTheMiddleZeroPoint) {
+  // LibTorch 1.13's oneDNN caches linear kernels by shapes and attributes without the output
+  // zero point (intel/ideep#152): two INT8 variants of one network (8-bit for VNNI, 7-bit for
+  // AVX2) run one after the other in one Python process gave the second a centred cosine of
+  // 0.17 (user_networks_test runs them so) before every unfused linear got the middle zero
+  // point. Convolutions keep their own (their kernels are cached per weight, zero points
+  // included).
   auto m = torch::jit::load(Fixture("user_vgg_style.pt"));
   m.eval();
   std::vector<at::Tensor> calibration = RandnBatches(9, 4, {8, 3, 32, 32});
@@ -1543,14 +1584,15 @@ TEST_F(EngineTest, QuantizedLayersOfOneShapeDoNotShareOneDnnKernelsWithTheWrongZ
     std::vector<std::string> notes;
     variants.push_back(QuantizeStatic(m, StaticQuantSpec{"HISTOGRAM", 4, true, target}, calibration, &notes));
     const int64_t mid = std::string(target) == "vnni" ? 128 : 64;
-    int seen = 0;
+    int linear = 0;
     for (torch::jit::Node* n : variants.back().get_method("forward").graph()->nodes()) {
       const std::string kind = n->kind().toQualString();
-      if (kind != "quantized::conv2d" && kind != "quantized::linear") continue;
-      EXPECT_EQ(torch::jit::toIValue(n->input(3))->toInt(), mid) << kind;
-      ++seen;
+      if (kind == "quantized::linear") {
+        EXPECT_EQ(torch::jit::toIValue(n->input(3))->toInt(), mid);
+        ++linear;
+      }
     }
-    EXPECT_GT(seen, 0);
+    EXPECT_GT(linear, 0);
   }
   // Each variant runs after the other once. Full-range 8-bit activations saturate on a CPU
   // without VNNI (vpmaddubsw), so there only the 7-bit one, run after the 8-bit one, is judged.

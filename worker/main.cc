@@ -31,6 +31,9 @@ int main(int argc, char** argv) {
       ->delimiter(',');
   app.add_option("--latency-budget", o.latency_budget_seconds, "seconds spent timing each batch size")
       ->capture_default_str();
+  app.add_flag("--no-latency-cache{false}", o.latency_cache,
+               "time every job's original model (default: a model timed before on this host with the same "
+               "settings takes its latency from WORK_DIR/latency-cache)");
   app.add_flag("--once", o.once, "exit after one job");
   app.add_option("--job-timeout", o.job_timeout_seconds, "wall-clock seconds a job may run (0: no limit)")
       ->capture_default_str();

@@ -328,6 +328,10 @@ void Worker::RunJob(const v1::LeasedJob& job) {
     spec["result"] = result_path;
     spec["latency_batches"] = options_.latency_batches;
     spec["latency_budget"] = options_.latency_budget_seconds;
+    if (options_.latency_cache) {
+      spec["latency_cache_dir"] = options_.work_dir + "/latency-cache";
+      spec["model_digest"] = job.model_sha256();
+    }
     spec["threads"] = options_.threads;
     spec["quantized_engine"] = options_.quantized_engine;
     spec["worker"] = options_.id;
@@ -442,6 +446,8 @@ int RunJobChild(const std::string& dir) {
     for (const auto& more : job.more_input_shapes()) opts.more_input_shapes.emplace_back(more.dims().begin(), more.dims().end());
     opts.latency_batches = spec["latency_batches"].get<std::vector<int>>();
     opts.latency_budget_seconds = spec["latency_budget"];
+    opts.latency_cache_dir = spec.value("latency_cache_dir", "");
+    opts.model_digest = spec.value("model_digest", "");
     if (spec.contains("datasets")) {
       for (const auto& [role, d] : spec["datasets"].items()) {
         engine::DatasetInput input{d["format"], d["path"]};

@@ -29,6 +29,9 @@ struct WorkerOptions {
   double drain_seconds = 30;               // after SIGTERM, time left to finish the running job
   std::vector<int> latency_batches;  // empty: batch 1, and 32 too on a GPU (engine::CompressOptions)
   double latency_budget_seconds = 1.0;
+  // The original model's latency is kept under work_dir/latency-cache between jobs, per model
+  // digest, host and settings (engine::LatencyCache): a model submitted again is not re-timed.
+  bool latency_cache = true;
   bool once = false;                       // exit after one job (tests, batch use)
   std::string token;                       // the server's worker token (default $PARE_WORKER_TOKEN)
   TlsClientFiles tls;                      // TLS to the server

@@ -43,12 +43,16 @@ struct CompressOptions {
   std::optional<DatasetInput> calibration;
   std::optional<DatasetInput> train;
   std::optional<DatasetInput> eval;
-  // Batch sizes at which latency is measured.
   // Batch sizes to time. Empty: batch 1, and 32 too on a GPU (where batching is what a GPU is
   // for); a CPU job times batch 32 only when asked, as it costs 32 times a batch-1 run.
   std::vector<int> latency_batches;
   // Time spent measuring latency at one batch size (at least 3 timed runs).
   double latency_budget_seconds = 1.0;
+  // Where the original model's latency is kept between jobs (LatencyCache), under a key that
+  // includes `model_digest` (the input file's SHA-256, computed by the caller, who usually has
+  // it already). Either empty: the original is timed every time.
+  std::string latency_cache_dir;
+  std::string model_digest;
   // Inputs used to compare every step's outputs with the original's.
   int agreement_samples = 32;
   // Seed for synthetic inputs.
