@@ -157,7 +157,41 @@ def main():
             macs = f"{s['macs'] / t['macs']:.2f}" if s.get("macs") and t.get("macs") else "-"
             print(f"| {label} | {t['deflated_bytes'] / s['deflated_bytes']:.1f}x smaller | {macs} | {t50:.3f} | "
                   f"{t50 / p50:.2f}x faster |")
+        print_goals(rows, teacher_top1)
         print()
+
+
+def print_goals(rows, teacher_top1):
+    """The engine's quality goals, judged on this run's rows (found by their labels)."""
+    by = {label: (s, acc, orig) for label, s, acc, orig in rows}
+
+    def row(prefix):
+        return next(v for k, v in by.items() if k.startswith(prefix))
+
+    def delta(prefix):
+        return (row(prefix)[1] - teacher_top1) * 100
+
+    def p50(stats):
+        return next(l["p50_ms"] for l in stats["latency"] if l["batch"] == 1)
+
+    t = rows[0][1]
+    pipe, _, pipe_orig = row("pipeline: channel pruning")
+    channel = row("channel pruning to 50%")[0]
+    goals = [
+        ("static INT8 Δ top-1 ≥ −0.3 pt", delta("static INT8"), -0.3, "pt"),
+        ("magnitude 50% + fine-tune Δ top-1 ≥ −0.3 pt", delta("magnitude 50%"), -0.3, "pt"),
+        (f"channel pruning to ≤ 50% MACs ({channel['macs'] / t['macs']:.2f}) + distillation Δ top-1 ≥ −0.5 pt",
+         delta("channel pruning to 50%"), -0.5, "pt"),
+        ("pipeline ≥ 10× smaller (deflated)", t["deflated_bytes"] / pipe["deflated_bytes"], 10, "x"),
+        ("pipeline ≥ 3× faster at batch 1 (teacher timed in the same job)", p50(pipe_orig) / p50(pipe), 3, "x"),
+        ("pipeline Δ top-1 ≥ −1 pt", delta("pipeline: channel pruning"), -1.0, "pt"),
+    ]
+    print("\n| goal | this run | verdict |")
+    print("| --- | ---: | --- |")
+    for goal, value, bound, unit in goals:
+        met = value >= bound and (not goal.startswith("channel") or channel["macs"] <= 0.5 * t["macs"])
+        shown = f"{value:+.2f} pt" if unit == "pt" else f"{value:.2f}×"
+        print(f"| {goal} | {shown} | {'met' if met else '**not met**'} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Regenerates bench/RESULTS.md: every table in it is printed by a script in bench/, under a header
+# that names the machine (CPU model, vector extensions, usable CPUs, LibTorch, BLAS) and the commit.
+#
+#   bench/run_all.sh [--quick] [--threads N] [--out FILE] [--build DIR]
+#
+# --quick: one repeat per timed row, one BLAS round on two models, one Fashion-MNIST epoch and a
+# 20 s soak (about 15 minutes on 2 cores instead of about 50); its file says so at the top.
+# bench/COVERAGE.md (torchvision's 86 models, hours) has its own command: bench/coverage.py.
+# Run it on a quiet machine: the figures that matter are ratios measured side by side in one run,
+# but a neighbour that starts halfway through moves them too.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+quick=0 threads=$(nproc) out="$here/RESULTS.md" build="$root/build"
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --quick) quick=1; shift ;;
+    --threads) threads=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --build) build=$2; shift 2 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+py=/usr/bin/python3
+pare="$build/client/pare"
+for bin in "$pare" "$build/bench/pare-soak" "$build/tests/fixtures/small_cnn.pt"; do
+  [[ -e $bin ]] || { echo "run_all.sh: $bin is missing: run scripts/build.sh (and ctest's make_fixtures) first" >&2; exit 2; }
+done
+work=$(mktemp -d /tmp/pare-bench.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+tmp="$work/RESULTS.md"
+failed=()
+
+if ((quick)); then repeat=1 rounds=1 epochs=1 soak=20 warm=5 models_flag=--quick
+else repeat=3 rounds=2 epochs=4 soak=120 warm=20 models_flag=; fi
+
+# section TITLE INTRO COMMAND...: the section's heading, what it measures, the command line and
+# what the command printed; a failing command is recorded as such and the others still run.
+section() {
+  local title=$1 intro=$2; shift 2
+  echo "== $title" >&2
+  local start=$SECONDS
+  {
+    printf '\n## %s\n\n%s\n\nCommand: `%s`\n\n' "$title" "$intro" "${*/#$root\//}"
+  } >>"$tmp"
+  if "$@" >"$work/section.out" 2>"$work/section.err"; then
+    cat "$work/section.out" >>"$tmp"
+    printf '\n(%d s)\n' $((SECONDS - start)) >>"$tmp"
+  else
+    local rc=$?
+    cat "$work/section.out" >>"$tmp"
+    printf '\n**FAILED** (exit %d): %s\n' "$rc" "$(tail -n 3 "$work/section.err" | tr '\n' ' ')" >>"$tmp"
+    failed+=("$title")
+  fi
+}
+
+{
+  echo "# Benchmark results"
+  echo
+  echo "Written by \`bench/run_all.sh$( ((quick)) && echo ' --quick')\`: every table below is printed by the command"
+  echo "above it. What each measures and how to read it: bench/README.md."
+  ((quick)) && { echo; echo "**Quick pass**: one repeat per row, one BLAS round, one training epoch, a short soak: noisier than a full run."; }
+  echo
+  "$py" "$here/machine.py"
+} >"$tmp"
+
+cd "$root"
+section "Speed against Python PyTorch, side by side in one run" \
+  "The same work on both sides, same observer, same threads ($threads), both on Debian's LibTorch 1.13 with the onednn quantized engine; each side's fastest of $repeat runs. Pare's time is the step's wall_seconds from its report (apply + save) unless the row says the whole command." \
+  "$py" bench/speed_vs_pytorch.py --pare "$pare" --threads "$threads" --repeat "$repeat" --out "$work/speed"
+
+if ! models=$("$py" bench/blas_models.py --pare "$pare" --out "$work/blas" --threads "$threads" $models_flag \
+    2>"$work/models.err"); then
+  models="(bench/blas_models.py failed: $(tail -n 2 "$work/models.err" | tr '\n' ' '))"
+fi
+section "Latency on each of Debian's OpenBLAS builds" \
+  "Batch-1 p50 ms in Python PyTorch ($threads intra-op threads), each build in fresh child processes, rounds alternating. Models: bench/blas_models.py (random weights, settled batch norms; -pruned = Pare's prune.channel amount 0.5)." \
+  "$py" bench/blas_latency.py --threads "$threads" --rounds "$rounds" $models
+
+section "Quality on real data: Fashion-MNIST" \
+  "Teachers trained by Pare; every top-1 computed in Python on the 10k test images, never trained or selected on." \
+  "$py" bench/quality_fashion_mnist.py --pare "$pare" --threads "$threads" --epochs "$epochs" --out "$work/quality"
+
+section "Load and leaks: pare-soak" \
+  "16 clients loop upload, a deliberately rejected recipe, a 2:4 pruning job, polling and download against one server with 2 local workers; RSS from /proc (server, and every process below it). Target: growth < 50 MB after warm-up, zero errors." \
+  "$build/bench/pare-soak" --bin-dir "$build" --model "$build/tests/fixtures/small_cnn.pt" --seconds "$soak" \
+  --warmup "$warm" --clients 16 --workers 2
+
+cp "$tmp" "$out"
+echo "run_all.sh: wrote $out" >&2
+if ((${#failed[@]})); then
+  echo "run_all.sh: failed sections: ${failed[*]}" >&2
+  exit 1
+fi
