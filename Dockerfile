@@ -1,10 +1,10 @@
 # Pare: pare-server, pare-worker and the pare CLI in one image.
 #   docker build -t pare .                          (CPU: Debian's LibTorch 1.13)
 #   docker build -t pare-cuda --build-arg LIBTORCH=cuda --build-context libtorch=/path/to/libtorch .
-#   buildah bud --layers -t pare .                  (the same image without a Docker engine)
+#   buildah bud --layers --force-rm -t pare .       (the same image without a Docker engine)
 # The base images are build args, so that machines without a registry can use local ones made
 # from Debian's packages by scripts/make-base-images.sh (debootstrap):
-#   buildah bud --layers --build-arg BUILD_BASE=localhost/debian:bookworm \
+#   buildah bud --layers --force-rm --build-arg BUILD_BASE=localhost/debian:bookworm \
 #     --build-arg RUNTIME_BASE=localhost/debian:bookworm-slim -t pare .
 # The CUDA variant builds against a CUDA LibTorch given as the `libtorch` build context (a
 # folder with include/, lib/ and share/cmake/: the cxx11-ABI LibTorch archive from pytorch.org,

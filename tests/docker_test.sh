@@ -43,7 +43,7 @@ fi
 # 2. The image, from the repository root (.dockerignore keeps build folders out of the context).
 log "buildah bud $IMAGE (log: $work/build.log while it runs)"
 start=$SECONDS
-if ! buildah bud --layers --isolation chroot --build-arg BUILD_BASE="$BUILD_BASE" \
+if ! buildah bud --layers --force-rm --isolation chroot --build-arg BUILD_BASE="$BUILD_BASE" \
      --build-arg RUNTIME_BASE="$RUNTIME_BASE" -t "$IMAGE" -f "$ROOT/Dockerfile" "$ROOT" >"$work/build.log" 2>&1; then
   tail -40 "$work/build.log" >&2
   fail "the image did not build (buildah bud exited non-zero; the end of its log is above)"
