@@ -25,7 +25,7 @@
 #include <vector>
 
 #include "client/client.h"
-#include "common/recipe_convert.h"
+#include "worker/recipe_convert.h"
 #include "common/sha256.h"
 
 namespace {

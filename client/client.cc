@@ -6,13 +6,13 @@
 #include <thread>
 
 #include "common/grpc_status.h"
+#include "common/protocol.h"
 #include "common/sha256.h"
 
 namespace pare::client {
 namespace {
 
 namespace fs = std::filesystem;
-constexpr size_t kChunk = 1 << 20;
 
 std::shared_ptr<grpc::Channel> ChannelFor(const ClientOptions& o) {
   auto channel = MakeChannel(o.server, o.tls);
@@ -59,7 +59,7 @@ Result<Resp> Client::Upload(const std::string& path, v1::UploadHeader header, co
   *req.mutable_header() = header;
   bool ok = writer->Write(req);
   std::ifstream in(path, std::ios::binary);
-  std::string buf(kChunk, '\0');
+  std::string buf(kChunkBytes, '\0');
   uint64_t sent = 0;
   while (ok && in) {
     in.read(buf.data(), static_cast<std::streamsize>(buf.size()));

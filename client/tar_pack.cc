@@ -54,32 +54,30 @@ Status AddFile(struct archive* a, const std::string& path, const std::string& na
 
 Status PackImageFolder(const std::string& folder, const std::string& out_tar) {
   namespace fs = std::filesystem;
-  auto a = OpenTar(out_tar);
-  if (!a.ok()) return a.status();
+  PARE_ASSIGN_OR_RETURN(auto a, OpenTar(out_tar));
   std::error_code ec;
   if (fs::exists(fs::path(folder) / "preprocess.json")) {
-    PARE_RETURN_IF_ERROR(AddFile(a->get(), (fs::path(folder) / "preprocess.json").string(), "preprocess.json"));
+    PARE_RETURN_IF_ERROR(AddFile(a.get(), (fs::path(folder) / "preprocess.json").string(), "preprocess.json"));
   }
   int files = 0;
   for (const auto& cls : fs::directory_iterator(folder, ec)) {
     if (!cls.is_directory() || cls.path().filename().string()[0] == '.') continue;
     for (const auto& f : fs::directory_iterator(cls.path(), ec)) {
       if (!f.is_regular_file() || f.path().filename().string()[0] == '.') continue;
-      PARE_RETURN_IF_ERROR(AddFile(a->get(), f.path().string(),
+      PARE_RETURN_IF_ERROR(AddFile(a.get(), f.path().string(),
                                    cls.path().filename().string() + "/" + f.path().filename().string()));
       ++files;
     }
   }
   if (ec) return InvalidArgument("cannot list " + folder + ": " + ec.message());
   if (files == 0) return InvalidArgument(folder + " holds no CLASS/IMAGE files");
-  if (archive_write_close(a->get()) != ARCHIVE_OK) return Internal("closing " + out_tar + " failed");
+  if (archive_write_close(a.get()) != ARCHIVE_OK) return Internal("closing " + out_tar + " failed");
   return Status::Ok();
 }
 
 Status PackIdxPair(const std::string& images, const std::string& labels, const std::string& out_tar) {
-  auto opened = OpenTar(out_tar);
-  if (!opened.ok()) return opened.status();
-  ArchivePtr a = std::move(opened).value();
+  PARE_ASSIGN_OR_RETURN(auto opened, OpenTar(out_tar));
+  ArchivePtr a = std::move(opened);
   for (const auto& [path, name] : {std::pair<std::string, std::string>{images, "images"}, {labels, "labels"}}) {
     std::error_code ec;
     auto size = std::filesystem::file_size(path, ec);

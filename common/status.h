@@ -109,3 +109,13 @@ inline const char* CodeName(Code code) {
     ::pare::Status _st = (expr);            \
     if (!_st.ok()) return _st;              \
   } while (0)
+
+// `PARE_ASSIGN_OR_RETURN(auto x, MakeX());`: declares x as the Result's value, or returns its
+// Status from the enclosing function (which returns a Status or a Result).
+#define PARE_ASSIGN_OR_RETURN(lhs, expr) PARE_ASSIGN_OR_RETURN_IMPL(PARE_CONCAT(pare_result_, __LINE__), lhs, expr)
+#define PARE_ASSIGN_OR_RETURN_IMPL(result, lhs, expr) \
+  auto result = (expr);                               \
+  if (!result.ok()) return result.status();           \
+  lhs = std::move(result).value()
+#define PARE_CONCAT(a, b) PARE_CONCAT_INNER(a, b)
+#define PARE_CONCAT_INNER(a, b) a##b

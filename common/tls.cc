@@ -26,17 +26,14 @@ Result<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& address, c
     return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
   }
   grpc::SslCredentialsOptions o;
-  auto ca = ReadPem(tls.ca, "--tls-ca");
-  if (!ca.ok()) return ca.status();
-  o.pem_root_certs = ca.value();
+  PARE_ASSIGN_OR_RETURN(auto ca, ReadPem(tls.ca, "--tls-ca"));
+  o.pem_root_certs = ca;
   if (tls.cert.empty() != tls.key.empty()) return InvalidArgument("--tls-cert and --tls-key go together");
   if (!tls.cert.empty()) {
-    auto cert = ReadPem(tls.cert, "--tls-cert");
-    if (!cert.ok()) return cert.status();
-    auto key = ReadPem(tls.key, "--tls-key");
-    if (!key.ok()) return key.status();
-    o.pem_cert_chain = cert.value();
-    o.pem_private_key = key.value();
+    PARE_ASSIGN_OR_RETURN(auto cert, ReadPem(tls.cert, "--tls-cert"));
+    PARE_ASSIGN_OR_RETURN(auto key, ReadPem(tls.key, "--tls-key"));
+    o.pem_cert_chain = cert;
+    o.pem_private_key = key;
   }
   if (!tls.server_name.empty()) args.SetSslTargetNameOverride(tls.server_name);
   return grpc::CreateCustomChannel(address, grpc::SslCredentials(o), args);
@@ -44,18 +41,15 @@ Result<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& address, c
 
 Result<std::shared_ptr<grpc::ServerCredentials>> TlsServerCredentials(const std::string& cert, const std::string& key,
                                                                       const std::string& client_ca) {
-  auto c = ReadPem(cert, "--tls-cert");
-  if (!c.ok()) return c.status();
-  auto k = ReadPem(key, "--tls-key");
-  if (!k.ok()) return k.status();
+  PARE_ASSIGN_OR_RETURN(auto c, ReadPem(cert, "--tls-cert"));
+  PARE_ASSIGN_OR_RETURN(auto k, ReadPem(key, "--tls-key"));
   grpc::SslServerCredentialsOptions o(client_ca.empty()
                                           ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
                                           : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
-  o.pem_key_cert_pairs.push_back({k.value(), c.value()});
+  o.pem_key_cert_pairs.push_back({k, c});
   if (!client_ca.empty()) {
-    auto ca = ReadPem(client_ca, "--tls-client-ca");
-    if (!ca.ok()) return ca.status();
-    o.pem_root_certs = ca.value();
+    PARE_ASSIGN_OR_RETURN(auto ca, ReadPem(client_ca, "--tls-client-ca"));
+    o.pem_root_certs = ca;
   }
   return grpc::SslServerCredentials(o);
 }

@@ -2,7 +2,7 @@
 #include <cstdint>
 #include <string>
 
-#include "common/recipe_convert.h"
+#include "worker/recipe_convert.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto recipe = pare::ParseRecipeJson(std::string(reinterpret_cast<const char*>(data), size));

@@ -124,13 +124,12 @@ std::string TopFolder(const std::vector<Entry>& entries) {
 Status CheckTorchZip(const std::string& path, const ArchiveLimits& limits, bool need_code, const std::string& what) {
   ArchivePtr a = OpenZip(path);
   if (!a) return InvalidArgument(what + " is not a zip archive (truncated or corrupt)");
-  auto entries = ScanArchive(a, what, limits, /*allow_dirs=*/false);
-  if (!entries.ok()) return entries.status();
-  if (entries->empty()) return InvalidArgument(what + " is an empty zip archive");
-  std::string top = TopFolder(*entries);
+  PARE_ASSIGN_OR_RETURN(auto entries, ScanArchive(a, what, limits, /*allow_dirs=*/false));
+  if (entries.empty()) return InvalidArgument(what + " is an empty zip archive");
+  std::string top = TopFolder(entries);
   if (top.empty()) return InvalidArgument(what + " does not have the PyTorch archive layout (one top folder)");
   bool data_pkl = false, code = false;
-  for (const auto& e : *entries) {
+  for (const auto& e : entries) {
     if (e.name == top + "/data.pkl") data_pkl = true;
     if (e.name.rfind(top + "/code/", 0) == 0) code = true;
   }
@@ -164,9 +163,8 @@ Status CheckTorchScriptArchive(const std::string& path, const ArchiveLimits& lim
 Status CheckDataset(const std::string& path, const std::string& format, const ArchiveLimits& limits) {
   if (format == "tensors") return CheckTorchZip(path, limits, /*need_code=*/false, "the dataset");
   if (format == "idx") {
-    auto head = Head(path, 4);
-    if (!head.ok()) return head.status();
-    const auto& h = *head;
+    PARE_ASSIGN_OR_RETURN(auto head, Head(path, 4));
+    const auto& h = head;
     if (h.size() >= 2 && h[0] == 0x1f && h[1] == 0x8b) return Status::Ok();  // gzip: checked by the worker
     if (h.size() == 4 && h[0] == 0 && h[1] == 0 && h[2] == 0x08 && (h[3] == 1 || h[3] == 3 || h[3] == 4)) {
       return Status::Ok();
@@ -186,9 +184,8 @@ Status CheckDataset(const std::string& path, const std::string& format, const Ar
   if (format == "image-folder") {
     ArchivePtr a = OpenTar(path);
     if (!a) return InvalidArgument("an image-folder dataset must be a tar archive (gzip allowed)");
-    auto entries = ScanArchive(a, "the dataset tar", limits, /*allow_dirs=*/true);
-    if (!entries.ok()) return entries.status();
-    if (entries->empty()) return InvalidArgument("the dataset tar holds no image files");
+    PARE_ASSIGN_OR_RETURN(auto entries, ScanArchive(a, "the dataset tar", limits, /*allow_dirs=*/true));
+    if (entries.empty()) return InvalidArgument("the dataset tar holds no image files");
     return Status::Ok();
   }
   return InvalidArgument("format must be one of tensors, idx, image-folder; got '" + format + "'");

@@ -147,10 +147,9 @@ Result<uint64_t> BlobStore::SizeOf(const std::string& sha256) const {
 }
 
 Result<std::string> BlobStore::PutBytes(const std::string& bytes) {
-  auto w = NewWriter(bytes.size());
-  if (!w.ok()) return w.status();
-  PARE_RETURN_IF_ERROR(w.value()->Append(bytes.data(), bytes.size()));
-  return w.value()->Commit(bytes.size(), "");
+  PARE_ASSIGN_OR_RETURN(auto w, NewWriter(bytes.size()));
+  PARE_RETURN_IF_ERROR(w->Append(bytes.data(), bytes.size()));
+  return w->Commit(bytes.size(), "");
 }
 
 std::pair<uint64_t, uint64_t> BlobStore::CountAndBytes() const {

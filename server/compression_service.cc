@@ -7,7 +7,8 @@
 #include "common/grpc_status.h"
 #include "common/ids.h"
 #include "common/logging.h"
-#include "common/recipe_convert.h"
+#include "common/protocol.h"
+#include "worker/recipe_convert.h"
 #include "server/convert.h"
 #include "server/reactors.h"
 
@@ -18,24 +19,23 @@ double SecondsSince(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
 
-constexpr size_t kMaxNameLength = 256;
-
-// What every upload header must satisfy: a sane name, a size within the limit, a well-formed digest.
 // The tenant's stored-bytes quota, before an upload of `size` bytes is accepted.
 Status CheckStorageQuota(ServiceContext* ctx, const std::string& tenant, uint64_t size) {
   if (ctx->limits.tenant_max_bytes == 0) return Status::Ok();
-  auto usage = ctx->store->Usage(tenant);
-  if (!usage.ok()) return usage.status();
-  if (usage->stored_bytes + size > ctx->limits.tenant_max_bytes) {
+  PARE_ASSIGN_OR_RETURN(auto usage, ctx->store->Usage(tenant));
+  if (usage.stored_bytes + size > ctx->limits.tenant_max_bytes) {
     return ResourceExhausted("tenant '" + tenant + "' stored-bytes quota: it stores " +
-                             std::to_string(usage->stored_bytes) + " of " + std::to_string(ctx->limits.tenant_max_bytes) +
+                             std::to_string(usage.stored_bytes) + " of " + std::to_string(ctx->limits.tenant_max_bytes) +
                              " bytes and this upload is " + std::to_string(size));
   }
   return Status::Ok();
 }
 
+// What every upload header must satisfy: a sane name, a size within the limit, a well-formed digest.
 Status CheckUploadHeader(const v1::UploadHeader& h, const Limits& limits) {
-  if (h.name().size() > kMaxNameLength) return InvalidArgument("header.name is longer than 256 characters");
+  if (h.name().size() > kMaxNameLength) {
+    return InvalidArgument("header.name is longer than " + std::to_string(kMaxNameLength) + " characters");
+  }
   for (unsigned char c : h.name()) {
     if (c < 0x20) return InvalidArgument("header.name contains control characters");
   }
@@ -290,9 +290,8 @@ grpc::ServerUnaryReactor* CompressionService::GetModel(grpc::CallbackServerConte
   auto tenant = ctx_->auth->Client(call);
   if (!tenant.ok()) return Refuse(call, tenant.status());
   return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
-    auto m = ctx_->store->GetModel(tenant, req->id());
-    if (!m.ok()) return m.status();
-    *resp = ToProto(m.value());
+    PARE_ASSIGN_OR_RETURN(auto m, ctx_->store->GetModel(tenant, req->id()));
+    *resp = ToProto(m);
     return Status::Ok();
   });
 }
@@ -302,9 +301,8 @@ grpc::ServerUnaryReactor* CompressionService::GetDataset(grpc::CallbackServerCon
   auto tenant = ctx_->auth->Client(call);
   if (!tenant.ok()) return Refuse(call, tenant.status());
   return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
-    auto d = ctx_->store->GetDataset(tenant, req->id());
-    if (!d.ok()) return d.status();
-    *resp = ToProto(d.value());
+    PARE_ASSIGN_OR_RETURN(auto d, ctx_->store->GetDataset(tenant, req->id()));
+    *resp = ToProto(d);
     return Status::Ok();
   });
 }
@@ -316,8 +314,7 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
   return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
     if (ctx_->draining) return Unavailable("the server is shutting down; retry on another replica");
     if (req->model_id().empty()) return InvalidArgument("model_id is required");
-    auto steps = ToEngineSteps(req->recipe());
-    if (!steps.ok()) return steps.status();
+    PARE_ASSIGN_OR_RETURN(auto steps, ToEngineSteps(req->recipe()));
     const std::string& device = req->device();
     if (!(device.empty() || device == "auto" || device == "cpu" || device == "cuda")) {
       return InvalidArgument("device must be cpu, cuda or auto; got '" + device + "'");
@@ -338,10 +335,10 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
       return InvalidArgument("timeout_seconds " + std::to_string(req->timeout_seconds()) +
                              " exceeds the server's maximum of " + std::to_string(ctx_->limits.max_job_seconds));
     }
-    for (size_t i = 0; i < steps->size(); ++i) {
-      if (engine::NeedsTrainData((*steps)[i]) && req->train_dataset_id().empty()) {
+    for (size_t i = 0; i < steps.size(); ++i) {
+      if (engine::NeedsTrainData((steps)[i]) && req->train_dataset_id().empty()) {
         return InvalidArgument("train_dataset_id is required: steps[" + std::to_string(i) + "] (" +
-                               engine::StepName((*steps)[i]) + ") trains the model");
+                               engine::StepName((steps)[i]) + ") trains the model");
       }
     }
     auto model = ctx_->store->GetModel(tenant, req->model_id());
@@ -385,9 +382,8 @@ grpc::ServerUnaryReactor* CompressionService::GetJob(grpc::CallbackServerContext
   auto tenant = ctx_->auth->Client(call);
   if (!tenant.ok()) return Refuse(call, tenant.status());
   return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
-    auto j = ctx_->store->GetJob(tenant, req->id());
-    if (!j.ok()) return j.status();
-    *resp = ToProto(j.value());
+    PARE_ASSIGN_OR_RETURN(auto j, ctx_->store->GetJob(tenant, req->id()));
+    *resp = ToProto(j);
     return Status::Ok();
   });
 }
@@ -408,10 +404,9 @@ grpc::ServerUnaryReactor* CompressionService::ListJobs(grpc::CallbackServerConte
         return InvalidArgument("page_token is not one this server returned");
       }
     }
-    auto jobs = ctx_->store->ListJobs(tenant, after, size + 1);
-    if (!jobs.ok()) return jobs.status();
-    for (int i = 0; i < static_cast<int>(jobs->size()) && i < size; ++i) *resp->add_jobs() = ToProto((*jobs)[i]);
-    if (static_cast<int>(jobs->size()) > size) resp->set_next_page_token(std::to_string((*jobs)[size - 1].seq));
+    PARE_ASSIGN_OR_RETURN(auto jobs, ctx_->store->ListJobs(tenant, after, size + 1));
+    for (int i = 0; i < static_cast<int>(jobs.size()) && i < size; ++i) *resp->add_jobs() = ToProto((jobs)[i]);
+    if (static_cast<int>(jobs.size()) > size) resp->set_next_page_token(std::to_string((jobs)[size - 1].seq));
     return Status::Ok();
   });
 }
@@ -422,13 +417,12 @@ grpc::ServerUnaryReactor* CompressionService::CancelJob(grpc::CallbackServerCont
   if (!tenant.ok()) return Refuse(call, tenant.status());
   return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
     const int64_t now = ctx_->clock->NowMs();
-    auto j = ctx_->store->CancelJob(tenant, req->id(), now);
-    if (!j.ok()) return j.status();
+    PARE_ASSIGN_OR_RETURN(auto j, ctx_->store->CancelJob(tenant, req->id(), now));
     // A queued job ends here (a running one ends when its worker stops).
-    if (ctx_->metrics && j->state == JobState::kCancelled && j->finished_ms == now) ctx_->metrics->JobEnded(j.value(), "");
-    spdlog::info(Kv({{"msg", "job cancel requested"}, {"job", j->id}, {"state", JobStateName(j->state)}}));
-    ctx_->events->Publish(j->id);
-    *resp = ToProto(j.value());
+    if (ctx_->metrics && j.state == JobState::kCancelled && j.finished_ms == now) ctx_->metrics->JobEnded(j, "");
+    spdlog::info(Kv({{"msg", "job cancel requested"}, {"job", j.id}, {"state", JobStateName(j.state)}}));
+    ctx_->events->Publish(j.id);
+    *resp = ToProto(j);
     return Status::Ok();
   });
 }
@@ -449,13 +443,12 @@ grpc::ServerWriteReactor<v1::Chunk>* CompressionService::DownloadResult(grpc::Ca
   std::string job_id = req->job_id();
   v1::ResultKind kind = req->kind() == v1::REPORT ? v1::REPORT : v1::MODEL;
   auto resolve = [ctx = ctx_, tenant, job_id, kind]() -> Result<BlobRef> {
-    auto j = ctx->store->GetJob(tenant, job_id);
-    if (!j.ok()) return j.status();
-    if (j->state != JobState::kSucceeded) {
-      return FailedPrecondition("job '" + job_id + "' is " + JobStateName(j->state) +
+    PARE_ASSIGN_OR_RETURN(auto j, ctx->store->GetJob(tenant, job_id));
+    if (j.state != JobState::kSucceeded) {
+      return FailedPrecondition("job '" + job_id + "' is " + JobStateName(j.state) +
                                 "; its result can be downloaded once it has SUCCEEDED");
     }
-    const std::string& sha = kind == v1::REPORT ? j->report_sha256 : j->result_sha256;
+    const std::string& sha = kind == v1::REPORT ? j.report_sha256 : j.result_sha256;
     auto size = ctx->blobs->SizeOf(sha);
     if (!size.ok()) return DataLoss("the result of job '" + job_id + "' is missing from the blob store");
     return BlobRef{ctx->blobs->PathOf(sha), sha, size.value()};

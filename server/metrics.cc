@@ -2,7 +2,7 @@
 
 #include <set>
 
-#include "common/recipe_convert.h"
+#include "worker/recipe_convert.h"
 #include "pare/v1/compression.pb.h"
 
 namespace pare::server {

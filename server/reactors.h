@@ -13,13 +13,12 @@
 #include <string>
 
 #include "common/grpc_status.h"
+#include "common/protocol.h"
 #include "pare/v1/compression.pb.h"
 #include "server/blob_store.h"
 #include "server/executor.h"
 
 namespace pare::server {
-
-constexpr size_t kChunkBytes = 1 << 20;
 
 inline grpc::Status Overloaded() {
   return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "the server is overloaded; retry later");

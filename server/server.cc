@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "common/grpc_status.h"
 #include "common/ids.h"
 
 #include "common/logging.h"
@@ -56,15 +57,7 @@ class MetricsInterceptor final : public grpc::experimental::Interceptor {
   double Elapsed() const {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   }
-  static std::string CodeName(grpc::StatusCode c) {
-    static const char* names[] = {"OK",        "CANCELLED",          "UNKNOWN",           "INVALID_ARGUMENT",
-                                  "DEADLINE_EXCEEDED", "NOT_FOUND",   "ALREADY_EXISTS",    "PERMISSION_DENIED",
-                                  "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-                                  "UNIMPLEMENTED", "INTERNAL",         "UNAVAILABLE",       "DATA_LOSS",
-                                  "UNAUTHENTICATED"};
-    int i = static_cast<int>(c);
-    return i >= 0 && i < 17 ? names[i] : "UNKNOWN";
-  }
+  static std::string CodeName(grpc::StatusCode c) { return ::pare::CodeName(FromGrpcCode(c)); }
   Metrics* metrics_;
   std::string method_;
   std::chrono::steady_clock::time_point start_;
@@ -157,9 +150,8 @@ Status Server::SetUpAuth() {
   } else {
     worker_token_ = NewId("wt") + NewId("k");  // 32 random hex digits; only local workers learn it
   }
-  auto auth = Authenticator::FromFile(options_.auth_tokens_file, worker_token_);
-  if (!auth.ok()) return auth.status();
-  auth_ = std::move(auth).value();
+  PARE_ASSIGN_OR_RETURN(auto auth, Authenticator::FromFile(options_.auth_tokens_file, worker_token_));
+  auth_ = std::move(auth);
   return Status::Ok();
 }
 
@@ -175,9 +167,8 @@ Status Server::Start() {
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
   const bool tls = !options_.tls_cert_file.empty();
   if (tls) {
-    auto c = TlsServerCredentials(options_.tls_cert_file, options_.tls_key_file, options_.tls_client_ca_file);
-    if (!c.ok()) return c.status();
-    credentials = c.value();
+    PARE_ASSIGN_OR_RETURN(auto c, TlsServerCredentials(options_.tls_cert_file, options_.tls_key_file, options_.tls_client_ca_file));
+    credentials = c;
   } else if (!options_.tls_key_file.empty() || !options_.tls_client_ca_file.empty()) {
     return InvalidArgument("--tls-key and --tls-client-ca need --tls-cert");
   }

@@ -301,9 +301,8 @@ Result<std::pair<JobRecord, bool>> SqliteStore::CreateJob(const JobRecord& j, co
     Stmt s(db_, "SELECT id FROM jobs WHERE tenant = ? AND request_id = ?");
     s.Bind(j.tenant).Bind(j.request_id);
     if (s.Step() == SQLITE_ROW) {
-      auto existing = GetJobLocked(j.tenant, s.Text(0));
-      if (!existing.ok()) return existing.status();
-      return std::make_pair(existing.value(), false);
+      PARE_ASSIGN_OR_RETURN(auto existing, GetJobLocked(j.tenant, s.Text(0)));
+      return std::make_pair(existing, false);
     }
   }
   {
@@ -330,10 +329,9 @@ Result<std::pair<JobRecord, bool>> SqliteStore::CreateJob(const JobRecord& j, co
       .Bind(static_cast<int64_t>(JobState::kQueued)).Bind(static_cast<int64_t>(j.max_attempts)).Bind(j.created_ms)
       .Bind(j.timeout_seconds);
   if (s.Step() != SQLITE_DONE) return s.Error("insert job");
-  auto created = GetJobLocked(j.tenant, j.id);
-  if (!created.ok()) return created.status();
+  PARE_ASSIGN_OR_RETURN(auto created, GetJobLocked(j.tenant, j.id));
   PARE_RETURN_IF_ERROR(t.Commit());
-  return std::make_pair(created.value(), true);
+  return std::make_pair(created, true);
 }
 
 Result<JobRecord> SqliteStore::GetJob(const std::string& tenant, const std::string& id) {
@@ -369,18 +367,16 @@ Result<std::optional<JobRecord>> SqliteStore::LeaseJob(const std::string& worker
          "started_ms = CASE WHEN started_ms = 0 THEN ? ELSE started_ms END, progress = x'' WHERE id = ?");
   u.Bind(static_cast<int64_t>(JobState::kRunning)).Bind(lease_id).Bind(worker).Bind(now_ms + ttl_ms).Bind(now_ms).Bind(id);
   if (u.Step() != SQLITE_DONE) return u.Error("lease update");
-  auto job = GetJobLocked("", id);
-  if (!job.ok()) return job.status();
+  PARE_ASSIGN_OR_RETURN(auto job, GetJobLocked("", id));
   PARE_RETURN_IF_ERROR(t.Commit());
-  return std::optional<JobRecord>(job.value());
+  return std::optional<JobRecord>(job);
 }
 
 Result<JobRecord> SqliteStore::CheckLeaseLocked(const std::string& job_id, const std::string& lease_id) {
-  auto job = GetJobLocked("", job_id);
-  if (!job.ok()) return job.status();
-  if (job->state != JobState::kRunning || job->lease_id != lease_id || lease_id.empty()) {
+  PARE_ASSIGN_OR_RETURN(auto job, GetJobLocked("", job_id));
+  if (job.state != JobState::kRunning || job.lease_id != lease_id || lease_id.empty()) {
     return FailedPrecondition("the lease on job '" + job_id + "' is no longer held by this worker (job is " +
-                              JobStateName(job->state) + ")");
+                              JobStateName(job.state) + ")");
   }
   return job;
 }
@@ -389,8 +385,7 @@ Result<JobRecord> SqliteStore::Heartbeat(const std::string& job_id, const std::s
                                          const std::string& progress_pb, int64_t now_ms, int64_t ttl_ms) {
   std::lock_guard<std::mutex> lock(mu_);
   Txn t(db_);
-  auto job = CheckLeaseLocked(job_id, lease_id);
-  if (!job.ok()) return job.status();
+  PARE_ASSIGN_OR_RETURN(auto job, CheckLeaseLocked(job_id, lease_id));
   Stmt u(db_, "UPDATE jobs SET lease_expires_ms = ?, progress = ? WHERE id = ?");
   u.Bind(now_ms + ttl_ms).BindBlob(progress_pb).Bind(job_id);
   if (u.Step() != SQLITE_DONE) return u.Error("heartbeat");
@@ -403,8 +398,7 @@ Result<JobRecord> SqliteStore::CompleteJob(const std::string& job_id, const std:
                                            const JobOutcome& o, int64_t now_ms) {
   std::lock_guard<std::mutex> lock(mu_);
   Txn t(db_);
-  auto job = CheckLeaseLocked(job_id, lease_id);
-  if (!job.ok()) return job.status();
+  PARE_ASSIGN_OR_RETURN(auto job, CheckLeaseLocked(job_id, lease_id));
   if (o.state == JobState::kQueued) {
     // Handed back (the worker is draining): the attempt does not count.
     Stmt u(db_, "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), lease_id = '', worker = '', "
@@ -430,13 +424,12 @@ Result<JobRecord> SqliteStore::CompleteJob(const std::string& job_id, const std:
 Result<JobRecord> SqliteStore::CancelJob(const std::string& tenant, const std::string& id, int64_t now_ms) {
   std::lock_guard<std::mutex> lock(mu_);
   Txn t(db_);
-  auto job = GetJobLocked(tenant, id);
-  if (!job.ok()) return job.status();
-  if (job->state == JobState::kCancelled) return job;
-  if (IsTerminal(job->state)) {
-    return FailedPrecondition("job '" + id + "' already ended " + JobStateName(job->state));
+  PARE_ASSIGN_OR_RETURN(auto job, GetJobLocked(tenant, id));
+  if (job.state == JobState::kCancelled) return job;
+  if (IsTerminal(job.state)) {
+    return FailedPrecondition("job '" + id + "' already ended " + JobStateName(job.state));
   }
-  if (job->state == JobState::kQueued) {
+  if (job.state == JobState::kQueued) {
     Stmt u(db_, "UPDATE jobs SET state = ?, cancel_requested = 1, finished_ms = ?, error_code = 'CANCELLED', "
                 "error_reason = 'CANCELLED', error_message = 'cancelled before it started' WHERE id = ?");
     u.Bind(static_cast<int64_t>(JobState::kCancelled)).Bind(now_ms).Bind(id);
@@ -480,9 +473,8 @@ Result<std::vector<JobRecord>> SqliteStore::ExpireLeases(int64_t now_ms) {
       u.Bind(static_cast<int64_t>(JobState::kQueued)).Bind(j.id);
       if (u.Step() != SQLITE_DONE) return u.Error("expire");
     }
-    auto updated = GetJobLocked("", j.id);
-    if (!updated.ok()) return updated.status();
-    changed.push_back(updated.value());
+    PARE_ASSIGN_OR_RETURN(auto updated, GetJobLocked("", j.id));
+    changed.push_back(updated);
   }
   PARE_RETURN_IF_ERROR(t.Commit());
   return changed;

@@ -21,24 +21,22 @@ Result<v1::LeasedJob> Describe(ServiceContext* ctx, const JobRecord& j) {
   if (!out.mutable_recipe()->ParseFromString(j.recipe_pb)) {
     return DataLoss("job '" + j.id + "': its stored recipe cannot be decoded");
   }
-  auto model = ctx->store->GetModel(j.tenant, j.model_id);
-  if (!model.ok()) return model.status();
-  out.set_model_sha256(model->sha256);
+  PARE_ASSIGN_OR_RETURN(auto model, ctx->store->GetModel(j.tenant, j.model_id));
+  out.set_model_sha256(model.sha256);
   out.set_model_id(j.model_id);
   out.set_timeout_seconds(static_cast<uint32_t>(j.timeout_seconds));
   for (const auto& step : out.recipe().steps()) {
     if (!step.has_distill()) continue;
     for (const std::string& id : {step.distill().teacher_model(), step.distill().student_model()}) {
       if (id.empty()) continue;
-      auto other = ctx->store->GetModel(j.tenant, id);
-      if (!other.ok()) return other.status();
+      PARE_ASSIGN_OR_RETURN(auto other, ctx->store->GetModel(j.tenant, id));
       auto* ref = out.add_models();
       ref->set_id(id);
-      ref->set_sha256(other->sha256);
+      ref->set_sha256(other.sha256);
     }
   }
-  for (int64_t d : model->input_shape) out.add_input_shape(d);
-  for (const auto& more : model->more_input_shapes) {
+  for (int64_t d : model.input_shape) out.add_input_shape(d);
+  for (const auto& more : model.more_input_shapes) {
     auto* shape = out.add_more_input_shapes();
     for (int64_t d : more) shape->add_dims(d);
   }
@@ -46,12 +44,11 @@ Result<v1::LeasedJob> Describe(ServiceContext* ctx, const JobRecord& j) {
                                  {"train", j.train_dataset_id},
                                  {"eval", j.eval_dataset_id}}) {
     if (id.empty()) continue;
-    auto ds = ctx->store->GetDataset(j.tenant, id);
-    if (!ds.ok()) return ds.status();
+    PARE_ASSIGN_OR_RETURN(auto ds, ctx->store->GetDataset(j.tenant, id));
     auto* ref = out.add_datasets();
     ref->set_role(role);
-    ref->set_sha256(ds->sha256);
-    ref->set_format(ds->format);
+    ref->set_sha256(ds.sha256);
+    ref->set_format(ds.format);
   }
   out.set_device(j.device);
   out.set_attempt(j.attempts);
@@ -87,11 +84,10 @@ class CompleteReactor final : public IngestReactor<v1::CompleteRequest, v1::Comp
         return CheckTorchScriptArchive(path, ctx_->limits.archive);
       });
       if (!sha.ok()) return sha.status();
-      auto report = ctx_->blobs->PutBytes(h.report_json());
-      if (!report.ok()) return report.status();
+      PARE_ASSIGN_OR_RETURN(auto report, ctx_->blobs->PutBytes(h.report_json()));
       o.result_sha256 = sha.value();
       o.result_size_bytes = h.result_size_bytes();
-      o.report_sha256 = report.value();
+      o.report_sha256 = report;
     } else if (h.state() != v1::FAILED && h.state() != v1::CANCELLED && h.state() != v1::QUEUED) {
       return InvalidArgument("state must be SUCCEEDED, FAILED, CANCELLED or QUEUED (handed back)");
     }
@@ -101,17 +97,16 @@ class CompleteReactor final : public IngestReactor<v1::CompleteRequest, v1::Comp
     v1::Job holder;
     *holder.mutable_reports() = h.reports();
     holder.SerializeToString(&o.reports_pb);
-    auto j = ctx_->store->CompleteJob(h.job_id(), h.lease_id(), o, ctx_->clock->NowMs());
-    if (!j.ok()) return j.status();
-    spdlog::info(Kv({{"msg", "job ended"}, {"job", j->id}, {"model", j->model_id}, {"state", JobStateName(j->state)},
-                     {"attempts", std::to_string(j->attempts)}, {"reason", j->error_reason}}));
-    const std::string device = ctx_->workers ? ctx_->workers->DeviceOf(j->worker) : "";
-    if (ctx_->workers) ctx_->workers->Touch(j->worker, false, ctx_->clock->NowMs());
+    PARE_ASSIGN_OR_RETURN(auto j, ctx_->store->CompleteJob(h.job_id(), h.lease_id(), o, ctx_->clock->NowMs()));
+    spdlog::info(Kv({{"msg", "job ended"}, {"job", j.id}, {"model", j.model_id}, {"state", JobStateName(j.state)},
+                     {"attempts", std::to_string(j.attempts)}, {"reason", j.error_reason}}));
+    const std::string device = ctx_->workers ? ctx_->workers->DeviceOf(j.worker) : "";
+    if (ctx_->workers) ctx_->workers->Touch(j.worker, false, ctx_->clock->NowMs());
     if (ctx_->metrics) {
       if (h.state() == v1::SUCCEEDED) ctx_->metrics->Uploaded("result", h.result_size_bytes(), SecondsSince(start_));
-      ctx_->metrics->JobEnded(j.value(), device);
+      ctx_->metrics->JobEnded(j, device);
     }
-    ctx_->events->Publish(j->id);
+    ctx_->events->Publish(j.id);
     return Status::Ok();
   }
 
@@ -189,16 +184,14 @@ grpc::ServerWriteReactor<v1::Chunk>* WorkersService::Fetch(grpc::CallbackServerC
   if (Status st = ctx_->auth->Worker(call); !st.ok()) return new ErrorWriteReactor<v1::Chunk>(ToGrpcStatus(st));
   auto resolve = [ctx = ctx_, job_id = req->job_id(), lease_id = req->lease_id(),
                   sha = req->sha256()]() -> Result<BlobRef> {
-    auto j = ctx->store->GetJob("", job_id);
-    if (!j.ok()) return j.status();
-    if (j->state != JobState::kRunning || j->lease_id != lease_id) {
+    PARE_ASSIGN_OR_RETURN(auto j, ctx->store->GetJob("", job_id));
+    if (j.state != JobState::kRunning || j.lease_id != lease_id) {
       return FailedPrecondition("the lease on job '" + job_id + "' is not held by this worker");
     }
-    auto described = Describe(ctx, j.value());
-    if (!described.ok()) return described.status();
-    bool referenced = described->model_sha256() == sha;
-    for (const auto& m : described->models()) referenced = referenced || m.sha256() == sha;
-    for (const auto& d : described->datasets()) referenced = referenced || d.sha256() == sha;
+    PARE_ASSIGN_OR_RETURN(auto described, Describe(ctx, j));
+    bool referenced = described.model_sha256() == sha;
+    for (const auto& m : described.models()) referenced = referenced || m.sha256() == sha;
+    for (const auto& d : described.datasets()) referenced = referenced || d.sha256() == sha;
     if (!referenced) return PermissionDenied("blob " + sha + " is not an input of job '" + job_id + "'");
     auto size = ctx->blobs->SizeOf(sha);
     if (!size.ok()) return DataLoss("input blob " + sha + " is missing from the blob store");

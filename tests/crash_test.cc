@@ -6,7 +6,7 @@
 #include <thread>
 
 #include "client/client.h"
-#include "common/recipe_convert.h"
+#include "worker/recipe_convert.h"
 #include "common/sha256.h"
 #include "test_util.h"
 
@@ -162,9 +162,13 @@ TEST(CrashTest, KillNineDuringAJobAndTheRestartFinishesIt) {
   const std::string data = dir.path() + "/data";
   std::vector<std::string> flags = kWorkerFlags;
   flags.insert(flags.end(), {"--lease-ttl", "3"});
+  // The job is held running (the worker's test hook) until the server is killed.
+  const std::string hold = dir.path() + "/hold";
+  std::ofstream(hold) << "held\n";
   std::string job_id;
   {
     ServerProcess server(data, flags);
+    server.SetEnv("PARE_TEST_HOLD_JOB", hold);
     std::string address = server.Start();
     ASSERT_FALSE(address.empty());
     auto c = ClientFor(address);
@@ -175,10 +179,11 @@ TEST(CrashTest, KillNineDuringAJobAndTheRestartFinishesIt) {
     job_id = job->id();
     ASSERT_TRUE(pare::testing::Eventually([&] {
       auto now = c.GetJob(job_id);
-      return now.ok() && now->state() == v1::RUNNING;
+      return now.ok() && now->state() == v1::RUNNING && now->progress().fraction() > 0;
     }, 60));
     server.Kill(SIGKILL);
   }
+  std::filesystem::remove(hold);
   ServerProcess again(data, flags);
   std::string address = again.Start();
   ASSERT_FALSE(address.empty());
@@ -218,12 +223,16 @@ TEST(CrashTest, AFullDiskDuringAnUploadFailsItCleanly) {
 TEST(CrashTest, SigtermHandsARunningJobBackAndARestartFinishesIt) {
   TempDir dir;
   const std::string data = dir.path() + "/data";
-  // The job (about 30 s) outlasts half the 20 s drain, when it is handed back; the margin
-  // covers the longest stretch the engine cannot interrupt, on a loaded 2-core machine too.
-  const std::vector<std::string> flags = {"--local-workers", "1", "--worker-threads", "1", "--drain-seconds", "20"};
+  // The job is held running (the worker's test hook) until the server has drained, so it
+  // cannot finish inside half the drain grace however fast the machine is; the hold is lifted
+  // before the restart.
+  const std::string hold = dir.path() + "/hold";
+  std::ofstream(hold) << "held\n";
+  const std::vector<std::string> flags = {"--local-workers", "1", "--worker-threads", "1", "--drain-seconds", "6"};
   std::string job_id;
   {
     ServerProcess server(data, flags);
+    server.SetEnv("PARE_TEST_HOLD_JOB", hold);
     std::string address = server.Start();
     ASSERT_FALSE(address.empty());
     auto c = ClientFor(address);
@@ -239,6 +248,7 @@ TEST(CrashTest, SigtermHandsARunningJobBackAndARestartFinishesIt) {
     int status = server.Terminate();
     EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
   }
+  std::filesystem::remove(hold);
   ServerProcess again(data, flags);
   std::string address = again.Start();
   ASSERT_FALSE(address.empty());

@@ -10,6 +10,7 @@
 #include <fstream>
 
 #include "worker/engine/channel_prune.h"
+#include "worker/engine/graph_edit.h"
 #include "worker/engine/cpu_features.h"
 #include "worker/engine/dataset.h"
 #include "worker/engine/engine.h"

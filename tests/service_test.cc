@@ -12,7 +12,7 @@
 #include <set>
 
 #include "client/client.h"
-#include "common/recipe_convert.h"
+#include "worker/recipe_convert.h"
 #include "common/sha256.h"
 #include "pare/v1/workers.grpc.pb.h"
 #include "server/server.h"

@@ -4,7 +4,7 @@
 #include <filesystem>
 #include <fstream>
 
-#include "common/recipe_convert.h"
+#include "worker/recipe_convert.h"
 #include "common/sha256.h"
 #include "server/archive_check.h"
 #include "server/blob_store.h"

@@ -4,6 +4,7 @@
 
 #include <signal.h>
 #include <sys/wait.h>
+#include <poll.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -89,6 +90,9 @@ class ServerProcess {
       : data_dir_(std::move(data_dir)), extra_(std::move(extra)), launcher_(std::move(launcher)) {}
   ~ServerProcess() { Kill(); }
 
+  // An environment variable for the server and what it starts (its workers and their jobs).
+  void SetEnv(std::string name, std::string value) { env_.emplace_back(std::move(name), std::move(value)); }
+
   // Starts and returns the address, or "" if it did not come up within 30 s.
   std::string Start() {
     int fds[2];
@@ -99,6 +103,7 @@ class ServerProcess {
     if (!launcher_.empty()) args.insert(args.begin(), launcher_);
     pid_ = ::fork();
     if (pid_ == 0) {
+      for (const auto& [name, value] : env_) ::setenv(name.c_str(), value.c_str(), 1);
       ::dup2(fds[1], 1);
       ::close(fds[0]);
       std::vector<char*> argv;
@@ -109,10 +114,15 @@ class ServerProcess {
     }
     ::close(fds[1]);
     std::string line;
+    // A server that never prints (or prints no whole line) fails the start in 30 s: every
+    // read waits only as long as is left.
     auto end = std::chrono::steady_clock::now() + std::chrono::seconds(30);
     char c;
-    while (std::chrono::steady_clock::now() < end && ::read(fds[0], &c, 1) == 1) {
-      if (c == '\n') break;
+    for (;;) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - std::chrono::steady_clock::now());
+      pollfd p{fds[0], POLLIN, 0};
+      if (left.count() <= 0 || ::poll(&p, 1, static_cast<int>(left.count())) <= 0) break;
+      if (::read(fds[0], &c, 1) != 1 || c == '\n') break;
       line.push_back(c);
     }
     ::close(fds[0]);
@@ -144,6 +154,7 @@ class ServerProcess {
  private:
   std::string data_dir_;
   std::vector<std::string> extra_;
+  std::vector<std::pair<std::string, std::string>> env_;
   std::string launcher_;
   pid_t pid_ = -1;
   std::string address_;

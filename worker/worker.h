@@ -59,7 +59,11 @@ class Worker {
 
  private:
   std::unique_ptr<grpc::ClientContext> Context(double seconds) const;
+  // A leased job's life: folder, inputs, heartbeat, the sandboxed job process, the outcome.
   void RunJob(const v1::LeasedJob& job);
+  // Fetches the job's inputs into `dir` and writes what the job process reads (spec.json,
+  // job.pb); returns where the result will be. Throws EngineError.
+  std::string PrepareJobFolder(const v1::LeasedJob& job, const std::string& dir);
   bool Fetch(const v1::LeasedJob& job, const std::string& sha, const std::string& path, std::string* error);
   void Complete(const v1::LeasedJob& job, v1::CompleteHeader header, const std::string& result_path);
   // Runs the job folder's job in a child process under the limits; QUEUED means it stopped

@@ -42,9 +42,4 @@ ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelP
                                 const std::vector<int64_t>& input_shape,
                                 const std::vector<std::vector<int64_t>>& more_inputs = {});
 
-// Folds eval-mode batch norms into the convolutions that feed them, in an inlined forward
-// graph (the module-level pass of LibTorch only sees conv/bn submodule calls). Returns how many
-// were folded.
-int FoldInlinedConvBatchNorm(torch::jit::Module& module);
-
 }  // namespace pare::engine

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <map>
 #include <set>
 
 namespace pare::engine {
@@ -307,6 +308,71 @@ at::Tensor TensorAt(const torch::jit::Module& root, const AttrPath& path) {
 
 void SetTensorAt(const torch::jit::Module& root, const AttrPath& path, const at::Tensor& t) {
   Owner(root, path)->setAttr(path.back(), t);
+}
+
+int FoldInlinedConvBatchNorm(torch::jit::Module& module) {
+  auto graph = module.get_method("forward").graph();
+  torch::jit::Value* self = graph->inputs()[0];
+  int folded = 0;
+  std::vector<torch::jit::Node*> norms;
+  for (torch::jit::Node* n : graph->nodes()) {
+    if (n->kind() == aten::batch_norm) norms.push_back(n);
+  }
+  // A layer called at several places (a block applied twice, a siamese encoder) shares its
+  // weight and statistics between call sites: folding at each would scale the shared weight
+  // once per site. Such pairs keep their batch norm.
+  std::map<std::string, int> readers;
+  ForEachNode(graph->block(), [&](torch::jit::Node* n) {
+    if (LayerOpOf(n) != LayerOp::kNone || n->kind() == aten::batch_norm) {
+      for (size_t i = 1; i < n->inputs().size() && i < 5; ++i) {
+        Source s = Resolve(module, n->input(i), self);
+        if (s.kind == Source::kAttr) ++readers[Join(s.path)];
+      }
+    }
+  });
+  auto shared = [&](const Source& s) { return s.kind == Source::kAttr && readers[Join(s.path)] > 1; };
+  for (torch::jit::Node* bn : norms) {
+    torch::jit::Node* conv = bn->input(0)->node();
+    if (!(conv->kind() == aten::conv1d || conv->kind() == aten::conv2d || conv->kind() == aten::conv3d)) continue;
+    // Besides the norm, only shape checks (batch norm's own input checks) may read the conv.
+    bool alone = true;
+    for (const auto& use : conv->output()->uses()) {
+      alone &= use.user == bn || use.user->kind() == aten::dim || use.user->kind() == aten::size;
+    }
+    if (!alone) continue;
+    Source w = Resolve(module, conv->input(1), self);
+    Source b = Resolve(module, conv->input(2), self);
+    Source gamma = Resolve(module, bn->input(1), self), beta = Resolve(module, bn->input(2), self);
+    Source mean = Resolve(module, bn->input(3), self), var = Resolve(module, bn->input(4), self);
+    auto eps = torch::jit::toIValue(bn->input(7));
+    if (w.kind != Source::kAttr || b.kind == Source::kOther || mean.kind != Source::kAttr ||
+        var.kind != Source::kAttr || gamma.kind == Source::kOther || beta.kind == Source::kOther || !eps) {
+      continue;
+    }
+    if (shared(w) || shared(b) || shared(mean) || shared(var) || shared(gamma) || shared(beta)) continue;
+    torch::NoGradGuard no_grad;
+    at::Tensor weight = TensorAt(module, w.path);
+    at::Tensor rm = TensorAt(module, mean.path), rv = TensorAt(module, var.path);
+    at::Tensor scale = (rv + eps->toDouble()).rsqrt();
+    if (gamma.kind == Source::kAttr) scale = scale * TensorAt(module, gamma.path);
+    at::Tensor bias = b.kind == Source::kAttr ? TensorAt(module, b.path) : at::zeros_like(rm);
+    at::Tensor new_bias = (bias - rm) * scale;
+    if (beta.kind == Source::kAttr) new_bias = new_bias + TensorAt(module, beta.path);
+    std::vector<int64_t> view(static_cast<size_t>(weight.dim()), 1);
+    view[0] = -1;
+    SetTensorAt(module, w.path, (weight * scale.reshape(view)).contiguous());
+    // The conv's bias may be declared None: the folded bias lives on the top module.
+    std::string name = "_pare_folded_bias_" + std::to_string(folded);
+    while (module.hasattr(name)) name += "_";
+    module.register_parameter(name, new_bias.contiguous(), false);
+    torch::jit::WithInsertPoint guard(conv);
+    torch::jit::Value* attr = graph->insertGetAttr(self, name);
+    conv->replaceInput(2, attr);
+    bn->output()->replaceAllUsesWith(conv->output());
+    ++folded;
+  }
+  if (folded) torch::jit::EliminateDeadCode(graph);
+  return folded;
 }
 
 }  // namespace pare::engine

@@ -60,4 +60,9 @@ Source Resolve(const torch::jit::Module& root, torch::jit::Value* v, torch::jit:
 at::Tensor TensorAt(const torch::jit::Module& root, const AttrPath& path);
 void SetTensorAt(const torch::jit::Module& root, const AttrPath& path, const at::Tensor& t);
 
+// Folds eval-mode batch norms into the convolutions that feed them, in an inlined forward
+// graph (the module-level pass of LibTorch only sees conv/bn submodule calls). Returns how many
+// were folded.
+int FoldInlinedConvBatchNorm(torch::jit::Module& module);
+
 }  // namespace pare::engine

@@ -1,5 +1,5 @@
 // The engine's own description of a recipe: plain C++ (no protobuf, no torch),
-// built from the proto Recipe by common/recipe_convert.
+// built from the proto Recipe by worker/recipe_convert.
 #pragma once
 
 #include <string>

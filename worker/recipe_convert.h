@@ -1,5 +1,6 @@
-// Recipe handling shared by server, worker and CLI: the JSON form, validation, and the
-// translation into the engine's plain C++ step specs.
+// Recipe handling for the worker and the CLI (and the server, which validates a recipe by
+// translating it): the JSON form, validation, and the translation into the engine's plain C++
+// step specs.
 #pragma once
 
 #include <string>

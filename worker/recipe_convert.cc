@@ -1,6 +1,8 @@
-#include "common/recipe_convert.h"
+#include "worker/recipe_convert.h"
 
 #include <google/protobuf/util/json_util.h>
+
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 
@@ -174,9 +176,8 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
     }
     case v1::Step::kFinetune: {
       const auto& f = step.finetune();
-      auto train = ConvertTrain(at + ".finetune", f.epochs(), f.learning_rate(), f.batch_size(), f.optimizer());
-      if (!train.ok()) return train.status();
-      return engine::StepSpec(engine::FinetuneSpec{train.value()});
+      PARE_ASSIGN_OR_RETURN(auto train, ConvertTrain(at + ".finetune", f.epochs(), f.learning_rate(), f.batch_size(), f.optimizer()));
+      return engine::StepSpec(engine::FinetuneSpec{train});
     }
     case v1::Step::KIND_NOT_SET:
       return InvalidArgument(at + " is empty: a step needs one of prune, quantize, distill, factorize, finetune");
@@ -187,6 +188,13 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
 }  // namespace
 
 Result<v1::Recipe> ParseRecipeJson(const std::string& json) {
+  // Strict JSON first: protobuf's parser lets a trailing comma through.
+  try {
+    const nlohmann::json checked = nlohmann::json::parse(json);
+    (void)checked;
+  } catch (const nlohmann::json::parse_error& e) {
+    return InvalidArgument("recipe: not valid JSON (" + std::string(e.what()) + ")");
+  }
   v1::Recipe recipe;
   google::protobuf::util::JsonParseOptions opts;
   opts.ignore_unknown_fields = false;
@@ -200,9 +208,8 @@ Result<std::vector<engine::StepSpec>> ToEngineSteps(const v1::Recipe& recipe) {
   if (recipe.steps_size() > 32) return InvalidArgument("recipe.steps has more than 32 steps");
   std::vector<engine::StepSpec> out;
   for (int i = 0; i < recipe.steps_size(); ++i) {
-    auto r = Convert(recipe.steps(i), "steps[" + std::to_string(i) + "]");
-    if (!r.ok()) return r.status();
-    out.push_back(std::move(r).value());
+    PARE_ASSIGN_OR_RETURN(auto r, Convert(recipe.steps(i), "steps[" + std::to_string(i) + "]"));
+    out.push_back(std::move(r));
   }
   return out;
 }
