@@ -341,16 +341,19 @@ def normalise_reason(reason):
 
 
 def intact_reasons(notes):
-    """(count of intact groups, {reason: count}) from a 'left intact (n): a (why); b (why)' note."""
+    """(count of intact groups, {reason: count}) from a 'left intact (n): a, b and 2 more (why); c (why)'
+    note (groups left intact for one reason are named together)."""
     for note in notes:
         m = re.match(r"left intact \((\d+)\): (.*)$", note)
         if not m:
             continue
         reasons = collections.Counter()
         for item in m.group(2).split("; "):
-            name, sep, why = item.partition(" (")
+            names, sep, why = item.partition(" (")
             if sep and why.endswith(")"):
-                reasons[normalise_reason(why[:-1])] += 1
+                more = re.search(r" and (\d+) more$", names)
+                count = len(names[:more.start()].split(", ")) + int(more.group(1)) if more else len(names.split(", "))
+                reasons[normalise_reason(why[:-1])] += count
         return int(m.group(1)), dict(reasons)
     return 0, {}
 

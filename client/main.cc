@@ -15,7 +15,7 @@
 
 #include "client/client.h"
 #include "client/tar_pack.h"
-#include "common/recipe_convert.h"
+#include "worker/recipe_convert.h"
 #include "common/sha256.h"
 #include "worker/engine/engine.h"
 #include "worker/engine/error.h"
@@ -194,6 +194,12 @@ int Compress(const CompressArgs& a) {
     if (i == 0) opts.input_shape = dims;
     else opts.more_input_shapes.push_back(dims);
   }
+  // Where the result goes is checked before any work, not after it.
+  const fs::path out_dir = fs::absolute(a.out).parent_path();
+  if (!fs::is_directory(out_dir)) {
+    Fail(pare::InvalidArgument("-o " + a.out + ": the folder " + out_dir.string() + " does not exist"), "usage");
+    return kExitUsage;
+  }
   opts.device = a.device;
   if (!a.latency_cache.empty()) {
     opts.latency_cache_dir = a.latency_cache;
@@ -244,12 +250,16 @@ int Compress(const CompressArgs& a) {
     if (g_json) {
       std::cout << json << "\n";
     } else {
+      // One line per step, then its notes; warnings stand out.
       for (const auto& s : report.steps) {
         double p50 = s.stats.latency.empty() ? 0 : s.stats.latency[0].p50_ms;
         std::cout << std::left << std::setw(18) << s.step << std::right << " size " << s.stats.size_bytes << " deflated "
                   << s.stats.deflated_bytes << " params " << s.stats.parameters << " nonzero "
                   << s.stats.nonzero_parameters << " p50 " << std::fixed << std::setprecision(2) << p50 << " ms agree "
-                  << std::setprecision(3) << s.stats.top1_agreement << "\n";
+                  << std::setprecision(3) << s.stats.top1_agreement << " centred " << s.stats.output_centred_cosine;
+        if (s.stats.top1_accuracy) std::cout << " top-1 " << *s.stats.top1_accuracy;
+        std::cout << "\n";
+        for (const auto& n : s.notes) std::cout << "    " << (n.rfind("WARNING", 0) == 0 ? "! " : "- ") << n << "\n";
       }
       std::cout << "wrote " << a.out << "\n";
     }
@@ -285,11 +295,7 @@ int main(int argc, char** argv) {
   std::string file, name, format, labels, model_id, recipe, calib, train, eval, device = "auto", request_id, job_id,
       out, report;
   bool wait = false;
-  int page_size = 50, threads = 0;
-  double latency_budget = 1.0;
-  std::vector<int> latency_batches;
-  std::vector<std::string> extra_models;
-  std::vector<std::string> compress_shapes;  // pare compress: one --input-shape per input
+  int page_size = 50;
   std::vector<std::string> upload_shapes;    // upload-model: likewise
   uint32_t job_timeout = 0;
 

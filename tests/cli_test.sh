@@ -121,6 +121,21 @@ expect_rc 0 "compress" $PARE compress "$FX/small_cnn.pt" --recipe recipe.json -o
 "$PY" -c "import torch; print(torch.jit.load('offline.pt')(torch.randn(1,1,28,28)).shape)" >/dev/null || fail "offline result"
 expect_rc 0 "compress with an image folder" $PARE compress "$FX/rgb16_cnn.pt" --recipe static.json -o offline-rgb.pt \
   --calibration "$FX/images" --eval "$FX/images" --format image-folder --threads 1
+grep -q "centred" "$work/out" || fail "compress's summary has no centred cosine"
+grep -q "^    - agreement (top-1 agreement, cosines) on " "$work/out" || fail "compress's summary has no notes"
+# Bad input is refused before any work, naming what is wrong.
+expect_rc 2 "compress to a folder that does not exist" $PARE compress "$FX/small_cnn.pt" --recipe recipe.json \
+  -o "$work/no/such/dir/o.pt" --input-shape 1,1,28,28
+grep -q "no/such/dir does not exist" "$work/err" || fail "the missing output folder is not named"
+echo '{"steps":[{"prune":{"magnitude":{"amount":0.5}}},]}' >trailing-comma.json
+expect_rc 4 "a recipe with a trailing comma" $PARE compress "$FX/small_cnn.pt" --recipe trailing-comma.json \
+  -o o.pt --input-shape 1,1,28,28
+grep -q "not valid JSON" "$work/err" || fail "the recipe's JSON error is not said"
+"$PY" -c "import torch; x=torch.randn(8,1,28,28); x[3,0,1,1]=float('nan'); torch.save({'images': x}, 'nan.pt')"
+expect_rc 1 "compress on a calibration set holding NaN" $PARE compress "$FX/small_cnn.pt" --recipe static.json \
+  -o o.pt --input-shape 1,1,28,28 --calibration nan.pt
+grep -q "BAD_DATASET: 'images' holds NaN or infinite values in 1 sample(s), the first at index 3" "$work/err" \
+  || fail "NaN in a dataset is not named"
 
 kill -TERM "$server_pid"; wait "$server_pid" || fail "pare-server did not exit cleanly on SIGTERM"
 server_pid=""

@@ -268,12 +268,30 @@ Dataset LoadTensors(const std::string& path) {
 
 }  // namespace
 
-Dataset LoadDataset(const std::string& format, const std::string& path) {
-  if (format == "tensors") return LoadTensors(path);
-  if (format == "idx") return LoadIdx(path);
-  if (format == "image-folder") return LoadImageFolder(path);
+// A NaN or infinity in the inputs would surface far from its cause (a calibration histogram
+// "of range [nan, nan]", a training loss of nan): refused here, with where it is.
+static void CheckFinite(const at::Tensor& images, const std::string& name) {
+  if (!images.defined() || !images.is_floating_point()) return;
+  at::Tensor bad = ~at::isfinite(images).flatten(1).all(1);
+  if (!bad.any().item<bool>()) return;
+  const int64_t first = bad.nonzero()[0][0].item<int64_t>();
   throw EngineError(Code::kInvalidArgument, "BAD_DATASET",
-                    "dataset format '" + format + "' is not supported (tensors, idx, image-folder)");
+                    "'" + name + "' holds NaN or infinite values in " + std::to_string(bad.sum().item<int64_t>()) +
+                        " sample(s), the first at index " + std::to_string(first));
+}
+
+Dataset LoadDataset(const std::string& format, const std::string& path) {
+  Dataset ds;
+  if (format == "tensors") ds = LoadTensors(path);
+  else if (format == "idx") ds = LoadIdx(path);
+  else if (format == "image-folder") ds = LoadImageFolder(path);
+  else {
+    throw EngineError(Code::kInvalidArgument, "BAD_DATASET",
+                      "dataset format '" + format + "' is not supported (tensors, idx, image-folder)");
+  }
+  CheckFinite(ds.images, "images");
+  for (size_t i = 0; i < ds.more_images.size(); ++i) CheckFinite(ds.more_images[i], "images_" + std::to_string(i + 1));
+  return ds;
 }
 
 }  // namespace pare::engine

@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 
@@ -60,8 +61,14 @@ torch::jit::Module LoadModel(const std::string& path) {
     m.eval();
     return m;
   } catch (const std::exception& e) {
-    throw EngineError(Code::kInvalidArgument, "MODEL_LOAD",
-                      "the model is not a loadable TorchScript file: " + ErrorText(e));
+    std::string text = ErrorText(e);
+    // A zip without TorchScript's code and constants is what torch.save() writes (an eager
+    // module or a state_dict): say how to make the file Pare needs.
+    if (text.find("constants.pkl") != std::string::npos || text.find("code/") != std::string::npos) {
+      text += " (this looks like torch.save() of a module or a state_dict; save a TorchScript model with "
+              "torch.jit.script(model).save(path) or torch.jit.trace(model, example).save(path))";
+    }
+    throw EngineError(Code::kInvalidArgument, "MODEL_LOAD", "the model is not a loadable TorchScript file: " + text);
   }
 }
 
@@ -380,9 +387,12 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
   const Dataset* sample_source = eval.size() ? &eval : (calibration.size() ? &calibration : nullptr);
 
   std::vector<int64_t> shape = options.input_shape;
+  std::string shape_note;
   if (shape.empty()) {
     shape = sample_source ? std::vector<int64_t>(sample_source->images.sizes().vec()) : std::vector<int64_t>{1, 3, 224, 224};
     shape[0] = 1;
+    shape_note = sample_source ? "input shape " + c10::str(shape) + " taken from the dataset's images"
+                               : "input shape " + c10::str(shape) + " (the default: no input shape and no dataset given)";
   }
   for (int64_t d : shape) {
     if (d <= 0) throw EngineError(Code::kInvalidArgument, "BAD_INPUT_SHAPE", "input shape " + c10::str(shape) + " has a non-positive dimension");
@@ -411,8 +421,10 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     auto ds_shape = ds->images.sizes().vec();
     if (!std::equal(ds_shape.begin() + 1, ds_shape.end(), shape.begin() + 1, shape.end())) {
       throw EngineError(Code::kInvalidArgument, "BAD_INPUT_SHAPE",
-                        "dataset images are " + c10::str(at::IntArrayRef(ds_shape).slice(1)) +
-                            " but the model's input shape is " + c10::str(at::IntArrayRef(shape).slice(1)));
+                        std::string("the ") + role + " dataset's images are " + c10::str(ds_shape) +
+                            " (one sample: " + c10::str(at::IntArrayRef(ds_shape).slice(1)) +
+                            ") but the model's input shape is " + c10::str(shape) + " (one sample: " +
+                            c10::str(at::IntArrayRef(shape).slice(1)) + ")");
     }
   }
   ctx.input_shape = shape;
@@ -467,6 +479,17 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
   if (cached) original_ctx.latency_batches.clear();
   original.stats = Guard(Code::kInvalidArgument, "MODEL_RUN", "measuring the original model failed",
                          [&] { return Measure(model, input_path, original_ctx); });
+  if (!shape_note.empty()) original.notes.push_back(shape_note);
+  original.notes.push_back("agreement (top-1 agreement, cosines) on " + std::to_string(ctx.samples.size(0)) + " " +
+                           (sample_source == &eval       ? "images of the eval set (its first)"
+                            : sample_source != nullptr ? "images of the calibration set (its first)"
+                                                       : "random inputs (no dataset given)") +
+                           (ctx.eval ? "; accuracy on all " + std::to_string(eval.size()) + " eval images" : ""));
+  if (ctx.eval && !original.stats.top1_accuracy && !ctx.reference.empty()) {
+    original.notes.push_back("no accuracy: the eval set has one label per sample, but the model's output is " +
+                             c10::str(ctx.reference.front().second.sizes()) +
+                             ", not [N, classes] (agreement still compares the outputs)");
+  }
   if (cached) {
     original.stats.latency = cached->latency;
     original.notes.push_back("latency from the measurement cache: this model was timed on this host with these "
@@ -522,7 +545,12 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     // Steps that change the model's structure or number format are there to make it faster;
     // say so when it got slower (beyond timing noise). Training steps keep the structure.
     const StepSpec& st = steps[i];
-    if (std::holds_alternative<ChannelPruneSpec>(st) || std::holds_alternative<FactorizeSpec>(st) ||
+    const bool unchanged = std::any_of(sr.notes.begin(), sr.notes.end(), [](const std::string& n) {
+      return n.find("the model is unchanged") != std::string::npos;
+    });
+    if (unchanged) {
+      // Nothing to compare: a difference in latency is the machine's noise.
+    } else if (std::holds_alternative<ChannelPruneSpec>(st) || std::holds_alternative<FactorizeSpec>(st) ||
         std::holds_alternative<DynamicQuantSpec>(st) || std::holds_alternative<StaticQuantSpec>(st) ||
         std::holds_alternative<HalfPrecisionSpec>(st)) {
       auto slower = SlowdownNotes(report.steps.back().stats, sr.stats, 0.2);

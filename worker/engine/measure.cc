@@ -200,7 +200,11 @@ ModelStats Measure(torch::jit::Module& module, const std::string& path, const Me
   }
 
   if (ctx.eval && ctx.eval->labels.defined()) {
-    at::Tensor logits = RunBatched(module, ctx.eval->images, device, 64, ctx.check_cancel, ctx.eval->more_images).flatten(1);
+    at::Tensor logits = RunBatched(module, ctx.eval->images, device, 64, ctx.check_cancel, ctx.eval->more_images);
+    // One label per sample scores a classifier's [N, classes] (or [N, classes, 1, 1]) output;
+    // a dense output (a segmentation map) has no such score, and accuracy is left out.
+    if (logits.dim() < 2 || logits.numel() != logits.size(0) * logits.size(1)) return s;
+    logits = logits.flatten(1);
     const at::Tensor& labels = ctx.eval->labels;
     if (labels.max().item<int64_t>() >= logits.size(1)) {
       throw EngineError(Code::kInvalidArgument, "BAD_DATASET",

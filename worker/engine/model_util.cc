@@ -272,7 +272,12 @@ std::string ErrorText(const std::exception& e) {
     auto last = msg.rfind('\n');
     if (last != std::string::npos) msg = msg.substr(last + 1);
   }
-  if (msg.size() > 600) msg = msg.substr(0, 600) + "...";
+  if (msg.size() > 600) {
+    // At a word boundary where there is one near the limit, so no token is cut in half.
+    size_t cut = msg.rfind(' ', 600);
+    if (cut == std::string::npos || cut < 480) cut = 600;
+    msg = msg.substr(0, cut) + " ...";
+  }
   return msg;
 }
 
