@@ -25,8 +25,8 @@
 #include <vector>
 
 #include "client/client.h"
-#include "worker/recipe_convert.h"
 #include "common/sha256.h"
+#include "worker/recipe_convert.h"
 
 namespace {
 
@@ -110,12 +110,15 @@ int main(int argc, char** argv) {
   double seconds = 60, warmup = 10, max_growth_mb = 50;
   int clients = 8, workers = 2;
   app.add_option("--bin-dir", bin_dir, "build folder holding server/pare-server and worker/pare-worker");
-  app.add_option("--model", model_path, "a small TorchScript model to upload")->required()->check(CLI::ExistingFile);
+  app.add_option("--model", model_path, "a small TorchScript model to upload")
+      ->required()
+      ->check(CLI::ExistingFile);
   app.add_option("--seconds", seconds, "how long the clients run")->capture_default_str();
   app.add_option("--warmup", warmup, "seconds before the RSS baseline is taken")->capture_default_str();
   app.add_option("--clients", clients, "concurrent clients")->capture_default_str();
   app.add_option("--workers", workers, "local workers of the server")->capture_default_str();
-  app.add_option("--max-growth-mb", max_growth_mb, "fail above this RSS growth after warm-up")->capture_default_str();
+  app.add_option("--max-growth-mb", max_growth_mb, "fail above this RSS growth after warm-up")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   work = (fs::temp_directory_path() / ("pare-soak-" + std::to_string(::getpid()))).string();
@@ -128,9 +131,9 @@ int main(int argc, char** argv) {
     ::close(out[0]);
     std::string bin = bin_dir + "/server/pare-server", wbin = bin_dir + "/worker/pare-worker",
                 data = work + "/data", nworkers = std::to_string(workers);
-    ::execl(bin.c_str(), bin.c_str(), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir",
-            data.c_str(), "--local-workers", nworkers.c_str(), "--worker-threads", "1", "--worker-binary", wbin.c_str(),
-            static_cast<char*>(nullptr));
+    ::execl(bin.c_str(), bin.c_str(), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+            "--data-dir", data.c_str(), "--local-workers", nworkers.c_str(), "--worker-threads", "1",
+            "--worker-binary", wbin.c_str(), static_cast<char*>(nullptr));
     ::_exit(127);
   }
   ::close(out[1]);
@@ -189,7 +192,8 @@ int main(int argc, char** argv) {
       }
       if (j.state() == pare::v1::QUEUED || j.state() == pare::v1::RUNNING) break;  // stopping
       if (j.state() != pare::v1::SUCCEEDED) {
-        n.Error("job " + j.id() + " ended " + pare::v1::JobState_Name(j.state()) + ": " + j.error().message());
+        n.Error("job " + j.id() + " ended " + pare::v1::JobState_Name(j.state()) + ": " +
+                j.error().message());
         continue;
       }
       ++n.jobs;
@@ -230,19 +234,25 @@ int main(int argc, char** argv) {
   fs::remove_all(work);
 
   const double growth = rss_end - rss_warm;
-  std::printf("| clients | seconds | uploads | jobs done | downloads | polls | deliberate rejections | errors | jobs/s "
-              "| server RSS after %.0f s warm-up | at the end | peak | growth | workers + jobs RSS, peak sum "
-              "| largest worker or job process |\n",
-              warmup);
-  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
-  std::printf("| %d | %.0f | %lld | %lld | %lld | %lld | %lld | %lld | %.2f | %.1f MB | %.1f MB | %.1f MB | %+.1f MB "
-              "| %.1f MB | %.1f MB |\n",
-              clients, elapsed, (long long)n.uploads.load(), (long long)n.jobs.load(), (long long)n.downloads.load(),
-              (long long)n.polls.load(), (long long)n.rejections.load(), (long long)n.errors.load(),
-              double(n.jobs.load()) / elapsed, rss_warm, rss_end, rss_peak, growth, others_peak, largest_peak);
+  std::printf(
+      "| clients | seconds | uploads | jobs done | downloads | polls | deliberate rejections | errors | "
+      "jobs/s "
+      "| server RSS after %.0f s warm-up | at the end | peak | growth | workers + jobs RSS, peak sum "
+      "| largest worker or job process |\n",
+      warmup);
+  std::printf(
+      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+      "---: |\n");
+  std::printf(
+      "| %d | %.0f | %lld | %lld | %lld | %lld | %lld | %lld | %.2f | %.1f MB | %.1f MB | %.1f MB | %+.1f MB "
+      "| %.1f MB | %.1f MB |\n",
+      clients, elapsed, (long long)n.uploads.load(), (long long)n.jobs.load(), (long long)n.downloads.load(),
+      (long long)n.polls.load(), (long long)n.rejections.load(), (long long)n.errors.load(),
+      double(n.jobs.load()) / elapsed, rss_warm, rss_end, rss_peak, growth, others_peak, largest_peak);
   for (const auto& e : n.first_errors) std::fprintf(stderr, "error: %s\n", e.c_str());
   const bool ok = n.errors == 0 && growth < max_growth_mb && n.jobs > 0;
-  if (!ok) std::fprintf(stderr, "pare-soak: FAILED (errors %lld, RSS growth %.1f MB, limit %.0f MB)\n",
-                        (long long)n.errors.load(), growth, max_growth_mb);
+  if (!ok)
+    std::fprintf(stderr, "pare-soak: FAILED (errors %lld, RSS growth %.1f MB, limit %.0f MB)\n",
+                 (long long)n.errors.load(), growth, max_growth_mb);
   return ok ? 0 : 1;
 }

@@ -18,7 +18,8 @@ std::shared_ptr<grpc::Channel> ChannelFor(const ClientOptions& o) {
   auto channel = MakeChannel(o.server, o.tls);
   // Bad TLS files are found by the CLI before it gets here (CheckTls); a channel to nowhere
   // then answers every call with UNAVAILABLE rather than crashing.
-  return channel.ok() ? channel.value() : grpc::CreateChannel("unix:/nonexistent", grpc::InsecureChannelCredentials());
+  return channel.ok() ? channel.value()
+                      : grpc::CreateChannel("unix:/nonexistent", grpc::InsecureChannelCredentials());
 }
 
 bool Retryable(const Status& s) { return s.code() == Code::kUnavailable; }
@@ -37,7 +38,8 @@ void Client::Authorize(grpc::ClientContext* ctx) const {
 std::unique_ptr<grpc::ClientContext> Client::Ctx(double seconds) const {
   auto ctx = std::make_unique<grpc::ClientContext>();
   Authorize(ctx.get());
-  ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));
+  ctx->set_deadline(std::chrono::system_clock::now() +
+                    std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));
   return ctx;
 }
 
@@ -53,8 +55,10 @@ Result<Resp> Client::Upload(const std::string& path, v1::UploadHeader header, co
   auto ctx = Ctx(options_.transfer_deadline_seconds);
   Resp resp;
   std::unique_ptr<grpc::ClientWriter<v1::UploadRequest>> writer;
-  if constexpr (std::is_same_v<Resp, v1::Model>) writer = stub_->UploadModel(ctx.get(), &resp);
-  else writer = stub_->UploadDataset(ctx.get(), &resp);
+  if constexpr (std::is_same_v<Resp, v1::Model>)
+    writer = stub_->UploadModel(ctx.get(), &resp);
+  else
+    writer = stub_->UploadDataset(ctx.get(), &resp);
   v1::UploadRequest req;
   *req.mutable_header() = header;
   bool ok = writer->Write(req);
@@ -90,8 +94,8 @@ Result<v1::Model> Client::UploadModel(const std::string& path, const std::string
   return Upload<v1::Model>(path, h, progress);
 }
 
-Result<v1::Dataset> Client::UploadDataset(const std::string& path, const std::string& format, const std::string& name,
-                                          const ByteProgress& progress) {
+Result<v1::Dataset> Client::UploadDataset(const std::string& path, const std::string& format,
+                                          const std::string& name, const ByteProgress& progress) {
   v1::UploadHeader h;
   h.set_name(name.empty() ? fs::path(path).filename().string() : name);
   h.set_format(format);
@@ -99,7 +103,8 @@ Result<v1::Dataset> Client::UploadDataset(const std::string& path, const std::st
 }
 
 template <typename Req, typename Resp>
-Result<Resp> Client::Unary(grpc::Status (v1::Compression::Stub::*method)(grpc::ClientContext*, const Req&, Resp*),
+Result<Resp> Client::Unary(grpc::Status (v1::Compression::Stub::*method)(grpc::ClientContext*, const Req&,
+                                                                         Resp*),
                            const Req& req) {
   Resp resp;
   auto ctx = Ctx(options_.deadline_seconds);
@@ -120,7 +125,9 @@ Result<v1::Dataset> Client::GetDataset(const std::string& id) {
   return Unary(&v1::Compression::Stub::GetDataset, req);
 }
 
-Result<v1::Job> Client::Submit(const v1::SubmitJobRequest& req) { return Unary(&v1::Compression::Stub::SubmitJob, req); }
+Result<v1::Job> Client::Submit(const v1::SubmitJobRequest& req) {
+  return Unary(&v1::Compression::Stub::SubmitJob, req);
+}
 
 Result<v1::Job> Client::GetJob(const std::string& id) {
   v1::GetJobRequest req;

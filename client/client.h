@@ -17,7 +17,7 @@ namespace pare::client {
 
 struct ClientOptions {
   std::string server = "127.0.0.1:50051";
-  double deadline_seconds = 30;          // unary calls
+  double deadline_seconds = 30;             // unary calls
   double transfer_deadline_seconds = 3600;  // uploads and downloads
   std::string token;                        // bearer token; empty: none sent
   TlsClientFiles tls;                       // TLS (and mutual TLS) to the server
@@ -31,10 +31,11 @@ class Client {
   // `progress` gets bytes sent so far and the total.
   using ByteProgress = std::function<void(uint64_t done, uint64_t total)>;
   Result<v1::Model> UploadModel(const std::string& path, const std::string& name,
-                                const std::vector<int64_t>& input_shape, const ByteProgress& progress = nullptr,
+                                const std::vector<int64_t>& input_shape,
+                                const ByteProgress& progress = nullptr,
                                 const std::vector<std::vector<int64_t>>& more_input_shapes = {});
-  Result<v1::Dataset> UploadDataset(const std::string& path, const std::string& format, const std::string& name,
-                                    const ByteProgress& progress = nullptr);
+  Result<v1::Dataset> UploadDataset(const std::string& path, const std::string& format,
+                                    const std::string& name, const ByteProgress& progress = nullptr);
   Result<v1::Model> GetModel(const std::string& id);
   Result<v1::Dataset> GetDataset(const std::string& id);
   Result<v1::Job> Submit(const v1::SubmitJobRequest& req);

@@ -15,7 +15,6 @@ inline std::string ArchiveErrorText(struct archive* a) {
   return e ? e : "unknown archive error";
 }
 
-
 namespace {
 
 using ArchivePtr = std::unique_ptr<struct archive, int (*)(struct archive*)>;
@@ -33,12 +32,14 @@ Status AddFile(struct archive* a, const std::string& path, const std::string& na
   std::error_code ec;
   auto size = std::filesystem::file_size(path, ec);
   if (ec) return InvalidArgument("cannot read " + path + ": " + ec.message());
-  std::unique_ptr<struct archive_entry, void (*)(struct archive_entry*)> e(archive_entry_new(), archive_entry_free);
+  std::unique_ptr<struct archive_entry, void (*)(struct archive_entry*)> e(archive_entry_new(),
+                                                                           archive_entry_free);
   archive_entry_set_pathname(e.get(), name.c_str());
   archive_entry_set_size(e.get(), static_cast<la_int64_t>(size));
   archive_entry_set_filetype(e.get(), AE_IFREG);
   archive_entry_set_perm(e.get(), 0644);
-  if (archive_write_header(a, e.get()) != ARCHIVE_OK) return Internal(std::string("tar header: ") + ArchiveErrorText(a));
+  if (archive_write_header(a, e.get()) != ARCHIVE_OK)
+    return Internal(std::string("tar header: ") + ArchiveErrorText(a));
   std::ifstream in(path, std::ios::binary);
   std::vector<char> buf(1 << 20);
   while (in) {
@@ -57,7 +58,8 @@ Status PackImageFolder(const std::string& folder, const std::string& out_tar) {
   PARE_ASSIGN_OR_RETURN(auto a, OpenTar(out_tar));
   std::error_code ec;
   if (fs::exists(fs::path(folder) / "preprocess.json")) {
-    PARE_RETURN_IF_ERROR(AddFile(a.get(), (fs::path(folder) / "preprocess.json").string(), "preprocess.json"));
+    PARE_RETURN_IF_ERROR(
+        AddFile(a.get(), (fs::path(folder) / "preprocess.json").string(), "preprocess.json"));
   }
   int files = 0;
   for (const auto& cls : fs::directory_iterator(folder, ec)) {
@@ -78,12 +80,14 @@ Status PackImageFolder(const std::string& folder, const std::string& out_tar) {
 Status PackIdxPair(const std::string& images, const std::string& labels, const std::string& out_tar) {
   PARE_ASSIGN_OR_RETURN(auto opened, OpenTar(out_tar));
   ArchivePtr a = std::move(opened);
-  for (const auto& [path, name] : {std::pair<std::string, std::string>{images, "images"}, {labels, "labels"}}) {
+  for (const auto& [path, name] :
+       {std::pair<std::string, std::string>{images, "images"}, {labels, "labels"}}) {
     std::error_code ec;
     auto size = std::filesystem::file_size(path, ec);
     if (ec) return InvalidArgument("cannot read " + path + ": " + ec.message());
     bool gz = path.size() > 3 && path.compare(path.size() - 3, 3, ".gz") == 0;
-    std::unique_ptr<struct archive_entry, void (*)(struct archive_entry*)> e(archive_entry_new(), archive_entry_free);
+    std::unique_ptr<struct archive_entry, void (*)(struct archive_entry*)> e(archive_entry_new(),
+                                                                             archive_entry_free);
     archive_entry_set_pathname(e.get(), (name + (gz ? ".idx.gz" : ".idx")).c_str());
     archive_entry_set_size(e.get(), static_cast<la_int64_t>(size));
     archive_entry_set_filetype(e.get(), AE_IFREG);

@@ -60,8 +60,8 @@ inline Status PermissionDenied(std::string m) { return {Code::kPermissionDenied,
 template <typename T>
 class Result {
  public:
-  Result(T value) : v_(std::move(value)) {}             // NOLINT: implicit by design
-  Result(Status status) : v_(std::move(status)) {}      // NOLINT: implicit by design
+  Result(T value) : v_(std::move(value)) {}         // NOLINT: implicit by design
+  Result(Status status) : v_(std::move(status)) {}  // NOLINT: implicit by design
 
   bool ok() const { return std::holds_alternative<T>(v_); }
   const Status& status() const {
@@ -104,15 +104,16 @@ inline const char* CodeName(Code code) {
 
 }  // namespace pare
 
-#define PARE_RETURN_IF_ERROR(expr)          \
-  do {                                      \
-    ::pare::Status _st = (expr);            \
-    if (!_st.ok()) return _st;              \
+#define PARE_RETURN_IF_ERROR(expr) \
+  do {                             \
+    ::pare::Status _st = (expr);   \
+    if (!_st.ok()) return _st;     \
   } while (0)
 
 // `PARE_ASSIGN_OR_RETURN(auto x, MakeX());`: declares x as the Result's value, or returns its
 // Status from the enclosing function (which returns a Status or a Result).
-#define PARE_ASSIGN_OR_RETURN(lhs, expr) PARE_ASSIGN_OR_RETURN_IMPL(PARE_CONCAT(pare_result_, __LINE__), lhs, expr)
+#define PARE_ASSIGN_OR_RETURN(lhs, expr) \
+  PARE_ASSIGN_OR_RETURN_IMPL(PARE_CONCAT(pare_result_, __LINE__), lhs, expr)
 #define PARE_ASSIGN_OR_RETURN_IMPL(result, lhs, expr) \
   auto result = (expr);                               \
   if (!result.ok()) return result.status();           \

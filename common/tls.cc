@@ -12,7 +12,8 @@ Result<std::string> ReadPem(const std::string& path, const std::string& flag) {
   std::stringstream ss;
   ss << in.rdbuf();
   std::string text = ss.str();
-  if (text.find("-----BEGIN ") == std::string::npos) return InvalidArgument(flag + ": " + path + " is not a PEM file");
+  if (text.find("-----BEGIN ") == std::string::npos)
+    return InvalidArgument(flag + ": " + path + " is not a PEM file");
   return text;
 }
 
@@ -22,7 +23,8 @@ Result<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& address, c
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(4 << 20);
   if (!tls.enabled()) {
-    if (!tls.cert.empty() || !tls.key.empty()) return InvalidArgument("--tls-cert and --tls-key need --tls-ca");
+    if (!tls.cert.empty() || !tls.key.empty())
+      return InvalidArgument("--tls-cert and --tls-key need --tls-ca");
     return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
   }
   grpc::SslCredentialsOptions o;
@@ -39,7 +41,8 @@ Result<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& address, c
   return grpc::CreateCustomChannel(address, grpc::SslCredentials(o), args);
 }
 
-Result<std::shared_ptr<grpc::ServerCredentials>> TlsServerCredentials(const std::string& cert, const std::string& key,
+Result<std::shared_ptr<grpc::ServerCredentials>> TlsServerCredentials(const std::string& cert,
+                                                                      const std::string& key,
                                                                       const std::string& client_ca) {
   PARE_ASSIGN_OR_RETURN(auto c, ReadPem(cert, "--tls-cert"));
   PARE_ASSIGN_OR_RETURN(auto k, ReadPem(key, "--tls-key"));

@@ -24,7 +24,8 @@ Result<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& address, c
 
 // Server credentials from PEM files; with `client_ca`, clients must present a certificate
 // signed by it.
-Result<std::shared_ptr<grpc::ServerCredentials>> TlsServerCredentials(const std::string& cert, const std::string& key,
+Result<std::shared_ptr<grpc::ServerCredentials>> TlsServerCredentials(const std::string& cert,
+                                                                      const std::string& key,
                                                                       const std::string& client_ca);
 
 }  // namespace pare

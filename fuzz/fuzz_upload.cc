@@ -18,6 +18,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   limits.max_entries = 1000;
   limits.max_uncompressed_bytes = 64 << 20;
   (void)pare::server::CheckTorchScriptArchive(path, limits);
-  for (const char* format : {"tensors", "idx", "image-folder"}) (void)pare::server::CheckDataset(path, format, limits);
+  for (const char* format : {"tensors", "idx", "image-folder"})
+    (void)pare::server::CheckDataset(path, format, limits);
   return 0;
 }

@@ -4,10 +4,11 @@ set -euo pipefail
 # libopenblas0-openmp: LibTorch's float conv fallback (small spatial inputs) and linear layers go
 # through BLAS; Debian's reference BLAS makes them several times slower, and OpenBLAS's pthread
 # build fights LibTorch's OpenMP threads (the engine links the OpenMP build first, by RPATH).
+# clang-format: scripts/check-format.sh (run by scripts/test.sh) checks the C++ against .clang-format.
 # buildah, podman, debootstrap: tests/docker_test.sh builds the Dockerfile without a Docker engine,
 # on base images made from Debian's packages (scripts/make-base-images.sh).
 packages=(
-  build-essential cmake ninja-build ccache pkg-config clang libclang-rt-14-dev openssl
+  build-essential cmake ninja-build ccache pkg-config clang clang-format libclang-rt-14-dev openssl
   libopenblas0-openmp libtorch-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev libspdlog-dev libgtest-dev libsqlite3-dev libssl-dev libcli11-dev
   nlohmann-json3-dev libarchive-dev zlib1g-dev libpng-dev libjpeg-dev

@@ -53,14 +53,16 @@ Result<std::vector<Entry>> ScanArchive(ArchivePtr& a, const std::string& what, c
     }
     const char* raw_name = archive_entry_pathname(e);
     std::string name = raw_name ? raw_name : "";
-    if (!SafeEntryName(name)) return InvalidArgument(what + " has an entry with an unsafe path: '" + name + "'");
+    if (!SafeEntryName(name))
+      return InvalidArgument(what + " has an entry with an unsafe path: '" + name + "'");
     auto type = archive_entry_filetype(e);
     if (type == AE_IFDIR) {
       if (!allow_dirs) return InvalidArgument(what + " has an unexpected directory entry '" + name + "'");
       continue;
     }
     if (type != AE_IFREG) {
-      return InvalidArgument(what + " entry '" + name + "' is not a regular file (links and devices are refused)");
+      return InvalidArgument(what + " entry '" + name +
+                             "' is not a regular file (links and devices are refused)");
     }
     if (entries.size() + 1 > limits.max_entries) {
       return InvalidArgument(what + " has more than " + std::to_string(limits.max_entries) + " entries");
@@ -74,13 +76,14 @@ Result<std::vector<Entry>> ScanArchive(ArchivePtr& a, const std::string& what, c
     while (true) {
       la_ssize_t n = archive_read_data(a.get(), buf.data(), buf.size());
       if (n < 0) {
-        return InvalidArgument(what + " entry '" + name + "' cannot be read (" + ArchiveErrorText(a.get()) + ")");
+        return InvalidArgument(what + " entry '" + name + "' cannot be read (" + ArchiveErrorText(a.get()) +
+                               ")");
       }
       if (n == 0) break;
       actual += static_cast<uint64_t>(n);
       if (total + actual > limits.max_uncompressed_bytes) {
-        return InvalidArgument(what + " decompresses to more than " + std::to_string(limits.max_uncompressed_bytes) +
-                               " bytes");
+        return InvalidArgument(what + " decompresses to more than " +
+                               std::to_string(limits.max_uncompressed_bytes) + " bytes");
       }
       if (archive_entry_size_is_set(e) && actual > declared) {
         return InvalidArgument(what + " entry '" + name + "' decompresses to more than its declared size");
@@ -115,19 +118,23 @@ std::string TopFolder(const std::vector<Entry>& entries) {
     auto slash = e.name.find('/');
     if (slash == std::string::npos) return "";
     std::string t = e.name.substr(0, slash);
-    if (top.empty()) top = t;
-    else if (t != top) return "";
+    if (top.empty())
+      top = t;
+    else if (t != top)
+      return "";
   }
   return top;
 }
 
-Status CheckTorchZip(const std::string& path, const ArchiveLimits& limits, bool need_code, const std::string& what) {
+Status CheckTorchZip(const std::string& path, const ArchiveLimits& limits, bool need_code,
+                     const std::string& what) {
   ArchivePtr a = OpenZip(path);
   if (!a) return InvalidArgument(what + " is not a zip archive (truncated or corrupt)");
   PARE_ASSIGN_OR_RETURN(auto entries, ScanArchive(a, what, limits, /*allow_dirs=*/false));
   if (entries.empty()) return InvalidArgument(what + " is an empty zip archive");
   std::string top = TopFolder(entries);
-  if (top.empty()) return InvalidArgument(what + " does not have the PyTorch archive layout (one top folder)");
+  if (top.empty())
+    return InvalidArgument(what + " does not have the PyTorch archive layout (one top folder)");
   bool data_pkl = false, code = false;
   for (const auto& e : entries) {
     if (e.name == top + "/data.pkl") data_pkl = true;
@@ -170,7 +177,9 @@ Status CheckDataset(const std::string& path, const std::string& format, const Ar
       return Status::Ok();
     }
     ArchivePtr a = OpenTar(path);
-    if (!a) return InvalidArgument("the dataset is neither an IDX file (wrong magic number) nor a tar of IDX files");
+    if (!a)
+      return InvalidArgument(
+          "the dataset is neither an IDX file (wrong magic number) nor a tar of IDX files");
     auto entries = ScanArchive(a, "the dataset tar", limits, /*allow_dirs=*/true);
     if (!entries.ok()) {
       return InvalidArgument("the dataset is neither an IDX file (wrong magic number) nor a valid tar: " +

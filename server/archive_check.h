@@ -11,7 +11,7 @@
 namespace pare::server {
 
 struct ArchiveLimits {
-  uint64_t max_entries = 100000;                      // entries in one archive
+  uint64_t max_entries = 100000;                         // entries in one archive
   uint64_t max_uncompressed_bytes = uint64_t(16) << 30;  // all entries together, decompressed
 };
 

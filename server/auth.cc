@@ -16,7 +16,8 @@ std::string BearerToken(const grpc::CallbackServerContext* call) {
   return value.rfind(prefix, 0) == 0 ? value.substr(prefix.size()) : "";
 }
 
-Result<Authenticator> Authenticator::FromFile(const std::string& tokens_file, const std::string& worker_token) {
+Result<Authenticator> Authenticator::FromFile(const std::string& tokens_file,
+                                              const std::string& worker_token) {
   std::ifstream in(tokens_file);
   if (!in) return InvalidArgument("--auth-tokens: cannot read " + tokens_file);
   if (worker_token.size() < 16) return InvalidArgument("the worker token must have at least 16 characters");
@@ -36,10 +37,13 @@ Result<Authenticator> Authenticator::FromFile(const std::string& tokens_file, co
     if (!(fields >> token) || (fields >> extra)) return InvalidArgument(where + ": expected 'TENANT TOKEN'");
     if (token.size() < 16) return InvalidArgument(where + ": tokens need at least 16 characters");
     std::string digest = Sha256::Of(token);
-    if (digest == a.worker_digest_) return InvalidArgument(where + ": a client token may not be the worker token");
-    if (!a.tenants_by_digest_.emplace(digest, tenant).second) return InvalidArgument(where + ": duplicate token");
+    if (digest == a.worker_digest_)
+      return InvalidArgument(where + ": a client token may not be the worker token");
+    if (!a.tenants_by_digest_.emplace(digest, tenant).second)
+      return InvalidArgument(where + ": duplicate token");
   }
-  if (a.tenants_by_digest_.empty()) return InvalidArgument("--auth-tokens: " + tokens_file + " holds no token");
+  if (a.tenants_by_digest_.empty())
+    return InvalidArgument("--auth-tokens: " + tokens_file + " holds no token");
   return a;
 }
 

@@ -155,8 +155,8 @@ Result<std::string> BlobStore::PutBytes(const std::string& bytes) {
 std::pair<uint64_t, uint64_t> BlobStore::CountAndBytes() const {
   uint64_t count = 0, bytes = 0;
   std::error_code ec;
-  for (auto it = fs::recursive_directory_iterator(root_ + "/blobs", ec); !ec && it != fs::recursive_directory_iterator();
-       it.increment(ec)) {
+  for (auto it = fs::recursive_directory_iterator(root_ + "/blobs", ec);
+       !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
     if (!it->is_regular_file(ec)) continue;
     ++count;
     bytes += it->file_size(ec);

@@ -8,9 +8,9 @@
 #include "common/ids.h"
 #include "common/logging.h"
 #include "common/protocol.h"
-#include "worker/recipe_convert.h"
 #include "server/convert.h"
 #include "server/reactors.h"
+#include "worker/recipe_convert.h"
 
 namespace pare::server {
 namespace {
@@ -25,8 +25,9 @@ Status CheckStorageQuota(ServiceContext* ctx, const std::string& tenant, uint64_
   PARE_ASSIGN_OR_RETURN(auto usage, ctx->store->Usage(tenant));
   if (usage.stored_bytes + size > ctx->limits.tenant_max_bytes) {
     return ResourceExhausted("tenant '" + tenant + "' stored-bytes quota: it stores " +
-                             std::to_string(usage.stored_bytes) + " of " + std::to_string(ctx->limits.tenant_max_bytes) +
-                             " bytes and this upload is " + std::to_string(size));
+                             std::to_string(usage.stored_bytes) + " of " +
+                             std::to_string(ctx->limits.tenant_max_bytes) + " bytes and this upload is " +
+                             std::to_string(size));
   }
   return Status::Ok();
 }
@@ -41,8 +42,9 @@ Status CheckUploadHeader(const v1::UploadHeader& h, const Limits& limits) {
   }
   if (h.size_bytes() == 0) return InvalidArgument("header.size_bytes must be the file's size (> 0)");
   if (h.size_bytes() > limits.max_upload_bytes) {
-    return ResourceExhausted("header.size_bytes " + std::to_string(h.size_bytes()) + " exceeds the upload limit of " +
-                             std::to_string(limits.max_upload_bytes) + " bytes");
+    return ResourceExhausted("header.size_bytes " + std::to_string(h.size_bytes()) +
+                             " exceeds the upload limit of " + std::to_string(limits.max_upload_bytes) +
+                             " bytes");
   }
   if (!h.sha256().empty() && !IsHexSha256(h.sha256())) {
     return InvalidArgument("header.sha256 must be 64 lower-case hex characters");
@@ -53,7 +55,10 @@ Status CheckUploadHeader(const v1::UploadHeader& h, const Limits& limits) {
 class ModelUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHeader> {
  public:
   ModelUpload(ServiceContext* ctx, std::string tenant, v1::Model* resp)
-      : IngestReactor(ctx->executor, ctx->blobs), ctx_(ctx), tenant_(std::move(tenant)), resp_(resp),
+      : IngestReactor(ctx->executor, ctx->blobs),
+        ctx_(ctx),
+        tenant_(std::move(tenant)),
+        resp_(resp),
         start_(std::chrono::steady_clock::now()) {}
 
  protected:
@@ -61,9 +66,11 @@ class ModelUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHead
     PARE_RETURN_IF_ERROR(CheckUploadHeader(h, ctx_->limits));
     PARE_RETURN_IF_ERROR(CheckStorageQuota(ctx_, tenant_, h.size_bytes()));
     auto check = [](const auto& dims, const std::string& field) -> Status {
-      if (dims.size() < 2 || dims.size() > 6) return InvalidArgument(field + " needs 2 to 6 dimensions (batch first)");
+      if (dims.size() < 2 || dims.size() > 6)
+        return InvalidArgument(field + " needs 2 to 6 dimensions (batch first)");
       for (int64_t d : dims) {
-        if (d <= 0 || d > 100000) return InvalidArgument(field + " has a dimension out of range: " + std::to_string(d));
+        if (d <= 0 || d > 100000)
+          return InvalidArgument(field + " has a dimension out of range: " + std::to_string(d));
       }
       return Status::Ok();
     };
@@ -71,9 +78,11 @@ class ModelUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHead
     if (h.more_input_shapes_size() > 0 && h.input_shape_size() == 0) {
       return InvalidArgument("header.more_input_shapes needs header.input_shape (the first input's)");
     }
-    if (h.more_input_shapes_size() > 15) return InvalidArgument("header.more_input_shapes has more than 15 shapes");
+    if (h.more_input_shapes_size() > 15)
+      return InvalidArgument("header.more_input_shapes has more than 15 shapes");
     for (int i = 0; i < h.more_input_shapes_size(); ++i) {
-      PARE_RETURN_IF_ERROR(check(h.more_input_shapes(i).dims(), "header.more_input_shapes[" + std::to_string(i) + "]"));
+      PARE_RETURN_IF_ERROR(
+          check(h.more_input_shapes(i).dims(), "header.more_input_shapes[" + std::to_string(i) + "]"));
     }
     if (!h.format().empty()) return InvalidArgument("header.format is for datasets; a model has none");
     *expected = *limit = h.size_bytes();
@@ -92,10 +101,13 @@ class ModelUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHead
     m.sha256 = sha.value();
     m.size_bytes = h.size_bytes();
     m.input_shape.assign(h.input_shape().begin(), h.input_shape().end());
-    for (const auto& more : h.more_input_shapes()) m.more_input_shapes.emplace_back(more.dims().begin(), more.dims().end());
+    for (const auto& more : h.more_input_shapes())
+      m.more_input_shapes.emplace_back(more.dims().begin(), more.dims().end());
     m.created_ms = ctx_->clock->NowMs();
     PARE_RETURN_IF_ERROR(ctx_->store->PutModel(m));
-    spdlog::info(Kv({{"msg", "model uploaded"}, {"model", m.id}, {"sha256", m.sha256},
+    spdlog::info(Kv({{"msg", "model uploaded"},
+                     {"model", m.id},
+                     {"sha256", m.sha256},
                      {"bytes", std::to_string(m.size_bytes)}}));
     if (ctx_->metrics) ctx_->metrics->Uploaded("model", m.size_bytes, SecondsSince(start_));
     *resp_ = ToProto(m);
@@ -112,13 +124,17 @@ class ModelUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHead
 class DatasetUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHeader> {
  public:
   DatasetUpload(ServiceContext* ctx, std::string tenant, v1::Dataset* resp)
-      : IngestReactor(ctx->executor, ctx->blobs), ctx_(ctx), tenant_(std::move(tenant)), resp_(resp),
+      : IngestReactor(ctx->executor, ctx->blobs),
+        ctx_(ctx),
+        tenant_(std::move(tenant)),
+        resp_(resp),
         start_(std::chrono::steady_clock::now()) {}
 
  protected:
   Status OnHeader(const v1::UploadHeader& h, uint64_t* expected, uint64_t* limit) override {
     if (!IsKnownDatasetFormat(h.format())) {
-      return InvalidArgument("header.format must be one of tensors, idx, image-folder; got '" + h.format() + "'");
+      return InvalidArgument("header.format must be one of tensors, idx, image-folder; got '" + h.format() +
+                             "'");
     }
     PARE_RETURN_IF_ERROR(CheckUploadHeader(h, ctx_->limits));
     PARE_RETURN_IF_ERROR(CheckStorageQuota(ctx_, tenant_, h.size_bytes()));
@@ -140,7 +156,9 @@ class DatasetUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHe
     d.format = h.format();
     d.created_ms = ctx_->clock->NowMs();
     PARE_RETURN_IF_ERROR(ctx_->store->PutDataset(d));
-    spdlog::info(Kv({{"msg", "dataset uploaded"}, {"dataset", d.id}, {"format", d.format},
+    spdlog::info(Kv({{"msg", "dataset uploaded"},
+                     {"dataset", d.id},
+                     {"format", d.format},
                      {"bytes", std::to_string(d.size_bytes)}}));
     if (ctx_->metrics) ctx_->metrics->Uploaded("dataset", d.size_bytes, SecondsSince(start_));
     *resp_ = ToProto(d);
@@ -248,9 +266,9 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::Job> {
   const std::string job_id_;
   std::shared_ptr<Alive> alive_;
   uint64_t token_ = 0;
-  std::mutex mu_;  // guards the flags below and msg_
-  bool busy_ = false;      // a load or a write is in flight
-  bool dirty_ = false;     // a change arrived while busy
+  std::mutex mu_;       // guards the flags below and msg_
+  bool busy_ = false;   // a load or a write is in flight
+  bool dirty_ = false;  // a change arrived while busy
   bool cancelled_ = false;
   bool finished_ = false;
   bool last_was_terminal_ = false;
@@ -260,7 +278,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::Job> {
 }  // namespace
 
 grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadModel(grpc::CallbackServerContext* call,
-                                                                             v1::Model* resp) {
+                                                                            v1::Model* resp) {
   if (ctx_->draining) {
     return new ErrorReadReactor<v1::UploadRequest>(
         grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down; retry on another replica"));
@@ -272,8 +290,8 @@ grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadModel(grpc
   return r;
 }
 
-grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadDataset(grpc::CallbackServerContext* call,
-                                                                               v1::Dataset* resp) {
+grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadDataset(
+    grpc::CallbackServerContext* call, v1::Dataset* resp) {
   if (ctx_->draining) {
     return new ErrorReadReactor<v1::UploadRequest>(
         grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down; retry on another replica"));
@@ -297,7 +315,8 @@ grpc::ServerUnaryReactor* CompressionService::GetModel(grpc::CallbackServerConte
 }
 
 grpc::ServerUnaryReactor* CompressionService::GetDataset(grpc::CallbackServerContext* call,
-                                                         const v1::GetDatasetRequest* req, v1::Dataset* resp) {
+                                                         const v1::GetDatasetRequest* req,
+                                                         v1::Dataset* resp) {
   auto tenant = ctx_->auth->Client(call);
   if (!tenant.ok()) return Refuse(call, tenant.status());
   return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
@@ -322,8 +341,9 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
     for (int i = 0; i < req->recipe().steps_size(); ++i) {
       const auto& step = req->recipe().steps(i);
       if (!step.has_distill()) continue;
-      for (const auto& [field, id] : {std::pair<const char*, std::string>{"teacherModel", step.distill().teacher_model()},
-                                      {"studentModel", step.distill().student_model()}}) {
+      for (const auto& [field, id] :
+           {std::pair<const char*, std::string>{"teacherModel", step.distill().teacher_model()},
+            {"studentModel", step.distill().student_model()}}) {
         if (!id.empty() && !ctx_->store->GetModel(tenant, id).ok()) {
           return NotFound("recipe.steps[" + std::to_string(i) + "].distill." + field + ": model '" + id +
                           "' does not exist");
@@ -333,7 +353,8 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
     if (req->request_id().size() > 128) return InvalidArgument("request_id is longer than 128 characters");
     if (int64_t(req->timeout_seconds()) > ctx_->limits.max_job_seconds) {
       return InvalidArgument("timeout_seconds " + std::to_string(req->timeout_seconds()) +
-                             " exceeds the server's maximum of " + std::to_string(ctx_->limits.max_job_seconds));
+                             " exceeds the server's maximum of " +
+                             std::to_string(ctx_->limits.max_job_seconds));
     }
     for (size_t i = 0; i < steps.size(); ++i) {
       if (engine::NeedsTrainData((steps)[i]) && req->train_dataset_id().empty()) {
@@ -343,9 +364,10 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
     }
     auto model = ctx_->store->GetModel(tenant, req->model_id());
     if (!model.ok()) return NotFound("model_id: model '" + req->model_id() + "' does not exist");
-    for (const auto& [field, id] : {std::pair<const char*, std::string>{"calibration_dataset_id", req->calibration_dataset_id()},
-                                    {"train_dataset_id", req->train_dataset_id()},
-                                    {"eval_dataset_id", req->eval_dataset_id()}}) {
+    for (const auto& [field, id] :
+         {std::pair<const char*, std::string>{"calibration_dataset_id", req->calibration_dataset_id()},
+          {"train_dataset_id", req->train_dataset_id()},
+          {"eval_dataset_id", req->eval_dataset_id()}}) {
       if (id.empty()) continue;
       auto ds = ctx_->store->GetDataset(tenant, id);
       if (!ds.ok()) return NotFound(std::string(field) + ": dataset '" + id + "' does not exist");
@@ -360,7 +382,8 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
     j.train_dataset_id = req->train_dataset_id();
     j.eval_dataset_id = req->eval_dataset_id();
     j.device = device.empty() ? "auto" : device;
-    j.timeout_seconds = req->timeout_seconds() ? int64_t(req->timeout_seconds()) : ctx_->limits.max_job_seconds;
+    j.timeout_seconds =
+        req->timeout_seconds() ? int64_t(req->timeout_seconds()) : ctx_->limits.max_job_seconds;
     j.max_attempts = ctx_->limits.max_attempts;
     j.created_ms = ctx_->clock->NowMs();
     auto created = ctx_->store->CreateJob(
@@ -369,7 +392,9 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
     const JobRecord& stored = created->first;
     if (created->second) {
       if (ctx_->metrics) ctx_->metrics->JobSubmitted();
-      spdlog::info(Kv({{"msg", "job submitted"}, {"job", stored.id}, {"model", stored.model_id},
+      spdlog::info(Kv({{"msg", "job submitted"},
+                       {"job", stored.id},
+                       {"model", stored.model_id},
                        {"first_step", FirstStepKind(req->recipe())}}));
     }
     *resp = ToProto(stored);
@@ -377,8 +402,8 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
   });
 }
 
-grpc::ServerUnaryReactor* CompressionService::GetJob(grpc::CallbackServerContext* call, const v1::GetJobRequest* req,
-                                                     v1::Job* resp) {
+grpc::ServerUnaryReactor* CompressionService::GetJob(grpc::CallbackServerContext* call,
+                                                     const v1::GetJobRequest* req, v1::Job* resp) {
   auto tenant = ctx_->auth->Client(call);
   if (!tenant.ok()) return Refuse(call, tenant.status());
   return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
@@ -389,7 +414,8 @@ grpc::ServerUnaryReactor* CompressionService::GetJob(grpc::CallbackServerContext
 }
 
 grpc::ServerUnaryReactor* CompressionService::ListJobs(grpc::CallbackServerContext* call,
-                                                       const v1::ListJobsRequest* req, v1::ListJobsResponse* resp) {
+                                                       const v1::ListJobsRequest* req,
+                                                       v1::ListJobsResponse* resp) {
   auto tenant = ctx_->auth->Client(call);
   if (!tenant.ok()) return Refuse(call, tenant.status());
   return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
@@ -405,7 +431,8 @@ grpc::ServerUnaryReactor* CompressionService::ListJobs(grpc::CallbackServerConte
       }
     }
     PARE_ASSIGN_OR_RETURN(auto jobs, ctx_->store->ListJobs(tenant, after, size + 1));
-    for (int i = 0; i < static_cast<int>(jobs.size()) && i < size; ++i) *resp->add_jobs() = ToProto((jobs)[i]);
+    for (int i = 0; i < static_cast<int>(jobs.size()) && i < size; ++i)
+      *resp->add_jobs() = ToProto((jobs)[i]);
     if (static_cast<int>(jobs.size()) > size) resp->set_next_page_token(std::to_string((jobs)[size - 1].seq));
     return Status::Ok();
   });
@@ -419,7 +446,8 @@ grpc::ServerUnaryReactor* CompressionService::CancelJob(grpc::CallbackServerCont
     const int64_t now = ctx_->clock->NowMs();
     PARE_ASSIGN_OR_RETURN(auto j, ctx_->store->CancelJob(tenant, req->id(), now));
     // A queued job ends here (a running one ends when its worker stops).
-    if (ctx_->metrics && j.state == JobState::kCancelled && j.finished_ms == now) ctx_->metrics->JobEnded(j, "");
+    if (ctx_->metrics && j.state == JobState::kCancelled && j.finished_ms == now)
+      ctx_->metrics->JobEnded(j, "");
     spdlog::info(Kv({{"msg", "job cancel requested"}, {"job", j.id}, {"state", JobStateName(j.state)}}));
     ctx_->events->Publish(j.id);
     *resp = ToProto(j);
@@ -431,7 +459,8 @@ grpc::ServerWriteReactor<v1::Job>* CompressionService::WatchJob(grpc::CallbackSe
                                                                 const v1::WatchJobRequest* req) {
   auto tenant = ctx_->auth->Client(call);
   if (!tenant.ok()) return new ErrorWriteReactor<v1::Job>(ToGrpcStatus(tenant.status()));
-  if (req->id().empty()) return new ErrorWriteReactor<v1::Job>(ToGrpcStatus(InvalidArgument("id is required")));
+  if (req->id().empty())
+    return new ErrorWriteReactor<v1::Job>(ToGrpcStatus(InvalidArgument("id is required")));
   return new WatchReactor(ctx_, tenant.value(), req->id());
 }
 

@@ -11,7 +11,8 @@ class CompressionService final : public v1::Compression::CallbackService {
  public:
   explicit CompressionService(ServiceContext* ctx) : ctx_(ctx) {}
 
-  grpc::ServerReadReactor<v1::UploadRequest>* UploadModel(grpc::CallbackServerContext* call, v1::Model* resp) override;
+  grpc::ServerReadReactor<v1::UploadRequest>* UploadModel(grpc::CallbackServerContext* call,
+                                                          v1::Model* resp) override;
   grpc::ServerReadReactor<v1::UploadRequest>* UploadDataset(grpc::CallbackServerContext* call,
                                                             v1::Dataset* resp) override;
   grpc::ServerUnaryReactor* GetModel(grpc::CallbackServerContext* call, const v1::GetModelRequest* req,

@@ -13,20 +13,27 @@ int main(int argc, char** argv) {
   pare::server::ServerOptions o;
   o.metrics_listen = "127.0.0.1:9090";
   CLI::App app{"pare-server: the Pare model-compression service"};
-  app.add_option("--listen", o.listen, "host:port for gRPC (port 0 picks a free port)")->capture_default_str();
-  app.add_option("--data-dir", o.data_dir, "folder for the SQLite store and the blob files")->capture_default_str();
+  app.add_option("--listen", o.listen, "host:port for gRPC (port 0 picks a free port)")
+      ->capture_default_str();
+  app.add_option("--data-dir", o.data_dir, "folder for the SQLite store and the blob files")
+      ->capture_default_str();
   app.add_option("--local-workers", o.local_workers, "local pare-worker processes to supervise (0: none)")
       ->capture_default_str();
-  app.add_option("--worker-binary", o.worker_binary, "path of pare-worker (default: found beside pare-server)");
-  app.add_option("--worker-threads", [&](const CLI::results_t& r) {
-       o.worker_args.push_back("--threads");
-       o.worker_args.push_back(r[0]);
-       return true;
-     }, "intra-op threads of each local worker");
+  app.add_option("--worker-binary", o.worker_binary,
+                 "path of pare-worker (default: found beside pare-server)");
+  app.add_option(
+      "--worker-threads",
+      [&](const CLI::results_t& r) {
+        o.worker_args.push_back("--threads");
+        o.worker_args.push_back(r[0]);
+        return true;
+      },
+      "intra-op threads of each local worker");
   app.add_option("--max-upload-bytes", o.limits.max_upload_bytes, "largest model or dataset accepted")
       ->capture_default_str();
   double lease_ttl = o.limits.lease_ttl_ms / 1000.0;
-  app.add_option("--lease-ttl", lease_ttl, "seconds a job stays leased without a heartbeat")->capture_default_str();
+  app.add_option("--lease-ttl", lease_ttl, "seconds a job stays leased without a heartbeat")
+      ->capture_default_str();
   app.add_option("--max-attempts", o.limits.max_attempts, "leases a job may take before it fails")
       ->capture_default_str();
   app.add_option("--drain-seconds", o.drain_seconds, "grace period on SIGTERM")->capture_default_str();
@@ -47,11 +54,14 @@ int main(int argc, char** argv) {
   app.add_option("--metrics-listen", o.metrics_listen,
                  "host:port for Prometheus /metrics (port 0 picks a free one; empty: off)")
       ->capture_default_str();
-  app.add_option("--auth-tokens", o.auth_tokens_file, "file of 'TENANT TOKEN' lines; without it, loopback only")
+  app.add_option("--auth-tokens", o.auth_tokens_file,
+                 "file of 'TENANT TOKEN' lines; without it, loopback only")
       ->check(CLI::ExistingFile);
-  app.add_option("--tls-cert", o.tls_cert_file, "PEM certificate: serve gRPC over TLS")->check(CLI::ExistingFile);
+  app.add_option("--tls-cert", o.tls_cert_file, "PEM certificate: serve gRPC over TLS")
+      ->check(CLI::ExistingFile);
   app.add_option("--tls-key", o.tls_key_file, "PEM key of --tls-cert")->check(CLI::ExistingFile);
-  app.add_option("--tls-client-ca", o.tls_client_ca_file, "PEM CA: require client certificates it signed (mutual TLS)")
+  app.add_option("--tls-client-ca", o.tls_client_ca_file,
+                 "PEM CA: require client certificates it signed (mutual TLS)")
       ->check(CLI::ExistingFile);
   app.add_option("--worker-token-file", o.worker_token_file, "file holding the token workers present")
       ->check(CLI::ExistingFile);
@@ -80,8 +90,8 @@ int main(int argc, char** argv) {
   std::cout << "pare-server listening on " << server.value()->address() << " (data in " << o.data_dir << ", "
             << o.local_workers << " local worker" << (o.local_workers == 1 ? "" : "s") << ")";
   if (int mp = server.value()->metrics_port()) {
-    std::cout << "; metrics on http://" << o.metrics_listen.substr(0, o.metrics_listen.rfind(':')) << ":" << mp
-              << "/metrics";
+    std::cout << "; metrics on http://" << o.metrics_listen.substr(0, o.metrics_listen.rfind(':')) << ":"
+              << mp << "/metrics";
   }
   std::cout << std::endl;
   std::thread signals([&] {

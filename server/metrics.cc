@@ -2,26 +2,35 @@
 
 #include <set>
 
-#include "worker/recipe_convert.h"
 #include "pare/v1/compression.pb.h"
+#include "worker/recipe_convert.h"
 
 namespace pare::server {
 namespace {
 
 using prometheus::Histogram;
 
-const std::vector<std::string> kCodes = {"OK",        "CANCELLED",          "INVALID_ARGUMENT", "NOT_FOUND",
-                                         "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-                                         "UNAUTHENTICATED", "PERMISSION_DENIED",  "UNAVAILABLE",
-                                         "DEADLINE_EXCEEDED", "INTERNAL"};
-const std::vector<std::string> kFailureClasses = {"bad_input", "needs_gpu", "worker_lost", "cancelled", "internal"};
+const std::vector<std::string> kCodes = {"OK",
+                                         "CANCELLED",
+                                         "INVALID_ARGUMENT",
+                                         "NOT_FOUND",
+                                         "ALREADY_EXISTS",
+                                         "RESOURCE_EXHAUSTED",
+                                         "FAILED_PRECONDITION",
+                                         "UNAUTHENTICATED",
+                                         "PERMISSION_DENIED",
+                                         "UNAVAILABLE",
+                                         "DEADLINE_EXCEEDED",
+                                         "INTERNAL"};
+const std::vector<std::string> kFailureClasses = {"bad_input", "needs_gpu", "worker_lost", "cancelled",
+                                                  "internal"};
 const std::vector<std::string> kFirstSteps = {"prune", "quantize", "distill", "factorize", "finetune"};
-const std::vector<std::string> kStepKinds = {"prune.magnitude", "prune.channel", "prune.nm",   "quantize.dynamic",
-                                             "quantize.static", "quantize.fp16", "quantize.bf16", "distill",
-                                             "factorize",       "finetune"};
+const std::vector<std::string> kStepKinds = {
+    "prune.magnitude", "prune.channel", "prune.nm", "quantize.dynamic", "quantize.static",
+    "quantize.fp16",   "quantize.bf16", "distill",  "factorize",        "finetune"};
 const std::vector<std::string> kDevices = {"cpu", "cuda"};
-const std::vector<JobState> kStates = {JobState::kQueued, JobState::kRunning, JobState::kSucceeded, JobState::kFailed,
-                                       JobState::kCancelled};
+const std::vector<JobState> kStates = {JobState::kQueued, JobState::kRunning, JobState::kSucceeded,
+                                       JobState::kFailed, JobState::kCancelled};
 
 Histogram::BucketBoundaries Seconds() {
   return {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600};
@@ -38,9 +47,10 @@ std::string Lower(std::string s) {
 
 std::string FailureClass(const std::string& reason) {
   static const std::set<std::string> bad_input = {
-      "MODEL_LOAD",  "MODEL_FORMAT",    "MODEL_RUN",     "MODEL_OUTPUT",    "BAD_DATASET", "BAD_RECIPE",
-      "BAD_INPUT_SHAPE", "NO_TRAIN_DATA", "NO_CALIBRATION", "SHAPE_MISMATCH", "OUTPUT_SHAPE", "NOT_TRAINABLE",
-      "UNSUPPORTED_MODEL", "NOTHING_TO_PRUNE", "INPUT_MISSING", "BAD_DEVICE", "CHANNEL_PRUNE", "FACTORIZE"};
+      "MODEL_LOAD",   "MODEL_FORMAT",    "MODEL_RUN",         "MODEL_OUTPUT",     "BAD_DATASET",
+      "BAD_RECIPE",   "BAD_INPUT_SHAPE", "NO_TRAIN_DATA",     "NO_CALIBRATION",   "SHAPE_MISMATCH",
+      "OUTPUT_SHAPE", "NOT_TRAINABLE",   "UNSUPPORTED_MODEL", "NOTHING_TO_PRUNE", "INPUT_MISSING",
+      "BAD_DEVICE",   "CHANNEL_PRUNE",   "FACTORIZE"};
   if (bad_input.count(reason)) return "bad_input";
   if (reason == "NO_CUDA" || reason == "NEEDS_CUDA") return "needs_gpu";
   if (reason == "LEASE_EXPIRED" || reason == "WORKER_CRASH" || reason == "WORKER_LOST") return "worker_lost";
@@ -76,7 +86,10 @@ Metrics::Metrics(const std::vector<std::string>& methods, const std::string& ver
                           .Name("pare_upload_duration_seconds")
                           .Help("Duration of completed uploads, by kind")
                           .Register(*registry_)),
-      jobs_(prometheus::BuildGauge().Name("pare_jobs").Help("Jobs in the store, by state").Register(*registry_)),
+      jobs_(prometheus::BuildGauge()
+                .Name("pare_jobs")
+                .Help("Jobs in the store, by state")
+                .Register(*registry_)),
       queue_wait_(prometheus::BuildHistogram()
                       .Name("pare_queue_wait_seconds")
                       .Help("Time a job waited from submission to its first lease")
@@ -102,10 +115,11 @@ Metrics::Metrics(const std::vector<std::string>& methods, const std::string& ver
                      .Help("Jobs that ended SUCCEEDED")
                      .Register(*registry_)
                      .Add({})),
-      failed_(prometheus::BuildCounter()
-                  .Name("pare_jobs_failed_total")
-                  .Help("Jobs that ended FAILED, by reason class: bad_input, needs_gpu, worker_lost, internal")
-                  .Register(*registry_)),
+      failed_(
+          prometheus::BuildCounter()
+              .Name("pare_jobs_failed_total")
+              .Help("Jobs that ended FAILED, by reason class: bad_input, needs_gpu, worker_lost, internal")
+              .Register(*registry_)),
       cancelled_(prometheus::BuildCounter()
                      .Name("pare_jobs_cancelled_total")
                      .Help("Jobs that ended CANCELLED")
@@ -216,7 +230,8 @@ void Metrics::JobEnded(const JobRecord& job, const std::string& device_kind) {
   if (job.started_ms > 0 && job.finished_ms >= job.started_ms && recipe.ParseFromString(job.recipe_pb)) {
     const std::string first = FirstStepKind(recipe);
     if (first != "none") {
-      job_seconds_.Add({{"first_step", first}}, Seconds()).Observe(double(job.finished_ms - job.started_ms) / 1000.0);
+      job_seconds_.Add({{"first_step", first}}, Seconds())
+          .Observe(double(job.finished_ms - job.started_ms) / 1000.0);
     }
   }
   if (job.state != JobState::kSucceeded) return;

@@ -26,7 +26,8 @@ namespace pare::server {
 class Metrics {
  public:
   // `methods`: full gRPC method names ("/pare.v1.Compression/SubmitJob") pre-created as 0.
-  Metrics(const std::vector<std::string>& methods, const std::string& version, const std::string& libtorch_version);
+  Metrics(const std::vector<std::string>& methods, const std::string& version,
+          const std::string& libtorch_version);
 
   std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
 
@@ -48,7 +49,8 @@ class Metrics {
 
   // Gauges refreshed by the server's housekeeping loop.
   void SetJobsByState(const std::map<JobState, int64_t>& counts);
-  void SetWorkers(const std::map<std::string, std::pair<int, int>>& by_device);  // device -> (connected, busy)
+  void SetWorkers(
+      const std::map<std::string, std::pair<int, int>>& by_device);  // device -> (connected, busy)
   void SetLocalWorkerRestarts(int64_t total);
   void SetBlobs(uint64_t count, uint64_t bytes);
 

@@ -8,8 +8,8 @@
 
 namespace pare::server {
 
-BlobSendReactor::BlobSendReactor(Executor* executor, std::function<Result<BlobRef>()> resolve, uint64_t offset,
-                                 std::function<void(uint64_t)> on_sent)
+BlobSendReactor::BlobSendReactor(Executor* executor, std::function<Result<BlobRef>()> resolve,
+                                 uint64_t offset, std::function<void(uint64_t)> on_sent)
     : executor_(executor), resolve_(std::move(resolve)), offset_(offset), on_sent_(std::move(on_sent)) {
   Post([this] { Resolve(); });
 }
@@ -32,7 +32,8 @@ void BlobSendReactor::Resolve() {
                                                              std::to_string(blob_.size) + " bytes)")));
   }
   fd_ = ::open(blob_.path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd_ < 0) return Finish(ToGrpcStatus(Internal("cannot open blob: " + std::string(std::strerror(errno)))));
+  if (fd_ < 0)
+    return Finish(ToGrpcStatus(Internal("cannot open blob: " + std::string(std::strerror(errno)))));
   SendNext();
 }
 

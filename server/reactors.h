@@ -36,7 +36,8 @@ inline grpc::ServerUnaryReactor* Refuse(grpc::CallbackServerContext* call, const
 template <typename F>
 grpc::ServerUnaryReactor* RunUnary(Executor* executor, grpc::CallbackServerContext* call, F&& f) {
   auto* reactor = call->DefaultReactor();
-  if (!executor->TryPost([reactor, f = std::forward<F>(f)]() mutable { reactor->Finish(ToGrpcStatus(f())); })) {
+  if (!executor->TryPost(
+          [reactor, f = std::forward<F>(f)]() mutable { reactor->Finish(ToGrpcStatus(f())); })) {
     reactor->Finish(Overloaded());
   }
   return reactor;
@@ -105,7 +106,8 @@ class IngestReactor : public grpc::ServerReadReactor<Req> {
     }
     if (!have_header_) {
       if (!req_.has_header()) {
-        return FinishOnce(ToGrpcStatus(InvalidArgument("the first message of the stream must be the header")));
+        return FinishOnce(
+            ToGrpcStatus(InvalidArgument("the first message of the stream must be the header")));
       }
       have_header_ = true;
       header_ = req_.header();
@@ -119,7 +121,8 @@ class IngestReactor : public grpc::ServerReadReactor<Req> {
         this->StartRead(&req_);
       });
     }
-    if (!req_.has_chunk()) return FinishOnce(ToGrpcStatus(InvalidArgument("after the header only chunks may follow")));
+    if (!req_.has_chunk())
+      return FinishOnce(ToGrpcStatus(InvalidArgument("after the header only chunks may follow")));
     if (req_.chunk().size() > kChunkBytes) {
       return FinishOnce(ToGrpcStatus(InvalidArgument("a chunk holds " + std::to_string(req_.chunk().size()) +
                                                      " bytes; the most is " + std::to_string(kChunkBytes))));

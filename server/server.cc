@@ -1,9 +1,9 @@
 #include "server/server.h"
 
+#include <google/protobuf/descriptor.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/support/server_interceptor.h>
-#include <google/protobuf/descriptor.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -28,8 +28,9 @@ std::string FindWorkerBinary() {
   std::error_code ec;
   fs::path self = fs::read_symlink("/proc/self/exe", ec);
   if (ec) return "pare-worker";
-  for (const fs::path& candidate : {self.parent_path() / "pare-worker", self.parent_path() / ".." / "worker" / "pare-worker",
-                                    self.parent_path().parent_path() / "worker" / "pare-worker"}) {
+  for (const fs::path& candidate :
+       {self.parent_path() / "pare-worker", self.parent_path() / ".." / "worker" / "pare-worker",
+        self.parent_path().parent_path() / "worker" / "pare-worker"}) {
     if (fs::exists(candidate)) return fs::canonical(candidate).string();
   }
   return "pare-worker";
@@ -80,7 +81,8 @@ std::vector<std::string> ServiceMethods() {
   for (const char* name : {"pare.v1.Compression", "pare.v1.Workers"}) {
     const auto* service = google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(name);
     if (!service) continue;
-    for (int i = 0; i < service->method_count(); ++i) out.push_back("/" + std::string(name) + "/" + service->method(i)->name());
+    for (int i = 0; i < service->method_count(); ++i)
+      out.push_back("/" + std::string(name) + "/" + service->method(i)->name());
   }
   out.push_back("/grpc.health.v1.Health/Check");
   return out;
@@ -99,7 +101,8 @@ Result<std::unique_ptr<Server>> Server::Create(ServerOptions options, std::share
     return InvalidArgument("--local-workers must be in [0, 256]");
   }
   if (options.executor_threads < 1) return InvalidArgument("executor_threads must be at least 1");
-  if (options.limits.lease_ttl_ms < 1000) return InvalidArgument("the lease time-to-live must be at least 1 s");
+  if (options.limits.lease_ttl_ms < 1000)
+    return InvalidArgument("the lease time-to-live must be at least 1 s");
   if (options.limits.max_attempts < 1) return InvalidArgument("max attempts must be at least 1");
   if (options.limits.max_upload_bytes == 0) return InvalidArgument("--max-upload-bytes must be positive");
   if (!clock) clock = std::make_shared<SystemClock>();
@@ -134,19 +137,23 @@ Server::~Server() { Shutdown(); }
 
 Status Server::SetUpAuth() {
   const std::string host = options_.listen.substr(0, options_.listen.rfind(':'));
-  const bool loopback = host == "127.0.0.1" || host == "localhost" || host == "[::1]" || host.rfind("127.", 0) == 0;
+  const bool loopback =
+      host == "127.0.0.1" || host == "localhost" || host == "[::1]" || host.rfind("127.", 0) == 0;
   if (options_.auth_tokens_file.empty()) {
     if (!loopback) {
-      return InvalidArgument("--listen " + options_.listen +
-                             " is not a loopback address: give --auth-tokens (and --worker-token-file) to serve "
-                             "other machines");
+      return InvalidArgument(
+          "--listen " + options_.listen +
+          " is not a loopback address: give --auth-tokens (and --worker-token-file) to serve "
+          "other machines");
     }
-    spdlog::warn(Kv({{"msg", "AUTHENTICATION IS OFF: every local caller is tenant 'default'; serving loopback only"}}));
+    spdlog::warn(Kv(
+        {{"msg", "AUTHENTICATION IS OFF: every local caller is tenant 'default'; serving loopback only"}}));
     return Status::Ok();
   }
   if (!options_.worker_token_file.empty()) {
     std::ifstream in(options_.worker_token_file);
-    if (!(in >> worker_token_)) return InvalidArgument("--worker-token-file: cannot read " + options_.worker_token_file);
+    if (!(in >> worker_token_))
+      return InvalidArgument("--worker-token-file: cannot read " + options_.worker_token_file);
   } else {
     worker_token_ = NewId("wt") + NewId("k");  // 32 random hex digits; only local workers learn it
   }
@@ -167,7 +174,8 @@ Status Server::Start() {
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
   const bool tls = !options_.tls_cert_file.empty();
   if (tls) {
-    PARE_ASSIGN_OR_RETURN(auto c, TlsServerCredentials(options_.tls_cert_file, options_.tls_key_file, options_.tls_client_ca_file));
+    PARE_ASSIGN_OR_RETURN(auto c, TlsServerCredentials(options_.tls_cert_file, options_.tls_key_file,
+                                                       options_.tls_client_ca_file));
     credentials = c;
   } else if (!options_.tls_key_file.empty() || !options_.tls_client_ca_file.empty()) {
     return InvalidArgument("--tls-key and --tls-client-ca need --tls-cert");
@@ -210,9 +218,15 @@ Status Server::Start() {
     supervisor_ = std::make_unique<WorkerSupervisor>(so);
     supervisor_->Start();
   }
-  spdlog::info(Kv({{"msg", "serving"}, {"address", address()}, {"data_dir", options_.data_dir},
-                   {"metrics", options_.metrics_listen.empty() ? "off" : "http://" + options_.metrics_listen.substr(0, options_.metrics_listen.rfind(':')) + ":" + std::to_string(metrics_port()) + "/metrics"},
-                   {"local_workers", std::to_string(options_.local_workers)}}));
+  spdlog::info(Kv(
+      {{"msg", "serving"},
+       {"address", address()},
+       {"data_dir", options_.data_dir},
+       {"metrics", options_.metrics_listen.empty()
+                       ? "off"
+                       : "http://" + options_.metrics_listen.substr(0, options_.metrics_listen.rfind(':')) +
+                             ":" + std::to_string(metrics_port()) + "/metrics"},
+       {"local_workers", std::to_string(options_.local_workers)}}));
   return Status::Ok();
 }
 
@@ -255,7 +269,10 @@ void Server::ReaperLoop() {
     auto changed = store_->ExpireLeases(clock_->NowMs());
     if (changed.ok()) {
       for (const auto& j : changed.value()) {
-        spdlog::warn(Kv({{"msg", "lease expired"}, {"job", j.id}, {"model", j.model_id}, {"state", JobStateName(j.state)},
+        spdlog::warn(Kv({{"msg", "lease expired"},
+                         {"job", j.id},
+                         {"model", j.model_id},
+                         {"state", JobStateName(j.state)},
                          {"attempts", std::to_string(j.attempts)}}));
         metrics_->LeaseExpired(j.state == JobState::kQueued);
         metrics_->JobEnded(j, worker_registry_.DeviceOf(j.worker));

@@ -57,7 +57,8 @@ struct ServerOptions {
 
 class Server {
  public:
-  static Result<std::unique_ptr<Server>> Create(ServerOptions options, std::shared_ptr<Clock> clock = nullptr);
+  static Result<std::unique_ptr<Server>> Create(ServerOptions options,
+                                                std::shared_ptr<Clock> clock = nullptr);
   ~Server();
 
   // Binds and starts serving, the reaper, and the local workers.

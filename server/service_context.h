@@ -22,14 +22,14 @@ namespace pare::server {
 
 struct Limits {
   uint64_t max_upload_bytes = uint64_t(2) << 30;  // one model or dataset upload
-  ArchiveLimits archive;                           // entries and uncompressed bytes of an upload
-  int64_t lease_ttl_ms = 15000;                    // a worker that misses heartbeats this long loses its job
-  int max_attempts = 3;                            // leases a job may take before it fails
-  int max_page_size = 500;                         // ListJobs
-  uint64_t tenant_max_bytes = 0;                   // models + datasets a tenant may store (0: no limit)
-  int64_t tenant_max_active_jobs = 1000;           // queued + running jobs of one tenant
-  int64_t max_queued_jobs = 100000;                // queued jobs of all tenants together
-  int64_t max_job_seconds = 3600;                  // the longest wall-clock limit a job may ask for
+  ArchiveLimits archive;                          // entries and uncompressed bytes of an upload
+  int64_t lease_ttl_ms = 15000;                   // a worker that misses heartbeats this long loses its job
+  int max_attempts = 3;                           // leases a job may take before it fails
+  int max_page_size = 500;                        // ListJobs
+  uint64_t tenant_max_bytes = 0;                  // models + datasets a tenant may store (0: no limit)
+  int64_t tenant_max_active_jobs = 1000;          // queued + running jobs of one tenant
+  int64_t max_queued_jobs = 100000;               // queued jobs of all tenants together
+  int64_t max_job_seconds = 3600;                 // the longest wall-clock limit a job may ask for
 };
 
 // Workers as the server sees them through their calls: last contact, device kind, lease held.
@@ -87,6 +87,5 @@ struct ServiceContext {
   Limits limits;
   std::atomic<bool> draining{false};  // set on SIGTERM: new uploads and jobs get UNAVAILABLE
 };
-
 
 }  // namespace pare::server

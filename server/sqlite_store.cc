@@ -49,8 +49,10 @@ const char* kSchemaV2 = "ALTER TABLE jobs ADD COLUMN timeout_seconds INTEGER NOT
 
 const char* kJobColumns =
     "seq, id, tenant, COALESCE(request_id, ''), model_id, recipe, calibration_dataset_id, train_dataset_id, "
-    "eval_dataset_id, device, state, attempts, max_attempts, lease_id, worker, lease_expires_ms, cancel_requested, "
-    "progress, reports, error_code, error_reason, error_message, result_sha256, result_size_bytes, report_sha256, "
+    "eval_dataset_id, device, state, attempts, max_attempts, lease_id, worker, lease_expires_ms, "
+    "cancel_requested, "
+    "progress, reports, error_code, error_reason, error_message, result_sha256, result_size_bytes, "
+    "report_sha256, "
     "created_ms, started_ms, finished_ms, timeout_seconds";
 
 // A prepared statement with positional binding.
@@ -70,8 +72,10 @@ class Stmt {
     return *this;
   }
   Stmt& BindNullIfEmpty(const std::string& v) {
-    if (v.empty()) sqlite3_bind_null(stmt_, ++idx_);
-    else Bind(v);
+    if (v.empty())
+      sqlite3_bind_null(stmt_, ++idx_);
+    else
+      Bind(v);
     return *this;
   }
   Stmt& Bind(int64_t v) {
@@ -86,9 +90,7 @@ class Stmt {
     return p ? std::string(static_cast<const char*>(p), static_cast<size_t>(n)) : std::string();
   }
   int64_t Int(int col) const { return sqlite3_column_int64(stmt_, col); }
-  Status Error(const std::string& what) const {
-    return Internal(what + ": " + sqlite3_errmsg(db_));
-  }
+  Status Error(const std::string& what) const { return Internal(what + ": " + sqlite3_errmsg(db_)); }
 
  private:
   sqlite3* db_;
@@ -126,8 +128,10 @@ void SplitShapes(const std::string& s, ModelRecord& m) {
   std::string part;
   bool first = true;
   while (std::getline(ss, part, ';')) {
-    if (first) m.input_shape = SplitShape(part);
-    else m.more_input_shapes.push_back(SplitShape(part));
+    if (first)
+      m.input_shape = SplitShape(part);
+    else
+      m.more_input_shapes.push_back(SplitShape(part));
     first = false;
   }
 }
@@ -170,7 +174,9 @@ JobRecord ReadJob(const Stmt& s) {
 // Commits on success, rolls back otherwise (BEGIN IMMEDIATE: one writer at a time).
 class Txn {
  public:
-  explicit Txn(sqlite3* db) : db_(db) { ok_ = sqlite3_exec(db, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) == SQLITE_OK; }
+  explicit Txn(sqlite3* db) : db_(db) {
+    ok_ = sqlite3_exec(db, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) == SQLITE_OK;
+  }
   ~Txn() {
     if (ok_ && !done_) sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
   }
@@ -193,8 +199,8 @@ class Txn {
 
 Result<std::unique_ptr<SqliteStore>> SqliteStore::Open(const std::string& path) {
   sqlite3* db = nullptr;
-  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nullptr) !=
-      SQLITE_OK) {
+  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
+                      nullptr) != SQLITE_OK) {
     std::string err = db ? sqlite3_errmsg(db) : "out of memory";
     sqlite3_close(db);
     return Internal("cannot open database " + path + ": " + err);
@@ -249,27 +255,44 @@ Status SqliteStore::Migrate() {
 
 Status SqliteStore::PutModel(const ModelRecord& m) {
   std::lock_guard<std::mutex> lock(mu_);
-  Stmt s(db_, "INSERT INTO models (id, tenant, name, sha256, size_bytes, input_shape, created_ms) VALUES (?,?,?,?,?,?,?)");
-  s.Bind(m.id).Bind(m.tenant).Bind(m.name).Bind(m.sha256).Bind(static_cast<int64_t>(m.size_bytes))
-      .Bind(JoinShapes(m)).Bind(m.created_ms);
+  Stmt s(db_,
+         "INSERT INTO models (id, tenant, name, sha256, size_bytes, input_shape, created_ms) VALUES "
+         "(?,?,?,?,?,?,?)");
+  s.Bind(m.id)
+      .Bind(m.tenant)
+      .Bind(m.name)
+      .Bind(m.sha256)
+      .Bind(static_cast<int64_t>(m.size_bytes))
+      .Bind(JoinShapes(m))
+      .Bind(m.created_ms);
   if (s.Step() != SQLITE_DONE) return s.Error("insert model");
   return Status::Ok();
 }
 
 Result<ModelRecord> SqliteStore::GetModel(const std::string& tenant, const std::string& id) {
   std::lock_guard<std::mutex> lock(mu_);
-  Stmt s(db_, "SELECT id, tenant, name, sha256, size_bytes, input_shape, created_ms FROM models WHERE id = ? AND tenant = ?");
+  Stmt s(db_,
+         "SELECT id, tenant, name, sha256, size_bytes, input_shape, created_ms FROM models WHERE id = ? AND "
+         "tenant = ?");
   s.Bind(id).Bind(tenant);
   if (s.Step() != SQLITE_ROW) return NotFound("model '" + id + "' does not exist");
-  ModelRecord m{s.Text(0), s.Text(1), s.Text(2), s.Text(3), static_cast<uint64_t>(s.Int(4)), {}, {}, s.Int(6)};
+  ModelRecord m{s.Text(0), s.Text(1), s.Text(2), s.Text(3), static_cast<uint64_t>(s.Int(4)),
+                {},        {},        s.Int(6)};
   SplitShapes(s.Text(5), m);
   return m;
 }
 
 Status SqliteStore::PutDataset(const DatasetRecord& d) {
   std::lock_guard<std::mutex> lock(mu_);
-  Stmt s(db_, "INSERT INTO datasets (id, tenant, name, sha256, size_bytes, format, created_ms) VALUES (?,?,?,?,?,?,?)");
-  s.Bind(d.id).Bind(d.tenant).Bind(d.name).Bind(d.sha256).Bind(static_cast<int64_t>(d.size_bytes)).Bind(d.format)
+  Stmt s(db_,
+         "INSERT INTO datasets (id, tenant, name, sha256, size_bytes, format, created_ms) VALUES "
+         "(?,?,?,?,?,?,?)");
+  s.Bind(d.id)
+      .Bind(d.tenant)
+      .Bind(d.name)
+      .Bind(d.sha256)
+      .Bind(static_cast<int64_t>(d.size_bytes))
+      .Bind(d.format)
       .Bind(d.created_ms);
   if (s.Step() != SQLITE_DONE) return s.Error("insert dataset");
   return Status::Ok();
@@ -277,15 +300,19 @@ Status SqliteStore::PutDataset(const DatasetRecord& d) {
 
 Result<DatasetRecord> SqliteStore::GetDataset(const std::string& tenant, const std::string& id) {
   std::lock_guard<std::mutex> lock(mu_);
-  Stmt s(db_, "SELECT id, tenant, name, sha256, size_bytes, format, created_ms FROM datasets WHERE id = ? AND tenant = ?");
+  Stmt s(db_,
+         "SELECT id, tenant, name, sha256, size_bytes, format, created_ms FROM datasets WHERE id = ? AND "
+         "tenant = ?");
   s.Bind(id).Bind(tenant);
   if (s.Step() != SQLITE_ROW) return NotFound("dataset '" + id + "' does not exist");
-  DatasetRecord d{s.Text(0), s.Text(1), s.Text(2), s.Text(3), static_cast<uint64_t>(s.Int(4)), s.Text(5), s.Int(6)};
+  DatasetRecord d{s.Text(0), s.Text(1), s.Text(2), s.Text(3), static_cast<uint64_t>(s.Int(4)),
+                  s.Text(5), s.Int(6)};
   return d;
 }
 
 Result<JobRecord> SqliteStore::GetJobLocked(const std::string& tenant, const std::string& id) {
-  std::string sql = std::string("SELECT ") + kJobColumns + " FROM jobs WHERE id = ?" + (tenant.empty() ? "" : " AND tenant = ?");
+  std::string sql = std::string("SELECT ") + kJobColumns + " FROM jobs WHERE id = ?" +
+                    (tenant.empty() ? "" : " AND tenant = ?");
   Stmt s(db_, sql);
   s.Bind(id);
   if (!tenant.empty()) s.Bind(tenant);
@@ -306,27 +333,41 @@ Result<std::pair<JobRecord, bool>> SqliteStore::CreateJob(const JobRecord& j, co
     }
   }
   {
-    Stmt c(db_, "SELECT (SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN (?, ?)), "
-                "(SELECT COUNT(*) FROM jobs WHERE state = ?)");
-    c.Bind(j.tenant).Bind(static_cast<int64_t>(JobState::kQueued)).Bind(static_cast<int64_t>(JobState::kRunning))
+    Stmt c(db_,
+           "SELECT (SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN (?, ?)), "
+           "(SELECT COUNT(*) FROM jobs WHERE state = ?)");
+    c.Bind(j.tenant)
+        .Bind(static_cast<int64_t>(JobState::kQueued))
+        .Bind(static_cast<int64_t>(JobState::kRunning))
         .Bind(static_cast<int64_t>(JobState::kQueued));
     if (c.Step() != SQLITE_ROW) return c.Error("count jobs");
     if (c.Int(0) >= limits.tenant_active_jobs) {
       return ResourceExhausted("tenant '" + j.tenant + "' active-jobs quota: " + std::to_string(c.Int(0)) +
-                               " jobs queued or running, the limit is " + std::to_string(limits.tenant_active_jobs));
+                               " jobs queued or running, the limit is " +
+                               std::to_string(limits.tenant_active_jobs));
     }
     if (c.Int(1) >= limits.queued_jobs) {
       return ResourceExhausted("the job queue is full (" + std::to_string(limits.queued_jobs) +
                                " queued jobs, the server's limit); retry later");
     }
   }
-  Stmt s(db_,
-         "INSERT INTO jobs (id, tenant, request_id, model_id, recipe, calibration_dataset_id, train_dataset_id, "
-         "eval_dataset_id, device, state, attempts, max_attempts, created_ms, timeout_seconds) "
-         "VALUES (?,?,?,?,?,?,?,?,?,?,0,?,?,?)");
-  s.Bind(j.id).Bind(j.tenant).BindNullIfEmpty(j.request_id).Bind(j.model_id).BindBlob(j.recipe_pb)
-      .Bind(j.calibration_dataset_id).Bind(j.train_dataset_id).Bind(j.eval_dataset_id).Bind(j.device)
-      .Bind(static_cast<int64_t>(JobState::kQueued)).Bind(static_cast<int64_t>(j.max_attempts)).Bind(j.created_ms)
+  Stmt s(
+      db_,
+      "INSERT INTO jobs (id, tenant, request_id, model_id, recipe, calibration_dataset_id, train_dataset_id, "
+      "eval_dataset_id, device, state, attempts, max_attempts, created_ms, timeout_seconds) "
+      "VALUES (?,?,?,?,?,?,?,?,?,?,0,?,?,?)");
+  s.Bind(j.id)
+      .Bind(j.tenant)
+      .BindNullIfEmpty(j.request_id)
+      .Bind(j.model_id)
+      .BindBlob(j.recipe_pb)
+      .Bind(j.calibration_dataset_id)
+      .Bind(j.train_dataset_id)
+      .Bind(j.eval_dataset_id)
+      .Bind(j.device)
+      .Bind(static_cast<int64_t>(JobState::kQueued))
+      .Bind(static_cast<int64_t>(j.max_attempts))
+      .Bind(j.created_ms)
       .Bind(j.timeout_seconds);
   if (s.Step() != SQLITE_DONE) return s.Error("insert job");
   PARE_ASSIGN_OR_RETURN(auto created, GetJobLocked(j.tenant, j.id));
@@ -339,9 +380,11 @@ Result<JobRecord> SqliteStore::GetJob(const std::string& tenant, const std::stri
   return GetJobLocked(tenant, id);
 }
 
-Result<std::vector<JobRecord>> SqliteStore::ListJobs(const std::string& tenant, int64_t after_seq, int limit) {
+Result<std::vector<JobRecord>> SqliteStore::ListJobs(const std::string& tenant, int64_t after_seq,
+                                                     int limit) {
   std::lock_guard<std::mutex> lock(mu_);
-  Stmt s(db_, std::string("SELECT ") + kJobColumns + " FROM jobs WHERE tenant = ? AND seq > ? ORDER BY seq LIMIT ?");
+  Stmt s(db_, std::string("SELECT ") + kJobColumns +
+                  " FROM jobs WHERE tenant = ? AND seq > ? ORDER BY seq LIMIT ?");
   s.Bind(tenant).Bind(after_seq).Bind(static_cast<int64_t>(limit));
   std::vector<JobRecord> out;
   int rc;
@@ -351,7 +394,8 @@ Result<std::vector<JobRecord>> SqliteStore::ListJobs(const std::string& tenant, 
 }
 
 Result<std::optional<JobRecord>> SqliteStore::LeaseJob(const std::string& worker, bool has_cuda,
-                                                       const std::string& lease_id, int64_t now_ms, int64_t ttl_ms) {
+                                                       const std::string& lease_id, int64_t now_ms,
+                                                       int64_t ttl_ms) {
   std::lock_guard<std::mutex> lock(mu_);
   Txn t(db_);
   if (!t.ok()) return Internal(std::string("begin: ") + sqlite3_errmsg(db_));
@@ -362,10 +406,16 @@ Result<std::optional<JobRecord>> SqliteStore::LeaseJob(const std::string& worker
   if (rc == SQLITE_DONE) return std::optional<JobRecord>();
   if (rc != SQLITE_ROW) return s.Error("lease select");
   std::string id = s.Text(0);
-  Stmt u(db_,
-         "UPDATE jobs SET state = ?, attempts = attempts + 1, lease_id = ?, worker = ?, lease_expires_ms = ?, "
-         "started_ms = CASE WHEN started_ms = 0 THEN ? ELSE started_ms END, progress = x'' WHERE id = ?");
-  u.Bind(static_cast<int64_t>(JobState::kRunning)).Bind(lease_id).Bind(worker).Bind(now_ms + ttl_ms).Bind(now_ms).Bind(id);
+  Stmt u(
+      db_,
+      "UPDATE jobs SET state = ?, attempts = attempts + 1, lease_id = ?, worker = ?, lease_expires_ms = ?, "
+      "started_ms = CASE WHEN started_ms = 0 THEN ? ELSE started_ms END, progress = x'' WHERE id = ?");
+  u.Bind(static_cast<int64_t>(JobState::kRunning))
+      .Bind(lease_id)
+      .Bind(worker)
+      .Bind(now_ms + ttl_ms)
+      .Bind(now_ms)
+      .Bind(id);
   if (u.Step() != SQLITE_DONE) return u.Error("lease update");
   PARE_ASSIGN_OR_RETURN(auto job, GetJobLocked("", id));
   PARE_RETURN_IF_ERROR(t.Commit());
@@ -401,19 +451,29 @@ Result<JobRecord> SqliteStore::CompleteJob(const std::string& job_id, const std:
   PARE_ASSIGN_OR_RETURN(auto job, CheckLeaseLocked(job_id, lease_id));
   if (o.state == JobState::kQueued) {
     // Handed back (the worker is draining): the attempt does not count.
-    Stmt u(db_, "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), lease_id = '', worker = '', "
-                "lease_expires_ms = 0 WHERE id = ?");
+    Stmt u(db_,
+           "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), lease_id = '', worker = '', "
+           "lease_expires_ms = 0 WHERE id = ?");
     u.Bind(static_cast<int64_t>(JobState::kQueued)).Bind(job_id);
     if (u.Step() != SQLITE_DONE) return u.Error("hand back");
   } else {
-    if (!IsTerminal(o.state)) return InvalidArgument("a job can only end SUCCEEDED, FAILED, CANCELLED or be handed back");
-    Stmt u(db_,
-           "UPDATE jobs SET state = ?, lease_id = '', lease_expires_ms = 0, error_code = ?, error_reason = ?, "
-           "error_message = ?, reports = ?, result_sha256 = ?, result_size_bytes = ?, report_sha256 = ?, "
-           "finished_ms = ? WHERE id = ?");
-    u.Bind(static_cast<int64_t>(o.state)).Bind(o.error_code).Bind(o.error_reason).Bind(o.error_message)
-        .BindBlob(o.reports_pb).Bind(o.result_sha256).Bind(static_cast<int64_t>(o.result_size_bytes))
-        .Bind(o.report_sha256).Bind(now_ms).Bind(job_id);
+    if (!IsTerminal(o.state))
+      return InvalidArgument("a job can only end SUCCEEDED, FAILED, CANCELLED or be handed back");
+    Stmt u(
+        db_,
+        "UPDATE jobs SET state = ?, lease_id = '', lease_expires_ms = 0, error_code = ?, error_reason = ?, "
+        "error_message = ?, reports = ?, result_sha256 = ?, result_size_bytes = ?, report_sha256 = ?, "
+        "finished_ms = ? WHERE id = ?");
+    u.Bind(static_cast<int64_t>(o.state))
+        .Bind(o.error_code)
+        .Bind(o.error_reason)
+        .Bind(o.error_message)
+        .BindBlob(o.reports_pb)
+        .Bind(o.result_sha256)
+        .Bind(static_cast<int64_t>(o.result_size_bytes))
+        .Bind(o.report_sha256)
+        .Bind(now_ms)
+        .Bind(job_id);
     if (u.Step() != SQLITE_DONE) return u.Error("complete");
   }
   auto updated = GetJobLocked("", job_id);
@@ -430,8 +490,9 @@ Result<JobRecord> SqliteStore::CancelJob(const std::string& tenant, const std::s
     return FailedPrecondition("job '" + id + "' already ended " + JobStateName(job.state));
   }
   if (job.state == JobState::kQueued) {
-    Stmt u(db_, "UPDATE jobs SET state = ?, cancel_requested = 1, finished_ms = ?, error_code = 'CANCELLED', "
-                "error_reason = 'CANCELLED', error_message = 'cancelled before it started' WHERE id = ?");
+    Stmt u(db_,
+           "UPDATE jobs SET state = ?, cancel_requested = 1, finished_ms = ?, error_code = 'CANCELLED', "
+           "error_reason = 'CANCELLED', error_message = 'cancelled before it started' WHERE id = ?");
     u.Bind(static_cast<int64_t>(JobState::kCancelled)).Bind(now_ms).Bind(id);
     if (u.Step() != SQLITE_DONE) return u.Error("cancel");
   } else {
@@ -456,16 +517,19 @@ Result<std::vector<JobRecord>> SqliteStore::ExpireLeases(int64_t now_ms) {
   std::vector<JobRecord> changed;
   for (const auto& j : expired) {
     if (j.cancel_requested) {
-      Stmt u(db_, "UPDATE jobs SET state = ?, lease_id = '', finished_ms = ?, error_code = 'CANCELLED', "
-                  "error_reason = 'CANCELLED', error_message = 'cancelled; its worker stopped responding' WHERE id = ?");
+      Stmt u(db_,
+             "UPDATE jobs SET state = ?, lease_id = '', finished_ms = ?, error_code = 'CANCELLED', "
+             "error_reason = 'CANCELLED', error_message = 'cancelled; its worker stopped responding' WHERE "
+             "id = ?");
       u.Bind(static_cast<int64_t>(JobState::kCancelled)).Bind(now_ms).Bind(j.id);
       if (u.Step() != SQLITE_DONE) return u.Error("expire");
     } else if (j.attempts >= j.max_attempts) {
       std::string msg = "the job's worker stopped responding on each of " + std::to_string(j.attempts) +
                         " attempts (last worker: " + j.worker +
                         "); the model may crash LibTorch or exceed the worker's memory";
-      Stmt u(db_, "UPDATE jobs SET state = ?, lease_id = '', finished_ms = ?, error_code = 'ABORTED', "
-                  "error_reason = 'LEASE_EXPIRED', error_message = ? WHERE id = ?");
+      Stmt u(db_,
+             "UPDATE jobs SET state = ?, lease_id = '', finished_ms = ?, error_code = 'ABORTED', "
+             "error_reason = 'LEASE_EXPIRED', error_message = ? WHERE id = ?");
       u.Bind(static_cast<int64_t>(JobState::kFailed)).Bind(now_ms).Bind(msg).Bind(j.id);
       if (u.Step() != SQLITE_DONE) return u.Error("expire");
     } else {
@@ -494,10 +558,14 @@ Result<std::map<JobState, int64_t>> SqliteStore::CountJobs() {
 Result<Store::TenantUsage> SqliteStore::Usage(const std::string& tenant) {
   std::lock_guard<std::mutex> lock(mu_);
   TenantUsage u;
-  Stmt s(db_, "SELECT (SELECT COALESCE(SUM(size_bytes), 0) FROM models WHERE tenant = ?) + "
-              "(SELECT COALESCE(SUM(size_bytes), 0) FROM datasets WHERE tenant = ?), "
-              "(SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN (?, ?))");
-  s.Bind(tenant).Bind(tenant).Bind(tenant).Bind(static_cast<int64_t>(JobState::kQueued))
+  Stmt s(db_,
+         "SELECT (SELECT COALESCE(SUM(size_bytes), 0) FROM models WHERE tenant = ?) + "
+         "(SELECT COALESCE(SUM(size_bytes), 0) FROM datasets WHERE tenant = ?), "
+         "(SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN (?, ?))");
+  s.Bind(tenant)
+      .Bind(tenant)
+      .Bind(tenant)
+      .Bind(static_cast<int64_t>(JobState::kQueued))
       .Bind(static_cast<int64_t>(JobState::kRunning));
   if (s.Step() != SQLITE_ROW) return s.Error("usage");
   u.stored_bytes = static_cast<uint64_t>(s.Int(0));

@@ -25,12 +25,13 @@ class SqliteStore final : public Store {
   using Store::CreateJob;
   Result<JobRecord> GetJob(const std::string& tenant, const std::string& id) override;
   Result<std::vector<JobRecord>> ListJobs(const std::string& tenant, int64_t after_seq, int limit) override;
-  Result<std::optional<JobRecord>> LeaseJob(const std::string& worker, bool has_cuda, const std::string& lease_id,
-                                            int64_t now_ms, int64_t ttl_ms) override;
-  Result<JobRecord> Heartbeat(const std::string& job_id, const std::string& lease_id, const std::string& progress_pb,
-                              int64_t now_ms, int64_t ttl_ms) override;
-  Result<JobRecord> CompleteJob(const std::string& job_id, const std::string& lease_id, const JobOutcome& outcome,
-                                int64_t now_ms) override;
+  Result<std::optional<JobRecord>> LeaseJob(const std::string& worker, bool has_cuda,
+                                            const std::string& lease_id, int64_t now_ms,
+                                            int64_t ttl_ms) override;
+  Result<JobRecord> Heartbeat(const std::string& job_id, const std::string& lease_id,
+                              const std::string& progress_pb, int64_t now_ms, int64_t ttl_ms) override;
+  Result<JobRecord> CompleteJob(const std::string& job_id, const std::string& lease_id,
+                                const JobOutcome& outcome, int64_t now_ms) override;
   Result<JobRecord> CancelJob(const std::string& tenant, const std::string& id, int64_t now_ms) override;
   Result<std::vector<JobRecord>> ExpireLeases(int64_t now_ms) override;
   Result<std::map<JobState, int64_t>> CountJobs() override;

@@ -3,8 +3,8 @@
 // SQLite implements it (sqlite_store.h); a PostgreSQL backend can implement it for scale-out.
 #pragma once
 
-#include <cstdint>
 #include <climits>
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <optional>
@@ -108,11 +108,13 @@ class Store {
   // An empty tenant matches any (for the worker protocol).
   virtual Result<JobRecord> GetJob(const std::string& tenant, const std::string& id) = 0;
   // Jobs with seq > after_seq in insertion order, at most `limit`.
-  virtual Result<std::vector<JobRecord>> ListJobs(const std::string& tenant, int64_t after_seq, int limit) = 0;
+  virtual Result<std::vector<JobRecord>> ListJobs(const std::string& tenant, int64_t after_seq,
+                                                  int limit) = 0;
 
   // Gives the oldest queued job this worker can run a new lease; nullopt when none waits.
-  virtual Result<std::optional<JobRecord>> LeaseJob(const std::string& worker, bool has_cuda, const std::string& lease_id,
-                                                    int64_t now_ms, int64_t ttl_ms) = 0;
+  virtual Result<std::optional<JobRecord>> LeaseJob(const std::string& worker, bool has_cuda,
+                                                    const std::string& lease_id, int64_t now_ms,
+                                                    int64_t ttl_ms) = 0;
   // Extends a lease and records progress. FAILED_PRECONDITION when the lease is not current.
   virtual Result<JobRecord> Heartbeat(const std::string& job_id, const std::string& lease_id,
                                       const std::string& progress_pb, int64_t now_ms, int64_t ttl_ms) = 0;

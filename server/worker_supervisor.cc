@@ -77,7 +77,9 @@ void WorkerSupervisor::Loop() {
           // A worker that ran a while before dying starts again quickly; a crash loop backs off.
           if (Now() - s.started_at > 60) s.backoff = options_.initial_backoff_seconds;
           s.restart_at = Now() + s.backoff;
-          spdlog::warn(Kv({{"msg", "local worker exited"}, {"pid", std::to_string(s.pid)}, {"how", how},
+          spdlog::warn(Kv({{"msg", "local worker exited"},
+                           {"pid", std::to_string(s.pid)},
+                           {"how", how},
                            {"restart_in_seconds", std::to_string(s.backoff)}}));
           s.backoff = std::min(s.backoff * 2, options_.max_backoff_seconds);
           s.pid = -1;

@@ -14,11 +14,11 @@
 namespace pare::server {
 
 struct SupervisorOptions {
-  std::string worker_binary;          // path to pare-worker
-  std::vector<std::string> args;      // arguments for every worker (server address etc.)
+  std::string worker_binary;      // path to pare-worker
+  std::vector<std::string> args;  // arguments for every worker (server address etc.)
   // Environment added for the workers (secrets go here, not into argv where ps shows them).
   std::vector<std::pair<std::string, std::string>> env;
-  int count = 1;                      // processes to keep running
+  int count = 1;  // processes to keep running
   double initial_backoff_seconds = 0.5;
   double max_backoff_seconds = 30;
 };

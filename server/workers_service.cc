@@ -64,9 +64,11 @@ class CompleteReactor final : public IngestReactor<v1::CompleteRequest, v1::Comp
 
  protected:
   Status OnHeader(const v1::CompleteHeader& h, uint64_t* expected, uint64_t* limit) override {
-    if (h.job_id().empty() || h.lease_id().empty()) return InvalidArgument("job_id and lease_id are required");
+    if (h.job_id().empty() || h.lease_id().empty())
+      return InvalidArgument("job_id and lease_id are required");
     if (h.state() == v1::SUCCEEDED) {
-      if (h.result_size_bytes() == 0) return InvalidArgument("a SUCCEEDED job needs its result (result_size_bytes)");
+      if (h.result_size_bytes() == 0)
+        return InvalidArgument("a SUCCEEDED job needs its result (result_size_bytes)");
       if (h.report_json().size() > kMaxReportBytes) return InvalidArgument("report_json is too large");
     } else if (h.result_size_bytes() != 0) {
       return InvalidArgument("only a SUCCEEDED job carries a result");
@@ -97,13 +99,19 @@ class CompleteReactor final : public IngestReactor<v1::CompleteRequest, v1::Comp
     v1::Job holder;
     *holder.mutable_reports() = h.reports();
     holder.SerializeToString(&o.reports_pb);
-    PARE_ASSIGN_OR_RETURN(auto j, ctx_->store->CompleteJob(h.job_id(), h.lease_id(), o, ctx_->clock->NowMs()));
-    spdlog::info(Kv({{"msg", "job ended"}, {"job", j.id}, {"model", j.model_id}, {"state", JobStateName(j.state)},
-                     {"attempts", std::to_string(j.attempts)}, {"reason", j.error_reason}}));
+    PARE_ASSIGN_OR_RETURN(auto j,
+                          ctx_->store->CompleteJob(h.job_id(), h.lease_id(), o, ctx_->clock->NowMs()));
+    spdlog::info(Kv({{"msg", "job ended"},
+                     {"job", j.id},
+                     {"model", j.model_id},
+                     {"state", JobStateName(j.state)},
+                     {"attempts", std::to_string(j.attempts)},
+                     {"reason", j.error_reason}}));
     const std::string device = ctx_->workers ? ctx_->workers->DeviceOf(j.worker) : "";
     if (ctx_->workers) ctx_->workers->Touch(j.worker, false, ctx_->clock->NowMs());
     if (ctx_->metrics) {
-      if (h.state() == v1::SUCCEEDED) ctx_->metrics->Uploaded("result", h.result_size_bytes(), SecondsSince(start_));
+      if (h.state() == v1::SUCCEEDED)
+        ctx_->metrics->Uploaded("result", h.result_size_bytes(), SecondsSince(start_));
       ctx_->metrics->JobEnded(j, device);
     }
     ctx_->events->Publish(j.id);
@@ -120,8 +128,8 @@ class CompleteReactor final : public IngestReactor<v1::CompleteRequest, v1::Comp
 
 }  // namespace
 
-grpc::ServerUnaryReactor* WorkersService::Lease(grpc::CallbackServerContext* call, const v1::LeaseRequest* req,
-                                                v1::LeaseResponse* resp) {
+grpc::ServerUnaryReactor* WorkersService::Lease(grpc::CallbackServerContext* call,
+                                                const v1::LeaseRequest* req, v1::LeaseResponse* resp) {
   if (Status st = ctx_->auth->Worker(call); !st.ok()) return Refuse(call, st);
   return RunUnary(ctx_->executor, call, [this, req, resp]() -> Status {
     if (req->worker_id().empty()) return InvalidArgument("worker_id is required");
@@ -150,15 +158,19 @@ grpc::ServerUnaryReactor* WorkersService::Lease(grpc::CallbackServerContext* cal
       return Status::Ok();
     }
     *resp->mutable_job() = described.value();
-    spdlog::info(Kv({{"msg", "job leased"}, {"job", j.id}, {"worker", req->worker_id()},
-                     {"device", req->capabilities().device_name()}, {"attempt", std::to_string(j.attempts)}}));
+    spdlog::info(Kv({{"msg", "job leased"},
+                     {"job", j.id},
+                     {"worker", req->worker_id()},
+                     {"device", req->capabilities().device_name()},
+                     {"attempt", std::to_string(j.attempts)}}));
     ctx_->events->Publish(j.id);
     return Status::Ok();
   });
 }
 
 grpc::ServerUnaryReactor* WorkersService::Heartbeat(grpc::CallbackServerContext* call,
-                                                    const v1::HeartbeatRequest* req, v1::HeartbeatResponse* resp) {
+                                                    const v1::HeartbeatRequest* req,
+                                                    v1::HeartbeatResponse* resp) {
   if (Status st = ctx_->auth->Worker(call); !st.ok()) return Refuse(call, st);
   return RunUnary(ctx_->executor, call, [this, req, resp]() -> Status {
     std::string progress;
@@ -180,8 +192,10 @@ grpc::ServerUnaryReactor* WorkersService::Heartbeat(grpc::CallbackServerContext*
   });
 }
 
-grpc::ServerWriteReactor<v1::Chunk>* WorkersService::Fetch(grpc::CallbackServerContext* call, const v1::FetchRequest* req) {
-  if (Status st = ctx_->auth->Worker(call); !st.ok()) return new ErrorWriteReactor<v1::Chunk>(ToGrpcStatus(st));
+grpc::ServerWriteReactor<v1::Chunk>* WorkersService::Fetch(grpc::CallbackServerContext* call,
+                                                           const v1::FetchRequest* req) {
+  if (Status st = ctx_->auth->Worker(call); !st.ok())
+    return new ErrorWriteReactor<v1::Chunk>(ToGrpcStatus(st));
   auto resolve = [ctx = ctx_, job_id = req->job_id(), lease_id = req->lease_id(),
                   sha = req->sha256()]() -> Result<BlobRef> {
     PARE_ASSIGN_OR_RETURN(auto j, ctx->store->GetJob("", job_id));
@@ -205,7 +219,8 @@ grpc::ServerWriteReactor<v1::Chunk>* WorkersService::Fetch(grpc::CallbackServerC
 
 grpc::ServerReadReactor<v1::CompleteRequest>* WorkersService::Complete(grpc::CallbackServerContext* call,
                                                                        v1::CompleteResponse*) {
-  if (Status st = ctx_->auth->Worker(call); !st.ok()) return new ErrorReadReactor<v1::CompleteRequest>(ToGrpcStatus(st));
+  if (Status st = ctx_->auth->Worker(call); !st.ok())
+    return new ErrorReadReactor<v1::CompleteRequest>(ToGrpcStatus(st));
   auto* r = new CompleteReactor(ctx_);
   r->Begin();
   return r;

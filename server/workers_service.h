@@ -15,7 +15,8 @@ class WorkersService final : public v1::Workers::CallbackService {
                                   v1::LeaseResponse* resp) override;
   grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* call, const v1::HeartbeatRequest* req,
                                       v1::HeartbeatResponse* resp) override;
-  grpc::ServerWriteReactor<v1::Chunk>* Fetch(grpc::CallbackServerContext* call, const v1::FetchRequest* req) override;
+  grpc::ServerWriteReactor<v1::Chunk>* Fetch(grpc::CallbackServerContext* call,
+                                             const v1::FetchRequest* req) override;
   grpc::ServerReadReactor<v1::CompleteRequest>* Complete(grpc::CallbackServerContext* call,
                                                          v1::CompleteResponse* resp) override;
 

@@ -6,9 +6,9 @@
 #include <thread>
 
 #include "client/client.h"
-#include "worker/recipe_convert.h"
 #include "common/sha256.h"
 #include "test_util.h"
+#include "worker/recipe_convert.h"
 
 namespace pare {
 namespace {
@@ -48,7 +48,8 @@ TEST(CrashTest, KillNineAfterSuccessLosesNothing) {
     ASSERT_TRUE(m.ok()) << m.status().ToString();
     model_id = m->id();
     model_sha = m->sha256();
-    auto job = SubmitRecipe(c, model_id, R"({"steps":[{"prune":{"magnitude":{"amount":0.5,"scope":"GLOBAL"}}}]})", "crash-test");
+    auto job = SubmitRecipe(
+        c, model_id, R"({"steps":[{"prune":{"magnitude":{"amount":0.5,"scope":"GLOBAL"}}}]})", "crash-test");
     ASSERT_TRUE(job.ok());
     job_id = job->id();
     auto done = c.Watch(job_id, nullptr);
@@ -75,7 +76,8 @@ TEST(CrashTest, KillNineAfterSuccessLosesNothing) {
   EXPECT_EQ(Sha256OfFile(second), result_sha);
   EXPECT_EQ(Sha256OfFile(second), Sha256OfFile(result_file));
   // The idempotency key survived too.
-  auto same = SubmitRecipe(c, model_id, R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}}]})", "crash-test");
+  auto same =
+      SubmitRecipe(c, model_id, R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}}]})", "crash-test");
   ASSERT_TRUE(same.ok());
   EXPECT_EQ(same->id(), job_id);
 }
@@ -144,9 +146,8 @@ TEST(CrashTest, KillNineDuringAnUploadAndADownloadLosesNothingAcknowledged) {
   ASSERT_FALSE(address.empty());
   auto c3 = ClientFor(address);
   uint64_t resumed_from = UINT64_MAX;
-  Status second = c3.Download(job->id(), v1::MODEL, out, [&](uint64_t got, uint64_t) {
-    resumed_from = std::min(resumed_from, got);
-  });
+  Status second = c3.Download(job->id(), v1::MODEL, out,
+                              [&](uint64_t got, uint64_t) { resumed_from = std::min(resumed_from, got); });
   ASSERT_TRUE(second.ok()) << second.ToString();
   EXPECT_GT(resumed_from, 0u);  // it went on from the part, not from zero
   EXPECT_EQ(Sha256OfFile(out), done->result_sha256());
@@ -177,10 +178,12 @@ TEST(CrashTest, KillNineDuringAJobAndTheRestartFinishesIt) {
     auto job = SubmitRecipe(c, m->id(), R"({"steps":[{"prune":{"nm":{"n":2,"m":4}}}]})");
     ASSERT_TRUE(job.ok());
     job_id = job->id();
-    ASSERT_TRUE(pare::testing::Eventually([&] {
-      auto now = c.GetJob(job_id);
-      return now.ok() && now->state() == v1::RUNNING && now->progress().fraction() > 0;
-    }, 60));
+    ASSERT_TRUE(pare::testing::Eventually(
+        [&] {
+          auto now = c.GetJob(job_id);
+          return now.ok() && now->state() == v1::RUNNING && now->progress().fraction() > 0;
+        },
+        60));
     server.Kill(SIGKILL);
   }
   std::filesystem::remove(hold);
@@ -228,7 +231,8 @@ TEST(CrashTest, SigtermHandsARunningJobBackAndARestartFinishesIt) {
   // before the restart.
   const std::string hold = dir.path() + "/hold";
   std::ofstream(hold) << "held\n";
-  const std::vector<std::string> flags = {"--local-workers", "1", "--worker-threads", "1", "--drain-seconds", "6"};
+  const std::vector<std::string> flags = {"--local-workers", "1", "--worker-threads", "1",
+                                          "--drain-seconds", "6"};
   std::string job_id;
   {
     ServerProcess server(data, flags);
@@ -238,13 +242,16 @@ TEST(CrashTest, SigtermHandsARunningJobBackAndARestartFinishesIt) {
     auto c = ClientFor(address);
     auto m = c.UploadModel(Fixture("resnet18.pt"), "r18", {1, 3, 224, 224});
     ASSERT_TRUE(m.ok()) << m.status().ToString();
-    auto job = SubmitRecipe(c, m->id(), R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}},{"prune":{"nm":{"n":2,"m":4}}}]})");
+    auto job = SubmitRecipe(
+        c, m->id(), R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}},{"prune":{"nm":{"n":2,"m":4}}}]})");
     ASSERT_TRUE(job.ok());
     job_id = job->id();
-    ASSERT_TRUE(pare::testing::Eventually([&] {
-      auto j = c.GetJob(job_id);
-      return j.ok() && j->state() == v1::RUNNING && j->progress().fraction() > 0;
-    }, 60));
+    ASSERT_TRUE(pare::testing::Eventually(
+        [&] {
+          auto j = c.GetJob(job_id);
+          return j.ok() && j->state() == v1::RUNNING && j->progress().fraction() > 0;
+        },
+        60));
     int status = server.Terminate();
     EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
   }

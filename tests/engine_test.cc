@@ -1,6 +1,6 @@
 // Engine passes on real TorchScript models made by tests/fixtures/make_fixtures.py.
-#include <gtest/gtest.h>
 #include <ATen/Parallel.h>
+#include <gtest/gtest.h>
 #include <torch/cuda.h>
 
 #include <unistd.h>
@@ -10,12 +10,12 @@
 #include <fstream>
 
 #include "worker/engine/channel_prune.h"
-#include "worker/engine/graph_edit.h"
 #include "worker/engine/cpu_features.h"
 #include "worker/engine/dataset.h"
 #include "worker/engine/engine.h"
 #include "worker/engine/error.h"
 #include "worker/engine/factorize.h"
+#include "worker/engine/graph_edit.h"
 #include "worker/engine/image_folder.h"
 #include "worker/engine/macs.h"
 #include "worker/engine/measure.h"
@@ -41,7 +41,9 @@ std::string TempPath(const std::string& name) {
   return (dir / name).string();
 }
 
-double Sparsity(const at::Tensor& t) { return 1.0 - double(t.count_nonzero().item<int64_t>()) / double(t.numel()); }
+double Sparsity(const at::Tensor& t) {
+  return 1.0 - double(t.count_nonzero().item<int64_t>()) / double(t.numel());
+}
 
 // CPU, short latency timing, and the quadrants task's eval set.
 CompressOptions QuickOptions() {
@@ -104,8 +106,10 @@ TEST_F(EngineTest, MagnitudePruneHonoursIncludeFilter) {
   auto m = torch::jit::load(Fixture("small_cnn.pt"));
   MagnitudePrune(m, MagnitudePruneSpec{0.5, false, {"fc"}, {}});
   for (const auto& w : PrunableWeights(m)) {
-    if (w.name.rfind("fc", 0) == 0) EXPECT_GT(Sparsity(w.weight), 0.49) << w.name;
-    else EXPECT_EQ(Sparsity(w.weight), 0.0) << w.name;
+    if (w.name.rfind("fc", 0) == 0)
+      EXPECT_GT(Sparsity(w.weight), 0.49) << w.name;
+    else
+      EXPECT_EQ(Sparsity(w.weight), 0.0) << w.name;
   }
 }
 
@@ -186,7 +190,8 @@ TEST_F(EngineTest, DynamicQuantizationOfLstmAndGru) {
   for (const auto& p : r.module.named_parameters()) EXPECT_EQ(p.name.rfind("rnn.", 0), 0u) << p.name;
   std::string path = TempPath("rnn_q.pt");
   r.module.save(path);
-  EXPECT_LT(std::filesystem::file_size(path), std::filesystem::file_size(Fixture("sequence_classifier.pt")) / 2);
+  EXPECT_LT(std::filesystem::file_size(path),
+            std::filesystem::file_size(Fixture("sequence_classifier.pt")) / 2);
   auto q = torch::jit::load(path);
   at::Tensor x = at::randn({8, 12, 16});
   c10::InferenceMode guard;
@@ -205,10 +210,13 @@ TEST_F(EngineTest, CompressRunsARecipeAndReportsEveryStep) {
   opts.latency_budget_seconds = 0.05;
   opts.eval = DatasetInput{"tensors", Fixture("mnist_like.pt")};
   int calls = 0;
-  opts.progress = [&](const ProgressUpdate&) { ++calls; return true; };
+  opts.progress = [&](const ProgressUpdate&) {
+    ++calls;
+    return true;
+  };
   std::string out = TempPath("compressed.pt");
-  Report r = Compress(Fixture("small_cnn.pt"),
-                      {MagnitudePruneSpec{0.5, true, {}, {}}, DynamicQuantSpec{}}, opts, out);
+  Report r = Compress(Fixture("small_cnn.pt"), {MagnitudePruneSpec{0.5, true, {}, {}}, DynamicQuantSpec{}},
+                      opts, out);
   ASSERT_EQ(r.steps.size(), 3u);
   EXPECT_EQ(r.steps[0].step, "original");
   EXPECT_EQ(r.steps[1].step, "prune.magnitude");
@@ -217,10 +225,12 @@ TEST_F(EngineTest, CompressRunsARecipeAndReportsEveryStep) {
   const auto& orig = r.steps[0].stats;
   const auto& pruned = r.steps[1].stats;
   EXPECT_EQ(orig.parameters, pruned.parameters);
-  EXPECT_NEAR(double(pruned.nonzero_parameters), double(orig.parameters) * 0.5, double(orig.parameters) * 0.02);
+  EXPECT_NEAR(double(pruned.nonzero_parameters), double(orig.parameters) * 0.5,
+              double(orig.parameters) * 0.02);
   EXPECT_LT(pruned.deflated_bytes, orig.deflated_bytes);
   // Quantization keeps every weight (conv weights become frozen constants, linear ones packed int8).
-  EXPECT_EQ(r.steps[2].stats.parameters, orig.parameters - 50 - 10);  // linear biases live inside the packed params
+  EXPECT_EQ(r.steps[2].stats.parameters,
+            orig.parameters - 50 - 10);  // linear biases live inside the packed params
   EXPECT_EQ(r.steps[2].stats.size_bytes, fs::file_size(out));
   EXPECT_LT(r.steps[2].stats.size_bytes, orig.size_bytes);
   ASSERT_TRUE(orig.top1_accuracy.has_value());
@@ -248,10 +258,12 @@ TEST_F(EngineTest, CompressOnCudaMeasuresThereAndSavesAPortableModel) {
   opts.latency_budget_seconds = 0.2;
   opts.eval = DatasetInput{"tensors", Fixture("mnist_like.pt")};
   std::string out = TempPath("cuda.pt");
-  Report r = Compress(Fixture("small_cnn.pt"), {MagnitudePruneSpec{0.5, true, {}, {}}, NMPruneSpec{2, 4}}, opts, out);
+  Report r = Compress(Fixture("small_cnn.pt"), {MagnitudePruneSpec{0.5, true, {}, {}}, NMPruneSpec{2, 4}},
+                      opts, out);
   EXPECT_EQ(r.device, "cuda:0");
   ASSERT_EQ(r.steps.size(), 3u);
-  EXPECT_NEAR(1.0 - double(r.steps[1].stats.nonzero_parameters) / double(r.steps[1].stats.parameters), 0.5, 0.01);
+  EXPECT_NEAR(1.0 - double(r.steps[1].stats.nonzero_parameters) / double(r.steps[1].stats.parameters), 0.5,
+              0.01);
   EXPECT_GT(r.steps[2].stats.output_cosine, 0.5);
   // The result was saved from the CPU: it loads on a machine without a GPU.
   auto loaded = torch::jit::load(out, c10::Device(c10::kCPU));
@@ -274,7 +286,10 @@ TEST_F(EngineTest, FinetuneLearnsALearnableTaskAndKeepsTheBestEpoch) {
   ctx.train = &train;
   ctx.eval = &eval;
   int calls = 0;
-  ctx.progress = [&](double f, const std::string&) { EXPECT_LE(f, 1.0); ++calls; };
+  ctx.progress = [&](double f, const std::string&) {
+    EXPECT_LE(f, 1.0);
+    ++calls;
+  };
   auto notes = Train(m, nullptr, TrainSpec{3, 0.05, 32, "SGD", 5e-4}, 1.0, 0.0, ctx);
   double after = AccuracyOn(m, eval);
   EXPECT_LT(before, 0.5);
@@ -326,7 +341,8 @@ TEST_F(EngineTest, DistillationRefusesAStudentWhoseOutputDiffers) {
 
 TEST_F(EngineTest, CompressRunsPruneThenFinetuneAndNeedsTrainData) {
   CompressOptions opts = QuickOptions();
-  std::vector<StepSpec> steps = {MagnitudePruneSpec{0.5, true, {}, {}}, FinetuneSpec{TrainSpec{2, 0.05, 32, "SGD", 5e-4}}};
+  std::vector<StepSpec> steps = {MagnitudePruneSpec{0.5, true, {}, {}},
+                                 FinetuneSpec{TrainSpec{2, 0.05, 32, "SGD", 5e-4}}};
   EXPECT_THROW(Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("nt.pt")), EngineError);
   opts.train = DatasetInput{"tensors", Fixture("quadrants_train.pt")};
   Report r = Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("ft.pt"));
@@ -367,7 +383,8 @@ TEST_F(EngineTest, TheOriginalsLatencyIsTimedOncePerModelHostAndSettings) {
   Report batches = Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("cache4.pt"));
   EXPECT_FALSE(cache_note(batches));
   EXPECT_EQ(batches.steps[0].stats.latency.size(), 2u);
-  for (const auto& f : fs::directory_iterator(opts.latency_cache_dir)) std::ofstream(f.path()) << "{\"key\": 3";
+  for (const auto& f : fs::directory_iterator(opts.latency_cache_dir))
+    std::ofstream(f.path()) << "{\"key\": 3";
   EXPECT_FALSE(cache_note(Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("cache5.pt"))));
   EXPECT_TRUE(cache_note(Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("cache6.pt"))));
   // No digest: no cache.
@@ -594,12 +611,16 @@ TEST_F(EngineTest, StaticQuantizationOfEfficientNetFoldsStochasticDepth) {
     torch::NoGradGuard no_grad;
     at::Generator g = at::detail::createCPUGenerator(11);
     for (const auto& b : m.named_buffers()) {
-      if (b.name.find("running_var") != std::string::npos) b.value.copy_(at::rand(b.value.sizes(), g) * 0.5 + 0.5);
-      if (b.name.find("running_mean") != std::string::npos) b.value.copy_(at::randn(b.value.sizes(), g) * 0.1);
+      if (b.name.find("running_var") != std::string::npos)
+        b.value.copy_(at::rand(b.value.sizes(), g) * 0.5 + 0.5);
+      if (b.name.find("running_mean") != std::string::npos)
+        b.value.copy_(at::randn(b.value.sizes(), g) * 0.1);
     }
     for (const auto& p : m.named_parameters()) {
-      if (p.value.dim() == 1) p.value.copy_(at::rand(p.value.sizes(), g) * 0.5 + 0.75);
-      else p.value.copy_(at::randn(p.value.sizes(), g) * (1.0 / std::sqrt(double(p.value[0].numel()))));
+      if (p.value.dim() == 1)
+        p.value.copy_(at::rand(p.value.sizes(), g) * 0.5 + 0.75);
+      else
+        p.value.copy_(at::randn(p.value.sizes(), g) * (1.0 / std::sqrt(double(p.value[0].numel()))));
     }
   }
   at::Generator gen = at::detail::createCPUGenerator(12);
@@ -651,8 +672,9 @@ TEST_F(EngineTest, StaticQuantizationKeepsFloatWhatItCannotObserve) {
   EXPECT_NE(kept.find("conv/linear layers"), std::string::npos) << kept;
   EXPECT_NE(q.get_method("forward").graph()->toString().find("quantized::"), std::string::npos);
   at::Tensor x = at::randn({4, 3, 8, 8});
-  EXPECT_GT(at::cosine_similarity(q.forward({x}).toTensor(), m.forward({x}).toTensor(), 1).mean().item<double>(),
-            0.95);
+  EXPECT_GT(
+      at::cosine_similarity(q.forward({x}).toTensor(), m.forward({x}).toTensor(), 1).mean().item<double>(),
+      0.95);
   // Dynamic INT8 of the same model works.
   EXPECT_EQ(QuantizeDynamic(m).linear, 1);
 }
@@ -796,8 +818,9 @@ TEST_F(EngineTest, CancelStopsTheJob) {
   opts.input_shape = {1, 1, 28, 28};
   opts.latency_batches = {1};
   opts.progress = [&](const ProgressUpdate& u) { return u.step_index < 1; };
-  EXPECT_THROW(Compress(Fixture("small_cnn.pt"), {MagnitudePruneSpec{0.5, true, {}, {}}}, opts, TempPath("c.pt")),
-               Cancelled);
+  EXPECT_THROW(
+      Compress(Fixture("small_cnn.pt"), {MagnitudePruneSpec{0.5, true, {}, {}}}, opts, TempPath("c.pt")),
+      Cancelled);
 }
 
 TEST_F(EngineTest, BadModelsGetClearErrors) {
@@ -1084,8 +1107,10 @@ TEST_F(EngineTest, StaticQuantizationOfAChannelPrunedResNetAgrees) {
     torch::NoGradGuard no_grad;
     at::Generator g = at::detail::createCPUGenerator(3);
     for (const auto& b : m.named_buffers()) {
-      if (b.name.find("running_var") != std::string::npos) b.value.copy_(at::rand(b.value.sizes(), g) * 2 + 0.2);
-      if (b.name.find("running_mean") != std::string::npos) b.value.copy_(at::randn(b.value.sizes(), g) * 0.3);
+      if (b.name.find("running_var") != std::string::npos)
+        b.value.copy_(at::rand(b.value.sizes(), g) * 2 + 0.2);
+      if (b.name.find("running_mean") != std::string::npos)
+        b.value.copy_(at::randn(b.value.sizes(), g) * 0.3);
     }
     for (const auto& p : m.named_parameters()) {
       if (p.name.find("bn") != std::string::npos || p.name.find("downsample.1") != std::string::npos) {
@@ -1128,7 +1153,8 @@ TEST_F(EngineTest, ChannelPruneWorksOnTorchvisionFamilies) {
     auto after = CountMacs(r.module, {1, 3, 64, 64});
     ASSERT_TRUE(before && after);
     EXPECT_LT(after->macs, 0.6 * before->macs);
-    EXPECT_EQ(r.module.forward({at::randn({2, 3, 64, 64})}).toTensor().sizes(), (std::vector<int64_t>{2, 10}));
+    EXPECT_EQ(r.module.forward({at::randn({2, 3, 64, 64})}).toTensor().sizes(),
+              (std::vector<int64_t>{2, 10}));
   }
 }
 
@@ -1169,8 +1195,8 @@ TEST_F(EngineTest, ChannelPruneFollowsChannelsLastBlocks) {
       EXPECT_TRUE(g.prunable) << g.name << ": " << g.why_intact;
     }
   }
-  EXPECT_EQ(Param(r.module, "features.0.0.weight").size(0), 16);          // stem: 32 -> 16
-  EXPECT_EQ(Param(r.module, "features.0.1.weight").size(0), 16);          // its LayerNorm2d
+  EXPECT_EQ(Param(r.module, "features.0.0.weight").size(0), 16);  // stem: 32 -> 16
+  EXPECT_EQ(Param(r.module, "features.0.1.weight").size(0), 16);  // its LayerNorm2d
   EXPECT_EQ(Param(r.module, "features.1.0.layer_scale").size(0), 16);
   EXPECT_EQ(Param(r.module, "features.1.0.block.2.weight").size(0), 16);  // LayerNorm over C
   EXPECT_EQ(Param(r.module, "features.1.0.block.3.weight").sizes(), (std::vector<int64_t>{64, 16}));
@@ -1290,7 +1316,8 @@ TEST_F(EngineTest, ChannelPruneRewritesConstantViewSizes) {
   const int64_t kept = Param(r.module, "conv2.weight").size(0);
   EXPECT_EQ(kept, 10);
   EXPECT_EQ(Param(r.module, "fc1.weight").size(1), kept * 16);
-  EXPECT_EQ(r.module.forward({at::randn({3, 1, 28, 28})}).toTensor().sizes().vec(), (std::vector<int64_t>{3, 10}));
+  EXPECT_EQ(r.module.forward({at::randn({3, 1, 28, 28})}).toTensor().sizes().vec(),
+            (std::vector<int64_t>{3, 10}));
   // The view's constant was rewritten: no group was left intact for it.
   for (const auto& g : r.groups) EXPECT_EQ(g.why_intact.find("view"), std::string::npos) << g.name;
   // MobileNetV1's `view(-1, 256)` after a 1x1 pool keeps the channels in place.
@@ -1338,7 +1365,8 @@ TEST_F(EngineTest, ChannelPruneCutsTransposedConvolutions) {
   EXPECT_EQ(up.size(1), 16);
   EXPECT_EQ(Param(r.module, "up1.bias").size(0), 16);
   // conv1 reads cat([x2, up1(x3)]): both parts cut.
-  EXPECT_EQ(Param(r.module, "conv1.net.0.weight").size(1), Param(r.module, "down1.1.net.3.weight").size(0) + 16);
+  EXPECT_EQ(Param(r.module, "conv1.net.0.weight").size(1),
+            Param(r.module, "down1.1.net.3.weight").size(0) + 16);
   EXPECT_EQ(r.module.forward({at::randn({2, 3, 32, 32})}).toTensor().sizes().vec(),
             (std::vector<int64_t>{2, 2, 32, 32}));
 }
@@ -1409,7 +1437,8 @@ TEST_F(EngineTest, StaticQuantizationOfTransposedConvolutionsUsesPerTensorWeight
   for (int i = 0; i < 2; ++i) calibration.push_back(at::randn({4, 3, 32, 32}));
   std::vector<std::string> notes;
   auto q = QuantizeStatic(m, StaticQuantSpec{"MINMAX", 2, true}, calibration, &notes);
-  EXPECT_NE(q.get_method("forward").graph()->toString().find("quantized::conv_transpose2d"), std::string::npos);
+  EXPECT_NE(q.get_method("forward").graph()->toString().find("quantized::conv_transpose2d"),
+            std::string::npos);
   bool said = false;
   for (const auto& n : notes) said |= n.find("1 transposed convolution weight(s) quantized per tensor") == 0;
   EXPECT_TRUE(said);
@@ -1444,7 +1473,8 @@ TEST_F(EngineTest, TwoInputModelsTakeAShapePerInput) {
   EXPECT_EQ(y.sizes().vec(), (std::vector<int64_t>{3, 10}));
   // A dataset without the second input ("images_1") is refused for it.
   opts.train = DatasetInput{"tensors", Fixture("quadrants_train.pt")};
-  EXPECT_THROW(Compress(Fixture("user_two_input.pt"), {FinetuneSpec{}}, opts, TempPath("two.pt")), EngineError);
+  EXPECT_THROW(Compress(Fixture("user_two_input.pt"), {FinetuneSpec{}}, opts, TempPath("two.pt")),
+               EngineError);
 }
 
 // A torch.save-compatible tensors dataset written from C++.
@@ -1516,11 +1546,13 @@ TEST_F(EngineTest, EveryOutputOfADictModelIsComparedAndDistilled) {
   opts.input_shape = {1, 3, 32, 32};
   opts.train = DatasetInput{"tensors", TempPath("dict_train.pt")};
   SaveTensors(TempPath("dict_train.pt"), at::randn({64, 3, 32, 32}), at::randint(0, 10, {64}, at::kLong));
-  Report r = Compress(Fixture("user_dict_out.pt"), {StaticQuantSpec{"HISTOGRAM", 2, true}}, opts, TempPath("dict.pt"));
+  Report r = Compress(Fixture("user_dict_out.pt"), {StaticQuantSpec{"HISTOGRAM", 2, true}}, opts,
+                      TempPath("dict.pt"));
   ASSERT_EQ(r.steps[1].stats.outputs.size(), 2u);
   EXPECT_EQ(r.steps[1].stats.outputs[0].name, "logits");
   EXPECT_EQ(r.steps[1].stats.outputs[1].name, "features");
-  double worst = std::min(r.steps[1].stats.outputs[0].centred_cosine, r.steps[1].stats.outputs[1].centred_cosine);
+  double worst =
+      std::min(r.steps[1].stats.outputs[0].centred_cosine, r.steps[1].stats.outputs[1].centred_cosine);
   EXPECT_DOUBLE_EQ(r.steps[1].stats.output_centred_cosine, worst);
   nlohmann::json j = ToJson(r);
   EXPECT_EQ(j["steps"][1]["stats"]["outputs"].size(), 2u);
@@ -1533,10 +1565,12 @@ TEST_F(EngineTest, EveryOutputOfADictModelIsComparedAndDistilled) {
   Report d = Compress(Fixture("user_dict_out.pt"), {cut, kd}, opts, TempPath("dict_kd.pt"));
   ASSERT_EQ(d.steps.size(), 3u);
   const auto& notes = d.steps[2].notes;
-  EXPECT_NE(std::find(notes.begin(), notes.end(),
-                      "distilled 1 further output(s) by mean squared error (scaled by the teacher's variance)"),
-            notes.end());
-  const double pruned = d.steps[1].stats.outputs[1].centred_cosine, distilled = d.steps[2].stats.outputs[1].centred_cosine;
+  EXPECT_NE(
+      std::find(notes.begin(), notes.end(),
+                "distilled 1 further output(s) by mean squared error (scaled by the teacher's variance)"),
+      notes.end());
+  const double pruned = d.steps[1].stats.outputs[1].centred_cosine,
+               distilled = d.steps[2].stats.outputs[1].centred_cosine;
   std::cout << "features' centred cosine: pruned " << pruned << ", distilled " << distilled << "\n";
   EXPECT_GT(distilled, pruned + 0.05);
 }

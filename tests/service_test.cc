@@ -12,11 +12,11 @@
 #include <set>
 
 #include "client/client.h"
-#include "worker/recipe_convert.h"
 #include "common/sha256.h"
 #include "pare/v1/workers.grpc.pb.h"
 #include "server/server.h"
 #include "test_util.h"
+#include "worker/recipe_convert.h"
 
 namespace pare {
 namespace {
@@ -38,7 +38,8 @@ v1::Recipe Recipe(const std::string& json) {
 class ServiceTest : public ::testing::Test {
  protected:
   void StartServerWith(const std::string& worker_binary) { StartServer({}, 1, worker_binary); }
-  void StartServer(std::vector<std::string> worker_args = {}, int workers = 1, std::string worker_binary = "") {
+  void StartServer(std::vector<std::string> worker_args = {}, int workers = 1,
+                   std::string worker_binary = "") {
     server::ServerOptions o;
     o.listen = "127.0.0.1:0";
     o.data_dir = dir_.path() + "/data";
@@ -106,7 +107,8 @@ TEST_F(ServiceTest, UploadSubmitWatchDownloadAndTheReportMatchesPython) {
   std::string model = UploadModel("small_cnn.pt", {1, 1, 28, 28});
   auto ds = client_->UploadDataset(Fixture("mnist_like.pt"), "tensors", "eval");
   ASSERT_TRUE(ds.ok()) << ds.status().ToString();
-  v1::Job job = Submit(model, R"({"steps":[{"prune":{"magnitude":{"amount":0.6,"scope":"LAYER"}}}]})", ds->id());
+  v1::Job job =
+      Submit(model, R"({"steps":[{"prune":{"magnitude":{"amount":0.6,"scope":"LAYER"}}}]})", ds->id());
   std::vector<v1::JobState> seen;
   v1::Job done = WaitEnd(job.id(), &seen);
   ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.error().message();
@@ -155,8 +157,9 @@ TEST_F(ServiceTest, DynamicQuantizationResultRunsInPythonAndAgrees) {
   std::string out = dir_.path() + "/q.pt";
   ASSERT_TRUE(client_->Download(done.id(), v1::MODEL, out).ok());
   std::string py;
-  std::string cmd = Python() + " -c \"import torch;torch.backends.quantized.engine='onednn';m=torch.jit.load('" + out +
-                    "');print('linear_dynamic' in str(m.inlined_graph), tuple(m(torch.randn(2,1,28,28)).shape))\"";
+  std::string cmd =
+      Python() + " -c \"import torch;torch.backends.quantized.engine='onednn';m=torch.jit.load('" + out +
+      "');print('linear_dynamic' in str(m.inlined_graph), tuple(m(torch.randn(2,1,28,28)).shape))\"";
   ASSERT_EQ(pare::testing::Run(cmd, &py), 0) << py;
   EXPECT_EQ(py, "True (2, 10)\n");
 }
@@ -195,7 +198,8 @@ TEST_F(ServiceTest, AKilledWorkerLosesItsLeaseAndTheJobSucceedsOnTheNextOne) {
 // The job's own process (pare-worker --run-job) of the worker `worker_pid`, once it exists.
 pid_t JobProcessOf(pid_t worker_pid) {
   for (int i = 0; i < 200; ++i) {
-    std::ifstream children("/proc/" + std::to_string(worker_pid) + "/task/" + std::to_string(worker_pid) + "/children");
+    std::ifstream children("/proc/" + std::to_string(worker_pid) + "/task/" + std::to_string(worker_pid) +
+                           "/children");
     pid_t child = 0;
     if (children >> child && child > 0) return child;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -233,7 +237,8 @@ TEST_F(ServiceTest, HostileModelsFailTheirJobWithAReasonAndTheWorkerGoesOn) {
   timed.set_timeout_seconds(100000);
   auto too_long = client_->Submit(timed);
   EXPECT_EQ(too_long.status().code(), Code::kInvalidArgument);
-  EXPECT_NE(too_long.status().message().find("timeout_seconds"), std::string::npos) << too_long.status().message();
+  EXPECT_NE(too_long.status().message().find("timeout_seconds"), std::string::npos)
+      << too_long.status().message();
 
   // A job process that crashes (SIGSEGV, as a LibTorch fault would) fails only its job.
   v1::Job crashing = Submit(UploadModel("slow.pt", {1, 1, 28, 28}), recipe);
@@ -263,10 +268,11 @@ TEST_F(ServiceTest, HostileFilesFailTheirJobsWithClearErrorsAndTheServerServes) 
     const char* reason;
     const char* says;
   };
-  for (const Case& k : {Case{"unknown_op.pt", "", "MODEL_LOAD", "pare_missing"},
-                        Case{"evil_pickle.pt", "", "MODEL_LOAD", "os.system"},
-                        Case{"throws.pt", "", "MODEL_RUN", "this model always fails"},
-                        Case{"small_cnn.pt", "labels_out_of_range.pt", "BAD_DATASET", "eval labels go up to 50"}}) {
+  for (const Case& k :
+       {Case{"unknown_op.pt", "", "MODEL_LOAD", "pare_missing"},
+        Case{"evil_pickle.pt", "", "MODEL_LOAD", "os.system"},
+        Case{"throws.pt", "", "MODEL_RUN", "this model always fails"},
+        Case{"small_cnn.pt", "labels_out_of_range.pt", "BAD_DATASET", "eval labels go up to 50"}}) {
     SCOPED_TRACE(k.model);
     std::string eval;
     if (*k.eval) {
@@ -368,12 +374,12 @@ TEST_F(ServiceTest, ADownloadResumedFromAnOffsetYieldsTheSameBytes) {
 
 TEST_F(ServiceTest, BadUploadsAreRefusedClearlyAndTheServerKeepsServing) {
   StartServer();
-  for (const auto& [file, words] : std::vector<std::pair<std::string, std::string>>{
-           {"garbage.bin", "not a zip archive"},
-           {"truncated.pt", "not a zip archive"},
-           {"not_torchscript.zip", "not a PyTorch archive"},
-           {"mnist_like.pt", "no TorchScript code"},
-           {"zip_slip.pt", "unsafe path"}}) {
+  for (const auto& [file, words] :
+       std::vector<std::pair<std::string, std::string>>{{"garbage.bin", "not a zip archive"},
+                                                        {"truncated.pt", "not a zip archive"},
+                                                        {"not_torchscript.zip", "not a PyTorch archive"},
+                                                        {"mnist_like.pt", "no TorchScript code"},
+                                                        {"zip_slip.pt", "unsafe path"}}) {
     auto m = client_->UploadModel(Fixture(file), file, {});
     EXPECT_EQ(m.status().code(), Code::kInvalidArgument) << file;
     EXPECT_NE(m.status().message().find(words), std::string::npos) << file << ": " << m.status().message();
@@ -391,7 +397,8 @@ TEST_F(ServiceTest, BadUploadsAreRefusedClearlyAndTheServerKeepsServing) {
   EXPECT_EQ(failed.state(), v1::FAILED);
   EXPECT_EQ(failed.attempts(), 1);
   EXPECT_EQ(failed.error().reason(), "MODEL_RUN");
-  EXPECT_NE(failed.error().message().find("this model always fails"), std::string::npos) << failed.error().message();
+  EXPECT_NE(failed.error().message().find("this model always fails"), std::string::npos)
+      << failed.error().message();
   std::string good = UploadModel("small_cnn.pt", {1, 1, 28, 28});
   EXPECT_EQ(WaitEnd(Submit(good, R"({"steps":[{"quantize":{"dynamic":{}}}]})").id()).state(), v1::SUCCEEDED);
 }
@@ -486,7 +493,8 @@ TEST_F(ServiceTest, TokensSeparateTenantsAndOnlyWorkersMayLease) {
   EXPECT_EQ(bob_list->jobs_size(), 0);
 
   // A client token does not open the Workers service.
-  auto stub = v1::Workers::NewStub(grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials()));
+  auto stub =
+      v1::Workers::NewStub(grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials()));
   grpc::ClientContext ctx;
   ctx.AddMetadata("authorization", "Bearer " + alice);
   v1::LeaseRequest lease;
@@ -510,9 +518,10 @@ TEST_F(ServiceTest, HealthAndReflectionAnswerAnotherLanguagesClient) {
   // python3-grpcio, without generated code: the raw health check answers SERVING (field 1 = 1),
   // and reflection lists both services.
   std::string py;
-  std::string cmd = Python() + " -c \"" +
-                    "import grpc;ch=grpc.insecure_channel('" + server_->address() + "');"
-                    "h=ch.unary_unary('/grpc.health.v1.Health/Check',request_serializer=lambda x:x,response_deserializer=lambda x:x);"
+  std::string cmd = Python() + " -c \"" + "import grpc;ch=grpc.insecure_channel('" + server_->address() +
+                    "');"
+                    "h=ch.unary_unary('/grpc.health.v1.Health/Check',request_serializer=lambda "
+                    "x:x,response_deserializer=lambda x:x);"
                     "print(h(b'',timeout=10).hex());"
                     "r=ch.stream_stream('/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo',"
                     "request_serializer=lambda x:x,response_deserializer=lambda x:x);"
@@ -533,7 +542,7 @@ TEST_F(ServiceTest, QuotasAnswerResourceExhaustedNamingTheLimit) {
   o.data_dir = dir_.path() + "/quota";
   o.local_workers = 0;  // jobs stay queued
   o.auth_tokens_file = tokens_file_;
-  o.limits.tenant_max_bytes = 150000;     // small_cnn.pt is about 97 kB: one fits, two do not
+  o.limits.tenant_max_bytes = 150000;  // small_cnn.pt is about 97 kB: one fits, two do not
   o.limits.tenant_max_active_jobs = 2;
   auto s = server::Server::Create(o);
   ASSERT_TRUE(s.ok()) << s.status().ToString();
@@ -543,7 +552,8 @@ TEST_F(ServiceTest, QuotasAnswerResourceExhaustedNamingTheLimit) {
   std::string model = UploadModel("small_cnn.pt", {1, 1, 28, 28});
   auto second = client_->UploadModel(Fixture("small_cnn_5.pt"), "again", {1, 1, 28, 28});
   ASSERT_EQ(second.status().code(), Code::kResourceExhausted);
-  EXPECT_NE(second.status().message().find("stored-bytes quota"), std::string::npos) << second.status().message();
+  EXPECT_NE(second.status().message().find("stored-bytes quota"), std::string::npos)
+      << second.status().message();
   v1::SubmitJobRequest req;
   req.set_model_id(model);
   *req.mutable_recipe() = Recipe(R"({"steps":[{"prune":{"nm":{"n":2,"m":4}}}]})");
@@ -554,7 +564,8 @@ TEST_F(ServiceTest, QuotasAnswerResourceExhaustedNamingTheLimit) {
   req.set_request_id("q3");
   auto third = client_->Submit(req);
   ASSERT_EQ(third.status().code(), Code::kResourceExhausted);
-  EXPECT_NE(third.status().message().find("active-jobs quota"), std::string::npos) << third.status().message();
+  EXPECT_NE(third.status().message().find("active-jobs quota"), std::string::npos)
+      << third.status().message();
   req.set_request_id("q1");  // a resubmission is still answered with its job
   EXPECT_TRUE(client_->Submit(req).ok());
   // Another tenant is not limited by this one's jobs.
@@ -573,10 +584,12 @@ TEST_F(ServiceTest, MutualTlsAdmitsOnlyClientsWithACertificate) {
   std::ofstream(d + "/san.ext") << "subjectAltName=DNS:localhost,IP:127.0.0.1\n";
   std::ofstream(d + "/certs.sh")
       << "set -e\ncd " << d << "\n"
-      << "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=pare-test-ca\n"
+      << "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj "
+         "/CN=pare-test-ca\n"
       << "for n in server client; do\n"
       << "  openssl req -newkey rsa:2048 -nodes -keyout $n.key -out $n.csr -subj /CN=$n\n"
-      << "  openssl x509 -req -in $n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $n.pem -days 1 -extfile san.ext\n"
+      << "  openssl x509 -req -in $n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $n.pem -days 1 "
+         "-extfile san.ext\n"
       << "done\n";
   ASSERT_EQ(pare::testing::Run("bash " + d + "/certs.sh 2>&1", &out), 0) << out;
   const std::string alice = "alice-token-0123456789";
@@ -623,7 +636,8 @@ TEST_F(ServiceTest, ReadinessFollowsConnectedWorkers) {
   // Health of service "pare.readiness" over python3-grpcio: 0801 SERVING, 0802 NOT_SERVING.
   auto readiness = [&](const std::string& address) {
     std::string out;
-    std::string cmd = Python() + " -c \"" + "import grpc;ch=grpc.insecure_channel('" + address + "');"
+    std::string cmd = Python() + " -c \"" + "import grpc;ch=grpc.insecure_channel('" + address +
+                      "');"
                       "h=ch.unary_unary('/grpc.health.v1.Health/Check',request_serializer=lambda x:x,"
                       "response_deserializer=lambda x:x);n=b'pare.readiness';"
                       "print(h(bytes([10,len(n)])+n,timeout=10).hex())\"";
@@ -673,10 +687,11 @@ TEST_F(ServiceTest, AJobWhoseStoredRecipeIsCorruptFailsWithCorruptJob) {
   server_.reset();
   // Garbage where the recipe's protobuf bytes are (a bad disk, a bad restore).
   std::string out;
-  ASSERT_EQ(pare::testing::Run(Python() + " -c \"import sqlite3;c=sqlite3.connect('" + dir_.path() +
-                                   "/data/pare.db');c.execute('UPDATE jobs SET recipe=x\\'ffffffff0f\\' WHERE id=?',('" +
-                                   job.id() + "',));c.commit();print(c.total_changes)\"",
-                               &out),
+  ASSERT_EQ(pare::testing::Run(
+                Python() + " -c \"import sqlite3;c=sqlite3.connect('" + dir_.path() +
+                    "/data/pare.db');c.execute('UPDATE jobs SET recipe=x\\'ffffffff0f\\' WHERE id=?',('" +
+                    job.id() + "',));c.commit();print(c.total_changes)\"",
+                &out),
             0)
       << out;
   ASSERT_EQ(out.substr(0, 1), "1") << out;

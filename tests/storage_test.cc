@@ -4,11 +4,11 @@
 #include <filesystem>
 #include <fstream>
 
-#include "worker/recipe_convert.h"
 #include "common/sha256.h"
 #include "server/archive_check.h"
 #include "server/blob_store.h"
 #include "test_util.h"
+#include "worker/recipe_convert.h"
 
 namespace pare::server {
 namespace {
@@ -24,7 +24,8 @@ TEST(Sha256Test, KnownVectorsAndChunkingAgree) {
   std::string data(3 << 20, 'x');
   for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<char>(i * 31);
   Sha256 chunked;
-  for (size_t off = 0; off < data.size(); off += 1000003) chunked.Update(data.data() + off, std::min<size_t>(1000003, data.size() - off));
+  for (size_t off = 0; off < data.size(); off += 1000003)
+    chunked.Update(data.data() + off, std::min<size_t>(1000003, data.size() - off));
   EXPECT_EQ(chunked.HexDigest(), Sha256::Of(data));
   EXPECT_TRUE(IsHexSha256(Sha256::Of("x")));
   EXPECT_FALSE(IsHexSha256("../../etc/passwd"));
@@ -139,7 +140,8 @@ TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
   EXPECT_DOUBLE_EQ(channel.amount, 0.3f);
   EXPECT_EQ(channel.round_to, 8);
   EXPECT_FALSE(channel.global);
-  auto by_macs = ToEngineSteps(ParseRecipeJson(R"({"steps":[{"prune":{"channel":{"targetMacs":0.4}}}]})").value());
+  auto by_macs =
+      ToEngineSteps(ParseRecipeJson(R"({"steps":[{"prune":{"channel":{"targetMacs":0.4}}}]})").value());
   ASSERT_TRUE(by_macs.ok()) << by_macs.status().ToString();
   EXPECT_FLOAT_EQ(std::get<engine::ChannelPruneSpec>(by_macs->at(0)).target_macs, 0.4f);
   EXPECT_DOUBLE_EQ(std::get<engine::FactorizeSpec>(steps->at(7)).rank_ratio, 0.5);
@@ -163,7 +165,8 @@ TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
     EXPECT_NE(r.status().message().find(field), std::string::npos) << r.status().message();
   }
 
-  auto ok = ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":0.5,"scope":"GLOBAL","include":["fc"]}}},
+  auto ok =
+      ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":0.5,"scope":"GLOBAL","include":["fc"]}}},
                                          {"prune":{"nm":{"n":2,"m":4}}},{"quantize":{"dynamic":{}}}]})");
   ASSERT_TRUE(ok.ok());
   auto converted = ToEngineSteps(ok.value());
@@ -176,7 +179,8 @@ TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
   auto bad_field = ParseRecipeJson(R"({"steps":[{"prune":{"magnitud":{}}}]})");
   EXPECT_EQ(bad_field.status().code(), Code::kInvalidArgument);
   EXPECT_NE(bad_field.status().message().find("magnitud"), std::string::npos);
-  auto bad_scope = ToEngineSteps(ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":0.5,"scope":"ALL"}}}]})").value());
+  auto bad_scope = ToEngineSteps(
+      ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":0.5,"scope":"ALL"}}}]})").value());
   EXPECT_NE(bad_scope.status().message().find("steps[0].prune.magnitude.scope"), std::string::npos);
   EXPECT_EQ(ToEngineSteps(v1::Recipe()).status().code(), Code::kInvalidArgument);
   auto bad_nm = ToEngineSteps(ParseRecipeJson(R"({"steps":[{"prune":{"nm":{"n":4,"m":4}}}]})").value());

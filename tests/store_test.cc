@@ -18,7 +18,8 @@ class StoreTest : public ::testing::Test {
     EXPECT_TRUE(s.ok()) << s.status().ToString();
     return std::move(s).value();
   }
-  JobRecord NewJob(const std::string& id, const std::string& device = "auto", const std::string& request_id = "") {
+  JobRecord NewJob(const std::string& id, const std::string& device = "auto",
+                   const std::string& request_id = "") {
     JobRecord j;
     j.id = id;
     j.tenant = "t1";
@@ -32,7 +33,8 @@ class StoreTest : public ::testing::Test {
     EXPECT_TRUE(r.ok()) << r.status().ToString();
     return r->first;
   }
-  std::optional<JobRecord> Lease(const std::string& worker, bool cuda = false, const std::string& lease = "L") {
+  std::optional<JobRecord> Lease(const std::string& worker, bool cuda = false,
+                                 const std::string& lease = "L") {
     auto r = store_->LeaseJob(worker, cuda, lease, clock_.NowMs(), kTtl);
     EXPECT_TRUE(r.ok()) << r.status().ToString();
     return r.value();
@@ -97,7 +99,8 @@ TEST_F(StoreTest, HeartbeatExtendsTheLeaseAndExpiryRequeues) {
   EXPECT_EQ((*expired)[0].state, JobState::kQueued);
   EXPECT_EQ((*expired)[0].attempts, 1);
   // The old lease is dead: heartbeats and completion with it are refused.
-  EXPECT_EQ(store_->Heartbeat("job_1", "L", "", clock_.NowMs(), kTtl).status().code(), Code::kFailedPrecondition);
+  EXPECT_EQ(store_->Heartbeat("job_1", "L", "", clock_.NowMs(), kTtl).status().code(),
+            Code::kFailedPrecondition);
   auto again = Lease("w2", false, "L2");
   ASSERT_TRUE(again.has_value());
   EXPECT_EQ(again->attempts, 2);
@@ -185,7 +188,8 @@ TEST_F(StoreTest, StateSurvivesReopening) {
   NewJob("job_1");
   ModelRecord m{"mdl_1", "t1", "resnet", std::string(64, 'b'), 123, {1, 3, 224, 224}, {}, 5};
   ASSERT_TRUE(store_->PutModel(m).ok());
-  ModelRecord pair{"mdl_2", "t1", "siamese", std::string(64, 'c'), 456, {1, 3, 32, 32}, {{1, 3, 32, 32}, {1, 8}}, 6};
+  ModelRecord pair{
+      "mdl_2", "t1", "siamese", std::string(64, 'c'), 456, {1, 3, 32, 32}, {{1, 3, 32, 32}, {1, 8}}, 6};
   ASSERT_TRUE(store_->PutModel(pair).ok());
   store_.reset();
   store_ = Open();

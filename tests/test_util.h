@@ -2,9 +2,9 @@
 // process that can be killed with SIGKILL and started again on the same data.
 #pragma once
 
+#include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
-#include <poll.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -61,7 +61,8 @@ inline size_t CountFiles(const std::string& dir) {
 
 // Polls `pred` until it holds or `seconds` pass (for conditions with no event to wait on).
 inline bool Eventually(const std::function<bool()>& pred, double seconds) {
-  auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+  auto end =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
   while (std::chrono::steady_clock::now() < end) {
     if (pred()) return true;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -97,8 +98,13 @@ class ServerProcess {
   std::string Start() {
     int fds[2];
     if (::pipe(fds) != 0) return "";
-    std::vector<std::string> args = {BinDir() + "/server/pare-server", "--listen", "127.0.0.1:0",
-                                     "--metrics-listen", "127.0.0.1:0", "--data-dir", data_dir_};
+    std::vector<std::string> args = {BinDir() + "/server/pare-server",
+                                     "--listen",
+                                     "127.0.0.1:0",
+                                     "--metrics-listen",
+                                     "127.0.0.1:0",
+                                     "--data-dir",
+                                     data_dir_};
     args.insert(args.end(), extra_.begin(), extra_.end());
     if (!launcher_.empty()) args.insert(args.begin(), launcher_);
     pid_ = ::fork();
@@ -119,7 +125,8 @@ class ServerProcess {
     auto end = std::chrono::steady_clock::now() + std::chrono::seconds(30);
     char c;
     for (;;) {
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - std::chrono::steady_clock::now());
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(end - std::chrono::steady_clock::now());
       pollfd p{fds[0], POLLIN, 0};
       if (left.count() <= 0 || ::poll(&p, 1, static_cast<int>(left.count())) <= 0) break;
       if (::read(fds[0], &c, 1) != 1 || c == '\n') break;

@@ -54,7 +54,8 @@ Status Untar(const std::string& path, const std::string& dir, uint64_t max_bytes
   while (true) {
     int rc = archive_read_next_header(a.get(), &e);
     if (rc == ARCHIVE_EOF) break;
-    if (rc != ARCHIVE_OK) return InvalidArgument(std::string("the dataset tar is corrupt: ") + ArchiveErrorText(a.get()));
+    if (rc != ARCHIVE_OK)
+      return InvalidArgument(std::string("the dataset tar is corrupt: ") + ArchiveErrorText(a.get()));
     std::string name = archive_entry_pathname(e) ? archive_entry_pathname(e) : "";
     if (archive_entry_filetype(e) == AE_IFDIR) continue;
     if (archive_entry_filetype(e) != AE_IFREG) {
@@ -74,7 +75,8 @@ Status Untar(const std::string& path, const std::string& dir, uint64_t max_bytes
       if (parts.size() == 3) parts.erase(parts.begin());  // "dataset/CLASS/FILE"
       const bool spec = parts.size() == 1 && parts[0] == "preprocess.json";
       if (!spec && (parts.size() != 2 || !SafeComponent(parts[0]) || !SafeComponent(parts[1]))) {
-        return InvalidArgument("image-folder tar entry '" + name + "' is not CLASS/IMAGE (or preprocess.json)");
+        return InvalidArgument("image-folder tar entry '" + name +
+                               "' is not CLASS/IMAGE (or preprocess.json)");
       }
       if (++files > 2000000) return InvalidArgument("the image-folder tar holds too many files");
       if (!spec) {
@@ -97,7 +99,8 @@ Status Untar(const std::string& path, const std::string& dir, uint64_t max_bytes
       total += static_cast<uint64_t>(n);
       if (total > max_bytes) {
         ::close(fd);
-        return InvalidArgument("the dataset tar unpacks to more than " + std::to_string(max_bytes) + " bytes");
+        return InvalidArgument("the dataset tar unpacks to more than " + std::to_string(max_bytes) +
+                               " bytes");
       }
       if (::write(fd, buf.data(), static_cast<size_t>(n)) != n) {
         ::close(fd);

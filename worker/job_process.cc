@@ -56,8 +56,10 @@ v1::StepReport ToProto(const engine::StepReport& s) {
 }
 
 bool OutOfMemory(const std::string& message) {
-  return message.find("can't allocate memory") != std::string::npos || message.find("not enough memory") != std::string::npos ||
-         message.find("std::bad_alloc") != std::string::npos || message.find("out of memory") != std::string::npos;
+  return message.find("can't allocate memory") != std::string::npos ||
+         message.find("not enough memory") != std::string::npos ||
+         message.find("std::bad_alloc") != std::string::npos ||
+         message.find("out of memory") != std::string::npos;
 }
 
 int RunJobChild(const std::string& dir) {
@@ -85,7 +87,8 @@ int RunJobChild(const std::string& dir) {
     engine::CompressOptions opts;
     opts.device = job.device();
     opts.input_shape.assign(job.input_shape().begin(), job.input_shape().end());
-    for (const auto& more : job.more_input_shapes()) opts.more_input_shapes.emplace_back(more.dims().begin(), more.dims().end());
+    for (const auto& more : job.more_input_shapes())
+      opts.more_input_shapes.emplace_back(more.dims().begin(), more.dims().end());
     opts.latency_batches = spec["latency_batches"].get<std::vector<int>>();
     opts.latency_budget_seconds = spec["latency_budget"];
     opts.latency_cache_dir = spec.value("latency_cache_dir", "");
@@ -108,8 +111,11 @@ int RunJobChild(const std::string& dir) {
     bool reported = false;
     opts.progress = [&](const engine::ProgressUpdate& u) {
       if (u.fraction >= 0) {
-        nlohmann::json line = {{"index", u.step_index}, {"count", u.step_count}, {"step", u.step},
-                               {"fraction", u.fraction}, {"message", u.message}};
+        nlohmann::json line = {{"index", u.step_index},
+                               {"count", u.step_count},
+                               {"step", u.step},
+                               {"fraction", u.fraction},
+                               {"message", u.message}};
         std::cout << line.dump() << std::endl;
         reported = reported || u.fraction > 0;
       }
@@ -137,8 +143,9 @@ int RunJobChild(const std::string& dir) {
     SetJobError(header, v1::FAILED, "INTERNAL", "ENGINE", e.what());
   }
   if (header.state() == v1::FAILED && OutOfMemory(header.error().message())) {
-    SetJobError(header, v1::FAILED, "RESOURCE_EXHAUSTED", kReasonMemoryLimit,
-                "the job ran out of memory (the worker's limit or the machine's): " + header.error().message());
+    SetJobError(
+        header, v1::FAILED, "RESOURCE_EXHAUSTED", kReasonMemoryLimit,
+        "the job ran out of memory (the worker's limit or the machine's): " + header.error().message());
   }
   std::ofstream out(dir + "/outcome.pb", std::ios::binary);
   if (!header.SerializeToOstream(&out)) return 2;

@@ -21,11 +21,15 @@ int main(int argc, char** argv) {
   CLI::App app{"pare-worker: runs Pare compression jobs"};
   app.add_option("--server", o.server, "pare-server address")->capture_default_str();
   app.add_option("--id", o.id, "worker id (default: hostname-pid)");
-  app.add_option("--threads", o.threads, "intra-op threads (0: the CPUs this process may use: affinity mask and cgroup CPU quota)")->capture_default_str();
-  app.add_option("--quantized-engine", o.quantized_engine, "onednn, qnnpack or fbgemm (default: best available)");
+  app.add_option("--threads", o.threads,
+                 "intra-op threads (0: the CPUs this process may use: affinity mask and cgroup CPU quota)")
+      ->capture_default_str();
+  app.add_option("--quantized-engine", o.quantized_engine,
+                 "onednn, qnnpack or fbgemm (default: best available)");
   app.add_option("--work-dir", o.work_dir, "where private job folders are made")->capture_default_str();
   app.add_option("--poll-ms", o.poll_ms, "wait between empty lease answers")->capture_default_str();
-  app.add_option("--drain-seconds", o.drain_seconds, "time to finish a job after SIGTERM")->capture_default_str();
+  app.add_option("--drain-seconds", o.drain_seconds, "time to finish a job after SIGTERM")
+      ->capture_default_str();
   app.add_option("--latency-batches", o.latency_batches,
                  "batch sizes for latency measurements, e.g. 1,32 (default: 1; 1 and 32 on a GPU)")
       ->delimiter(',');
@@ -37,18 +41,22 @@ int main(int argc, char** argv) {
   app.add_flag("--once", o.once, "exit after one job");
   app.add_option("--job-timeout", o.job_timeout_seconds, "wall-clock seconds a job may run (0: no limit)")
       ->capture_default_str();
-  app.add_option("--job-memory-mb", o.job_memory_mb, "address-space limit of a CPU job's process in MiB (0: none)")
+  app.add_option("--job-memory-mb", o.job_memory_mb,
+                 "address-space limit of a CPU job's process in MiB (0: none)")
       ->capture_default_str();
   app.add_option("--job-cpu-seconds", o.job_cpu_seconds, "CPU-time limit of a job's process (0: none)")
       ->capture_default_str();
   app.add_option("--job-max-open-files", o.job_max_open_files, "open-files limit of a job's process")
       ->capture_default_str();
-  app.add_option("--tls-ca", o.tls.ca, "PEM CA of the server's certificate: talk TLS")->check(CLI::ExistingFile);
-  app.add_option("--tls-cert", o.tls.cert, "PEM client certificate, for mutual TLS")->check(CLI::ExistingFile);
+  app.add_option("--tls-ca", o.tls.ca, "PEM CA of the server's certificate: talk TLS")
+      ->check(CLI::ExistingFile);
+  app.add_option("--tls-cert", o.tls.cert, "PEM client certificate, for mutual TLS")
+      ->check(CLI::ExistingFile);
   app.add_option("--tls-key", o.tls.key, "PEM key of --tls-cert")->check(CLI::ExistingFile);
   app.add_option("--tls-server-name", o.tls.server_name, "name expected in the server's certificate");
   std::string run_job;
-  app.add_option("--run-job", run_job, "internal: run the job prepared in this folder (the sandboxed job process)");
+  app.add_option("--run-job", run_job,
+                 "internal: run the job prepared in this folder (the sandboxed job process)");
   std::string token_file;
   app.add_option("--token-file", token_file, "file holding the worker token (default $PARE_WORKER_TOKEN)")
       ->check(CLI::ExistingFile);

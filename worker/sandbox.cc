@@ -27,7 +27,8 @@ namespace fs = std::filesystem;
 
 std::string SignalName(int sig) {
   const char* d = ::sigdescr_np(sig);
-  std::string name = ::sigabbrev_np(sig) ? std::string("SIG") + ::sigabbrev_np(sig) : "signal " + std::to_string(sig);
+  std::string name =
+      ::sigabbrev_np(sig) ? std::string("SIG") + ::sigabbrev_np(sig) : "signal " + std::to_string(sig);
   return d ? name + " (" + d + ")" : name;
 }
 
@@ -48,7 +49,8 @@ v1::CompleteHeader Worker::RunSandboxed(const std::string& dir, bool cuda_job, d
   argv.push_back(nullptr);
   int fds[2];
   if (::pipe2(fds, O_CLOEXEC) != 0) throw engine::EngineError(Code::kInternal, "WORKER", "pipe failed");
-  const rlim_t memory = options_.job_memory_mb > 0 && !cuda_job ? rlim_t(options_.job_memory_mb) << 20 : RLIM_INFINITY;
+  const rlim_t memory =
+      options_.job_memory_mb > 0 && !cuda_job ? rlim_t(options_.job_memory_mb) << 20 : RLIM_INFINITY;
   const rlim_t cpu = options_.job_cpu_seconds > 0 ? rlim_t(options_.job_cpu_seconds) : RLIM_INFINITY;
   const rlim_t files = options_.job_max_open_files > 0 ? rlim_t(options_.job_max_open_files) : RLIM_INFINITY;
   pid_t pid = ::fork();
@@ -102,7 +104,8 @@ v1::CompleteHeader Worker::RunSandboxed(const std::string& dir, bool cuda_job, d
       ::kill(pid, SIGTERM);
       term_sent = now;
     }
-    if (term_sent != SteadyClock::time_point::max() && now - term_sent > std::chrono::seconds(15) && !killed_by_us) {
+    if (term_sent != SteadyClock::time_point::max() && now - term_sent > std::chrono::seconds(15) &&
+        !killed_by_us) {
       ::kill(pid, SIGKILL);  // it did not stop at the next progress point
       killed_by_us = true;
     }
@@ -124,8 +127,8 @@ v1::CompleteHeader Worker::RunSandboxed(const std::string& dir, bool cuda_job, d
   const std::string step = current_step().empty() ? "loading" : current_step();
   if (timed_out) {
     return fail("DEADLINE_EXCEEDED", "JOB_TIMEOUT",
-                "the job ran longer than its limit of " + std::to_string(int(timeout_seconds)) + " s (during " +
-                    step + ") and was stopped");
+                "the job ran longer than its limit of " + std::to_string(int(timeout_seconds)) +
+                    " s (during " + step + ") and was stopped");
   }
   if (WIFEXITED(status) && WEXITSTATUS(status) == 3) {
     header.set_state(v1::QUEUED);
@@ -146,13 +149,14 @@ v1::CompleteHeader Worker::RunSandboxed(const std::string& dir, bool cuda_job, d
     }
     if (sig == SIGXCPU) {
       return fail("RESOURCE_EXHAUSTED", "JOB_CPU_LIMIT",
-                  "the job used more than this worker's CPU-time limit of " + std::to_string(options_.job_cpu_seconds) +
-                      " s (during " + step + ")");
+                  "the job used more than this worker's CPU-time limit of " +
+                      std::to_string(options_.job_cpu_seconds) + " s (during " + step + ")");
     }
     if (sig == SIGKILL) {
-      return fail("RESOURCE_EXHAUSTED", "JOB_KILLED",
-                  "the job process was killed (SIGKILL) during " + step +
-                      "; most often the kernel's out-of-memory killer: the model or its data needs more memory");
+      return fail(
+          "RESOURCE_EXHAUSTED", "JOB_KILLED",
+          "the job process was killed (SIGKILL) during " + step +
+              "; most often the kernel's out-of-memory killer: the model or its data needs more memory");
     }
     return fail("INTERNAL", "JOB_CRASHED",
                 "the job process crashed with " + SignalName(sig) + " during " + step +

@@ -37,7 +37,8 @@ void WriteFileChecked(const std::string& what, const std::string& path, const st
   if (!out) DiskError(what, path, errno ? errno : EIO);
 }
 
-bool Worker::Fetch(const v1::LeasedJob& job, const std::string& sha, const std::string& path, std::string* error) {
+bool Worker::Fetch(const v1::LeasedJob& job, const std::string& sha, const std::string& path,
+                   std::string* error) {
   // Resumes from what was written if the stream breaks, a few times, waiting longer each time.
   errno = 0;
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
@@ -56,7 +57,8 @@ bool Worker::Fetch(const v1::LeasedJob& job, const std::string& sha, const std::
     v1::Chunk chunk;
     while (reader->Read(&chunk)) {
       errno = 0;
-      if (!out.write(chunk.data().data(), static_cast<std::streamsize>(chunk.data().size())) || !out.flush()) {
+      if (!out.write(chunk.data().data(), static_cast<std::streamsize>(chunk.data().size())) ||
+          !out.flush()) {
         const int err = errno ? errno : EIO;
         ctx->TryCancel();
         reader->Finish();
@@ -77,12 +79,16 @@ bool Worker::Fetch(const v1::LeasedJob& job, const std::string& sha, const std::
       }
       return true;
     }
-    if (st.error_code() != grpc::StatusCode::UNAVAILABLE && st.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED) {
+    if (st.error_code() != grpc::StatusCode::UNAVAILABLE &&
+        st.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED) {
       *error = "fetching input " + sha + ": " + st.error_message();
       return false;
     }
-    spdlog::warn(Kv({{"msg", "fetching an input failed; retrying"}, {"job", job.job_id()}, {"sha256", sha},
-                     {"attempt", std::to_string(attempt + 1)}, {"have", std::to_string(have)},
+    spdlog::warn(Kv({{"msg", "fetching an input failed; retrying"},
+                     {"job", job.job_id()},
+                     {"sha256", sha},
+                     {"attempt", std::to_string(attempt + 1)},
+                     {"have", std::to_string(have)},
                      {"error", st.error_message()}}));
   }
   // The server is unreachable (restarting?): the job goes back to the queue, not to FAILED.
@@ -115,8 +121,10 @@ void Worker::Complete(const v1::LeasedJob& job, v1::CompleteHeader header, const
     writer->WritesDone();
     grpc::Status st = writer->Finish();
     if (st.ok()) return;
-    spdlog::warn(Kv({{"msg", "reporting the result failed"}, {"job", job.job_id()}, {"error", st.error_message()}}));
-    if (st.error_code() != grpc::StatusCode::UNAVAILABLE && st.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED &&
+    spdlog::warn(
+        Kv({{"msg", "reporting the result failed"}, {"job", job.job_id()}, {"error", st.error_message()}}));
+    if (st.error_code() != grpc::StatusCode::UNAVAILABLE &&
+        st.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED &&
         st.error_code() != grpc::StatusCode::RESOURCE_EXHAUSTED) {
       return;  // e.g. the lease moved on: the result is not ours to give any more
     }

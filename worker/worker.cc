@@ -5,10 +5,10 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
-#include <functional>
-#include <mutex>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <mutex>
 #include <thread>
 
 #include "common/logging.h"
@@ -36,7 +36,8 @@ Worker::Worker(WorkerOptions options) : options_(std::move(options)) {
 
 std::unique_ptr<grpc::ClientContext> Worker::Context(double seconds) const {
   auto ctx = std::make_unique<grpc::ClientContext>();
-  ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));
+  ctx->set_deadline(std::chrono::system_clock::now() +
+                    std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));
   if (!options_.token.empty()) ctx->AddMetadata("authorization", "Bearer " + options_.token);
   return ctx;
 }
@@ -46,10 +47,15 @@ int Worker::Run() {
   const engine::ThreadChoice threads = engine::InitProcess(options_.threads, options_.quantized_engine);
   has_cuda_ = CudaAvailable();
   device_name_ = DeviceName(has_cuda_);
-  spdlog::info(Kv({{"msg", "worker started"}, {"worker", options_.id}, {"server", options_.server},
-                   {"cuda", has_cuda_ ? "true" : "false"}, {"device", device_name_},
-                   {"libtorch", LibTorchVersion()}, {"blas", engine::BlasName()},
-                   {"threads", std::to_string(threads.threads)}, {"threads_why", threads.why}}));
+  spdlog::info(Kv({{"msg", "worker started"},
+                   {"worker", options_.id},
+                   {"server", options_.server},
+                   {"cuda", has_cuda_ ? "true" : "false"},
+                   {"device", device_name_},
+                   {"libtorch", LibTorchVersion()},
+                   {"blas", engine::BlasName()},
+                   {"threads", std::to_string(threads.threads)},
+                   {"threads_why", threads.why}}));
   int failures = 0;
   while (!stop_) {
     v1::LeaseRequest req;
@@ -138,8 +144,8 @@ class Heartbeat {
 
 }  // namespace
 
-void SetJobError(v1::CompleteHeader& header, v1::JobState state, const std::string& code, const std::string& reason,
-                 const std::string& message) {
+void SetJobError(v1::CompleteHeader& header, v1::JobState state, const std::string& code,
+                 const std::string& reason, const std::string& message) {
   header.set_state(state);
   header.mutable_error()->set_code(code);
   header.mutable_error()->set_reason(reason);
@@ -151,7 +157,8 @@ std::string Worker::PrepareJobFolder(const v1::LeasedJob& job, const std::string
   // job's own sandboxed process (RunJobChild).
   auto fetch = [&](const std::string& sha, const std::string& path) {
     std::string error;
-    if (!Fetch(job, sha, path, &error)) throw engine::EngineError(Code::kUnavailable, kReasonFetchFailed, error);
+    if (!Fetch(job, sha, path, &error))
+      throw engine::EngineError(Code::kUnavailable, kReasonFetchFailed, error);
   };
   nlohmann::json spec;
   spec["model"] = dir + "/model.pt";
@@ -161,7 +168,8 @@ std::string Worker::PrepareJobFolder(const v1::LeasedJob& job, const std::string
     fetch(d.sha256(), blob);
     auto input = PrepareDataset(blob, d.format(), dir + "/" + d.role());
     if (!input.ok()) {
-      throw engine::EngineError(input.status().code(), "BAD_DATASET", d.role() + " dataset: " + input.status().message());
+      throw engine::EngineError(input.status().code(), "BAD_DATASET",
+                                d.role() + " dataset: " + input.status().message());
     }
     spec["datasets"][d.role()] = {{"format", input->format}, {"path", input->path}};
   }
@@ -185,14 +193,18 @@ std::string Worker::PrepareJobFolder(const v1::LeasedJob& job, const std::string
   spec["device_name"] = device_name_;
   WriteFileChecked("the job's spec", dir + "/spec.json", spec.dump());
   std::string job_pb;
-  if (!job.SerializeToString(&job_pb)) throw engine::EngineError(Code::kInternal, "WORKER", "cannot encode the job");
+  if (!job.SerializeToString(&job_pb))
+    throw engine::EngineError(Code::kInternal, "WORKER", "cannot encode the job");
   WriteFileChecked("the job", dir + "/job.pb", job_pb);
   return result_path;
 }
 
 void Worker::RunJob(const v1::LeasedJob& job) {
   const std::string& job_id = job.job_id();
-  spdlog::info(Kv({{"msg", "job started"}, {"job", job_id}, {"model", job.model_id()}, {"step", "original"},
+  spdlog::info(Kv({{"msg", "job started"},
+                   {"job", job_id},
+                   {"model", job.model_id()},
+                   {"step", "original"},
                    {"attempt", std::to_string(job.attempt())}}));
   std::string dir_template = options_.work_dir + "/pare-job-XXXXXX";
   std::vector<char> buf(dir_template.begin(), dir_template.end());
@@ -205,7 +217,8 @@ void Worker::RunJob(const v1::LeasedJob& job) {
     return;
   }
   const std::string dir = buf.data();
-  auto heartbeat = std::make_unique<Heartbeat>(stub_.get(), job, options_.heartbeat_seconds, [this] { return Context(5); });
+  auto heartbeat = std::make_unique<Heartbeat>(stub_.get(), job, options_.heartbeat_seconds,
+                                               [this] { return Context(5); });
 
   // After SIGTERM the job has half the drain grace to finish; then it is handed back, which
   // leaves time to tell the server before the supervisor's grace runs out.
@@ -226,7 +239,10 @@ void Worker::RunJob(const v1::LeasedJob& job) {
     const std::string step = u.value("step", "");
     if (step != logged_step) {
       logged_step = step;
-      spdlog::info(Kv({{"msg", "step started"}, {"job", job_id}, {"model", job.model_id()}, {"step", step},
+      spdlog::info(Kv({{"msg", "step started"},
+                       {"job", job_id},
+                       {"model", job.model_id()},
+                       {"step", step},
                        {"index", std::to_string(u.value("index", 0))}}));
     }
     v1::Progress p;
@@ -248,8 +264,10 @@ void Worker::RunJob(const v1::LeasedJob& job) {
     const bool cuda_job = has_cuda_ && job.device() != "cpu";
     // The job's own limit, within this worker's.
     double timeout = options_.job_timeout_seconds;
-    if (job.timeout_seconds() > 0 && (timeout <= 0 || job.timeout_seconds() < timeout)) timeout = job.timeout_seconds();
-    header = RunSandboxed(dir, cuda_job, timeout, on_progress, should_stop, [&] { return heartbeat->Step(); });
+    if (job.timeout_seconds() > 0 && (timeout <= 0 || job.timeout_seconds() < timeout))
+      timeout = job.timeout_seconds();
+    header =
+        RunSandboxed(dir, cuda_job, timeout, on_progress, should_stop, [&] { return heartbeat->Step(); });
     if (header.state() == v1::QUEUED && (!handed_back || heartbeat->cancelled())) {
       // The job process stopped on request: a cancel, unless it was a hand-back.
       SetJobError(header, v1::CANCELLED, "CANCELLED", "CANCELLED", "cancelled while running");
@@ -266,11 +284,18 @@ void Worker::RunJob(const v1::LeasedJob& job) {
   const bool lease_lost = heartbeat->lease_lost();
   heartbeat.reset();  // stopped before the outcome is sent
   if (lease_lost) {
-    spdlog::warn(Kv({{"msg", "lease lost; dropping the job"}, {"job", job_id}, {"model", job.model_id()}, {"step", step}}));
+    spdlog::warn(Kv({{"msg", "lease lost; dropping the job"},
+                     {"job", job_id},
+                     {"model", job.model_id()},
+                     {"step", step}}));
   } else {
     Complete(job, header, result_path);
-    spdlog::info(Kv({{"msg", "job finished"}, {"job", job_id}, {"model", job.model_id()}, {"step", step},
-                     {"state", v1::JobState_Name(header.state())}, {"reason", header.error().reason()}}));
+    spdlog::info(Kv({{"msg", "job finished"},
+                     {"job", job_id},
+                     {"model", job.model_id()},
+                     {"step", step},
+                     {"state", v1::JobState_Name(header.state())},
+                     {"reason", header.error().reason()}}));
   }
   std::error_code ec;
   fs::remove_all(dir, ec);

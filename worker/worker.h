@@ -27,21 +27,21 @@ struct WorkerOptions {
   int poll_ms = 500;                       // wait between empty lease answers
   double heartbeat_seconds = 1.0;          // progress and lease renewal interval
   double drain_seconds = 30;               // after SIGTERM, time left to finish the running job
-  std::vector<int> latency_batches;  // empty: batch 1, and 32 too on a GPU (engine::CompressOptions)
+  std::vector<int> latency_batches;        // empty: batch 1, and 32 too on a GPU (engine::CompressOptions)
   double latency_budget_seconds = 1.0;
   // The original model's latency is kept under work_dir/latency-cache between jobs, per model
   // digest, host and settings (engine::LatencyCache): a model submitted again is not re-timed.
   bool latency_cache = true;
-  bool once = false;                       // exit after one job (tests, batch use)
-  std::string token;                       // the server's worker token (default $PARE_WORKER_TOKEN)
-  TlsClientFiles tls;                      // TLS to the server
+  bool once = false;   // exit after one job (tests, batch use)
+  std::string token;   // the server's worker token (default $PARE_WORKER_TOKEN)
+  TlsClientFiles tls;  // TLS to the server
   // Limits of each job's process (0: none). The job runs in a child process of its own
   // (pare-worker --run-job): a crash, a limit or a timeout fails that job with a reason that
   // says so, and the worker goes on with the next job.
-  double job_timeout_seconds = 3600;       // wall clock
-  int64_t job_memory_mb = 0;               // address space (RLIMIT_AS); not applied to CUDA jobs
-  int64_t job_cpu_seconds = 0;             // CPU time (RLIMIT_CPU)
-  int64_t job_max_open_files = 1024;       // RLIMIT_NOFILE
+  double job_timeout_seconds = 3600;  // wall clock
+  int64_t job_memory_mb = 0;          // address space (RLIMIT_AS); not applied to CUDA jobs
+  int64_t job_cpu_seconds = 0;        // CPU time (RLIMIT_CPU)
+  int64_t job_max_open_files = 1024;  // RLIMIT_NOFILE
 };
 
 // The job process: runs the engine on a folder prepared by the worker (spec.json, job.pb),

@@ -32,8 +32,8 @@ inline constexpr char kReasonServerUnreachable[] = "SERVER_UNREACHABLE";
 inline constexpr char kReasonMemoryLimit[] = "JOB_MEMORY_LIMIT";
 
 // Sets a job's end state and its error in one place.
-void SetJobError(v1::CompleteHeader& header, v1::JobState state, const std::string& code, const std::string& reason,
-                 const std::string& message);
+void SetJobError(v1::CompleteHeader& header, v1::JobState state, const std::string& code,
+                 const std::string& reason, const std::string& message);
 
 // A step's report as the protocol carries it.
 v1::StepReport ToProto(const engine::StepReport& s);

@@ -11,8 +11,8 @@
 #include <mutex>
 #include <numeric>
 #include <set>
-#include <tuple>
 #include <sstream>
+#include <tuple>
 #include <unordered_map>
 
 #include "worker/engine/error.h"
@@ -74,7 +74,8 @@ struct Atom {
 
 class Analysis {
  public:
-  Analysis(const torch::jit::Module& root, std::shared_ptr<Graph> graph, std::unordered_map<Value*, Shape> shapes)
+  Analysis(const torch::jit::Module& root, std::shared_ptr<Graph> graph,
+           std::unordered_map<Value*, Shape> shapes)
       : root_(root), graph_(std::move(graph)), shapes_(std::move(shapes)), self_(graph_->inputs()[0]) {}
 
   void Run() {
@@ -115,7 +116,8 @@ class Analysis {
     atoms_[b].parent = a;
     atoms_[a].granule = std::lcm(atoms_[a].granule, atoms_[b].granule);
     atoms_[a].multiple = std::lcm(atoms_[a].multiple, atoms_[b].multiple);
-    if (atoms_[a].size % atoms_[a].granule != 0) BlockRoot(a, "grouped convolutions with incompatible group sizes");
+    if (atoms_[a].size % atoms_[a].granule != 0)
+      BlockRoot(a, "grouped convolutions with incompatible group sizes");
     if (atoms_[a].size % std::lcm(atoms_[a].granule, atoms_[a].multiple) != 0) {
       BlockRoot(a, "group norms and grouped convolutions whose group sizes do not fit together");
     }
@@ -152,8 +154,8 @@ class Analysis {
   void BlockTensorInputs(Node* n, const std::string& why) {
     for (Value* v : n->inputs()) Block(Of(v), why);
   }
-  void AddMember(const Space& s, Role role, const std::vector<Path>& params, int64_t dim, Node* conv = nullptr,
-                 size_t groups_input = 0) {
+  void AddMember(const Space& s, Role role, const std::vector<Path>& params, int64_t dim,
+                 Node* conv = nullptr, size_t groups_input = 0) {
     int64_t offset = 0;
     for (const auto& g : s) {
       atoms_[g.atom].members.push_back(Member{role, params, dim, offset, g.factor, conv, groups_input});
@@ -266,14 +268,34 @@ class Analysis {
     // for unbatched inputs) has no shapes to analyse and cannot run on inputs of this shape.
     const bool static_if = k == prim::If && ShapeDerived(n->input(0), 0);
     for (torch::jit::Block* b : n->blocks()) {
-      if (static_if && NeverRan(b)) skipped_.insert(b);
-      else Visit(b);
+      if (static_if && NeverRan(b))
+        skipped_.insert(b);
+      else
+        Visit(b);
     }
     // Reads that adapt to any channel count.
-    if (In(k, {prim::Constant, prim::GetAttr, aten::size, aten::dim, aten::len, aten::__is__, aten::__isnot__,
-               prim::isinstance, aten::is_floating_point, prim::device, prim::dtype, prim::requires_grad,
-               aten::format, prim::RaiseException, aten::warn, prim::Uninitialized, c10::Symbol::fromQualString("aten::numel"), aten::Int,
-               aten::Float, aten::Bool, aten::ScalarImplicit, prim::is_cuda})) {
+    if (In(k, {prim::Constant,
+               prim::GetAttr,
+               aten::size,
+               aten::dim,
+               aten::len,
+               aten::__is__,
+               aten::__isnot__,
+               prim::isinstance,
+               aten::is_floating_point,
+               prim::device,
+               prim::dtype,
+               prim::requires_grad,
+               aten::format,
+               prim::RaiseException,
+               aten::warn,
+               prim::Uninitialized,
+               c10::Symbol::fromQualString("aten::numel"),
+               aten::Int,
+               aten::Float,
+               aten::Bool,
+               aten::ScalarImplicit,
+               prim::is_cuda})) {
       return;
     }
     if (k == prim::unchecked_cast) {
@@ -281,7 +303,8 @@ class Analysis {
       return;
     }
     if (In(k, {aten::conv1d, aten::conv2d, aten::conv3d, aten::_convolution})) return Conv(n);
-    if (In(k, {aten::conv_transpose1d, aten::conv_transpose2d, aten::conv_transpose3d})) return ConvTranspose(n, 6);
+    if (In(k, {aten::conv_transpose1d, aten::conv_transpose2d, aten::conv_transpose3d}))
+      return ConvTranspose(n, 6);
     if (k == aten::group_norm) return GroupNorm(n);
     if (k == aten::instance_norm) return Norm(n, "an instance norm");
     if (k == prim::TupleConstruct && Returned(n->output())) {
@@ -299,14 +322,15 @@ class Analysis {
     if (k == aten::layer_norm) return LayerNorm(n);
     if (k == aten::batch_norm) return Norm(n, "a batch norm");
     if (k == aten::prelu) return PRelu(n);
-    if (In(k, {aten::relu, aten::relu_, aten::relu6, aten::relu6_, aten::hardtanh, aten::hardtanh_, aten::sigmoid,
-               aten::sigmoid_, aten::hardsigmoid, aten::hardsigmoid_, aten::hardswish, aten::hardswish_, aten::silu,
-               aten::silu_, aten::gelu, aten::elu, aten::elu_, aten::leaky_relu, aten::leaky_relu_, aten::tanh,
-               aten::tanh_, aten::mish, aten::softplus, aten::dropout, aten::dropout_, aten::feature_dropout,
-               aten::feature_dropout_, aten::alpha_dropout, aten::alpha_dropout_, aten::feature_alpha_dropout,
-               aten::contiguous, aten::clone, aten::detach, aten::neg, aten::clamp, aten::clamp_, aten::clamp_min,
-               aten::clamp_min_, aten::clamp_max, aten::to, aten::add, aten::add_, aten::sub, aten::sub_, aten::mul,
-               aten::mul_, aten::div, aten::div_, aten::maximum, aten::minimum, aten::exp, aten::sqrt,
+    if (In(k, {aten::relu, aten::relu_, aten::relu6, aten::relu6_, aten::hardtanh, aten::hardtanh_,
+               aten::sigmoid, aten::sigmoid_, aten::hardsigmoid, aten::hardsigmoid_, aten::hardswish,
+               aten::hardswish_, aten::silu, aten::silu_, aten::gelu, aten::elu, aten::elu_, aten::leaky_relu,
+               aten::leaky_relu_, aten::tanh, aten::tanh_, aten::mish, aten::softplus, aten::dropout,
+               aten::dropout_, aten::feature_dropout, aten::feature_dropout_, aten::alpha_dropout,
+               aten::alpha_dropout_, aten::feature_alpha_dropout, aten::contiguous, aten::clone, aten::detach,
+               aten::neg, aten::clamp, aten::clamp_, aten::clamp_min, aten::clamp_min_, aten::clamp_max,
+               aten::to, aten::add, aten::add_, aten::sub, aten::sub_, aten::mul, aten::mul_, aten::div,
+               aten::div_, aten::maximum, aten::minimum, aten::exp, aten::sqrt,
                // Along the channels too: with fewer channels they normalise over the ones kept.
                aten::softmax, aten::log_softmax})) {
       std::vector<Value*> operands;
@@ -316,12 +340,28 @@ class Analysis {
       if (n->outputs().size() != 1 || !IsTensor(n->output())) return BlockTensorInputs(n, OpName(n));
       return Elementwise(n, operands);
     }
-    if (In(k, {aten::max_pool1d, aten::max_pool2d, aten::max_pool3d, aten::avg_pool1d, aten::avg_pool2d,
-               aten::avg_pool3d, aten::adaptive_avg_pool1d, aten::adaptive_avg_pool2d, aten::adaptive_avg_pool3d,
-               aten::adaptive_max_pool1d, aten::adaptive_max_pool2d, aten::adaptive_max_pool3d,
-               aten::max_pool1d_with_indices, aten::max_pool2d_with_indices, aten::max_pool3d_with_indices,
-               aten::upsample_nearest1d, aten::upsample_nearest2d, aten::upsample_nearest3d, aten::upsample_linear1d,
-               aten::upsample_bilinear2d, aten::upsample_bicubic2d, aten::upsample_trilinear3d})) {
+    if (In(k, {aten::max_pool1d,
+               aten::max_pool2d,
+               aten::max_pool3d,
+               aten::avg_pool1d,
+               aten::avg_pool2d,
+               aten::avg_pool3d,
+               aten::adaptive_avg_pool1d,
+               aten::adaptive_avg_pool2d,
+               aten::adaptive_avg_pool3d,
+               aten::adaptive_max_pool1d,
+               aten::adaptive_max_pool2d,
+               aten::adaptive_max_pool3d,
+               aten::max_pool1d_with_indices,
+               aten::max_pool2d_with_indices,
+               aten::max_pool3d_with_indices,
+               aten::upsample_nearest1d,
+               aten::upsample_nearest2d,
+               aten::upsample_nearest3d,
+               aten::upsample_linear1d,
+               aten::upsample_bilinear2d,
+               aten::upsample_bicubic2d,
+               aten::upsample_trilinear3d})) {
       Space s = Of(n->input(0));
       if (!ChannelsFirst(n->input(0), s, OpName(n))) return;
       for (const auto& g : s) {
@@ -361,7 +401,8 @@ class Analysis {
     if (depth > 32 || IsTensor(v)) return false;
     Node* d = v->node();
     const auto k = d->kind();
-    if (k == prim::Constant || In(k, {aten::dim, aten::size, aten::len, aten::__is__, aten::__isnot__})) return true;
+    if (k == prim::Constant || In(k, {aten::dim, aten::size, aten::len, aten::__is__, aten::__isnot__}))
+      return true;
     if (k == prim::If) {  // `a and b`: a condition, then a value per branch
       if (!ShapeDerived(d->input(0), depth + 1)) return false;
       for (torch::jit::Block* b : d->blocks()) {
@@ -456,7 +497,8 @@ class Analysis {
     for (const auto& s : in) {
       if (s.factor != 1) return Block(in, "a convolution over flattened channels");
     }
-    if (!in.empty() && Length(in) != in_channels) return Block(in, "a convolution whose input does not match");
+    if (!in.empty() && Length(in) != in_channels)
+      return Block(in, "a convolution whose input does not match");
     if (g == 1) {
       AddMember(in, Role::kIn, {w.path}, 1);
       int a = NewAtom(out, Join(layer));
@@ -514,7 +556,8 @@ class Analysis {
     auto groups = torch::jit::toIValue(n->input(1));
     Source w = Resolve(root_, n->input(2), self_);
     Source b = Resolve(root_, n->input(3), self_);
-    if (!groups || !groups->isInt() || groups->toInt() < 1) return Block(in, "a group norm with a variable group count");
+    if (!groups || !groups->isInt() || groups->toInt() < 1)
+      return Block(in, "a group norm with a variable group count");
     if (w.kind == Source::kOther || b.kind == Source::kOther) {
       return Block(in, "a group norm whose parameters are not plain attributes");
     }
@@ -565,7 +608,8 @@ class Analysis {
     auto dims = torch::jit::toIValue(n->input(1));
     const Shape* shape = ShapeOf(n->input(0));
     if (Flattened(in)) return Block(in, "aten::permute of flattened channels");
-    if (!dims || !dims->isIntList() || !shape) return Block(in, "aten::permute with dimensions only known at run time");
+    if (!dims || !dims->isIntList() || !shape)
+      return Block(in, "aten::permute with dimensions only known at run time");
     const int64_t rank = static_cast<int64_t>(shape->size());
     std::vector<int64_t> order = dims->toIntVector();
     for (size_t j = 0; j < order.size(); ++j) {
@@ -589,8 +633,8 @@ class Analysis {
     Source b = Resolve(root_, n->input(3), self_);
     at::Tensor weight = w.kind == Source::kAttr ? TensorAt(root_, w.path) : at::Tensor();
     if (in.size() != 1) return Block(in, "a layer_norm over channels of several producers");
-    if (!shape || Flattened(in) || CDim(n->input(0)) != static_cast<int64_t>(shape->size()) - 1 || !weight.defined() ||
-        weight.dim() != 1 || weight.size(0) != Length(in) || b.kind == Source::kOther) {
+    if (!shape || Flattened(in) || CDim(n->input(0)) != static_cast<int64_t>(shape->size()) - 1 ||
+        !weight.defined() || weight.dim() != 1 || weight.size(0) != Length(in) || b.kind == Source::kOther) {
       return Block(in, "a layer_norm that is not over the channels alone");
     }
     std::vector<Path> params{w.path};
@@ -630,11 +674,13 @@ class Analysis {
     if (in.empty() || !ChannelsFirst(n->input(0), in, OpName(n))) return;
     const Shape* shape = ShapeOf(n->input(0));
     // Over every dimension (`x.mean()` in a condition): a scalar, whatever the channel count.
-    if (n->inputs().size() == 1 || (n->inputs().size() == 2 && n->input(1)->type()->kind() != c10::TypeKind::ListType)) {
+    if (n->inputs().size() == 1 ||
+        (n->inputs().size() == 2 && n->input(1)->type()->kind() != c10::TypeKind::ListType)) {
       return;
     }
     auto dims = torch::jit::toIValue(n->input(1));
-    if (!shape || !dims || !dims->isIntList()) return Block(in, OpName(n) + " over dimensions known only at run time");
+    if (!shape || !dims || !dims->isIntList())
+      return Block(in, OpName(n) + " over dimensions known only at run time");
     if (dims->toIntVector().empty()) return;  // amax(x): over every dimension
     const int64_t rank = static_cast<int64_t>(shape->size());
     for (int64_t d : dims->toIntVector()) {
@@ -684,7 +730,8 @@ class Analysis {
     c10::optional<c10::IValue> element;
     if (size->node()->kind() == prim::ListConstruct && size->node()->inputs().size() >= 2) {
       element = torch::jit::toIValue(size->node()->input(1));
-    } else if (auto whole = torch::jit::toIValue(size); whole && whole->isIntList() && whole->toIntVector().size() >= 2) {
+    } else if (auto whole = torch::jit::toIValue(size);
+               whole && whole->isIntList() && whole->toIntVector().size() >= 2) {
       element = whole->toIntVector()[1];
     }
     if (element && element->isInt() && element->toInt() == extent) size_constants.push_back({n, out});
@@ -699,7 +746,8 @@ class Analysis {
       return;
     }
     for (Value* v : list->inputs()) {
-      if (!Of(v).empty() && CDim(v) != 1) return BlockTensorInputs(list, "a concatenation of channels-last values");
+      if (!Of(v).empty() && CDim(v) != 1)
+        return BlockTensorInputs(list, "a concatenation of channels-last values");
     }
     int64_t d = dim->toInt();
     if (d < 0) d += static_cast<int64_t>(out_shape->size());
@@ -713,7 +761,8 @@ class Analysis {
       Space s = Of(v);
       const Shape* sh = ShapeOf(v);
       if (s.empty()) {
-        if (!sh || sh->size() < 2) return BlockTensorInputs(list, "a concatenation with parts of unknown size");
+        if (!sh || sh->size() < 2)
+          return BlockTensorInputs(list, "a concatenation with parts of unknown size");
         int a = NewAtom((*sh)[1], "");
         BlockRoot(a, "fixed channels");
         s = {Seg{a, (*sh)[1], 1}};
@@ -746,7 +795,8 @@ class Analysis {
       }
       if (sa.empty() && sb.empty()) continue;
       bool same = sa.size() == sb.size() && CDim(a) == CDim(b);
-      for (size_t j = 0; same && j < sa.size(); ++j) same = sa[j].size == sb[j].size && sa[j].factor == sb[j].factor;
+      for (size_t j = 0; same && j < sa.size(); ++j)
+        same = sa[j].size == sb[j].size && sa[j].factor == sb[j].factor;
       if (!same) {
         Block(sa, "branches that return different channels");
         Block(sb, "branches that return different channels");
@@ -784,7 +834,8 @@ std::vector<Group> Collect(Analysis& analysis) {
   for (size_t i = 0; i < atoms.size(); ++i) {
     int r = analysis.Find(static_cast<int>(i));
     auto [it, fresh] = by_root.try_emplace(
-        r, Group{r, atoms[r].size, atoms[r].granule, atoms[r].multiple, "", atoms[r].blocked, atoms[r].why, {}});
+        r,
+        Group{r, atoms[r].size, atoms[r].granule, atoms[r].multiple, "", atoms[r].blocked, atoms[r].why, {}});
     Group& g = it->second;
     if (g.name.empty()) g.name = atoms[i].name;
     g.members.insert(g.members.end(), atoms[i].members.begin(), atoms[i].members.end());
@@ -846,7 +897,8 @@ void CheckClaims(const torch::jit::Module& root, std::vector<Group>& groups) {
 
 }  // namespace
 
-Prepared Prepare(const torch::jit::Module& module, const std::vector<int64_t>& input_shape, const InputShapes& more) {
+Prepared Prepare(const torch::jit::Module& module, const std::vector<int64_t>& input_shape,
+                 const InputShapes& more) {
   Prepared p;
   p.module = module.clone();
   p.module.eval();

@@ -11,8 +11,8 @@
 #include <mutex>
 #include <numeric>
 #include <set>
-#include <tuple>
 #include <sstream>
+#include <tuple>
 #include <unordered_map>
 
 #include "worker/engine/error.h"
@@ -33,16 +33,21 @@ namespace {
 
 // Shapes of every tensor in a (possibly nested) output.
 void OutputShapes(const c10::IValue& v, std::vector<Shape>& out) {
-  if (v.isTensor()) out.push_back(v.toTensor().sizes().vec());
-  else if (v.isTuple()) for (const auto& e : v.toTupleRef().elements()) OutputShapes(e, out);
-  else if (v.isList()) for (const auto& e : v.toListRef()) OutputShapes(e, out);
-  else if (v.isGenericDict()) for (const auto& e : v.toGenericDict()) OutputShapes(e.value(), out);
+  if (v.isTensor())
+    out.push_back(v.toTensor().sizes().vec());
+  else if (v.isTuple())
+    for (const auto& e : v.toTupleRef().elements()) OutputShapes(e, out);
+  else if (v.isList())
+    for (const auto& e : v.toListRef()) OutputShapes(e, out);
+  else if (v.isGenericDict())
+    for (const auto& e : v.toGenericDict()) OutputShapes(e.value(), out);
 }
 
 }  // namespace
 
 // Score of each channel of a group: norm of the producing filters, or |gamma| of its norms.
-at::Tensor Scores(const torch::jit::Module& root, const Group& g, const std::string& criterion, bool& fell_back) {
+at::Tensor Scores(const torch::jit::Module& root, const Group& g, const std::string& criterion,
+                  bool& fell_back) {
   at::Tensor score = at::zeros({g.size}, at::kDouble);
   if (criterion == "BN_SCALE") {
     bool found = false;
@@ -59,7 +64,11 @@ at::Tensor Scores(const torch::jit::Module& root, const Group& g, const std::str
   for (const auto& m : g.members) {
     if (m.role != Role::kOut && m.role != Role::kDepthwise) continue;
     // Output channels along dim 0 (convolutions, linear layers) or 1 (transposed convolutions).
-    at::Tensor w = TensorAt(root, m.params[0]).detach().to(at::kCPU, at::kDouble).transpose(0, m.dim).reshape({g.size, -1});
+    at::Tensor w = TensorAt(root, m.params[0])
+                       .detach()
+                       .to(at::kCPU, at::kDouble)
+                       .transpose(0, m.dim)
+                       .reshape({g.size, -1});
     score += l2 ? w.pow(2).sum(1) : w.abs().sum(1);
   }
   return l2 ? score.sqrt() : score;
@@ -131,7 +140,8 @@ std::vector<int64_t> KeptCounts(const Prepared& p, const ChannelPruneSpec& spec,
       for (size_t i = 0; i < scores.size(); ++i) {
         if (!scores[i].defined()) continue;
         at::Tensor norm = scores[i] / scores[i].mean().clamp_min(1e-12);
-        double keep = std::max<double>((norm > threshold).sum().item<double>(), 0.1 * double(p.groups[i].size));
+        double keep =
+            std::max<double>((norm > threshold).sum().item<double>(), 0.1 * double(p.groups[i].size));
         kept[i] = round(i, keep);
       }
     }
@@ -163,10 +173,12 @@ std::string Apply(Prepared& p, const std::vector<int64_t>& kept, const std::stri
     if (kept[i] == g.size) continue;
     at::Tensor score = Scores(p.module, g, criterion, unused);
     // Whole granules (runs of `granule` channels) ranked by their summed score.
-    at::Tensor order = std::get<1>(score.reshape({-1, g.granule}).sum(1).sort(/*dim=*/0, /*descending=*/true));
+    at::Tensor order =
+        std::get<1>(score.reshape({-1, g.granule}).sum(1).sort(/*dim=*/0, /*descending=*/true));
     std::vector<bool> keep(static_cast<size_t>(g.size), false);
     for (int64_t j = 0; j < kept[i] / g.granule; ++j) {
-      for (int64_t c = 0; c < g.granule; ++c) keep[static_cast<size_t>(order[j].item<int64_t>() * g.granule + c)] = true;
+      for (int64_t c = 0; c < g.granule; ++c)
+        keep[static_cast<size_t>(order[j].item<int64_t>() * g.granule + c)] = true;
     }
     for (const auto& m : g.members) {
       for (const auto& path : m.params) {
@@ -178,11 +190,14 @@ std::string Apply(Prepared& p, const std::vector<int64_t>& kept, const std::stri
         }
         for (int64_t c = 0; c < g.size; ++c) {
           if (keep[static_cast<size_t>(c)]) continue;
-          for (int64_t f = 0; f < m.factor; ++f) it->second.keep[static_cast<size_t>(m.offset + c * m.factor + f)] = false;
+          for (int64_t f = 0; f < m.factor; ++f)
+            it->second.keep[static_cast<size_t>(m.offset + c * m.factor + f)] = false;
         }
       }
-      if (m.role == Role::kDepthwise) graph_updates.emplace_back(m.conv, m.groups_input, kept[i] / m.per_group);
-      if (m.role == Role::kLayerNorm) graph_updates.emplace_back(m.conv, m.groups_input, std::vector<int64_t>{kept[i]});
+      if (m.role == Role::kDepthwise)
+        graph_updates.emplace_back(m.conv, m.groups_input, kept[i] / m.per_group);
+      if (m.role == Role::kLayerNorm)
+        graph_updates.emplace_back(m.conv, m.groups_input, std::vector<int64_t>{kept[i]});
     }
   }
   for (auto& [key, cut] : cuts) {

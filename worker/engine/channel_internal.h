@@ -36,7 +36,6 @@ bool ProbeShapes(const torch::jit::Module& module, const std::shared_ptr<torch::
                  const std::vector<at::Tensor>& inputs, bool train,
                  std::unordered_map<torch::jit::Value*, Shape>& shapes, c10::IValue& reference);
 
-
 // kLayerNorm: weight and bias along dim 0, and the node whose `normalized_shape` follows the
 // kept count (`conv`, `groups_input`).
 enum class Role { kOut, kIn, kNorm, kDepthwise, kChannelParam, kLayerNorm };
@@ -83,10 +82,12 @@ struct Prepared {
 
 // A fresh clone of `module`, inlined, probed and analysed into groups (deterministic: the same
 // groups every time for the same model).
-Prepared Prepare(const torch::jit::Module& module, const std::vector<int64_t>& input_shape, const InputShapes& more);
+Prepared Prepare(const torch::jit::Module& module, const std::vector<int64_t>& input_shape,
+                 const InputShapes& more);
 
 // Score of each channel of a group: norm of the producing filters, or |gamma| of its norms.
-at::Tensor Scores(const torch::jit::Module& root, const Group& g, const std::string& criterion, bool& fell_back);
+at::Tensor Scores(const torch::jit::Module& root, const Group& g, const std::string& criterion,
+                  bool& fell_back);
 
 // The kept count: whole granules of a grouped convolution, a multiple of a group norm's
 // groups, and else a multiple of `round_to` where the group is wide enough.

@@ -11,8 +11,8 @@
 #include <mutex>
 #include <numeric>
 #include <set>
-#include <tuple>
 #include <sstream>
+#include <tuple>
 #include <unordered_map>
 
 #include "worker/engine/error.h"
@@ -67,8 +67,8 @@ void PairValues(Block* a, Block* b, const std::function<void(Value*, Value*)>& f
 // The module's own forward must not run before the graph is final: its executor would keep
 // the old graph. The eval-mode result goes to `output`.
 bool ProbeShapes(const torch::jit::Module& module, const std::shared_ptr<Graph>& graph,
-                 const std::vector<at::Tensor>& inputs, bool train_too, std::unordered_map<Value*, Shape>& shapes,
-                 c10::IValue& output) {
+                 const std::vector<at::Tensor>& inputs, bool train_too,
+                 std::unordered_map<Value*, Shape>& shapes, c10::IValue& output) {
   auto copy = graph->copy();
   std::vector<Value*> originals;
   std::vector<Value*> copies;

@@ -11,8 +11,8 @@
 #include <mutex>
 #include <numeric>
 #include <set>
-#include <tuple>
 #include <sstream>
+#include <tuple>
 #include <unordered_map>
 
 #include "worker/engine/channel_internal.h"
@@ -32,7 +32,8 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
     throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel amount must be in [0, 1)");
   }
   if (!(spec.criterion == "L1" || spec.criterion == "L2" || spec.criterion == "BN_SCALE")) {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel criterion must be L1, L2 or BN_SCALE");
+    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
+                      "prune.channel criterion must be L1, L2 or BN_SCALE");
   }
   if (spec.round_to < 1 || spec.round_to > 256) {
     throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel roundTo must be in [1, 256]");
@@ -72,14 +73,16 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
         std::vector<size_t> with = allowed;
         with.insert(with.end(), cut.begin() + static_cast<long>(start), cut.begin() + static_cast<long>(mid));
         std::string e = attempt(with);
-        if (e.empty()) lo = mid;
+        if (e.empty())
+          lo = mid;
         else {
           hi = mid;
           last = e;
         }
       }
       culprits[cut[hi - 1]] = last;
-      allowed.insert(allowed.end(), cut.begin() + static_cast<long>(start), cut.begin() + static_cast<long>(hi - 1));
+      allowed.insert(allowed.end(), cut.begin() + static_cast<long>(start),
+                     cut.begin() + static_cast<long>(hi - 1));
       start = hi;
       if (start >= cut.size()) break;
       std::vector<size_t> with = allowed;
@@ -96,10 +99,11 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
     for (size_t i : allowed) k[i] = kept[i];
     error = Apply(p, k, spec.criterion);
     if (!error.empty()) {
-      throw EngineError(Code::kInternal, "CHANNEL_PRUNE_BROKE",
-                        "channel pruning produced an inconsistent model (" + error +
-                            ") and leaving the groups that broke it intact did not help; this is a bug in Pare's "
-                            "analysis for this architecture, please report it");
+      throw EngineError(
+          Code::kInternal, "CHANNEL_PRUNE_BROKE",
+          "channel pruning produced an inconsistent model (" + error +
+              ") and leaving the groups that broke it intact did not help; this is a bug in Pare's "
+              "analysis for this architecture, please report it");
     }
     for (size_t i = 0; i < p.groups.size(); ++i) {
       if (k[i] < kept[i] || (k[i] == p.groups[i].size && kept[i] < p.groups[i].size)) {
@@ -124,7 +128,8 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
     after += g.kept;
     if (g.kept < g.channels) ++pruned;
     if (g.prunable || g.why_intact == "it reaches the model's output") continue;
-    auto same = std::find_if(intact.begin(), intact.end(), [&](const auto& r) { return r.first == g.why_intact; });
+    auto same =
+        std::find_if(intact.begin(), intact.end(), [&](const auto& r) { return r.first == g.why_intact; });
     if (same == intact.end()) same = intact.insert(intact.end(), {g.why_intact, {}});
     same->second.push_back(g.name);
     ++intact_count;
@@ -144,17 +149,21 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
     if (intact.size() > 8) s += "; " + std::to_string(intact.size() - 8) + " more reasons";
     result.notes.push_back(s);
   }
-  if (fell_back) result.notes.push_back("groups without batch norm were ranked by the L1 norm instead of BN_SCALE");
-  if (!p.train_ok) result.notes.push_back("the model does not run in training mode, so only eval mode was checked");
+  if (fell_back)
+    result.notes.push_back("groups without batch norm were ranked by the L1 norm instead of BN_SCALE");
+  if (!p.train_ok)
+    result.notes.push_back("the model does not run in training mode, so only eval mode was checked");
   return result;
 }
 
-double Macs(const torch::jit::Module& module, const std::vector<int64_t>& input_shape, const InputShapes& more) {
+double Macs(const torch::jit::Module& module, const std::vector<int64_t>& input_shape,
+            const InputShapes& more) {
   auto count = CountMacs(module, input_shape, more);
   if (!count || count->macs <= 0) {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
-                      "prune.channel.targetMacs: the model's MACs cannot be counted (a quantized or frozen model, "
-                      "or no conv/linear ops outside control flow); give amount instead");
+    throw EngineError(
+        Code::kInvalidArgument, "BAD_RECIPE",
+        "prune.channel.targetMacs: the model's MACs cannot be counted (a quantized or frozen model, "
+        "or no conv/linear ops outside control flow); give amount instead");
   }
   return count->macs;
 }
@@ -203,9 +212,9 @@ ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelP
       lo = s.amount;
     }
   }
-  best.notes.insert(best.notes.begin(), "targetMacs " + Fixed(spec.target_macs, 3) + ": amount " + Fixed(hi, 3) +
-                                            (spec.global ? " (global)" : " (uniform)") + " keeps " +
-                                            Fixed(best_macs / original, 3) + " of the MACs");
+  best.notes.insert(best.notes.begin(), "targetMacs " + Fixed(spec.target_macs, 3) + ": amount " +
+                                            Fixed(hi, 3) + (spec.global ? " (global)" : " (uniform)") +
+                                            " keeps " + Fixed(best_macs / original, 3) + " of the MACs");
   return best;
 }
 

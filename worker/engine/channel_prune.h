@@ -18,11 +18,11 @@ namespace pare::engine {
 
 // One channel dependency group, as the analysis found it (for reports and tests).
 struct ChannelGroup {
-  std::string name;         // the first producing layer, e.g. "layer1.0.conv1"
-  int64_t channels = 0;     // before pruning
-  int64_t kept = 0;         // after pruning (== channels when left intact)
+  std::string name;      // the first producing layer, e.g. "layer1.0.conv1"
+  int64_t channels = 0;  // before pruning
+  int64_t kept = 0;      // after pruning (== channels when left intact)
   bool prunable = false;
-  std::string why_intact;   // when not prunable
+  std::string why_intact;            // when not prunable
   std::vector<std::string> members;  // parameters and buffers cut with it ("layer1.0.bn1.weight[0]")
 };
 

@@ -50,7 +50,8 @@ CpuFeatures Read() {
   }
   f.model = brand;
   while (!f.model.empty() && f.model.back() == ' ') f.model.pop_back();
-  f.model.erase(0, f.model.find_first_not_of(' ') == std::string::npos ? f.model.size() : f.model.find_first_not_of(' '));
+  f.model.erase(0, f.model.find_first_not_of(' ') == std::string::npos ? f.model.size()
+                                                                       : f.model.find_first_not_of(' '));
 #endif
   return f;
 }

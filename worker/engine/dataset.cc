@@ -9,9 +9,9 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
-#include <map>
 #include <fstream>
 #include <iterator>
+#include <map>
 
 #include "worker/engine/error.h"
 #include "worker/engine/image_folder.h"
@@ -61,7 +61,8 @@ at::Tensor ReadIdx(const std::string& path, int expected_dims) {
   auto bytes = ReadMaybeGzip(path, kMaxDatasetBytes);
   if (bytes.size() < 4) Bad(path, "too short for an IDX header");
   if (bytes[0] != 0 || bytes[1] != 0) Bad(path, "wrong magic number (not an IDX file)");
-  if (bytes[2] != 0x08) Bad(path, "element type 0x" + std::to_string(bytes[2]) + " is not unsigned byte (0x08)");
+  if (bytes[2] != 0x08)
+    Bad(path, "element type 0x" + std::to_string(bytes[2]) + " is not unsigned byte (0x08)");
   int dims = bytes[3];
   if (dims != expected_dims) {
     Bad(path, "has " + std::to_string(dims) + " dimensions, expected " + std::to_string(expected_dims));
@@ -125,8 +126,8 @@ Dataset LoadIdx(const std::string& path) {
   if (!labels_path.empty()) {
     at::Tensor labels = ReadIdx(labels_path, 1).to(at::kLong);
     if (labels.size(0) != images.size(0)) {
-      Bad(labels_path, std::to_string(labels.size(0)) + " labels for " + std::to_string(images.size(0)) +
-                           " images");
+      Bad(labels_path,
+          std::to_string(labels.size(0)) + " labels for " + std::to_string(images.size(0)) + " images");
     }
     ds.labels = labels;
   }
@@ -163,8 +164,10 @@ c10::IValue LoadOneItemDict(const std::vector<char>& bytes) {
     throw std::runtime_error("not a dict of one item");
   }
   ++at;
-  if (pkl[at] == 'q') at += 2;
-  else if (pkl[at] == 'r') at += 5;
+  if (pkl[at] == 'q')
+    at += 2;
+  else if (pkl[at] == 'r')
+    at += 5;
   pkl[pkl.size() - 2] = 'u';
   pkl.insert(at, 1, '(');
   size_t pos = 0;
@@ -176,7 +179,8 @@ c10::IValue LoadOneItemDict(const std::vector<char>& bytes) {
         return n;
       },
       nullptr, nullptr,
-      [&](const std::string& name) { return std::get<0>(reader.getRecord("data/" + name)); }, c10::Device(c10::kCPU));
+      [&](const std::string& name) { return std::get<0>(reader.getRecord("data/" + name)); },
+      c10::Device(c10::kCPU));
   return unpickler.parse_ivalue();
 }
 
@@ -191,12 +195,14 @@ Dataset LoadTensors(const std::string& path) {
     try {
       value = LoadOneItemDict(bytes);
     } catch (const std::exception&) {
-      Bad(path, std::string("is not a torch.save file (of torch >= 1.6's zip format): ") + e.what_without_backtrace());
+      Bad(path, std::string("is not a torch.save file (of torch >= 1.6's zip format): ") +
+                    e.what_without_backtrace());
     }
   } catch (const std::exception& e) {
     Bad(path, std::string("is not a torch.save file: ") + e.what());
   }
-  if (!value.isGenericDict()) Bad(path, "holds " + value.tagKind() + ", expected a dict with 'images' and 'labels'");
+  if (!value.isGenericDict())
+    Bad(path, "holds " + value.tagKind() + ", expected a dict with 'images' and 'labels'");
   Dataset ds;
   std::map<int, at::Tensor> more;  // "images_<i>": forward's further inputs
   for (const auto& kv : value.toGenericDict()) {
@@ -205,16 +211,19 @@ Dataset LoadTensors(const std::string& path) {
     int index = 0;
     if (k.rfind("images_", 0) == 0) {
       const std::string digits = k.substr(7);
-      if (digits.empty() || digits.size() > 2 || digits.find_first_not_of("0123456789") != std::string::npos ||
-          (index = std::stoi(digits)) < 1 || index > 15) {
+      if (digits.empty() || digits.size() > 2 ||
+          digits.find_first_not_of("0123456789") != std::string::npos || (index = std::stoi(digits)) < 1 ||
+          index > 15) {
         Bad(path, "'" + k + "': further inputs are named images_1 ... images_15");
       }
     } else if (k != "images" && k != "labels") {
       continue;
     }
     if (!kv.value().isTensor()) Bad(path, "'" + k + "' is " + kv.value().tagKind() + ", not a tensor");
-    if (index > 0) more[index] = kv.value().toTensor();
-    else (k == "images" ? ds.images : ds.labels) = kv.value().toTensor();
+    if (index > 0)
+      more[index] = kv.value().toTensor();
+    else
+      (k == "images" ? ds.images : ds.labels) = kv.value().toTensor();
   }
   if (!ds.images.defined()) {
     std::string keys;
@@ -223,15 +232,17 @@ Dataset LoadTensors(const std::string& path) {
         keys += ", ...";
         break;
       }
-      keys += (keys.empty() ? "" : ", ") + (kv.key().isString() ? "'" + kv.key().toStringRef() + "'" : kv.key().tagKind());
+      keys += (keys.empty() ? "" : ", ") +
+              (kv.key().isString() ? "'" + kv.key().toStringRef() + "'" : kv.key().tagKind());
     }
     Bad(path, "has no 'images' tensor (its keys: " + (keys.empty() ? std::string("none") : keys) +
                   "; a tensors file is a dict of 'images', N first, and optionally 'labels')");
   }
   at::Tensor images = ds.images;
   if (images.dim() < 2 || images.dim() > 6) {
-    Bad(path, "'images' has " + std::to_string(images.dim()) +
-                  " dimensions, expected 2 to 6, batch first (N x C x H x W for images, N x C x L for signals)");
+    Bad(path,
+        "'images' has " + std::to_string(images.dim()) +
+            " dimensions, expected 2 to 6, batch first (N x C x H x W for images, N x C x L for signals)");
   }
   ds.rank3_ambiguous = images.dim() == 3;
   if (images.size(0) == 0) Bad(path, "'images' is empty");
@@ -240,18 +251,25 @@ Dataset LoadTensors(const std::string& path) {
   } else if (images.is_floating_point()) {
     images = images.to(at::kFloat);
   } else {
-    Bad(path, "'images' has dtype " + std::string(c10::toString(images.scalar_type())) + ", expected float or uint8");
+    Bad(path, "'images' has dtype " + std::string(c10::toString(images.scalar_type())) +
+                  ", expected float or uint8");
   }
   ds.images = images.contiguous();
   for (const auto& [index, t] : more) {
     const std::string key = "images_" + std::to_string(index);
-    if (index != static_cast<int>(ds.more_images.size()) + 1) Bad(path, "has '" + key + "' without the ones before it");
+    if (index != static_cast<int>(ds.more_images.size()) + 1)
+      Bad(path, "has '" + key + "' without the ones before it");
     if (t.dim() < 2 || t.size(0) != images.size(0)) {
-      Bad(path, "'" + key + "' must have one entry per image (" + std::to_string(images.size(0)) + "), batch first");
+      Bad(path, "'" + key + "' must have one entry per image (" + std::to_string(images.size(0)) +
+                    "), batch first");
     }
-    if (t.scalar_type() == at::kByte) ds.more_images.push_back(t.to(at::kFloat).div_(255.0).contiguous());
-    else if (t.is_floating_point()) ds.more_images.push_back(t.to(at::kFloat).contiguous());
-    else Bad(path, "'" + key + "' has dtype " + std::string(c10::toString(t.scalar_type())) + ", expected float or uint8");
+    if (t.scalar_type() == at::kByte)
+      ds.more_images.push_back(t.to(at::kFloat).div_(255.0).contiguous());
+    else if (t.is_floating_point())
+      ds.more_images.push_back(t.to(at::kFloat).contiguous());
+    else
+      Bad(path, "'" + key + "' has dtype " + std::string(c10::toString(t.scalar_type())) +
+                    ", expected float or uint8");
   }
   if (ds.labels.defined()) {
     if (ds.labels.dim() != 1 || ds.labels.size(0) != images.size(0)) {
@@ -276,21 +294,26 @@ static void CheckFinite(const at::Tensor& images, const std::string& name) {
   if (!bad.any().item<bool>()) return;
   const int64_t first = bad.nonzero()[0][0].item<int64_t>();
   throw EngineError(Code::kInvalidArgument, "BAD_DATASET",
-                    "'" + name + "' holds NaN or infinite values in " + std::to_string(bad.sum().item<int64_t>()) +
-                        " sample(s), the first at index " + std::to_string(first));
+                    "'" + name + "' holds NaN or infinite values in " +
+                        std::to_string(bad.sum().item<int64_t>()) + " sample(s), the first at index " +
+                        std::to_string(first));
 }
 
 Dataset LoadDataset(const std::string& format, const std::string& path) {
   Dataset ds;
-  if (format == "tensors") ds = LoadTensors(path);
-  else if (format == "idx") ds = LoadIdx(path);
-  else if (format == "image-folder") ds = LoadImageFolder(path);
+  if (format == "tensors")
+    ds = LoadTensors(path);
+  else if (format == "idx")
+    ds = LoadIdx(path);
+  else if (format == "image-folder")
+    ds = LoadImageFolder(path);
   else {
     throw EngineError(Code::kInvalidArgument, "BAD_DATASET",
                       "dataset format '" + format + "' is not supported (tensors, idx, image-folder)");
   }
   CheckFinite(ds.images, "images");
-  for (size_t i = 0; i < ds.more_images.size(); ++i) CheckFinite(ds.more_images[i], "images_" + std::to_string(i + 1));
+  for (size_t i = 0; i < ds.more_images.size(); ++i)
+    CheckFinite(ds.more_images[i], "images_" + std::to_string(i + 1));
   return ds;
 }
 

@@ -39,7 +39,8 @@ c10::IValue PackLinear(const at::Tensor& weight, const c10::IValue& bias) {
   double amax = w.numel() ? w.abs().max().item<double>() : 0.0;
   double scale = std::max(amax / 127.5, static_cast<double>(std::numeric_limits<float>::epsilon()));
   at::Tensor q = at::quantize_per_tensor(w, scale, 0, at::kQInt8);
-  c10::IValue b = bias.isTensor() ? c10::IValue(bias.toTensor().detach().to(at::kFloat).contiguous()) : c10::IValue();
+  c10::IValue b =
+      bias.isTensor() ? c10::IValue(bias.toTensor().detach().to(at::kFloat).contiguous()) : c10::IValue();
   return CallOp("quantized::linear_prepack", {q, b});
 }
 
@@ -111,7 +112,7 @@ struct Rewriter {
 
   bool RewriteLinear(const std::shared_ptr<torch::jit::Graph>& g, Node* n, const std::string& where) {
     Value* self = g->inputs()[0];
-    std::vector<std::string> wpath, bpath;  // empty bpath: no bias
+    std::vector<std::string> wpath, bpath;                       // empty bpath: no bias
     if (!ChainFromSelf(n->input(1), self, wpath)) return false;  // weights computed or passed in
     Value* b = n->input(2);
     if (b->type()->kind() != c10::TypeKind::NoneType && !ChainFromSelf(b, self, bpath)) {
@@ -126,7 +127,8 @@ struct Rewriter {
     Value* owner_value = beside ? n->input(1)->node()->input(0) : self;
     const size_t skip = beside ? wpath.size() - 1 : 0;
     std::vector<std::string> wrel(wpath.begin() + skip, wpath.end());
-    std::vector<std::string> brel = bpath.empty() ? bpath : std::vector<std::string>(bpath.begin() + skip, bpath.end());
+    std::vector<std::string> brel =
+        bpath.empty() ? bpath : std::vector<std::string>(bpath.begin() + skip, bpath.end());
     auto owner_type = owner_value->type()->cast<c10::ClassType>();
     if (!owner_type || instances[owner_type.get()].empty()) return false;
     std::string packed = "_pare_qpacked";
@@ -136,7 +138,8 @@ struct Rewriter {
     for (const auto& part : brel) bias_key += "." + part;
     auto seen = packed_bias.find(key);
     if (seen != packed_bias.end() && seen->second != bias_key) {
-      notes.push_back("kept in float: " + wpath.back() + " in " + where + " is used with two different biases");
+      notes.push_back("kept in float: " + wpath.back() + " in " + where +
+                      " is used with two different biases");
       return false;
     }
     // Every object that owns such a weight must hold a float matrix there.
@@ -144,8 +147,10 @@ struct Rewriter {
       if (!FloatMatrix(TensorAt(torch::jit::Module(o), wrel))) return false;
     }
     auto make = [wrel, brel](const Obj& o) {
-      at::Tensor bias = brel.empty() ? at::Tensor() : TensorAt(torch::jit::Module(o), brel);  // undefined: None
-      return PackLinear(TensorAt(torch::jit::Module(o), wrel), bias.defined() ? c10::IValue(bias) : c10::IValue());
+      at::Tensor bias =
+          brel.empty() ? at::Tensor() : TensorAt(torch::jit::Module(o), brel);  // undefined: None
+      return PackLinear(TensorAt(torch::jit::Module(o), wrel),
+                        bias.defined() ? c10::IValue(bias) : c10::IValue());
     };
     if (seen == packed_bias.end()) {
       c10::IValue sample = make(instances[owner_type.get()].front());
@@ -190,7 +195,8 @@ struct Rewriter {
     for (const Obj& o : objs) {
       for (const char* a : {"num_layers", "bidirectional", "hidden_size"}) {
         if (Field(o, a).isNone()) {
-          notes.push_back("kept in float: " + what + " without nn." + (is_lstm ? "LSTM" : "GRU") + "'s attributes");
+          notes.push_back("kept in float: " + what + " without nn." + (is_lstm ? "LSTM" : "GRU") +
+                          "'s attributes");
           return false;
         }
       }
@@ -226,7 +232,8 @@ struct Rewriter {
           c10::IValue ih = PackLinear(o->getAttr("weight_ih" + sfx).toTensor(), b_ih);
           c10::IValue hh = PackLinear(o->getAttr("weight_hh" + sfx).toTensor(), b_hh);
           // reduce_range as PyTorch's quantized dynamic RNN modules (version 2) pass it.
-          cells.push_back(CallOp("quantized::make_quantized_cell_params_dynamic", {ih, hh, b_ih, b_hh, true}));
+          cells.push_back(
+              CallOp("quantized::make_quantized_cell_params_dynamic", {ih, hh, b_ih, b_hh, true}));
           cell_type = cells.back().type();
         }
         c10::impl::GenericList list(cell_type);
@@ -238,7 +245,8 @@ struct Rewriter {
       consumed.insert({owner_type.get(), path.back()});
       for (const Obj& o : objs) {
         for (const std::string& sfx : CellSuffixes(o)) {
-          for (const char* a : {"weight_ih", "weight_hh", "bias_ih", "bias_hh"}) consumed.insert({owner_type.get(), a + sfx});
+          for (const char* a : {"weight_ih", "weight_hh", "bias_ih", "bias_hh"})
+            consumed.insert({owner_type.get(), a + sfx});
         }
       }
     }
@@ -248,9 +256,10 @@ struct Rewriter {
     inputs[params_index] = cells;
     if (is_lstm) {
       inputs.push_back(g->insertConstant(static_cast<int64_t>(at::kQInt8)));  // dtype
-      inputs.push_back(g->insertConstant(true));                               // use_dynamic
+      inputs.push_back(g->insertConstant(true));                              // use_dynamic
     }
-    Node* q = g->create(c10::Symbol::aten(is_lstm ? "quantized_lstm" : "quantized_gru"), inputs, n->outputs().size());
+    Node* q = g->create(c10::Symbol::aten(is_lstm ? "quantized_lstm" : "quantized_gru"), inputs,
+                        n->outputs().size());
     g->insertNode(q);
     for (size_t i = 0; i < n->outputs().size(); ++i) {
       q->output(i)->setType(n->output(i)->type());
@@ -302,7 +311,8 @@ struct Rewriter {
     auto reads = [&](torch::jit::Block* b) {
       ForEachNode(b, [&](Node* n) {
         if (n->kind() != c10::prim::GetAttr) return;
-        if (auto t = n->input(0)->type()->cast<c10::ClassType>()) read.insert({t.get(), n->s(c10::attr::name)});
+        if (auto t = n->input(0)->type()->cast<c10::ClassType>())
+          read.insert({t.get(), n->s(c10::attr::name)});
       });
     };
     for (const auto& [raw, type] : types) {

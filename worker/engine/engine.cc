@@ -14,9 +14,9 @@
 #include "worker/engine/channel_prune.h"
 #include "worker/engine/cpu_features.h"
 #include "worker/engine/dataset.h"
+#include "worker/engine/error.h"
 #include "worker/engine/factorize.h"
 #include "worker/engine/latency_cache.h"
-#include "worker/engine/error.h"
 #include "worker/engine/measure.h"
 #include "worker/engine/model_util.h"
 #include "worker/engine/prune.h"
@@ -47,12 +47,14 @@ c10::Device ResolveDevice(const std::string& device) {
   if (device == "cpu") return c10::kCPU;
   if (device == "cuda") {
     if (!cuda) {
-      throw EngineError(Code::kFailedPrecondition, "NO_CUDA", "the job asks for cuda but this worker has no GPU");
+      throw EngineError(Code::kFailedPrecondition, "NO_CUDA",
+                        "the job asks for cuda but this worker has no GPU");
     }
     return c10::Device(c10::kCUDA, 0);
   }
   if (device.empty() || device == "auto") return cuda ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
-  throw EngineError(Code::kInvalidArgument, "BAD_DEVICE", "device must be cpu, cuda or auto, not '" + device + "'");
+  throw EngineError(Code::kInvalidArgument, "BAD_DEVICE",
+                    "device must be cpu, cuda or auto, not '" + device + "'");
 }
 
 torch::jit::Module LoadModel(const std::string& path) {
@@ -65,13 +67,14 @@ torch::jit::Module LoadModel(const std::string& path) {
     // A zip without TorchScript's code and constants is what torch.save() writes (an eager
     // module or a state_dict): say how to make the file Pare needs.
     if (text.find("constants.pkl") != std::string::npos || text.find("code/") != std::string::npos) {
-      text += " (this looks like torch.save() of a module or a state_dict; save a TorchScript model with "
-              "torch.jit.script(model).save(path) or torch.jit.trace(model, example).save(path))";
+      text +=
+          " (this looks like torch.save() of a module or a state_dict; save a TorchScript model with "
+          "torch.jit.script(model).save(path) or torch.jit.trace(model, example).save(path))";
     }
-    throw EngineError(Code::kInvalidArgument, "MODEL_LOAD", "the model is not a loadable TorchScript file: " + text);
+    throw EngineError(Code::kInvalidArgument, "MODEL_LOAD",
+                      "the model is not a loadable TorchScript file: " + text);
   }
 }
-
 
 // What a step may need beyond the model itself.
 struct StepContext {
@@ -81,12 +84,13 @@ struct StepContext {
   std::vector<int64_t> input_shape;
   uint64_t seed = 0;
   const std::map<std::string, std::string>* models = nullptr;  // other models by id
-  InputShapes more_inputs = {};  // forward's further inputs
+  InputShapes more_inputs = {};                                // forward's further inputs
 };
 
 // Calibration inputs: `batches` batches of 8 from the dataset (a seeded sample), or
 // standard-normal inputs of the model's shape when there is no dataset.
-std::vector<at::Tensor> CalibrationBatches(const StepContext& ctx, int batches, std::vector<std::string>& notes,
+std::vector<at::Tensor> CalibrationBatches(const StepContext& ctx, int batches,
+                                           std::vector<std::string>& notes,
                                            std::vector<std::vector<at::Tensor>>& more) {
   constexpr int64_t kBatch = 8;
   std::vector<at::Tensor> out;
@@ -94,7 +98,8 @@ std::vector<at::Tensor> CalibrationBatches(const StepContext& ctx, int batches, 
   if (ctx.calibration) {
     const at::Tensor& images = ctx.calibration->images;
     int64_t want = std::min<int64_t>(images.size(0), kBatch * batches);
-    at::Tensor idx = at::randperm(images.size(0), gen, at::TensorOptions().dtype(at::kLong)).slice(0, 0, want);
+    at::Tensor idx =
+        at::randperm(images.size(0), gen, at::TensorOptions().dtype(at::kLong)).slice(0, 0, want);
     for (int64_t i = 0; i < want; i += kBatch) {
       at::Tensor rows = idx.slice(0, i, std::min(i + kBatch, want));
       out.push_back(images.index_select(0, rows));
@@ -110,7 +115,8 @@ std::vector<at::Tensor> CalibrationBatches(const StepContext& ctx, int batches, 
       out.push_back(at::randn(shape, gen));
       more.push_back(RandomInputs(ctx.more_inputs, kBatch, c10::kCPU, gen));
     }
-    notes.push_back("WARNING: no calibration dataset was given; calibrated on " + std::to_string(kBatch * batches) +
+    notes.push_back("WARNING: no calibration dataset was given; calibrated on " +
+                    std::to_string(kBatch * batches) +
                     " synthetic standard-normal inputs, so activation ranges may not match real data");
   }
   return out;
@@ -189,8 +195,8 @@ torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, c
       if (r.linear + r.lstm + r.gru == 0) {
         notes.push_back("no linear, LSTM or GRU layer was found to quantize; the model is unchanged");
       } else {
-        notes.push_back("int8 weights: " + std::to_string(r.linear) + " linear, " + std::to_string(r.lstm) + " LSTM, " +
-                        std::to_string(r.gru) + " GRU module(s)");
+        notes.push_back("int8 weights: " + std::to_string(r.linear) + " linear, " + std::to_string(r.lstm) +
+                        " LSTM, " + std::to_string(r.gru) + " GRU module(s)");
       }
       return r.module;
     }
@@ -206,9 +212,10 @@ torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, c
       if (!s.bf16 && ctx.train.device.is_cpu()) {
         // LibTorch has no float16 CPU kernels for convolutions: the result could not be run,
         // so it could not be measured or checked here.
-        throw EngineError(Code::kFailedPrecondition, "NEEDS_CUDA",
-                          "quantize.fp16 produces a model for GPUs; run the job with --device cuda on a CUDA worker "
-                          "(quantize.bf16 also runs on CPUs)");
+        throw EngineError(
+            Code::kFailedPrecondition, "NEEDS_CUDA",
+            "quantize.fp16 produces a model for GPUs; run the job with --device cuda on a CUDA worker "
+            "(quantize.bf16 also runs on CPUs)");
       }
       notes.push_back(std::string("weights in ") + (s.bf16 ? "bfloat16" : "float16") +
                       "; the model takes and returns float32 tensors");
@@ -220,16 +227,19 @@ torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, c
     }
     torch::jit::Module operator()(const DistillSpec& s) {
       if (!(s.temperature > 0) || s.alpha < 0 || s.alpha > 1) {
-        throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "distill needs temperature > 0 and alpha in [0, 1]");
+        throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
+                          "distill needs temperature > 0 and alpha in [0, 1]");
       }
       auto path_of = [&](const std::string& id, const char* field) {
         if (!ctx.models || !ctx.models->count(id)) {
-          throw EngineError(Code::kInvalidArgument, "MODEL_MISSING",
-                            std::string("distill.") + field + " names model '" + id + "', which this job was not given");
+          throw EngineError(
+              Code::kInvalidArgument, "MODEL_MISSING",
+              std::string("distill.") + field + " names model '" + id + "', which this job was not given");
         }
         return ctx.models->at(id);
       };
-      torch::jit::Module teacher = LoadModel(s.teacher_model.empty() ? ctx.input_path : path_of(s.teacher_model, "teacherModel"));
+      torch::jit::Module teacher =
+          LoadModel(s.teacher_model.empty() ? ctx.input_path : path_of(s.teacher_model, "teacherModel"));
       torch::jit::Module student = m;
       if (!s.student_model.empty()) {
         student = LoadModel(path_of(s.student_model, "studentModel"));
@@ -298,17 +308,26 @@ ThreadChoice InitProcess(int num_threads, const std::string& quantized_engine) {
     set_threads(1);
   }
   const auto& supported = at::globalContext().supportedQEngines();
-  auto has = [&](at::QEngine e) { return std::find(supported.begin(), supported.end(), e) != supported.end(); };
+  auto has = [&](at::QEngine e) {
+    return std::find(supported.begin(), supported.end(), e) != supported.end();
+  };
   at::QEngine want = at::QEngine::NoQEngine;
-  if (quantized_engine == "qnnpack") want = at::QEngine::QNNPACK;
-  else if (quantized_engine == "onednn") want = at::QEngine::ONEDNN;
-  else if (quantized_engine == "fbgemm") want = at::QEngine::FBGEMM;
+  if (quantized_engine == "qnnpack")
+    want = at::QEngine::QNNPACK;
+  else if (quantized_engine == "onednn")
+    want = at::QEngine::ONEDNN;
+  else if (quantized_engine == "fbgemm")
+    want = at::QEngine::FBGEMM;
   else if (quantized_engine.empty() || quantized_engine == "auto") {
     for (auto e : {at::QEngine::X86, at::QEngine::FBGEMM, at::QEngine::ONEDNN, at::QEngine::QNNPACK}) {
-      if (has(e)) { want = e; break; }
+      if (has(e)) {
+        want = e;
+        break;
+      }
     }
   } else {
-    throw EngineError(Code::kInvalidArgument, "BAD_ENGINE", "unknown quantized engine '" + quantized_engine + "'");
+    throw EngineError(Code::kInvalidArgument, "BAD_ENGINE",
+                      "unknown quantized engine '" + quantized_engine + "'");
   }
   if (want != at::QEngine::NoQEngine) {
     if (!has(want)) {
@@ -320,8 +339,8 @@ ThreadChoice InitProcess(int num_threads, const std::string& quantized_engine) {
   return choice;
 }
 
-Report Compress(const std::string& input_path, const std::vector<StepSpec>& steps, const CompressOptions& options,
-                const std::string& output_path) {
+Report Compress(const std::string& input_path, const std::vector<StepSpec>& steps,
+                const CompressOptions& options, const std::string& output_path) {
   using Clock = std::chrono::steady_clock;
   const int total = static_cast<int>(steps.size()) + 1;
   auto report_progress = [&](int index, const std::string& step, double within, const std::string& msg) {
@@ -337,7 +356,8 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
   MeasureContext ctx;
   ctx.device = ResolveDevice(options.device);
   ctx.latency_batches = options.latency_batches;
-  if (ctx.latency_batches.empty()) ctx.latency_batches = ctx.device.is_cuda() ? std::vector<int>{1, 32} : std::vector<int>{1};
+  if (ctx.latency_batches.empty())
+    ctx.latency_batches = ctx.device.is_cuda() ? std::vector<int>{1, 32} : std::vector<int>{1};
   ctx.latency_budget_seconds = options.latency_budget_seconds;
   ctx.check_cancel = check_cancel;
 
@@ -356,18 +376,20 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     if (required.size() != 1 + options.more_input_shapes.size()) {
       std::string names;
       for (const auto& n : required) names += (names.empty() ? "" : ", ") + n;
-      throw EngineError(Code::kInvalidArgument, "MODEL_INPUTS",
-                        "the model's forward takes " + std::to_string(required.size()) + " input(s) (" + names +
-                            ") but the job gives " + std::to_string(1 + options.more_input_shapes.size()) +
-                            " input shape(s): give one per input (pare compress --input-shape A --input-shape B)");
+      throw EngineError(
+          Code::kInvalidArgument, "MODEL_INPUTS",
+          "the model's forward takes " + std::to_string(required.size()) + " input(s) (" + names +
+              ") but the job gives " + std::to_string(1 + options.more_input_shapes.size()) +
+              " input shape(s): give one per input (pare compress --input-shape A --input-shape B)");
     }
     if (!options.more_input_shapes.empty()) {
       for (const auto& s : options.more_input_shapes) {
         bool ok = s.size() >= 2;
         for (int64_t d : s) ok &= d > 0;
         if (!ok) {
-          throw EngineError(Code::kInvalidArgument, "BAD_INPUT_SHAPE",
-                            "input shape " + c10::str(s) + " needs 2 or more positive dimensions, batch first");
+          throw EngineError(
+              Code::kInvalidArgument, "BAD_INPUT_SHAPE",
+              "input shape " + c10::str(s) + " needs 2 or more positive dimensions, batch first");
         }
       }
     }
@@ -389,13 +411,17 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
   std::vector<int64_t> shape = options.input_shape;
   std::string shape_note;
   if (shape.empty()) {
-    shape = sample_source ? std::vector<int64_t>(sample_source->images.sizes().vec()) : std::vector<int64_t>{1, 3, 224, 224};
+    shape = sample_source ? std::vector<int64_t>(sample_source->images.sizes().vec())
+                          : std::vector<int64_t>{1, 3, 224, 224};
     shape[0] = 1;
     shape_note = sample_source ? "input shape " + c10::str(shape) + " taken from the dataset's images"
-                               : "input shape " + c10::str(shape) + " (the default: no input shape and no dataset given)";
+                               : "input shape " + c10::str(shape) +
+                                     " (the default: no input shape and no dataset given)";
   }
   for (int64_t d : shape) {
-    if (d <= 0) throw EngineError(Code::kInvalidArgument, "BAD_INPUT_SHAPE", "input shape " + c10::str(shape) + " has a non-positive dimension");
+    if (d <= 0)
+      throw EngineError(Code::kInvalidArgument, "BAD_INPUT_SHAPE",
+                        "input shape " + c10::str(shape) + " has a non-positive dimension");
   }
   // Every dataset fits the model's inputs: `images` the first, `images_1`, `images_2`... the further ones.
   for (const auto& [ds, role] : {std::make_pair(&eval, "eval"), std::make_pair(&calibration, "calibration"),
@@ -403,7 +429,8 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     if (!ds->size()) continue;
     if (ds->more_images.size() != options.more_input_shapes.size()) {
       throw EngineError(Code::kInvalidArgument, "MODEL_INPUTS",
-                        std::string("the ") + role + " dataset holds " + std::to_string(1 + ds->more_images.size()) +
+                        std::string("the ") + role + " dataset holds " +
+                            std::to_string(1 + ds->more_images.size()) +
                             " input(s) per sample but the job gives the model " +
                             std::to_string(1 + options.more_input_shapes.size()) +
                             " (a tensors file holds the further inputs as images_1, images_2, ...)");
@@ -413,8 +440,8 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
       const auto& want = options.more_input_shapes[i];
       if (!std::equal(got.begin() + 1, got.end(), want.begin() + 1, want.end())) {
         throw EngineError(Code::kInvalidArgument, "BAD_INPUT_SHAPE",
-                          std::string("the ") + role + " dataset's images_" + std::to_string(i + 1) + " are " +
-                              c10::str(at::IntArrayRef(got).slice(1)) + " but the model's input " +
+                          std::string("the ") + role + " dataset's images_" + std::to_string(i + 1) +
+                              " are " + c10::str(at::IntArrayRef(got).slice(1)) + " but the model's input " +
                               std::to_string(i + 2) + " is " + c10::str(at::IntArrayRef(want).slice(1)));
       }
     }
@@ -423,8 +450,8 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
       throw EngineError(Code::kInvalidArgument, "BAD_INPUT_SHAPE",
                         std::string("the ") + role + " dataset's images are " + c10::str(ds_shape) +
                             " (one sample: " + c10::str(at::IntArrayRef(ds_shape).slice(1)) +
-                            ") but the model's input shape is " + c10::str(shape) + " (one sample: " +
-                            c10::str(at::IntArrayRef(shape).slice(1)) + ")");
+                            ") but the model's input shape is " + c10::str(shape) +
+                            " (one sample: " + c10::str(at::IntArrayRef(shape).slice(1)) + ")");
     }
   }
   ctx.input_shape = shape;
@@ -439,7 +466,8 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
   }
   ctx.more_shapes = options.more_input_shapes;
   if (sample_source) {
-    for (const at::Tensor& t : sample_source->more_images) ctx.more_samples.push_back(t.slice(0, 0, ctx.samples.size(0)));
+    for (const at::Tensor& t : sample_source->more_images)
+      ctx.more_samples.push_back(t.slice(0, 0, ctx.samples.size(0)));
   } else {
     ctx.more_samples = RandomInputs(options.more_input_shapes, n, c10::kCPU);
   }
@@ -461,7 +489,8 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
                  : ""),
         [&] {
           model.to(ctx.device);
-          ctx.reference = RunBatchedOutputs(model, ctx.samples, ctx.device, 8, check_cancel, ctx.more_samples);
+          ctx.reference =
+              RunBatchedOutputs(model, ctx.samples, ctx.device, 8, check_cancel, ctx.more_samples);
         });
 
   report_progress(0, "original", 0.5, "measuring the original model");
@@ -472,28 +501,33 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
   // takes its latency from the cache (the report says so and when it was measured).
   InputShapes all_shapes{shape};
   all_shapes.insert(all_shapes.end(), options.more_input_shapes.begin(), options.more_input_shapes.end());
-  const LatencyCache latency_cache(options.latency_cache_dir, options.model_digest, report.host, ctx.device.str(),
-                                   all_shapes, ctx.latency_batches, ctx.latency_budget_seconds);
+  const LatencyCache latency_cache(options.latency_cache_dir, options.model_digest, report.host,
+                                   ctx.device.str(), all_shapes, ctx.latency_batches,
+                                   ctx.latency_budget_seconds);
   const auto cached = latency_cache.Find();
   MeasureContext original_ctx = ctx;
   if (cached) original_ctx.latency_batches.clear();
   original.stats = Guard(Code::kInvalidArgument, "MODEL_RUN", "measuring the original model failed",
                          [&] { return Measure(model, input_path, original_ctx); });
   if (!shape_note.empty()) original.notes.push_back(shape_note);
-  original.notes.push_back("agreement (top-1 agreement, cosines) on " + std::to_string(ctx.samples.size(0)) + " " +
-                           (sample_source == &eval       ? "images of the eval set (its first)"
-                            : sample_source != nullptr ? "images of the calibration set (its first)"
-                                                       : "random inputs (no dataset given)") +
-                           (ctx.eval ? "; accuracy on all " + std::to_string(eval.size()) + " eval images" : ""));
+  original.notes.push_back(
+      "agreement (top-1 agreement, cosines) on " + std::to_string(ctx.samples.size(0)) + " " +
+      (sample_source == &eval     ? "images of the eval set (its first)"
+       : sample_source != nullptr ? "images of the calibration set (its first)"
+                                  : "random inputs (no dataset given)") +
+      (ctx.eval ? "; accuracy on all " + std::to_string(eval.size()) + " eval images" : ""));
   if (ctx.eval && !original.stats.top1_accuracy && !ctx.reference.empty()) {
-    original.notes.push_back("no accuracy: the eval set has one label per sample, but the model's output is " +
-                             c10::str(ctx.reference.front().second.sizes()) +
-                             ", not [N, classes] (agreement still compares the outputs)");
+    original.notes.push_back(
+        "no accuracy: the eval set has one label per sample, but the model's output is " +
+        c10::str(ctx.reference.front().second.sizes()) +
+        ", not [N, classes] (agreement still compares the outputs)");
   }
   if (cached) {
     original.stats.latency = cached->latency;
-    original.notes.push_back("latency from the measurement cache: this model was timed on this host with these "
-                             "settings at " + cached->measured_at);
+    original.notes.push_back(
+        "latency from the measurement cache: this model was timed on this host with these "
+        "settings at " +
+        cached->measured_at);
   } else {
     latency_cache.Store(original.stats.latency);
   }
@@ -509,7 +543,8 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     sr.step = name;
     auto start = Clock::now();
     StepContext step_ctx{input_path, TrainContext{},
-                         calibration.size() ? &calibration : (train.size() ? &train : nullptr), shape, options.seed};
+                         calibration.size() ? &calibration : (train.size() ? &train : nullptr), shape,
+                         options.seed};
     step_ctx.train.device = ctx.device;
     step_ctx.models = &options.models;
     step_ctx.more_inputs = options.more_input_shapes;
@@ -551,8 +586,8 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     if (unchanged) {
       // Nothing to compare: a difference in latency is the machine's noise.
     } else if (std::holds_alternative<ChannelPruneSpec>(st) || std::holds_alternative<FactorizeSpec>(st) ||
-        std::holds_alternative<DynamicQuantSpec>(st) || std::holds_alternative<StaticQuantSpec>(st) ||
-        std::holds_alternative<HalfPrecisionSpec>(st)) {
+               std::holds_alternative<DynamicQuantSpec>(st) || std::holds_alternative<StaticQuantSpec>(st) ||
+               std::holds_alternative<HalfPrecisionSpec>(st)) {
       auto slower = SlowdownNotes(report.steps.back().stats, sr.stats, 0.2);
       sr.notes.insert(sr.notes.end(), slower.begin(), slower.end());
     }

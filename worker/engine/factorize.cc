@@ -20,7 +20,8 @@ namespace aten = c10::aten;
 
 int64_t ChooseRank(const at::Tensor& sigma, const FactorizeSpec& spec) {
   const int64_t full = sigma.numel();
-  if (spec.rank_ratio > 0) return std::clamp<int64_t>(static_cast<int64_t>(std::ceil(spec.rank_ratio * double(full))), 1, full);
+  if (spec.rank_ratio > 0)
+    return std::clamp<int64_t>(static_cast<int64_t>(std::ceil(spec.rank_ratio * double(full))), 1, full);
   at::Tensor energy = sigma.pow(2).cumsum(0);
   energy = energy / energy[-1].clamp_min(1e-30);
   int64_t r = (energy < spec.energy - 1e-12).sum().item<int64_t>() + 1;
@@ -109,8 +110,8 @@ FactorizeResult Factorize(const torch::jit::Module& module, const FactorizeSpec&
       continue;
     }
     at::Tensor root = sigma.slice(0, 0, r).sqrt();
-    at::Tensor a = (root.unsqueeze(1) * vh.slice(0, 0, r));             // r x in
-    at::Tensor bm = (u.slice(1, 0, r) * root.unsqueeze(0));             // out x r
+    at::Tensor a = (root.unsqueeze(1) * vh.slice(0, 0, r));  // r x in
+    at::Tensor bm = (u.slice(1, 0, r) * root.unsqueeze(0));  // out x r
     std::vector<int64_t> a_shape = weight.sizes().vec();
     a_shape[0] = r;
     std::vector<int64_t> b_shape{out, r};
@@ -120,8 +121,10 @@ FactorizeResult Factorize(const torch::jit::Module& module, const FactorizeSpec&
     std::string name = Mangle(layer);
     while (m.hasattr(name + "__a")) name += "_";
     const bool grad = weight.requires_grad();
-    m.register_parameter(name + "__a", a.reshape(a_shape).to(opts).contiguous().set_requires_grad(grad), false);
-    m.register_parameter(name + "__b", bm.reshape(b_shape).to(opts).contiguous().set_requires_grad(grad), false);
+    m.register_parameter(name + "__a", a.reshape(a_shape).to(opts).contiguous().set_requires_grad(grad),
+                         false);
+    m.register_parameter(name + "__b", bm.reshape(b_shape).to(opts).contiguous().set_requires_grad(grad),
+                         false);
     // The original weight is no longer read by the forward: keep the attribute, drop the data.
     SetTensorAt(m, w.path, at::empty({0}, opts));
 

@@ -1,12 +1,12 @@
 #include "worker/engine/graph_edit.h"
 
+#include <torch/csrc/jit/api/function_impl.h>
 #include <torch/csrc/jit/ir/constants.h>
 #include <torch/csrc/jit/passes/constant_propagation.h>
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
 #include <torch/csrc/jit/passes/inliner.h>
 #include <torch/csrc/jit/passes/lower_tuples.h>
 #include <torch/csrc/jit/passes/remove_mutation.h>
-#include <torch/csrc/jit/api/function_impl.h>
 
 #include <algorithm>
 #include <functional>
@@ -54,7 +54,8 @@ static void LowerListAppends(Graph& graph) {
         u->destroy();
         continue;
       }
-      Node* fresh = graph.createList(list->output()->type()->expectRef<c10::ListType>().getElementType(), elements);
+      Node* fresh =
+          graph.createList(list->output()->type()->expectRef<c10::ListType>().getElementType(), elements);
       fresh->insertBefore(u);
       u->replaceInput(0, fresh->output());
     }
@@ -81,12 +82,13 @@ static Value* RepeatedList(Node* loop) {
   auto nodes = body->nodes();
   if (nodes.begin() == nodes.end() || std::next(nodes.begin()) != nodes.end()) return nullptr;
   Node* append = *nodes.begin();
-  if (append->kind() != aten::append || append->inputs().size() != 2 || append->output()->hasUses()) return nullptr;
+  if (append->kind() != aten::append || append->inputs().size() != 2 || append->output()->hasUses())
+    return nullptr;
   Value* list = append->input(0);
   Value* item = append->input(1);
   Node* made = list->node();
-  if (made->kind() != prim::ListConstruct || made->inputs().size() != 0 || made->owningBlock() != loop->owningBlock() ||
-      item->node()->owningBlock() == body) {
+  if (made->kind() != prim::ListConstruct || made->inputs().size() != 0 ||
+      made->owningBlock() != loop->owningBlock() || item->node()->owningBlock() == body) {
     return nullptr;
   }
   for (const auto& use : list->uses()) {
@@ -167,7 +169,8 @@ int FoldRanks(const torch::jit::Module& module, const std::shared_ptr<torch::jit
 LayerOp LayerOpOf(const Node* n) {
   const auto k = n->kind();
   if (k == c10::aten::conv1d || k == c10::aten::conv2d || k == c10::aten::conv3d) return LayerOp::kConv;
-  if (k == c10::aten::conv_transpose1d || k == c10::aten::conv_transpose2d || k == c10::aten::conv_transpose3d) {
+  if (k == c10::aten::conv_transpose1d || k == c10::aten::conv_transpose2d ||
+      k == c10::aten::conv_transpose3d) {
     return LayerOp::kTransposedConv;
   }
   if (k == c10::aten::_convolution) {
@@ -205,9 +208,9 @@ std::shared_ptr<Graph> InlineForward(torch::jit::Module& module) {
     bool lookup_dict = false;
     if (type == c10::TypeKind::DictType) {
       const auto v = n->output()->type()->containedType(1)->kind();
-      lookup_dict = !n->output()->uses().empty() &&
-                    (v == c10::TypeKind::BoolType || v == c10::TypeKind::IntType ||
-                     v == c10::TypeKind::FloatType || v == c10::TypeKind::StringType);
+      lookup_dict =
+          !n->output()->uses().empty() && (v == c10::TypeKind::BoolType || v == c10::TypeKind::IntType ||
+                                           v == c10::TypeKind::FloatType || v == c10::TypeKind::StringType);
       for (const auto& use : n->output()->uses()) {
         const auto k = use.user->kind();
         lookup_dict &= (k == aten::__contains__ || k == aten::__getitem__) && use.offset == 0 &&
@@ -216,8 +219,8 @@ std::shared_ptr<Graph> InlineForward(torch::jit::Module& module) {
     }
     const bool scalar = type == c10::TypeKind::BoolType || type == c10::TypeKind::IntType ||
                         type == c10::TypeKind::FloatType || type == c10::TypeKind::StringType;
-    if ((scalar || int_list || lookup_dict) &&
-        n->s(c10::attr::name) != "training" && !assigned.count(n->s(c10::attr::name))) {
+    if ((scalar || int_list || lookup_dict) && n->s(c10::attr::name) != "training" &&
+        !assigned.count(n->s(c10::attr::name))) {
       config_reads.push_back(n);
     }
   });
@@ -227,7 +230,10 @@ std::shared_ptr<Graph> InlineForward(torch::jit::Module& module) {
     Value* v = n->input(0);
     bool from_self = true;
     while (v != graph->inputs()[0]) {
-      if (v->node()->kind() != prim::GetAttr) { from_self = false; break; }
+      if (v->node()->kind() != prim::GetAttr) {
+        from_self = false;
+        break;
+      }
       names.push_back(v->node()->s(c10::attr::name));
       v = v->node()->input(0);
     }
@@ -333,7 +339,8 @@ int FoldInlinedConvBatchNorm(torch::jit::Module& module) {
   auto shared = [&](const Source& s) { return s.kind == Source::kAttr && readers[Join(s.path)] > 1; };
   for (torch::jit::Node* bn : norms) {
     torch::jit::Node* conv = bn->input(0)->node();
-    if (!(conv->kind() == aten::conv1d || conv->kind() == aten::conv2d || conv->kind() == aten::conv3d)) continue;
+    if (!(conv->kind() == aten::conv1d || conv->kind() == aten::conv2d || conv->kind() == aten::conv3d))
+      continue;
     // Besides the norm, only shape checks (batch norm's own input checks) may read the conv.
     bool alone = true;
     for (const auto& use : conv->output()->uses()) {

@@ -23,7 +23,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-constexpr int64_t kMaxPixels = int64_t(64) << 20;       // one image, before resizing
+constexpr int64_t kMaxPixels = int64_t(64) << 20;  // one image, before resizing
 constexpr int64_t kMaxImages = 2000000;
 constexpr int64_t kMaxDecodedBytes = int64_t(8) << 30;  // the float tensor of the whole set
 
@@ -52,7 +52,8 @@ at::Tensor DecodePng(const std::string& path, const std::vector<uint8_t>& bytes,
   }
   if (int64_t(image.width) * int64_t(image.height) > kMaxPixels) {
     png_image_free(&image);
-    Bad(path, "is " + std::to_string(image.width) + "x" + std::to_string(image.height) + ", larger than allowed");
+    Bad(path,
+        "is " + std::to_string(image.width) + "x" + std::to_string(image.height) + ", larger than allowed");
   }
   // Read with alpha and drop it, as PIL's convert("RGB") does (what torchvision's ImageFolder
   // sees); without an alpha channel in the output libpng would composite onto black.
@@ -126,7 +127,8 @@ at::Tensor DecodeJpeg(const std::string& path, const std::vector<uint8_t>& bytes
     }
   }
   jpeg_destroy_decompress(&cinfo);
-  if (!failure.empty()) Bad(path, failure.rfind("is ", 0) == 0 ? failure : "is not a valid JPEG (" + failure + ")");
+  if (!failure.empty())
+    Bad(path, failure.rfind("is ", 0) == 0 ? failure : "is not a valid JPEG (" + failure + ")");
   return out.size(2) == 4 ? CmykTo(out, inverted_cmyk, channels) : out;
 }
 
@@ -144,8 +146,8 @@ at::Tensor ResizeShorter(const at::Tensor& chw, int64_t size) {
 at::Tensor CenterCrop(const at::Tensor& chw, int64_t size, const std::string& file) {
   const int64_t h = chw.size(1), w = chw.size(2);
   if (h < size || w < size) {
-    Bad(file, "is " + std::to_string(w) + "x" + std::to_string(h) + " after resizing, smaller than the crop " +
-                  std::to_string(size));
+    Bad(file, "is " + std::to_string(w) + "x" + std::to_string(h) +
+                  " after resizing, smaller than the crop " + std::to_string(size));
   }
   const int64_t top = (h - size) / 2, left = (w - size) / 2;
   return chw.slice(1, top, top + size).slice(2, left, left + size);
@@ -175,17 +177,22 @@ ImagePreprocess ReadPreprocess(const std::string& folder) {
       out = v.get<int64_t>();
     };
     auto floats = [&](std::vector<double>& out) {
-      if (!v.is_array() || v.empty() || v.size() > 4) Bad("preprocess.json", "'" + k + "' must be a list of 1 to 4 numbers");
+      if (!v.is_array() || v.empty() || v.size() > 4)
+        Bad("preprocess.json", "'" + k + "' must be a list of 1 to 4 numbers");
       out.clear();
       for (const auto& x : v) {
         if (!x.is_number()) Bad("preprocess.json", "'" + k + "' must hold numbers");
         out.push_back(x.get<double>());
       }
     };
-    if (k == "resize") positive(p.resize);
-    else if (k == "crop") positive(p.crop);
-    else if (k == "mean") floats(p.mean);
-    else if (k == "std") floats(p.std);
+    if (k == "resize")
+      positive(p.resize);
+    else if (k == "crop")
+      positive(p.crop);
+    else if (k == "mean")
+      floats(p.mean);
+    else if (k == "std")
+      floats(p.std);
     else if (k == "grayscale") {
       if (!v.is_boolean()) Bad("preprocess.json", "'grayscale' must be true or false");
       p.grayscale = v.get<bool>();
@@ -270,7 +277,8 @@ Dataset LoadImageFolder(const std::string& folder) {
   if (!p.mean.empty() || !p.std.empty()) {
     auto column = [&](const std::vector<double>& v, double fallback) {
       std::vector<float> f(static_cast<size_t>(channels), static_cast<float>(fallback));
-      for (size_t c = 0; c < f.size() && !v.empty(); ++c) f[c] = static_cast<float>(v.size() == 1 ? v[0] : v[c]);
+      for (size_t c = 0; c < f.size() && !v.empty(); ++c)
+        f[c] = static_cast<float>(v.size() == 1 ? v[0] : v[c]);
       return at::tensor(f).view({1, channels, 1, 1});
     };
     d.images.sub_(column(p.mean, 0.0)).div_(column(p.std, 1.0));

@@ -21,10 +21,11 @@ LatencyCache::LatencyCache(const std::string& dir, const std::string& model_dige
                            const std::string& device, const std::vector<std::vector<int64_t>>& shapes,
                            const std::vector<int>& batches, double budget_seconds) {
   if (dir.empty() || model_digest.empty()) return;
-  nlohmann::json key = {{"timing", kTimingVersion}, {"model", model_digest}, {"cpu", host.cpu},
-                        {"extensions", host.extensions}, {"threads", host.threads}, {"blas", host.blas},
-                        {"device", device}, {"shapes", shapes}, {"batches", batches},
-                        {"budget_seconds", budget_seconds}};
+  nlohmann::json key = {{"timing", kTimingVersion}, {"model", model_digest},
+                        {"cpu", host.cpu},          {"extensions", host.extensions},
+                        {"threads", host.threads},  {"blas", host.blas},
+                        {"device", device},         {"shapes", shapes},
+                        {"batches", batches},       {"budget_seconds", budget_seconds}};
   key_ = key.dump();
   std::ostringstream name;
   name << std::hex << std::hash<std::string>{}(key_) << ".json";
@@ -60,7 +61,8 @@ void LatencyCache::Store(const std::vector<Latency>& latency) const {
   if (!enabled() || latency.empty()) return;
   nlohmann::json lat = nlohmann::json::array();
   for (const auto& l : latency) {
-    lat.push_back({{"batch", l.batch}, {"p50_ms", l.p50_ms}, {"p95_ms", l.p95_ms}, {"iterations", l.iterations}});
+    lat.push_back(
+        {{"batch", l.batch}, {"p50_ms", l.p50_ms}, {"p95_ms", l.p95_ms}, {"iterations", l.iterations}});
   }
   const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
   std::tm utc{};

@@ -15,12 +15,14 @@ enum class OpKind { kConv, kConvTranspose, kLinear, kMatmul, kAddmm, kRnn, kOthe
 OpKind KindOf(const torch::jit::Node* n) {
   const auto k = n->kind();
   if (k == c10::aten::conv1d || k == c10::aten::conv2d || k == c10::aten::conv3d) return OpKind::kConv;
-  if (k == c10::aten::conv_transpose1d || k == c10::aten::conv_transpose2d || k == c10::aten::conv_transpose3d) {
+  if (k == c10::aten::conv_transpose1d || k == c10::aten::conv_transpose2d ||
+      k == c10::aten::conv_transpose3d) {
     return OpKind::kConvTranspose;
   }
   if (k == c10::aten::_convolution || k == c10::aten::convolution) {
     auto transposed = torch::jit::toIValue(n->input(6));
-    return transposed && transposed->isBool() && transposed->toBool() ? OpKind::kConvTranspose : OpKind::kConv;
+    return transposed && transposed->isBool() && transposed->toBool() ? OpKind::kConvTranspose
+                                                                      : OpKind::kConv;
   }
   if (k == c10::aten::linear) return OpKind::kLinear;
   if (k == c10::aten::matmul || k == c10::aten::mm || k == c10::aten::bmm) return OpKind::kMatmul;
@@ -131,9 +133,7 @@ std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::
       case OpKind::kConvTranspose:  // every input element feeds (output channels per group x kernel)
         macs = double(out(p.first_output + 1).numel()) * double(Product(p.weight, 1));
         break;
-      case OpKind::kLinear:
-        macs = double(y.numel()) * double(p.weight.back());
-        break;
+      case OpKind::kLinear: macs = double(y.numel()) * double(p.weight.back()); break;
       case OpKind::kMatmul:
       case OpKind::kAddmm: {
         const at::Tensor a = out(p.first_output + 1);
@@ -143,8 +143,7 @@ std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::
       case OpKind::kRnn:  // every step of every sequence multiplies by each weight matrix once
         macs = double(y.numel() / std::max<int64_t>(1, y.size(-1))) * double(p.rnn_weights);
         break;
-      case OpKind::kOther:
-        break;
+      case OpKind::kOther: break;
     }
     count.macs += macs;
     ++count.counted_ops;

@@ -31,8 +31,8 @@ void Sync(const at::Tensor& t) { (void)t.sum().item<double>(); }
 Latency TimeBatch(torch::jit::Module& module, const MeasureContext& ctx, int batch) {
   std::vector<int64_t> shape = ctx.input_shape;
   shape[0] = batch;
-  std::vector<c10::IValue> input =
-      ForwardArgs(at::randn(shape, at::TensorOptions().device(ctx.device)), RandomInputs(ctx.more_shapes, batch, ctx.device));
+  std::vector<c10::IValue> input = ForwardArgs(at::randn(shape, at::TensorOptions().device(ctx.device)),
+                                               RandomInputs(ctx.more_shapes, batch, ctx.device));
   std::vector<double> ms;
   c10::InferenceMode guard;
   for (int i = 0; i < 2; ++i) Sync(OutputTensor(module.forward(input)));
@@ -94,8 +94,9 @@ NamedOutputs RunBatchedOutputs(torch::jit::Module& module, const at::Tensor& inp
       parts.resize(outs.size());
     } else if (outs.size() != names.size()) {
       throw EngineError(Code::kInvalidArgument, "MODEL_OUTPUT",
-                        "the model returned " + std::to_string(names.size()) + " tensors for the first batch and " +
-                            std::to_string(outs.size()) + " for a later one");
+                        "the model returned " + std::to_string(names.size()) +
+                            " tensors for the first batch and " + std::to_string(outs.size()) +
+                            " for a later one");
     }
     for (size_t k = 0; k < outs.size(); ++k) {
       at::Tensor y = outs[k].second;
@@ -114,8 +115,8 @@ NamedOutputs RunBatchedOutputs(torch::jit::Module& module, const at::Tensor& inp
   return result;
 }
 
-at::Tensor RunBatched(torch::jit::Module& module, const at::Tensor& inputs, c10::Device device,
-                      int64_t batch, const std::function<void()>& check_cancel, const std::vector<at::Tensor>& more) {
+at::Tensor RunBatched(torch::jit::Module& module, const at::Tensor& inputs, c10::Device device, int64_t batch,
+                      const std::function<void()>& check_cancel, const std::vector<at::Tensor>& more) {
   return RunBatchedOutputs(module, inputs, device, batch, check_cancel, more).front().second;
 }
 
@@ -171,8 +172,8 @@ ModelStats Measure(torch::jit::Module& module, const std::string& path, const Me
   NamedOutputs outs = RunBatchedOutputs(module, ctx.samples, device, 8, ctx.check_cancel, ctx.more_samples);
   if (outs.size() != ctx.reference.size()) {
     throw EngineError(Code::kInternal, "OUTPUT_SHAPE",
-                      "the compressed model returns " + std::to_string(outs.size()) + " tensors, the original " +
-                          std::to_string(ctx.reference.size()));
+                      "the compressed model returns " + std::to_string(outs.size()) +
+                          " tensors, the original " + std::to_string(ctx.reference.size()));
   }
   for (size_t k = 0; k < outs.size(); ++k) {
     const auto& [name, out] = outs[k];
@@ -200,7 +201,8 @@ ModelStats Measure(torch::jit::Module& module, const std::string& path, const Me
   }
 
   if (ctx.eval && ctx.eval->labels.defined()) {
-    at::Tensor logits = RunBatched(module, ctx.eval->images, device, 64, ctx.check_cancel, ctx.eval->more_images);
+    at::Tensor logits =
+        RunBatched(module, ctx.eval->images, device, 64, ctx.check_cancel, ctx.eval->more_images);
     // One label per sample scores a classifier's [N, classes] (or [N, classes, 1, 1]) output;
     // a dense output (a segmentation map) has no such score, and accuracy is left out.
     if (logits.dim() < 2 || logits.numel() != logits.size(0) * logits.size(1)) return s;

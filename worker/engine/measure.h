@@ -17,14 +17,14 @@ using NamedOutputs = std::vector<std::pair<std::string, at::Tensor>>;
 
 struct MeasureContext {
   c10::Device device = c10::kCPU;
-  std::vector<int64_t> input_shape;  // batch dimension first
+  std::vector<int64_t> input_shape;               // batch dimension first
   std::vector<std::vector<int64_t>> more_shapes;  // forward's further inputs (synthetic), batch first
-  at::Tensor samples;                // inputs for agreement (CPU)
-  std::vector<at::Tensor> more_samples;  // the further inputs that go with them
+  at::Tensor samples;                             // inputs for agreement (CPU)
+  std::vector<at::Tensor> more_samples;           // the further inputs that go with them
   // The original model's outputs on `samples` (CPU, float), every tensor forward returns, the
   // primary one first (see OutputTensors).
   NamedOutputs reference;
-  const Dataset* eval = nullptr;     // with labels, for accuracy
+  const Dataset* eval = nullptr;  // with labels, for accuracy
   std::vector<int> latency_batches;
   double latency_budget_seconds = 1.0;
   std::function<void()> check_cancel;  // throws Cancelled when the job was cancelled
@@ -35,9 +35,8 @@ uint64_t DeflatedSize(const std::string& path);
 
 // Runs `module` on `inputs` in batches and returns its float outputs on the CPU.
 // `more`: forward's further inputs, batched alike.
-at::Tensor RunBatched(torch::jit::Module& module, const at::Tensor& inputs, c10::Device device,
-                      int64_t batch, const std::function<void()>& check_cancel,
-                      const std::vector<at::Tensor>& more = {});
+at::Tensor RunBatched(torch::jit::Module& module, const at::Tensor& inputs, c10::Device device, int64_t batch,
+                      const std::function<void()>& check_cancel, const std::vector<at::Tensor>& more = {});
 
 // Like RunBatched, with every tensor forward returns (OutputTensors' names and order).
 NamedOutputs RunBatchedOutputs(torch::jit::Module& module, const at::Tensor& inputs, c10::Device device,

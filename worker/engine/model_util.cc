@@ -23,8 +23,8 @@ std::string TypeName(const torch::jit::Module& m) {
 }
 
 bool IsConvType(const std::string& t) {
-  for (const char* k : {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
-                        "ConvTranspose3d"}) {
+  for (const char* k :
+       {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"}) {
     if (t == k) return true;
   }
   return false;
@@ -70,7 +70,8 @@ std::vector<WeightRef> PrunableWeights(const torch::jit::Module& module) {
           auto v = item.value.attr(attr);
           if (!v.isTensor()) continue;
           at::Tensor weight = v.toTensor();
-          if (!weight.is_floating_point() || weight.dim() < 2 || !seen.insert(weight.unsafeGetTensorImpl()).second) {
+          if (!weight.is_floating_point() || weight.dim() < 2 ||
+              !seen.insert(weight.unsafeGetTensorImpl()).second) {
             continue;
           }
           out.push_back({item.name.empty() ? attr : item.name + "." + attr, weight, conv});
@@ -195,9 +196,9 @@ at::Tensor OutputTensor(const c10::IValue& out) {
       if (kv.value().isTensor()) return kv.value().toTensor();
     }
   }
-  throw EngineError(Code::kInvalidArgument, "MODEL_OUTPUT",
-                    "the model's forward returned " + out.tagKind() +
-                        ", not a tensor (or a tuple/list/dict holding one)");
+  throw EngineError(
+      Code::kInvalidArgument, "MODEL_OUTPUT",
+      "the model's forward returned " + out.tagKind() + ", not a tensor (or a tuple/list/dict holding one)");
 }
 
 namespace {
@@ -207,7 +208,8 @@ void CollectOutputs(const c10::IValue& v, const std::string& name,
     out.emplace_back(name, v.toTensor());
   } else if (v.isTuple() || v.isList()) {
     const auto elements = v.isTuple() ? v.toTupleRef().elements().vec() : v.toListRef().vec();
-    for (size_t i = 0; i < elements.size(); ++i) CollectOutputs(elements[i], name + "[" + std::to_string(i) + "]", out);
+    for (size_t i = 0; i < elements.size(); ++i)
+      CollectOutputs(elements[i], name + "[" + std::to_string(i) + "]", out);
   } else if (v.isGenericDict()) {
     for (const auto& kv : v.toGenericDict()) {
       const std::string key = kv.key().isString() ? kv.key().toStringRef() : "[" + c10::str(kv.key()) + "]";
@@ -260,8 +262,10 @@ c10::Device ModuleDevice(const torch::jit::Module& module) {
 // LibTorch messages carry a C++ backtrace or a TorchScript traceback; keep what a person needs.
 std::string ErrorText(const std::exception& e) {
   std::string msg;
-  if (auto* c = dynamic_cast<const c10::Error*>(&e)) msg = c->what_without_backtrace();
-  else msg = e.what();
+  if (auto* c = dynamic_cast<const c10::Error*>(&e))
+    msg = c->what_without_backtrace();
+  else
+    msg = e.what();
   // TorchScript exceptions end with "builtins.X: message"; prefer that line.
   auto pos = msg.rfind("\nbuiltins.");
   if (pos != std::string::npos) msg = msg.substr(pos + 1);

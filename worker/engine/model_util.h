@@ -11,8 +11,8 @@ namespace pare::engine {
 
 // A conv or linear weight that the unstructured passes may change in place.
 struct WeightRef {
-  std::string name;  // qualified name of the owning module, e.g. "layer1.0.conv1"
-  at::Tensor weight; // the parameter itself (shares storage with the module)
+  std::string name;   // qualified name of the owning module, e.g. "layer1.0.conv1"
+  at::Tensor weight;  // the parameter itself (shares storage with the module)
   bool is_conv = false;
 };
 

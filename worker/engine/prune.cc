@@ -65,9 +65,7 @@ float KthSmallestMagnitude(const std::vector<at::Tensor>& tensors, int64_t k) {
 
 // A weight as contiguous CPU float: the tensor itself where it already is one (the common case,
 // no copy), else a copy.
-at::Tensor FloatCpu(const at::Tensor& w) {
-  return w.detach().to(at::kCPU, at::kFloat).contiguous();
-}
+at::Tensor FloatCpu(const at::Tensor& w) { return w.detach().to(at::kCPU, at::kFloat).contiguous(); }
 
 // Zeroes every element of `w` whose magnitude is at most `threshold`.
 void ZeroBelow(at::Tensor& w, float threshold) {
@@ -104,8 +102,7 @@ std::vector<std::string> MagnitudePrune(torch::jit::Module& module, const Magnit
     float threshold = KthSmallestMagnitude(flat, k);
     for (auto& w : weights) ZeroBelow(w.weight, threshold);
     std::ostringstream os;
-    os << "global magnitude threshold " << threshold << " over " << weights.size()
-       << " layers";
+    os << "global magnitude threshold " << threshold << " over " << weights.size() << " layers";
     notes.push_back(os.str());
   } else {
     for (auto& w : weights) {

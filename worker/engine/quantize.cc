@@ -121,8 +121,9 @@ torch::jit::Module MakeWeightObserver(bool per_channel) {
   obs.register_attribute("min_val", c10::TensorType::get(), at::empty({0}), false, true);
   obs.register_attribute("max_val", c10::TensorType::get(), at::empty({0}), false, true);
   obs.register_attribute("dtype", c10::IntType::get(), static_cast<int64_t>(at::kQInt8));
-  obs.register_attribute("qscheme", c10::IntType::get(),
-                         static_cast<int64_t>(per_channel ? at::kPerChannelSymmetric : at::kPerTensorSymmetric));
+  obs.register_attribute(
+      "qscheme", c10::IntType::get(),
+      static_cast<int64_t>(per_channel ? at::kPerChannelSymmetric : at::kPerTensorSymmetric));
   obs.register_attribute("ch_axis", c10::IntType::get(), int64_t{0});
   obs.register_attribute("quant_min", c10::IntType::get(), int64_t{-128});
   obs.register_attribute("quant_max", c10::IntType::get(), int64_t{127});
@@ -165,14 +166,16 @@ torch::jit::Module ConvertHalf(const torch::jit::Module& input, const HalfPrecis
   if (schema.arguments().size() != 2 || schema.returns().size() != 1 ||
       !schema.arguments()[1].type()->isSubtypeOf(*c10::TensorType::get()) ||
       !schema.returns()[0].type()->isSubtypeOf(*c10::TensorType::get())) {
-    throw EngineError(Code::kInvalidArgument, "UNSUPPORTED_MODEL",
-                      "quantize.fp16/bf16 needs a forward that takes one tensor and returns one tensor; this one is " +
-                          c10::str(schema));
+    throw EngineError(
+        Code::kInvalidArgument, "UNSUPPORTED_MODEL",
+        "quantize.fp16/bf16 needs a forward that takes one tensor and returns one tensor; this one is " +
+            c10::str(schema));
   }
   torch::jit::Module inner = input.clone();
   inner.eval();
   inner.to(spec.bf16 ? at::kBFloat16 : at::kHalf);
-  torch::jit::Module wrapper(c10::QualifiedName(spec.bf16 ? "__torch__.pare.BFloat16Model" : "__torch__.pare.Float16Model"));
+  torch::jit::Module wrapper(
+      c10::QualifiedName(spec.bf16 ? "__torch__.pare.BFloat16Model" : "__torch__.pare.Float16Model"));
   wrapper.register_attribute("training", c10::BoolType::get(), false);
   wrapper.register_module("model", inner);
   // TorchScript source has no dtype names here: dtypes are their ScalarType numbers.
@@ -212,7 +215,8 @@ static void DequantizeTupleElements(const std::shared_ptr<torch::jit::Graph>& gr
     }
     auto type = tuple->output()->type()->expect<c10::TupleType>();
     // createTuple takes a type only for named tuples.
-    torch::jit::Node* fresh = graph->insertNode(graph->createTuple(elements, type->schema() ? type : nullptr));
+    torch::jit::Node* fresh =
+        graph->insertNode(graph->createTuple(elements, type->schema() ? type : nullptr));
     n->output()->replaceAllUsesWith(fresh->output());
     n->destroy();
   }
@@ -251,7 +255,8 @@ static void SpecializeForEval(torch::jit::Module& module) {
         again = false;
         for (torch::jit::Node* call : calls) {
           auto fn_type = call->input(0)->type()->cast<c10::FunctionType>();
-          torch::jit::GraphFunction* fn = fn_type ? torch::jit::tryToGraphFunction(*fn_type->function()) : nullptr;
+          torch::jit::GraphFunction* fn =
+              fn_type ? torch::jit::tryToGraphFunction(*fn_type->function()) : nullptr;
           // torch.nn.functional's calls stay: LibTorch's passes match them as they are (F.relu
           // after a conv, F.dropout). F.interpolate is inlined: its list of scale factors is
           // built by a loop those passes drop (RepeatListLoops, below, removes the loop).
@@ -402,7 +407,8 @@ static bool ReduceRange(const std::string& target, std::string& why) {
     return false;
   }
   if (target != "auto" && !target.empty()) {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "quantize.static.target must be auto, avx2 or vnni");
+    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
+                      "quantize.static.target must be auto, avx2 or vnni");
   }
   const CpuFeatures& cpu = HostCpu();
   if (at::globalContext().qEngine() == at::QEngine::QNNPACK) {
@@ -490,7 +496,8 @@ static int MiddleOutputZeroPoints(const std::shared_ptr<torch::jit::Graph>& grap
 static int ContiguousBeforeView(const std::shared_ptr<torch::jit::Graph>& graph) {
   std::vector<torch::jit::Node*> views;
   ForEachNode(graph->block(), [&](torch::jit::Node* n) {
-    if (n->kind() == c10::aten::view && n->input(0)->type()->kind() == c10::TypeKind::TensorType) views.push_back(n);
+    if (n->kind() == c10::aten::view && n->input(0)->type()->kind() == c10::TypeKind::TensorType)
+      views.push_back(n);
   });
   for (torch::jit::Node* view : views) {
     torch::jit::WithInsertPoint guard(view);
@@ -505,7 +512,8 @@ static std::vector<std::string> FloatLayers(const std::shared_ptr<torch::jit::Gr
   std::map<std::string, int> count;
   ForEachNode(graph->block(), [&](torch::jit::Node* n) {
     const auto k = n->kind();
-    if (LayerOpOf(n) != LayerOp::kNone || k == c10::aten::matmul || k == c10::aten::addmm) ++count[k.toQualString()];
+    if (LayerOpOf(n) != LayerOp::kNone || k == c10::aten::matmul || k == c10::aten::addmm)
+      ++count[k.toQualString()];
   });
   std::vector<std::string> out;
   for (const auto& [op, n] : count) out.push_back(std::to_string(n) + " " + op);
@@ -513,8 +521,7 @@ static std::vector<std::string> FloatLayers(const std::shared_ptr<torch::jit::Gr
 }
 
 static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, const StaticQuantSpec& spec,
-                                             const Batches& calibration,
-                                             std::vector<std::string>& notes,
+                                             const Batches& calibration, std::vector<std::string>& notes,
                                              const std::set<std::string>& keep_float = {});
 
 // The first sample of a batch of forward arguments (each tensor sliced to batch 1).
@@ -529,7 +536,8 @@ static std::string LibTorchReason(const std::string& message) {
   static const std::string kPrefix = "cannot handle this model (";
   std::string why = message;
   if (auto at = why.find(kPrefix); at != std::string::npos) why = why.substr(at + kPrefix.size());
-  return why.substr(0, std::min({why.find('\n'), why.find(", if node"), why.find("); quantize.dynamic"), size_t{200}}));
+  return why.substr(
+      0, std::min({why.find('\n'), why.find(", if node"), why.find("); quantize.dynamic"), size_t{200}}));
 }
 
 // Submodules (by path) whose own forward branches or loops on something other than an
@@ -547,7 +555,8 @@ static std::map<std::string, std::vector<std::string>> ControlFlowModules(const 
       if (n->kind() == c10::prim::CallFunction) {
         // torch.nn.functional's calls stay calls (F.interpolate branches on rank and mode).
         auto fn_type = n->input(0)->type()->cast<c10::FunctionType>();
-        torch::jit::GraphFunction* fn = fn_type ? torch::jit::tryToGraphFunction(*fn_type->function()) : nullptr;
+        torch::jit::GraphFunction* fn =
+            fn_type ? torch::jit::tryToGraphFunction(*fn_type->function()) : nullptr;
         if (fn) ForEachNode(fn->graph()->block(), visit);
         return;
       }
@@ -570,8 +579,8 @@ static std::map<std::string, std::vector<std::string>> ControlFlowModules(const 
 // When the whole model cannot be quantized: the same with the submodules that have control
 // flow kept float (qconfig None for their paths), then each kind of them quantized again where
 // the model still converts. Throws the original error when even that fails.
-static torch::jit::Module QuantizeAroundControlFlow(const torch::jit::Module& input, const StaticQuantSpec& spec,
-                                                    const Batches& calibration,
+static torch::jit::Module QuantizeAroundControlFlow(const torch::jit::Module& input,
+                                                    const StaticQuantSpec& spec, const Batches& calibration,
                                                     std::vector<std::string>& notes, const EngineError& first,
                                                     const std::set<std::string>& always_float) {
   auto kinds = ControlFlowModules(input);
@@ -609,8 +618,8 @@ static torch::jit::Module QuantizeAroundControlFlow(const torch::jit::Module& in
   // The first line of LibTorch's complaint, without Pare's wrapping around it.
   const std::string why = LibTorchReason(first.what());
   for (const auto& [kind, paths] : kept_float) {
-    notes.push_back("kept float: " + std::to_string(paths.size()) + " " + kind + " module(s) (" + paths.front() +
-                    (paths.size() > 1 ? ", ..." : "") +
+    notes.push_back("kept float: " + std::to_string(paths.size()) + " " + kind + " module(s) (" +
+                    paths.front() + (paths.size() > 1 ? ", ..." : "") +
                     "): LibTorch's graph-mode quantization cannot observe their control flow (" + why + ")");
   }
   return best;
@@ -622,12 +631,13 @@ static torch::jit::Module QuantizeAroundControlFlow(const torch::jit::Module& in
 // its kind), the kinds whose quantization breaks the model are found by bisection in module
 // order (the smallest failing prefix, then on from there), their layers kept float, and the rest
 // is quantized.
-static torch::jit::Module QuantizeAroundBrokenLayers(const torch::jit::Module& input, const StaticQuantSpec& spec,
-                                                     const Batches& calibration, std::vector<std::string>& notes,
+static torch::jit::Module QuantizeAroundBrokenLayers(const torch::jit::Module& input,
+                                                     const StaticQuantSpec& spec, const Batches& calibration,
+                                                     std::vector<std::string>& notes,
                                                      const EngineError& first,
                                                      const std::set<std::string>& always_float) {
-  std::vector<std::string> kinds;                            // in order of first appearance
-  std::map<std::string, std::vector<std::string>> layers;    // kind -> layer paths
+  std::vector<std::string> kinds;                          // in order of first appearance
+  std::map<std::string, std::vector<std::string>> layers;  // kind -> layer paths
   for (const auto& item : input.named_modules()) {
     auto type = item.value.type()->name();
     const std::string t = type ? type->name() : "";
@@ -674,9 +684,11 @@ static torch::jit::Module QuantizeAroundBrokenLayers(const torch::jit::Module& i
     while (hi - lo > 1 && trials < kMaxTrials) {
       const size_t mid = (lo + hi) / 2;
       std::vector<std::string> with = allowed;
-      with.insert(with.end(), kinds.begin() + static_cast<long>(start), kinds.begin() + static_cast<long>(mid));
+      with.insert(with.end(), kinds.begin() + static_cast<long>(start),
+                  kinds.begin() + static_cast<long>(mid));
       std::string e = attempt(with, nullptr);
-      if (e.empty()) lo = mid;
+      if (e.empty())
+        lo = mid;
       else {
         hi = mid;
         last = e;
@@ -684,7 +696,8 @@ static torch::jit::Module QuantizeAroundBrokenLayers(const torch::jit::Module& i
     }
     if (hi - lo > 1) break;  // out of trials: the rest stays float
     culprits.push_back(kinds[hi - 1]);
-    allowed.insert(allowed.end(), kinds.begin() + static_cast<long>(start), kinds.begin() + static_cast<long>(hi - 1));
+    allowed.insert(allowed.end(), kinds.begin() + static_cast<long>(start),
+                   kinds.begin() + static_cast<long>(hi - 1));
     start = hi;
     std::vector<std::string> with = allowed;
     with.insert(with.end(), kinds.begin() + static_cast<long>(start), kinds.end());
@@ -701,11 +714,12 @@ static torch::jit::Module QuantizeAroundBrokenLayers(const torch::jit::Module& i
   for (const auto& k : allowed) quantized += layers[k].size();
   const std::string why = LibTorchReason(last);
   std::string first_layer = culprits.empty() ? "" : layers[culprits.front()].front();
-  notes.push_back("kept float: " + std::to_string(total - quantized) + " of " + std::to_string(total) +
-                  " conv/linear layers, " + std::to_string(culprits.size()) + " kind(s) whose quantization broke " +
-                  "the model (" + first_layer + (total - quantized > 1 ? ", ..." : "") + ": " + why + ")" +
-                  (start < kinds.size() ? " and the kinds not tried in " + std::to_string(kMaxTrials) + " conversions"
-                                        : ""));
+  notes.push_back(
+      "kept float: " + std::to_string(total - quantized) + " of " + std::to_string(total) +
+      " conv/linear layers, " + std::to_string(culprits.size()) + " kind(s) whose quantization broke " +
+      "the model (" + first_layer + (total - quantized > 1 ? ", ..." : "") + ": " + why + ")" +
+      (start < kinds.size() ? " and the kinds not tried in " + std::to_string(kMaxTrials) + " conversions"
+                            : ""));
   return best;
 }
 
@@ -716,7 +730,8 @@ static std::set<std::string> PaddedTransposedConvolutions(const torch::jit::Modu
   if (at::globalContext().qEngine() != at::QEngine::ONEDNN) return out;
   for (const auto& item : input.named_modules()) {
     auto type = item.value.type()->name();
-    if (!type || type->name().rfind("ConvTranspose", 0) != 0 || !item.value.hasattr("output_padding")) continue;
+    if (!type || type->name().rfind("ConvTranspose", 0) != 0 || !item.value.hasattr("output_padding"))
+      continue;
     auto padding = item.value.attr("output_padding");
     bool padded = false;
     if (padding.isTuple()) {
@@ -740,8 +755,9 @@ torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQ
   std::vector<std::string>& out = notes ? *notes : local;
   const std::set<std::string> padded = PaddedTransposedConvolutions(input);
   if (!padded.empty()) {
-    out.push_back("kept float: " + std::to_string(padded.size()) + " transposed convolution(s) with output_padding (" +
-                  *padded.begin() + (padded.size() > 1 ? ", ..." : "") +
+    out.push_back("kept float: " + std::to_string(padded.size()) +
+                  " transposed convolution(s) with output_padding (" + *padded.begin() +
+                  (padded.size() > 1 ? ", ..." : "") +
                   "): the onednn engine has no quantized kernel for them");
   }
   const size_t before = out.size();
@@ -775,8 +791,8 @@ torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQ
 }
 
 static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, const StaticQuantSpec& spec,
-                                             const Batches& calibration,
-                                             std::vector<std::string>& notes, const std::set<std::string>& keep_float) {
+                                             const Batches& calibration, std::vector<std::string>& notes,
+                                             const std::set<std::string>& keep_float) {
   if (!input.find_method("forward")) {
     throw EngineError(Code::kInvalidArgument, "MODEL_FORMAT", "the model has no forward method");
   }
@@ -811,7 +827,8 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
     HoistReluOverMaxPool(forward);
   }
   torch::jit::QConfigDict qconfig;
-  qconfig[""] = std::make_tuple(MakeActivationObserver(k, reduce_range), MakeWeightObserver(spec.per_channel));
+  qconfig[""] =
+      std::make_tuple(MakeActivationObserver(k, reduce_range), MakeWeightObserver(spec.per_channel));
   for (const auto& path : keep_float) qconfig[path] = c10::nullopt;
   // Graph-mode quantization refuses some models: control flow whose branches it cannot observe
   // alike (Swin's shifted-window masks), observers on values that turn out to be lists
@@ -825,8 +842,8 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
   torch::jit::Module quantized;
   int transposed = 0, recentred = 0;
   try {
-    torch::jit::Module observed =
-        torch::jit::InsertObservers(module, "forward", qconfig, /*inplace=*/true, torch::jit::QuantType::STATIC);
+    torch::jit::Module observed = torch::jit::InsertObservers(module, "forward", qconfig, /*inplace=*/true,
+                                                              torch::jit::QuantType::STATIC);
     ObserveAfterConvRelu(observed.get_method("forward").graph());
     if (spec.per_channel) transposed = PerTensorTransposedWeights(observed);
     {
@@ -859,10 +876,11 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
   notes.push_back(std::string("activations: ") + (reduce_range ? "7-bit (0..127), since " : "8-bit, since ") +
                   range_why);
   if (recentred) {
-    notes.push_back(std::to_string(recentred) + " linear output(s) given the middle zero point (" +
-                    std::to_string(reduce_range ? 64 : 128) +
-                    "): LibTorch 1.13's oneDNN linear kernels otherwise mix up layers of one shape whose zero "
-                    "points differ, in one model or across models in one process");
+    notes.push_back(
+        std::to_string(recentred) + " linear output(s) given the middle zero point (" +
+        std::to_string(reduce_range ? 64 : 128) +
+        "): LibTorch 1.13's oneDNN linear kernels otherwise mix up layers of one shape whose zero "
+        "points differ, in one model or across models in one process");
   }
   if (transposed) {
     notes.push_back(std::to_string(transposed) +

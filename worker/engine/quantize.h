@@ -12,7 +12,7 @@ namespace pare::engine {
 
 struct DynamicQuantResult {
   torch::jit::Module module;
-  std::vector<std::string> notes;  // what was kept in float, and why
+  std::vector<std::string> notes;     // what was kept in float, and why
   int linear = 0, lstm = 0, gru = 0;  // modules quantized
 };
 

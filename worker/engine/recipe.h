@@ -9,8 +9,8 @@
 namespace pare::engine {
 
 struct MagnitudePruneSpec {
-  double amount = 0.5;        // fraction of weights set to zero, in [0, 1)
-  bool global = false;        // one threshold over all selected layers
+  double amount = 0.5;               // fraction of weights set to zero, in [0, 1)
+  bool global = false;               // one threshold over all selected layers
   std::vector<std::string> include;  // substrings of layer names; empty = all
   std::vector<std::string> exclude;
 };
@@ -84,8 +84,8 @@ struct DistillSpec {
 };
 
 using StepSpec =
-    std::variant<MagnitudePruneSpec, NMPruneSpec, ChannelPruneSpec, FactorizeSpec, DynamicQuantSpec, StaticQuantSpec, HalfPrecisionSpec, FinetuneSpec,
-                 DistillSpec>;
+    std::variant<MagnitudePruneSpec, NMPruneSpec, ChannelPruneSpec, FactorizeSpec, DynamicQuantSpec,
+                 StaticQuantSpec, HalfPrecisionSpec, FinetuneSpec, DistillSpec>;
 
 // The name a step has in reports and progress, e.g. "prune.magnitude".
 inline std::string StepName(const StepSpec& s) {
@@ -96,7 +96,9 @@ inline std::string StepName(const StepSpec& s) {
     std::string operator()(const FactorizeSpec&) const { return "factorize"; }
     std::string operator()(const DynamicQuantSpec&) const { return "quantize.dynamic"; }
     std::string operator()(const StaticQuantSpec&) const { return "quantize.static"; }
-    std::string operator()(const HalfPrecisionSpec& h) const { return h.bf16 ? "quantize.bf16" : "quantize.fp16"; }
+    std::string operator()(const HalfPrecisionSpec& h) const {
+      return h.bf16 ? "quantize.bf16" : "quantize.fp16";
+    }
     std::string operator()(const FinetuneSpec&) const { return "finetune"; }
     std::string operator()(const DistillSpec&) const { return "distill"; }
   };

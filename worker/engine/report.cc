@@ -12,8 +12,9 @@ std::vector<std::string> SlowdownNotes(const ModelStats& before, const ModelStat
     for (const auto& b : before.latency) {
       if (b.batch != a.batch || b.p50_ms <= 0 || a.p50_ms <= b.p50_ms * (1.0 + tolerance)) continue;
       char line[200];
-      std::snprintf(line, sizeof line, "WARNING: slower at batch %d than before this step: p50 %.3f -> %.3f ms (%.2fx)",
-                    a.batch, b.p50_ms, a.p50_ms, a.p50_ms / b.p50_ms);
+      std::snprintf(line, sizeof line,
+                    "WARNING: slower at batch %d than before this step: p50 %.3f -> %.3f ms (%.2fx)", a.batch,
+                    b.p50_ms, a.p50_ms, a.p50_ms / b.p50_ms);
       notes.push_back(line);
     }
   }
@@ -30,8 +31,9 @@ std::string Int8GainNote(const ModelStats& before, const ModelStats& after, cons
       gain = x;
     }
   }
-  return "INT8 gains " + gain + " at batch 1 on this CPU (" + (cpu.model.empty() ? "unknown" : cpu.model) + ": " +
-         cpu.Extensions() + "; no AVX-512 VNNI or AMX, so int8 products are summed in 16 bits): channel pruning " +
+  return "INT8 gains " + gain + " at batch 1 on this CPU (" + (cpu.model.empty() ? "unknown" : cpu.model) +
+         ": " + cpu.Extensions() +
+         "; no AVX-512 VNNI or AMX, so int8 products are summed in 16 bits): channel pruning " +
          "is the lever here";
 }
 
@@ -44,8 +46,8 @@ nlohmann::json ToJson(const ModelStats& s) {
   j["sparsity"] = s.parameters ? 1.0 - double(s.nonzero_parameters) / double(s.parameters) : 0.0;
   nlohmann::json lat = nlohmann::json::array();
   for (const auto& l : s.latency) {
-    lat.push_back({{"batch", l.batch}, {"p50_ms", l.p50_ms}, {"p95_ms", l.p95_ms},
-                   {"iterations", l.iterations}});
+    lat.push_back(
+        {{"batch", l.batch}, {"p50_ms", l.p50_ms}, {"p95_ms", l.p95_ms}, {"iterations", l.iterations}});
   }
   j["latency"] = lat;
   j["macs"] = s.macs ? nlohmann::json(*s.macs) : nlohmann::json();
@@ -63,7 +65,9 @@ nlohmann::json ToJson(const ModelStats& s) {
   }
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& l : s.layers) {
-    layers.push_back({{"name", l.name}, {"parameters", l.parameters}, {"zeros", l.zeros},
+    layers.push_back({{"name", l.name},
+                      {"parameters", l.parameters},
+                      {"zeros", l.zeros},
                       {"sparsity", l.parameters ? double(l.zeros) / double(l.parameters) : 0.0}});
   }
   j["layers"] = layers;
@@ -73,14 +77,16 @@ nlohmann::json ToJson(const ModelStats& s) {
 nlohmann::json ToJson(const Report& r) {
   nlohmann::json j;
   j["device"] = r.device;
-  j["host"] = {{"cpu", r.host.cpu},         {"extensions", r.host.extensions},
-               {"fast_int8", r.host.fast_int8}, {"threads", r.host.threads},
-               {"threads_why", r.host.threads_why}, {"blas", r.host.blas}};
+  j["host"] = {
+      {"cpu", r.host.cpu},         {"extensions", r.host.extensions},   {"fast_int8", r.host.fast_int8},
+      {"threads", r.host.threads}, {"threads_why", r.host.threads_why}, {"blas", r.host.blas}};
   j["input_shape"] = r.input_shape;
   if (!r.more_input_shapes.empty()) j["more_input_shapes"] = r.more_input_shapes;
   nlohmann::json steps = nlohmann::json::array();
   for (const auto& s : r.steps) {
-    steps.push_back({{"step", s.step}, {"stats", ToJson(s.stats)}, {"wall_seconds", s.wall_seconds},
+    steps.push_back({{"step", s.step},
+                     {"stats", ToJson(s.stats)},
+                     {"wall_seconds", s.wall_seconds},
                      {"check_seconds", s.check_seconds},
                      {"notes", s.notes}});
   }

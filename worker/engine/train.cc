@@ -53,8 +53,9 @@ void Restore(torch::jit::Module& m, const std::vector<at::Tensor>& saved) {
 
 }  // namespace
 
-std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* teacher, const TrainSpec& spec,
-                               double temperature, double alpha, const TrainContext& ctx) {
+std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* teacher,
+                               const TrainSpec& spec, double temperature, double alpha,
+                               const TrainContext& ctx) {
   const char* step = teacher ? "distill" : "finetune";
   if (!ctx.train || !ctx.train->labels.defined()) {
     throw EngineError(Code::kInvalidArgument, "NO_TRAIN_DATA",
@@ -71,8 +72,9 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
   }
   if (params.empty()) {
     throw EngineError(Code::kFailedPrecondition, "NOT_TRAINABLE",
-                      std::string(step) + ": the model has no float parameters left to train "
-                                          "(quantized models cannot be trained: put quantize after training steps)");
+                      std::string(step) +
+                          ": the model has no float parameters left to train "
+                          "(quantized models cannot be trained: put quantize after training steps)");
   }
   for (auto& p : params) p.set_requires_grad(true);
   // Pruned weights stay pruned: a weight tensor with exact zeros (a dense trained one has
@@ -106,8 +108,8 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
     auto t_outs = OutputTensors(teacher->forward(probe));
     if (s_outs.size() != t_outs.size()) {
       throw EngineError(Code::kInvalidArgument, "SHAPE_MISMATCH",
-                        "distill: the student returns " + std::to_string(s_outs.size()) + " tensors, the teacher " +
-                            std::to_string(t_outs.size()));
+                        "distill: the student returns " + std::to_string(s_outs.size()) +
+                            " tensors, the teacher " + std::to_string(t_outs.size()));
     }
     for (size_t k = 0; k < s_outs.size(); ++k) {
       auto s = s_outs[k].second.sizes().vec();
@@ -126,12 +128,14 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
 
   std::unique_ptr<torch::optim::Optimizer> opt;
   if (spec.optimizer == "ADAM" || spec.optimizer == "Adam" || spec.optimizer == "adam") {
-    opt = std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(spec.learning_rate).weight_decay(spec.weight_decay));
+    opt = std::make_unique<torch::optim::Adam>(
+        params, torch::optim::AdamOptions(spec.learning_rate).weight_decay(spec.weight_decay));
   } else if (spec.optimizer.empty() || spec.optimizer == "SGD" || spec.optimizer == "sgd") {
     opt = std::make_unique<torch::optim::SGD>(
         params, torch::optim::SGDOptions(spec.learning_rate).momentum(0.9).weight_decay(spec.weight_decay));
   } else {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", std::string(step) + ".optimizer must be SGD or ADAM");
+    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
+                      std::string(step) + ".optimizer must be SGD or ADAM");
   }
 
   // The teacher is frozen and the inputs are not augmented, so its logits for the whole
@@ -163,7 +167,8 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
                         : "distilled " + std::to_string(further_outputs) +
                               " further output(s) by mean squared error (scaled by the teacher's variance)");
   }
-  if (!masks.empty()) notes.push_back("kept the zeros of " + std::to_string(masks.size()) + " pruned weight tensors");
+  if (!masks.empty())
+    notes.push_back("kept the zeros of " + std::to_string(masks.size()) + " pruned weight tensors");
   const int64_t batches_per_epoch = (n + batch - 1) / batch;
   const int64_t total_batches = batches_per_epoch * spec.epochs;
   at::Generator gen = at::detail::createCPUGenerator(ctx.seed);
@@ -177,7 +182,8 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
     double loss_sum = 0;
     int64_t seen = 0, correct = 0;
     for (int64_t i = 0; i < n; i += batch) {
-      double lr = spec.learning_rate * 0.5 * (1 + std::cos(kPi * double(done_batches) / double(total_batches)));
+      double lr =
+          spec.learning_rate * 0.5 * (1 + std::cos(kPi * double(done_batches) / double(total_batches)));
       for (auto& group : opt->param_groups()) group.options().set_lr(lr);
       at::Tensor idx = order.slice(0, i, std::min(i + batch, n));
       std::vector<c10::IValue> x = Rows(train, idx, ctx.device);
@@ -199,7 +205,8 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
         loss = alpha * temperature * temperature * kl + (1 - alpha) * loss;
         for (size_t k = 0; k < teacher_further.size(); ++k) {
           at::Tensor want = teacher_further[k].index_select(0, idx.to(teacher_further[k].device())).clone();
-          loss = loss + alpha * teacher_further_scale[k] * at::mse_loss(outs[k + 1].second.to(at::kFloat), want);
+          loss =
+              loss + alpha * teacher_further_scale[k] * at::mse_loss(outs[k + 1].second.to(at::kFloat), want);
         }
       }
       opt->zero_grad();

@@ -24,7 +24,8 @@ struct TrainContext {
 
 // Trains `student` in place on ctx.train. With a teacher, distills (spec.alpha and
 // temperature); without, fine-tunes with cross-entropy. Returns notes for the report.
-std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* teacher, const TrainSpec& spec,
-                               double temperature, double alpha, const TrainContext& ctx);
+std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* teacher,
+                               const TrainSpec& spec, double temperature, double alpha,
+                               const TrainContext& ctx);
 
 }  // namespace pare::engine
