@@ -15,10 +15,10 @@
 
 #include "client/client.h"
 #include "client/tar_pack.h"
-#include "worker/recipe_convert.h"
 #include "common/sha256.h"
 #include "worker/engine/engine.h"
 #include "worker/engine/error.h"
+#include "worker/recipe_convert.h"
 
 namespace {
 
@@ -38,7 +38,8 @@ int ExitFor(const Status& s) {
 
 int Fail(const Status& s, const std::string& what) {
   std::cerr << "pare: " << what << ": " << pare::CodeName(s.code()) << ": " << s.message() << "\n";
-  if (s.code() == Code::kUnavailable) std::cerr << "pare: is pare-server running? (--server or $PARE_SERVER)\n";
+  if (s.code() == Code::kUnavailable)
+    std::cerr << "pare: is pare-server running? (--server or $PARE_SERVER)\n";
   return ExitFor(s);
 }
 
@@ -62,7 +63,8 @@ Status ParseShape(const std::string& text, std::vector<int64_t>* out) {
       if (used != part.size() || v <= 0) throw std::invalid_argument(part);
       out->push_back(v);
     } catch (const std::exception&) {
-      return pare::InvalidArgument("--input-shape must be positive integers separated by commas, e.g. 1,3,224,224");
+      return pare::InvalidArgument(
+          "--input-shape must be positive integers separated by commas, e.g. 1,3,224,224");
     }
   }
   return Status::Ok();
@@ -97,7 +99,8 @@ class ProgressView {
     if (j.attempts() > 1) line << " (attempt " << j.attempts() << ")";
     std::string text = line.str();
     if (tty_) {
-      std::cerr << "\r" << text << std::string(last_len_ > text.size() ? last_len_ - text.size() : 0, ' ') << std::flush;
+      std::cerr << "\r" << text << std::string(last_len_ > text.size() ? last_len_ - text.size() : 0, ' ')
+                << std::flush;
       last_len_ = text.size();
     } else {
       // Logs get a line when the state or step changes, else at most one every 5 s.
@@ -126,24 +129,28 @@ class ProgressView {
 void PrintJobSummary(const pare::v1::Job& j) {
   std::cout << "job " << j.id() << " " << StateName(j.state()) << " attempts=" << j.attempts() << "\n";
   if (j.has_error() && !j.error().code().empty()) {
-    std::cout << "error " << j.error().code() << " " << j.error().reason() << ": " << j.error().message() << "\n";
+    std::cout << "error " << j.error().code() << " " << j.error().reason() << ": " << j.error().message()
+              << "\n";
   }
   if (j.reports_size() > 0) {
-    std::cout << std::left << std::setw(18) << "step" << std::right << std::setw(12) << "size" << std::setw(12)
-              << "deflated" << std::setw(12) << "params" << std::setw(12) << "nonzero" << std::setw(9) << "GMACs"
-              << std::setw(10) << "p50 ms"
-              << std::setw(10) << "agree" << std::setw(9) << "cosine" << std::setw(9) << "centred"
-              << std::setw(8) << "top1" << "\n";
+    std::cout << std::left << std::setw(18) << "step" << std::right << std::setw(12) << "size"
+              << std::setw(12) << "deflated" << std::setw(12) << "params" << std::setw(12) << "nonzero"
+              << std::setw(9) << "GMACs" << std::setw(10) << "p50 ms" << std::setw(10) << "agree"
+              << std::setw(9) << "cosine" << std::setw(9) << "centred" << std::setw(8) << "top1"
+              << "\n";
     for (const auto& r : j.reports()) {
       const auto& s = r.stats();
       std::cout << std::left << std::setw(18) << r.step() << std::right << std::setw(12) << s.size_bytes()
                 << std::setw(12) << s.deflated_bytes() << std::setw(12) << s.parameters() << std::setw(12)
-                << s.nonzero_parameters() << std::setw(9) << std::fixed << std::setprecision(3) << s.macs() / 1e9
-                << std::setw(10) << std::setprecision(2) << s.latency_p50_ms()
-                << std::setw(10) << std::setprecision(3) << s.top1_agreement() << std::setw(9) << std::setprecision(4)
-                << s.output_cosine() << std::setw(9) << s.output_centred_cosine() << std::setw(8);
-      if (s.has_accuracy()) std::cout << std::setprecision(3) << s.top1_accuracy();
-      else std::cout << "-";
+                << s.nonzero_parameters() << std::setw(9) << std::fixed << std::setprecision(3)
+                << s.macs() / 1e9 << std::setw(10) << std::setprecision(2) << s.latency_p50_ms()
+                << std::setw(10) << std::setprecision(3) << s.top1_agreement() << std::setw(9)
+                << std::setprecision(4) << s.output_cosine() << std::setw(9) << s.output_centred_cosine()
+                << std::setw(8);
+      if (s.has_accuracy())
+        std::cout << std::setprecision(3) << s.top1_accuracy();
+      else
+        std::cout << "-";
       std::cout << "\n";
     }
   }
@@ -156,8 +163,10 @@ int WaitFor(pare::client::Client& c, const std::string& id) {
   });
   view.Done();
   if (!job.ok()) return Fail(job.status(), "watching job " + id);
-  if (g_json) std::cout << ToJson(job.value()) << "\n";
-  else PrintJobSummary(job.value());
+  if (g_json)
+    std::cout << ToJson(job.value()) << "\n";
+  else
+    PrintJobSummary(job.value());
   return job->state() == pare::v1::SUCCEEDED ? kExitOk : kExitJobFailed;
 }
 
@@ -170,7 +179,7 @@ struct CompressArgs {
   int threads = 0;
   double latency_budget = 1.0;
   std::vector<int> latency_batches;
-  std::string latency_cache;  // empty: the original is timed every time
+  std::string latency_cache;              // empty: the original is timed every time
   std::vector<std::string> extra_models;  // ID=FILE
 };
 
@@ -191,13 +200,16 @@ int Compress(const CompressArgs& a) {
       Fail(st, "usage");
       return kExitUsage;
     }
-    if (i == 0) opts.input_shape = dims;
-    else opts.more_input_shapes.push_back(dims);
+    if (i == 0)
+      opts.input_shape = dims;
+    else
+      opts.more_input_shapes.push_back(dims);
   }
   // Where the result goes is checked before any work, not after it.
   const fs::path out_dir = fs::absolute(a.out).parent_path();
   if (!fs::is_directory(out_dir)) {
-    Fail(pare::InvalidArgument("-o " + a.out + ": the folder " + out_dir.string() + " does not exist"), "usage");
+    Fail(pare::InvalidArgument("-o " + a.out + ": the folder " + out_dir.string() + " does not exist"),
+         "usage");
     return kExitUsage;
   }
   opts.device = a.device;
@@ -209,7 +221,8 @@ int Compress(const CompressArgs& a) {
   opts.latency_batches = a.latency_batches;
   for (int b : a.latency_batches) {
     if (b < 1 || b > 4096) {
-      Fail(pare::InvalidArgument("--latency-batches: batch size " + std::to_string(b) + " is not in 1..4096"), "usage");
+      Fail(pare::InvalidArgument("--latency-batches: batch size " + std::to_string(b) + " is not in 1..4096"),
+           "usage");
       return kExitUsage;
     }
   }
@@ -253,13 +266,15 @@ int Compress(const CompressArgs& a) {
       // One line per step, then its notes; warnings stand out.
       for (const auto& s : report.steps) {
         double p50 = s.stats.latency.empty() ? 0 : s.stats.latency[0].p50_ms;
-        std::cout << std::left << std::setw(18) << s.step << std::right << " size " << s.stats.size_bytes << " deflated "
-                  << s.stats.deflated_bytes << " params " << s.stats.parameters << " nonzero "
-                  << s.stats.nonzero_parameters << " p50 " << std::fixed << std::setprecision(2) << p50 << " ms agree "
-                  << std::setprecision(3) << s.stats.top1_agreement << " centred " << s.stats.output_centred_cosine;
+        std::cout << std::left << std::setw(18) << s.step << std::right << " size " << s.stats.size_bytes
+                  << " deflated " << s.stats.deflated_bytes << " params " << s.stats.parameters << " nonzero "
+                  << s.stats.nonzero_parameters << " p50 " << std::fixed << std::setprecision(2) << p50
+                  << " ms agree " << std::setprecision(3) << s.stats.top1_agreement << " centred "
+                  << s.stats.output_centred_cosine;
         if (s.stats.top1_accuracy) std::cout << " top-1 " << *s.stats.top1_accuracy;
         std::cout << "\n";
-        for (const auto& n : s.notes) std::cout << "    " << (n.rfind("WARNING", 0) == 0 ? "! " : "- ") << n << "\n";
+        for (const auto& n : s.notes)
+          std::cout << "    " << (n.rfind("WARNING", 0) == 0 ? "! " : "- ") << n << "\n";
       }
       std::cout << "wrote " << a.out << "\n";
     }
@@ -272,6 +287,151 @@ int Compress(const CompressArgs& a) {
 }
 
 }  // namespace
+
+// What a verb created (a model, a dataset, a job): its JSON with --json, else its id.
+template <typename M>
+int PrintCreated(const M& m) {
+  if (g_json) {
+    std::cout << ToJson(m) << "\n";
+  } else {
+    std::cout << m.id() << "\n";
+  }
+  return kExitOk;
+}
+
+// What the server verbs' command lines gave (pare compress has CompressArgs).
+struct VerbArgs {
+  std::string file, name, format, labels, model_id, recipe, calib, train, eval, device = "auto", request_id,
+                                                                                job_id, out, report;
+  bool wait = false;
+  int page_size = 50;
+  std::vector<std::string> upload_shapes;  // upload-model: one --input-shape per input
+  uint32_t job_timeout = 0;
+};
+
+int UploadModelVerb(pare::client::Client& c, const VerbArgs& a) {
+  std::vector<int64_t> dims;
+  std::vector<std::vector<int64_t>> more;
+  for (size_t i = 0; i < a.upload_shapes.size(); ++i) {
+    std::vector<int64_t> d;
+    Status st = ParseShape(a.upload_shapes[i], &d);
+    if (!st.ok()) {
+      Fail(st, "usage");
+      return kExitUsage;
+    }
+    if (i == 0)
+      dims = d;
+    else
+      more.push_back(d);
+  }
+  auto m = c.UploadModel(a.file, a.name, dims, nullptr, more);
+  if (!m.ok()) return Fail(m.status(), "upload-model " + a.file);
+  return PrintCreated(m.value());
+}
+
+int UploadDatasetVerb(pare::client::Client& c, const VerbArgs& a) {
+  std::string path = a.file;
+  std::string tmp;
+  if (!a.labels.empty()) {
+    if (a.format != "idx") {
+      Fail(pare::InvalidArgument("--labels goes with --format idx"), "usage");
+      return kExitUsage;
+    }
+    tmp = (fs::temp_directory_path() / ("pare-idx-" + std::to_string(::getpid()) + ".tar")).string();
+    Status st = pare::client::PackIdxPair(a.file, a.labels, tmp);
+    if (!st.ok()) return Fail(st, "packing the idx files");
+    path = tmp;
+  } else if (a.format == "image-folder" && fs::is_directory(a.file)) {
+    tmp = (fs::temp_directory_path() / ("pare-images-" + std::to_string(::getpid()) + ".tar")).string();
+    Status st = pare::client::PackImageFolder(a.file, tmp);
+    if (!st.ok()) return Fail(st, "packing the image folder");
+    path = tmp;
+  }
+  auto d = c.UploadDataset(path, a.format, a.name.empty() ? fs::path(a.file).filename().string() : a.name);
+  if (!tmp.empty()) fs::remove(tmp);
+  if (!d.ok()) return Fail(d.status(), "upload-dataset " + a.file);
+  return PrintCreated(d.value());
+}
+
+int SubmitVerb(pare::client::Client& c, const VerbArgs& a) {
+  std::string text;
+  Status st = ReadFile(a.recipe, &text);
+  if (!st.ok()) {
+    Fail(st, "reading the recipe");
+    return kExitUsage;
+  }
+  auto parsed = pare::ParseRecipeJson(text);
+  if (!parsed.ok()) {
+    std::cerr << "pare: " << a.recipe << ": " << parsed.status().message() << "\n";
+    return kExitUsage;
+  }
+  pare::v1::SubmitJobRequest req;
+  req.set_model_id(a.model_id);
+  *req.mutable_recipe() = parsed.value();
+  req.set_calibration_dataset_id(a.calib);
+  req.set_train_dataset_id(a.train);
+  req.set_eval_dataset_id(a.eval);
+  req.set_device(a.device);
+  req.set_request_id(a.request_id);
+  req.set_timeout_seconds(a.job_timeout);
+  auto job = c.Submit(req);
+  if (!job.ok()) return Fail(job.status(), "submit");
+  if (!a.wait) return PrintCreated(job.value());
+  if (!g_json) std::cout << job->id() << std::endl;
+  return WaitFor(c, job->id());
+}
+
+int StatusVerb(pare::client::Client& c, const VerbArgs& a) {
+  auto job = c.GetJob(a.job_id);
+  if (!job.ok()) return Fail(job.status(), "status " + a.job_id);
+  if (g_json)
+    std::cout << ToJson(job.value()) << "\n";
+  else
+    PrintJobSummary(job.value());
+  return kExitOk;
+}
+
+int ListVerb(pare::client::Client& c, const VerbArgs& a) {
+  std::string token;
+  pare::v1::ListJobsResponse all;
+  do {
+    auto page = c.ListJobs(a.page_size, token);
+    if (!page.ok()) return Fail(page.status(), "list");
+    for (const auto& j : page->jobs()) *all.add_jobs() = j;
+    token = page->next_page_token();
+  } while (!token.empty());
+  if (g_json) {
+    std::cout << ToJson(all) << "\n";
+  } else {
+    for (const auto& j : all.jobs()) {
+      std::cout << std::left << std::setw(22) << j.id() << std::setw(10) << StateName(j.state()) << " model "
+                << j.model_id() << " attempts " << j.attempts() << "\n";
+    }
+  }
+  return kExitOk;
+}
+
+int CancelVerb(pare::client::Client& c, const VerbArgs& a) {
+  auto job = c.Cancel(a.job_id);
+  if (!job.ok()) return Fail(job.status(), "cancel " + a.job_id);
+  if (g_json)
+    std::cout << ToJson(job.value()) << "\n";
+  else
+    std::cout << job->id() << " " << StateName(job->state())
+              << (job->state() == pare::v1::RUNNING ? " (stopping)" : "") << "\n";
+  return kExitOk;
+}
+
+int DownloadVerb(pare::client::Client& c, const VerbArgs& a) {
+  Status st = c.Download(a.job_id, pare::v1::MODEL, a.out);
+  if (!st.ok()) return Fail(st, "download " + a.job_id);
+  if (!a.report.empty()) {
+    st = c.Download(a.job_id, pare::v1::REPORT, a.report);
+    if (!st.ok()) return Fail(st, "download report of " + a.job_id);
+  }
+  if (!g_json) std::cout << "wrote " << a.out << (a.report.empty() ? "" : " and " + a.report) << "\n";
+  return kExitOk;
+}
 
 int main(int argc, char** argv) {
   CLI::App app{"pare: compress computer-vision models with a Pare server (or offline)"};
@@ -286,61 +446,66 @@ int main(int argc, char** argv) {
   app.add_option("--timeout", timeout, "deadline in seconds for each call")->capture_default_str();
   app.add_option("--token", token, "bearer token (default $PARE_TOKEN)");
   pare::TlsClientFiles tls;
-  app.add_option("--tls-ca", tls.ca, "PEM CA of the server's certificate: talk TLS")->check(CLI::ExistingFile);
+  app.add_option("--tls-ca", tls.ca, "PEM CA of the server's certificate: talk TLS")
+      ->check(CLI::ExistingFile);
   app.add_option("--tls-cert", tls.cert, "PEM client certificate, for mutual TLS")->check(CLI::ExistingFile);
   app.add_option("--tls-key", tls.key, "PEM key of --tls-cert")->check(CLI::ExistingFile);
   app.add_option("--tls-server-name", tls.server_name, "name expected in the server's certificate");
   app.add_flag("--json", g_json, "machine-readable output on stdout");
 
-  std::string file, name, format, labels, model_id, recipe, calib, train, eval, device = "auto", request_id, job_id,
-      out, report;
-  bool wait = false;
-  int page_size = 50;
-  std::vector<std::string> upload_shapes;    // upload-model: likewise
-  uint32_t job_timeout = 0;
+  VerbArgs args;
 
   auto* up_model = app.add_subcommand("upload-model", "upload a TorchScript model; prints its id");
-  up_model->add_option("FILE", file, "the .pt file (torch.jit.save)")->required()->check(CLI::ExistingFile);
-  up_model->add_option("--name", name, "a name for it (default: the file name)");
-  up_model->add_option("--input-shape", upload_shapes,
-                       "input shape for measurements, e.g. 1,3,224,224; repeat it for a model whose forward takes "
-                       "several tensors");
+  up_model->add_option("FILE", args.file, "the .pt file (torch.jit.save)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  up_model->add_option("--name", args.name, "a name for it (default: the file name)");
+  up_model->add_option(
+      "--input-shape", args.upload_shapes,
+      "input shape for measurements, e.g. 1,3,224,224; repeat it for a model whose forward takes "
+      "several tensors");
 
   auto* up_ds = app.add_subcommand("upload-dataset", "upload a dataset; prints its id");
-  up_ds->add_option("FILE", file,
-                    "tensors: a torch.save file; idx: an IDX images file (or a tar of IDX files); image-folder: a "
-                    "folder of class folders of PNG/JPEG images (packed here) or a tar of one")
+  up_ds
+      ->add_option(
+          "FILE", args.file,
+          "tensors: a torch.save file; idx: an IDX images file (or a tar of IDX files); image-folder: a "
+          "folder of class folders of PNG/JPEG images (packed here) or a tar of one")
       ->required()
       ->check(CLI::ExistingPath);
-  up_ds->add_option("--format", format, "tensors, idx or image-folder")
+  up_ds->add_option("--format", args.format, "tensors, idx or image-folder")
       ->required()
       ->check(CLI::IsMember({"tensors", "idx", "image-folder"}));
-  up_ds->add_option("--labels", labels, "idx only: the IDX labels file that goes with FILE")->check(CLI::ExistingFile);
-  up_ds->add_option("--name", name, "a name for it");
+  up_ds->add_option("--labels", args.labels, "idx only: the IDX labels file that goes with FILE")
+      ->check(CLI::ExistingFile);
+  up_ds->add_option("--name", args.name, "a name for it");
 
   auto* submit = app.add_subcommand("submit", "submit a compression job; prints its id");
-  submit->add_option("--model", model_id, "model id")->required();
-  submit->add_option("--recipe", recipe, "recipe JSON file")->required()->check(CLI::ExistingFile);
-  submit->add_option("--calibration", calib, "calibration dataset id");
-  submit->add_option("--train", train, "training dataset id");
-  submit->add_option("--eval", eval, "evaluation dataset id");
-  submit->add_option("--device", device, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
-  submit->add_option("--request-id", request_id, "idempotency key: the same key returns the same job");
-  submit->add_flag("--wait", wait, "follow the job until it ends");
-  submit->add_option("--job-timeout", job_timeout, "wall-clock seconds the job may run (0: the server's maximum)");
+  submit->add_option("--model", args.model_id, "model id")->required();
+  submit->add_option("--recipe", args.recipe, "recipe JSON file")->required()->check(CLI::ExistingFile);
+  submit->add_option("--calibration", args.calib, "calibration dataset id");
+  submit->add_option("--train", args.train, "training dataset id");
+  submit->add_option("--eval", args.eval, "evaluation dataset id");
+  submit->add_option("--device", args.device, "cpu, cuda or auto")
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  submit->add_option("--request-id", args.request_id, "idempotency key: the same key returns the same job");
+  submit->add_flag("--wait", args.wait, "follow the job until it ends");
+  submit->add_option("--job-timeout", args.job_timeout,
+                     "wall-clock seconds the job may run (0: the server's maximum)");
 
   auto* status = app.add_subcommand("status", "show a job");
-  status->add_option("JOB", job_id)->required();
+  status->add_option("JOB", args.job_id)->required();
   auto* list = app.add_subcommand("list", "list jobs");
-  list->add_option("--page-size", page_size)->capture_default_str();
+  list->add_option("--page-size", args.page_size)->capture_default_str();
   auto* cancel = app.add_subcommand("cancel", "cancel a job");
-  cancel->add_option("JOB", job_id)->required();
+  cancel->add_option("JOB", args.job_id)->required();
   auto* waitc = app.add_subcommand("wait", "follow a job until it ends");
-  waitc->add_option("JOB", job_id)->required();
-  auto* download = app.add_subcommand("download", "download a job's compressed model (resumes a broken transfer)");
-  download->add_option("JOB", job_id)->required();
-  download->add_option("-o,--output", out, "where to write the model")->required();
-  download->add_option("--report", report, "also write the JSON report here");
+  waitc->add_option("JOB", args.job_id)->required();
+  auto* download =
+      app.add_subcommand("download", "download a job's compressed model (resumes a broken transfer)");
+  download->add_option("JOB", args.job_id)->required();
+  download->add_option("-o,--output", args.out, "where to write the model")->required();
+  download->add_option("--report", args.report, "also write the JSON report here");
 
   CompressArgs ca;
   auto* compress = app.add_subcommand("compress", "run a recipe offline, without a server");
@@ -351,24 +516,32 @@ int main(int argc, char** argv) {
   compress->add_option("--calibration", ca.calibration, "calibration data file");
   compress->add_option("--train", ca.train, "training data file");
   compress->add_option("--eval", ca.eval, "evaluation data file");
-  compress->add_option("--format", ca.format, "format of the data files: tensors, idx or image-folder (a folder)")
+  compress
+      ->add_option("--format", ca.format, "format of the data files: tensors, idx or image-folder (a folder)")
       ->capture_default_str();
-  compress->add_option("--input-shape", ca.shapes,
-                       "input shape, e.g. 1,3,224,224; repeat it for a model whose forward takes several tensors");
-  compress->add_option("--device", ca.device, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
-  compress->add_option("--threads", ca.threads,
-                       "intra-op threads (0: the CPUs this process may use: affinity mask and cgroup CPU quota)");
+  compress->add_option(
+      "--input-shape", ca.shapes,
+      "input shape, e.g. 1,3,224,224; repeat it for a model whose forward takes several tensors");
+  compress->add_option("--device", ca.device, "cpu, cuda or auto")
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  compress->add_option(
+      "--threads", ca.threads,
+      "intra-op threads (0: the CPUs this process may use: affinity mask and cgroup CPU quota)");
   compress->add_option("--model", ca.extra_models,
                        "ID=FILE: a model the recipe names (distill teacherModel/studentModel), repeatable");
-  compress->add_option("--latency-budget", ca.latency_budget, "seconds spent timing each model at each batch size")
+  compress
+      ->add_option("--latency-budget", ca.latency_budget,
+                   "seconds spent timing each model at each batch size")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 600.0));
-  compress->add_option("--latency-batches", ca.latency_batches,
-                       "batch sizes to time, e.g. 1,32 (default: 1; 1 and 32 on a GPU)")
+  compress
+      ->add_option("--latency-batches", ca.latency_batches,
+                   "batch sizes to time, e.g. 1,32 (default: 1; 1 and 32 on a GPU)")
       ->delimiter(',');
-  compress->add_option("--latency-cache", ca.latency_cache,
-                       "a folder where the original model's latency is kept: a model timed before on this host with "
-                       "the same settings is not timed again (the report says so)");
+  compress->add_option(
+      "--latency-cache", ca.latency_cache,
+      "a folder where the original model's latency is kept: a model timed before on this host with "
+      "the same settings is not timed again (the report says so)");
 
   try {
     app.parse(argc, argv);
@@ -392,124 +565,13 @@ int main(int argc, char** argv) {
   }
   pare::client::Client c(co);
 
-  if (up_model->parsed()) {
-    std::vector<int64_t> dims;
-    std::vector<std::vector<int64_t>> more;
-    for (size_t i = 0; i < upload_shapes.size(); ++i) {
-      std::vector<int64_t> d;
-      Status st = ParseShape(upload_shapes[i], &d);
-      if (!st.ok()) {
-        Fail(st, "usage");
-        return kExitUsage;
-      }
-      if (i == 0) dims = d;
-      else more.push_back(d);
-    }
-    auto m = c.UploadModel(file, name, dims, nullptr, more);
-    if (!m.ok()) return Fail(m.status(), "upload-model " + file);
-    if (g_json) std::cout << ToJson(m.value()) << "\n";
-    else std::cout << m->id() << "\n";
-    return kExitOk;
-  }
-  if (up_ds->parsed()) {
-    std::string path = file;
-    std::string tmp;
-    if (!labels.empty()) {
-      if (format != "idx") {
-        Fail(pare::InvalidArgument("--labels goes with --format idx"), "usage");
-        return kExitUsage;
-      }
-      tmp = (fs::temp_directory_path() / ("pare-idx-" + std::to_string(::getpid()) + ".tar")).string();
-      Status st = pare::client::PackIdxPair(file, labels, tmp);
-      if (!st.ok()) return Fail(st, "packing the idx files");
-      path = tmp;
-    } else if (format == "image-folder" && fs::is_directory(file)) {
-      tmp = (fs::temp_directory_path() / ("pare-images-" + std::to_string(::getpid()) + ".tar")).string();
-      Status st = pare::client::PackImageFolder(file, tmp);
-      if (!st.ok()) return Fail(st, "packing the image folder");
-      path = tmp;
-    }
-    auto d = c.UploadDataset(path, format, name.empty() ? fs::path(file).filename().string() : name);
-    if (!tmp.empty()) fs::remove(tmp);
-    if (!d.ok()) return Fail(d.status(), "upload-dataset " + file);
-    if (g_json) std::cout << ToJson(d.value()) << "\n";
-    else std::cout << d->id() << "\n";
-    return kExitOk;
-  }
-  if (submit->parsed()) {
-    std::string text;
-    Status st = ReadFile(recipe, &text);
-    if (!st.ok()) {
-      Fail(st, "reading the recipe");
-      return kExitUsage;
-    }
-    auto parsed = pare::ParseRecipeJson(text);
-    if (!parsed.ok()) {
-      std::cerr << "pare: " << recipe << ": " << parsed.status().message() << "\n";
-      return kExitUsage;
-    }
-    pare::v1::SubmitJobRequest req;
-    req.set_model_id(model_id);
-    *req.mutable_recipe() = parsed.value();
-    req.set_calibration_dataset_id(calib);
-    req.set_train_dataset_id(train);
-    req.set_eval_dataset_id(eval);
-    req.set_device(device);
-    req.set_request_id(request_id);
-    req.set_timeout_seconds(job_timeout);
-    auto job = c.Submit(req);
-    if (!job.ok()) return Fail(job.status(), "submit");
-    if (!wait) {
-      if (g_json) std::cout << ToJson(job.value()) << "\n";
-      else std::cout << job->id() << "\n";
-      return kExitOk;
-    }
-    if (!g_json) std::cout << job->id() << std::endl;
-    return WaitFor(c, job->id());
-  }
-  if (status->parsed()) {
-    auto job = c.GetJob(job_id);
-    if (!job.ok()) return Fail(job.status(), "status " + job_id);
-    if (g_json) std::cout << ToJson(job.value()) << "\n";
-    else PrintJobSummary(job.value());
-    return kExitOk;
-  }
-  if (list->parsed()) {
-    std::string token;
-    pare::v1::ListJobsResponse all;
-    do {
-      auto page = c.ListJobs(page_size, token);
-      if (!page.ok()) return Fail(page.status(), "list");
-      for (const auto& j : page->jobs()) *all.add_jobs() = j;
-      token = page->next_page_token();
-    } while (!token.empty());
-    if (g_json) {
-      std::cout << ToJson(all) << "\n";
-    } else {
-      for (const auto& j : all.jobs()) {
-        std::cout << std::left << std::setw(22) << j.id() << std::setw(10) << StateName(j.state()) << " model "
-                  << j.model_id() << " attempts " << j.attempts() << "\n";
-      }
-    }
-    return kExitOk;
-  }
-  if (cancel->parsed()) {
-    auto job = c.Cancel(job_id);
-    if (!job.ok()) return Fail(job.status(), "cancel " + job_id);
-    if (g_json) std::cout << ToJson(job.value()) << "\n";
-    else std::cout << job->id() << " " << StateName(job->state()) << (job->state() == pare::v1::RUNNING ? " (stopping)" : "") << "\n";
-    return kExitOk;
-  }
-  if (waitc->parsed()) return WaitFor(c, job_id);
-  if (download->parsed()) {
-    Status st = c.Download(job_id, pare::v1::MODEL, out);
-    if (!st.ok()) return Fail(st, "download " + job_id);
-    if (!report.empty()) {
-      st = c.Download(job_id, pare::v1::REPORT, report);
-      if (!st.ok()) return Fail(st, "download report of " + job_id);
-    }
-    if (!g_json) std::cout << "wrote " << out << (report.empty() ? "" : " and " + report) << "\n";
-    return kExitOk;
-  }
+  if (up_model->parsed()) return UploadModelVerb(c, args);
+  if (up_ds->parsed()) return UploadDatasetVerb(c, args);
+  if (submit->parsed()) return SubmitVerb(c, args);
+  if (status->parsed()) return StatusVerb(c, args);
+  if (list->parsed()) return ListVerb(c, args);
+  if (cancel->parsed()) return CancelVerb(c, args);
+  if (waitc->parsed()) return WaitFor(c, args.job_id);
+  if (download->parsed()) return DownloadVerb(c, args);
   return kExitUsage;
 }

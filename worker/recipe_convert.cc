@@ -15,6 +15,14 @@ std::string Upper(std::string s) {
 }
 
 // Defaults: 1 epoch, learning rate 0.01, batch 64, SGD.
+// A step's scope field: GLOBAL, or `local` (also what an empty one means).
+Result<bool> GlobalScope(const std::string& where, const std::string& value, const std::string& local) {
+  const std::string scope = Upper(value);
+  if (scope == "GLOBAL") return true;
+  if (scope.empty() || scope == local) return false;
+  return InvalidArgument(where + ".scope must be " + local + " or GLOBAL, got '" + value + "'");
+}
+
 Result<engine::TrainSpec> ConvertTrain(const std::string& where, int epochs, float lr, int batch,
                                        const std::string& optimizer) {
   engine::TrainSpec t;
@@ -25,7 +33,8 @@ Result<engine::TrainSpec> ConvertTrain(const std::string& where, int epochs, flo
   t.learning_rate = lr == 0 ? 0.01 : lr;
   t.batch_size = batch == 0 ? 64 : batch;
   std::string o = Upper(optimizer);
-  if (!(o.empty() || o == "SGD" || o == "ADAM")) return InvalidArgument(where + ".optimizer must be SGD or ADAM");
+  if (!(o.empty() || o == "SGD" || o == "ADAM"))
+    return InvalidArgument(where + ".optimizer must be SGD or ADAM");
   t.optimizer = o.empty() ? "SGD" : o;
   return t;
 }
@@ -43,10 +52,7 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
           }
           engine::MagnitudePruneSpec s;
           s.amount = m.amount();
-          std::string scope = Upper(m.scope());
-          if (scope == "GLOBAL") s.global = true;
-          else if (scope.empty() || scope == "LAYER") s.global = false;
-          else return InvalidArgument(where + ".scope must be LAYER or GLOBAL, got '" + m.scope() + "'");
+          PARE_ASSIGN_OR_RETURN(s.global, GlobalScope(where, m.scope(), "LAYER"));
           s.include.assign(m.include().begin(), m.include().end());
           s.exclude.assign(m.exclude().begin(), m.exclude().end());
           return engine::StepSpec(s);
@@ -54,7 +60,8 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
         case v1::PruneStep::kNm: {
           const auto& nm = p.nm();
           const std::string where = at + ".prune.nm";
-          if (nm.m() < 2 || nm.m() > 64) return InvalidArgument(where + ".m must be in [2, 64], got " + std::to_string(nm.m()));
+          if (nm.m() < 2 || nm.m() > 64)
+            return InvalidArgument(where + ".m must be in [2, 64], got " + std::to_string(nm.m()));
           if (nm.n() < 1 || nm.n() >= nm.m()) {
             return InvalidArgument(where + ".n must be in [1, m), got " + std::to_string(nm.n()));
           }
@@ -71,19 +78,19 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
           std::string criterion = Upper(c.criterion());
           if (!criterion.empty()) s.criterion = criterion;
           if (!(s.criterion == "L1" || s.criterion == "L2" || s.criterion == "BN_SCALE")) {
-            return InvalidArgument(where + ".criterion must be L1, L2 or BN_SCALE, got '" + c.criterion() + "'");
+            return InvalidArgument(where + ".criterion must be L1, L2 or BN_SCALE, got '" + c.criterion() +
+                                   "'");
           }
-          std::string scope = Upper(c.scope());
-          if (scope == "GLOBAL") s.global = true;
-          else if (scope.empty() || scope == "UNIFORM") s.global = false;
-          else return InvalidArgument(where + ".scope must be UNIFORM or GLOBAL, got '" + c.scope() + "'");
+          PARE_ASSIGN_OR_RETURN(s.global, GlobalScope(where, c.scope(), "UNIFORM"));
           if (c.round_to() < 0 || c.round_to() > 256) {
-            return InvalidArgument(where + ".roundTo must be in [1, 256], got " + std::to_string(c.round_to()));
+            return InvalidArgument(where + ".roundTo must be in [1, 256], got " +
+                                   std::to_string(c.round_to()));
           }
           if (c.round_to() > 0) s.round_to = c.round_to();
           if (c.target_macs() != 0.0f) {
             if (!(c.target_macs() > 0.0f && c.target_macs() < 1.0f)) {
-              return InvalidArgument(where + ".targetMacs must be in (0, 1), got " + std::to_string(c.target_macs()));
+              return InvalidArgument(where + ".targetMacs must be in (0, 1), got " +
+                                     std::to_string(c.target_macs()));
             }
             if (c.amount() != 0.0f) {
               return InvalidArgument(where + ": set amount or targetMacs, not both");
@@ -100,8 +107,7 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
     case v1::Step::kQuantize: {
       const auto& q = step.quantize();
       switch (q.method_case()) {
-        case v1::QuantizeStep::kDynamic:
-          return engine::StepSpec(engine::DynamicQuantSpec{});
+        case v1::QuantizeStep::kDynamic: return engine::StepSpec(engine::DynamicQuantSpec{});
         case v1::QuantizeStep::kStatic: {
           const auto& q2 = q.static_();
           const std::string where = at + ".quantize.static";
@@ -110,8 +116,9 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
           if (!observer.empty()) s.observer = observer;
           if (!(s.observer == "MINMAX" || s.observer == "MOVING_AVERAGE" || s.observer == "HISTOGRAM" ||
                 s.observer == "PERCENTILE")) {
-            return InvalidArgument(where + ".observer must be MINMAX, MOVING_AVERAGE, HISTOGRAM or PERCENTILE, got '" +
-                                   q2.observer() + "'");
+            return InvalidArgument(
+                where + ".observer must be MINMAX, MOVING_AVERAGE, HISTOGRAM or PERCENTILE, got '" +
+                q2.observer() + "'");
           }
           if (q2.calibration_batches() < 0 || q2.calibration_batches() > 10000) {
             return InvalidArgument(where + ".calibrationBatches must be in [1, 10000]");
@@ -119,17 +126,16 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
           if (q2.calibration_batches() > 0) s.calibration_batches = q2.calibration_batches();
           s.per_channel = !q2.per_tensor_weights();
           std::string target = q2.target();
-          std::transform(target.begin(), target.end(), target.begin(), [](unsigned char c) { return std::tolower(c); });
+          std::transform(target.begin(), target.end(), target.begin(),
+                         [](unsigned char c) { return std::tolower(c); });
           if (!target.empty()) s.target = target;
           if (!(s.target == "auto" || s.target == "avx2" || s.target == "vnni")) {
             return InvalidArgument(where + ".target must be auto, avx2 or vnni, got '" + q2.target() + "'");
           }
           return engine::StepSpec(s);
         }
-        case v1::QuantizeStep::kFp16:
-          return engine::StepSpec(engine::HalfPrecisionSpec{false});
-        case v1::QuantizeStep::kBf16:
-          return engine::StepSpec(engine::HalfPrecisionSpec{true});
+        case v1::QuantizeStep::kFp16: return engine::StepSpec(engine::HalfPrecisionSpec{false});
+        case v1::QuantizeStep::kBf16: return engine::StepSpec(engine::HalfPrecisionSpec{true});
         case v1::QuantizeStep::METHOD_NOT_SET:
           return InvalidArgument(at + ".quantize needs one of dynamic, static, fp16, bf16");
       }
@@ -152,7 +158,8 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
       s.train = train.value();
       s.temperature = d.temperature() == 0 ? 4.0 : d.temperature();
       s.alpha = d.alpha();
-      if (!(s.temperature > 0 && s.temperature <= 100)) return InvalidArgument(where + ".temperature must be in (0, 100]");
+      if (!(s.temperature > 0 && s.temperature <= 100))
+        return InvalidArgument(where + ".temperature must be in (0, 100]");
       if (s.alpha < 0 || s.alpha > 1) return InvalidArgument(where + ".alpha must be in [0, 1]");
       return engine::StepSpec(s);
     }
@@ -176,11 +183,13 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
     }
     case v1::Step::kFinetune: {
       const auto& f = step.finetune();
-      PARE_ASSIGN_OR_RETURN(auto train, ConvertTrain(at + ".finetune", f.epochs(), f.learning_rate(), f.batch_size(), f.optimizer()));
+      PARE_ASSIGN_OR_RETURN(auto train, ConvertTrain(at + ".finetune", f.epochs(), f.learning_rate(),
+                                                     f.batch_size(), f.optimizer()));
       return engine::StepSpec(engine::FinetuneSpec{train});
     }
     case v1::Step::KIND_NOT_SET:
-      return InvalidArgument(at + " is empty: a step needs one of prune, quantize, distill, factorize, finetune");
+      return InvalidArgument(at +
+                             " is empty: a step needs one of prune, quantize, distill, factorize, finetune");
   }
   return InvalidArgument(at + ": unknown step");
 }
