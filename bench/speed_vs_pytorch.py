@@ -29,6 +29,7 @@ from torch.nn.utils import prune
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import FASHION, SmallCnn, load_fashion, p50_ms  # noqa: E402
+import machine  # noqa: E402
 
 
 
@@ -135,16 +136,6 @@ def python_distill_epoch(student, teacher, images, labels, batch=64, lr=0.01, t=
         opt.zero_grad()
         loss.backward()
         opt.step()
-
-
-def fast_int8():
-    """Whether this CPU sums int8 products in 32 bits (AVX-512 VNNI or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "amx_int8" in flags
 
 
 def main():
@@ -371,7 +362,7 @@ def main():
         if goal.startswith("ResNet-50"):
             met = met and pruned["macs"] <= 0.3 * dense["macs"]
         print(f"| {goal} | {value:.2f} | {'met' if met else '**not met**'} |")
-    if not fast_int8():
+    if not machine.cpu()[2]:  # no AVX-512 VNNI or AMX
         print("\nThis CPU has no AVX-512 VNNI or AMX: LibTorch's INT8 kernels have no fast path here, so the "
               "INT8 latency goal is not expected to be met on it (channel pruning is the lever).")
 

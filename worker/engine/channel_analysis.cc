@@ -22,13 +22,6 @@
 
 namespace pare::engine::channels {
 
-using torch::jit::Block;
-using torch::jit::Graph;
-using torch::jit::Node;
-using torch::jit::Value;
-namespace aten = c10::aten;
-namespace prim = c10::prim;
-
 bool In(c10::Symbol k, std::initializer_list<c10::Symbol> set) {
   return std::find(set.begin(), set.end(), k) != set.end();
 }

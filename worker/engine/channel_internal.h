@@ -20,9 +20,13 @@
 
 namespace pare::engine::channels {
 
+// The names the channel-pruning files all use.
+using torch::jit::Block;
 using torch::jit::Graph;
 using torch::jit::Node;
 using torch::jit::Value;
+namespace aten = c10::aten;
+namespace prim = c10::prim;
 using Path = AttrPath;
 using Shape = std::vector<int64_t>;
 

@@ -22,13 +22,6 @@
 
 namespace pare::engine::channels {
 
-using torch::jit::Block;
-using torch::jit::Graph;
-using torch::jit::Node;
-using torch::jit::Value;
-namespace aten = c10::aten;
-namespace prim = c10::prim;
-
 namespace {
 
 // ---------------------------------------------------------------------------------------
