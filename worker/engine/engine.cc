@@ -163,12 +163,14 @@ void ResolveRank3Datasets(const std::vector<Dataset*>& datasets, const std::vect
   }
 }
 
+// Runs one step on `current`; `unchanged` is set when the step found nothing to change.
 torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, const StepContext& ctx,
-                             std::vector<std::string>& notes) {
+                             std::vector<std::string>& notes, bool& unchanged) {
   struct V {
     torch::jit::Module& m;
     const StepContext& ctx;
     std::vector<std::string>& notes;
+    bool& unchanged;
     void Add(const std::vector<std::string>& n) { notes.insert(notes.end(), n.begin(), n.end()); }
     torch::jit::Module operator()(const MagnitudePruneSpec& s) {
       Add(MagnitudePrune(m, s));
@@ -194,6 +196,7 @@ torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, c
       Add(r.notes);
       if (r.linear + r.lstm + r.gru == 0) {
         notes.push_back("no linear, LSTM or GRU layer was found to quantize; the model is unchanged");
+        unchanged = true;
       } else {
         notes.push_back("int8 weights: " + std::to_string(r.linear) + " linear, " + std::to_string(r.lstm) +
                         " LSTM, " + std::to_string(r.gru) + " GRU module(s)");
@@ -251,7 +254,7 @@ torch::jit::Module ApplyStep(torch::jit::Module current, const StepSpec& step, c
       return student;
     }
   };
-  return std::visit(V{current, ctx, notes}, step);
+  return std::visit(V{current, ctx, notes, unchanged}, step);
 }
 
 // A function of the OpenBLAS this process loaded, or null (another BLAS).
@@ -554,8 +557,9 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     step_ctx.train.progress = [&](double within, const std::string& msg) {
       report_progress(static_cast<int>(i) + 1, name, 0.6 * within, msg);
     };
+    bool unchanged = false;
     Guard(Code::kInternal, "STEP_FAILED", "step " + std::to_string(i + 1) + " (" + name + ") failed", [&] {
-      model = ApplyStep(model, steps[i], step_ctx, sr.notes);
+      model = ApplyStep(model, steps[i], step_ctx, sr.notes, unchanged);
       std::string path = output_path + ".step" + std::to_string(i);
       model.to(c10::kCPU);  // results load anywhere; measurements move it back to the device
       model.save(path);
@@ -580,14 +584,12 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
     // Steps that change the model's structure or number format are there to make it faster;
     // say so when it got slower (beyond timing noise). Training steps keep the structure.
     const StepSpec& st = steps[i];
-    const bool unchanged = std::any_of(sr.notes.begin(), sr.notes.end(), [](const std::string& n) {
-      return n.find("the model is unchanged") != std::string::npos;
-    });
-    if (unchanged) {
-      // Nothing to compare: a difference in latency is the machine's noise.
-    } else if (std::holds_alternative<ChannelPruneSpec>(st) || std::holds_alternative<FactorizeSpec>(st) ||
-               std::holds_alternative<DynamicQuantSpec>(st) || std::holds_alternative<StaticQuantSpec>(st) ||
-               std::holds_alternative<HalfPrecisionSpec>(st)) {
+    // A step that changed nothing has nothing to compare: a difference is the machine's noise.
+    const bool restructures =
+        std::holds_alternative<ChannelPruneSpec>(st) || std::holds_alternative<FactorizeSpec>(st) ||
+        std::holds_alternative<DynamicQuantSpec>(st) || std::holds_alternative<StaticQuantSpec>(st) ||
+        std::holds_alternative<HalfPrecisionSpec>(st);
+    if (restructures && !unchanged) {
       auto slower = SlowdownNotes(report.steps.back().stats, sr.stats, 0.2);
       sr.notes.insert(sr.notes.end(), slower.begin(), slower.end());
     }
