@@ -185,6 +185,10 @@ TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
   EXPECT_EQ(ToEngineSteps(v1::Recipe()).status().code(), Code::kInvalidArgument);
   auto bad_nm = ToEngineSteps(ParseRecipeJson(R"({"steps":[{"prune":{"nm":{"n":4,"m":4}}}]})").value());
   EXPECT_NE(bad_nm.status().message().find("steps[0].prune.nm.n"), std::string::npos);
+  // A number no double holds is refused, not thrown (found by fuzz_recipe).
+  auto huge = ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":1e999}}}]})");
+  EXPECT_EQ(huge.status().code(), Code::kInvalidArgument);
+  EXPECT_NE(huge.status().message().find("not valid JSON"), std::string::npos) << huge.status().message();
 }
 
 }  // namespace

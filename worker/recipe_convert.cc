@@ -201,7 +201,8 @@ Result<v1::Recipe> ParseRecipeJson(const std::string& json) {
   try {
     const nlohmann::json checked = nlohmann::json::parse(json);
     (void)checked;
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {
+    // parse_error for the syntax, out_of_range for a number no double holds (1e999).
     return InvalidArgument("recipe: not valid JSON (" + std::string(e.what()) + ")");
   }
   v1::Recipe recipe;
