@@ -83,6 +83,10 @@ section "Latency on each of Debian's OpenBLAS builds" \
   "Batch-1 p50 ms in Python PyTorch ($threads intra-op threads), each build in fresh child processes, rounds alternating. Models: bench/blas_models.py (random weights, settled batch norms; -pruned = Pare's prune.channel amount 0.5)." \
   "$py" bench/blas_latency.py --threads "$threads" --rounds "$rounds" $models
 
+section "Freezing for inference: the optimize step" \
+  "Batch-1 p50 ms in Python PyTorch ($threads threads), all four variants in one process, rounds alternating: the scripted model, Pare's optimize result (saved and loaded), Python's torch.jit.freeze, and torch.jit.optimize_for_inference (in memory: its oneDNN layouts cannot be saved in torch 1.13)." \
+  "$py" bench/optimize_latency.py --pare "$pare" --threads "$threads" --rounds "$((rounds * 3))"
+
 section "Quality on real data: Fashion-MNIST" \
   "Teachers trained by Pare; every top-1 computed in Python on the 10k test images, never trained or selected on." \
   "$py" bench/quality_fashion_mnist.py --pare "$pare" --threads "$threads" --epochs "$epochs" --out "$work/quality"

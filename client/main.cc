@@ -13,119 +13,23 @@
 #include <iostream>
 #include <sstream>
 
+#include "client/cli.h"
 #include "client/client.h"
+#include "client/compress_verb.h"
 #include "client/tar_pack.h"
 #include "common/sha256.h"
 #include "worker/engine/engine.h"
 #include "worker/engine/error.h"
 #include "worker/recipe_convert.h"
 
+using namespace pare::cli;  // NOLINT: the CLI's shared pieces
+
 namespace {
 
 namespace fs = std::filesystem;
 using pare::Code;
+using pare::Result;
 using pare::Status;
-
-constexpr int kExitOk = 0, kExitJobFailed = 1, kExitUsage = 2, kExitUnreachable = 3, kExitRejected = 4;
-
-bool g_json = false;
-
-int ExitFor(const Status& s) {
-  if (s.ok()) return kExitOk;
-  if (s.code() == Code::kUnavailable || s.code() == Code::kDeadlineExceeded) return kExitUnreachable;
-  return kExitRejected;
-}
-
-int Fail(const Status& s, const std::string& what) {
-  std::cerr << "pare: " << what << ": " << pare::CodeName(s.code()) << ": " << s.message() << "\n";
-  if (s.code() == Code::kUnavailable)
-    std::cerr << "pare: is pare-server running? (--server or $PARE_SERVER)\n";
-  return ExitFor(s);
-}
-
-std::string ToJson(const google::protobuf::Message& m) {
-  std::string out;
-  google::protobuf::util::JsonPrintOptions o;
-  o.add_whitespace = true;
-  google::protobuf::util::MessageToJsonString(m, &out, o);
-  return out;
-}
-
-Status ParseShape(const std::string& text, std::vector<int64_t>* out) {
-  out->clear();
-  if (text.empty()) return Status::Ok();
-  std::stringstream ss(text);
-  std::string part;
-  while (std::getline(ss, part, ',')) {
-    try {
-      size_t used = 0;
-      long long v = std::stoll(part, &used);
-      if (used != part.size() || v <= 0) throw std::invalid_argument(part);
-      out->push_back(v);
-    } catch (const std::exception&) {
-      return pare::InvalidArgument(
-          "--input-shape must be positive integers separated by commas, e.g. 1,3,224,224");
-    }
-  }
-  return Status::Ok();
-}
-
-Status ReadFile(const std::string& path, std::string* out) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return pare::InvalidArgument("cannot read " + path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  *out = ss.str();
-  return Status::Ok();
-}
-
-const std::string& StateName(pare::v1::JobState s) { return pare::v1::JobState_Name(s); }
-
-// Progress on a terminal: one rewritten line; otherwise a line per change.
-class ProgressView {
- public:
-  ProgressView() : tty_(::isatty(STDERR_FILENO)) {}
-  void Update(const pare::v1::Job& j) {
-    const auto& p = j.progress();
-    std::ostringstream line;
-    line << j.id() << " " << StateName(j.state());
-    if (j.state() == pare::v1::RUNNING) {
-      int width = 30, filled = static_cast<int>(p.fraction() * width + 0.5);
-      if (tty_) line << " [" << std::string(filled, '#') << std::string(width - filled, '.') << "]";
-      line << " " << std::setw(3) << static_cast<int>(p.fraction() * 100) << "%";
-      if (!p.step().empty()) line << " step " << p.step_index() << "/" << p.step_count() << " " << p.step();
-      if (!p.message().empty()) line << ": " << p.message();
-    }
-    if (j.attempts() > 1) line << " (attempt " << j.attempts() << ")";
-    std::string text = line.str();
-    if (tty_) {
-      std::cerr << "\r" << text << std::string(last_len_ > text.size() ? last_len_ - text.size() : 0, ' ')
-                << std::flush;
-      last_len_ = text.size();
-    } else {
-      // Logs get a line when the state or step changes, else at most one every 5 s.
-      std::string key = StateName(j.state()) + std::string(" ") + p.step();
-      auto now = std::chrono::steady_clock::now();
-      if (key != last_key_ || now - last_print_ > std::chrono::seconds(5)) {
-        std::cerr << text << "\n";
-        last_key_ = key;
-        last_print_ = now;
-      }
-    }
-    last_ = text;
-  }
-  void Done() {
-    if (tty_ && last_len_) std::cerr << "\n";
-  }
-
- private:
-  bool tty_;
-  size_t last_len_ = 0;
-  std::string last_;
-  std::string last_key_;
-  std::chrono::steady_clock::time_point last_print_;
-};
-
 void PrintJobSummary(const pare::v1::Job& j) {
   std::cout << "job " << j.id() << " " << StateName(j.state()) << " attempts=" << j.attempts() << "\n";
   if (j.has_error() && !j.error().code().empty()) {
@@ -170,122 +74,6 @@ int WaitFor(pare::client::Client& c, const std::string& id) {
   return job->state() == pare::v1::SUCCEEDED ? kExitOk : kExitJobFailed;
 }
 
-// `pare compress`: what its command line gave.
-struct CompressArgs {
-  std::string model, recipe, out, report;
-  std::string calibration, train, eval, format = "tensors";
-  std::vector<std::string> shapes;  // one --input-shape per input of forward
-  std::string device = "auto";
-  int threads = 0;
-  double latency_budget = 1.0;
-  std::vector<int> latency_batches;
-  std::string latency_cache;              // empty: the original is timed every time
-  std::vector<std::string> extra_models;  // ID=FILE
-};
-
-int Compress(const CompressArgs& a) {
-  std::string text;
-  Status st = ReadFile(a.recipe, &text);
-  if (!st.ok()) return Fail(st, "reading the recipe");
-  auto recipe = pare::ParseRecipeJson(text);
-  if (!recipe.ok()) return Fail(recipe.status(), a.recipe);
-  auto steps = pare::ToEngineSteps(recipe.value());
-  if (!steps.ok()) return Fail(steps.status(), a.recipe);
-  pare::engine::CompressOptions opts;
-  // One --input-shape per tensor input of forward; the first is the job's input shape.
-  for (size_t i = 0; i < a.shapes.size(); ++i) {
-    std::vector<int64_t> dims;
-    st = ParseShape(a.shapes[i], &dims);
-    if (!st.ok()) {
-      Fail(st, "usage");
-      return kExitUsage;
-    }
-    if (i == 0)
-      opts.input_shape = dims;
-    else
-      opts.more_input_shapes.push_back(dims);
-  }
-  // Where the result goes is checked before any work, not after it.
-  const fs::path out_dir = fs::absolute(a.out).parent_path();
-  if (!fs::is_directory(out_dir)) {
-    Fail(pare::InvalidArgument("-o " + a.out + ": the folder " + out_dir.string() + " does not exist"),
-         "usage");
-    return kExitUsage;
-  }
-  opts.device = a.device;
-  if (!a.latency_cache.empty()) {
-    opts.latency_cache_dir = a.latency_cache;
-    opts.model_digest = pare::Sha256OfFile(a.model);
-  }
-  opts.latency_budget_seconds = a.latency_budget;
-  opts.latency_batches = a.latency_batches;
-  for (int b : a.latency_batches) {
-    if (b < 1 || b > 4096) {
-      Fail(pare::InvalidArgument("--latency-batches: batch size " + std::to_string(b) + " is not in 1..4096"),
-           "usage");
-      return kExitUsage;
-    }
-  }
-  for (const auto& m : a.extra_models) {
-    auto eq = m.find('=');
-    if (eq == std::string::npos || eq == 0 || !fs::is_regular_file(m.substr(eq + 1))) {
-      Fail(pare::InvalidArgument("--model takes ID=FILE with an existing file, got '" + m + "'"), "usage");
-      return kExitUsage;
-    }
-    opts.models[m.substr(0, eq)] = m.substr(eq + 1);
-  }
-  if (!a.calibration.empty()) opts.calibration = pare::engine::DatasetInput{a.format, a.calibration};
-  if (!a.train.empty()) opts.train = pare::engine::DatasetInput{a.format, a.train};
-  if (!a.eval.empty()) opts.eval = pare::engine::DatasetInput{a.format, a.eval};
-  ProgressView view;
-  pare::v1::Job shown;
-  shown.set_id("compress");
-  shown.set_state(pare::v1::RUNNING);
-  opts.progress = [&](const pare::engine::ProgressUpdate& u) {
-    if (u.fraction >= 0 && !g_json) {
-      shown.mutable_progress()->set_fraction(static_cast<float>(u.fraction));
-      shown.mutable_progress()->set_step(u.step);
-      shown.mutable_progress()->set_step_index(u.step_index);
-      shown.mutable_progress()->set_step_count(u.step_count);
-      shown.mutable_progress()->set_message(u.message);
-      view.Update(shown);
-    }
-    return true;
-  };
-  try {
-    pare::engine::InitProcess(a.threads);
-    auto report = pare::engine::Compress(a.model, steps.value(), opts, a.out);
-    view.Done();
-    std::string json = pare::engine::ToJson(report).dump(2);
-    if (!a.report.empty()) {
-      std::ofstream(a.report) << json << "\n";
-    }
-    if (g_json) {
-      std::cout << json << "\n";
-    } else {
-      // One line per step, then its notes; warnings stand out.
-      for (const auto& s : report.steps) {
-        double p50 = s.stats.latency.empty() ? 0 : s.stats.latency[0].p50_ms;
-        std::cout << std::left << std::setw(18) << s.step << std::right << " size " << s.stats.size_bytes
-                  << " deflated " << s.stats.deflated_bytes << " params " << s.stats.parameters << " nonzero "
-                  << s.stats.nonzero_parameters << " p50 " << std::fixed << std::setprecision(2) << p50
-                  << " ms agree " << std::setprecision(3) << s.stats.top1_agreement << " centred "
-                  << s.stats.output_centred_cosine;
-        if (s.stats.top1_accuracy) std::cout << " top-1 " << *s.stats.top1_accuracy;
-        std::cout << "\n";
-        for (const auto& n : s.notes)
-          std::cout << "    " << (n.rfind("WARNING", 0) == 0 ? "! " : "- ") << n << "\n";
-      }
-      std::cout << "wrote " << a.out << "\n";
-    }
-    return kExitOk;
-  } catch (const pare::engine::EngineError& e) {
-    view.Done();
-    std::cerr << "pare: compress: " << e.reason() << ": " << e.what() << "\n";
-    return kExitJobFailed;
-  }
-}
-
 }  // namespace
 
 // What a verb created (a model, a dataset, a job): its JSON with --json, else its id.
@@ -302,7 +90,7 @@ int PrintCreated(const M& m) {
 // What the server verbs' command lines gave (pare compress has CompressArgs).
 struct VerbArgs {
   std::string file, name, format, labels, model_id, recipe, calib, train, eval, device = "auto", request_id,
-                                                                                job_id, out, report;
+                                                                                job_id, out, report, html;
   bool wait = false;
   int page_size = 50;
   std::vector<std::string> upload_shapes;  // upload-model: one --input-shape per input
@@ -433,6 +221,98 @@ int DownloadVerb(pare::client::Client& c, const VerbArgs& a) {
   return kExitOk;
 }
 
+// `pare report SOURCE --html FILE`: SOURCE is a report JSON file (pare compress --report, pare download
+// --report) or a job id, whose report is fetched from the server.
+int ReportVerb(pare::client::Client& c, const VerbArgs& a) {
+  std::string path = a.job_id;
+  std::string fetched;
+  const bool looks_like_file = a.job_id.find('/') != std::string::npos || fs::path(a.job_id).has_extension();
+  if (!fs::is_regular_file(a.job_id) && looks_like_file) {
+    Fail(pare::InvalidArgument("SOURCE " + a.job_id + ": no such file (a job id has no '/' or extension)"),
+         "usage");
+    return kExitUsage;
+  }
+  if (!fs::is_regular_file(a.job_id)) {
+    fetched = (fs::temp_directory_path() / ("pare-report-" + std::to_string(::getpid()) + ".json")).string();
+    Status st = c.Download(a.job_id, pare::v1::REPORT, fetched);
+    if (!st.ok()) return Fail(st, "report of " + a.job_id);
+    path = fetched;
+  }
+  std::string text;
+  Status st = ReadFile(path, &text);
+  if (!fetched.empty()) fs::remove(fetched);
+  if (!st.ok()) return Fail(st, "reading " + path);
+  st = WriteReportHtml(text, a.job_id, a.html);
+  if (!st.ok()) return Fail(st, "report " + a.job_id);
+  if (!g_json) std::cout << "wrote " << a.html << "\n";
+  return kExitOk;
+}
+
+// The verbs that talk to a server, their arguments filled into `args`.
+struct ServerVerbs {
+  CLI::App *up_model, *up_ds, *submit, *status, *list, *cancel, *waitc, *download, *report;
+};
+
+ServerVerbs AddServerVerbs(CLI::App& app, VerbArgs& args) {
+  ServerVerbs v{};
+  v.up_model = app.add_subcommand("upload-model", "upload a TorchScript model; prints its id");
+  v.up_model->add_option("FILE", args.file, "the .pt file (torch.jit.save)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  v.up_model->add_option("--name", args.name, "a name for it (default: the file name)");
+  v.up_model->add_option(
+      "--input-shape", args.upload_shapes,
+      "input shape for measurements, e.g. 1,3,224,224; repeat it for a model whose forward takes "
+      "several tensors");
+
+  v.up_ds = app.add_subcommand("upload-dataset", "upload a dataset; prints its id");
+  v.up_ds
+      ->add_option(
+          "FILE", args.file,
+          "tensors: a torch.save file; idx: an IDX images file (or a tar of IDX files); image-folder: a "
+          "folder of class folders of PNG/JPEG images (packed here) or a tar of one")
+      ->required()
+      ->check(CLI::ExistingPath);
+  v.up_ds->add_option("--format", args.format, "tensors, idx or image-folder")
+      ->required()
+      ->check(CLI::IsMember({"tensors", "idx", "image-folder"}));
+  v.up_ds->add_option("--labels", args.labels, "idx only: the IDX labels file that goes with FILE")
+      ->check(CLI::ExistingFile);
+  v.up_ds->add_option("--name", args.name, "a name for it");
+
+  v.submit = app.add_subcommand("submit", "submit a compression job; prints its id");
+  v.submit->add_option("--model", args.model_id, "model id")->required();
+  v.submit->add_option("--recipe", args.recipe, "recipe JSON file")->required()->check(CLI::ExistingFile);
+  v.submit->add_option("--calibration", args.calib, "calibration dataset id");
+  v.submit->add_option("--train", args.train, "training dataset id");
+  v.submit->add_option("--eval", args.eval, "evaluation dataset id");
+  v.submit->add_option("--device", args.device, "cpu, cuda or auto")
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  v.submit->add_option("--request-id", args.request_id, "idempotency key: the same key returns the same job");
+  v.submit->add_flag("--wait", args.wait, "follow the job until it ends");
+  v.submit->add_option("--job-timeout", args.job_timeout,
+                       "wall-clock seconds the job may run (0: the server's maximum)");
+
+  v.status = app.add_subcommand("status", "show a job");
+  v.status->add_option("JOB", args.job_id)->required();
+  v.list = app.add_subcommand("list", "list jobs");
+  v.list->add_option("--page-size", args.page_size)->capture_default_str();
+  v.cancel = app.add_subcommand("cancel", "cancel a job");
+  v.cancel->add_option("JOB", args.job_id)->required();
+  v.waitc = app.add_subcommand("wait", "follow a job until it ends");
+  v.waitc->add_option("JOB", args.job_id)->required();
+  v.download =
+      app.add_subcommand("download", "download a job's compressed model (resumes a broken transfer)");
+  v.download->add_option("JOB", args.job_id)->required();
+  v.download->add_option("-o,--output", args.out, "where to write the model")->required();
+  v.download->add_option("--report", args.report, "also write the JSON report here");
+  v.report = app.add_subcommand("report", "render a job's report as one self-contained HTML page");
+  v.report->add_option("SOURCE", args.job_id, "a job id, or a report JSON file (pare compress --report)")
+      ->required();
+  v.report->add_option("--html", args.html, "where to write the page")->required();
+  return v;
+}
+
 int main(int argc, char** argv) {
   CLI::App app{"pare: compress computer-vision models with a Pare server (or offline)"};
   app.require_subcommand(1);
@@ -454,94 +334,9 @@ int main(int argc, char** argv) {
   app.add_flag("--json", g_json, "machine-readable output on stdout");
 
   VerbArgs args;
-
-  auto* up_model = app.add_subcommand("upload-model", "upload a TorchScript model; prints its id");
-  up_model->add_option("FILE", args.file, "the .pt file (torch.jit.save)")
-      ->required()
-      ->check(CLI::ExistingFile);
-  up_model->add_option("--name", args.name, "a name for it (default: the file name)");
-  up_model->add_option(
-      "--input-shape", args.upload_shapes,
-      "input shape for measurements, e.g. 1,3,224,224; repeat it for a model whose forward takes "
-      "several tensors");
-
-  auto* up_ds = app.add_subcommand("upload-dataset", "upload a dataset; prints its id");
-  up_ds
-      ->add_option(
-          "FILE", args.file,
-          "tensors: a torch.save file; idx: an IDX images file (or a tar of IDX files); image-folder: a "
-          "folder of class folders of PNG/JPEG images (packed here) or a tar of one")
-      ->required()
-      ->check(CLI::ExistingPath);
-  up_ds->add_option("--format", args.format, "tensors, idx or image-folder")
-      ->required()
-      ->check(CLI::IsMember({"tensors", "idx", "image-folder"}));
-  up_ds->add_option("--labels", args.labels, "idx only: the IDX labels file that goes with FILE")
-      ->check(CLI::ExistingFile);
-  up_ds->add_option("--name", args.name, "a name for it");
-
-  auto* submit = app.add_subcommand("submit", "submit a compression job; prints its id");
-  submit->add_option("--model", args.model_id, "model id")->required();
-  submit->add_option("--recipe", args.recipe, "recipe JSON file")->required()->check(CLI::ExistingFile);
-  submit->add_option("--calibration", args.calib, "calibration dataset id");
-  submit->add_option("--train", args.train, "training dataset id");
-  submit->add_option("--eval", args.eval, "evaluation dataset id");
-  submit->add_option("--device", args.device, "cpu, cuda or auto")
-      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
-  submit->add_option("--request-id", args.request_id, "idempotency key: the same key returns the same job");
-  submit->add_flag("--wait", args.wait, "follow the job until it ends");
-  submit->add_option("--job-timeout", args.job_timeout,
-                     "wall-clock seconds the job may run (0: the server's maximum)");
-
-  auto* status = app.add_subcommand("status", "show a job");
-  status->add_option("JOB", args.job_id)->required();
-  auto* list = app.add_subcommand("list", "list jobs");
-  list->add_option("--page-size", args.page_size)->capture_default_str();
-  auto* cancel = app.add_subcommand("cancel", "cancel a job");
-  cancel->add_option("JOB", args.job_id)->required();
-  auto* waitc = app.add_subcommand("wait", "follow a job until it ends");
-  waitc->add_option("JOB", args.job_id)->required();
-  auto* download =
-      app.add_subcommand("download", "download a job's compressed model (resumes a broken transfer)");
-  download->add_option("JOB", args.job_id)->required();
-  download->add_option("-o,--output", args.out, "where to write the model")->required();
-  download->add_option("--report", args.report, "also write the JSON report here");
-
+  const ServerVerbs v = AddServerVerbs(app, args);
   CompressArgs ca;
-  auto* compress = app.add_subcommand("compress", "run a recipe offline, without a server");
-  compress->add_option("MODEL", ca.model, "the TorchScript model")->required()->check(CLI::ExistingFile);
-  compress->add_option("--recipe", ca.recipe, "recipe JSON file")->required()->check(CLI::ExistingFile);
-  compress->add_option("-o,--output", ca.out, "where to write the result")->required();
-  compress->add_option("--report", ca.report, "write the JSON report here");
-  compress->add_option("--calibration", ca.calibration, "calibration data file");
-  compress->add_option("--train", ca.train, "training data file");
-  compress->add_option("--eval", ca.eval, "evaluation data file");
-  compress
-      ->add_option("--format", ca.format, "format of the data files: tensors, idx or image-folder (a folder)")
-      ->capture_default_str();
-  compress->add_option(
-      "--input-shape", ca.shapes,
-      "input shape, e.g. 1,3,224,224; repeat it for a model whose forward takes several tensors");
-  compress->add_option("--device", ca.device, "cpu, cuda or auto")
-      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
-  compress->add_option(
-      "--threads", ca.threads,
-      "intra-op threads (0: the CPUs this process may use: affinity mask and cgroup CPU quota)");
-  compress->add_option("--model", ca.extra_models,
-                       "ID=FILE: a model the recipe names (distill teacherModel/studentModel), repeatable");
-  compress
-      ->add_option("--latency-budget", ca.latency_budget,
-                   "seconds spent timing each model at each batch size")
-      ->capture_default_str()
-      ->check(CLI::Range(0.0, 600.0));
-  compress
-      ->add_option("--latency-batches", ca.latency_batches,
-                   "batch sizes to time, e.g. 1,32 (default: 1; 1 and 32 on a GPU)")
-      ->delimiter(',');
-  compress->add_option(
-      "--latency-cache", ca.latency_cache,
-      "a folder where the original model's latency is kept: a model timed before on this host with "
-      "the same settings is not timed again (the report says so)");
+  CLI::App* compress = AddCompressVerb(app, ca);
 
   try {
     app.parse(argc, argv);
@@ -565,13 +360,14 @@ int main(int argc, char** argv) {
   }
   pare::client::Client c(co);
 
-  if (up_model->parsed()) return UploadModelVerb(c, args);
-  if (up_ds->parsed()) return UploadDatasetVerb(c, args);
-  if (submit->parsed()) return SubmitVerb(c, args);
-  if (status->parsed()) return StatusVerb(c, args);
-  if (list->parsed()) return ListVerb(c, args);
-  if (cancel->parsed()) return CancelVerb(c, args);
-  if (waitc->parsed()) return WaitFor(c, args.job_id);
-  if (download->parsed()) return DownloadVerb(c, args);
+  if (v.up_model->parsed()) return UploadModelVerb(c, args);
+  if (v.up_ds->parsed()) return UploadDatasetVerb(c, args);
+  if (v.submit->parsed()) return SubmitVerb(c, args);
+  if (v.status->parsed()) return StatusVerb(c, args);
+  if (v.list->parsed()) return ListVerb(c, args);
+  if (v.cancel->parsed()) return CancelVerb(c, args);
+  if (v.waitc->parsed()) return WaitFor(c, args.job_id);
+  if (v.download->parsed()) return DownloadVerb(c, args);
+  if (v.report->parsed()) return ReportVerb(c, args);
   return kExitUsage;
 }

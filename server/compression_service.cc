@@ -9,6 +9,7 @@
 #include "common/logging.h"
 #include "common/protocol.h"
 #include "server/convert.h"
+#include "server/job_end.h"
 #include "server/reactors.h"
 #include "worker/recipe_convert.h"
 
@@ -52,29 +53,28 @@ Status CheckUploadHeader(const v1::UploadHeader& h, const Limits& limits) {
   return Status::Ok();
 }
 
-class ModelUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHeader> {
- public:
-  ModelUpload(ServiceContext* ctx, std::string tenant, v1::Model* resp)
-      : IngestReactor(ctx->executor, ctx->blobs),
-        ctx_(ctx),
-        tenant_(std::move(tenant)),
-        resp_(resp),
-        start_(std::chrono::steady_clock::now()) {}
+// Forward's input shapes in an upload header: 2 to 6 dimensions each, batch first.
+Status CheckShape(const google::protobuf::RepeatedField<int64_t>& dims, const std::string& field) {
+  if (dims.size() < 2 || dims.size() > 6)
+    return InvalidArgument(field + " needs 2 to 6 dimensions (batch first)");
+  for (int64_t d : dims) {
+    if (d <= 0 || d > 100000)
+      return InvalidArgument(field + " has a dimension out of range: " + std::to_string(d));
+  }
+  return Status::Ok();
+}
 
- protected:
-  Status OnHeader(const v1::UploadHeader& h, uint64_t* expected, uint64_t* limit) override {
-    PARE_RETURN_IF_ERROR(CheckUploadHeader(h, ctx_->limits));
-    PARE_RETURN_IF_ERROR(CheckStorageQuota(ctx_, tenant_, h.size_bytes()));
-    auto check = [](const auto& dims, const std::string& field) -> Status {
-      if (dims.size() < 2 || dims.size() > 6)
-        return InvalidArgument(field + " needs 2 to 6 dimensions (batch first)");
-      for (int64_t d : dims) {
-        if (d <= 0 || d > 100000)
-          return InvalidArgument(field + " has a dimension out of range: " + std::to_string(d));
-      }
-      return Status::Ok();
-    };
-    if (h.input_shape_size() > 0) PARE_RETURN_IF_ERROR(check(h.input_shape(), "header.input_shape"));
+// What differs between a model upload and a dataset upload: the header's own fields, the check
+// of the received file, the record and where it is stored.
+struct ModelKind {
+  using Record = ModelRecord;
+  using Proto = v1::Model;
+  static constexpr const char* kName = "model";
+  static constexpr const char* kIdPrefix = "mdl";
+
+  static Status CheckHeader(const v1::UploadHeader& h) {
+    if (!h.format().empty()) return InvalidArgument("header.format is for datasets; a model has none");
+    if (h.input_shape_size() > 0) PARE_RETURN_IF_ERROR(CheckShape(h.input_shape(), "header.input_shape"));
     if (h.more_input_shapes_size() > 0 && h.input_shape_size() == 0) {
       return InvalidArgument("header.more_input_shapes needs header.input_shape (the first input's)");
     }
@@ -82,48 +82,49 @@ class ModelUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHead
       return InvalidArgument("header.more_input_shapes has more than 15 shapes");
     for (int i = 0; i < h.more_input_shapes_size(); ++i) {
       PARE_RETURN_IF_ERROR(
-          check(h.more_input_shapes(i).dims(), "header.more_input_shapes[" + std::to_string(i) + "]"));
+          CheckShape(h.more_input_shapes(i).dims(), "header.more_input_shapes[" + std::to_string(i) + "]"));
     }
-    if (!h.format().empty()) return InvalidArgument("header.format is for datasets; a model has none");
-    *expected = *limit = h.size_bytes();
     return Status::Ok();
   }
-
-  Status Finalize(const v1::UploadHeader& h, BlobWriter* writer) override {
-    auto sha = writer->Commit(h.size_bytes(), h.sha256(), [this](const std::string& path) {
-      return CheckTorchScriptArchive(path, ctx_->limits.archive);
-    });
-    if (!sha.ok()) return sha.status();
-    ModelRecord m;
-    m.id = NewId("mdl");
-    m.tenant = tenant_;
-    m.name = h.name();
-    m.sha256 = sha.value();
-    m.size_bytes = h.size_bytes();
+  static Status CheckFile(const std::string& path, const v1::UploadHeader&, const Limits& limits) {
+    return CheckTorchScriptArchive(path, limits.archive);
+  }
+  static void Fill(const v1::UploadHeader& h, Record& m) {
     m.input_shape.assign(h.input_shape().begin(), h.input_shape().end());
     for (const auto& more : h.more_input_shapes())
       m.more_input_shapes.emplace_back(more.dims().begin(), more.dims().end());
-    m.created_ms = ctx_->clock->NowMs();
-    PARE_RETURN_IF_ERROR(ctx_->store->PutModel(m));
-    spdlog::info(Kv({{"msg", "model uploaded"},
-                     {"model", m.id},
-                     {"sha256", m.sha256},
-                     {"bytes", std::to_string(m.size_bytes)}}));
-    if (ctx_->metrics) ctx_->metrics->Uploaded("model", m.size_bytes, SecondsSince(start_));
-    *resp_ = ToProto(m);
-    return Status::Ok();
   }
-
- private:
-  ServiceContext* ctx_;
-  std::string tenant_;
-  v1::Model* resp_;
-  std::chrono::steady_clock::time_point start_;
+  static Status Put(Store* store, const Record& m) { return store->PutModel(m); }
+  static std::pair<const char*, std::string> LogField(const Record& m) { return {"sha256", m.sha256}; }
 };
 
-class DatasetUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHeader> {
+struct DatasetKind {
+  using Record = DatasetRecord;
+  using Proto = v1::Dataset;
+  static constexpr const char* kName = "dataset";
+  static constexpr const char* kIdPrefix = "ds";
+
+  static Status CheckHeader(const v1::UploadHeader& h) {
+    if (!IsKnownDatasetFormat(h.format())) {
+      return InvalidArgument("header.format must be one of tensors, idx, image-folder; got '" + h.format() +
+                             "'");
+    }
+    return Status::Ok();
+  }
+  static Status CheckFile(const std::string& path, const v1::UploadHeader& h, const Limits& limits) {
+    return CheckDataset(path, h.format(), limits.archive);
+  }
+  static void Fill(const v1::UploadHeader& h, Record& d) { d.format = h.format(); }
+  static Status Put(Store* store, const Record& d) { return store->PutDataset(d); }
+  static std::pair<const char*, std::string> LogField(const Record& d) { return {"format", d.format}; }
+};
+
+// An upload of a model or a dataset: the header checked (its own fields, the common limits, the
+// tenant's quota), the file streamed into the blob store and checked there, then the record.
+template <typename Kind>
+class Upload final : public IngestReactor<v1::UploadRequest, v1::UploadHeader> {
  public:
-  DatasetUpload(ServiceContext* ctx, std::string tenant, v1::Dataset* resp)
+  Upload(ServiceContext* ctx, std::string tenant, typename Kind::Proto* resp)
       : IngestReactor(ctx->executor, ctx->blobs),
         ctx_(ctx),
         tenant_(std::move(tenant)),
@@ -132,10 +133,7 @@ class DatasetUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHe
 
  protected:
   Status OnHeader(const v1::UploadHeader& h, uint64_t* expected, uint64_t* limit) override {
-    if (!IsKnownDatasetFormat(h.format())) {
-      return InvalidArgument("header.format must be one of tensors, idx, image-folder; got '" + h.format() +
-                             "'");
-    }
+    PARE_RETURN_IF_ERROR(Kind::CheckHeader(h));
     PARE_RETURN_IF_ERROR(CheckUploadHeader(h, ctx_->limits));
     PARE_RETURN_IF_ERROR(CheckStorageQuota(ctx_, tenant_, h.size_bytes()));
     *expected = *limit = h.size_bytes();
@@ -143,34 +141,104 @@ class DatasetUpload final : public IngestReactor<v1::UploadRequest, v1::UploadHe
   }
 
   Status Finalize(const v1::UploadHeader& h, BlobWriter* writer) override {
-    auto sha = writer->Commit(h.size_bytes(), h.sha256(), [&](const std::string& path) {
-      return CheckDataset(path, h.format(), ctx_->limits.archive);
-    });
-    if (!sha.ok()) return sha.status();
-    DatasetRecord d;
-    d.id = NewId("ds");
-    d.tenant = tenant_;
-    d.name = h.name();
-    d.sha256 = sha.value();
-    d.size_bytes = h.size_bytes();
-    d.format = h.format();
-    d.created_ms = ctx_->clock->NowMs();
-    PARE_RETURN_IF_ERROR(ctx_->store->PutDataset(d));
-    spdlog::info(Kv({{"msg", "dataset uploaded"},
-                     {"dataset", d.id},
-                     {"format", d.format},
-                     {"bytes", std::to_string(d.size_bytes)}}));
-    if (ctx_->metrics) ctx_->metrics->Uploaded("dataset", d.size_bytes, SecondsSince(start_));
-    *resp_ = ToProto(d);
+    PARE_ASSIGN_OR_RETURN(auto sha, writer->Commit(h.size_bytes(), h.sha256(), [&](const std::string& path) {
+      return Kind::CheckFile(path, h, ctx_->limits);
+    }));
+    typename Kind::Record r;
+    r.id = NewId(Kind::kIdPrefix);
+    r.tenant = tenant_;
+    r.name = h.name();
+    r.sha256 = sha;
+    r.size_bytes = h.size_bytes();
+    r.created_ms = ctx_->clock->NowMs();
+    Kind::Fill(h, r);
+    PARE_RETURN_IF_ERROR(Kind::Put(ctx_->store, r));
+    spdlog::info(Kv({{"msg", std::string(Kind::kName) + " uploaded"},
+                     {Kind::kName, r.id},
+                     Kind::LogField(r),
+                     {"bytes", std::to_string(r.size_bytes)}}));
+    if (ctx_->metrics) ctx_->metrics->Uploaded(Kind::kName, r.size_bytes, SecondsSince(start_));
+    *resp_ = ToProto(r);
     return Status::Ok();
   }
 
  private:
   ServiceContext* ctx_;
   std::string tenant_;
-  v1::Dataset* resp_;
+  typename Kind::Proto* resp_;
   std::chrono::steady_clock::time_point start_;
 };
+
+// The checks of a SubmitJob request that need no state: required fields, the recipe (translated
+// as the worker will), the device and the limits. Returns the steps.
+Result<std::vector<engine::StepSpec>> ValidateSubmitJob(const v1::SubmitJobRequest& req,
+                                                        const Limits& limits) {
+  if (req.model_id().empty()) return InvalidArgument("model_id is required");
+  PARE_ASSIGN_OR_RETURN(auto steps, ToEngineSteps(req.recipe()));
+  const std::string& device = req.device();
+  if (!(device.empty() || device == "auto" || device == "cpu" || device == "cuda")) {
+    return InvalidArgument("device must be cpu, cuda or auto; got '" + device + "'");
+  }
+  if (req.request_id().size() > 128) return InvalidArgument("request_id is longer than 128 characters");
+  if (int64_t(req.timeout_seconds()) > limits.max_job_seconds) {
+    return InvalidArgument("timeout_seconds " + std::to_string(req.timeout_seconds()) +
+                           " exceeds the server's maximum of " + std::to_string(limits.max_job_seconds));
+  }
+  return steps;
+}
+
+// A step that trains needs the train dataset.
+Status CheckTrainData(const std::vector<engine::StepSpec>& steps, const v1::SubmitJobRequest& req) {
+  for (size_t i = 0; i < steps.size(); ++i) {
+    if (engine::NeedsTrainData(steps[i]) && req.train_dataset_id().empty()) {
+      return InvalidArgument("train_dataset_id is required: steps[" + std::to_string(i) + "] (" +
+                             engine::StepName(steps[i]) + ") trains the model");
+    }
+  }
+  return Status::Ok();
+}
+
+// The models the recipe names exist for the tenant.
+Status CheckRecipeModels(Store* store, const std::string& tenant, const v1::SubmitJobRequest& req) {
+  for (const auto& [field, id] : ReferencedModels(req.recipe())) {
+    if (!store->GetModel(tenant, id).ok()) return NotFound(field + ": model '" + id + "' does not exist");
+  }
+  return Status::Ok();
+}
+
+// The job's model and datasets exist for the tenant.
+Status CheckInputs(Store* store, const std::string& tenant, const v1::SubmitJobRequest& req) {
+  if (!store->GetModel(tenant, req.model_id()).ok()) {
+    return NotFound("model_id: model '" + req.model_id() + "' does not exist");
+  }
+  for (const auto& [field, id] :
+       {std::pair<const char*, std::string>{"calibration_dataset_id", req.calibration_dataset_id()},
+        {"train_dataset_id", req.train_dataset_id()},
+        {"eval_dataset_id", req.eval_dataset_id()}}) {
+    if (!id.empty() && !store->GetDataset(tenant, id).ok()) {
+      return NotFound(std::string(field) + ": dataset '" + id + "' does not exist");
+    }
+  }
+  return Status::Ok();
+}
+
+JobRecord NewJob(const std::string& tenant, const v1::SubmitJobRequest& req, const Limits& limits,
+                 int64_t now_ms) {
+  JobRecord j;
+  j.id = NewId("job");
+  j.tenant = tenant;
+  j.request_id = req.request_id();
+  j.model_id = req.model_id();
+  req.recipe().SerializeToString(&j.recipe_pb);
+  j.calibration_dataset_id = req.calibration_dataset_id();
+  j.train_dataset_id = req.train_dataset_id();
+  j.eval_dataset_id = req.eval_dataset_id();
+  j.device = req.device().empty() ? "auto" : req.device();
+  j.timeout_seconds = req.timeout_seconds() ? int64_t(req.timeout_seconds()) : limits.max_job_seconds;
+  j.max_attempts = limits.max_attempts;
+  j.created_ms = now_ms;
+  return j;
+}
 
 // Streams a job's state now and after every change, until it ends or the client leaves.
 class WatchReactor final : public grpc::ServerWriteReactor<v1::Job> {
@@ -277,28 +345,27 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::Job> {
 
 }  // namespace
 
+// The caller's tenant; an upload is refused while the server drains (it would outlive it).
+Result<std::string> CompressionService::Admit(grpc::CallbackServerContext* call, bool long_call) {
+  if (long_call && ctx_->draining)
+    return Unavailable("the server is shutting down; retry on another replica");
+  return ctx_->auth->Client(call);
+}
+
 grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadModel(grpc::CallbackServerContext* call,
                                                                             v1::Model* resp) {
-  if (ctx_->draining) {
-    return new ErrorReadReactor<v1::UploadRequest>(
-        grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down; retry on another replica"));
-  }
-  auto tenant = ctx_->auth->Client(call);
+  auto tenant = Admit(call, /*long_call=*/true);
   if (!tenant.ok()) return new ErrorReadReactor<v1::UploadRequest>(ToGrpcStatus(tenant.status()));
-  auto* r = new ModelUpload(ctx_, tenant.value(), resp);
+  auto* r = new Upload<ModelKind>(ctx_, tenant.value(), resp);
   r->Begin();
   return r;
 }
 
 grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadDataset(
     grpc::CallbackServerContext* call, v1::Dataset* resp) {
-  if (ctx_->draining) {
-    return new ErrorReadReactor<v1::UploadRequest>(
-        grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down; retry on another replica"));
-  }
-  auto tenant = ctx_->auth->Client(call);
+  auto tenant = Admit(call, /*long_call=*/true);
   if (!tenant.ok()) return new ErrorReadReactor<v1::UploadRequest>(ToGrpcStatus(tenant.status()));
-  auto* r = new DatasetUpload(ctx_, tenant.value(), resp);
+  auto* r = new Upload<DatasetKind>(ctx_, tenant.value(), resp);
   r->Begin();
   return r;
 }
@@ -332,65 +399,16 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
   if (!tenant.ok()) return Refuse(call, tenant.status());
   return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
     if (ctx_->draining) return Unavailable("the server is shutting down; retry on another replica");
-    if (req->model_id().empty()) return InvalidArgument("model_id is required");
-    PARE_ASSIGN_OR_RETURN(auto steps, ToEngineSteps(req->recipe()));
-    const std::string& device = req->device();
-    if (!(device.empty() || device == "auto" || device == "cpu" || device == "cuda")) {
-      return InvalidArgument("device must be cpu, cuda or auto; got '" + device + "'");
-    }
-    for (int i = 0; i < req->recipe().steps_size(); ++i) {
-      const auto& step = req->recipe().steps(i);
-      if (!step.has_distill()) continue;
-      for (const auto& [field, id] :
-           {std::pair<const char*, std::string>{"teacherModel", step.distill().teacher_model()},
-            {"studentModel", step.distill().student_model()}}) {
-        if (!id.empty() && !ctx_->store->GetModel(tenant, id).ok()) {
-          return NotFound("recipe.steps[" + std::to_string(i) + "].distill." + field + ": model '" + id +
-                          "' does not exist");
-        }
-      }
-    }
-    if (req->request_id().size() > 128) return InvalidArgument("request_id is longer than 128 characters");
-    if (int64_t(req->timeout_seconds()) > ctx_->limits.max_job_seconds) {
-      return InvalidArgument("timeout_seconds " + std::to_string(req->timeout_seconds()) +
-                             " exceeds the server's maximum of " +
-                             std::to_string(ctx_->limits.max_job_seconds));
-    }
-    for (size_t i = 0; i < steps.size(); ++i) {
-      if (engine::NeedsTrainData((steps)[i]) && req->train_dataset_id().empty()) {
-        return InvalidArgument("train_dataset_id is required: steps[" + std::to_string(i) + "] (" +
-                               engine::StepName((steps)[i]) + ") trains the model");
-      }
-    }
-    auto model = ctx_->store->GetModel(tenant, req->model_id());
-    if (!model.ok()) return NotFound("model_id: model '" + req->model_id() + "' does not exist");
-    for (const auto& [field, id] :
-         {std::pair<const char*, std::string>{"calibration_dataset_id", req->calibration_dataset_id()},
-          {"train_dataset_id", req->train_dataset_id()},
-          {"eval_dataset_id", req->eval_dataset_id()}}) {
-      if (id.empty()) continue;
-      auto ds = ctx_->store->GetDataset(tenant, id);
-      if (!ds.ok()) return NotFound(std::string(field) + ": dataset '" + id + "' does not exist");
-    }
-    JobRecord j;
-    j.id = NewId("job");
-    j.tenant = tenant;
-    j.request_id = req->request_id();
-    j.model_id = req->model_id();
-    req->recipe().SerializeToString(&j.recipe_pb);
-    j.calibration_dataset_id = req->calibration_dataset_id();
-    j.train_dataset_id = req->train_dataset_id();
-    j.eval_dataset_id = req->eval_dataset_id();
-    j.device = device.empty() ? "auto" : device;
-    j.timeout_seconds =
-        req->timeout_seconds() ? int64_t(req->timeout_seconds()) : ctx_->limits.max_job_seconds;
-    j.max_attempts = ctx_->limits.max_attempts;
-    j.created_ms = ctx_->clock->NowMs();
-    auto created = ctx_->store->CreateJob(
-        j, Store::QueueLimits{ctx_->limits.tenant_max_active_jobs, ctx_->limits.max_queued_jobs});
-    if (!created.ok()) return created.status();
-    const JobRecord& stored = created->first;
-    if (created->second) {
+    PARE_ASSIGN_OR_RETURN(auto steps, ValidateSubmitJob(*req, ctx_->limits));
+    PARE_RETURN_IF_ERROR(CheckRecipeModels(ctx_->store, tenant, *req));
+    PARE_RETURN_IF_ERROR(CheckTrainData(steps, *req));
+    PARE_RETURN_IF_ERROR(CheckInputs(ctx_->store, tenant, *req));
+    PARE_ASSIGN_OR_RETURN(auto created,
+                          ctx_->store->CreateJob(NewJob(tenant, *req, ctx_->limits, ctx_->clock->NowMs()),
+                                                 Store::QueueLimits{ctx_->limits.tenant_max_active_jobs,
+                                                                    ctx_->limits.max_queued_jobs}));
+    const auto& [stored, fresh] = created;
+    if (fresh) {
       if (ctx_->metrics) ctx_->metrics->JobSubmitted();
       spdlog::info(Kv({{"msg", "job submitted"},
                        {"job", stored.id},
@@ -445,11 +463,13 @@ grpc::ServerUnaryReactor* CompressionService::CancelJob(grpc::CallbackServerCont
   return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
     const int64_t now = ctx_->clock->NowMs();
     PARE_ASSIGN_OR_RETURN(auto j, ctx_->store->CancelJob(tenant, req->id(), now));
-    // A queued job ends here (a running one ends when its worker stops).
-    if (ctx_->metrics && j.state == JobState::kCancelled && j.finished_ms == now)
-      ctx_->metrics->JobEnded(j, "");
     spdlog::info(Kv({{"msg", "job cancel requested"}, {"job", j.id}, {"state", JobStateName(j.state)}}));
-    ctx_->events->Publish(j.id);
+    // A queued job ends here (a running one ends when its worker stops; one that had ended is
+    // not counted again).
+    if (j.state == JobState::kCancelled && j.finished_ms == now)
+      JobChanged(*ctx_, j, "");
+    else
+      ctx_->events->Publish(j.id);
     *resp = ToProto(j);
     return Status::Ok();
   });

@@ -33,6 +33,8 @@ class CompressionService final : public v1::Compression::CallbackService {
                                                       const v1::DownloadRequest* req) override;
 
  private:
+  Result<std::string> Admit(grpc::CallbackServerContext* call, bool long_call);
+
   ServiceContext* ctx_;
 };
 

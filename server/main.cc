@@ -9,10 +9,10 @@
 #include "common/logging.h"
 #include "server/server.h"
 
-int main(int argc, char** argv) {
-  pare::server::ServerOptions o;
-  o.metrics_listen = "127.0.0.1:9090";
-  CLI::App app{"pare-server: the Pare model-compression service"};
+namespace {
+
+// The command line's flags, each writing its field of `o`.
+void AddOptions(CLI::App& app, pare::server::ServerOptions& o) {
   app.add_option("--listen", o.listen, "host:port for gRPC (port 0 picks a free port)")
       ->capture_default_str();
   app.add_option("--data-dir", o.data_dir, "folder for the SQLite store and the blob files")
@@ -31,9 +31,10 @@ int main(int argc, char** argv) {
       "intra-op threads of each local worker");
   app.add_option("--max-upload-bytes", o.limits.max_upload_bytes, "largest model or dataset accepted")
       ->capture_default_str();
-  double lease_ttl = o.limits.lease_ttl_ms / 1000.0;
-  app.add_option("--lease-ttl", lease_ttl, "seconds a job stays leased without a heartbeat")
-      ->capture_default_str();
+  app.add_option_function<double>(
+      "--lease-ttl", [&o](double seconds) { o.limits.lease_ttl_ms = static_cast<int64_t>(seconds * 1000); },
+      "seconds a job stays leased without a heartbeat (default " +
+          std::to_string(o.limits.lease_ttl_ms / 1000) + ")");
   app.add_option("--max-attempts", o.limits.max_attempts, "leases a job may take before it fails")
       ->capture_default_str();
   app.add_option("--drain-seconds", o.drain_seconds, "grace period on SIGTERM")->capture_default_str();
@@ -65,8 +66,16 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   app.add_option("--worker-token-file", o.worker_token_file, "file holding the token workers present")
       ->check(CLI::ExistingFile);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  pare::server::ServerOptions o;
+  o.metrics_listen = "127.0.0.1:9090";
+  CLI::App app{"pare-server: the Pare model-compression service"};
+  AddOptions(app, o);
   CLI11_PARSE(app, argc, argv);
-  o.limits.lease_ttl_ms = static_cast<int64_t>(lease_ttl * 1000);
 
   pare::InitLogging("server");
   // Signals are taken by one thread with sigwait; block them before any thread starts.

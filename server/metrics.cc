@@ -24,10 +24,11 @@ const std::vector<std::string> kCodes = {"OK",
                                          "INTERNAL"};
 const std::vector<std::string> kFailureClasses = {"bad_input", "needs_gpu", "worker_lost", "cancelled",
                                                   "internal"};
-const std::vector<std::string> kFirstSteps = {"prune", "quantize", "distill", "factorize", "finetune"};
+const std::vector<std::string> kFirstSteps = {"prune",    "quantize", "distill", "factorize",
+                                              "finetune", "optimize", "analyze"};
 const std::vector<std::string> kStepKinds = {
-    "prune.magnitude", "prune.channel", "prune.nm", "quantize.dynamic", "quantize.static",
-    "quantize.fp16",   "quantize.bf16", "distill",  "factorize",        "finetune"};
+    "prune.magnitude", "prune.channel", "prune.nm",  "quantize.dynamic", "quantize.static", "quantize.fp16",
+    "quantize.bf16",   "distill",       "factorize", "finetune",         "optimize",        "analyze"};
 const std::vector<std::string> kDevices = {"cpu", "cuda"};
 const std::vector<JobState> kStates = {JobState::kQueued, JobState::kRunning, JobState::kSucceeded,
                                        JobState::kFailed, JobState::kCancelled};

@@ -16,6 +16,7 @@
 #include "common/logging.h"
 #include "common/tls.h"
 #include "server/compression_service.h"
+#include "server/job_end.h"
 #include "server/sqlite_store.h"
 #include "server/workers_service.h"
 
@@ -275,8 +276,7 @@ void Server::ReaperLoop() {
                          {"state", JobStateName(j.state)},
                          {"attempts", std::to_string(j.attempts)}}));
         metrics_->LeaseExpired(j.state == JobState::kQueued);
-        metrics_->JobEnded(j, worker_registry_.DeviceOf(j.worker));
-        events_.Publish(j.id);
+        JobChanged(ctx_, j, worker_registry_.DeviceOf(j.worker));
       }
     } else {
       spdlog::error(Kv({{"msg", "lease reaper failed"}, {"error", changed.status().message()}}));

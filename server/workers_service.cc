@@ -6,7 +6,9 @@
 #include "common/ids.h"
 #include "common/logging.h"
 #include "server/convert.h"
+#include "server/job_end.h"
 #include "server/reactors.h"
+#include "worker/recipe_convert.h"
 
 namespace pare::server {
 namespace {
@@ -25,15 +27,11 @@ Result<v1::LeasedJob> Describe(ServiceContext* ctx, const JobRecord& j) {
   out.set_model_sha256(model.sha256);
   out.set_model_id(j.model_id);
   out.set_timeout_seconds(static_cast<uint32_t>(j.timeout_seconds));
-  for (const auto& step : out.recipe().steps()) {
-    if (!step.has_distill()) continue;
-    for (const std::string& id : {step.distill().teacher_model(), step.distill().student_model()}) {
-      if (id.empty()) continue;
-      PARE_ASSIGN_OR_RETURN(auto other, ctx->store->GetModel(j.tenant, id));
-      auto* ref = out.add_models();
-      ref->set_id(id);
-      ref->set_sha256(other.sha256);
-    }
+  for (const auto& [field, id] : ReferencedModels(out.recipe())) {
+    PARE_ASSIGN_OR_RETURN(auto other, ctx->store->GetModel(j.tenant, id));
+    auto* ref = out.add_models();
+    ref->set_id(id);
+    ref->set_sha256(other.sha256);
   }
   for (int64_t d : model.input_shape) out.add_input_shape(d);
   for (const auto& more : model.more_input_shapes) {
@@ -101,20 +99,11 @@ class CompleteReactor final : public IngestReactor<v1::CompleteRequest, v1::Comp
     holder.SerializeToString(&o.reports_pb);
     PARE_ASSIGN_OR_RETURN(auto j,
                           ctx_->store->CompleteJob(h.job_id(), h.lease_id(), o, ctx_->clock->NowMs()));
-    spdlog::info(Kv({{"msg", "job ended"},
-                     {"job", j.id},
-                     {"model", j.model_id},
-                     {"state", JobStateName(j.state)},
-                     {"attempts", std::to_string(j.attempts)},
-                     {"reason", j.error_reason}}));
     const std::string device = ctx_->workers ? ctx_->workers->DeviceOf(j.worker) : "";
     if (ctx_->workers) ctx_->workers->Touch(j.worker, false, ctx_->clock->NowMs());
-    if (ctx_->metrics) {
-      if (h.state() == v1::SUCCEEDED)
-        ctx_->metrics->Uploaded("result", h.result_size_bytes(), SecondsSince(start_));
-      ctx_->metrics->JobEnded(j, device);
-    }
-    ctx_->events->Publish(j.id);
+    if (ctx_->metrics && h.state() == v1::SUCCEEDED)
+      ctx_->metrics->Uploaded("result", h.result_size_bytes(), SecondsSince(start_));
+    JobChanged(*ctx_, j, device);
     return Status::Ok();
   }
 
@@ -152,9 +141,11 @@ grpc::ServerUnaryReactor* WorkersService::Lease(grpc::CallbackServerContext* cal
       o.error_reason = corrupt ? "CORRUPT_JOB" : "INPUT_MISSING";
       o.error_message = described.status().message();
       auto failed = ctx_->store->CompleteJob(j.id, j.lease_id, o, ctx_->clock->NowMs());
-      if (failed.ok() && ctx_->metrics) ctx_->metrics->JobEnded(failed.value(), device_kind);
       if (ctx_->workers) ctx_->workers->Touch(req->worker_id(), false, now);
-      ctx_->events->Publish(j.id);
+      if (failed.ok())
+        JobChanged(*ctx_, failed.value(), device_kind);
+      else
+        ctx_->events->Publish(j.id);
       return Status::Ok();
     }
     *resp->mutable_job() = described.value();

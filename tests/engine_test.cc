@@ -20,6 +20,7 @@
 #include "worker/engine/macs.h"
 #include "worker/engine/measure.h"
 #include "worker/engine/model_util.h"
+#include "worker/engine/optimize.h"
 #include "worker/engine/prune.h"
 #include "worker/engine/quantize.h"
 #include "worker/engine/report.h"
@@ -574,6 +575,62 @@ TEST_F(EngineTest, StaticQuantizationWithEveryObserverKeepsTheTrainedModelsAnswe
   EXPECT_THROW(QuantizeStatic(m, StaticQuantSpec{"KMEANS", 8, true}, calibration), EngineError);
 }
 
+TEST_F(EngineTest, StaticQuantizationKeepsExcludedLayersFloat) {
+  // Mixed precision by hand: the named layers stay float between a dequantize and a quantize.
+  auto m = torch::jit::load(Fixture("resnet18.pt"));
+  m.eval();
+  at::Generator gen = at::detail::createCPUGenerator(5);
+  std::vector<at::Tensor> calibration{at::randn({4, 3, 64, 64}, gen), at::randn({4, 3, 64, 64}, gen)};
+  StaticQuantSpec spec{"MINMAX", 2, true};
+  spec.exclude = {"layer4.1.conv2", "fc"};
+  std::vector<std::string> notes;
+  auto q = QuantizeStatic(m, spec, calibration, &notes);
+  std::string graph = q.get_method("forward").graph()->toString();
+  EXPECT_EQ(Count(graph, "quantized::conv2d"), 19u) << graph;  // 20 convolutions, one kept float
+  EXPECT_EQ(Count(graph, "aten::conv2d") + Count(graph, "aten::_convolution"), 1u) << graph;
+  EXPECT_EQ(Count(graph, "quantized::linear"), 0u) << graph;
+  EXPECT_EQ(Count(graph, "aten::linear"), 1u) << graph;
+  std::string all;
+  for (const auto& n : notes) all += n + "\n";
+  EXPECT_NE(all.find("kept float as asked (quantize.static.exclude): layer4.1.conv2, fc"), std::string::npos)
+      << all;
+  {
+    c10::InferenceMode guard;
+    at::Tensor x = at::randn({4, 3, 64, 64}, gen);
+    at::Tensor ref = m.forward({x}).toTensor(), out = q.forward({x}).toTensor();
+    EXPECT_GT(at::cosine_similarity(out, ref, 1).mean().item<double>(), 0.98);
+  }
+  // A whole block: everything under layer4 stays float (4 convs and the downsample's).
+  spec.exclude = {"layer4"};
+  graph = QuantizeStatic(m, spec, calibration).get_method("forward").graph()->toString();
+  EXPECT_EQ(Count(graph, "quantized::conv2d"), 15u) << graph;
+  // An inlined (channel-pruned) model: decided per node.
+  auto small = torch::jit::load(Fixture("small_cnn_trained.pt"));
+  small.eval();
+  ChannelPruneSpec prune;
+  prune.amount = 0.3;
+  prune.round_to = 1;
+  auto pruned = ChannelPrune(small, prune, {1, 1, 28, 28}).module;
+  pruned.eval();
+  std::vector<at::Tensor> images{at::rand({8, 1, 28, 28}, gen), at::rand({8, 1, 28, 28}, gen)};
+  StaticQuantSpec inlined{"MINMAX", 2, true};
+  inlined.exclude = {"conv2"};
+  graph = QuantizeStatic(pruned, inlined, images).get_method("forward").graph()->toString();
+  EXPECT_EQ(Count(graph, "quantized::conv2d"), 1u) << graph;  // conv1 (fused with its relu)
+  EXPECT_EQ(Count(graph, "aten::conv2d") + Count(graph, "aten::_convolution"), 1u) << graph;
+  // Paths the model does not have are refused by name.
+  inlined.exclude = {"conv9"};
+  try {
+    QuantizeStatic(pruned, inlined, images);
+    FAIL() << "an unknown layer was accepted";
+  } catch (const EngineError& e) {
+    EXPECT_EQ(e.reason(), "BAD_RECIPE");
+    EXPECT_NE(std::string(e.what()).find("quantize.static.exclude[0]: the model has no submodule 'conv9'"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
 TEST_F(EngineTest, StaticQuantizationOfAChannelPrunedModelFusesConvAndRelu) {
   // A channel-pruned model's forward is one inlined graph: its convs are aten ops, which
   // LibTorch's observer pass does not pair with the relu after them.
@@ -742,6 +799,74 @@ TEST_F(EngineTest, StaticQuantizationOfResNet18FoldsBatchNormAndQuantizesEveryCo
   EXPECT_EQ(Count(graph, "quantized::conv2d"), 20u);  // all 20 convolutions of ResNet-18
   EXPECT_EQ(Count(graph, "batch_norm"), 0u);
   EXPECT_EQ(Count(graph, "quantized::add"), 8u);  // the residual adds stay in INT8
+}
+
+TEST_F(EngineTest, OptimizeFreezesFoldsBatchNormAndKeepsTheAnswers) {
+  CompressOptions opts;
+  opts.device = "cpu";
+  opts.input_shape = {1, 3, 64, 64};
+  opts.latency_batches = {1};
+  opts.latency_budget_seconds = 0.05;
+  std::string out = TempPath("r18opt.pt");
+  Report r = Compress(Fixture("resnet18.pt"), {OptimizeSpec{}}, opts, out);
+  ASSERT_EQ(r.steps.size(), 2u);
+  ASSERT_FALSE(r.steps[1].notes.empty());
+  EXPECT_EQ(r.steps[1].notes[0].rfind("frozen for inference: 20 batch norm(s) folded", 0), 0u)
+      << r.steps[1].notes[0];
+  EXPECT_GT(r.steps[1].stats.output_centred_cosine, 0.9999);
+  EXPECT_DOUBLE_EQ(r.steps[1].stats.top1_agreement, 1.0);
+  // The same weights, now graph constants (each batch norm's scale and shift folded into its conv).
+  EXPECT_NEAR(double(r.steps[1].stats.parameters), double(r.steps[0].stats.parameters),
+              0.01 * double(r.steps[0].stats.parameters));
+  auto m = torch::jit::load(out);
+  std::string graph = m.get_method("forward").graph()->toString();
+  EXPECT_EQ(Count(graph, "batch_norm"), 0u) << graph;
+  EXPECT_EQ(m.parameters().size(), 0u);  // frozen: nothing left to train
+  // A frozen model is not frozen again, and nothing trains after it.
+  try {
+    OptimizeForInference(m);
+    FAIL() << "a frozen model was optimized again";
+  } catch (const EngineError& e) {
+    EXPECT_EQ(e.reason(), "OPTIMIZE_FAILED");
+  }
+}
+
+TEST_F(EngineTest, AnalyzeMeasuresEveryLayersLatencyShareAndSensitivity) {
+  CompressOptions opts = QuickOptions();
+  opts.calibration = DatasetInput{"tensors", Fixture("quadrants_train.pt")};
+  std::string out = TempPath("analyzed.pt");
+  Report r = Compress(Fixture("small_cnn_trained.pt"), {AnalyzeSpec{}}, opts, out);
+  ASSERT_EQ(r.steps.size(), 2u);
+  const nlohmann::json& table = r.steps[1].sensitivity;
+  std::string notes;
+  for (const auto& n : r.steps[1].notes) notes += n + "\n";
+  ASSERT_TRUE(table.is_array()) << notes;
+  ASSERT_EQ(table.size(), 4u) << table.dump();
+  const std::vector<std::string> layers{"conv1", "conv2", "fc1", "fc2"};  // execution order
+  double shares = 0, drop25 = 0, drop75 = 0;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const auto& row = table[i];
+    EXPECT_EQ(row["layer"], layers[i]);
+    ASSERT_TRUE(row.contains("latency_share")) << row.dump();
+    EXPECT_GT(row["latency_share"].get<double>(), 0.0);
+    shares += row["latency_share"].get<double>();
+    ASSERT_TRUE(row.contains("int8")) << row.dump();
+    EXPECT_GE(row["int8"].get<double>(), 0.5) << row.dump();  // one layer in INT8 barely moves a trained CNN
+    if (layers[i] == "fc2") {
+      EXPECT_FALSE(row.contains("pruned 0.25")) << "the output layer's channels are the classes";
+      continue;
+    }
+    ASSERT_TRUE(row.contains("pruned 0.25") && row.contains("pruned 0.75")) << row.dump();
+    drop25 += row["pruned 0.25"].get<double>();
+    drop75 += row["pruned 0.75"].get<double>();
+  }
+  EXPECT_GT(shares, 0.3);  // the convolutions and linear layers are most of this CNN's time
+  EXPECT_LE(shares, 1.0);
+  EXPECT_LE(drop75, drop25 + 0.02) << "removing 75% of a group should cost at least what 25% costs";
+  EXPECT_NE(notes.find("accuracy is the top-1 accuracy on 256 eval images"), std::string::npos) << notes;
+  // The model itself is unchanged.
+  EXPECT_DOUBLE_EQ(r.steps[1].stats.top1_agreement, 1.0);
+  EXPECT_EQ(ToJson(r)["sensitivity"], table);
 }
 
 TEST_F(EngineTest, MacsComeFromTheRealShapes) {
@@ -978,6 +1103,55 @@ TEST_F(EngineTest, ChannelPruneKeepsTheStrongestChannels) {
   at::Tensor gamma = Param(m2, "bn.weight").clone();
   auto p2 = ChannelPrune(m2, spec, kCouplingsShape).module;
   EXPECT_TRUE(Param(p2, "bn.weight").equal(gamma.slice(0, 8, 16)));
+}
+
+TEST_F(EngineTest, ChannelPruneTakesAmountsByLayerPattern) {
+  auto m = torch::jit::load(Fixture("resnet18.pt"));
+  m.eval();
+  ChannelPruneSpec spec;
+  spec.amount = 0.25;
+  spec.round_to = 1;
+  spec.amounts = {{"layer4", 0.5}, {"layer4.1.conv1", 0.75}, {"layer1.*.conv1", 0.0}};
+  auto r = ChannelPrune(m, spec, {1, 3, 64, 64});
+  int checked = 0;
+  for (const auto& g : r.groups) {
+    if (!g.prunable) continue;
+    double want = 0.25;
+    if (g.name.rfind("layer4", 0) == 0) want = 0.5;
+    if (g.name == "layer4.1.conv1") want = 0.75;  // the longest matching pattern wins
+    if (g.name.rfind("layer1.", 0) == 0 && g.name.size() > 7 && g.name.substr(g.name.size() - 6) == ".conv1")
+      want = 0;
+    EXPECT_EQ(g.kept, int64_t(std::llround(double(g.channels) * (1 - want)))) << g.name;
+    ++checked;
+  }
+  EXPECT_GE(checked, 8);
+  std::string notes;
+  for (const auto& n : r.notes) notes += n + "\n";
+  EXPECT_NE(notes.find("amounts by layer: "), std::string::npos) << notes;
+  EXPECT_NE(notes.find("layer4 0.50 ("), std::string::npos) << notes;
+  {
+    c10::InferenceMode guard;
+    EXPECT_EQ(r.module.forward({at::randn({2, 3, 64, 64})}).toTensor().sizes(),
+              (std::vector<int64_t>{2, 10}));
+  }
+  // Two patterns on one group (layer2.0.conv2 and the downsample produce the same channels, tied by
+  // the residual add): the longer decides, the other is not an error.
+  spec.amounts = {{"layer2.0.conv2", 0.5}, {"layer2.0.downsample", 0.25}};
+  auto both = ChannelPrune(m, spec, {1, 3, 64, 64});
+  std::string both_notes;
+  for (const auto& n : both.notes) both_notes += n + "\n";
+  EXPECT_NE(both_notes.find("layer2.0.conv2 0.50 (0 groups: a longer pattern decides"), std::string::npos)
+      << both_notes;
+  // A pattern no group has is refused by name.
+  spec.amounts = {{"layer9", 0.5}};
+  try {
+    ChannelPrune(m, spec, {1, 3, 64, 64});
+    FAIL() << "an unknown pattern was accepted";
+  } catch (const EngineError& e) {
+    EXPECT_NE(std::string(e.what()).find("prune.channel.amounts['layer9'] matches no prunable channel group"),
+              std::string::npos)
+        << e.what();
+  }
 }
 
 TEST_F(EngineTest, ChannelPruneRoundsAndScopesAndRefusesBadSpecs) {

@@ -149,6 +149,25 @@ TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
   auto no_target = ToEngineSteps(ParseRecipeJson(R"({"steps":[{"quantize":{"static":{}}}]})").value());
   ASSERT_TRUE(no_target.ok());
   EXPECT_EQ(std::get<engine::StaticQuantSpec>(no_target->at(0)).target, "auto");
+  auto mixed = ToEngineSteps(
+      ParseRecipeJson(R"({"steps":[{"quantize":{"static":{"exclude":["layer4.1.conv2","fc"]}}}]})").value());
+  ASSERT_TRUE(mixed.ok()) << mixed.status().ToString();
+  auto frozen = ToEngineSteps(
+      ParseRecipeJson(R"({"steps":[{"prune":{"channel":{"amount":0.3}}},{"optimize":{}}]})").value());
+  ASSERT_TRUE(frozen.ok()) << frozen.status().ToString();
+  EXPECT_TRUE(std::holds_alternative<engine::OptimizeSpec>(frozen->at(1)));
+  auto analysis = ToEngineSteps(
+      ParseRecipeJson(R"({"steps":[{"analyze":{"pruneAmounts":[0.5],"skipQuantize":true}}]})").value());
+  ASSERT_TRUE(analysis.ok()) << analysis.status().ToString();
+  EXPECT_EQ(std::get<engine::AnalyzeSpec>(analysis->at(0)).prune_amounts, std::vector<double>{0.5});
+  EXPECT_FALSE(std::get<engine::AnalyzeSpec>(analysis->at(0)).quantize);
+  auto by_layer = ToEngineSteps(
+      ParseRecipeJson(R"({"steps":[{"prune":{"channel":{"amount":0.2,"amounts":{"layer4":0.5}}}}]})")
+          .value());
+  ASSERT_TRUE(by_layer.ok()) << by_layer.status().ToString();
+  EXPECT_DOUBLE_EQ(std::get<engine::ChannelPruneSpec>(by_layer->at(0)).amounts.at("layer4"), 0.5);
+  EXPECT_EQ(std::get<engine::StaticQuantSpec>(mixed->at(0)).exclude,
+            (std::vector<std::string>{"layer4.1.conv2", "fc"}));
   // Bad values are refused by field.
   for (const auto& [json, field] : std::vector<std::pair<std::string, std::string>>{
            {R"({"steps":[{"prune":{"channel":{"amount":1.5}}}]})", "steps[0].prune.channel.amount"},
@@ -159,7 +178,31 @@ TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
            {R"({"steps":[{"prune":{"channel":{"amount":0.3,"targetMacs":0.5}}}]})", "amount or targetMacs"},
            {R"({"steps":[{"factorize":{"rankRatio":0.5,"energy":0.9}}]})", "steps[0].factorize"},
            {R"({"steps":[{"factorize":{"energy":1.5}}]})", "steps[0].factorize.energy"},
-           {R"({"steps":[{"quantize":{"static":{"target":"arm"}}}]})", "steps[0].quantize.static.target"}}) {
+           {R"({"steps":[{"quantize":{"static":{"target":"arm"}}}]})", "steps[0].quantize.static.target"},
+           {R"({"steps":[{"quantize":{"static":{"exclude":["fc",""]}}}]})",
+            "steps[0].quantize.static.exclude[1]"},
+           {R"({"steps":[{"quantize":{"static":{"exclude":["layer4..conv"]}}}]})",
+            "steps[0].quantize.static.exclude[0]"},
+           {R"({"steps":[{"quantize":{"static":{"exclude":["fc; rm"]}}}]})",
+            "steps[0].quantize.static.exclude[0]"},
+           {R"({"steps":[{"optimize":{}},{"finetune":{}}]})", "steps[0].optimize must be the last step"},
+           {R"({"steps":[{"analyze":{"pruneAmounts":[0.5,1.0]}}]})", "steps[0].analyze.pruneAmounts[1]"},
+           {R"({"steps":[{"analyze":{"maxLayers":-1}}]})", "steps[0].analyze.maxLayers"},
+           {R"({"steps":[{"analyze":{"pruneAmounts":[0.5,0.5]}}]})",
+            "steps[0].analyze.pruneAmounts[1] repeats"},
+           {R"({"steps":[{"analyze":{"roundTo":999}}]})", "steps[0].analyze.roundTo"},
+           {R"({"steps":[{"quantize":{"static":{"exclude":["fc","fc"]}}}]})",
+            "steps[0].quantize.static.exclude[1] repeats"},
+           {R"({"steps":[{"quantize":{"dynamic":{}}},{"optimize":{}}]})",
+            "steps[1].optimize after steps[0] (quantize.dynamic): a quantized model is frozen already"},
+           {R"({"steps":[{"prune":{"channel":{"amounts":{"layer4":1.5}}}}]})",
+            "steps[0].prune.channel.amounts['layer4']"},
+           {R"({"steps":[{"prune":{"channel":{"amounts":{"a b":0.5}}}}]})",
+            "steps[0].prune.channel.amounts['a b']"},
+           {R"({"steps":[{"prune":{"channel":{"targetMacs":0.5,"amounts":{"layer4":0.5}}}}]})",
+            "amounts cannot be combined with targetMacs"},
+           {R"({"steps":[{"prune":{"channel":{"scope":"GLOBAL","amounts":{"layer4":0.5}}}}]})",
+            "amounts works with the UNIFORM scope"}}) {
     auto r = ToEngineSteps(ParseRecipeJson(json).value());
     EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << json;
     EXPECT_NE(r.status().message().find(field), std::string::npos) << r.status().message();

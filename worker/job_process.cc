@@ -62,6 +62,60 @@ bool OutOfMemory(const std::string& message) {
          message.find("out of memory") != std::string::npos;
 }
 
+namespace {
+
+// The engine's progress as JSON lines on stdout, for the worker; stops when the worker says so.
+// Test hook: while the file PARE_TEST_HOLD_JOB names exists, the job waits in its progress
+// callback once it has reported some progress (so it is RUNNING with progress > 0, and still
+// stops when told to): a test acts on a running job in a known state instead of racing it.
+engine::ProgressFn ProgressPrinter() {
+  const char* hold = std::getenv("PARE_TEST_HOLD_JOB");
+  return [hold, reported = false](const engine::ProgressUpdate& u) mutable {
+    if (u.fraction >= 0) {
+      nlohmann::json line = {{"index", u.step_index},
+                             {"count", u.step_count},
+                             {"step", u.step},
+                             {"fraction", u.fraction},
+                             {"message", u.message}};
+      std::cout << line.dump() << std::endl;
+      reported = reported || u.fraction > 0;
+    }
+    while (hold && reported && !g_child_stop && fs::exists(hold)) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return !g_child_stop;
+  };
+}
+
+// The engine's options for the job: the model's input shapes, the measurement settings and the
+// files the worker fetched (spec.json), progress printed for the worker.
+engine::CompressOptions OptionsFor(const v1::LeasedJob& job, const nlohmann::json& spec) {
+  engine::CompressOptions opts;
+  opts.device = job.device();
+  opts.input_shape.assign(job.input_shape().begin(), job.input_shape().end());
+  for (const auto& more : job.more_input_shapes())
+    opts.more_input_shapes.emplace_back(more.dims().begin(), more.dims().end());
+  opts.latency_batches = spec["latency_batches"].get<std::vector<int>>();
+  opts.latency_budget_seconds = spec["latency_budget"];
+  opts.latency_cache_dir = spec.value("latency_cache_dir", "");
+  opts.model_digest = spec.value("model_digest", "");
+  if (spec.contains("datasets")) {
+    for (const auto& [role, d] : spec["datasets"].items()) {
+      engine::DatasetInput input{d["format"], d["path"]};
+      if (role == "calibration") opts.calibration = input;
+      if (role == "train") opts.train = input;
+      if (role == "eval") opts.eval = input;
+    }
+  }
+  if (spec.contains("models")) {
+    for (const auto& [id, path] : spec["models"].items()) opts.models[id] = path;
+  }
+  opts.progress = ProgressPrinter();
+  return opts;
+}
+
+}  // namespace
+
 int RunJobChild(const std::string& dir) {
   struct sigaction sa {};
   sa.sa_handler = OnChildStop;
@@ -84,46 +138,7 @@ int RunJobChild(const std::string& dir) {
     engine::InitProcess(spec.value("threads", 0), spec.value("quantized_engine", ""));
     auto steps = ToEngineSteps(job.recipe());
     if (!steps.ok()) throw engine::EngineError(steps.status().code(), "BAD_RECIPE", steps.status().message());
-    engine::CompressOptions opts;
-    opts.device = job.device();
-    opts.input_shape.assign(job.input_shape().begin(), job.input_shape().end());
-    for (const auto& more : job.more_input_shapes())
-      opts.more_input_shapes.emplace_back(more.dims().begin(), more.dims().end());
-    opts.latency_batches = spec["latency_batches"].get<std::vector<int>>();
-    opts.latency_budget_seconds = spec["latency_budget"];
-    opts.latency_cache_dir = spec.value("latency_cache_dir", "");
-    opts.model_digest = spec.value("model_digest", "");
-    if (spec.contains("datasets")) {
-      for (const auto& [role, d] : spec["datasets"].items()) {
-        engine::DatasetInput input{d["format"], d["path"]};
-        if (role == "calibration") opts.calibration = input;
-        if (role == "train") opts.train = input;
-        if (role == "eval") opts.eval = input;
-      }
-    }
-    if (spec.contains("models")) {
-      for (const auto& [id, path] : spec["models"].items()) opts.models[id] = path;
-    }
-    // Test hook: while the file PARE_TEST_HOLD_JOB names exists, the job waits in its progress
-    // callback once it has reported some progress (so it is RUNNING with progress > 0, and still
-    // stops when told to): a test acts on a running job in a known state instead of racing it.
-    const char* hold = std::getenv("PARE_TEST_HOLD_JOB");
-    bool reported = false;
-    opts.progress = [&](const engine::ProgressUpdate& u) {
-      if (u.fraction >= 0) {
-        nlohmann::json line = {{"index", u.step_index},
-                               {"count", u.step_count},
-                               {"step", u.step},
-                               {"fraction", u.fraction},
-                               {"message", u.message}};
-        std::cout << line.dump() << std::endl;
-        reported = reported || u.fraction > 0;
-      }
-      while (hold && reported && !g_child_stop && fs::exists(hold)) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      }
-      return !g_child_stop;
-    };
+    engine::CompressOptions opts = OptionsFor(job, spec);
     engine::Report report = engine::Compress(spec["model"], steps.value(), opts, result_path);
     nlohmann::json j = engine::ToJson(report);
     j["job_id"] = job.job_id();

@@ -14,7 +14,6 @@ std::string Upper(std::string s) {
   return s;
 }
 
-// Defaults: 1 epoch, learning rate 0.01, batch 64, SGD.
 // A step's scope field: GLOBAL, or `local` (also what an empty one means).
 Result<bool> GlobalScope(const std::string& where, const std::string& value, const std::string& local) {
   const std::string scope = Upper(value);
@@ -23,6 +22,7 @@ Result<bool> GlobalScope(const std::string& where, const std::string& value, con
   return InvalidArgument(where + ".scope must be " + local + " or GLOBAL, got '" + value + "'");
 }
 
+// Defaults: 1 epoch, learning rate 0.01, batch 64, SGD.
 Result<engine::TrainSpec> ConvertTrain(const std::string& where, int epochs, float lr, int batch,
                                        const std::string& optimizer) {
   engine::TrainSpec t;
@@ -39,157 +39,212 @@ Result<engine::TrainSpec> ConvertTrain(const std::string& where, int epochs, flo
   return t;
 }
 
+Result<engine::StepSpec> ConvertMagnitude(const v1::MagnitudePrune& m, const std::string& where) {
+  if (!(m.amount() >= 0.0f && m.amount() < 1.0f)) {
+    return InvalidArgument(where + ".amount must be in [0, 1), got " + std::to_string(m.amount()));
+  }
+  engine::MagnitudePruneSpec s;
+  s.amount = m.amount();
+  PARE_ASSIGN_OR_RETURN(s.global, GlobalScope(where, m.scope(), "LAYER"));
+  s.include.assign(m.include().begin(), m.include().end());
+  s.exclude.assign(m.exclude().begin(), m.exclude().end());
+  return engine::StepSpec(s);
+}
+
+Result<engine::StepSpec> ConvertNM(const v1::NMPrune& nm, const std::string& where) {
+  if (nm.m() < 2 || nm.m() > 64)
+    return InvalidArgument(where + ".m must be in [2, 64], got " + std::to_string(nm.m()));
+  if (nm.n() < 1 || nm.n() >= nm.m()) {
+    return InvalidArgument(where + ".n must be in [1, m), got " + std::to_string(nm.n()));
+  }
+  return engine::StepSpec(engine::NMPruneSpec{nm.n(), nm.m()});
+}
+
+Result<engine::StepSpec> ConvertChannel(const v1::ChannelPrune& c, const std::string& where) {
+  if (!(c.amount() >= 0.0f && c.amount() < 1.0f)) {
+    return InvalidArgument(where + ".amount must be in [0, 1), got " + std::to_string(c.amount()));
+  }
+  engine::ChannelPruneSpec s;
+  s.amount = c.amount();
+  std::string criterion = Upper(c.criterion());
+  if (!criterion.empty()) s.criterion = criterion;
+  if (!(s.criterion == "L1" || s.criterion == "L2" || s.criterion == "BN_SCALE")) {
+    return InvalidArgument(where + ".criterion must be L1, L2 or BN_SCALE, got '" + c.criterion() + "'");
+  }
+  PARE_ASSIGN_OR_RETURN(s.global, GlobalScope(where, c.scope(), "UNIFORM"));
+  if (c.round_to() < 0 || c.round_to() > 256) {
+    return InvalidArgument(where + ".roundTo must be in [1, 256], got " + std::to_string(c.round_to()));
+  }
+  if (c.round_to() > 0) s.round_to = c.round_to();
+  if (c.target_macs() != 0.0f) {
+    if (!(c.target_macs() > 0.0f && c.target_macs() < 1.0f)) {
+      return InvalidArgument(where + ".targetMacs must be in (0, 1), got " + std::to_string(c.target_macs()));
+    }
+    if (c.amount() != 0.0f) return InvalidArgument(where + ": set amount or targetMacs, not both");
+    s.target_macs = c.target_macs();
+  }
+  if (!c.amounts().empty()) {
+    if (s.global) return InvalidArgument(where + ".amounts works with the UNIFORM scope, not GLOBAL");
+    if (s.target_macs != 0) return InvalidArgument(where + ".amounts cannot be combined with targetMacs");
+    if (c.amounts().size() > 10000) return InvalidArgument(where + ".amounts has more than 10000 patterns");
+    for (const auto& [pattern, amount] : c.amounts()) {
+      const std::string at = where + ".amounts['" + pattern.substr(0, 64) + "']";
+      if (pattern.empty() || pattern.size() > 512 ||
+          pattern.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.*?[]") !=
+              std::string::npos) {
+        return InvalidArgument(at + " is not a layer-name pattern like 'layer4' or 'layer*.conv1'");
+      }
+      if (!(amount >= 0.0f && amount < 1.0f)) {
+        return InvalidArgument(at + " must be in [0, 1), got " + std::to_string(amount));
+      }
+      s.amounts[pattern] = amount;
+    }
+  }
+  return engine::StepSpec(s);
+}
+
+Result<engine::StepSpec> ConvertPrune(const v1::PruneStep& p, const std::string& at) {
+  switch (p.method_case()) {
+    case v1::PruneStep::kMagnitude: return ConvertMagnitude(p.magnitude(), at + ".prune.magnitude");
+    case v1::PruneStep::kNm: return ConvertNM(p.nm(), at + ".prune.nm");
+    case v1::PruneStep::kChannel: return ConvertChannel(p.channel(), at + ".prune.channel");
+    case v1::PruneStep::METHOD_NOT_SET: break;
+  }
+  return InvalidArgument(at + ".prune needs one of magnitude, channel, nm");
+}
+
+Result<engine::StepSpec> ConvertStatic(const v1::StaticQuant& q, const std::string& where) {
+  engine::StaticQuantSpec s;
+  std::string observer = Upper(q.observer());
+  if (!observer.empty()) s.observer = observer;
+  if (!(s.observer == "MINMAX" || s.observer == "MOVING_AVERAGE" || s.observer == "HISTOGRAM" ||
+        s.observer == "PERCENTILE")) {
+    return InvalidArgument(where +
+                           ".observer must be MINMAX, MOVING_AVERAGE, HISTOGRAM or PERCENTILE, got '" +
+                           q.observer() + "'");
+  }
+  if (q.calibration_batches() < 0 || q.calibration_batches() > 10000) {
+    return InvalidArgument(where + ".calibrationBatches must be in [1, 10000]");
+  }
+  if (q.calibration_batches() > 0) s.calibration_batches = q.calibration_batches();
+  s.per_channel = !q.per_tensor_weights();
+  std::string target = q.target();
+  std::transform(target.begin(), target.end(), target.begin(),
+                 [](unsigned char c) { return std::tolower(c); });
+  if (!target.empty()) s.target = target;
+  if (!(s.target == "auto" || s.target == "avx2" || s.target == "vnni")) {
+    return InvalidArgument(where + ".target must be auto, avx2 or vnni, got '" + q.target() + "'");
+  }
+  if (q.exclude_size() > 10000) return InvalidArgument(where + ".exclude has more than 10000 entries");
+  for (int i = 0; i < q.exclude_size(); ++i) {
+    const std::string& path = q.exclude(i);
+    const std::string at = where + ".exclude[" + std::to_string(i) + "]";
+    if (path.empty() || path.size() > 512)
+      return InvalidArgument(at + " must be a module path of 1 to 512 characters");
+    const bool ok_chars =
+        path.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.") ==
+        std::string::npos;
+    if (!ok_chars || path.front() == '.' || path.back() == '.' || path.find("..") != std::string::npos) {
+      return InvalidArgument(at + " is not a module path like 'layer4.1.conv2': '" + path + "'");
+    }
+    if (std::find(s.exclude.begin(), s.exclude.end(), path) != s.exclude.end()) {
+      return InvalidArgument(at + " repeats '" + path + "'");
+    }
+    s.exclude.push_back(path);
+  }
+  return engine::StepSpec(s);
+}
+
+Result<engine::StepSpec> ConvertQuantize(const v1::QuantizeStep& q, const std::string& at) {
+  switch (q.method_case()) {
+    case v1::QuantizeStep::kDynamic: return engine::StepSpec(engine::DynamicQuantSpec{});
+    case v1::QuantizeStep::kStatic: return ConvertStatic(q.static_(), at + ".quantize.static");
+    case v1::QuantizeStep::kFp16: return engine::StepSpec(engine::HalfPrecisionSpec{false});
+    case v1::QuantizeStep::kBf16: return engine::StepSpec(engine::HalfPrecisionSpec{true});
+    case v1::QuantizeStep::METHOD_NOT_SET: break;
+  }
+  return InvalidArgument(at + ".quantize needs one of dynamic, static, fp16, bf16");
+}
+
+Result<engine::StepSpec> ConvertDistill(const v1::DistillStep& d, const std::string& where) {
+  engine::DistillSpec s;
+  for (const auto& [field, id] : {std::pair<const char*, std::string>{"teacherModel", d.teacher_model()},
+                                  {"studentModel", d.student_model()}}) {
+    if (id.size() > 64 || id.find_first_of(" /\\\n") != std::string::npos) {
+      return InvalidArgument(where + "." + field + " is not a model id");
+    }
+  }
+  s.teacher_model = d.teacher_model();
+  s.student_model = d.student_model();
+  PARE_ASSIGN_OR_RETURN(s.train,
+                        ConvertTrain(where, d.epochs(), d.learning_rate(), d.batch_size(), d.optimizer()));
+  s.temperature = d.temperature() == 0 ? 4.0 : d.temperature();
+  s.alpha = d.alpha();
+  if (!(s.temperature > 0 && s.temperature <= 100))
+    return InvalidArgument(where + ".temperature must be in (0, 100]");
+  if (s.alpha < 0 || s.alpha > 1) return InvalidArgument(where + ".alpha must be in [0, 1]");
+  return engine::StepSpec(s);
+}
+
+Result<engine::StepSpec> ConvertFactorize(const v1::FactorizeStep& f, const std::string& where) {
+  engine::FactorizeSpec s;
+  if (f.rank_ratio() != 0 && f.energy() != 0)
+    return InvalidArgument(where + ": give rankRatio or energy, not both");
+  if (f.rank_ratio() != 0 && !(f.rank_ratio() > 0 && f.rank_ratio() <= 1)) {
+    return InvalidArgument(where + ".rankRatio must be in (0, 1], got " + std::to_string(f.rank_ratio()));
+  }
+  if (f.energy() != 0 && !(f.energy() > 0 && f.energy() <= 1)) {
+    return InvalidArgument(where + ".energy must be in (0, 1], got " + std::to_string(f.energy()));
+  }
+  s.rank_ratio = f.rank_ratio();
+  s.energy = f.energy();
+  if (s.rank_ratio == 0 && s.energy == 0) s.rank_ratio = 0.5;
+  return engine::StepSpec(s);
+}
+
+Result<engine::StepSpec> ConvertAnalyze(const v1::AnalyzeStep& a, const std::string& where) {
+  engine::AnalyzeSpec s;
+  if (a.prune_amounts_size() > 8) return InvalidArgument(where + ".pruneAmounts has more than 8 amounts");
+  if (a.prune_amounts_size() > 0) s.prune_amounts.clear();
+  for (int i = 0; i < a.prune_amounts_size(); ++i) {
+    const float v = a.prune_amounts(i);
+    if (!(v > 0.0f && v < 1.0f)) {
+      return InvalidArgument(where + ".pruneAmounts[" + std::to_string(i) + "] must be in (0, 1), got " +
+                             std::to_string(v));
+    }
+    if (std::find(s.prune_amounts.begin(), s.prune_amounts.end(), double(v)) != s.prune_amounts.end()) {
+      return InvalidArgument(where + ".pruneAmounts[" + std::to_string(i) + "] repeats an amount");
+    }
+    s.prune_amounts.push_back(v);
+  }
+  if (a.max_layers() < 0 || a.max_layers() > 1000)
+    return InvalidArgument(where + ".maxLayers must be in [1, 1000]");
+  if (a.max_layers() > 0) s.max_layers = a.max_layers();
+  s.quantize = !a.skip_quantize();
+  s.prune = !a.skip_prune();
+  if (a.round_to() < 0 || a.round_to() > 256) return InvalidArgument(where + ".roundTo must be in [1, 256]");
+  if (a.round_to() > 0) s.round_to = a.round_to();
+  return engine::StepSpec(s);
+}
+
 Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
   switch (step.kind_case()) {
-    case v1::Step::kPrune: {
-      const auto& p = step.prune();
-      switch (p.method_case()) {
-        case v1::PruneStep::kMagnitude: {
-          const auto& m = p.magnitude();
-          const std::string where = at + ".prune.magnitude";
-          if (!(m.amount() >= 0.0f && m.amount() < 1.0f)) {
-            return InvalidArgument(where + ".amount must be in [0, 1), got " + std::to_string(m.amount()));
-          }
-          engine::MagnitudePruneSpec s;
-          s.amount = m.amount();
-          PARE_ASSIGN_OR_RETURN(s.global, GlobalScope(where, m.scope(), "LAYER"));
-          s.include.assign(m.include().begin(), m.include().end());
-          s.exclude.assign(m.exclude().begin(), m.exclude().end());
-          return engine::StepSpec(s);
-        }
-        case v1::PruneStep::kNm: {
-          const auto& nm = p.nm();
-          const std::string where = at + ".prune.nm";
-          if (nm.m() < 2 || nm.m() > 64)
-            return InvalidArgument(where + ".m must be in [2, 64], got " + std::to_string(nm.m()));
-          if (nm.n() < 1 || nm.n() >= nm.m()) {
-            return InvalidArgument(where + ".n must be in [1, m), got " + std::to_string(nm.n()));
-          }
-          return engine::StepSpec(engine::NMPruneSpec{nm.n(), nm.m()});
-        }
-        case v1::PruneStep::kChannel: {
-          const auto& c = p.channel();
-          const std::string where = at + ".prune.channel";
-          if (!(c.amount() >= 0.0f && c.amount() < 1.0f)) {
-            return InvalidArgument(where + ".amount must be in [0, 1), got " + std::to_string(c.amount()));
-          }
-          engine::ChannelPruneSpec s;
-          s.amount = c.amount();
-          std::string criterion = Upper(c.criterion());
-          if (!criterion.empty()) s.criterion = criterion;
-          if (!(s.criterion == "L1" || s.criterion == "L2" || s.criterion == "BN_SCALE")) {
-            return InvalidArgument(where + ".criterion must be L1, L2 or BN_SCALE, got '" + c.criterion() +
-                                   "'");
-          }
-          PARE_ASSIGN_OR_RETURN(s.global, GlobalScope(where, c.scope(), "UNIFORM"));
-          if (c.round_to() < 0 || c.round_to() > 256) {
-            return InvalidArgument(where + ".roundTo must be in [1, 256], got " +
-                                   std::to_string(c.round_to()));
-          }
-          if (c.round_to() > 0) s.round_to = c.round_to();
-          if (c.target_macs() != 0.0f) {
-            if (!(c.target_macs() > 0.0f && c.target_macs() < 1.0f)) {
-              return InvalidArgument(where + ".targetMacs must be in (0, 1), got " +
-                                     std::to_string(c.target_macs()));
-            }
-            if (c.amount() != 0.0f) {
-              return InvalidArgument(where + ": set amount or targetMacs, not both");
-            }
-            s.target_macs = c.target_macs();
-          }
-          return engine::StepSpec(s);
-        }
-        case v1::PruneStep::METHOD_NOT_SET:
-          return InvalidArgument(at + ".prune needs one of magnitude, channel, nm");
-      }
-      break;
-    }
-    case v1::Step::kQuantize: {
-      const auto& q = step.quantize();
-      switch (q.method_case()) {
-        case v1::QuantizeStep::kDynamic: return engine::StepSpec(engine::DynamicQuantSpec{});
-        case v1::QuantizeStep::kStatic: {
-          const auto& q2 = q.static_();
-          const std::string where = at + ".quantize.static";
-          engine::StaticQuantSpec s;
-          std::string observer = Upper(q2.observer());
-          if (!observer.empty()) s.observer = observer;
-          if (!(s.observer == "MINMAX" || s.observer == "MOVING_AVERAGE" || s.observer == "HISTOGRAM" ||
-                s.observer == "PERCENTILE")) {
-            return InvalidArgument(
-                where + ".observer must be MINMAX, MOVING_AVERAGE, HISTOGRAM or PERCENTILE, got '" +
-                q2.observer() + "'");
-          }
-          if (q2.calibration_batches() < 0 || q2.calibration_batches() > 10000) {
-            return InvalidArgument(where + ".calibrationBatches must be in [1, 10000]");
-          }
-          if (q2.calibration_batches() > 0) s.calibration_batches = q2.calibration_batches();
-          s.per_channel = !q2.per_tensor_weights();
-          std::string target = q2.target();
-          std::transform(target.begin(), target.end(), target.begin(),
-                         [](unsigned char c) { return std::tolower(c); });
-          if (!target.empty()) s.target = target;
-          if (!(s.target == "auto" || s.target == "avx2" || s.target == "vnni")) {
-            return InvalidArgument(where + ".target must be auto, avx2 or vnni, got '" + q2.target() + "'");
-          }
-          return engine::StepSpec(s);
-        }
-        case v1::QuantizeStep::kFp16: return engine::StepSpec(engine::HalfPrecisionSpec{false});
-        case v1::QuantizeStep::kBf16: return engine::StepSpec(engine::HalfPrecisionSpec{true});
-        case v1::QuantizeStep::METHOD_NOT_SET:
-          return InvalidArgument(at + ".quantize needs one of dynamic, static, fp16, bf16");
-      }
-      break;
-    }
-    case v1::Step::kDistill: {
-      const auto& d = step.distill();
-      const std::string where = at + ".distill";
-      engine::DistillSpec s;
-      for (const auto& [field, id] : {std::pair<const char*, std::string>{"teacherModel", d.teacher_model()},
-                                      {"studentModel", d.student_model()}}) {
-        if (id.size() > 64 || id.find_first_of(" /\\\n") != std::string::npos) {
-          return InvalidArgument(where + "." + field + " is not a model id");
-        }
-      }
-      s.teacher_model = d.teacher_model();
-      s.student_model = d.student_model();
-      auto train = ConvertTrain(where, d.epochs(), d.learning_rate(), d.batch_size(), d.optimizer());
-      if (!train.ok()) return train.status();
-      s.train = train.value();
-      s.temperature = d.temperature() == 0 ? 4.0 : d.temperature();
-      s.alpha = d.alpha();
-      if (!(s.temperature > 0 && s.temperature <= 100))
-        return InvalidArgument(where + ".temperature must be in (0, 100]");
-      if (s.alpha < 0 || s.alpha > 1) return InvalidArgument(where + ".alpha must be in [0, 1]");
-      return engine::StepSpec(s);
-    }
-    case v1::Step::kFactorize: {
-      const auto& f = step.factorize();
-      const std::string where = at + ".factorize";
-      engine::FactorizeSpec s;
-      if (f.rank_ratio() != 0 && f.energy() != 0) {
-        return InvalidArgument(where + ": give rankRatio or energy, not both");
-      }
-      if (f.rank_ratio() != 0 && !(f.rank_ratio() > 0 && f.rank_ratio() <= 1)) {
-        return InvalidArgument(where + ".rankRatio must be in (0, 1], got " + std::to_string(f.rank_ratio()));
-      }
-      if (f.energy() != 0 && !(f.energy() > 0 && f.energy() <= 1)) {
-        return InvalidArgument(where + ".energy must be in (0, 1], got " + std::to_string(f.energy()));
-      }
-      s.rank_ratio = f.rank_ratio();
-      s.energy = f.energy();
-      if (s.rank_ratio == 0 && s.energy == 0) s.rank_ratio = 0.5;
-      return engine::StepSpec(s);
-    }
+    case v1::Step::kPrune: return ConvertPrune(step.prune(), at);
+    case v1::Step::kQuantize: return ConvertQuantize(step.quantize(), at);
+    case v1::Step::kDistill: return ConvertDistill(step.distill(), at + ".distill");
+    case v1::Step::kFactorize: return ConvertFactorize(step.factorize(), at + ".factorize");
     case v1::Step::kFinetune: {
       const auto& f = step.finetune();
       PARE_ASSIGN_OR_RETURN(auto train, ConvertTrain(at + ".finetune", f.epochs(), f.learning_rate(),
                                                      f.batch_size(), f.optimizer()));
       return engine::StepSpec(engine::FinetuneSpec{train});
     }
+    case v1::Step::kOptimize: return engine::StepSpec(engine::OptimizeSpec{});
+    case v1::Step::kAnalyze: return ConvertAnalyze(step.analyze(), at + ".analyze");
     case v1::Step::KIND_NOT_SET:
-      return InvalidArgument(at +
-                             " is empty: a step needs one of prune, quantize, distill, factorize, finetune");
+      return InvalidArgument(
+          at +
+          " is empty: a step needs one of prune, quantize, distill, factorize, finetune, optimize, analyze");
   }
   return InvalidArgument(at + ": unknown step");
 }
@@ -219,7 +274,38 @@ Result<std::vector<engine::StepSpec>> ToEngineSteps(const v1::Recipe& recipe) {
   std::vector<engine::StepSpec> out;
   for (int i = 0; i < recipe.steps_size(); ++i) {
     PARE_ASSIGN_OR_RETURN(auto r, Convert(recipe.steps(i), "steps[" + std::to_string(i) + "]"));
+    if (std::holds_alternative<engine::OptimizeSpec>(r)) {
+      for (size_t j = 0; j < out.size(); ++j) {
+        if (std::holds_alternative<engine::StaticQuantSpec>(out[j]) ||
+            std::holds_alternative<engine::DynamicQuantSpec>(out[j])) {
+          return InvalidArgument("steps[" + std::to_string(i) + "].optimize after steps[" +
+                                 std::to_string(j) + "] (" + engine::StepName(out[j]) +
+                                 "): a quantized model is frozen already; optimize a float model");
+        }
+      }
+    }
+    if (!out.empty() && std::holds_alternative<engine::OptimizeSpec>(out.back())) {
+      return InvalidArgument(
+          "steps[" + std::to_string(i - 1) +
+          "].optimize must be the last step: a frozen model cannot be pruned, quantized or "
+          "trained further");
+    }
     out.push_back(std::move(r));
+  }
+  return out;
+}
+
+std::vector<ModelReference> ReferencedModels(const v1::Recipe& recipe) {
+  std::vector<ModelReference> out;
+  for (int i = 0; i < recipe.steps_size(); ++i) {
+    const auto& step = recipe.steps(i);
+    if (!step.has_distill()) continue;
+    const std::string at = "recipe.steps[" + std::to_string(i) + "].distill.";
+    for (const auto& [field, id] :
+         {std::pair<const char*, std::string>{"teacherModel", step.distill().teacher_model()},
+          {"studentModel", step.distill().student_model()}}) {
+      if (!id.empty()) out.push_back({at + field, id});
+    }
   }
   return out;
 }
@@ -231,6 +317,8 @@ std::string FirstStepKind(const v1::Recipe& recipe) {
     case v1::Step::kQuantize: return "quantize";
     case v1::Step::kDistill: return "distill";
     case v1::Step::kFactorize: return "factorize";
+    case v1::Step::kOptimize: return "optimize";
+    case v1::Step::kAnalyze: return "analyze";
     case v1::Step::kFinetune: return "finetune";
     default: return "none";
   }

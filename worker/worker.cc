@@ -142,6 +142,44 @@ class Heartbeat {
   std::thread thread_;  // last: it starts once the rest is built
 };
 
+// A fresh folder for one job under `work_dir`; "" when it cannot be made.
+std::string MakeJobFolder(const std::string& work_dir) {
+  std::string dir_template = work_dir + "/pare-job-XXXXXX";
+  std::vector<char> buf(dir_template.begin(), dir_template.end());
+  buf.push_back('\0');
+  return ::mkdtemp(buf.data()) ? std::string(buf.data()) : std::string();
+}
+
+// Passes the job process's progress lines on to the heartbeat, and logs each step's start once.
+class ProgressRelay {
+ public:
+  ProgressRelay(const v1::LeasedJob& job, Heartbeat* heartbeat) : job_(job), heartbeat_(heartbeat) {}
+
+  void operator()(const nlohmann::json& u) {
+    const std::string step = u.value("step", "");
+    if (step != logged_step_) {
+      logged_step_ = step;
+      spdlog::info(Kv({{"msg", "step started"},
+                       {"job", job_.job_id()},
+                       {"model", job_.model_id()},
+                       {"step", step},
+                       {"index", std::to_string(u.value("index", 0))}}));
+    }
+    v1::Progress p;
+    p.set_step_index(u.value("index", 0));
+    p.set_step_count(u.value("count", 0));
+    p.set_step(step);
+    p.set_fraction(u.value("fraction", 0.0f));
+    p.set_message(u.value("message", ""));
+    heartbeat_->SetProgress(p);
+  }
+
+ private:
+  const v1::LeasedJob& job_;
+  Heartbeat* heartbeat_;
+  std::string logged_step_;
+};
+
 }  // namespace
 
 void SetJobError(v1::CompleteHeader& header, v1::JobState state, const std::string& code,
@@ -206,17 +244,14 @@ void Worker::RunJob(const v1::LeasedJob& job) {
                    {"model", job.model_id()},
                    {"step", "original"},
                    {"attempt", std::to_string(job.attempt())}}));
-  std::string dir_template = options_.work_dir + "/pare-job-XXXXXX";
-  std::vector<char> buf(dir_template.begin(), dir_template.end());
-  buf.push_back('\0');
-  if (!::mkdtemp(buf.data())) {
+  const std::string dir = MakeJobFolder(options_.work_dir);
+  if (dir.empty()) {
     v1::CompleteHeader h;
     SetJobError(h, v1::FAILED, "INTERNAL", kReasonWorkerDisk,
                 "the worker cannot create a job folder under " + options_.work_dir);
     Complete(job, h, "");
     return;
   }
-  const std::string dir = buf.data();
   auto heartbeat = std::make_unique<Heartbeat>(stub_.get(), job, options_.heartbeat_seconds,
                                                [this] { return Context(5); });
 
@@ -234,25 +269,7 @@ void Worker::RunJob(const v1::LeasedJob& job) {
     }
     return heartbeat->cancelled() || heartbeat->lease_lost() || handed_back;
   };
-  std::string logged_step;
-  auto on_progress = [&](const nlohmann::json& u) {
-    const std::string step = u.value("step", "");
-    if (step != logged_step) {
-      logged_step = step;
-      spdlog::info(Kv({{"msg", "step started"},
-                       {"job", job_id},
-                       {"model", job.model_id()},
-                       {"step", step},
-                       {"index", std::to_string(u.value("index", 0))}}));
-    }
-    v1::Progress p;
-    p.set_step_index(u.value("index", 0));
-    p.set_step_count(u.value("count", 0));
-    p.set_step(step);
-    p.set_fraction(u.value("fraction", 0.0f));
-    p.set_message(u.value("message", ""));
-    heartbeat->SetProgress(p);
-  };
+  ProgressRelay on_progress(job, heartbeat.get());
 
   v1::CompleteHeader header;
   std::string result_path;

@@ -1,5 +1,7 @@
 #include "worker/engine/channel_internal.h"
 
+#include <fnmatch.h>
+
 #include <torch/csrc/jit/api/function_impl.h>
 #include <torch/csrc/jit/ir/constants.h>
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
@@ -139,11 +141,154 @@ std::vector<int64_t> KeptCounts(const Prepared& p, const ChannelPruneSpec& spec,
       }
     }
   } else {
+    const std::vector<double> amounts = GroupAmounts(p, spec);
     for (size_t i = 0; i < scores.size(); ++i) {
-      if (scores[i].defined()) kept[i] = round(i, double(p.groups[i].size) * (1.0 - spec.amount));
+      if (scores[i].defined()) kept[i] = round(i, double(p.groups[i].size) * (1.0 - amounts[i]));
     }
   }
   return kept;
+}
+
+namespace {
+
+// The layers whose output channels a group is: its producers' paths.
+std::vector<std::string> Producers(const Group& g) {
+  std::vector<std::string> out;
+  for (const auto& m : g.members) {
+    if ((m.role == Role::kOut || m.role == Role::kDepthwise) && !m.params.empty() && m.params[0].size() > 1) {
+      out.push_back(Join(Path(m.params[0].begin(), m.params[0].end() - 1)));
+    }
+  }
+  return out;
+}
+
+bool Matches(const std::string& pattern, const std::string& layer) {
+  if (layer == pattern) return true;
+  if (layer.size() > pattern.size() && layer.compare(0, pattern.size(), pattern) == 0 &&
+      layer[pattern.size()] == '.')
+    return true;
+  return pattern.find_first_of("*?[") != std::string::npos &&
+         ::fnmatch(pattern.c_str(), layer.c_str(), 0) == 0;
+}
+
+}  // namespace
+
+std::vector<double> GroupAmounts(const Prepared& p, const ChannelPruneSpec& spec,
+                                 std::vector<std::string>* notes) {
+  std::vector<double> out(p.groups.size(), spec.amount);
+  if (spec.amounts.empty()) return out;
+  std::map<std::string, int> taken;  // pattern -> prunable groups it decided
+  std::set<std::string> matched;     // patterns that match a prunable group's producer
+  for (const auto& [pattern, amount] : spec.amounts) taken[pattern] = 0;
+  for (size_t i = 0; i < p.groups.size(); ++i) {
+    const std::string* best = nullptr;
+    for (const std::string& layer : Producers(p.groups[i])) {
+      for (const auto& [pattern, amount] : spec.amounts) {
+        if (!Matches(pattern, layer)) continue;
+        if (!p.groups[i].blocked) matched.insert(pattern);
+        if (!best || pattern.size() > best->size()) best = &pattern;
+      }
+    }
+    if (!best) continue;
+    out[i] = spec.amounts.at(*best);
+    if (!p.groups[i].blocked) ++taken[*best];
+  }
+  std::string summary;
+  for (const auto& [pattern, n] : taken) {
+    if (!matched.count(pattern)) {
+      std::string some;
+      for (size_t i = 0, shown = 0; i < p.groups.size() && shown < 6; ++i) {
+        if (p.groups[i].blocked) continue;
+        some += (some.empty() ? "" : ", ") + p.groups[i].name;
+        ++shown;
+      }
+      throw EngineError(
+          Code::kInvalidArgument, "BAD_RECIPE",
+          "prune.channel.amounts['" + pattern +
+              "'] matches no prunable channel group (groups: " + (some.empty() ? "none" : some) + ", ...)");
+    }
+    summary += (summary.empty() ? "" : ", ") + pattern + " " +
+               std::to_string(spec.amounts.at(pattern)).substr(0, 4) + " (" + std::to_string(n) + " group" +
+               (n == 1 ? "" : "s") + (n == 0 ? ": a longer pattern decides the groups it matches" : "") + ")";
+  }
+  if (notes) {
+    notes->push_back("amounts by layer: " + summary + "; the other groups " +
+                     std::to_string(spec.amount).substr(0, 4));
+  }
+  return out;
+}
+
+Prepared Copy(const Prepared& p) {
+  Prepared q = p;
+  q.module = p.module.clone();
+  q.graph = q.module.get_method("forward").graph();
+  // The clone's forward graph is a copy of the inlined one: the same nodes in the same order.
+  std::vector<Node*> from, to;
+  ForEachNode(p.graph->block(), [&](Node* n) { from.push_back(n); });
+  ForEachNode(q.graph->block(), [&](Node* n) { to.push_back(n); });
+  if (from.size() != to.size()) {
+    throw EngineError(Code::kInternal, "CHANNEL_PRUNE", "a copy of the pruned model's graph differs from it");
+  }
+  std::unordered_map<Node*, Node*> moved;
+  for (size_t i = 0; i < from.size(); ++i) moved[from[i]] = to[i];
+  auto move = [&](Node*& n) {
+    if (n) n = moved.at(n);
+  };
+  for (auto& g : q.groups) {
+    for (auto& m : g.members) move(m.conv);
+  }
+  for (auto& f : q.fixups) move(f.node);
+  return q;
+}
+
+// `x.view(-1, 320)`: a size list of its own for each such view, with the new extent.
+static void RewriteSizeConstants(Prepared& p, const std::vector<int64_t>& kept) {
+  for (const auto& f : p.fixups) {
+    int64_t extent = 0;
+    bool changed = false;
+    for (const auto& [group, channels, factor] : f.parts) {
+      const int64_t k = group < 0 ? channels : kept[static_cast<size_t>(group)];
+      changed |= k != channels;
+      extent += k * factor;
+    }
+    if (!changed) continue;
+    torch::jit::WithInsertPoint guard(f.node);
+    Value* size = f.node->input(1);
+    Value* fresh = nullptr;
+    if (size->node()->kind() == prim::ListConstruct) {
+      std::vector<Value*> items(size->node()->inputs().begin(), size->node()->inputs().end());
+      items[1] = p.graph->insertConstant(extent);
+      fresh = p.graph->insertNode(p.graph->createList(c10::IntType::get(), items))->output();
+    } else {
+      std::vector<int64_t> items = torch::jit::toIValue(size)->toIntVector();
+      items[1] = extent;
+      fresh = p.graph->insertConstant(items);
+    }
+    f.node->replaceInput(1, fresh);
+  }
+}
+
+// What is wrong with the cut model: "" when it runs in both modes (training mode where the
+// original ran in it) and returns outputs of the original's shapes.
+static std::string CheckStillRuns(Prepared& p) {
+  std::vector<Shape> want, got;
+  OutputShapes(p.reference, want);
+  try {
+    torch::NoGradGuard no_grad;
+    std::vector<c10::IValue> args(p.probe.begin(), p.probe.end());
+    OutputShapes(p.module.forward(args), got);
+    if (p.train_ok) {
+      torch::jit::Module clone = p.module.clone();
+      clone.train();
+      clone.forward(args);
+    }
+  } catch (const std::exception& e) {
+    std::string msg = ErrorText(e);
+    while (!msg.empty() && msg.back() == '\n') msg.pop_back();
+    return msg.substr(msg.rfind('\n') == std::string::npos ? 0 : msg.rfind('\n') + 1, 300);
+  }
+  if (want != got) return "the output shapes changed";
+  return "";
 }
 
 // Cuts every group to its kept count (the strongest channels stay) in `p` and rewrites the
@@ -212,50 +357,8 @@ std::string Apply(Prepared& p, const std::vector<int64_t>& kept, const std::stri
     torch::jit::WithInsertPoint guard(node);
     node->replaceInput(input, p.graph->insertConstant(value));
   }
-  // `x.view(-1, 320)`: a size list of its own for each such view, with the new extent.
-  for (const auto& f : p.fixups) {
-    int64_t extent = 0;
-    bool changed = false;
-    for (const auto& [group, channels, factor] : f.parts) {
-      const int64_t k = group < 0 ? channels : kept[static_cast<size_t>(group)];
-      changed |= k != channels;
-      extent += k * factor;
-    }
-    if (!changed) continue;
-    torch::jit::WithInsertPoint guard(f.node);
-    Value* size = f.node->input(1);
-    Value* fresh = nullptr;
-    if (size->node()->kind() == prim::ListConstruct) {
-      std::vector<Value*> items(size->node()->inputs().begin(), size->node()->inputs().end());
-      items[1] = p.graph->insertConstant(extent);
-      fresh = p.graph->insertNode(p.graph->createList(c10::IntType::get(), items))->output();
-    } else {
-      std::vector<int64_t> items = torch::jit::toIValue(size)->toIntVector();
-      items[1] = extent;
-      fresh = p.graph->insertConstant(items);
-    }
-    f.node->replaceInput(1, fresh);
-  }
-
-  // The result must run, in both modes, and return what the original returned.
-  std::vector<Shape> want, got;
-  OutputShapes(p.reference, want);
-  try {
-    torch::NoGradGuard no_grad;
-    std::vector<c10::IValue> args(p.probe.begin(), p.probe.end());
-    OutputShapes(p.module.forward(args), got);
-    if (p.train_ok) {
-      torch::jit::Module clone = p.module.clone();
-      clone.train();
-      clone.forward(args);
-    }
-  } catch (const std::exception& e) {
-    std::string msg = ErrorText(e);
-    while (!msg.empty() && msg.back() == '\n') msg.pop_back();
-    return msg.substr(msg.rfind('\n') == std::string::npos ? 0 : msg.rfind('\n') + 1, 300);
-  }
-  if (want != got) return "the output shapes changed";
-  return "";
+  RewriteSizeConstants(p, kept);
+  return CheckStillRuns(p);
 }
 
 }  // namespace pare::engine::channels

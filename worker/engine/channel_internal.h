@@ -102,6 +102,17 @@ std::vector<ChannelGroup> Describe(const std::vector<Group>& groups, const std::
 // Kept counts per group (the group's size where nothing is cut) and channel scores.
 std::vector<int64_t> KeptCounts(const Prepared& p, const ChannelPruneSpec& spec, bool& fell_back);
 
+// The amount each group loses: spec.amounts' longest pattern that matches one of the group's
+// producing layers, else spec.amount. BAD_RECIPE for a pattern that matches no prunable group.
+// `notes` (when given) gets which pattern took how many groups.
+std::vector<double> GroupAmounts(const Prepared& p, const ChannelPruneSpec& spec,
+                                 std::vector<std::string>* notes = nullptr);
+
+// A copy of `p` with a module and graph of its own (a deep clone, the analysis' node pointers
+// moved to the copy's graph), so that Apply may cut the copy and leave `p` as it was: one
+// analysis serves many cuts (the MACs-budget search).
+Prepared Copy(const Prepared& p);
+
 // Cuts every group to its kept count in `p` and rewrites the graph; returns "" or what broke.
 std::string Apply(Prepared& p, const std::vector<int64_t>& kept, const std::string& criterion);
 

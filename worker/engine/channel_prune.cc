@@ -18,6 +18,7 @@
 #include "worker/engine/channel_internal.h"
 #include "worker/engine/error.h"
 #include "worker/engine/graph_edit.h"
+#include "worker/engine/isolate.h"
 #include "worker/engine/macs.h"
 #include "worker/engine/model_util.h"
 
@@ -26,8 +27,7 @@ namespace {
 
 using namespace channels;  // NOLINT: this file is channel pruning's front
 
-ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const ChannelPruneSpec& spec,
-                                 const std::vector<int64_t>& input_shape, const InputShapes& more) {
+void CheckSpec(const ChannelPruneSpec& spec) {
   if (!(spec.amount >= 0 && spec.amount < 1)) {
     throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel amount must be in [0, 1)");
   }
@@ -38,92 +38,70 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
   if (spec.round_to < 1 || spec.round_to > 256) {
     throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel roundTo must be in [1, 256]");
   }
-  Prepared p = Prepare(module, input_shape, more);
-  bool fell_back = false;
-  std::vector<int64_t> kept = KeptCounts(p, spec, fell_back);
-  std::string error = Apply(p, kept, spec.criterion);
-  if (!error.empty()) {
-    // Some group's cut broke the model in a way the analysis did not foresee (a size computed
-    // from a constant channel count, say). Find the groups whose cut breaks it, one at a time
-    // (the smallest failing prefix of the cut groups, by bisection), leave them intact with
-    // the error, and prune the rest. The analysis is deterministic, so every trial starts
-    // from a fresh Prepare with the same groups.
-    std::vector<size_t> cut;
-    for (size_t i = 0; i < kept.size(); ++i) {
-      if (kept[i] < p.groups[i].size) cut.push_back(i);
-    }
-    std::vector<size_t> allowed;
-    std::map<size_t, std::string> culprits;
-    int trials = 0;
-    auto attempt = [&](const std::vector<size_t>& with) {
-      Prepared q = Prepare(module, input_shape, more);
-      std::vector<int64_t> k(q.groups.size());
-      for (size_t i = 0; i < k.size(); ++i) k[i] = q.groups[i].size;
-      for (size_t i : with) k[i] = kept[i];
-      ++trials;
-      return Apply(q, k, spec.criterion);
-    };
-    size_t start = 0;
-    std::string last = error;
-    while (start < cut.size() && trials < 64) {
-      // allowed + cut[start, hi) breaks, allowed + cut[start, lo) does not.
-      size_t lo = start, hi = cut.size();
-      while (hi - lo > 1 && trials < 64) {
-        size_t mid = (lo + hi) / 2;
-        std::vector<size_t> with = allowed;
-        with.insert(with.end(), cut.begin() + static_cast<long>(start), cut.begin() + static_cast<long>(mid));
-        std::string e = attempt(with);
-        if (e.empty())
-          lo = mid;
-        else {
-          hi = mid;
-          last = e;
-        }
-      }
-      culprits[cut[hi - 1]] = last;
-      allowed.insert(allowed.end(), cut.begin() + static_cast<long>(start),
-                     cut.begin() + static_cast<long>(hi - 1));
-      start = hi;
-      if (start >= cut.size()) break;
-      std::vector<size_t> with = allowed;
-      with.insert(with.end(), cut.begin() + static_cast<long>(start), cut.end());
-      last = attempt(with);
-      if (last.empty()) {
-        allowed = with;
-        start = cut.size();
-      }
-    }
-    p = Prepare(module, input_shape, more);
-    std::vector<int64_t> k(p.groups.size());
-    for (size_t i = 0; i < k.size(); ++i) k[i] = p.groups[i].size;
-    for (size_t i : allowed) k[i] = kept[i];
-    error = Apply(p, k, spec.criterion);
-    if (!error.empty()) {
-      throw EngineError(
-          Code::kInternal, "CHANNEL_PRUNE_BROKE",
-          "channel pruning produced an inconsistent model (" + error +
-              ") and leaving the groups that broke it intact did not help; this is a bug in Pare's "
-              "analysis for this architecture, please report it");
-    }
-    for (size_t i = 0; i < p.groups.size(); ++i) {
-      if (k[i] < kept[i] || (k[i] == p.groups[i].size && kept[i] < p.groups[i].size)) {
-        p.groups[i].blocked = true;
-        auto c = culprits.find(i);
-        p.groups[i].why = c != culprits.end() ? "cutting it broke the model: " + c->second
-                                              : "not tried after " + std::to_string(trials) + " trials";
-      }
-    }
-    kept = k;
-  }
+}
 
-  ChannelPruneResult result;
-  result.module = p.module;
-  result.groups = Describe(p.groups, kept);
+// Some group's cut broke the model in a way the analysis did not foresee (a size computed from a
+// constant channel count, say). Finds the groups whose cut breaks it, one at a time (the smallest
+// failing prefix of the cut groups, by bisection), leaves them intact with the error, and prunes
+// the rest: `p` becomes that model and `kept` its counts. The analysis is deterministic, so every
+// trial starts from a fresh Prepare with the same groups.
+void CutAroundBreakingGroups(const torch::jit::Module& module, const ChannelPruneSpec& spec,
+                             const std::vector<int64_t>& input_shape, const InputShapes& more, Prepared& p,
+                             std::vector<int64_t>& kept, std::string error) {
+  std::vector<size_t> cut;
+  for (size_t i = 0; i < kept.size(); ++i) {
+    if (kept[i] < p.groups[i].size) cut.push_back(i);
+  }
+  // A fresh model with only the groups in `with` cut.
+  auto prepare_with = [&](const std::vector<size_t>& with, std::vector<int64_t>& k) {
+    Prepared q = Prepare(module, input_shape, more);
+    k.resize(q.groups.size());
+    for (size_t i = 0; i < k.size(); ++i) k[i] = q.groups[i].size;
+    for (size_t i : with) k[i] = kept[i];
+    return q;
+  };
+  auto groups_of = [&](const std::vector<size_t>& items) {
+    std::vector<size_t> out;
+    for (size_t i : items) out.push_back(cut[i]);
+    return out;
+  };
+  const Isolated found = IsolateFailures(cut.size(), error, 64, [&](const std::vector<size_t>& with) {
+    std::vector<int64_t> k;
+    Prepared q = prepare_with(groups_of(with), k);
+    return Apply(q, k, spec.criterion);
+  });
+  std::map<size_t, std::string> culprits;
+  for (const auto& [item, why] : found.culprits) culprits[cut[item]] = why;
+  const int trials = found.trials;
+  const std::vector<size_t> allowed = groups_of(found.allowed);
+  std::vector<int64_t> k;
+  p = prepare_with(allowed, k);
+  error = Apply(p, k, spec.criterion);
+  if (!error.empty()) {
+    throw EngineError(
+        Code::kInternal, "CHANNEL_PRUNE_BROKE",
+        "channel pruning produced an inconsistent model (" + error +
+            ") and leaving the groups that broke it intact did not help; this is a bug in Pare's "
+            "analysis for this architecture, please report it");
+  }
+  for (size_t i = 0; i < p.groups.size(); ++i) {
+    if (k[i] < kept[i] || (k[i] == p.groups[i].size && kept[i] < p.groups[i].size)) {
+      p.groups[i].blocked = true;
+      auto c = culprits.find(i);
+      p.groups[i].why = c != culprits.end() ? "cutting it broke the model: " + c->second
+                                            : "not tried after " + std::to_string(trials) + " trials";
+    }
+  }
+  kept = k;
+}
+
+// "channel groups: G, pruned P; channels A -> B", then the groups left intact, named
+// together by reason (reasons in order of first appearance).
+std::vector<std::string> SummaryNotes(const std::vector<ChannelGroup>& groups) {
   int64_t before = 0, after = 0, pruned = 0;
-  // Groups left intact for the same reason are named together, reasons in order of first appearance.
   std::vector<std::pair<std::string, std::vector<std::string>>> intact;
   size_t intact_count = 0;
-  for (const auto& g : result.groups) {
+  for (const auto& g : groups) {
     before += g.channels;
     after += g.kept;
     if (g.kept < g.channels) ++pruned;
@@ -134,9 +112,9 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
     same->second.push_back(g.name);
     ++intact_count;
   }
-  result.notes.push_back("channel groups: " + std::to_string(result.groups.size()) + ", pruned " +
-                         std::to_string(pruned) + "; channels " + std::to_string(before) + " -> " +
-                         std::to_string(after));
+  std::vector<std::string> notes{"channel groups: " + std::to_string(groups.size()) + ", pruned " +
+                                 std::to_string(pruned) + "; channels " + std::to_string(before) + " -> " +
+                                 std::to_string(after)};
   if (!intact.empty()) {
     std::string s = "left intact (" + std::to_string(intact_count) + "): ";
     for (size_t r = 0; r < intact.size() && r < 8; ++r) {
@@ -147,13 +125,37 @@ ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const Channel
       s += (r ? "; " : "") + who + " (" + intact[r].first + ")";
     }
     if (intact.size() > 8) s += "; " + std::to_string(intact.size() - 8) + " more reasons";
-    result.notes.push_back(s);
+    notes.push_back(s);
   }
+  return notes;
+}
+
+// Prunes by `spec.amount` a copy of `base`, the analysis of `module`.
+ChannelPruneResult PruneAnalysed(const torch::jit::Module& module, const Prepared& base,
+                                 const ChannelPruneSpec& spec, const std::vector<int64_t>& input_shape,
+                                 const InputShapes& more) {
+  CheckSpec(spec);
+  Prepared p = Copy(base);
+  bool fell_back = false;
+  std::vector<int64_t> kept = KeptCounts(p, spec, fell_back);
+  std::string error = Apply(p, kept, spec.criterion);
+  if (!error.empty()) CutAroundBreakingGroups(module, spec, input_shape, more, p, kept, error);
+  ChannelPruneResult result;
+  result.module = p.module;
+  result.groups = Describe(p.groups, kept);
+  result.notes = SummaryNotes(result.groups);
+  if (!spec.amounts.empty()) GroupAmounts(base, spec, &result.notes);
   if (fell_back)
     result.notes.push_back("groups without batch norm were ranked by the L1 norm instead of BN_SCALE");
   if (!p.train_ok)
     result.notes.push_back("the model does not run in training mode, so only eval mode was checked");
   return result;
+}
+
+ChannelPruneResult PruneByAmount(const torch::jit::Module& module, const ChannelPruneSpec& spec,
+                                 const std::vector<int64_t>& input_shape, const InputShapes& more) {
+  CheckSpec(spec);
+  return PruneAnalysed(module, Prepare(module, input_shape, more), spec, input_shape, more);
 }
 
 double Macs(const torch::jit::Module& module, const std::vector<int64_t>& input_shape,
@@ -186,11 +188,14 @@ ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelP
   }
   const double original = Macs(module, input_shape, more);
   const double want = spec.target_macs * original;
-  // Removing more channels never adds MACs, up to rounding: bisect on the amount.
+  // Removing more channels never adds MACs, up to rounding: bisect on the amount. Every candidate
+  // is cut from one analysis of the model (Copy), not analysed again.
   ChannelPruneSpec s = spec;
   s.target_macs = 0;
   s.amount = 0.95;
-  ChannelPruneResult best = PruneByAmount(module, s, input_shape, more);
+  CheckSpec(s);
+  const Prepared base = Prepare(module, input_shape, more);
+  ChannelPruneResult best = PruneAnalysed(module, base, s, input_shape, more);
   double best_macs = Macs(best.module, input_shape, more);
   if (best_macs > want) {
     throw EngineError(Code::kInvalidArgument, "TARGET_UNREACHABLE",
@@ -202,7 +207,7 @@ ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelP
   double lo = 0.0, hi = s.amount;
   while (hi - lo > 0.005) {
     s.amount = 0.5 * (lo + hi);
-    ChannelPruneResult r = PruneByAmount(module, s, input_shape, more);
+    ChannelPruneResult r = PruneAnalysed(module, base, s, input_shape, more);
     double macs = Macs(r.module, input_shape, more);
     if (macs <= want) {
       hi = s.amount;
@@ -216,6 +221,33 @@ ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelP
                                             Fixed(hi, 3) + (spec.global ? " (global)" : " (uniform)") +
                                             " keeps " + Fixed(best_macs / original, 3) + " of the MACs");
   return best;
+}
+
+struct ChannelPruner::State {
+  torch::jit::Module module;
+  std::vector<int64_t> input_shape;
+  InputShapes more;
+  Prepared base;
+};
+
+ChannelPruner::ChannelPruner(const torch::jit::Module& module, const std::vector<int64_t>& input_shape,
+                             const InputShapes& more)
+    : state_(std::make_unique<State>(State{module, input_shape, more, Prepare(module, input_shape, more)})) {}
+
+ChannelPruner::~ChannelPruner() = default;
+
+std::vector<ChannelGroup> ChannelPruner::Groups() const {
+  std::vector<int64_t> sizes;
+  for (const auto& g : state_->base.groups) sizes.push_back(g.size);
+  return Describe(state_->base.groups, sizes);
+}
+
+ChannelPruneResult ChannelPruner::Prune(const ChannelPruneSpec& spec) const {
+  if (spec.target_macs != 0) {
+    throw EngineError(Code::kInternal, "CHANNEL_PRUNE",
+                      "ChannelPruner::Prune takes an amount, not targetMacs");
+  }
+  return PruneAnalysed(state_->module, state_->base, spec, state_->input_shape, state_->more);
 }
 
 }  // namespace pare::engine

@@ -7,6 +7,7 @@
 // the analysis does not understand is left intact and named in the notes.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -41,5 +42,22 @@ struct ChannelPruneResult {
 ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelPruneSpec& spec,
                                 const std::vector<int64_t>& input_shape,
                                 const std::vector<std::vector<int64_t>>& more_inputs = {});
+
+// One analysis of a model serving many prunes of it (a sensitivity analysis prunes each group
+// alone at several amounts): each Prune cuts a copy, the analysis is not run again.
+class ChannelPruner {
+ public:
+  ChannelPruner(const torch::jit::Module& module, const std::vector<int64_t>& input_shape,
+                const std::vector<std::vector<int64_t>>& more_inputs = {});
+  ~ChannelPruner();
+  // The groups as found, nothing cut (kept == channels).
+  std::vector<ChannelGroup> Groups() const;
+  // As ChannelPrune with an amount (not targetMacs).
+  ChannelPruneResult Prune(const ChannelPruneSpec& spec) const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
 
 }  // namespace pare::engine

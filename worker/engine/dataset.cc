@@ -184,7 +184,8 @@ c10::IValue LoadOneItemDict(const std::vector<char>& bytes) {
   return unpickler.parse_ivalue();
 }
 
-Dataset LoadTensors(const std::string& path) {
+// The dict a torch.save file holds; BAD_DATASET when it is no such file or not a dict.
+c10::impl::GenericDict ReadTensorsFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) Bad(path, "cannot be opened");
   std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -203,9 +204,35 @@ Dataset LoadTensors(const std::string& path) {
   }
   if (!value.isGenericDict())
     Bad(path, "holds " + value.tagKind() + ", expected a dict with 'images' and 'labels'");
+  return value.toGenericDict();
+}
+
+// Images as float (uint8 ones scaled to [0, 1]), contiguous.
+at::Tensor AsFloatImages(const std::string& path, const std::string& key, const at::Tensor& t) {
+  if (t.scalar_type() == at::kByte) return t.to(at::kFloat).div_(255.0).contiguous();
+  if (!t.is_floating_point()) {
+    Bad(path, "'" + key + "' has dtype " + std::string(c10::toString(t.scalar_type())) +
+                  ", expected float or uint8");
+  }
+  return t.to(at::kFloat).contiguous();
+}
+
+// "'a', 'b', ..." for a message about a dict's keys.
+std::string KeyList(const c10::impl::GenericDict& dict) {
+  std::string keys;
+  for (const auto& kv : dict) {
+    if (keys.size() > 200) return keys + ", ...";
+    keys += (keys.empty() ? "" : ", ") +
+            (kv.key().isString() ? "'" + kv.key().toStringRef() + "'" : kv.key().tagKind());
+  }
+  return keys.empty() ? std::string("none") : keys;
+}
+
+Dataset LoadTensors(const std::string& path) {
+  const c10::impl::GenericDict dict = ReadTensorsFile(path);
   Dataset ds;
   std::map<int, at::Tensor> more;  // "images_<i>": forward's further inputs
-  for (const auto& kv : value.toGenericDict()) {
+  for (const auto& kv : dict) {
     if (!kv.key().isString()) continue;
     const std::string& k = kv.key().toStringRef();
     int index = 0;
@@ -226,58 +253,33 @@ Dataset LoadTensors(const std::string& path) {
       (k == "images" ? ds.images : ds.labels) = kv.value().toTensor();
   }
   if (!ds.images.defined()) {
-    std::string keys;
-    for (const auto& kv : value.toGenericDict()) {
-      if (keys.size() > 200) {
-        keys += ", ...";
-        break;
-      }
-      keys += (keys.empty() ? "" : ", ") +
-              (kv.key().isString() ? "'" + kv.key().toStringRef() + "'" : kv.key().tagKind());
-    }
-    Bad(path, "has no 'images' tensor (its keys: " + (keys.empty() ? std::string("none") : keys) +
+    Bad(path, "has no 'images' tensor (its keys: " + KeyList(dict) +
                   "; a tensors file is a dict of 'images', N first, and optionally 'labels')");
   }
-  at::Tensor images = ds.images;
-  if (images.dim() < 2 || images.dim() > 6) {
+  if (ds.images.dim() < 2 || ds.images.dim() > 6) {
     Bad(path,
-        "'images' has " + std::to_string(images.dim()) +
+        "'images' has " + std::to_string(ds.images.dim()) +
             " dimensions, expected 2 to 6, batch first (N x C x H x W for images, N x C x L for signals)");
   }
-  ds.rank3_ambiguous = images.dim() == 3;
-  if (images.size(0) == 0) Bad(path, "'images' is empty");
-  if (images.scalar_type() == at::kByte) {
-    images = images.to(at::kFloat).div_(255.0);
-  } else if (images.is_floating_point()) {
-    images = images.to(at::kFloat);
-  } else {
-    Bad(path, "'images' has dtype " + std::string(c10::toString(images.scalar_type())) +
-                  ", expected float or uint8");
-  }
-  ds.images = images.contiguous();
+  ds.rank3_ambiguous = ds.images.dim() == 3;
+  const int64_t n = ds.images.size(0);
+  if (n == 0) Bad(path, "'images' is empty");
+  ds.images = AsFloatImages(path, "images", ds.images);
   for (const auto& [index, t] : more) {
     const std::string key = "images_" + std::to_string(index);
     if (index != static_cast<int>(ds.more_images.size()) + 1)
       Bad(path, "has '" + key + "' without the ones before it");
-    if (t.dim() < 2 || t.size(0) != images.size(0)) {
-      Bad(path, "'" + key + "' must have one entry per image (" + std::to_string(images.size(0)) +
-                    "), batch first");
+    if (t.dim() < 2 || t.size(0) != n) {
+      Bad(path, "'" + key + "' must have one entry per image (" + std::to_string(n) + "), batch first");
     }
-    if (t.scalar_type() == at::kByte)
-      ds.more_images.push_back(t.to(at::kFloat).div_(255.0).contiguous());
-    else if (t.is_floating_point())
-      ds.more_images.push_back(t.to(at::kFloat).contiguous());
-    else
-      Bad(path, "'" + key + "' has dtype " + std::string(c10::toString(t.scalar_type())) +
-                    ", expected float or uint8");
+    ds.more_images.push_back(AsFloatImages(path, key, t));
   }
   if (ds.labels.defined()) {
-    if (ds.labels.dim() != 1 || ds.labels.size(0) != images.size(0)) {
-      Bad(path, "'labels' must be one label per image (" + std::to_string(images.size(0)) + ")");
+    if (ds.labels.dim() != 1 || ds.labels.size(0) != n) {
+      Bad(path, "'labels' must be one label per image (" + std::to_string(n) + ")");
     }
-    if (ds.labels.is_floating_point() || ds.labels.scalar_type() == at::kBool) {
+    if (ds.labels.is_floating_point() || ds.labels.scalar_type() == at::kBool)
       Bad(path, "'labels' must be integers");
-    }
     ds.labels = ds.labels.to(at::kLong);
     if (ds.labels.min().item<int64_t>() < 0) Bad(path, "'labels' has negative values");
   }

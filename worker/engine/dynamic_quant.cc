@@ -172,6 +172,55 @@ struct Rewriter {
     return true;
   }
 
+  // Why an nn.LSTM / nn.GRU stays float ("" when each instance can be quantized): the layout they
+  // keep is weight_ih_l{k}{_reverse}, weight_hh_…, bias_ih_…, bias_hh_…, as float matrices.
+  static std::string WhyKeptFloat(const std::vector<Obj>& objs, bool is_lstm, int64_t gates) {
+    for (const Obj& o : objs) {
+      for (const char* a : {"num_layers", "bidirectional", "hidden_size"}) {
+        if (Field(o, a).isNone())
+          return std::string(" without nn.") + (is_lstm ? "LSTM" : "GRU") + "'s attributes";
+      }
+      if (Field(o, "proj_size").isInt() && Field(o, "proj_size").toInt() != 0) {
+        return " with proj_size (no quantized kernel for projections)";
+      }
+      const int64_t hidden = Field(o, "hidden_size").toInt();
+      for (const std::string& sfx : CellSuffixes(o)) {
+        for (const char* w : {"weight_ih", "weight_hh"}) {
+          c10::IValue v = Field(o, w + sfx);
+          if (!v.isTensor() || !FloatMatrix(v.toTensor()) || v.toTensor().size(0) != gates * hidden) {
+            return std::string(" without a float ") + w + sfx;
+          }
+        }
+      }
+    }
+    return "";
+  }
+
+  // An RNN instance's cells as quantized::make_quantized_cell_params_dynamic lists, one per layer
+  // and direction.
+  static c10::IValue PackedCells(const Obj& o, int64_t gates) {
+    const int64_t hidden = Field(o, "hidden_size").toInt();
+    c10::TypePtr cell_type;
+    std::vector<c10::IValue> cells;
+    for (const std::string& sfx : CellSuffixes(o)) {
+      auto bias = [&](const std::string& name) {
+        if (o->type()->hasAttribute(name) && o->getAttr(name).isTensor()) {
+          return o->getAttr(name).toTensor().detach().to(at::kFloat).contiguous();
+        }
+        return at::zeros({gates * hidden});  // bias=False: the same as a zero bias
+      };
+      at::Tensor b_ih = bias("bias_ih" + sfx), b_hh = bias("bias_hh" + sfx);
+      c10::IValue ih = PackLinear(o->getAttr("weight_ih" + sfx).toTensor(), b_ih);
+      c10::IValue hh = PackLinear(o->getAttr("weight_hh" + sfx).toTensor(), b_hh);
+      // reduce_range as PyTorch's quantized dynamic RNN modules (version 2) pass it.
+      cells.push_back(CallOp("quantized::make_quantized_cell_params_dynamic", {ih, hh, b_ih, b_hh, true}));
+      cell_type = cells.back().type();
+    }
+    c10::impl::GenericList list(cell_type);
+    for (auto& c : cells) list.push_back(std::move(c));
+    return c10::IValue(list);
+  }
+
   // aten::lstm / aten::gru on the module's own flat weight list.
   bool RewriteRnn(const std::shared_ptr<torch::jit::Graph>& g, Node* n, const std::string& where) {
     const bool is_lstm = n->kind() == c10::aten::lstm;
@@ -191,55 +240,13 @@ struct Rewriter {
     const auto& objs = instances[owner_type ? owner_type.get() : nullptr];
     if (!owner_type || objs.empty()) return false;
     const int64_t gates = is_lstm ? 4 : 3;
-    // The layout nn.LSTM / nn.GRU keep: weight_ih_l{k}{_reverse}, weight_hh_…, bias_ih_…, bias_hh_….
-    for (const Obj& o : objs) {
-      for (const char* a : {"num_layers", "bidirectional", "hidden_size"}) {
-        if (Field(o, a).isNone()) {
-          notes.push_back("kept in float: " + what + " without nn." + (is_lstm ? "LSTM" : "GRU") +
-                          "'s attributes");
-          return false;
-        }
-      }
-      if (Field(o, "proj_size").isInt() && Field(o, "proj_size").toInt() != 0) {
-        notes.push_back("kept in float: " + what + " with proj_size (no quantized kernel for projections)");
-        return false;
-      }
-      const int64_t hidden = Field(o, "hidden_size").toInt();
-      for (const std::string& sfx : CellSuffixes(o)) {
-        for (const char* w : {"weight_ih", "weight_hh"}) {
-          c10::IValue v = Field(o, w + sfx);
-          if (!v.isTensor() || !FloatMatrix(v.toTensor()) || v.toTensor().size(0) != gates * hidden) {
-            notes.push_back("kept in float: " + what + " without a float " + w + sfx);
-            return false;
-          }
-        }
-      }
+    if (std::string why = WhyKeptFloat(objs, is_lstm, gates); !why.empty()) {
+      notes.push_back("kept in float: " + what + why);
+      return false;
     }
     const std::string packed = "_pare_qcells_" + path.back();
     if (!makers.count({owner_type.get(), packed})) {
-      auto make = [gates](const Obj& o) {
-        const int64_t hidden = Field(o, "hidden_size").toInt();
-        c10::TypePtr cell_type;
-        std::vector<c10::IValue> cells;
-        for (const std::string& sfx : CellSuffixes(o)) {
-          auto bias = [&](const std::string& name) {
-            if (o->type()->hasAttribute(name) && o->getAttr(name).isTensor()) {
-              return o->getAttr(name).toTensor().detach().to(at::kFloat).contiguous();
-            }
-            return at::zeros({gates * hidden});  // bias=False: the same as a zero bias
-          };
-          at::Tensor b_ih = bias("bias_ih" + sfx), b_hh = bias("bias_hh" + sfx);
-          c10::IValue ih = PackLinear(o->getAttr("weight_ih" + sfx).toTensor(), b_ih);
-          c10::IValue hh = PackLinear(o->getAttr("weight_hh" + sfx).toTensor(), b_hh);
-          // reduce_range as PyTorch's quantized dynamic RNN modules (version 2) pass it.
-          cells.push_back(
-              CallOp("quantized::make_quantized_cell_params_dynamic", {ih, hh, b_ih, b_hh, true}));
-          cell_type = cells.back().type();
-        }
-        c10::impl::GenericList list(cell_type);
-        for (auto& c : cells) list.push_back(std::move(c));
-        return c10::IValue(list);
-      };
+      auto make = [gates](const Obj& o) { return PackedCells(o, gates); };
       c10::IValue sample = make(objs.front());
       Provide(owner_type, packed, sample.type(), is_lstm ? 'S' : 'G', make);
       consumed.insert({owner_type.get(), path.back()});

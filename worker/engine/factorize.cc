@@ -34,6 +34,92 @@ std::string Mangle(const AttrPath& layer) {
   return s;
 }
 
+// Conv and linear nodes, with how many nodes read each weight attribute (a weight read by two
+// nodes is shared and stays as it is).
+std::vector<Node*> Layers(const torch::jit::Module& m, const std::shared_ptr<Graph>& graph,
+                          std::map<std::string, int>& uses) {
+  Value* self = graph->inputs()[0];
+  std::vector<Node*> layers;
+  std::function<void(torch::jit::Block*)> find = [&](torch::jit::Block* b) {
+    for (Node* n : b->nodes()) {
+      for (auto* s : n->blocks()) find(s);
+      if (n->kind() != aten::linear && n->kind() != aten::conv1d && n->kind() != aten::conv2d &&
+          n->kind() != aten::conv3d) {
+        continue;
+      }
+      Source w = Resolve(m, n->input(1), self);
+      if (w.kind == Source::kAttr) ++uses[Join(w.path)];
+      layers.push_back(n);
+    }
+  };
+  find(graph->block());
+  return layers;
+}
+
+// Replaces layer `n` (weight at `path`) by two: rank `r` factors of its weight's SVD, registered
+// as parameters beside it; the original weight attribute stays, emptied.
+void ReplaceByFactors(torch::jit::Module& m, const std::shared_ptr<Graph>& graph, Node* n,
+                      const AttrPath& path, const at::Tensor& u, const at::Tensor& sigma,
+                      const at::Tensor& vh, int64_t r) {
+  Value* self = graph->inputs()[0];
+  const bool conv = n->kind() != aten::linear;
+  at::Tensor weight = TensorAt(m, path);
+  const int64_t out = weight.size(0);
+  at::Tensor root = sigma.slice(0, 0, r).sqrt();
+  at::Tensor a = (root.unsqueeze(1) * vh.slice(0, 0, r));  // r x in
+  at::Tensor bm = (u.slice(1, 0, r) * root.unsqueeze(0));  // out x r
+  std::vector<int64_t> a_shape = weight.sizes().vec();
+  a_shape[0] = r;
+  std::vector<int64_t> b_shape{out, r};
+  for (int64_t d = 2; d < weight.dim(); ++d) b_shape.push_back(1);
+  auto opts = weight.options().requires_grad(false);
+  std::string name = Mangle(AttrPath(path.begin(), path.end() - 1));
+  while (m.hasattr(name + "__a")) name += "_";
+  const bool grad = weight.requires_grad();
+  m.register_parameter(name + "__a", a.reshape(a_shape).to(opts).contiguous().set_requires_grad(grad), false);
+  m.register_parameter(name + "__b", bm.reshape(b_shape).to(opts).contiguous().set_requires_grad(grad),
+                       false);
+  // The original weight is no longer read by the forward: keep the attribute, drop the data.
+  SetTensorAt(m, path, at::empty({0}, opts));
+
+  torch::jit::WithInsertPoint guard(n);
+  Value* wa = graph->insertGetAttr(self, name + "__a");
+  Value* wb = graph->insertGetAttr(self, name + "__b");
+  Value* none = graph->insertConstant(c10::IValue());
+  Value* second = nullptr;
+  if (!conv) {
+    Value* first = graph->insert(aten::linear, {n->input(0), wa, none});
+    second = graph->insert(aten::linear, {first, wb, n->input(2)});
+  } else {
+    const size_t spatial = static_cast<size_t>(weight.dim() - 2);
+    Value* ones = graph->insertConstant(std::vector<int64_t>(spatial, 1));
+    Value* zeros = graph->insertConstant(std::vector<int64_t>(spatial, 0));
+    Value* one = graph->insertConstant(int64_t{1});
+    Value* first =
+        graph->insert(n->kind(), {n->input(0), wa, none, n->input(3), n->input(4), n->input(5), one});
+    second = graph->insert(n->kind(), {first, wb, n->input(2), ones, zeros, ones, one});
+  }
+  n->output()->replaceAllUsesWith(second);
+  n->destroy();
+}
+
+// The result must still return what the original returned (a tensor of the same shape).
+void CheckStillRuns(torch::jit::Module& m, const std::vector<c10::IValue>& probe,
+                    const c10::IValue& reference) {
+  try {
+    torch::NoGradGuard no_grad;
+    c10::IValue got = m.forward(probe);
+    at::Tensor a = got.isTensor() ? got.toTensor() : at::Tensor();
+    at::Tensor b = reference.isTensor() ? reference.toTensor() : at::Tensor();
+    if (a.defined() != b.defined() || (a.defined() && a.sizes() != b.sizes())) {
+      throw std::runtime_error("the output shape changed");
+    }
+  } catch (const std::exception& e) {
+    throw EngineError(Code::kInternal, "FACTORIZE_BROKE",
+                      std::string("factorization produced a model that does not run: ") + e.what());
+  }
+}
+
 }  // namespace
 
 FactorizeResult Factorize(const torch::jit::Module& module, const FactorizeSpec& spec,
@@ -64,35 +150,17 @@ FactorizeResult Factorize(const torch::jit::Module& module, const FactorizeSpec&
   }
   auto graph = InlineForward(m);
   Value* self = graph->inputs()[0];
-
-  // Layers used once: a weight read by two nodes is shared and stays as it is.
-  std::vector<Node*> layers;
   std::map<std::string, int> uses;
-  std::function<void(torch::jit::Block*)> find = [&](torch::jit::Block* b) {
-    for (Node* n : b->nodes()) {
-      for (auto* s : n->blocks()) find(s);
-      if (n->kind() != aten::linear && n->kind() != aten::conv1d && n->kind() != aten::conv2d &&
-          n->kind() != aten::conv3d) {
-        continue;
-      }
-      Source w = Resolve(m, n->input(1), self);
-      if (w.kind == Source::kAttr) ++uses[Join(w.path)];
-      layers.push_back(n);
-    }
-  };
-  find(graph->block());
-
   int64_t before = 0, after = 0;
   int skipped_small = 0, skipped_other = 0;
-  for (Node* n : layers) {
+  for (Node* n : Layers(m, graph, uses)) {
     Source w = Resolve(m, n->input(1), self);
     Source b = Resolve(m, n->input(2), self);
-    const bool conv = n->kind() != aten::linear;
     if (w.kind != Source::kAttr || b.kind == Source::kOther || uses[Join(w.path)] != 1) {
       ++skipped_other;
       continue;
     }
-    if (conv) {
+    if (n->kind() != aten::linear) {
       auto groups = torch::jit::toIValue(n->input(6));
       if (!groups || !groups->isInt() || groups->toInt() != 1) {
         ++skipped_other;
@@ -109,63 +177,13 @@ FactorizeResult Factorize(const torch::jit::Module& module, const FactorizeSpec&
       ++skipped_small;
       continue;
     }
-    at::Tensor root = sigma.slice(0, 0, r).sqrt();
-    at::Tensor a = (root.unsqueeze(1) * vh.slice(0, 0, r));  // r x in
-    at::Tensor bm = (u.slice(1, 0, r) * root.unsqueeze(0));  // out x r
-    std::vector<int64_t> a_shape = weight.sizes().vec();
-    a_shape[0] = r;
-    std::vector<int64_t> b_shape{out, r};
-    for (int64_t d = 2; d < weight.dim(); ++d) b_shape.push_back(1);
-    auto opts = weight.options().requires_grad(false);
-    AttrPath layer(w.path.begin(), w.path.end() - 1);
-    std::string name = Mangle(layer);
-    while (m.hasattr(name + "__a")) name += "_";
-    const bool grad = weight.requires_grad();
-    m.register_parameter(name + "__a", a.reshape(a_shape).to(opts).contiguous().set_requires_grad(grad),
-                         false);
-    m.register_parameter(name + "__b", bm.reshape(b_shape).to(opts).contiguous().set_requires_grad(grad),
-                         false);
-    // The original weight is no longer read by the forward: keep the attribute, drop the data.
-    SetTensorAt(m, w.path, at::empty({0}, opts));
-
-    torch::jit::WithInsertPoint guard(n);
-    Value* wa = graph->insertGetAttr(self, name + "__a");
-    Value* wb = graph->insertGetAttr(self, name + "__b");
-    Value* none = graph->insertConstant(c10::IValue());
-    Value* first = nullptr;
-    Value* second = nullptr;
-    if (!conv) {
-      first = graph->insert(aten::linear, {n->input(0), wa, none});
-      second = graph->insert(aten::linear, {first, wb, n->input(2)});
-    } else {
-      const size_t spatial = static_cast<size_t>(weight.dim() - 2);
-      Value* ones = graph->insertConstant(std::vector<int64_t>(spatial, 1));
-      Value* zeros = graph->insertConstant(std::vector<int64_t>(spatial, 0));
-      Value* one = graph->insertConstant(int64_t{1});
-      first = graph->insert(n->kind(), {n->input(0), wa, none, n->input(3), n->input(4), n->input(5), one});
-      second = graph->insert(n->kind(), {first, wb, n->input(2), ones, zeros, ones, one});
-    }
-    n->output()->replaceAllUsesWith(second);
-    n->destroy();
+    ReplaceByFactors(m, graph, n, w.path, u, sigma, vh, r);
     before += out * in;
     after += r * (out + in);
     ++result.factorized;
   }
   torch::jit::EliminateDeadCode(graph);
-
-  // The result must still return what the original returned.
-  try {
-    torch::NoGradGuard no_grad;
-    c10::IValue got = m.forward(probe);
-    at::Tensor a = got.isTensor() ? got.toTensor() : at::Tensor();
-    at::Tensor b = reference.isTensor() ? reference.toTensor() : at::Tensor();
-    if (a.defined() != b.defined() || (a.defined() && a.sizes() != b.sizes())) {
-      throw std::runtime_error("the output shape changed");
-    }
-  } catch (const std::exception& e) {
-    throw EngineError(Code::kInternal, "FACTORIZE_BROKE",
-                      std::string("factorization produced a model that does not run: ") + e.what());
-  }
+  CheckStillRuns(m, probe, reference);
   result.notes.push_back("factorized " + std::to_string(result.factorized) + " layers: weights " +
                          std::to_string(before) + " -> " + std::to_string(after) + " parameters");
   if (skipped_small) {

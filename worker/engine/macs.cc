@@ -39,35 +39,22 @@ int64_t Product(at::IntArrayRef v, size_t from) {
   return p;
 }
 
-}  // namespace
+// A counted node: which of the graph's extra outputs hold its values, and what turns their shapes
+// into MACs.
+struct Probe {
+  OpKind kind;
+  std::vector<int64_t> weight;  // constant weight's shape, when the op has one
+  size_t first_output = 0;      // index among the extra outputs
+  int64_t rnn_weights = 0;      // RNNs: elements of all their weight matrices
+};
 
-std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::vector<int64_t>& input_shape,
-                                   const std::vector<std::vector<int64_t>>& more_inputs) {
-  // freeze() works on its own copy, but only of a module in eval mode.
-  torch::jit::Module source = module;
-  if (module.is_training()) {
-    source = module.clone();
-    source.eval();
-  }
-  torch::jit::Module frozen;
-  try {
-    frozen = torch::jit::freeze(source, c10::nullopt, /*optimize_numerics=*/false);
-  } catch (const std::exception&) {
-    return std::nullopt;  // already frozen (quantized models are)
-  }
-  auto graph = frozen.get_method("forward").graph()->copy();
-  MacsCount count;
-  // Each counted node: which values to bring out of the graph and how to turn their
-  // shapes into MACs.
-  struct Probe {
-    OpKind kind;
-    std::vector<int64_t> weight;  // constant weight's shape, when the op has one
-    size_t first_output = 0;      // index among the extra outputs
-    int64_t rnn_weights = 0;      // RNNs: elements of all their weight matrices
-  };
+// Brings each countable node's output (and the input whose shape it needs) out of the frozen
+// `graph` as extra outputs. Nodes inside control flow are counted in `hidden_ops` only; sets
+// `quantized` when a quantized op shows up (those hide their shapes in packed weights).
+std::vector<Probe> AddProbes(const std::shared_ptr<torch::jit::Graph>& graph, MacsCount& count,
+                             bool& quantized) {
   std::vector<Probe> probes;
   const size_t base_outputs = graph->outputs().size();
-  bool quantized = false;
   std::function<void(torch::jit::Block*, bool)> visit = [&](torch::jit::Block* block, bool nested) {
     for (torch::jit::Node* n : block->nodes()) {
       for (auto* b : n->blocks()) visit(b, true);
@@ -102,7 +89,52 @@ std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::
     }
   };
   visit(graph->block(), false);
-  if (quantized) return std::nullopt;  // quantized ops hide their shapes in packed weights
+  return probes;
+}
+
+// One probed node's MACs; `out(i)` is the i-th extra output of the run.
+double MacsOf(const Probe& p, const std::function<at::Tensor(size_t)>& out) {
+  const at::Tensor y = out(p.first_output);
+  switch (p.kind) {
+    case OpKind::kConv:  // output elements x (input channels per group x kernel)
+      return double(y.numel()) * double(Product(p.weight, 1));
+    case OpKind::kConvTranspose:  // every input element feeds (output channels per group x kernel)
+      return double(out(p.first_output + 1).numel()) * double(Product(p.weight, 1));
+    case OpKind::kLinear: return double(y.numel()) * double(p.weight.back());
+    case OpKind::kMatmul:
+    case OpKind::kAddmm: {
+      const at::Tensor a = out(p.first_output + 1);
+      return double(y.numel()) * double(a.dim() ? a.size(-1) : 1);
+    }
+    case OpKind::kRnn:  // every step of every sequence multiplies by each weight matrix once
+      return double(y.numel() / std::max<int64_t>(1, y.size(-1))) * double(p.rnn_weights);
+    case OpKind::kOther: break;
+  }
+  return 0;
+}
+
+}  // namespace
+
+std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::vector<int64_t>& input_shape,
+                                   const std::vector<std::vector<int64_t>>& more_inputs) {
+  // freeze() works on its own copy, but only of a module in eval mode.
+  torch::jit::Module source = module;
+  if (module.is_training()) {
+    source = module.clone();
+    source.eval();
+  }
+  torch::jit::Module frozen;
+  try {
+    frozen = torch::jit::freeze(source, c10::nullopt, /*optimize_numerics=*/false);
+  } catch (const std::exception&) {
+    return std::nullopt;  // already frozen (quantized models are)
+  }
+  auto graph = frozen.get_method("forward").graph()->copy();
+  MacsCount count;
+  const size_t base_outputs = graph->outputs().size();
+  bool quantized = false;
+  const std::vector<Probe> probes = AddProbes(graph, count, quantized);
+  if (quantized) return std::nullopt;
   // A function returns one value: pack the original and the probed outputs into a tuple.
   std::vector<torch::jit::Value*> outputs(graph->outputs().begin(), graph->outputs().end());
   graph->setInsertPoint(graph->block());
@@ -124,28 +156,7 @@ std::optional<MacsCount> CountMacs(const torch::jit::Module& module, const std::
   const auto& values = stack.at(0).toTupleRef().elements();
   auto out = [&](size_t i) { return values.at(base_outputs + i).toTensor(); };
   for (const auto& p : probes) {
-    const at::Tensor y = out(p.first_output);
-    double macs = 0;
-    switch (p.kind) {
-      case OpKind::kConv:  // output elements x (input channels per group x kernel)
-        macs = double(y.numel()) * double(Product(p.weight, 1));
-        break;
-      case OpKind::kConvTranspose:  // every input element feeds (output channels per group x kernel)
-        macs = double(out(p.first_output + 1).numel()) * double(Product(p.weight, 1));
-        break;
-      case OpKind::kLinear: macs = double(y.numel()) * double(p.weight.back()); break;
-      case OpKind::kMatmul:
-      case OpKind::kAddmm: {
-        const at::Tensor a = out(p.first_output + 1);
-        macs = double(y.numel()) * double(a.dim() ? a.size(-1) : 1);
-        break;
-      }
-      case OpKind::kRnn:  // every step of every sequence multiplies by each weight matrix once
-        macs = double(y.numel() / std::max<int64_t>(1, y.size(-1))) * double(p.rnn_weights);
-        break;
-      case OpKind::kOther: break;
-    }
-    count.macs += macs;
+    count.macs += MacsOf(p, out);
     ++count.counted_ops;
   }
   return count;

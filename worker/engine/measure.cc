@@ -132,11 +132,12 @@ std::pair<double, double> OutputCosines(const at::Tensor& out, const at::Tensor&
 
 bool IsQuantized(const torch::jit::Module& module) { return !PackedWeights(module).empty(); }
 
-ModelStats Measure(torch::jit::Module& module, const std::string& path, const MeasureContext& ctx) {
-  ModelStats s;
-  s.size_bytes = std::filesystem::file_size(path);
-  s.deflated_bytes = DeflatedSize(path);
+namespace {
 
+// Parameter counts and each layer's zeros: module parameters, frozen graph constants and packed
+// quantized weights alike.
+void CountParameters(const torch::jit::Module& module, const std::vector<PackedWeight>& packed,
+                     ModelStats& s) {
   for (const auto& p : module.parameters()) {
     s.parameters += static_cast<uint64_t>(p.numel());
     s.nonzero_parameters += static_cast<uint64_t>(p.count_nonzero().item<int64_t>());
@@ -146,30 +147,20 @@ ModelStats Measure(torch::jit::Module& module, const std::string& path, const Me
     s.layers.push_back({w.name, n, n - static_cast<uint64_t>(w.weight.count_nonzero().item<int64_t>())});
   }
   // A frozen module (quantization's Finalize freezes) keeps its weights as graph constants.
-  for (const auto& w : FrozenWeights(module)) {
-    uint64_t n = static_cast<uint64_t>(w.weight.numel());
-    uint64_t zeros = n - static_cast<uint64_t>(w.weight.count_nonzero().item<int64_t>());
+  auto add = [&](const std::string& name, const at::Tensor& weight, bool layer) {
+    uint64_t n = static_cast<uint64_t>(weight.numel());
+    uint64_t zeros = n - static_cast<uint64_t>(weight.count_nonzero().item<int64_t>());
     s.parameters += n;
     s.nonzero_parameters += n - zeros;
-    if (w.weight.dim() >= 2) s.layers.push_back({w.name, n, zeros});
-  }
-  const auto packed = PackedWeights(module);
-  for (const auto& w : packed) {
-    uint64_t n = static_cast<uint64_t>(w.weight.numel());
-    uint64_t zeros = n - static_cast<uint64_t>(w.weight.dequantize().count_nonzero().item<int64_t>());
-    s.parameters += n;
-    s.nonzero_parameters += n - zeros;
-    s.layers.push_back({w.name, n, zeros});
-  }
+    if (layer) s.layers.push_back({name, n, zeros});
+  };
+  for (const auto& w : FrozenWeights(module)) add(w.name, w.weight, w.weight.dim() >= 2);
+  for (const auto& w : packed) add(w.name, w.weight.dequantize(), true);
+}
 
-  if (auto macs = CountMacs(module, ctx.input_shape, ctx.more_shapes)) s.macs = macs->macs;
-
-  // Packed quantized weights run on the CPU only.
-  c10::Device device = packed.empty() ? ctx.device : c10::Device(c10::kCPU);
-  module.to(device);
-  for (int b : ctx.latency_batches) s.latency.push_back(TimeBatch(module, ctx, b));
-
-  NamedOutputs outs = RunBatchedOutputs(module, ctx.samples, device, 8, ctx.check_cancel, ctx.more_samples);
+// Agreement with the original's outputs on the samples: cosines per output (the whole's figure is
+// the worst output's) and top-1 agreement of the primary one.
+void CompareOutputs(const NamedOutputs& outs, const MeasureContext& ctx, ModelStats& s) {
   if (outs.size() != ctx.reference.size()) {
     throw EngineError(Code::kInternal, "OUTPUT_SHAPE",
                       "the compressed model returns " + std::to_string(outs.size()) +
@@ -186,39 +177,55 @@ ModelStats Measure(torch::jit::Module& module, const std::string& path, const Me
     }
     auto [plain, centred] = OutputCosines(out, ref);
     if (outs.size() > 1) s.outputs.push_back({name, plain, centred});
-    // The figures of the whole: the worst output's.
     if (k == 0 || plain < s.output_cosine) s.output_cosine = plain;
     if (k == 0 || centred < s.output_centred_cosine) s.output_centred_cosine = centred;
   }
-  {
-    const at::Tensor& out = outs[0].second;
-    const at::Tensor& ref = ctx.reference[0].second;
-    // Classes along dimension 1: one arg-max per sample, or per position of a dense output
-    // (a segmentation map's pixels).
-    at::Tensor a = out.dim() >= 2 ? out : out.reshape({1, -1});
-    at::Tensor r = ref.dim() >= 2 ? ref : ref.reshape({1, -1});
-    s.top1_agreement = (a.argmax(1) == r.argmax(1)).to(at::kFloat).mean().item<double>();
-  }
+  // Classes along dimension 1: one arg-max per sample, or per position of a dense output (a
+  // segmentation map's pixels).
+  const at::Tensor& out = outs[0].second;
+  const at::Tensor& ref = ctx.reference[0].second;
+  at::Tensor a = out.dim() >= 2 ? out : out.reshape({1, -1});
+  at::Tensor r = ref.dim() >= 2 ? ref : ref.reshape({1, -1});
+  s.top1_agreement = (a.argmax(1) == r.argmax(1)).to(at::kFloat).mean().item<double>();
+}
 
-  if (ctx.eval && ctx.eval->labels.defined()) {
-    at::Tensor logits =
-        RunBatched(module, ctx.eval->images, device, 64, ctx.check_cancel, ctx.eval->more_images);
-    // One label per sample scores a classifier's [N, classes] (or [N, classes, 1, 1]) output;
-    // a dense output (a segmentation map) has no such score, and accuracy is left out.
-    if (logits.dim() < 2 || logits.numel() != logits.size(0) * logits.size(1)) return s;
-    logits = logits.flatten(1);
-    const at::Tensor& labels = ctx.eval->labels;
-    if (labels.max().item<int64_t>() >= logits.size(1)) {
-      throw EngineError(Code::kInvalidArgument, "BAD_DATASET",
-                        "eval labels go up to " + std::to_string(labels.max().item<int64_t>()) +
-                            " but the model has " + std::to_string(logits.size(1)) + " outputs");
-    }
-    s.top1_accuracy = (logits.argmax(1) == labels).to(at::kFloat).mean().item<double>();
-    if (logits.size(1) >= 5) {
-      at::Tensor top5 = std::get<1>(logits.topk(5, 1));
-      s.top5_accuracy = (top5 == labels.unsqueeze(1)).any(1).to(at::kFloat).mean().item<double>();
-    }
+// Top-1 (and top-5) accuracy on the labelled eval set. One label per sample scores a classifier's
+// [N, classes] (or [N, classes, 1, 1]) output; a dense output (a segmentation map) has no such
+// score, and accuracy is left out.
+void Accuracy(torch::jit::Module& module, c10::Device device, const MeasureContext& ctx, ModelStats& s) {
+  at::Tensor logits =
+      RunBatched(module, ctx.eval->images, device, 64, ctx.check_cancel, ctx.eval->more_images);
+  if (logits.dim() < 2 || logits.numel() != logits.size(0) * logits.size(1)) return;
+  logits = logits.flatten(1);
+  const at::Tensor& labels = ctx.eval->labels;
+  if (labels.max().item<int64_t>() >= logits.size(1)) {
+    throw EngineError(Code::kInvalidArgument, "BAD_DATASET",
+                      "eval labels go up to " + std::to_string(labels.max().item<int64_t>()) +
+                          " but the model has " + std::to_string(logits.size(1)) + " outputs");
   }
+  s.top1_accuracy = (logits.argmax(1) == labels).to(at::kFloat).mean().item<double>();
+  if (logits.size(1) >= 5) {
+    at::Tensor top5 = std::get<1>(logits.topk(5, 1));
+    s.top5_accuracy = (top5 == labels.unsqueeze(1)).any(1).to(at::kFloat).mean().item<double>();
+  }
+}
+
+}  // namespace
+
+ModelStats Measure(torch::jit::Module& module, const std::string& path, const MeasureContext& ctx) {
+  ModelStats s;
+  s.size_bytes = std::filesystem::file_size(path);
+  s.deflated_bytes = DeflatedSize(path);
+  const auto packed = PackedWeights(module);
+  CountParameters(module, packed, s);
+  if (auto macs = CountMacs(module, ctx.input_shape, ctx.more_shapes)) s.macs = macs->macs;
+  // Packed quantized weights run on the CPU only.
+  c10::Device device = packed.empty() ? ctx.device : c10::Device(c10::kCPU);
+  module.to(device);
+  for (int b : ctx.latency_batches) s.latency.push_back(TimeBatch(module, ctx, b));
+  CompareOutputs(RunBatchedOutputs(module, ctx.samples, device, 8, ctx.check_cancel, ctx.more_samples), ctx,
+                 s);
+  if (ctx.eval && ctx.eval->labels.defined()) Accuracy(module, device, ctx, s);
   return s;
 }
 

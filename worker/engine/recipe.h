@@ -2,6 +2,7 @@
 // built from the proto Recipe by worker/recipe_convert.
 #pragma once
 
+#include <map>
 #include <string>
 #include <variant>
 #include <vector>
@@ -12,7 +13,7 @@ struct MagnitudePruneSpec {
   double amount = 0.5;               // fraction of weights set to zero, in [0, 1)
   bool global = false;               // one threshold over all selected layers
   std::vector<std::string> include;  // substrings of layer names; empty = all
-  std::vector<std::string> exclude;
+  std::vector<std::string> exclude = {};
 };
 
 struct NMPruneSpec {
@@ -27,6 +28,8 @@ struct ChannelPruneSpec {
   bool global = false;           // one threshold over all groups (normalised scores) or uniform
   int round_to = 8;              // kept channels rounded to a multiple where the group is wide enough
   double target_macs = 0;        // > 0: search the amount that keeps at most this fraction of the MACs
+  // Per-group amounts by layer-name pattern (exact, prefix at a dot, or glob); the longest match wins.
+  std::map<std::string, double> amounts = {};
 };
 
 // Low-rank factorization: a layer's weight W (out x in, a conv's flattened) becomes B·A by
@@ -50,6 +53,8 @@ struct StaticQuantSpec {
   // (x86 without VNNI: 7-bit activations, as its int8 kernels saturate 16-bit sums of u8*s8
   // pairs) or "auto" (the CPU this process runs on).
   std::string target = "auto";
+  // Module paths kept float (with everything under them); each must name a submodule.
+  std::vector<std::string> exclude = {};
 };
 
 // Weights and buffers converted to 16-bit floats for GPU deployment; the model keeps a
@@ -83,9 +88,21 @@ struct DistillSpec {
   double alpha = 0.7;
 };
 
+// Freezing for inference (OptimizeForInference): the result no longer trains.
+struct OptimizeSpec {};
+
+// A per-layer sensitivity table (Analyze); the model is unchanged.
+struct AnalyzeSpec {
+  std::vector<double> prune_amounts = {0.25, 0.5, 0.75};
+  int max_layers = 64;
+  bool quantize = true;
+  bool prune = true;
+  int round_to = 8;  // as prune.channel rounds kept channels
+};
+
 using StepSpec =
     std::variant<MagnitudePruneSpec, NMPruneSpec, ChannelPruneSpec, FactorizeSpec, DynamicQuantSpec,
-                 StaticQuantSpec, HalfPrecisionSpec, FinetuneSpec, DistillSpec>;
+                 StaticQuantSpec, HalfPrecisionSpec, FinetuneSpec, DistillSpec, OptimizeSpec, AnalyzeSpec>;
 
 // The name a step has in reports and progress, e.g. "prune.magnitude".
 inline std::string StepName(const StepSpec& s) {
@@ -101,6 +118,8 @@ inline std::string StepName(const StepSpec& s) {
     }
     std::string operator()(const FinetuneSpec&) const { return "finetune"; }
     std::string operator()(const DistillSpec&) const { return "distill"; }
+    std::string operator()(const OptimizeSpec&) const { return "optimize"; }
+    std::string operator()(const AnalyzeSpec&) const { return "analyze"; }
   };
   return std::visit(V{}, s);
 }

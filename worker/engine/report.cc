@@ -89,6 +89,10 @@ nlohmann::json ToJson(const Report& r) {
                      {"wall_seconds", s.wall_seconds},
                      {"check_seconds", s.check_seconds},
                      {"notes", s.notes}});
+    if (!s.sensitivity.is_null()) {
+      steps.back()["sensitivity"] = s.sensitivity;
+      j["sensitivity"] = s.sensitivity;  // the last analysis, where the HTML report looks
+    }
   }
   j["steps"] = steps;
   return j;

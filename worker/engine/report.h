@@ -57,6 +57,7 @@ struct StepReport {
   double wall_seconds = 0;   // applying the step and saving its model
   double check_seconds = 0;  // loading the saved model back, to prove it loads on its own
   std::vector<std::string> notes;
+  nlohmann::json sensitivity;  // the analyze step's per-layer table (null for other steps)
 };
 
 // The machine a job ran on: what its latencies and INT8 gains depend on.

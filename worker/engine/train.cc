@@ -4,6 +4,8 @@
 #include <torch/optim/sgd.h>
 
 #include <cmath>
+#include <memory>
+#include <optional>
 #include <sstream>
 
 #include "worker/engine/error.h"
@@ -51,6 +53,157 @@ void Restore(torch::jit::Module& m, const std::vector<at::Tensor>& saved) {
   for (const auto& b : m.buffers()) b.copy_(saved[i++]);
 }
 
+// Float parameters of `student` (on ctx.device), set to require gradients; throws NOT_TRAINABLE
+// when there are none (a quantized model).
+std::vector<at::Tensor> TrainableParams(torch::jit::Module& student, const char* step) {
+  std::vector<at::Tensor> params;
+  for (const auto& p : student.parameters()) {
+    if (p.is_floating_point()) params.push_back(p);
+  }
+  if (params.empty()) {
+    throw EngineError(
+        Code::kFailedPrecondition, "NOT_TRAINABLE",
+        std::string(step) +
+            ": the model has no float parameters left to train "
+            "(quantized or frozen models cannot be trained: put quantize and optimize after training steps)");
+  }
+  for (auto& p : params) p.set_requires_grad(true);
+  return params;
+}
+
+// Pruned weights stay pruned: a weight tensor with exact zeros (a dense trained one has
+// practically none) keeps them through training. (weight, nonzero mask) pairs.
+std::vector<std::pair<at::Tensor, at::Tensor>> PruningMasks(const std::vector<at::Tensor>& params) {
+  std::vector<std::pair<at::Tensor, at::Tensor>> masks;
+  for (const auto& p : params) {
+    if (p.dim() < 2) continue;
+    at::Tensor nonzero = p.detach() != 0;
+    if (nonzero.logical_not().sum().item<int64_t>() * 100 > p.numel())
+      masks.emplace_back(p, nonzero.to(p.device()));
+  }
+  return masks;
+}
+
+std::unique_ptr<torch::optim::Optimizer> MakeOptimizer(const TrainSpec& spec,
+                                                       const std::vector<at::Tensor>& params,
+                                                       const char* step) {
+  if (spec.optimizer == "ADAM" || spec.optimizer == "Adam" || spec.optimizer == "adam") {
+    return std::make_unique<torch::optim::Adam>(
+        params, torch::optim::AdamOptions(spec.learning_rate).weight_decay(spec.weight_decay));
+  }
+  if (spec.optimizer.empty() || spec.optimizer == "SGD" || spec.optimizer == "sgd") {
+    return std::make_unique<torch::optim::SGD>(
+        params, torch::optim::SGDOptions(spec.learning_rate).momentum(0.9).weight_decay(spec.weight_decay));
+  }
+  throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
+                    std::string(step) + ".optimizer must be SGD or ADAM");
+}
+
+// What the student learns from the teacher. A teacher that returns several tensors (a dict of
+// class logits and boxes, say): the first (primary) one is distilled by softened KL, the further
+// ones by mean squared error scaled by the teacher's variance, so each counts alike whatever its
+// units. Needs each further output batch-first; otherwise only the primary one is distilled.
+struct TeacherTargets {
+  size_t further_outputs = 0;  // how many the models return beyond the primary one
+  at::Tensor primary;          // the primary output for the whole train set, flattened
+  std::vector<at::Tensor> further;
+  std::vector<double> further_scale;
+
+  // Checks that student and teacher outputs agree in shape on two samples (before any training
+  // time is spent), then runs the teacher over the train set once: it is frozen and the inputs
+  // are not augmented, so its outputs are computed in large inference batches, not every step.
+  static TeacherTargets Compute(torch::jit::Module& student, torch::jit::Module& teacher,
+                                const Dataset& train, c10::Device device) {
+    TeacherTargets out;
+    teacher.to(device);
+    teacher.eval();
+    const int64_t n = train.images.size(0);
+    const int64_t probe_rows = std::min<int64_t>(2, n);
+    std::vector<c10::IValue> probe = Rows(train, 0, probe_rows, device);
+    c10::InferenceMode guard;
+    student.eval();
+    auto s_outs = OutputTensors(student.forward(probe));
+    auto t_outs = OutputTensors(teacher.forward(probe));
+    if (s_outs.size() != t_outs.size()) {
+      throw EngineError(Code::kInvalidArgument, "SHAPE_MISMATCH",
+                        "distill: the student returns " + std::to_string(s_outs.size()) +
+                            " tensors, the teacher " + std::to_string(t_outs.size()));
+    }
+    bool further_ok = true;
+    for (size_t k = 0; k < s_outs.size(); ++k) {
+      auto s = s_outs[k].second.sizes().vec();
+      auto t = t_outs[k].second.sizes().vec();
+      if (s != t) {
+        const std::string which = s_outs.size() > 1 ? "output '" + s_outs[k].first + "'" : "output";
+        throw EngineError(Code::kInvalidArgument, "SHAPE_MISMATCH",
+                          "distill: the student's " + which + " shape " + c10::str(at::IntArrayRef(s)) +
+                              " does not match the teacher's " + c10::str(at::IntArrayRef(t)));
+      }
+      if (k > 0 && (s.empty() || s[0] != probe_rows)) further_ok = false;
+    }
+    out.further_outputs = s_outs.size() - 1;
+    std::vector<at::Tensor> parts;
+    std::vector<std::vector<at::Tensor>> further(further_ok ? out.further_outputs : 0);
+    for (int64_t i = 0; i < n; i += 512) {
+      auto outs = OutputTensors(teacher.forward(Rows(train, i, std::min(i + 512, n), device)));
+      parts.push_back(outs[0].second.flatten(1).to(at::kFloat));
+      for (size_t k = 0; k < further.size(); ++k) further[k].push_back(outs[k + 1].second.to(at::kFloat));
+    }
+    out.primary = at::cat(parts);
+    for (auto& p : further) {
+      at::Tensor t = at::cat(p);
+      out.further_scale.push_back(1.0 / std::max(t.var().item<double>(), 1e-8));
+      out.further.push_back(std::move(t));
+    }
+    return out;
+  }
+
+  std::optional<std::string> Note() const {
+    if (!further_outputs) return std::nullopt;
+    return further.empty()
+               ? "distilled the first output only: the teacher's further outputs are not batch-first"
+               : "distilled " + std::to_string(further_outputs) +
+                     " further output(s) by mean squared error (scaled by the teacher's variance)";
+  }
+
+  // The distillation loss for rows `idx` of the train set, given the student's outputs and its
+  // cross-entropy `hard` loss.
+  at::Tensor Loss(const std::vector<std::pair<std::string, at::Tensor>>& outs, const at::Tensor& logits,
+                  const at::Tensor& idx, const at::Tensor& hard, double temperature, double alpha) const {
+    // A plain tensor outside inference mode, so autograd may read it.
+    at::Tensor t_logits = primary.index_select(0, idx.to(primary.device())).clone();
+    at::Tensor log_p_s = at::log_softmax(logits / temperature, 1);
+    at::Tensor log_p_t = at::log_softmax(t_logits / temperature, 1);
+    at::Tensor kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean();
+    at::Tensor loss = alpha * temperature * temperature * kl + (1 - alpha) * hard;
+    for (size_t k = 0; k < further.size(); ++k) {
+      at::Tensor want = further[k].index_select(0, idx.to(further[k].device())).clone();
+      loss = loss + alpha * further_scale[k] * at::mse_loss(outs[k + 1].second.to(at::kFloat), want);
+    }
+    return loss;
+  }
+};
+
+// The epoch that scored best on the eval set, its weights kept to restore at the end.
+struct BestEpoch {
+  double accuracy = -1;
+  int epoch = -1;
+  std::vector<at::Tensor> weights;
+
+  void Offer(double acc, int e, const torch::jit::Module& student) {
+    if (acc <= accuracy) return;
+    accuracy = acc;
+    epoch = e;
+    weights = Snapshot(student);
+  }
+  // Puts the best epoch's weights back when a later one was worse; says so in `notes`.
+  void RestoreIfEarlier(torch::jit::Module& student, int epochs, std::vector<std::string>& notes) const {
+    if (weights.empty() || epoch == epochs - 1) return;
+    Restore(student, weights);
+    notes.push_back("kept epoch " + std::to_string(epoch + 1) + ", the best on the eval set");
+  }
+};
+
 }  // namespace
 
 std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* teacher,
@@ -66,115 +219,23 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
                       std::string(step) + ": epochs, batchSize and learningRate must be positive");
   }
   student.to(ctx.device);  // before taking the parameters the optimizer will update
-  std::vector<at::Tensor> params;
-  for (const auto& p : student.parameters()) {
-    if (p.is_floating_point()) params.push_back(p);
-  }
-  if (params.empty()) {
-    throw EngineError(Code::kFailedPrecondition, "NOT_TRAINABLE",
-                      std::string(step) +
-                          ": the model has no float parameters left to train "
-                          "(quantized models cannot be trained: put quantize after training steps)");
-  }
-  for (auto& p : params) p.set_requires_grad(true);
-  // Pruned weights stay pruned: a weight tensor with exact zeros (a dense trained one has
-  // practically none) keeps them through training.
-  std::vector<std::pair<at::Tensor, at::Tensor>> masks;
-  for (auto& p : params) {
-    if (p.dim() < 2) continue;
-    at::Tensor nonzero = p.detach() != 0;
-    if (nonzero.logical_not().sum().item<int64_t>() * 100 > p.numel()) masks.emplace_back(p, nonzero);
-  }
-
+  std::vector<at::Tensor> params = TrainableParams(student, step);
+  const auto masks = PruningMasks(params);
   const Dataset& train = *ctx.train;
-  const int64_t n = train.images.size(0);
-  const int64_t batch = std::min<int64_t>(spec.batch_size, n);
-  // A teacher that returns several tensors (a dict of class logits and boxes, say): the first
-  // (primary) one is distilled by softened KL, the further ones by mean squared error scaled by
-  // the teacher's variance, so each counts alike whatever its units. Needs each further output
-  // batch-first; otherwise only the primary one is distilled, and the notes say so.
-  size_t further_outputs = 0;
-  bool further_ok = true;
-  for (auto& [p, mask] : masks) mask = mask.to(p.device());
-  if (teacher) {
-    teacher->to(ctx.device);
-    teacher->eval();
-    // Shapes must agree before any training time is spent.
-    const int64_t probe_rows = std::min<int64_t>(2, n);
-    std::vector<c10::IValue> probe = Rows(train, 0, probe_rows, ctx.device);
-    c10::InferenceMode guard;
-    student.eval();
-    auto s_outs = OutputTensors(student.forward(probe));
-    auto t_outs = OutputTensors(teacher->forward(probe));
-    if (s_outs.size() != t_outs.size()) {
-      throw EngineError(Code::kInvalidArgument, "SHAPE_MISMATCH",
-                        "distill: the student returns " + std::to_string(s_outs.size()) +
-                            " tensors, the teacher " + std::to_string(t_outs.size()));
-    }
-    for (size_t k = 0; k < s_outs.size(); ++k) {
-      auto s = s_outs[k].second.sizes().vec();
-      auto t = t_outs[k].second.sizes().vec();
-      if (s != t) {
-        const std::string which = s_outs.size() > 1 ? "output '" + s_outs[k].first + "'" : "output";
-        throw EngineError(Code::kInvalidArgument, "SHAPE_MISMATCH",
-                          "distill: the student's " + which + " shape " + c10::str(at::IntArrayRef(s)) +
-                              " does not match the teacher's " + c10::str(at::IntArrayRef(t)));
-      }
-      if (k > 0 && (s.empty() || s[0] != probe_rows)) further_ok = false;
-    }
-    further_outputs = s_outs.size() - 1;
-  }
-  const int64_t max_label = train.labels.max().item<int64_t>();
+  auto opt = MakeOptimizer(spec, params, step);
+  std::optional<TeacherTargets> targets;
+  if (teacher) targets = TeacherTargets::Compute(student, *teacher, train, ctx.device);
 
-  std::unique_ptr<torch::optim::Optimizer> opt;
-  if (spec.optimizer == "ADAM" || spec.optimizer == "Adam" || spec.optimizer == "adam") {
-    opt = std::make_unique<torch::optim::Adam>(
-        params, torch::optim::AdamOptions(spec.learning_rate).weight_decay(spec.weight_decay));
-  } else if (spec.optimizer.empty() || spec.optimizer == "SGD" || spec.optimizer == "sgd") {
-    opt = std::make_unique<torch::optim::SGD>(
-        params, torch::optim::SGDOptions(spec.learning_rate).momentum(0.9).weight_decay(spec.weight_decay));
-  } else {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
-                      std::string(step) + ".optimizer must be SGD or ADAM");
-  }
-
-  // The teacher is frozen and the inputs are not augmented, so its logits for the whole
-  // train set are computed once, in large inference batches, rather than once per step.
-  at::Tensor teacher_logits;
-  std::vector<at::Tensor> teacher_further;  // the teacher's further outputs, one per output
-  std::vector<double> teacher_further_scale;
-  if (teacher) {
-    c10::InferenceMode guard;
-    const bool with_further = further_outputs && further_ok;
-    std::vector<at::Tensor> parts;
-    std::vector<std::vector<at::Tensor>> further(with_further ? further_outputs : 0);
-    for (int64_t i = 0; i < n; i += 512) {
-      auto outs = OutputTensors(teacher->forward(Rows(train, i, std::min(i + 512, n), ctx.device)));
-      parts.push_back(outs[0].second.flatten(1).to(at::kFloat));
-      for (size_t k = 0; k < further.size(); ++k) further[k].push_back(outs[k + 1].second.to(at::kFloat));
-    }
-    teacher_logits = at::cat(parts);
-    for (auto& p : further) {
-      at::Tensor t = at::cat(p);
-      teacher_further_scale.push_back(1.0 / std::max(t.var().item<double>(), 1e-8));
-      teacher_further.push_back(std::move(t));
-    }
-  }
   std::vector<std::string> notes;
-  if (further_outputs) {
-    notes.push_back(teacher_further.empty()
-                        ? "distilled the first output only: the teacher's further outputs are not batch-first"
-                        : "distilled " + std::to_string(further_outputs) +
-                              " further output(s) by mean squared error (scaled by the teacher's variance)");
-  }
+  if (targets && targets->Note()) notes.push_back(*targets->Note());
   if (!masks.empty())
     notes.push_back("kept the zeros of " + std::to_string(masks.size()) + " pruned weight tensors");
-  const int64_t batches_per_epoch = (n + batch - 1) / batch;
-  const int64_t total_batches = batches_per_epoch * spec.epochs;
+  const int64_t n = train.images.size(0);
+  const int64_t batch = std::min<int64_t>(spec.batch_size, n);
+  const int64_t max_label = train.labels.max().item<int64_t>();
+  const int64_t total_batches = (n + batch - 1) / batch * spec.epochs;
   at::Generator gen = at::detail::createCPUGenerator(ctx.seed);
-  double best_acc = -1;
-  int best_epoch = -1;
-  std::vector<at::Tensor> best;
+  BestEpoch best;
   int64_t done_batches = 0;
   for (int epoch = 0; epoch < spec.epochs; ++epoch) {
     student.train();
@@ -182,13 +243,13 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
     double loss_sum = 0;
     int64_t seen = 0, correct = 0;
     for (int64_t i = 0; i < n; i += batch) {
+      // Cosine learning-rate decay over all the step's batches.
       double lr =
           spec.learning_rate * 0.5 * (1 + std::cos(kPi * double(done_batches) / double(total_batches)));
       for (auto& group : opt->param_groups()) group.options().set_lr(lr);
       at::Tensor idx = order.slice(0, i, std::min(i + batch, n));
-      std::vector<c10::IValue> x = Rows(train, idx, ctx.device);
       at::Tensor y = train.labels.index_select(0, idx).to(ctx.device);
-      auto outs = OutputTensors(student.forward(x));
+      auto outs = OutputTensors(student.forward(Rows(train, idx, ctx.device)));
       at::Tensor logits = outs[0].second.flatten(1);
       if (max_label >= logits.size(1)) {
         throw EngineError(Code::kInvalidArgument, "BAD_DATASET",
@@ -196,25 +257,13 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
                               std::to_string(logits.size(1)) + " outputs");
       }
       at::Tensor loss = at::cross_entropy_loss(logits, y);
-      if (teacher) {
-        // A plain tensor outside inference mode, so autograd may read it.
-        at::Tensor t_logits = teacher_logits.index_select(0, idx.to(teacher_logits.device())).clone();
-        at::Tensor log_p_s = at::log_softmax(logits / temperature, 1);
-        at::Tensor log_p_t = at::log_softmax(t_logits / temperature, 1);
-        at::Tensor kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean();
-        loss = alpha * temperature * temperature * kl + (1 - alpha) * loss;
-        for (size_t k = 0; k < teacher_further.size(); ++k) {
-          at::Tensor want = teacher_further[k].index_select(0, idx.to(teacher_further[k].device())).clone();
-          loss =
-              loss + alpha * teacher_further_scale[k] * at::mse_loss(outs[k + 1].second.to(at::kFloat), want);
-        }
-      }
+      if (targets) loss = targets->Loss(outs, logits, idx, loss, temperature, alpha);
       opt->zero_grad();
       loss.backward();
       opt->step();
       {
         torch::NoGradGuard no_grad;
-        for (auto& [p, mask] : masks) p.mul_(mask);
+        for (const auto& [p, mask] : masks) p.mul_(mask);
       }
       const int64_t b = idx.size(0);
       loss_sum += loss.item<double>() * double(b);
@@ -234,19 +283,12 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
     if (ctx.eval && ctx.eval->labels.defined()) {
       double acc = Accuracy(student, *ctx.eval, ctx.device);
       note << ", eval top-1 " << acc;
-      if (acc > best_acc) {
-        best_acc = acc;
-        best_epoch = epoch;
-        best = Snapshot(student);
-      }
+      best.Offer(acc, epoch, student);
     }
     notes.push_back(note.str());
     if (ctx.progress) ctx.progress(double(done_batches) / double(total_batches), note.str());
   }
-  if (!best.empty() && best_epoch != spec.epochs - 1) {
-    Restore(student, best);
-    notes.push_back("kept epoch " + std::to_string(best_epoch + 1) + ", the best on the eval set");
-  }
+  best.RestoreIfEarlier(student, spec.epochs, notes);
   for (auto& p : params) p.set_requires_grad(false);
   student.eval();
   return notes;
