@@ -56,6 +56,16 @@ CompressOptions QuickOptions() {
   return opts;
 }
 
+// CPU, batch-1 timing only, short: for tests about what a step does, not its speed.
+CompressOptions CpuOptions(const std::vector<int64_t>& input_shape, double latency_budget = 0.02) {
+  CompressOptions opts;
+  opts.device = "cpu";
+  opts.input_shape = input_shape;
+  opts.latency_batches = {1};
+  opts.latency_budget_seconds = latency_budget;
+  return opts;
+}
+
 class EngineTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() { InitProcess(1, "onednn"); }
@@ -631,6 +641,41 @@ TEST_F(EngineTest, StaticQuantizationKeepsExcludedLayersFloat) {
   }
 }
 
+TEST_F(EngineTest, StaticQuantizationWithAccuracyControlKeepsTheMostSensitiveLayersFloat) {
+  // Without labels the score is the centred cosine with the float model's outputs: a goal of 0.005
+  // points (cosine >= 0.99995) is more than the whole small CNN in INT8 keeps, so layers go float.
+  CompressOptions opts = CpuOptions({1, 1, 28, 28});
+  opts.calibration = DatasetInput{"tensors", Fixture("quadrants_train.pt")};
+  StaticQuantSpec spec{"MINMAX", 4, true};
+  spec.max_accuracy_drop = 0.005;
+  const std::string out = TempPath("controlled.pt");
+  Report r = Compress(Fixture("small_cnn_trained.pt"), {spec}, opts, out);
+  ASSERT_EQ(r.steps.size(), 2u);
+  const std::string control = r.steps[1].notes.back();
+  ASSERT_NE(control.find("accuracy control: at most 0.005 points of centred cosine"), std::string::npos)
+      << control;
+  ASSERT_NE(control.find("layer(s) float, most sensitive first"), std::string::npos) << control;
+  // The report measures the result on the samples the search scored it on.
+  const double lost = (1.0 - r.steps[1].stats.output_centred_cosine) * 100;
+  if (control.rfind("WARNING", 0) == 0) {
+    EXPECT_GT(lost, 0.005) << control;
+  } else {
+    EXPECT_LE(lost, 0.005 + 1e-6) << control;
+  }
+  // Every layer named as kept float is float in the saved graph: count them against the graph.
+  size_t kept = 0;
+  for (const char* layer : {"conv1 (", "conv2 (", "fc1 (", "fc2 ("})
+    kept += control.find(layer) != std::string::npos;
+  std::string graph = torch::jit::load(out).get_method("forward").graph()->toString();
+  EXPECT_EQ(Count(graph, "aten::conv2d") + Count(graph, "aten::_convolution") + Count(graph, "aten::linear"),
+            kept)
+      << control << graph;
+  // A goal the whole model meets keeps nothing float.
+  spec.max_accuracy_drop = 60;
+  r = Compress(Fixture("small_cnn_trained.pt"), {spec}, opts, TempPath("controlled2.pt"));
+  EXPECT_NE(r.steps[1].notes.back().find("none kept float"), std::string::npos) << r.steps[1].notes.back();
+}
+
 TEST_F(EngineTest, StaticQuantizationOfAChannelPrunedModelFusesConvAndRelu) {
   // A channel-pruned model's forward is one inlined graph: its convs are aten ops, which
   // LibTorch's observer pass does not pair with the relu after them.
@@ -779,11 +824,7 @@ TEST_F(EngineTest, ReluIsHoistedOverMaxPoolOnlyAfterAConvolution) {
 }
 
 TEST_F(EngineTest, StaticQuantizationOfResNet18FoldsBatchNormAndQuantizesEveryConv) {
-  CompressOptions opts;
-  opts.device = "cpu";
-  opts.input_shape = {1, 3, 64, 64};
-  opts.latency_batches = {1};
-  opts.latency_budget_seconds = 0.05;
+  CompressOptions opts = CpuOptions({1, 3, 64, 64}, 0.05);
   std::string out = TempPath("r18q.pt");
   Report r = Compress(Fixture("resnet18.pt"), {StaticQuantSpec{"HISTOGRAM", 2, true}}, opts, out);
   ASSERT_EQ(r.steps.size(), 2u);
@@ -802,11 +843,7 @@ TEST_F(EngineTest, StaticQuantizationOfResNet18FoldsBatchNormAndQuantizesEveryCo
 }
 
 TEST_F(EngineTest, OptimizeFreezesFoldsBatchNormAndKeepsTheAnswers) {
-  CompressOptions opts;
-  opts.device = "cpu";
-  opts.input_shape = {1, 3, 64, 64};
-  opts.latency_batches = {1};
-  opts.latency_budget_seconds = 0.05;
+  CompressOptions opts = CpuOptions({1, 3, 64, 64}, 0.05);
   std::string out = TempPath("r18opt.pt");
   Report r = Compress(Fixture("resnet18.pt"), {OptimizeSpec{}}, opts, out);
   ASSERT_EQ(r.steps.size(), 2u);

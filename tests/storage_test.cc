@@ -191,6 +191,8 @@ TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
            {R"({"steps":[{"analyze":{"pruneAmounts":[0.5,0.5]}}]})",
             "steps[0].analyze.pruneAmounts[1] repeats"},
            {R"({"steps":[{"analyze":{"roundTo":999}}]})", "steps[0].analyze.roundTo"},
+           {R"({"steps":[{"quantize":{"static":{"maxAccuracyDrop":-1}}}]})",
+            "steps[0].quantize.static.maxAccuracyDrop"},
            {R"({"steps":[{"quantize":{"static":{"exclude":["fc","fc"]}}}]})",
             "steps[0].quantize.static.exclude[1] repeats"},
            {R"({"steps":[{"quantize":{"dynamic":{}}},{"optimize":{}}]})",

@@ -12,37 +12,12 @@
 #include "worker/engine/graph_edit.h"
 #include "worker/engine/measure.h"
 #include "worker/engine/quantize.h"
+#include "worker/engine/score.h"
 
 namespace pare::engine {
 namespace {
 
 namespace profiler = torch::autograd::profiler;
-
-// The images accuracy is computed on: at most this many of the eval set, to bound the cost of a
-// table that measures every layer several times.
-constexpr int64_t kEvalImages = 512;
-
-// A conv or linear node of the inlined forward and the layer (module path) it belongs to.
-struct LayerNode {
-  std::string layer;
-  std::string op;
-};
-
-// The conv and linear layers in execution order, from an inlined clone's forward.
-std::vector<LayerNode> LayersInOrder(const torch::jit::Module& model) {
-  torch::jit::Module flat = model.clone();
-  flat.eval();
-  auto graph = InlineForward(flat);
-  torch::jit::Value* self = graph->inputs()[0];
-  std::vector<LayerNode> out;
-  ForEachNode(graph->block(), [&](torch::jit::Node* n) {
-    if (LayerOpOf(n) == LayerOp::kNone) return;
-    Source w = Resolve(flat, n->input(1), self);
-    if (w.kind != Source::kAttr || w.path.size() < 2) return;
-    out.push_back({Join(AttrPath(w.path.begin(), w.path.end() - 1)), n->kind().toQualString()});
-  });
-  return out;
-}
 
 // Each layer's share of one forward's time: the forward of an inlined clone runs under LibTorch's
 // profiler, and the k-th top-level event of an op kind is the k-th node of that kind (the graph
@@ -104,51 +79,6 @@ std::map<std::string, double> LatencyShares(const torch::jit::Module& model,
   return shares;
 }
 
-// How a candidate is scored: top-1 on (the first images of) a labelled eval set, else the
-// centred cosine of its outputs with the analysed model's on the samples.
-class Scorer {
- public:
-  Scorer(torch::jit::Module& model, const AnalyzeContext& ctx) : ctx_(ctx) {
-    if (ctx.eval && ctx.eval->labels.defined()) {
-      const int64_t n = std::min<int64_t>(kEvalImages, ctx.eval->images.size(0));
-      images_ = ctx.eval->images.slice(0, 0, n);
-      labels_ = ctx.eval->labels.slice(0, 0, n);
-      for (const at::Tensor& t : ctx.eval->more_images) more_.push_back(t.slice(0, 0, n));
-      metric_ = "top-1 accuracy on " + std::to_string(n) + " eval images";
-    } else {
-      images_ = ctx.samples;
-      more_ = ctx.more_samples;
-      metric_ = "centred cosine with the analysed model's outputs on " + std::to_string(ctx.samples.size(0)) +
-                " inputs";
-    }
-    reference_ = Outputs(model);
-    if (labels_.defined() &&
-        (reference_.dim() < 2 || reference_.numel() != reference_.size(0) * reference_.size(1))) {
-      // A dense output has no per-image class: agreement instead.
-      labels_ = at::Tensor();
-      metric_ = "centred cosine with the analysed model's outputs on " + std::to_string(images_.size(0)) +
-                " eval images";
-    }
-  }
-
-  double Score(torch::jit::Module& m) const {
-    at::Tensor out = Outputs(m);
-    if (labels_.defined()) return (out.flatten(1).argmax(1) == labels_).to(at::kFloat).mean().item<double>();
-    return OutputCosines(out.reshape({out.size(0), -1}), reference_.reshape({reference_.size(0), -1})).second;
-  }
-  const std::string& metric() const { return metric_; }
-
- private:
-  at::Tensor Outputs(torch::jit::Module& m) const {
-    return RunBatched(m, images_, c10::kCPU, 64, nullptr, more_).to(at::kFloat);
-  }
-
-  const AnalyzeContext& ctx_;
-  at::Tensor images_, labels_, reference_;
-  std::vector<at::Tensor> more_;
-  std::string metric_;
-};
-
 // The accuracy with only `layer` in static INT8 (every other conv and linear layer excluded).
 std::optional<double> Int8Alone(const torch::jit::Module& model, const std::string& layer,
                                 const std::set<std::string>& all_layers, const AnalyzeContext& ctx,
@@ -191,7 +121,7 @@ AnalyzeResult Analyze(const torch::jit::Module& input, const AnalyzeSpec& spec, 
   std::set<std::string> every_layer;
   for (const auto& [layer, op] : op_of) every_layer.insert(layer);
 
-  Scorer scorer(model, ctx);
+  Scorer scorer(model, ctx.eval, ctx.samples, ctx.more_samples);
   result.metric = scorer.metric();
   result.baseline = scorer.Score(model);
   std::vector<c10::IValue> args = ForwardArgs(ctx.samples.slice(0, 0, 1), [&] {

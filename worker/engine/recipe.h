@@ -55,6 +55,8 @@ struct StaticQuantSpec {
   std::string target = "auto";
   // Module paths kept float (with everything under them); each must name a submodule.
   std::vector<std::string> exclude = {};
+  // > 0: keep the most sensitive layers float until the score drops by at most this many points.
+  double max_accuracy_drop = 0;
 };
 
 // Weights and buffers converted to 16-bit floats for GPU deployment; the model keeps a

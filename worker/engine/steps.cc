@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "worker/engine/accuracy_control.h"
 #include "worker/engine/analyze.h"
 #include "worker/engine/channel_prune.h"
 #include "worker/engine/error.h"
@@ -109,7 +110,13 @@ struct StepApplier {
     m.to(c10::kCPU);
     std::vector<std::vector<at::Tensor>> more;
     auto batches = CalibrationBatches(ctx, s.calibration_batches, notes, more);
-    torch::jit::Module q = QuantizeStatic(m, s, batches, &notes, more);
+    torch::jit::Module q;
+    if (s.max_accuracy_drop > 0) {
+      const Scorer scorer(m, ctx.train.eval, ctx.samples, ctx.more_samples);
+      q = QuantizeWithAccuracyControl(m, s, batches, more, scorer, notes, ctx.train.progress);
+    } else {
+      q = QuantizeStatic(m, s, batches, &notes, more);
+    }
     if (!IsQuantized(q)) notes.push_back("no conv or linear layer was quantized");
     return q;
   }

@@ -1,0 +1,101 @@
+#include "worker/engine/accuracy_control.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <set>
+
+#include "worker/engine/error.h"
+#include "worker/engine/quant_passes.h"
+#include "worker/engine/quantize.h"
+
+namespace pare::engine {
+namespace {
+
+// The most layers whose gain is measured one by one (each costs a quantization).
+constexpr size_t kMaxRanked = 64;
+
+std::string Points(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3g", v);
+  return buf;
+}
+
+}  // namespace
+
+torch::jit::Module QuantizeWithAccuracyControl(
+    const torch::jit::Module& model, const StaticQuantSpec& spec, const std::vector<at::Tensor>& calibration,
+    const std::vector<std::vector<at::Tensor>>& more, const Scorer& scorer, std::vector<std::string>& notes,
+    const std::function<void(double, const std::string&)>& progress) {
+  torch::jit::Module float_model = model;
+  const double base = scorer.Score(float_model);
+  auto drop = [&](double score) { return (base - score) * 100.0; };
+  auto quantize = [&](const std::vector<std::string>& extra, std::vector<std::string>& q_notes) {
+    StaticQuantSpec s = spec;
+    s.exclude.insert(s.exclude.end(), extra.begin(), extra.end());
+    return QuantizeStatic(model, s, calibration, &q_notes, more);
+  };
+  std::vector<std::string> q_notes;
+  torch::jit::Module q = quantize({}, q_notes);
+  const double full = scorer.Score(q);
+  const std::string goal = "accuracy control: at most " + Points(spec.max_accuracy_drop) + " points of " +
+                           scorer.metric() + " (float: " + Points(base * 100) + ")";
+  if (drop(full) <= spec.max_accuracy_drop) {
+    notes.insert(notes.end(), q_notes.begin(), q_notes.end());
+    notes.push_back(goal + "; every layer in INT8 loses " + Points(drop(full)) + ": none kept float");
+    return q;
+  }
+  // Each layer's gain when it alone stays float.
+  std::vector<std::string> layers;
+  std::set<std::string> excluded(spec.exclude.begin(), spec.exclude.end());
+  for (const auto& n : LayersInOrder(model)) {
+    if (!UnderAny(n.layer, excluded) && std::find(layers.begin(), layers.end(), n.layer) == layers.end())
+      layers.push_back(n.layer);
+  }
+  const size_t ranked = std::min(layers.size(), kMaxRanked);
+  std::vector<std::pair<double, std::string>> gains;
+  for (size_t i = 0; i < ranked; ++i) {
+    if (progress) progress(0.5 * double(i) / double(ranked), "accuracy control: measuring " + layers[i]);
+    std::vector<std::string> ignored;
+    try {
+      torch::jit::Module alone = quantize({layers[i]}, ignored);
+      gains.emplace_back(scorer.Score(alone) - full, layers[i]);
+    } catch (const EngineError&) {
+      gains.emplace_back(0.0, layers[i]);  // measured as no gain: tried last
+    }
+  }
+  std::stable_sort(gains.begin(), gains.end(),
+                   [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (size_t i = ranked; i < layers.size(); ++i) gains.emplace_back(0.0, layers[i]);
+  // Keep layers float, most sensitive first, until the drop is within the goal.
+  std::vector<std::string> kept;
+  std::string reverted;
+  double reached = drop(full);
+  for (size_t i = 0; i < gains.size() && reached > spec.max_accuracy_drop; ++i) {
+    if (progress)
+      progress(0.5 + 0.5 * double(i) / double(gains.size()),
+               "accuracy control: keeping " + gains[i].second + " float");
+    kept.push_back(gains[i].second);
+    q_notes.clear();
+    try {
+      q = quantize(kept, q_notes);
+    } catch (const EngineError& e) {
+      if (e.reason() != "BAD_RECIPE") throw;
+      kept.pop_back();  // not a layer `exclude` can name (a conv in a module of its own kind)
+      continue;
+    }
+    reached = drop(scorer.Score(q));
+    reverted += (reverted.empty() ? "" : ", ") + gains[i].second + " (+" + Points(gains[i].first * 100) + ")";
+  }
+  notes.insert(notes.end(), q_notes.begin(), q_notes.end());
+  std::string summary = goal + "; every layer in INT8 loses " + Points(drop(full)) + "; kept " +
+                        std::to_string(kept.size()) + " of " + std::to_string(layers.size()) +
+                        " layer(s) float, most sensitive first (gain when float alone): " + reverted +
+                        "; now loses " + Points(reached);
+  if (reached > spec.max_accuracy_drop) {
+    summary = "WARNING: " + summary + ", still above the goal with every layer tried";
+  }
+  notes.push_back(summary);
+  return q;
+}
+
+}  // namespace pare::engine

@@ -1,0 +1,46 @@
+// Scoring candidate models against the model they came from, for the searches that compare many
+// (the analyze step's table, static INT8's accuracy control): top-1 on a labelled eval set, else
+// the centred cosine of the outputs with the reference model's on the agreement samples.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <torch/script.h>
+
+#include "worker/engine/dataset.h"
+
+namespace pare::engine {
+
+// The images accuracy is computed on: at most this many of the eval set, to bound the cost of
+// searches that score a model many times.
+constexpr int64_t kScoreEvalImages = 512;
+
+class Scorer {
+ public:
+  // `reference`: the model candidates are compared with (its own score is its top-1, or 1).
+  Scorer(torch::jit::Module& reference, const Dataset* eval, const at::Tensor& samples,
+         const std::vector<at::Tensor>& more_samples);
+  // In [0, 1]: top-1 accuracy, or the centred cosine with the reference's outputs.
+  double Score(torch::jit::Module& m) const;
+  // "top-1 accuracy on 512 eval images", "centred cosine with the reference's outputs on 32 inputs".
+  const std::string& metric() const { return metric_; }
+
+ private:
+  at::Tensor Outputs(torch::jit::Module& m) const;
+
+  at::Tensor images_, labels_, reference_;
+  std::vector<at::Tensor> more_;
+  std::string metric_;
+};
+
+// A conv or linear node of the model's inlined forward and the layer (module path) it belongs to.
+struct LayerNode {
+  std::string layer;  // "layer1.0.conv1"
+  std::string op;     // "aten::conv2d"
+};
+
+// The conv and linear layers on weight attributes, in execution order (from an inlined clone).
+std::vector<LayerNode> LayersInOrder(const torch::jit::Module& model);
+
+}  // namespace pare::engine
