@@ -345,16 +345,16 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::Job> {
 
 }  // namespace
 
-// The caller's tenant; an upload is refused while the server drains (it would outlive it).
-Result<std::string> CompressionService::Admit(grpc::CallbackServerContext* call, bool long_call) {
-  if (long_call && ctx_->draining)
-    return Unavailable("the server is shutting down; retry on another replica");
+// The caller's tenant, for every handler; new work (an upload, a job) is refused while the server
+// drains: it would outlive it.
+Result<std::string> CompressionService::Admit(grpc::CallbackServerContext* call, bool new_work) {
+  if (new_work && ctx_->draining) return Unavailable("the server is shutting down; retry on another replica");
   return ctx_->auth->Client(call);
 }
 
 grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadModel(grpc::CallbackServerContext* call,
                                                                             v1::Model* resp) {
-  auto tenant = Admit(call, /*long_call=*/true);
+  auto tenant = Admit(call, /*new_work=*/true);
   if (!tenant.ok()) return new ErrorReadReactor<v1::UploadRequest>(ToGrpcStatus(tenant.status()));
   auto* r = new Upload<ModelKind>(ctx_, tenant.value(), resp);
   r->Begin();
@@ -363,7 +363,7 @@ grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadModel(grpc
 
 grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadDataset(
     grpc::CallbackServerContext* call, v1::Dataset* resp) {
-  auto tenant = Admit(call, /*long_call=*/true);
+  auto tenant = Admit(call, /*new_work=*/true);
   if (!tenant.ok()) return new ErrorReadReactor<v1::UploadRequest>(ToGrpcStatus(tenant.status()));
   auto* r = new Upload<DatasetKind>(ctx_, tenant.value(), resp);
   r->Begin();
@@ -372,7 +372,7 @@ grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadDataset(
 
 grpc::ServerUnaryReactor* CompressionService::GetModel(grpc::CallbackServerContext* call,
                                                        const v1::GetModelRequest* req, v1::Model* resp) {
-  auto tenant = ctx_->auth->Client(call);
+  auto tenant = Admit(call, /*new_work=*/false);
   if (!tenant.ok()) return Refuse(call, tenant.status());
   return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
     PARE_ASSIGN_OR_RETURN(auto m, ctx_->store->GetModel(tenant, req->id()));
@@ -384,7 +384,7 @@ grpc::ServerUnaryReactor* CompressionService::GetModel(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* CompressionService::GetDataset(grpc::CallbackServerContext* call,
                                                          const v1::GetDatasetRequest* req,
                                                          v1::Dataset* resp) {
-  auto tenant = ctx_->auth->Client(call);
+  auto tenant = Admit(call, /*new_work=*/false);
   if (!tenant.ok()) return Refuse(call, tenant.status());
   return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
     PARE_ASSIGN_OR_RETURN(auto d, ctx_->store->GetDataset(tenant, req->id()));
@@ -395,10 +395,9 @@ grpc::ServerUnaryReactor* CompressionService::GetDataset(grpc::CallbackServerCon
 
 grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerContext* call,
                                                         const v1::SubmitJobRequest* req, v1::Job* resp) {
-  auto tenant = ctx_->auth->Client(call);
+  auto tenant = Admit(call, /*new_work=*/true);
   if (!tenant.ok()) return Refuse(call, tenant.status());
   return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
-    if (ctx_->draining) return Unavailable("the server is shutting down; retry on another replica");
     PARE_ASSIGN_OR_RETURN(auto steps, ValidateSubmitJob(*req, ctx_->limits));
     PARE_RETURN_IF_ERROR(CheckRecipeModels(ctx_->store, tenant, *req));
     PARE_RETURN_IF_ERROR(CheckTrainData(steps, *req));
@@ -422,7 +421,7 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
 
 grpc::ServerUnaryReactor* CompressionService::GetJob(grpc::CallbackServerContext* call,
                                                      const v1::GetJobRequest* req, v1::Job* resp) {
-  auto tenant = ctx_->auth->Client(call);
+  auto tenant = Admit(call, /*new_work=*/false);
   if (!tenant.ok()) return Refuse(call, tenant.status());
   return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
     PARE_ASSIGN_OR_RETURN(auto j, ctx_->store->GetJob(tenant, req->id()));
@@ -434,7 +433,7 @@ grpc::ServerUnaryReactor* CompressionService::GetJob(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* CompressionService::ListJobs(grpc::CallbackServerContext* call,
                                                        const v1::ListJobsRequest* req,
                                                        v1::ListJobsResponse* resp) {
-  auto tenant = ctx_->auth->Client(call);
+  auto tenant = Admit(call, /*new_work=*/false);
   if (!tenant.ok()) return Refuse(call, tenant.status());
   return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
     int size = req->page_size() <= 0 ? 50 : std::min(req->page_size(), ctx_->limits.max_page_size);
@@ -458,7 +457,7 @@ grpc::ServerUnaryReactor* CompressionService::ListJobs(grpc::CallbackServerConte
 
 grpc::ServerUnaryReactor* CompressionService::CancelJob(grpc::CallbackServerContext* call,
                                                         const v1::CancelJobRequest* req, v1::Job* resp) {
-  auto tenant = ctx_->auth->Client(call);
+  auto tenant = Admit(call, /*new_work=*/false);
   if (!tenant.ok()) return Refuse(call, tenant.status());
   return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
     const int64_t now = ctx_->clock->NowMs();
@@ -477,7 +476,7 @@ grpc::ServerUnaryReactor* CompressionService::CancelJob(grpc::CallbackServerCont
 
 grpc::ServerWriteReactor<v1::Job>* CompressionService::WatchJob(grpc::CallbackServerContext* call,
                                                                 const v1::WatchJobRequest* req) {
-  auto tenant = ctx_->auth->Client(call);
+  auto tenant = Admit(call, /*new_work=*/false);
   if (!tenant.ok()) return new ErrorWriteReactor<v1::Job>(ToGrpcStatus(tenant.status()));
   if (req->id().empty())
     return new ErrorWriteReactor<v1::Job>(ToGrpcStatus(InvalidArgument("id is required")));

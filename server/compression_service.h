@@ -33,7 +33,7 @@ class CompressionService final : public v1::Compression::CallbackService {
                                                       const v1::DownloadRequest* req) override;
 
  private:
-  Result<std::string> Admit(grpc::CallbackServerContext* call, bool long_call);
+  Result<std::string> Admit(grpc::CallbackServerContext* call, bool new_work);
 
   ServiceContext* ctx_;
 };

@@ -99,6 +99,48 @@ std::optional<double> Int8Alone(const torch::jit::Module& model, const std::stri
   }
 }
 
+// The table's first note: how many layers, what accuracy means here, how the columns were made.
+std::string SummaryNote(const AnalyzeResult& result, size_t total_layers, const AnalyzeSpec& spec,
+                        const AnalyzeContext& ctx, bool pruned) {
+  return "sensitivity of " + std::to_string(result.rows.size()) + " layer(s)" +
+         (total_layers > result.rows.size() ? " (the first " + std::to_string(result.rows.size()) + " of " +
+                                                  std::to_string(total_layers) + ")"
+                                            : "") +
+         "; accuracy is the " + result.metric +
+         " (the model itself: " + std::to_string(result.baseline).substr(0, 6) + ")" +
+         (spec.quantize && !ctx.calibration.empty()
+              ? "; INT8 columns calibrated with MINMAX on " + std::to_string(ctx.calibration.size()) +
+                    " batch(es)"
+              : "") +
+         (pruned ? "; pruned columns keep channels rounded to multiples of " + std::to_string(spec.round_to) +
+                       " as prune.channel does (roundTo)"
+                 : "") +
+         "; the model is unchanged";
+}
+
+// The accuracy with only `layer`'s channel group pruned, at each of spec.prune_amounts.
+std::vector<std::pair<double, double>> PrunedAlone(const ChannelPruner& pruner, const std::string& layer,
+                                                   const AnalyzeSpec& spec, const Scorer& scorer,
+                                                   std::vector<std::string>& notes) {
+  std::vector<std::pair<double, double>> out;
+  for (double amount : spec.prune_amounts) {
+    ChannelPruneSpec p;
+    p.amount = 0;
+    p.round_to = spec.round_to;
+    p.amounts = {{layer, amount}};
+    try {
+      ChannelPruneResult r = pruner.Prune(p);
+      r.module.eval();
+      out.emplace_back(amount, scorer.Score(r.module));
+    } catch (const EngineError& e) {
+      notes.push_back("pruning " + layer + " by " + std::to_string(amount).substr(0, 4) +
+                      " failed: " + e.what());
+      break;
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 AnalyzeResult Analyze(const torch::jit::Module& input, const AnalyzeSpec& spec, const AnalyzeContext& ctx) {
@@ -158,40 +200,11 @@ AnalyzeResult Analyze(const torch::jit::Module& input, const AnalyzeSpec& spec, 
       row.int8 = Int8Alone(model, layer, every_layer, ctx, scorer, int8_failure);
     if (pruner && group_of.count(layer)) {
       row.group = layer;
-      for (double amount : spec.prune_amounts) {
-        ChannelPruneSpec p;
-        p.amount = 0;
-        p.round_to = spec.round_to;
-        p.amounts = {{layer, amount}};
-        try {
-          ChannelPruneResult r = pruner->Prune(p);
-          r.module.eval();
-          row.pruned.emplace_back(amount, scorer.Score(r.module));
-        } catch (const EngineError& e) {
-          result.notes.push_back("pruning " + layer + " by " + std::to_string(amount).substr(0, 4) +
-                                 " failed: " + e.what());
-          break;
-        }
-      }
+      row.pruned = PrunedAlone(*pruner, layer, spec, scorer, result.notes);
     }
     result.rows.push_back(std::move(row));
   }
-  result.notes.insert(
-      result.notes.begin(),
-      "sensitivity of " + std::to_string(result.rows.size()) + " layer(s)" +
-          (total_layers > result.rows.size() ? " (the first " + std::to_string(result.rows.size()) + " of " +
-                                                   std::to_string(total_layers) + ")"
-                                             : "") +
-          "; accuracy is the " + result.metric +
-          " (the model itself: " + std::to_string(result.baseline).substr(0, 6) + ")" +
-          (spec.quantize && !ctx.calibration.empty()
-               ? "; INT8 columns calibrated with MINMAX on " + std::to_string(ctx.calibration.size()) +
-                     " batch(es)"
-               : "") +
-          (pruner ? "; pruned columns keep channels rounded to multiples of " +
-                        std::to_string(spec.round_to) + " as prune.channel does (roundTo)"
-                  : "") +
-          "; the model is unchanged");
+  result.notes.insert(result.notes.begin(), SummaryNote(result, total_layers, spec, ctx, pruner != nullptr));
   if (!int8_failure.empty()) result.notes.push_back("INT8 of some layers alone failed: " + int8_failure);
   if (spec.quantize && ctx.calibration.empty())
     result.notes.push_back("no INT8 column: no calibration inputs");
