@@ -485,7 +485,7 @@ grpc::ServerWriteReactor<v1::Job>* CompressionService::WatchJob(grpc::CallbackSe
 
 grpc::ServerWriteReactor<v1::Chunk>* CompressionService::DownloadResult(grpc::CallbackServerContext* call,
                                                                         const v1::DownloadRequest* req) {
-  auto authenticated = ctx_->auth->Client(call);
+  auto authenticated = Admit(call, /*new_work=*/false);
   if (!authenticated.ok()) return new ErrorWriteReactor<v1::Chunk>(ToGrpcStatus(authenticated.status()));
   std::string tenant = authenticated.value();
   std::string job_id = req->job_id();

@@ -66,6 +66,19 @@ CompressOptions CpuOptions(const std::vector<int64_t>& input_shape, double laten
   return opts;
 }
 
+// The fixtures' trained small CNN, 30% of its channels pruned: a model whose forward is one
+// inlined graph (its convs are aten ops, not submodule calls).
+torch::jit::Module PrunedSmallCnn() {
+  auto m = torch::jit::load(Fixture("small_cnn_trained.pt"));
+  m.eval();
+  ChannelPruneSpec spec;
+  spec.amount = 0.3;
+  spec.round_to = 1;
+  auto pruned = ChannelPrune(m, spec, {1, 1, 28, 28}).module;
+  pruned.eval();
+  return pruned;
+}
+
 class EngineTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() { InitProcess(1, "onednn"); }
@@ -615,13 +628,7 @@ TEST_F(EngineTest, StaticQuantizationKeepsExcludedLayersFloat) {
   graph = QuantizeStatic(m, spec, calibration).get_method("forward").graph()->toString();
   EXPECT_EQ(Count(graph, "quantized::conv2d"), 15u) << graph;
   // An inlined (channel-pruned) model: decided per node.
-  auto small = torch::jit::load(Fixture("small_cnn_trained.pt"));
-  small.eval();
-  ChannelPruneSpec prune;
-  prune.amount = 0.3;
-  prune.round_to = 1;
-  auto pruned = ChannelPrune(small, prune, {1, 1, 28, 28}).module;
-  pruned.eval();
+  auto pruned = PrunedSmallCnn();
   std::vector<at::Tensor> images{at::rand({8, 1, 28, 28}, gen), at::rand({8, 1, 28, 28}, gen)};
   StaticQuantSpec inlined{"MINMAX", 2, true};
   inlined.exclude = {"conv2"};
@@ -681,13 +688,7 @@ TEST_F(EngineTest, StaticQuantizationOfAChannelPrunedModelFusesConvAndRelu) {
   // LibTorch's observer pass does not pair with the relu after them.
   Dataset train = LoadDataset("tensors", Fixture("quadrants_train.pt"));
   Dataset eval = LoadDataset("tensors", Fixture("quadrants_eval.pt"));
-  auto m = torch::jit::load(Fixture("small_cnn_trained.pt"));
-  m.eval();
-  ChannelPruneSpec spec;
-  spec.amount = 0.3;
-  spec.round_to = 1;
-  auto pruned = ChannelPrune(m, spec, {1, 1, 28, 28}).module;
-  pruned.eval();
+  auto pruned = PrunedSmallCnn();
   std::vector<at::Tensor> calibration;
   for (int i = 0; i < 8; ++i) calibration.push_back(train.images.slice(0, i * 8, i * 8 + 8));
   c10::InferenceMode guard;

@@ -110,7 +110,8 @@ std::vector<ChannelGroup> Describe(const std::vector<Group>& groups, const std::
 }
 
 // Kept counts per group (the group's size where nothing is cut) and channel scores.
-std::vector<int64_t> KeptCounts(const Prepared& p, const ChannelPruneSpec& spec, bool& fell_back) {
+std::vector<int64_t> KeptCounts(const Prepared& p, const ChannelPruneSpec& spec, bool& fell_back,
+                                std::vector<std::string>* notes) {
   std::vector<at::Tensor> scores(p.groups.size());
   std::vector<int64_t> kept(p.groups.size());
   for (size_t i = 0; i < p.groups.size(); ++i) {
@@ -141,7 +142,7 @@ std::vector<int64_t> KeptCounts(const Prepared& p, const ChannelPruneSpec& spec,
       }
     }
   } else {
-    const std::vector<double> amounts = GroupAmounts(p, spec);
+    const std::vector<double> amounts = GroupAmounts(p, spec, notes);
     for (size_t i = 0; i < scores.size(); ++i) {
       if (scores[i].defined()) kept[i] = round(i, double(p.groups[i].size) * (1.0 - amounts[i]));
     }

@@ -100,7 +100,9 @@ int64_t RoundKept(int64_t size, double keep, int round_to, int64_t granule, int6
 std::vector<ChannelGroup> Describe(const std::vector<Group>& groups, const std::vector<int64_t>& kept);
 
 // Kept counts per group (the group's size where nothing is cut) and channel scores.
-std::vector<int64_t> KeptCounts(const Prepared& p, const ChannelPruneSpec& spec, bool& fell_back);
+// `notes` (when given) gets GroupAmounts' summary of spec.amounts.
+std::vector<int64_t> KeptCounts(const Prepared& p, const ChannelPruneSpec& spec, bool& fell_back,
+                                std::vector<std::string>* notes = nullptr);
 
 // The amount each group loses: spec.amounts' longest pattern that matches one of the group's
 // producing layers, else spec.amount. BAD_RECIPE for a pattern that matches no prunable group.

@@ -137,14 +137,15 @@ ChannelPruneResult PruneAnalysed(const torch::jit::Module& module, const Prepare
   CheckSpec(spec);
   Prepared p = Copy(base);
   bool fell_back = false;
-  std::vector<int64_t> kept = KeptCounts(p, spec, fell_back);
+  std::vector<std::string> amount_notes;
+  std::vector<int64_t> kept = KeptCounts(p, spec, fell_back, &amount_notes);
   std::string error = Apply(p, kept, spec.criterion);
   if (!error.empty()) CutAroundBreakingGroups(module, spec, input_shape, more, p, kept, error);
   ChannelPruneResult result;
   result.module = p.module;
   result.groups = Describe(p.groups, kept);
   result.notes = SummaryNotes(result.groups);
-  if (!spec.amounts.empty()) GroupAmounts(base, spec, &result.notes);
+  result.notes.insert(result.notes.end(), amount_notes.begin(), amount_notes.end());
   if (fell_back)
     result.notes.push_back("groups without batch norm were ranked by the L1 norm instead of BN_SCALE");
   if (!p.train_ok)
