@@ -55,6 +55,36 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+# The hand-written recipes every teacher is compressed with (bench/auto_fashion_mnist.py compares
+# the auto search with the best of them).
+HAND_RECIPES = [
+    ("magnitude 50% (global) + finetune 1 epoch",
+     [{"prune": {"magnitude": {"amount": 0.5, "scope": "GLOBAL"}}},
+      {"finetune": {"epochs": 1, "learningRate": 0.0005, "batchSize": 128, "optimizer": "ADAM"}}]),
+    ("static INT8 (histogram, 16x8 calibration images)",
+     [{"quantize": {"static": {"observer": "HISTOGRAM", "calibrationBatches": 16}}}]),
+    ("dynamic INT8", [{"quantize": {"dynamic": {}}}]),
+    ("channel pruning to 50% of the MACs (targetMacs 0.5) + distill 10 epochs",
+     [{"prune": {"channel": {"targetMacs": 0.5, "roundTo": 1}}},
+      {"distill": {"epochs": 10, "temperature": 4.0, "alpha": 0.7, "learningRate": 0.002, "batchSize": 128,
+                   "optimizer": "ADAM"}}]),
+    ("lightweight student: channel pruning 75% + distill 6 epochs",
+     [{"prune": {"channel": {"amount": 0.75, "roundTo": 4}}},
+      {"distill": {"epochs": 6, "temperature": 4.0, "alpha": 0.7, "learningRate": 0.002, "batchSize": 128,
+                   "optimizer": "ADAM"}}]),
+    ("pipeline: channel pruning to 30% of the MACs -> distill 10 epochs -> static INT8",
+     [{"prune": {"channel": {"targetMacs": 0.3, "roundTo": 1}}},
+      {"distill": {"epochs": 10, "temperature": 4.0, "alpha": 0.7, "learningRate": 0.002, "batchSize": 128,
+                   "optimizer": "ADAM"}},
+      {"quantize": {"static": {"observer": "HISTOGRAM", "calibrationBatches": 16}}}]),
+    ("pipeline: magnitude 50% -> distill 1 epoch -> static INT8",
+     [{"prune": {"magnitude": {"amount": 0.5, "scope": "GLOBAL"}}},
+      {"distill": {"epochs": 1, "temperature": 4.0, "alpha": 0.7, "learningRate": 0.0005, "batchSize": 128,
+                   "optimizer": "ADAM"}},
+      {"quantize": {"static": {"observer": "HISTOGRAM", "calibrationBatches": 16}}}]),
+]
+
+
 def top1(path, images, labels):
     m = torch.jit.load(path).eval()
     correct = 0
@@ -64,7 +94,9 @@ def top1(path, images, labels):
     return correct / images.shape[0]
 
 
-def compress(args, work, model, steps, name, data):
+def compress(args, work, model, steps, name, data, may_fail=False):
+    """Runs `steps` on `model` with `pare compress`: the result's path and the report (may_fail: a
+    job that failed with a report, as auto's GOAL_UNREACHABLE, returns it too)."""
     recipe = os.path.join(work, name + ".json")
     with open(recipe, "w") as f:
         json.dump({"steps": steps}, f)
@@ -72,9 +104,33 @@ def compress(args, work, model, steps, name, data):
     cmd = [args.pare, "compress", model, "--recipe", recipe, "-o", out, "--report", report, "--threads",
            str(args.threads), "--input-shape", "1,1,28,28", "--eval", data["val"], "--train", data["train"],
            "--calibration", data["train"]]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=not may_fail, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL if may_fail else None)
     with open(report) as f:
         return out, json.load(f)
+
+
+def split_data(work):
+    """Fashion-MNIST's train set split 55k / 5k into files Pare reads; the 10k test set in memory."""
+    images, labels = load_fashion("train")
+    test_images, test_labels = load_fashion("test")
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(images.shape[0], generator=g)
+    data = {}
+    for name, idx in (("train", order[:55000]), ("val", order[55000:])):
+        data[name] = os.path.join(work, f"fashion-{name}.pt")
+        torch.save({"images": images[idx], "labels": labels[idx]}, data[name])
+    return data, test_images, test_labels
+
+
+def train_teacher(args, work, arch, data):
+    """`arch` from seeded random weights, trained by Pare (finetune, args.epochs): its file and stats."""
+    torch.manual_seed(0)
+    init = os.path.join(work, arch.__name__ + "-init.pt")
+    torch.jit.script(arch().eval()).save(init)
+    teacher, rep = compress(args, work, init, [{"finetune": {"epochs": args.epochs, "learningRate": 0.002,
+                                                              "batchSize": 128, "optimizer": "ADAM"}}],
+                            arch.__name__ + "-teacher", data)
+    return teacher, rep["steps"][-1]["stats"]
 
 
 def main():
@@ -87,53 +143,15 @@ def main():
     torch.set_num_threads(args.threads)
     work = args.out or tempfile.mkdtemp(prefix="pare-quality-")
     os.makedirs(work, exist_ok=True)
-    images, labels = load_fashion("train")
-    test_images, test_labels = load_fashion("test")
-    g = torch.Generator().manual_seed(0)
-    order = torch.randperm(images.shape[0], generator=g)
-    data = {}
-    for name, idx in (("train", order[:55000]), ("val", order[55000:])):
-        data[name] = os.path.join(work, f"fashion-{name}.pt")
-        torch.save({"images": images[idx], "labels": labels[idx]}, data[name])
+    data, test_images, test_labels = split_data(work)
 
     print(f"Fashion-MNIST: 55k train / 5k validation / 10k test (top-1 on test, computed in Python); "
           f"threads {args.threads}; teachers trained by Pare for {args.epochs} epochs\n")
     for arch in (SmallCnn, SmallResNet):
-        torch.manual_seed(0)
-        init = os.path.join(work, arch.__name__ + "-init.pt")
-        torch.jit.script(arch().eval()).save(init)
-        teacher, rep = compress(args, work, init, [{"finetune": {"epochs": args.epochs, "learningRate": 0.002,
-                                                                  "batchSize": 128, "optimizer": "ADAM"}}],
-                                arch.__name__ + "-teacher", data)
-        teacher_stats = rep["steps"][-1]["stats"]
+        teacher, teacher_stats = train_teacher(args, work, arch, data)
         teacher_top1 = top1(teacher, test_images, test_labels)
         rows = [("teacher (trained by Pare: finetune from random weights)", teacher_stats, teacher_top1, None)]
-        cases = [
-            ("magnitude 50% (global) + finetune 1 epoch",
-             [{"prune": {"magnitude": {"amount": 0.5, "scope": "GLOBAL"}}},
-              {"finetune": {"epochs": 1, "learningRate": 0.0005, "batchSize": 128, "optimizer": "ADAM"}}]),
-            ("static INT8 (histogram, 16x8 calibration images)",
-             [{"quantize": {"static": {"observer": "HISTOGRAM", "calibrationBatches": 16}}}]),
-            ("dynamic INT8", [{"quantize": {"dynamic": {}}}]),
-            ("channel pruning to 50% of the MACs (targetMacs 0.5) + distill 10 epochs",
-             [{"prune": {"channel": {"targetMacs": 0.5, "roundTo": 1}}},
-              {"distill": {"epochs": 10, "temperature": 4.0, "alpha": 0.7, "learningRate": 0.002, "batchSize": 128,
-                           "optimizer": "ADAM"}}]),
-            ("lightweight student: channel pruning 75% + distill 6 epochs",
-             [{"prune": {"channel": {"amount": 0.75, "roundTo": 4}}},
-              {"distill": {"epochs": 6, "temperature": 4.0, "alpha": 0.7, "learningRate": 0.002, "batchSize": 128,
-                           "optimizer": "ADAM"}}]),
-            ("pipeline: channel pruning to 30% of the MACs -> distill 10 epochs -> static INT8",
-             [{"prune": {"channel": {"targetMacs": 0.3, "roundTo": 1}}},
-              {"distill": {"epochs": 10, "temperature": 4.0, "alpha": 0.7, "learningRate": 0.002, "batchSize": 128,
-                           "optimizer": "ADAM"}},
-              {"quantize": {"static": {"observer": "HISTOGRAM", "calibrationBatches": 16}}}]),
-            ("pipeline: magnitude 50% -> distill 1 epoch -> static INT8",
-             [{"prune": {"magnitude": {"amount": 0.5, "scope": "GLOBAL"}}},
-              {"distill": {"epochs": 1, "temperature": 4.0, "alpha": 0.7, "learningRate": 0.0005, "batchSize": 128,
-                           "optimizer": "ADAM"}},
-              {"quantize": {"static": {"observer": "HISTOGRAM", "calibrationBatches": 16}}}]),
-        ]
+        cases = HAND_RECIPES
         for label, steps in cases:
             out, rep = compress(args, work, teacher, steps, arch.__name__ + "-" + str(len(rows)), data)
             # The job's own "original" measurement is the teacher timed in the same process,

@@ -83,6 +83,28 @@ void PrintSteps(const engine::Report& report) {
   }
 }
 
+// An auto step's trials, one line each, the chosen one marked.
+void PrintSearch(const nlohmann::json& search) {
+  if (search.is_null()) return;
+  std::cout << "search: " << search.value("metric", "") << "; goal: at most "
+            << search["goal"].value("points", 0.0) << " points lost, objective "
+            << search["goal"].value("objective", "") << "\n";
+  const int chosen = search.value("chosen", -1);
+  for (const auto& t : search.value("trials", nlohmann::json::array())) {
+    const int i = t.value("index", 0);
+    std::cout << (i == chosen ? "  * " : "    ") << std::setw(2) << i << " " << t.value("name", "");
+    if (t.contains("error")) {
+      std::cout << ": failed: " << t.value("error", "") << "\n";
+      continue;
+    }
+    std::cout << std::fixed << std::setprecision(2) << ": drop " << t.value("drop", 0.0) << ", "
+              << t.value("ratio", 0.0) << "x"
+              << (i == 0 ? "" : t.value("meets_goal", false) ? "" : " (not within the goal)")
+              << (t.value("resumed", false) ? " [from the checkpoint]" : "") << "\n";
+  }
+  if (search.contains("why")) std::cout << "  " << search.value("why", "") << "\n";
+}
+
 }  // namespace
 
 int Compress(const CompressArgs& a) {
@@ -128,7 +150,12 @@ int Compress(const CompressArgs& a) {
       std::cout << json << "\n";
     } else {
       PrintSteps(report);
-      std::cout << "wrote " << a.out << "\n";
+      PrintSearch(report.search);
+      std::cout << "wrote " << a.out << (report.failure ? " (the closest candidate)" : "") << "\n";
+    }
+    if (report.failure) {
+      std::cerr << "pare: compress: " << report.failure->reason << ": " << report.failure->message << "\n";
+      return kExitJobFailed;
     }
     return kExitOk;
   } catch (const engine::EngineError& e) {

@@ -68,7 +68,7 @@ th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
 th { background: #f2f2f2; }
 td.name, th.name { text-align: left; }
 ul.notes { margin: 0.2em 0 0.8em 1.2em; padding: 0; font-size: 0.9em; }
-li.warning { color: #a40000; }
+li.warning, p.warn { color: #a40000; }
 p.meta { color: #555; }
 svg text { font-size: 11px; }
 .bar { fill: #4a7ebb; }
@@ -131,11 +131,19 @@ std::vector<Point> Points(const Json& report, bool& accuracy) {
   for (const auto& it : items) {
     accuracy = accuracy && it.contains("stats") && it["stats"].value("top1_accuracy", Json()).is_number();
   }
+  // A search scores its trials itself (top-1, or top-1 agreement without labels).
+  const bool scored = trials && std::all_of(items.begin(), items.end(), [](const Json& t) {
+    return t.contains("error") || t.value("score", Json()).is_number();
+  });
+  if (scored) {
+    accuracy = report.contains("search") && report["search"].value("metric", "").rfind("top-1 accuracy", 0) == 0;
+  }
   std::vector<Point> out;
   for (const auto& it : items) {
-    if (!it.contains("stats")) continue;
+    if (!it.contains("stats") || it.contains("error")) continue;
     auto p50 = P50(it["stats"]);
-    const Json& q = it["stats"].value(accuracy ? "top1_accuracy" : "output_centred_cosine", Json());
+    const Json& q =
+        scored ? it["score"] : it["stats"].value(accuracy ? "top1_accuracy" : "output_centred_cosine", Json());
     if (!p50 || !q.is_number()) continue;
     std::string name =
         trials ? it.value("name", "trial " + std::to_string(out.size() + 1)) : it.value("step", "?");
@@ -181,7 +189,7 @@ std::string Plot(const std::vector<Point>& points, bool accuracy) {
     << "\" text-anchor=\"middle\">p50 latency, batch 1 (ms)</text>\n";
   o << "<text x=\"12\" y=\"" << (kTop + kH - kBottom) / 2 << "\" transform=\"rotate(-90 12 "
     << (kTop + kH - kBottom) / 2 << ")\" text-anchor=\"middle\">"
-    << (accuracy ? "top-1 accuracy" : "centred cosine with the original") << "</text>\n";
+    << (accuracy ? "top-1 accuracy" : "agreement with the original") << "</text>\n";
   std::vector<Point> front;
   for (const auto& p : points) {
     if (p.front) front.push_back(p);
@@ -245,6 +253,46 @@ std::string SensitivityTable(const Json& rows) {
   return o.str();
 }
 
+// An auto search: its goal, what it chose and why (or why nothing met the goal), the recipe
+// that rebuilds the result, and every trial.
+std::string SearchSection(const Json& report) {
+  const Json& s = report["search"];
+  std::ostringstream o;
+  const Json goal = s.value("goal", Json::object());
+  o << "<h2>Search</h2>\n<p>Goal: at most " << Fixed(goal.value("points", 0.0), 3) << " points of "
+    << Escape(s.value("metric", "")) << " lost; objective " << Escape(goal.value("objective", "")) << "; "
+    << Fixed(s.value("elapsed_seconds", 0.0), 0) << " s of a " << Fixed(goal.value("time_budget_seconds", 0.0), 0)
+    << " s budget.</p>\n";
+  if (report.contains("failure")) {
+    o << "<p class=\"warn\"><b>" << Escape(report["failure"].value("reason", "")) << "</b>: "
+      << Escape(report["failure"].value("message", "")) << "</p>\n";
+  }
+  if (s.contains("why")) o << "<p>" << Escape(s.value("why", "")) << "</p>\n";
+  if (s.contains("recipe")) o << "<p>The recipe that rebuilds the result:</p>\n<pre>" << Escape(s["recipe"].dump(2)) << "</pre>\n";
+  o << "<table><thead><tr><th>#</th><th class=\"name\">trial</th><th>drop (points)</th><th>ratio</th>"
+       "<th>p50 ms (b1)</th><th>size</th><th>MACs</th><th>wall (s)</th><th class=\"name\">within the goal</th>"
+       "</tr></thead><tbody>\n";
+  const int chosen = s.value("chosen", -1);
+  for (const auto& t : s.value("trials", Json::array())) {
+    const int i = t.value("index", 0);
+    o << "<tr><td>" << i << (i == chosen ? " *" : "") << "</td><td class=\"name\">" << Escape(t.value("name", ""))
+      << (t.value("resumed", false) ? " (from the checkpoint)" : "") << "</td>";
+    if (t.contains("error")) {
+      o << "<td colspan=\"7\" class=\"name\">failed: " << Escape(t.value("error", "")) << "</td></tr>\n";
+      continue;
+    }
+    const Json stats = t.value("stats", Json::object());
+    const auto p50 = P50(stats);
+    o << "<td>" << Fixed(t.value("drop", 0.0), 2) << "</td><td>" << Fixed(t.value("ratio", 0.0), 2) << "x</td><td>"
+      << (p50 ? Fixed(*p50, 3) : std::string("-")) << "</td><td>" << Number(stats.value("size_bytes", Json()), 0)
+      << "</td><td>" << Number(stats.value("macs", Json()), 0) << "</td><td>" << Fixed(t.value("wall_seconds", 0.0), 1)
+      << "</td><td class=\"name\">" << (i == 0 ? "original" : t.value("meets_goal", false) ? "yes" : "no")
+      << "</td></tr>\n";
+  }
+  o << "</tbody></table>\n";
+  return o.str();
+}
+
 }  // namespace
 
 std::string ReportHtml(const Json& report, const std::string& title) {
@@ -261,6 +309,7 @@ std::string ReportHtml(const Json& report, const std::string& title) {
     << (trials ? "trial" : "step's model") << "; the Pareto front (nothing else both faster and "
     << (accuracy ? "more accurate" : "closer to the original") << ") in orange.</p>\n"
     << Plot(points, accuracy);
+  if (report.contains("search") && report["search"].is_object()) o << SearchSection(report);
   if (report.contains("sensitivity") && report["sensitivity"].is_array() && !report["sensitivity"].empty()) {
     o << "<h2>Sensitivity per layer</h2>\n" << SensitivityTable(report["sensitivity"]);
   }

@@ -187,12 +187,16 @@ Result<std::vector<engine::StepSpec>> ValidateSubmitJob(const v1::SubmitJobReque
   return steps;
 }
 
-// A step that trains needs the train dataset.
+// A step that trains needs the train dataset; a search, the eval dataset.
 Status CheckTrainData(const std::vector<engine::StepSpec>& steps, const v1::SubmitJobRequest& req) {
   for (size_t i = 0; i < steps.size(); ++i) {
     if (engine::NeedsTrainData(steps[i]) && req.train_dataset_id().empty()) {
       return InvalidArgument("train_dataset_id is required: steps[" + std::to_string(i) + "] (" +
                              engine::StepName(steps[i]) + ") trains the model");
+    }
+    if (engine::NeedsEvalData(steps[i]) && req.eval_dataset_id().empty()) {
+      return InvalidArgument("eval_dataset_id is required: steps[" + std::to_string(i) + "] (" +
+                             engine::StepName(steps[i]) + ") measures every candidate's accuracy on it");
     }
   }
   return Status::Ok();
@@ -492,11 +496,12 @@ grpc::ServerWriteReactor<v1::Chunk>* CompressionService::DownloadResult(grpc::Ca
   v1::ResultKind kind = req->kind() == v1::REPORT ? v1::REPORT : v1::MODEL;
   auto resolve = [ctx = ctx_, tenant, job_id, kind]() -> Result<BlobRef> {
     PARE_ASSIGN_OR_RETURN(auto j, ctx->store->GetJob(tenant, job_id));
-    if (j.state != JobState::kSucceeded) {
+    const std::string& sha = kind == v1::REPORT ? j.report_sha256 : j.result_sha256;
+    // A FAILED job may have kept its result (an auto search's closest model and its report).
+    if (j.state != JobState::kSucceeded && !(j.state == JobState::kFailed && !sha.empty())) {
       return FailedPrecondition("job '" + job_id + "' is " + JobStateName(j.state) +
                                 "; its result can be downloaded once it has SUCCEEDED");
     }
-    const std::string& sha = kind == v1::REPORT ? j.report_sha256 : j.result_sha256;
     auto size = ctx->blobs->SizeOf(sha);
     if (!size.ok()) return DataLoss("the result of job '" + job_id + "' is missing from the blob store");
     return BlobRef{ctx->blobs->PathOf(sha), sha, size.value()};

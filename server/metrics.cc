@@ -22,13 +22,14 @@ const std::vector<std::string> kCodes = {"OK",
                                          "UNAVAILABLE",
                                          "DEADLINE_EXCEEDED",
                                          "INTERNAL"};
-const std::vector<std::string> kFailureClasses = {"bad_input", "needs_gpu", "worker_lost", "cancelled",
-                                                  "internal"};
+const std::vector<std::string> kFailureClasses = {"bad_input", "needs_gpu",        "worker_lost",
+                                                  "cancelled", "goal_unreachable", "internal"};
 const std::vector<std::string> kFirstSteps = {"prune",    "quantize", "distill", "factorize",
-                                              "finetune", "optimize", "analyze"};
+                                              "finetune", "optimize", "analyze",  "auto"};
 const std::vector<std::string> kStepKinds = {
     "prune.magnitude", "prune.channel", "prune.nm",  "quantize.dynamic", "quantize.static", "quantize.fp16",
-    "quantize.bf16",   "distill",       "factorize", "finetune",         "optimize",        "analyze"};
+    "quantize.bf16",   "distill",       "factorize", "finetune",         "optimize",        "analyze",
+    "auto"};
 const std::vector<std::string> kDevices = {"cpu", "cuda"};
 const std::vector<JobState> kStates = {JobState::kQueued, JobState::kRunning, JobState::kSucceeded,
                                        JobState::kFailed, JobState::kCancelled};
@@ -51,11 +52,12 @@ std::string FailureClass(const std::string& reason) {
       "MODEL_LOAD",   "MODEL_FORMAT",    "MODEL_RUN",         "MODEL_OUTPUT",     "BAD_DATASET",
       "BAD_RECIPE",   "BAD_INPUT_SHAPE", "NO_TRAIN_DATA",     "NO_CALIBRATION",   "SHAPE_MISMATCH",
       "OUTPUT_SHAPE", "NOT_TRAINABLE",   "UNSUPPORTED_MODEL", "NOTHING_TO_PRUNE", "INPUT_MISSING",
-      "BAD_DEVICE",   "CHANNEL_PRUNE",   "FACTORIZE"};
+      "BAD_DEVICE",   "CHANNEL_PRUNE",   "FACTORIZE",         "NO_EVAL_DATA"};
   if (bad_input.count(reason)) return "bad_input";
   if (reason == "NO_CUDA" || reason == "NEEDS_CUDA") return "needs_gpu";
   if (reason == "LEASE_EXPIRED" || reason == "WORKER_CRASH" || reason == "WORKER_LOST") return "worker_lost";
   if (reason == "CANCELLED") return "cancelled";
+  if (reason == "GOAL_UNREACHABLE") return "goal_unreachable";
   return "internal";
 }
 
@@ -119,7 +121,7 @@ Metrics::Metrics(const std::vector<std::string>& methods, const std::string& ver
       failed_(
           prometheus::BuildCounter()
               .Name("pare_jobs_failed_total")
-              .Help("Jobs that ended FAILED, by reason class: bad_input, needs_gpu, worker_lost, internal")
+              .Help("Jobs that ended FAILED, by reason class: bad_input, needs_gpu, worker_lost, goal_unreachable, internal")
               .Register(*registry_)),
       cancelled_(prometheus::BuildCounter()
                      .Name("pare_jobs_cancelled_total")

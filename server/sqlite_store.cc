@@ -19,7 +19,7 @@ const char* JobStateName(JobState s) {
 
 namespace {
 
-constexpr int kSchemaVersion = 2;
+constexpr int kSchemaVersion = 3;
 
 const char* kSchemaV1 = R"SQL(
 CREATE TABLE models (
@@ -46,6 +46,8 @@ CREATE INDEX jobs_by_state ON jobs (state, seq);
 
 // v2: a wall-clock limit per job.
 const char* kSchemaV2 = "ALTER TABLE jobs ADD COLUMN timeout_seconds INTEGER NOT NULL DEFAULT 0;";
+// v3: what a running attempt checkpoints for the next (an auto search's finished trials).
+const char* kSchemaV3 = "ALTER TABLE jobs ADD COLUMN checkpoint BLOB NOT NULL DEFAULT x'';";
 
 const char* kJobColumns =
     "seq, id, tenant, COALESCE(request_id, ''), model_id, recipe, calibration_dataset_id, train_dataset_id, "
@@ -53,7 +55,7 @@ const char* kJobColumns =
     "cancel_requested, "
     "progress, reports, error_code, error_reason, error_message, result_sha256, result_size_bytes, "
     "report_sha256, "
-    "created_ms, started_ms, finished_ms, timeout_seconds";
+    "created_ms, started_ms, finished_ms, timeout_seconds, checkpoint";
 
 // A prepared statement with positional binding.
 class Stmt {
@@ -168,6 +170,7 @@ JobRecord ReadJob(const Stmt& s) {
   j.started_ms = s.Int(c++);
   j.finished_ms = s.Int(c++);
   j.timeout_seconds = s.Int(c++);
+  j.checkpoint = s.Text(c++);
   return j;
 }
 
@@ -248,6 +251,12 @@ Status SqliteStore::Migrate() {
     Txn t(db_);
     PARE_RETURN_IF_ERROR(Exec(kSchemaV2));
     PARE_RETURN_IF_ERROR(Exec("INSERT INTO schema_version (version) VALUES (2)"));
+    PARE_RETURN_IF_ERROR(t.Commit());
+  }
+  if (version < 3) {
+    Txn t(db_);
+    PARE_RETURN_IF_ERROR(Exec(kSchemaV3));
+    PARE_RETURN_IF_ERROR(Exec("INSERT INTO schema_version (version) VALUES (3)"));
     PARE_RETURN_IF_ERROR(t.Commit());
   }
   return Status::Ok();
@@ -432,12 +441,16 @@ Result<JobRecord> SqliteStore::CheckLeaseLocked(const std::string& job_id, const
 }
 
 Result<JobRecord> SqliteStore::Heartbeat(const std::string& job_id, const std::string& lease_id,
-                                         const std::string& progress_pb, int64_t now_ms, int64_t ttl_ms) {
+                                         const std::string& progress_pb, int64_t now_ms, int64_t ttl_ms,
+                                         const std::string& checkpoint) {
   std::lock_guard<std::mutex> lock(mu_);
   Txn t(db_);
   PARE_ASSIGN_OR_RETURN(auto job, CheckLeaseLocked(job_id, lease_id));
-  Stmt u(db_, "UPDATE jobs SET lease_expires_ms = ?, progress = ? WHERE id = ?");
-  u.Bind(now_ms + ttl_ms).BindBlob(progress_pb).Bind(job_id);
+  Stmt u(db_, checkpoint.empty() ? "UPDATE jobs SET lease_expires_ms = ?, progress = ? WHERE id = ?"
+                                 : "UPDATE jobs SET lease_expires_ms = ?, progress = ?, checkpoint = ? WHERE id = ?");
+  u.Bind(now_ms + ttl_ms).BindBlob(progress_pb);
+  if (!checkpoint.empty()) u.BindBlob(checkpoint);
+  u.Bind(job_id);
   if (u.Step() != SQLITE_DONE) return u.Error("heartbeat");
   auto updated = GetJobLocked("", job_id);
   PARE_RETURN_IF_ERROR(t.Commit());

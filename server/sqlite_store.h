@@ -29,7 +29,8 @@ class SqliteStore final : public Store {
                                             const std::string& lease_id, int64_t now_ms,
                                             int64_t ttl_ms) override;
   Result<JobRecord> Heartbeat(const std::string& job_id, const std::string& lease_id,
-                              const std::string& progress_pb, int64_t now_ms, int64_t ttl_ms) override;
+                              const std::string& progress_pb, int64_t now_ms, int64_t ttl_ms,
+                              const std::string& checkpoint = "") override;
   Result<JobRecord> CompleteJob(const std::string& job_id, const std::string& lease_id,
                                 const JobOutcome& outcome, int64_t now_ms) override;
   Result<JobRecord> CancelJob(const std::string& tenant, const std::string& id, int64_t now_ms) override;

@@ -63,6 +63,7 @@ struct JobRecord {
   int64_t lease_expires_ms = 0;
   bool cancel_requested = false;
   std::string progress_pb;  // serialized pare.v1.Progress
+  std::string checkpoint;   // what a running attempt checkpointed for the next one (JSON), or empty
   std::string reports_pb;   // serialized repeated pare.v1.StepReport (as a Job message)
   std::string error_code;
   std::string error_reason;
@@ -115,9 +116,11 @@ class Store {
   virtual Result<std::optional<JobRecord>> LeaseJob(const std::string& worker, bool has_cuda,
                                                     const std::string& lease_id, int64_t now_ms,
                                                     int64_t ttl_ms) = 0;
-  // Extends a lease and records progress. FAILED_PRECONDITION when the lease is not current.
+  // Extends a lease and records progress, and the checkpoint when one is given (non-empty).
+  // FAILED_PRECONDITION when the lease is not current.
   virtual Result<JobRecord> Heartbeat(const std::string& job_id, const std::string& lease_id,
-                                      const std::string& progress_pb, int64_t now_ms, int64_t ttl_ms) = 0;
+                                      const std::string& progress_pb, int64_t now_ms, int64_t ttl_ms,
+                                      const std::string& checkpoint = "") = 0;
   // Ends a lease with the worker's outcome. FAILED_PRECONDITION when the lease is not current.
   virtual Result<JobRecord> CompleteJob(const std::string& job_id, const std::string& lease_id,
                                         const JobOutcome& outcome, int64_t now_ms) = 0;

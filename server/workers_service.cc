@@ -14,6 +14,7 @@ namespace pare::server {
 namespace {
 
 constexpr uint64_t kMaxReportBytes = 16 << 20;
+constexpr uint64_t kMaxCheckpointBytes = 1 << 20;
 
 // Builds what a worker needs to run a job; datasets and model are resolved to digests.
 Result<v1::LeasedJob> Describe(ServiceContext* ctx, const JobRecord& j) {
@@ -27,6 +28,7 @@ Result<v1::LeasedJob> Describe(ServiceContext* ctx, const JobRecord& j) {
   out.set_model_sha256(model.sha256);
   out.set_model_id(j.model_id);
   out.set_timeout_seconds(static_cast<uint32_t>(j.timeout_seconds));
+  out.set_checkpoint_json(j.checkpoint);
   for (const auto& [field, id] : ReferencedModels(out.recipe())) {
     PARE_ASSIGN_OR_RETURN(auto other, ctx->store->GetModel(j.tenant, id));
     auto* ref = out.add_models();
@@ -64,13 +66,11 @@ class CompleteReactor final : public IngestReactor<v1::CompleteRequest, v1::Comp
   Status OnHeader(const v1::CompleteHeader& h, uint64_t* expected, uint64_t* limit) override {
     if (h.job_id().empty() || h.lease_id().empty())
       return InvalidArgument("job_id and lease_id are required");
-    if (h.state() == v1::SUCCEEDED) {
-      if (h.result_size_bytes() == 0)
-        return InvalidArgument("a SUCCEEDED job needs its result (result_size_bytes)");
-      if (h.report_json().size() > kMaxReportBytes) return InvalidArgument("report_json is too large");
-    } else if (h.result_size_bytes() != 0) {
-      return InvalidArgument("only a SUCCEEDED job carries a result");
-    }
+    if (h.state() == v1::SUCCEEDED && h.result_size_bytes() == 0)
+      return InvalidArgument("a SUCCEEDED job needs its result (result_size_bytes)");
+    if (h.result_size_bytes() != 0 && h.state() != v1::SUCCEEDED && h.state() != v1::FAILED)
+      return InvalidArgument("only a SUCCEEDED or FAILED job carries a result");
+    if (h.report_json().size() > kMaxReportBytes) return InvalidArgument("report_json is too large");
     *expected = h.result_size_bytes();
     *limit = std::max<uint64_t>(h.result_size_bytes(), 1);
     return Status::Ok();
@@ -79,7 +79,8 @@ class CompleteReactor final : public IngestReactor<v1::CompleteRequest, v1::Comp
   Status Finalize(const v1::CompleteHeader& h, BlobWriter* writer) override {
     JobOutcome o;
     o.state = FromProto(h.state());
-    if (h.state() == v1::SUCCEEDED) {
+    // A FAILED job may keep what it made (an auto search's closest model and its report).
+    if (h.result_size_bytes() != 0) {
       auto sha = writer->Commit(h.result_size_bytes(), h.result_sha256(), [this](const std::string& path) {
         return CheckTorchScriptArchive(path, ctx_->limits.archive);
       });
@@ -166,8 +167,10 @@ grpc::ServerUnaryReactor* WorkersService::Heartbeat(grpc::CallbackServerContext*
   return RunUnary(ctx_->executor, call, [this, req, resp]() -> Status {
     std::string progress;
     req->progress().SerializeToString(&progress);
+    if (req->checkpoint_json().size() > kMaxCheckpointBytes)
+      return InvalidArgument("checkpoint_json is larger than 1 MiB");
     auto j = ctx_->store->Heartbeat(req->job_id(), req->lease_id(), progress, ctx_->clock->NowMs(),
-                                    ctx_->limits.lease_ttl_ms);
+                                    ctx_->limits.lease_ttl_ms, req->checkpoint_json());
     if (!j.ok()) {
       if (j.status().code() == Code::kFailedPrecondition || j.status().code() == Code::kNotFound) {
         resp->set_lease_valid(false);

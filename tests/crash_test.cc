@@ -3,7 +3,11 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
+#include <sstream>
 #include <thread>
+
+#include <nlohmann/json.hpp>
 
 #include "client/client.h"
 #include "common/sha256.h"
@@ -280,6 +284,86 @@ TEST(CrashTest, SigtermDrainsAndExitsCleanly) {
   ASSERT_TRUE(c.UploadModel(Fixture("small_cnn.pt"), "cnn", {}).ok());
   int status = server.Terminate();
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+}
+
+// The local worker (not the job's own process) of a server, found by its parent: -1 if none.
+pid_t LocalWorkerOf(pid_t server) {
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat(entry.path() / "stat");
+    std::string line;
+    std::getline(stat, line);
+    const auto close = line.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(line.substr(close + 2));
+    std::string state;
+    pid_t ppid = 0;
+    rest >> state >> ppid;
+    if (ppid != server) continue;
+    std::ifstream cmd(entry.path() / "cmdline");
+    std::string args((std::istreambuf_iterator<char>(cmd)), std::istreambuf_iterator<char>());
+    if (args.find("pare-worker") != std::string::npos && args.find("--run-job") == std::string::npos)
+      return static_cast<pid_t>(std::stoi(name));
+  }
+  return -1;
+}
+
+// A worker killed in the middle of an auto search: the job's next attempt takes the trials the
+// first one checkpointed to the server and runs only the rest.
+TEST(CrashTest, AWorkerKilledMidSearchResumesWithoutRerunningFinishedTrials) {
+  TempDir dir;
+  std::vector<std::string> flags = kWorkerFlags;
+  flags.insert(flags.end(), {"--lease-ttl", "3"});
+  // The job is held once its third trial starts (two are checkpointed) until the worker is killed.
+  const std::string hold = dir.path() + "/hold";
+  std::ofstream(hold) << "held\n";
+  ServerProcess server(dir.path() + "/data", flags);
+  server.SetEnv("PARE_TEST_HOLD_JOB", hold);
+  server.SetEnv("PARE_TEST_HOLD_AT", "trial 3");
+  std::string address = server.Start();
+  ASSERT_FALSE(address.empty());
+  auto c = ClientFor(address);
+  auto m = c.UploadModel(Fixture("small_cnn_trained.pt"), "cnn", {1, 1, 28, 28});
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  auto eval = c.UploadDataset(Fixture("quadrants_eval.pt"), "tensors", "eval");
+  ASSERT_TRUE(eval.ok()) << eval.status().ToString();
+  v1::SubmitJobRequest req;
+  req.set_model_id(m->id());
+  req.set_eval_dataset_id(eval->id());
+  *req.mutable_recipe() = ParseRecipeJson(
+                              R"({"steps":[{"auto":{"maxAccuracyDrop":50,"objective":"MACS","timeBudgetSeconds":300,
+                                  "methods":["quantize.static","optimize","prune.channel"]}}]})")
+                              .value();
+  auto job = c.Submit(req);
+  ASSERT_TRUE(job.ok()) << job.status().ToString();
+  ASSERT_TRUE(pare::testing::Eventually(
+      [&] {
+        auto now = c.GetJob(job->id());
+        return now.ok() && now->progress().message().find("trial 3") != std::string::npos;
+      },
+      120));
+  const pid_t worker = LocalWorkerOf(server.pid());
+  ASSERT_GT(worker, 0);
+  ASSERT_EQ(::kill(worker, SIGKILL), 0);
+  std::filesystem::remove(hold);
+  auto done = c.Watch(job->id(), nullptr);
+  ASSERT_TRUE(done.ok()) << done.status().ToString();
+  ASSERT_EQ(done->state(), v1::SUCCEEDED) << done->error().message();
+  EXPECT_GE(done->attempts(), 2);
+  const std::string report = dir.path() + "/report.json";
+  ASSERT_TRUE(c.Download(job->id(), v1::REPORT, report).ok());
+  std::ifstream in(report);
+  const auto j = nlohmann::json::parse(in);
+  const auto& trials = j["search"]["trials"];
+  // Trials 1 and 2 come from the first attempt's checkpoint; the rest ran once, in the second.
+  EXPECT_EQ(j["search"]["resumed_trials"].get<int>(), 2) << j["search"].dump(2);
+  ASSERT_GE(trials.size(), 4u);
+  std::set<std::string> keys;
+  for (size_t i = 1; i < trials.size(); ++i) {
+    EXPECT_EQ(trials[i]["resumed"].get<bool>(), i <= 2) << trials[i].dump(2);
+    EXPECT_TRUE(keys.insert(trials[i]["key"].get<std::string>()).second) << "trial run twice: " << i;
+  }
 }
 
 }  // namespace

@@ -1853,5 +1853,110 @@ TEST_F(EngineTest, Int8LinearLayersAllTakeTheMiddleZeroPoint) {
   }
 }
 
+
+// The auto step on the trained small CNN: candidates are built and measured, the chosen one is
+// within the goal and the best within it, its plain recipe is given, every trial is checkpointed,
+// and a second attempt given the checkpoint runs none of them again.
+TEST_F(EngineTest, AutoSearchKeepsTheBestCandidateWithinTheGoalAndResumesFromItsCheckpoint) {
+  CompressOptions opts = QuickOptions();
+  opts.input_shape = {1, 1, 28, 28};
+  opts.train = DatasetInput{"tensors", Fixture("quadrants_train.pt")};
+  AutoSpec spec;
+  spec.max_accuracy_drop = 3.0;
+  spec.objective = "MACS";  // exact, so the choice does not depend on this machine's timing noise
+  spec.time_budget_seconds = 300;
+  spec.methods = {"prune.channel", "distill", "quantize.static", "optimize"};
+  std::vector<nlohmann::json> checkpoints;
+  opts.checkpoint = [&](const nlohmann::json& trials) { checkpoints.push_back(trials); };
+  std::vector<std::string> messages;
+  opts.progress = [&](const ProgressUpdate& u) {
+    if (u.fraction >= 0) messages.push_back(u.message);
+    return true;
+  };
+  const std::string out = TempPath("auto.pt");
+  Report r = Compress(Fixture("small_cnn_trained.pt"), {spec}, opts, out);
+  ASSERT_FALSE(r.failure) << r.failure->message;
+  const nlohmann::json& search = r.search;
+  const auto& trials = search["trials"];
+  ASSERT_GE(trials.size(), 4u) << search.dump(2);  // the original and at least three candidates
+  EXPECT_EQ(checkpoints.size(), trials.size() - 1);
+  EXPECT_EQ(checkpoints.back().size(), trials.size() - 1);
+  const int chosen = search["chosen"];
+  const auto& best = trials[chosen];
+  EXPECT_TRUE(best["meets_goal"].get<bool>()) << best.dump(2);
+  EXPECT_LE(best["drop"].get<double>(), 3.0);
+  bool pruned = false;
+  for (const auto& t : trials) {
+    if (t.contains("error") || !t["meets_goal"].get<bool>()) continue;
+    EXPECT_LE(t["ratio"].get<double>(), best["ratio"].get<double>()) << t.dump(2);
+    pruned = pruned || t["name"].get<std::string>().rfind("prune.channel", 0) == 0;
+  }
+  EXPECT_TRUE(pruned) << search.dump(2);  // fewer MACs only come from pruning
+  EXPECT_GT(best["ratio"].get<double>(), 1.2);
+  // The result is the chosen candidate: its MACs and accuracy as the search measured them.
+  const ModelStats& result = r.steps.back().stats;
+  ASSERT_TRUE(result.macs && r.steps[0].stats.macs);
+  EXPECT_NEAR(*r.steps[0].stats.macs / *result.macs, best["ratio"].get<double>(), 1e-6);
+  ASSERT_TRUE(result.top1_accuracy);
+  EXPECT_NEAR(*result.top1_accuracy, best["score"].get<double>(), 1e-6);
+  EXPECT_EQ(search["recipe"]["steps"], best["recipe"]["steps"]);
+  EXPECT_FALSE(search["recipe"]["steps"].empty());
+  bool progress_line = false;
+  for (const auto& m : messages) progress_line = progress_line || m.find("best so far") != std::string::npos;
+  EXPECT_TRUE(progress_line);
+
+  // A second attempt with the checkpoint: every trial is taken as it was; only the chosen model is
+  // rebuilt from its recipe.
+  opts.resume_trials = checkpoints.back();
+  checkpoints.clear();
+  Report again = Compress(Fixture("small_cnn_trained.pt"), {spec}, opts, TempPath("auto2.pt"));
+  ASSERT_FALSE(again.failure);
+  EXPECT_EQ(again.search["resumed_trials"].get<size_t>(), trials.size() - 1);
+  EXPECT_EQ(again.search["chosen"], search["chosen"]);
+  for (size_t i = 1; i < again.search["trials"].size(); ++i)
+    EXPECT_TRUE(again.search["trials"][i]["resumed"].get<bool>()) << i;
+}
+
+// No candidate within the goal: the job fails GOAL_UNREACHABLE, yet writes the closest model and
+// a report that says what came closest.
+TEST_F(EngineTest, AutoSearchWithAnUnreachableGoalKeepsTheClosestModel) {
+  CompressOptions opts = CpuOptions({1, 1, 28, 28});
+  opts.eval = DatasetInput{"tensors", Fixture("images_only.pt")};  // no labels: top-1 agreement
+  AutoSpec spec;
+  spec.max_accuracy_drop = 0;  // pruning without recovery changes some of the random net's answers
+  spec.objective = "MACS";
+  spec.time_budget_seconds = 120;
+  spec.methods = {"prune.channel"};
+  const std::string out = TempPath("unreachable.pt");
+  Report r = Compress(Fixture("small_cnn.pt"), {spec}, opts, out);
+  ASSERT_TRUE(r.failure);
+  EXPECT_EQ(r.failure->reason, "GOAL_UNREACHABLE");
+  EXPECT_NE(r.failure->message.find("the closest is trial"), std::string::npos) << r.failure->message;
+  EXPECT_TRUE(fs::exists(out));
+  const auto& search = r.search;
+  ASSERT_GE(search["trials"].size(), 2u);
+  EXPECT_NE(search["metric"].get<std::string>().find("top-1 agreement"), std::string::npos);
+  const auto& closest = search["trials"][search["chosen"].get<int>()];
+  EXPECT_FALSE(closest["meets_goal"].get<bool>());
+  EXPECT_GT(closest["drop"].get<double>(), 0.0);
+  nlohmann::json j = ToJson(r);
+  EXPECT_EQ(j["failure"]["reason"], "GOAL_UNREACHABLE");
+  EXPECT_EQ(j["trials"].size(), search["trials"].size());
+}
+
+// auto needs the eval set it scores candidates on, and is refused in a recipe with other steps
+// by the recipe's validation (tested with the recipe), here by the engine itself.
+TEST_F(EngineTest, AutoSearchNeedsAnEvalDataset) {
+  CompressOptions opts = CpuOptions({1, 1, 28, 28});
+  AutoSpec spec;
+  try {
+    Compress(Fixture("small_cnn.pt"), {spec}, opts, TempPath("noeval.pt"));
+    FAIL() << "expected NO_EVAL_DATA";
+  } catch (const EngineError& e) {
+    EXPECT_EQ(e.reason(), "NO_EVAL_DATA");
+    EXPECT_NE(std::string(e.what()).find("--eval"), std::string::npos);
+  }
+}
+
 }  // namespace
 }  // namespace pare::engine

@@ -7,7 +7,9 @@
    The same for the `analyze` step: its per-layer table renders as bars, one row per layer.
 2. `pare report FILE --html` of a report holding a search's trials and a sensitivity table: one
    point per trial, the Pareto front marked on the right ones, one bar row per layer.
-3. A file that is not a report is refused with a message that says so.
+3. `pare compress --report-html` of a real `auto` search: one point per trial it built, its
+   table of trials and the recipe that rebuilds the result.
+4. A file that is not a report is refused with a message that says so.
 SKIPPED (exit 77) where no Chromium is installed (scripts/install-deps.sh installs it).
 """
 import json
@@ -133,7 +135,23 @@ def main():
         assert len(re.findall(r'<tr class="layer">', dom)) == 3
         assert len(re.findall(r'<rect class="bar"', dom)) == 5, "one bar per numeric cell"
 
-        # 3. Not a report: JSON without steps, steps of the wrong types, a file that does not exist.
+        # 3. A real auto search (pare compress --report-html): one point per built trial, the
+        #    search's table with a row per trial, and the recipe that rebuilds the result.
+        html3 = os.path.join(work, "auto.html")
+        _, searched = compress(os.path.join(FIXTURES, "small_cnn_trained.pt"),
+                               [{"auto": {"maxAccuracyDrop": 2, "timeBudgetSeconds": 120,
+                                          "methods": ["quantize.static", "optimize", "prune.channel"]}}],
+                               [(1, 1, 28, 28)], work,
+                               extra=["--eval", os.path.join(FIXTURES, "quadrants_eval.pt"),
+                                      "--report-html", html3])
+        built = [t for t in searched["trials"] if "error" not in t]
+        assert len(built) >= 4, searched["trials"]
+        dom = rendered_dom(exe, html3, work)
+        assert len(re.findall(r'<circle class="point', dom)) == len(built), "one point per trial"
+        assert "The recipe that rebuilds the result" in dom
+        assert dom.count("</tr>") >= len(searched["trials"]) + 1, "a row per trial"
+
+        # 4. Not a report: JSON without steps, steps of the wrong types, a file that does not exist.
         for i, text in enumerate(['{"steps":"x"}', '{"steps":[null]}',
                                   '{"steps":[{"step":"s","stats":{"size_bytes":"big"}}]}']):
             path = os.path.join(work, f"types{i}.json")

@@ -11,6 +11,8 @@
 #include <map>
 #include <set>
 
+#include <nlohmann/json.hpp>
+
 #include "client/client.h"
 #include "common/sha256.h"
 #include "pare/v1/workers.grpc.pb.h"
@@ -700,6 +702,38 @@ TEST_F(ServiceTest, AJobWhoseStoredRecipeIsCorruptFailsWithCorruptJob) {
   EXPECT_EQ(end.state(), v1::FAILED);
   EXPECT_EQ(end.error().reason(), "CORRUPT_JOB") << end.error().message();
   EXPECT_NE(end.error().message().find("recipe"), std::string::npos) << end.error().message();
+}
+
+// An auto search whose goal no candidate meets: the job ends FAILED with GOAL_UNREACHABLE, and
+// its closest model and report can still be downloaded; a search without an eval set is refused.
+TEST_F(ServiceTest, AnUnreachableAutoGoalFailsButKeepsTheClosestModelAndReport) {
+  StartServer();
+  std::string model = UploadModel("small_cnn.pt", {1, 1, 28, 28});
+  const std::string recipe =
+      R"({"steps":[{"auto":{"maxAccuracyDrop":0,"objective":"MACS","methods":["prune.channel"],
+          "timeBudgetSeconds":120}}]})";
+  v1::SubmitJobRequest no_eval;
+  no_eval.set_model_id(model);
+  *no_eval.mutable_recipe() = Recipe(recipe);
+  auto refused = client_->Submit(no_eval);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("eval_dataset_id is required"), std::string::npos)
+      << refused.status().message();
+  auto ds = client_->UploadDataset(Fixture("images_only.pt"), "tensors", "unlabelled");
+  ASSERT_TRUE(ds.ok()) << ds.status().ToString();
+  v1::Job done = WaitEnd(Submit(model, recipe, ds->id()).id());
+  ASSERT_EQ(done.state(), v1::FAILED);
+  EXPECT_EQ(done.error().reason(), "GOAL_UNREACHABLE");
+  EXPECT_NE(done.error().message().find("the closest is trial"), std::string::npos) << done.error().message();
+  EXPECT_FALSE(done.result_sha256().empty());
+  std::string out = dir_.path() + "/closest.pt", report = dir_.path() + "/search.json";
+  ASSERT_TRUE(client_->Download(done.id(), v1::MODEL, out).ok());
+  EXPECT_EQ(Sha256OfFile(out), done.result_sha256());
+  ASSERT_TRUE(client_->Download(done.id(), v1::REPORT, report).ok());
+  std::ifstream in(report);
+  auto j = nlohmann::json::parse(in);
+  EXPECT_EQ(j["failure"]["reason"], "GOAL_UNREACHABLE");
+  EXPECT_GE(j["search"]["trials"].size(), 2u);
 }
 
 }  // namespace

@@ -161,6 +161,15 @@ TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
   ASSERT_TRUE(analysis.ok()) << analysis.status().ToString();
   EXPECT_EQ(std::get<engine::AnalyzeSpec>(analysis->at(0)).prune_amounts, std::vector<double>{0.5});
   EXPECT_FALSE(std::get<engine::AnalyzeSpec>(analysis->at(0)).quantize);
+  auto search = ToEngineSteps(ParseRecipeJson(
+      R"({"steps":[{"auto":{"maxAccuracyDrop":0.5,"relative":true,"methods":["quantize.static"]}}]})").value());
+  ASSERT_TRUE(search.ok()) << search.status().ToString();
+  const auto& auto_spec = std::get<engine::AutoSpec>(search->at(0));
+  EXPECT_DOUBLE_EQ(auto_spec.max_accuracy_drop, 0.5);
+  EXPECT_TRUE(auto_spec.relative);
+  EXPECT_EQ(auto_spec.objective, "LATENCY");
+  EXPECT_DOUBLE_EQ(auto_spec.time_budget_seconds, 900);
+  EXPECT_EQ(auto_spec.methods, std::vector<std::string>{"quantize.static"});
   auto by_layer = ToEngineSteps(
       ParseRecipeJson(R"({"steps":[{"prune":{"channel":{"amount":0.2,"amounts":{"layer4":0.5}}}}]})")
           .value());
@@ -204,7 +213,19 @@ TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
            {R"({"steps":[{"prune":{"channel":{"targetMacs":0.5,"amounts":{"layer4":0.5}}}}]})",
             "amounts cannot be combined with targetMacs"},
            {R"({"steps":[{"prune":{"channel":{"scope":"GLOBAL","amounts":{"layer4":0.5}}}}]})",
-            "amounts works with the UNIFORM scope"}}) {
+            "amounts works with the UNIFORM scope"},
+           {R"({"steps":[{"auto":{}}]})", "steps[0].auto.maxAccuracyDrop is required"},
+           {R"({"steps":[{"auto":{"maxAccuracyDrop":-1}}]})", "steps[0].auto.maxAccuracyDrop"},
+           {R"({"steps":[{"auto":{"maxAccuracyDrop":1,"objective":"SPEED"}}]})", "steps[0].auto.objective"},
+           {R"({"steps":[{"auto":{"maxAccuracyDrop":1,"targetSpeedup":0.5}}]})", "steps[0].auto.targetSpeedup"},
+           {R"({"steps":[{"auto":{"maxAccuracyDrop":1,"timeBudgetSeconds":100000}}]})",
+            "steps[0].auto.timeBudgetSeconds"},
+           {R"({"steps":[{"auto":{"maxAccuracyDrop":1,"methods":["prune.channel","pruning"]}}]})",
+            "steps[0].auto.methods[1] 'pruning'"},
+           {R"({"steps":[{"auto":{"maxAccuracyDrop":1,"methods":["optimize","optimize"]}}]})",
+            "steps[0].auto.methods[1] repeats"},
+           {R"({"steps":[{"auto":{"maxAccuracyDrop":1}},{"optimize":{}}]})",
+            "steps[0].auto must be the recipe's only step"}}) {
     auto r = ToEngineSteps(ParseRecipeJson(json).value());
     EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << json;
     EXPECT_NE(r.status().message().find(field), std::string::npos) << r.status().message();

@@ -68,9 +68,12 @@ namespace {
 // Test hook: while the file PARE_TEST_HOLD_JOB names exists, the job waits in its progress
 // callback once it has reported some progress (so it is RUNNING with progress > 0, and still
 // stops when told to): a test acts on a running job in a known state instead of racing it.
+// With PARE_TEST_HOLD_AT too, it holds only once a progress message holding that text was
+// reported (e.g. "trial 2": an auto search that has checkpointed its first trial).
 engine::ProgressFn ProgressPrinter() {
   const char* hold = std::getenv("PARE_TEST_HOLD_JOB");
-  return [hold, reported = false](const engine::ProgressUpdate& u) mutable {
+  const char* at = std::getenv("PARE_TEST_HOLD_AT");
+  return [hold, at, reported = false](const engine::ProgressUpdate& u) mutable {
     if (u.fraction >= 0) {
       nlohmann::json line = {{"index", u.step_index},
                              {"count", u.step_count},
@@ -78,7 +81,7 @@ engine::ProgressFn ProgressPrinter() {
                              {"fraction", u.fraction},
                              {"message", u.message}};
       std::cout << line.dump() << std::endl;
-      reported = reported || u.fraction > 0;
+      reported = reported || (at ? u.message.find(at) != std::string::npos : u.fraction > 0);
     }
     while (hold && reported && !g_child_stop && fs::exists(hold)) {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -111,6 +114,15 @@ engine::CompressOptions OptionsFor(const v1::LeasedJob& job, const nlohmann::jso
     for (const auto& [id, path] : spec["models"].items()) opts.models[id] = path;
   }
   opts.progress = ProgressPrinter();
+  // An auto search's finished trials: checkpointed (a line for the worker, which sends it on)
+  // and, from an earlier attempt's checkpoint, not run again.
+  if (!job.checkpoint_json().empty()) {
+    auto resume = nlohmann::json::parse(job.checkpoint_json(), nullptr, /*allow_exceptions=*/false);
+    if (resume.is_array()) opts.resume_trials = resume;
+  }
+  opts.checkpoint = [](const nlohmann::json& trials) {
+    std::cout << nlohmann::json{{"checkpoint", trials}}.dump() << std::endl;
+  };
   return opts;
 }
 
@@ -146,6 +158,10 @@ int RunJobChild(const std::string& dir) {
     j["libtorch"] = LibTorchVersion();
     j["device_name"] = spec.value("device_name", "");
     header.set_state(v1::SUCCEEDED);
+    if (report.failure) {
+      // Failed with a model and a report worth keeping (auto's closest candidate).
+      SetJobError(header, v1::FAILED, report.failure->code, report.failure->reason, report.failure->message);
+    }
     header.set_report_json(j.dump(2));
     for (const auto& s : report.steps) *header.add_reports() = ToProto(s);
     header.set_result_size_bytes(fs::file_size(result_path));

@@ -232,6 +232,45 @@ Result<engine::StepSpec> ConvertAnalyze(const v1::AnalyzeStep& a, const std::str
   return engine::StepSpec(s);
 }
 
+Result<engine::StepSpec> ConvertAuto(const v1::AutoStep& a, const std::string& where) {
+  engine::AutoSpec s;
+  if (!a.has_max_accuracy_drop())
+    return InvalidArgument(where + ".maxAccuracyDrop is required (top-1 points the result may lose)");
+  if (!(a.max_accuracy_drop() >= 0.0f && a.max_accuracy_drop() <= 100.0f)) {
+    return InvalidArgument(where + ".maxAccuracyDrop must be in [0, 100], got " +
+                           std::to_string(a.max_accuracy_drop()));
+  }
+  s.max_accuracy_drop = a.max_accuracy_drop();
+  s.relative = a.relative();
+  const std::string objective = Upper(a.objective());
+  if (!(objective.empty() || objective == "LATENCY" || objective == "SIZE" || objective == "MACS")) {
+    return InvalidArgument(where + ".objective must be LATENCY, SIZE or MACS, got '" + a.objective() + "'");
+  }
+  s.objective = objective.empty() ? "LATENCY" : objective;
+  if (a.target_speedup() != 0 && !(a.target_speedup() > 1.0f && a.target_speedup() <= 1000.0f)) {
+    return InvalidArgument(where + ".targetSpeedup must be in (1, 1000], got " +
+                           std::to_string(a.target_speedup()));
+  }
+  s.target_speedup = a.target_speedup();
+  if (a.time_budget_seconds() > 86400)
+    return InvalidArgument(where + ".timeBudgetSeconds must be in [1, 86400]");
+  if (a.time_budget_seconds() > 0) s.time_budget_seconds = a.time_budget_seconds();
+  static const std::vector<std::string> kMethods = {"prune.channel",    "distill",   "quantize.static",
+                                                    "quantize.dynamic", "factorize", "optimize"};
+  for (int i = 0; i < a.methods_size(); ++i) {
+    const std::string& m = a.methods(i);
+    if (std::find(kMethods.begin(), kMethods.end(), m) == kMethods.end()) {
+      return InvalidArgument(where + ".methods[" + std::to_string(i) + "] '" + m +
+                             "' is not one of prune.channel, distill, quantize.static, quantize.dynamic, "
+                             "factorize, optimize");
+    }
+    if (std::find(s.methods.begin(), s.methods.end(), m) != s.methods.end())
+      return InvalidArgument(where + ".methods[" + std::to_string(i) + "] repeats '" + m + "'");
+    s.methods.push_back(m);
+  }
+  return engine::StepSpec(s);
+}
+
 Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
   switch (step.kind_case()) {
     case v1::Step::kPrune: return ConvertPrune(step.prune(), at);
@@ -246,10 +285,11 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
     }
     case v1::Step::kOptimize: return engine::StepSpec(engine::OptimizeSpec{});
     case v1::Step::kAnalyze: return ConvertAnalyze(step.analyze(), at + ".analyze");
+    case v1::Step::kAuto: return ConvertAuto(step.auto_(), at + ".auto");
     case v1::Step::KIND_NOT_SET:
-      return InvalidArgument(
-          at +
-          " is empty: a step needs one of prune, quantize, distill, factorize, finetune, optimize, analyze");
+      return InvalidArgument(at +
+                             " is empty: a step needs one of prune, quantize, distill, factorize, finetune, "
+                             "optimize, analyze, auto");
   }
   return InvalidArgument(at + ": unknown step");
 }
@@ -279,6 +319,10 @@ Result<std::vector<engine::StepSpec>> ToEngineSteps(const v1::Recipe& recipe) {
   std::vector<engine::StepSpec> out;
   for (int i = 0; i < recipe.steps_size(); ++i) {
     PARE_ASSIGN_OR_RETURN(auto r, Convert(recipe.steps(i), "steps[" + std::to_string(i) + "]"));
+    if (std::holds_alternative<engine::AutoSpec>(r) && recipe.steps_size() > 1) {
+      return InvalidArgument("steps[" + std::to_string(i) +
+                             "].auto must be the recipe's only step: it searches the whole recipe itself");
+    }
     if (std::holds_alternative<engine::OptimizeSpec>(r)) {
       for (size_t j = 0; j < out.size(); ++j) {
         if (std::holds_alternative<engine::StaticQuantSpec>(out[j]) ||
@@ -324,6 +368,7 @@ std::string FirstStepKind(const v1::Recipe& recipe) {
     case v1::Step::kFactorize: return "factorize";
     case v1::Step::kOptimize: return "optimize";
     case v1::Step::kAnalyze: return "analyze";
+    case v1::Step::kAuto: return "auto";
     case v1::Step::kFinetune: return "finetune";
     default: return "none";
   }

@@ -89,7 +89,8 @@ int Worker::Run() {
 namespace {
 
 // A running job's heartbeat: every `period` it sends the job's progress and learns whether the
-// job was cancelled or its lease lost. Stops (and joins) when destroyed.
+// job was cancelled or its lease lost; a new checkpoint is sent at once. Stops (and joins) when
+// destroyed.
 class Heartbeat {
  public:
   Heartbeat(v1::Workers::Stub* stub, const v1::LeasedJob& job, double period_seconds,
@@ -97,20 +98,27 @@ class Heartbeat {
       : thread_([this, stub, &job, period_seconds, context] {
           std::unique_lock<std::mutex> lock(mu_);
           while (!done_) {
-            cv_.wait_for(lock, std::chrono::milliseconds(static_cast<int64_t>(period_seconds * 1000)));
+            cv_.wait_for(lock, std::chrono::milliseconds(static_cast<int64_t>(period_seconds * 1000)),
+                         [this] { return done_ || !checkpoint_.empty(); });
             if (done_) break;
             v1::HeartbeatRequest req;
             req.set_job_id(job.job_id());
             req.set_lease_id(job.lease_id());
             *req.mutable_progress() = progress_;
+            std::string sent;
+            sent.swap(checkpoint_);
+            req.set_checkpoint_json(sent);
             lock.unlock();
             v1::HeartbeatResponse resp;
             auto ctx = context();
-            if (stub->Heartbeat(ctx.get(), req, &resp).ok()) {
+            const bool ok = stub->Heartbeat(ctx.get(), req, &resp).ok();
+            if (ok) {
               if (!resp.lease_valid()) lease_lost_ = true;
               if (resp.cancelled()) cancelled_ = true;
             }
             lock.lock();
+            if (!ok && checkpoint_.empty()) checkpoint_ = sent;  // tried again at the next beat
+            if (!ok && !sent.empty()) cv_.wait_for(lock, std::chrono::milliseconds(static_cast<int64_t>(period_seconds * 1000)));
           }
         }) {}
   ~Heartbeat() {
@@ -126,6 +134,14 @@ class Heartbeat {
     std::lock_guard<std::mutex> lock(mu_);
     progress_ = p;
   }
+  // The job's checkpoint (JSON), sent with the next heartbeat, which goes at once.
+  void SetCheckpoint(std::string checkpoint) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      checkpoint_ = std::move(checkpoint);
+    }
+    cv_.notify_all();
+  }
   std::string Step() {
     std::lock_guard<std::mutex> lock(mu_);
     return progress_.step();
@@ -136,8 +152,9 @@ class Heartbeat {
  private:
   std::mutex mu_;
   std::condition_variable cv_;
-  v1::Progress progress_;  // guarded by mu_
-  bool done_ = false;      // guarded by mu_
+  v1::Progress progress_;   // guarded by mu_
+  std::string checkpoint_;  // guarded by mu_; not yet sent
+  bool done_ = false;       // guarded by mu_
   std::atomic<bool> cancelled_{false}, lease_lost_{false};
   std::thread thread_;  // last: it starts once the rest is built
 };
@@ -156,6 +173,10 @@ class ProgressRelay {
   ProgressRelay(const v1::LeasedJob& job, Heartbeat* heartbeat) : job_(job), heartbeat_(heartbeat) {}
 
   void operator()(const nlohmann::json& u) {
+    if (u.contains("checkpoint")) {
+      heartbeat_->SetCheckpoint(u["checkpoint"].dump());
+      return;
+    }
     const std::string step = u.value("step", "");
     if (step != logged_step_) {
       logged_step_ = step;
@@ -296,7 +317,8 @@ void Worker::RunJob(const v1::LeasedJob& job) {
   } catch (const std::exception& e) {
     SetJobError(header, v1::FAILED, "INTERNAL", "ENGINE", e.what());
   }
-  if (header.state() != v1::SUCCEEDED) result_path.clear();
+  // A FAILED job may keep its result (an auto search's closest model).
+  if (header.result_size_bytes() == 0) result_path.clear();
   const std::string step = heartbeat->Step();
   const bool lease_lost = heartbeat->lease_lost();
   heartbeat.reset();  // stopped before the outcome is sent

@@ -25,7 +25,8 @@ std::string Points(double v) {
 torch::jit::Module QuantizeWithAccuracyControl(
     const torch::jit::Module& model, const StaticQuantSpec& spec, const std::vector<at::Tensor>& calibration,
     const std::vector<std::vector<at::Tensor>>& more, const Scorer& scorer, std::vector<std::string>& notes,
-    const std::function<void(double, const std::string&)>& progress) {
+    const std::function<void(double, const std::string&)>& progress, std::vector<std::string>* kept_float) {
+  if (kept_float) kept_float->clear();
   torch::jit::Module float_model = model;
   const double base = scorer.Score(float_model);
   auto drop = [&](double score) { return (base - score) * 100.0; };
@@ -95,6 +96,7 @@ torch::jit::Module QuantizeWithAccuracyControl(
     summary = "WARNING: " + summary + ", still above the goal with every layer tried";
   }
   notes.push_back(summary);
+  if (kept_float) *kept_float = kept;
   return q;
 }
 

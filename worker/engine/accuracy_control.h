@@ -18,10 +18,11 @@ namespace pare::engine {
 // it alone stays float is measured, and layers are kept float in that order until the drop is
 // within the goal. The notes name every layer kept float, its measured gain and the drop reached,
 // or say (WARNING) that the goal was not reached with every layer tried. `progress` (may be
-// empty) gets the search's progress and may throw Cancelled.
+// empty) gets the search's progress and may throw Cancelled. `kept_float` (may be null) gets
+// the layers kept float: with spec.exclude, the plain recipe that rebuilds the result.
 torch::jit::Module QuantizeWithAccuracyControl(
     const torch::jit::Module& model, const StaticQuantSpec& spec, const std::vector<at::Tensor>& calibration,
     const std::vector<std::vector<at::Tensor>>& more, const Scorer& scorer, std::vector<std::string>& notes,
-    const std::function<void(double, const std::string&)>& progress);
+    const std::function<void(double, const std::string&)>& progress, std::vector<std::string>* kept_float = nullptr);
 
 }  // namespace pare::engine

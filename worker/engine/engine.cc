@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/cuda.h>
 
+#include "worker/engine/auto_search.h"
 #include "worker/engine/cpu_features.h"
 #include "worker/engine/dataset.h"
 #include "worker/engine/error.h"
@@ -168,6 +169,8 @@ class Job {
     report.steps.push_back(MeasureOriginal(report.host));
     current_path_ = input_path_;
     for (size_t i = 0; i < steps_.size(); ++i) report.steps.push_back(RunStep(i, report.steps.back().stats));
+    report.search = search_;
+    report.failure = failure_;
     Publish();
     Progress(static_cast<int>(steps_.size()), "done", 1.0, "done");
     return report;
@@ -309,7 +312,10 @@ class Job {
     step_ctx.table = &sr.sensitivity;
     bool unchanged = false;
     Guard(Code::kInternal, "STEP_FAILED", which + " failed", [&] {
-      model_ = ApplyStep(model_, step, step_ctx, sr.notes, unchanged);
+      if (const auto* a = std::get_if<AutoSpec>(&step))
+        model_ = Search(*a, step_ctx, previous, sr.notes);
+      else
+        model_ = ApplyStep(model_, step, step_ctx, sr.notes, unchanged);
       std::string path = output_path_ + ".step" + std::to_string(i);
       model_.to(c10::kCPU);  // results load anywhere; measurements move it back to the device
       model_.save(path);
@@ -343,6 +349,24 @@ class Job {
     return sr;
   }
 
+  // The auto step: candidates built and measured as steps are; the best (else the closest, and
+  // the job fails GOAL_UNREACHABLE with it and the report) goes on as the step's model.
+  torch::jit::Module Search(const AutoSpec& spec, const StepContext& step_ctx, const ModelStats& original,
+                            std::vector<std::string>& notes) {
+    AutoContext a;
+    a.step = &step_ctx;
+    a.measure = &ctx_;
+    a.original = &original;
+    a.work_prefix = output_path_ + ".auto";
+    if (options_.resume_trials.is_array()) a.resume = options_.resume_trials;
+    a.checkpoint = options_.checkpoint;
+    AutoResult r = AutoSearch(model_, spec, a);
+    notes.insert(notes.end(), r.notes.begin(), r.notes.end());
+    search_ = r.search;
+    if (!r.unreachable.empty()) failure_ = JobFailure{"FAILED_PRECONDITION", "GOAL_UNREACHABLE", r.unreachable};
+    return r.module;
+  }
+
   // The last step's file becomes the output (the input's copy when there were no steps); the
   // intermediate files go.
   void Publish() {
@@ -367,6 +391,8 @@ class Job {
   torch::jit::Module model_;
   std::string current_path_;
   std::vector<std::string> temps_;  // every step's saved file
+  nlohmann::json search_;           // the auto step's search, if any
+  std::optional<JobFailure> failure_;
 };
 
 }  // namespace

@@ -58,10 +58,17 @@ struct CompressOptions {
   // Seed for synthetic inputs.
   uint64_t seed = 0;
   ProgressFn progress;
+  // An auto step's trials an earlier attempt of this job finished (its checkpoint records):
+  // the search takes them as they are instead of running them again.
+  nlohmann::json resume_trials = nlohmann::json::array();
+  // Gets the auto step's trial records after each trial, to be kept where a later attempt finds them.
+  std::function<void(const nlohmann::json&)> checkpoint;
 };
 
 // Runs `steps` on the model at `input_path` and writes the final model to `output_path`.
-// Throws EngineError (bad model, bad data, a step that cannot apply) or Cancelled.
+// Throws EngineError (bad model, bad data, a step that cannot apply) or Cancelled. A job that
+// fails with a model and a report worth keeping (auto's GOAL_UNREACHABLE) returns them with
+// Report::failure set.
 Report Compress(const std::string& input_path, const std::vector<StepSpec>& steps,
                 const CompressOptions& options, const std::string& output_path);
 

@@ -102,9 +102,22 @@ struct AnalyzeSpec {
   int round_to = 8;  // as prune.channel rounds kept channels
 };
 
+// Automatic compression to a goal (AutoSearch): candidate recipes tried, measured on this
+// worker, and the best one within the accuracy goal kept. The recipe's only step.
+struct AutoSpec {
+  double max_accuracy_drop = 1.0;     // top-1 points on the eval set (or % of the baseline: relative)
+  bool relative = false;
+  std::string objective = "LATENCY";  // LATENCY (p50, batch 1), SIZE (file bytes) or MACS
+  double target_speedup = 0;          // > 0: a candidate this much better may end the search early
+  double time_budget_seconds = 900;
+  // Subset of prune.channel, distill, quantize.static, quantize.dynamic, factorize, optimize; empty = all.
+  std::vector<std::string> methods = {};
+};
+
 using StepSpec =
     std::variant<MagnitudePruneSpec, NMPruneSpec, ChannelPruneSpec, FactorizeSpec, DynamicQuantSpec,
-                 StaticQuantSpec, HalfPrecisionSpec, FinetuneSpec, DistillSpec, OptimizeSpec, AnalyzeSpec>;
+                 StaticQuantSpec, HalfPrecisionSpec, FinetuneSpec, DistillSpec, OptimizeSpec, AnalyzeSpec,
+                 AutoSpec>;
 
 // The name a step has in reports and progress, e.g. "prune.magnitude".
 inline std::string StepName(const StepSpec& s) {
@@ -122,6 +135,7 @@ inline std::string StepName(const StepSpec& s) {
     std::string operator()(const DistillSpec&) const { return "distill"; }
     std::string operator()(const OptimizeSpec&) const { return "optimize"; }
     std::string operator()(const AnalyzeSpec&) const { return "analyze"; }
+    std::string operator()(const AutoSpec&) const { return "auto"; }
   };
   return std::visit(V{}, s);
 }
@@ -130,5 +144,8 @@ inline std::string StepName(const StepSpec& s) {
 inline bool NeedsTrainData(const StepSpec& s) {
   return std::holds_alternative<FinetuneSpec>(s) || std::holds_alternative<DistillSpec>(s);
 }
+
+// Whether the step needs the job's eval dataset (auto measures every candidate's accuracy on it).
+inline bool NeedsEvalData(const StepSpec& s) { return std::holds_alternative<AutoSpec>(s); }
 
 }  // namespace pare::engine

@@ -95,6 +95,13 @@ nlohmann::json ToJson(const Report& r) {
     }
   }
   j["steps"] = steps;
+  if (!r.search.is_null()) {
+    j["search"] = r.search;
+    j["trials"] = r.search.value("trials", nlohmann::json::array());  // where the HTML report looks
+  }
+  if (r.failure) {
+    j["failure"] = {{"code", r.failure->code}, {"reason", r.failure->reason}, {"message", r.failure->message}};
+  }
   return j;
 }
 

@@ -70,12 +70,23 @@ struct HostInfo {
   std::string blas;
 };
 
+// A job that ends FAILED although it has a model and a report to give (an `auto` search whose
+// goal no candidate met: the closest model and every trial are still worth downloading).
+struct JobFailure {
+  std::string code = "FAILED_PRECONDITION";
+  std::string reason;
+  std::string message;
+};
+
 struct Report {
   std::string device;
   HostInfo host;
   std::vector<int64_t> input_shape;
   std::vector<std::vector<int64_t>> more_input_shapes;  // forward's further inputs, if any
   std::vector<StepReport> steps;
+  // An auto step's search: goal, metric, trials, Pareto front, the chosen trial and its recipe.
+  nlohmann::json search;
+  std::optional<JobFailure> failure;
 };
 
 // Warnings for a step that made the model slower: one per batch size whose p50 latency grew by

@@ -8,9 +8,9 @@
 namespace pare::engine {
 
 Scorer::Scorer(torch::jit::Module& reference, const Dataset* eval, const at::Tensor& samples,
-               const std::vector<at::Tensor>& more_samples) {
+               const std::vector<at::Tensor>& more_samples, const ScoreOptions& options) {
   if (eval && eval->labels.defined()) {
-    const int64_t n = std::min<int64_t>(kScoreEvalImages, eval->images.size(0));
+    const int64_t n = std::min<int64_t>(options.max_eval_images, eval->images.size(0));
     images_ = eval->images.slice(0, 0, n);
     labels_ = eval->labels.slice(0, 0, n);
     for (const at::Tensor& t : eval->more_images) more_.push_back(t.slice(0, 0, n));
@@ -29,11 +29,18 @@ Scorer::Scorer(torch::jit::Module& reference, const Dataset* eval, const at::Ten
     metric_ = "centred cosine with the reference model's outputs on " + std::to_string(images_.size(0)) +
               " eval images";
   }
+  agreement_ = options.top1_agreement && !labels_.defined() && reference_.dim() >= 2 && reference_.size(1) > 1;
+  if (agreement_) {
+    metric_ = "top-1 agreement with the original's outputs on " + std::to_string(images_.size(0)) + " " +
+              (eval ? "eval images (no labels)" : "inputs");
+  }
 }
 
 double Scorer::Score(torch::jit::Module& m) const {
   at::Tensor out = Outputs(m);
   if (labels_.defined()) return (out.flatten(1).argmax(1) == labels_).to(at::kFloat).mean().item<double>();
+  // Per position for a dense output ([N, C, H, W]: a class per pixel).
+  if (agreement_) return (out.argmax(1) == reference_.argmax(1)).to(at::kFloat).mean().item<double>();
   return OutputCosines(out.reshape({out.size(0), -1}), reference_.reshape({reference_.size(0), -1})).second;
 }
 

@@ -16,15 +16,23 @@ namespace pare::engine {
 // searches that score a model many times.
 constexpr int64_t kScoreEvalImages = 512;
 
+struct ScoreOptions {
+  int64_t max_eval_images = kScoreEvalImages;
+  // Without labels: the share of inputs whose top-1 class is the reference's (what "accuracy"
+  // means for a search against the original) instead of the centred cosine of the outputs.
+  bool top1_agreement = false;
+};
+
 class Scorer {
  public:
   // `reference`: the model candidates are compared with (its own score is its top-1, or 1).
   Scorer(torch::jit::Module& reference, const Dataset* eval, const at::Tensor& samples,
-         const std::vector<at::Tensor>& more_samples);
-  // In [0, 1]: top-1 accuracy, or the centred cosine with the reference's outputs.
+         const std::vector<at::Tensor>& more_samples, const ScoreOptions& options = {});
+  // In [0, 1]: top-1 accuracy, or the top-1 agreement or centred cosine with the reference's outputs.
   double Score(torch::jit::Module& m) const;
   // "top-1 accuracy on 512 eval images", "centred cosine with the reference's outputs on 32 inputs".
   const std::string& metric() const { return metric_; }
+  bool labelled() const { return labels_.defined(); }
 
  private:
   at::Tensor Outputs(torch::jit::Module& m) const;
@@ -32,6 +40,7 @@ class Scorer {
   at::Tensor images_, labels_, reference_;
   std::vector<at::Tensor> more_;
   std::string metric_;
+  bool agreement_ = false;  // top-1 agreement with the reference when there are no labels
 };
 
 // A conv or linear node of the model's inlined forward and the layer (module path) it belongs to.

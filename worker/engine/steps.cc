@@ -153,6 +153,10 @@ struct StepApplier {
     unchanged = true;  // the table is the result; the model is as it was
     return m;
   }
+  torch::jit::Module operator()(const AutoSpec&) {
+    // The job runs a search itself (it measures every candidate as it measures steps).
+    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "auto must be the recipe's only step");
+  }
   torch::jit::Module operator()(const OptimizeSpec&) {
     OptimizeResult r = OptimizeForInference(m);
     Add(r.notes);

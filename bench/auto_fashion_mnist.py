@@ -1,0 +1,100 @@
+#!/usr/bin/python3
+"""The auto step against the best hand-written recipe: Fashion-MNIST teachers trained by Pare.
+
+Usage: bench/auto_fashion_mnist.py [--pare build/client/pare] [--threads 2] [--epochs 4]
+                                   [--budget 900] [--goals 0.5,1.0] [--out DIR]
+
+For each teacher of bench/quality_fashion_mnist.py (SmallCnn, SmallResNet), trained here by Pare:
+every hand recipe of that benchmark (HAND_RECIPES) and `auto` (objective LATENCY, the given
+time budget, maxAccuracyDrop each of --goals) run on the same teacher with the same data: 55k
+train (distillation, calibration), 5k validation (what the search scores candidates on), and the
+10k test images, which neither the hand recipes nor the search ever see: every top-1 below is
+computed here in Python on them. Speed-ups divide the teacher's batch-1 p50 measured by the same
+job (its "original" step, timed in the same process) by the result's, for hand recipes and
+search alike. Per goal, the best hand recipe is the fastest whose test Δ top-1 is within the goal.
+
+Targets (issue 15): the search's result at least as fast as the best hand recipe, within the
+budget, with its test drop within the goal + 0.3 points.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import SmallCnn  # noqa: E402
+from quality_fashion_mnist import HAND_RECIPES, SmallResNet, compress, split_data, top1, train_teacher  # noqa: E402
+
+
+def p50(stats):
+    return next(l["p50_ms"] for l in stats["latency"] if l["batch"] == 1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pare", default="build/client/pare")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=4, help="teacher training epochs")
+    ap.add_argument("--budget", type=int, default=900, help="the search's timeBudgetSeconds")
+    ap.add_argument("--goals", default="0.5,1.0", help="maxAccuracyDrop values, top-1 points")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    goals = [float(g) for g in args.goals.split(",")]
+    torch.set_num_threads(args.threads)
+    work = args.out or tempfile.mkdtemp(prefix="pare-auto-")
+    os.makedirs(work, exist_ok=True)
+    data, test_images, test_labels = split_data(work)
+    print(f"Fashion-MNIST: 55k train / 5k validation (the search's eval set) / 10k test (top-1 here, in Python); "
+          f"threads {args.threads}; teachers trained by Pare for {args.epochs} epochs; search budget {args.budget} s\n")
+    verdicts = []
+    for arch in (SmallCnn, SmallResNet):
+        name = arch.__name__
+        teacher, _ = train_teacher(args, work, arch, data)
+        base = top1(teacher, test_images, test_labels)
+        hand = []
+        for i, (label, steps) in enumerate(HAND_RECIPES):
+            out, rep = compress(args, work, teacher, steps, f"{name}-hand{i}", data)
+            hand.append((label, (top1(out, test_images, test_labels) - base) * 100,
+                         p50(rep["steps"][0]["stats"]) / p50(rep["steps"][-1]["stats"])))
+        print(f"### {name} (teacher test top-1 {base * 100:.2f})\n")
+        print("| goal (max drop) | candidate | test Δ top-1 | speed-up (b1, same job) | wall s | trials | chosen recipe |")
+        print("| ---: | --- | ---: | ---: | ---: | ---: | --- |")
+        for goal in goals:
+            within = [h for h in hand if h[1] >= -goal]
+            best = max(within, key=lambda h: h[2]) if within else None
+            if best:
+                print(f"| {goal} | best hand recipe: {best[0]} | {best[1]:+.2f} | {best[2]:.2f}x | - | - | - |")
+            else:
+                print(f"| {goal} | no hand recipe within the goal | - | - | - | - | - |")
+            steps = [{"auto": {"maxAccuracyDrop": goal, "objective": "LATENCY", "timeBudgetSeconds": args.budget}}]
+            start = time.monotonic()
+            out, rep = compress(args, work, teacher, steps, f"{name}-auto{goal}", data, may_fail=True)
+            wall = time.monotonic() - start
+            search = rep.get("search", {})
+            failed = rep.get("failure")
+            drop = (top1(out, test_images, test_labels) - base) * 100
+            speed = p50(rep["steps"][0]["stats"]) / p50(rep["steps"][-1]["stats"])
+            recipe = search.get("recipe", {}).get("steps", [])
+            chosen = "GOAL_UNREACHABLE: " + failed["message"] if failed else \
+                " -> ".join(next(iter(s)) for s in recipe)
+            print(f"| {goal} | auto | {drop:+.2f} | {speed:.2f}x | {wall:.0f} | {len(search.get('trials', [])) - 1} | "
+                  f"{chosen} |")
+            verdicts.append((f"{name}, goal {goal}: auto at least as fast as the best hand recipe",
+                             f"{speed:.2f}x vs {best[2]:.2f}x" if best else f"{speed:.2f}x (no hand recipe)",
+                             not failed and (best is None or speed >= best[2])))
+            verdicts.append((f"{name}, goal {goal}: test drop within the goal + 0.3", f"{drop:+.2f} pt",
+                             not failed and drop >= -(goal + 0.3)))
+            verdicts.append((f"{name}, goal {goal}: within the budget (+ measuring the result)", f"{wall:.0f} s",
+                             wall <= args.budget + 60))
+        print()
+    print("| goal | this run | verdict |")
+    print("| --- | ---: | --- |")
+    for goal, value, met in verdicts:
+        print(f"| {goal} | {value} | {'met' if met else '**not met**'} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
