@@ -33,8 +33,8 @@ trap 'rm -rf "$work"' EXIT
 tmp="$work/RESULTS.md"
 failed=()
 
-if ((quick)); then repeat=1 rounds=1 epochs=1 soak=20 warm=5 models_flag=--quick
-else repeat=3 rounds=2 epochs=4 soak=120 warm=20 models_flag=; fi
+if ((quick)); then repeat=1 rounds=1 epochs=1 soak=20 warm=5 models_flag=--quick auto_budget=300 tv_models=resnet18
+else repeat=3 rounds=2 epochs=4 soak=120 warm=20 models_flag= auto_budget=900 tv_models=resnet18,mobilenet_v2; fi
 
 # section TITLE INTRO COMMAND...: the section's heading, what it measures, the command line and
 # what the command printed; a failing command is recorded as such and the others still run.
@@ -90,6 +90,14 @@ section "Freezing for inference: the optimize step" \
 section "Quality on real data: Fashion-MNIST" \
   "Teachers trained by Pare; every top-1 computed in Python on the 10k test images, never trained or selected on." \
   "$py" bench/quality_fashion_mnist.py --pare "$pare" --threads "$threads" --epochs "$epochs" --out "$work/quality"
+
+section "Automatic compression to a goal: auto against the best hand recipe" \
+  "The Fashion-MNIST teachers of the section above (trained again here), every hand recipe of it and \`auto\` (objective LATENCY, a $auto_budget s budget) at two accuracy goals; test top-1 in Python on the 10k test images neither sees." \
+  "$py" bench/auto_fashion_mnist.py --pare "$pare" --threads "$threads" --epochs "$epochs" --budget "$auto_budget" --out "$work/auto"
+
+section "Automatic compression of torchvision models at 224x224" \
+  "Random weights (batch norms settled), top-1 agreement with the original as the accuracy; a 600 s budget. Target: at least 3x faster at batch 1." \
+  "$py" bench/auto_torchvision.py --pare "$pare" --threads "$threads" --budget 600 --models "$tv_models" --out "$work/auto-tv"
 
 section "Load and leaks: pare-soak" \
   "16 clients loop upload, a deliberately rejected recipe, a 2:4 pruning job, polling and download against one server with 2 local workers; RSS from /proc (server, and every process below it). Target: growth < 50 MB after warm-up, zero errors." \

@@ -99,7 +99,9 @@ void PrintSearch(const nlohmann::json& search) {
     }
     std::cout << std::fixed << std::setprecision(2) << ": drop " << t.value("drop", 0.0) << ", "
               << t.value("ratio", 0.0) << "x"
-              << (i == 0 ? "" : t.value("meets_goal", false) ? "" : " (not within the goal)")
+              << (i == 0                         ? ""
+                  : t.value("meets_goal", false) ? ""
+                                                 : " (not within the goal)")
               << (t.value("resumed", false) ? " [from the checkpoint]" : "") << "\n";
   }
   if (search.contains("why")) std::cout << "  " << search.value("why", "") << "\n";

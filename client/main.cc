@@ -35,6 +35,10 @@ void PrintJobSummary(const pare::v1::Job& j) {
   if (j.has_error() && !j.error().code().empty()) {
     std::cout << "error " << j.error().code() << " " << j.error().reason() << ": " << j.error().message()
               << "\n";
+    if (!j.result_sha256().empty()) {
+      std::cout << "its result (the closest candidate) and report can still be downloaded: pare download "
+                << j.id() << " -o FILE --report FILE\n";
+    }
   }
   if (j.reports_size() > 0) {
     std::cout << std::left << std::setw(18) << "step" << std::right << std::setw(12) << "size"

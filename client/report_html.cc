@@ -133,17 +133,18 @@ std::vector<Point> Points(const Json& report, bool& accuracy) {
   }
   // A search scores its trials itself (top-1, or top-1 agreement without labels).
   const bool scored = trials && std::all_of(items.begin(), items.end(), [](const Json& t) {
-    return t.contains("error") || t.value("score", Json()).is_number();
-  });
+                        return t.contains("error") || t.value("score", Json()).is_number();
+                      });
   if (scored) {
-    accuracy = report.contains("search") && report["search"].value("metric", "").rfind("top-1 accuracy", 0) == 0;
+    accuracy =
+        report.contains("search") && report["search"].value("metric", "").rfind("top-1 accuracy", 0) == 0;
   }
   std::vector<Point> out;
   for (const auto& it : items) {
     if (!it.contains("stats") || it.contains("error")) continue;
     auto p50 = P50(it["stats"]);
-    const Json& q =
-        scored ? it["score"] : it["stats"].value(accuracy ? "top1_accuracy" : "output_centred_cosine", Json());
+    const Json& q = scored ? it["score"]
+                           : it["stats"].value(accuracy ? "top1_accuracy" : "output_centred_cosine", Json());
     if (!p50 || !q.is_number()) continue;
     std::string name =
         trials ? it.value("name", "trial " + std::to_string(out.size() + 1)) : it.value("step", "?");
@@ -261,32 +262,38 @@ std::string SearchSection(const Json& report) {
   const Json goal = s.value("goal", Json::object());
   o << "<h2>Search</h2>\n<p>Goal: at most " << Fixed(goal.value("points", 0.0), 3) << " points of "
     << Escape(s.value("metric", "")) << " lost; objective " << Escape(goal.value("objective", "")) << "; "
-    << Fixed(s.value("elapsed_seconds", 0.0), 0) << " s of a " << Fixed(goal.value("time_budget_seconds", 0.0), 0)
-    << " s budget.</p>\n";
+    << Fixed(s.value("elapsed_seconds", 0.0), 0) << " s of a "
+    << Fixed(goal.value("time_budget_seconds", 0.0), 0) << " s budget.</p>\n";
   if (report.contains("failure")) {
-    o << "<p class=\"warn\"><b>" << Escape(report["failure"].value("reason", "")) << "</b>: "
-      << Escape(report["failure"].value("message", "")) << "</p>\n";
+    o << "<p class=\"warn\"><b>" << Escape(report["failure"].value("reason", ""))
+      << "</b>: " << Escape(report["failure"].value("message", "")) << "</p>\n";
   }
   if (s.contains("why")) o << "<p>" << Escape(s.value("why", "")) << "</p>\n";
-  if (s.contains("recipe")) o << "<p>The recipe that rebuilds the result:</p>\n<pre>" << Escape(s["recipe"].dump(2)) << "</pre>\n";
+  if (s.contains("recipe"))
+    o << "<p>The recipe that rebuilds the result:</p>\n<pre>" << Escape(s["recipe"].dump(2)) << "</pre>\n";
   o << "<table><thead><tr><th>#</th><th class=\"name\">trial</th><th>drop (points)</th><th>ratio</th>"
-       "<th>p50 ms (b1)</th><th>size</th><th>MACs</th><th>wall (s)</th><th class=\"name\">within the goal</th>"
+       "<th>p50 ms (b1)</th><th>size</th><th>MACs</th><th>wall (s)</th><th class=\"name\">within the "
+       "goal</th>"
        "</tr></thead><tbody>\n";
   const int chosen = s.value("chosen", -1);
   for (const auto& t : s.value("trials", Json::array())) {
     const int i = t.value("index", 0);
-    o << "<tr><td>" << i << (i == chosen ? " *" : "") << "</td><td class=\"name\">" << Escape(t.value("name", ""))
-      << (t.value("resumed", false) ? " (from the checkpoint)" : "") << "</td>";
+    o << "<tr><td>" << i << (i == chosen ? " *" : "") << "</td><td class=\"name\">"
+      << Escape(t.value("name", "")) << (t.value("resumed", false) ? " (from the checkpoint)" : "")
+      << "</td>";
     if (t.contains("error")) {
       o << "<td colspan=\"7\" class=\"name\">failed: " << Escape(t.value("error", "")) << "</td></tr>\n";
       continue;
     }
     const Json stats = t.value("stats", Json::object());
     const auto p50 = P50(stats);
-    o << "<td>" << Fixed(t.value("drop", 0.0), 2) << "</td><td>" << Fixed(t.value("ratio", 0.0), 2) << "x</td><td>"
-      << (p50 ? Fixed(*p50, 3) : std::string("-")) << "</td><td>" << Number(stats.value("size_bytes", Json()), 0)
-      << "</td><td>" << Number(stats.value("macs", Json()), 0) << "</td><td>" << Fixed(t.value("wall_seconds", 0.0), 1)
-      << "</td><td class=\"name\">" << (i == 0 ? "original" : t.value("meets_goal", false) ? "yes" : "no")
+    o << "<td>" << Fixed(t.value("drop", 0.0), 2) << "</td><td>" << Fixed(t.value("ratio", 0.0), 2)
+      << "x</td><td>" << (p50 ? Fixed(*p50, 3) : std::string("-")) << "</td><td>"
+      << Number(stats.value("size_bytes", Json()), 0) << "</td><td>" << Number(stats.value("macs", Json()), 0)
+      << "</td><td>" << Fixed(t.value("wall_seconds", 0.0), 1) << "</td><td class=\"name\">"
+      << (i == 0                         ? "original"
+          : t.value("meets_goal", false) ? "yes"
+                                         : "no")
       << "</td></tr>\n";
   }
   o << "</tbody></table>\n";

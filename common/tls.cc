@@ -3,6 +3,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "common/protocol.h"
+
 namespace pare {
 namespace {
 
@@ -21,7 +23,7 @@ Result<std::string> ReadPem(const std::string& path, const std::string& flag) {
 
 Result<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& address, const TlsClientFiles& tls) {
   grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(4 << 20);
+  args.SetMaxReceiveMessageSize(kMaxMessageBytes);
   if (!tls.enabled()) {
     if (!tls.cert.empty() || !tls.key.empty())
       return InvalidArgument("--tls-cert and --tls-key need --tls-ca");

@@ -3,6 +3,7 @@
 #include <set>
 
 #include "pare/v1/compression.pb.h"
+#include "worker/engine/error.h"
 #include "worker/recipe_convert.h"
 
 namespace pare::server {
@@ -25,11 +26,11 @@ const std::vector<std::string> kCodes = {"OK",
 const std::vector<std::string> kFailureClasses = {"bad_input", "needs_gpu",        "worker_lost",
                                                   "cancelled", "goal_unreachable", "internal"};
 const std::vector<std::string> kFirstSteps = {"prune",    "quantize", "distill", "factorize",
-                                              "finetune", "optimize", "analyze",  "auto"};
+                                              "finetune", "optimize", "analyze", "auto"};
 const std::vector<std::string> kStepKinds = {
-    "prune.magnitude", "prune.channel", "prune.nm",  "quantize.dynamic", "quantize.static", "quantize.fp16",
-    "quantize.bf16",   "distill",       "factorize", "finetune",         "optimize",        "analyze",
-    "auto"};
+    "prune.magnitude", "prune.channel", "prune.nm", "quantize.dynamic", "quantize.static",
+    "quantize.fp16",   "quantize.bf16", "distill",  "factorize",        "finetune",
+    "optimize",        "analyze",       "auto"};
 const std::vector<std::string> kDevices = {"cpu", "cuda"};
 const std::vector<JobState> kStates = {JobState::kQueued, JobState::kRunning, JobState::kSucceeded,
                                        JobState::kFailed, JobState::kCancelled};
@@ -57,7 +58,7 @@ std::string FailureClass(const std::string& reason) {
   if (reason == "NO_CUDA" || reason == "NEEDS_CUDA") return "needs_gpu";
   if (reason == "LEASE_EXPIRED" || reason == "WORKER_CRASH" || reason == "WORKER_LOST") return "worker_lost";
   if (reason == "CANCELLED") return "cancelled";
-  if (reason == "GOAL_UNREACHABLE") return "goal_unreachable";
+  if (reason == engine::kReasonGoalUnreachable) return "goal_unreachable";
   return "internal";
 }
 
@@ -118,11 +119,11 @@ Metrics::Metrics(const std::vector<std::string>& methods, const std::string& ver
                      .Help("Jobs that ended SUCCEEDED")
                      .Register(*registry_)
                      .Add({})),
-      failed_(
-          prometheus::BuildCounter()
-              .Name("pare_jobs_failed_total")
-              .Help("Jobs that ended FAILED, by reason class: bad_input, needs_gpu, worker_lost, goal_unreachable, internal")
-              .Register(*registry_)),
+      failed_(prometheus::BuildCounter()
+                  .Name("pare_jobs_failed_total")
+                  .Help("Jobs that ended FAILED, by reason class: bad_input, needs_gpu, worker_lost, "
+                        "goal_unreachable, internal")
+                  .Register(*registry_)),
       cancelled_(prometheus::BuildCounter()
                      .Name("pare_jobs_cancelled_total")
                      .Help("Jobs that ended CANCELLED")

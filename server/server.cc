@@ -12,6 +12,7 @@
 
 #include "common/grpc_status.h"
 #include "common/ids.h"
+#include "common/protocol.h"
 
 #include "common/logging.h"
 #include "common/tls.h"
@@ -187,8 +188,7 @@ Status Server::Start() {
   }
   builder.RegisterService(compression_.get());
   builder.RegisterService(workers_.get());
-  // Chunks are at most 1 MiB; leave room for the message framing.
-  builder.SetMaxReceiveMessageSize(4 << 20);
+  builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(std::make_unique<MetricsInterceptorFactory>(metrics_.get()));
   builder.experimental().SetInterceptorCreators(std::move(interceptors));

@@ -446,8 +446,9 @@ Result<JobRecord> SqliteStore::Heartbeat(const std::string& job_id, const std::s
   std::lock_guard<std::mutex> lock(mu_);
   Txn t(db_);
   PARE_ASSIGN_OR_RETURN(auto job, CheckLeaseLocked(job_id, lease_id));
-  Stmt u(db_, checkpoint.empty() ? "UPDATE jobs SET lease_expires_ms = ?, progress = ? WHERE id = ?"
-                                 : "UPDATE jobs SET lease_expires_ms = ?, progress = ?, checkpoint = ? WHERE id = ?");
+  Stmt u(db_, checkpoint.empty()
+                  ? "UPDATE jobs SET lease_expires_ms = ?, progress = ? WHERE id = ?"
+                  : "UPDATE jobs SET lease_expires_ms = ?, progress = ?, checkpoint = ? WHERE id = ?");
   u.Bind(now_ms + ttl_ms).BindBlob(progress_pb);
   if (!checkpoint.empty()) u.BindBlob(checkpoint);
   u.Bind(job_id);

@@ -331,10 +331,11 @@ TEST(CrashTest, AWorkerKilledMidSearchResumesWithoutRerunningFinishedTrials) {
   v1::SubmitJobRequest req;
   req.set_model_id(m->id());
   req.set_eval_dataset_id(eval->id());
-  *req.mutable_recipe() = ParseRecipeJson(
-                              R"({"steps":[{"auto":{"maxAccuracyDrop":50,"objective":"MACS","timeBudgetSeconds":300,
+  *req.mutable_recipe() =
+      ParseRecipeJson(
+          R"({"steps":[{"auto":{"maxAccuracyDrop":50,"objective":"SIZE","timeBudgetSeconds":300,
                                   "methods":["quantize.static","optimize","prune.channel"]}}]})")
-                              .value();
+          .value();
   auto job = c.Submit(req);
   ASSERT_TRUE(job.ok()) << job.status().ToString();
   ASSERT_TRUE(pare::testing::Eventually(

@@ -719,7 +719,7 @@ TEST_F(ServiceTest, AnUnreachableAutoGoalFailsButKeepsTheClosestModelAndReport) 
   ASSERT_FALSE(refused.ok());
   EXPECT_NE(refused.status().message().find("eval_dataset_id is required"), std::string::npos)
       << refused.status().message();
-  auto ds = client_->UploadDataset(Fixture("images_only.pt"), "tensors", "unlabelled");
+  auto ds = client_->UploadDataset(Fixture("noise_eval.pt"), "tensors", "unlabelled");
   ASSERT_TRUE(ds.ok()) << ds.status().ToString();
   v1::Job done = WaitEnd(Submit(model, recipe, ds->id()).id());
   ASSERT_EQ(done.state(), v1::FAILED);

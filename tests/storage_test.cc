@@ -161,8 +161,10 @@ TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
   ASSERT_TRUE(analysis.ok()) << analysis.status().ToString();
   EXPECT_EQ(std::get<engine::AnalyzeSpec>(analysis->at(0)).prune_amounts, std::vector<double>{0.5});
   EXPECT_FALSE(std::get<engine::AnalyzeSpec>(analysis->at(0)).quantize);
-  auto search = ToEngineSteps(ParseRecipeJson(
-      R"({"steps":[{"auto":{"maxAccuracyDrop":0.5,"relative":true,"methods":["quantize.static"]}}]})").value());
+  auto search = ToEngineSteps(
+      ParseRecipeJson(
+          R"({"steps":[{"auto":{"maxAccuracyDrop":0.5,"relative":true,"methods":["quantize.static"]}}]})")
+          .value());
   ASSERT_TRUE(search.ok()) << search.status().ToString();
   const auto& auto_spec = std::get<engine::AutoSpec>(search->at(0));
   EXPECT_DOUBLE_EQ(auto_spec.max_accuracy_drop, 0.5);
@@ -217,7 +219,8 @@ TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
            {R"({"steps":[{"auto":{}}]})", "steps[0].auto.maxAccuracyDrop is required"},
            {R"({"steps":[{"auto":{"maxAccuracyDrop":-1}}]})", "steps[0].auto.maxAccuracyDrop"},
            {R"({"steps":[{"auto":{"maxAccuracyDrop":1,"objective":"SPEED"}}]})", "steps[0].auto.objective"},
-           {R"({"steps":[{"auto":{"maxAccuracyDrop":1,"targetSpeedup":0.5}}]})", "steps[0].auto.targetSpeedup"},
+           {R"({"steps":[{"auto":{"maxAccuracyDrop":1,"targetSpeedup":0.5}}]})",
+            "steps[0].auto.targetSpeedup"},
            {R"({"steps":[{"auto":{"maxAccuracyDrop":1,"timeBudgetSeconds":100000}}]})",
             "steps[0].auto.timeBudgetSeconds"},
            {R"({"steps":[{"auto":{"maxAccuracyDrop":1,"methods":["prune.channel","pruning"]}}]})",

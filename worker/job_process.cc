@@ -149,7 +149,8 @@ int RunJobChild(const std::string& dir) {
   try {
     engine::InitProcess(spec.value("threads", 0), spec.value("quantized_engine", ""));
     auto steps = ToEngineSteps(job.recipe());
-    if (!steps.ok()) throw engine::EngineError(steps.status().code(), "BAD_RECIPE", steps.status().message());
+    if (!steps.ok())
+      throw engine::EngineError(steps.status().code(), engine::kReasonBadRecipe, steps.status().message());
     engine::CompressOptions opts = OptionsFor(job, spec);
     engine::Report report = engine::Compress(spec["model"], steps.value(), opts, result_path);
     nlohmann::json j = engine::ToJson(report);

@@ -253,7 +253,7 @@ Result<engine::StepSpec> ConvertAuto(const v1::AutoStep& a, const std::string& w
   }
   s.target_speedup = a.target_speedup();
   if (a.time_budget_seconds() > 86400)
-    return InvalidArgument(where + ".timeBudgetSeconds must be in [1, 86400]");
+    return InvalidArgument(where + ".timeBudgetSeconds must be in [1, 86400] (absent or 0: 900)");
   if (a.time_budget_seconds() > 0) s.time_budget_seconds = a.time_budget_seconds();
   static const std::vector<std::string> kMethods = {"prune.channel",    "distill",   "quantize.static",
                                                     "quantize.dynamic", "factorize", "optimize"};

@@ -118,7 +118,8 @@ class Heartbeat {
             }
             lock.lock();
             if (!ok && checkpoint_.empty()) checkpoint_ = sent;  // tried again at the next beat
-            if (!ok && !sent.empty()) cv_.wait_for(lock, std::chrono::milliseconds(static_cast<int64_t>(period_seconds * 1000)));
+            if (!ok && !sent.empty())
+              cv_.wait_for(lock, std::chrono::milliseconds(static_cast<int64_t>(period_seconds * 1000)));
           }
         }) {}
   ~Heartbeat() {
@@ -296,7 +297,8 @@ void Worker::RunJob(const v1::LeasedJob& job) {
   std::string result_path;
   try {
     auto steps = ToEngineSteps(job.recipe());
-    if (!steps.ok()) throw engine::EngineError(steps.status().code(), "BAD_RECIPE", steps.status().message());
+    if (!steps.ok())
+      throw engine::EngineError(steps.status().code(), engine::kReasonBadRecipe, steps.status().message());
     result_path = PrepareJobFolder(job, dir);
     // CUDA reserves far more address space than it uses: no RLIMIT_AS for GPU jobs.
     const bool cuda_job = has_cuda_ && job.device() != "cpu";

@@ -80,7 +80,7 @@ torch::jit::Module QuantizeWithAccuracyControl(
     try {
       q = quantize(kept, q_notes);
     } catch (const EngineError& e) {
-      if (e.reason() != "BAD_RECIPE") throw;
+      if (e.reason() != kReasonBadRecipe) throw;
       kept.pop_back();  // not a layer `exclude` can name (a conv in a module of its own kind)
       continue;
     }

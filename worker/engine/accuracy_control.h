@@ -23,6 +23,7 @@ namespace pare::engine {
 torch::jit::Module QuantizeWithAccuracyControl(
     const torch::jit::Module& model, const StaticQuantSpec& spec, const std::vector<at::Tensor>& calibration,
     const std::vector<std::vector<at::Tensor>>& more, const Scorer& scorer, std::vector<std::string>& notes,
-    const std::function<void(double, const std::string&)>& progress, std::vector<std::string>* kept_float = nullptr);
+    const std::function<void(double, const std::string&)>& progress,
+    std::vector<std::string>* kept_float = nullptr);
 
 }  // namespace pare::engine

@@ -42,7 +42,8 @@ Json RecipeStepJson(const StepSpec& step) {
                 {"alpha", d.alpha}}}};
     }
     Json operator()(const StaticQuantSpec& q) const {
-      Json j = {{"observer", q.observer}, {"calibrationBatches", q.calibration_batches}, {"target", q.target}};
+      Json j = {
+          {"observer", q.observer}, {"calibrationBatches", q.calibration_batches}, {"target", q.target}};
       if (!q.exclude.empty()) j["exclude"] = q.exclude;
       if (q.max_accuracy_drop > 0) j["maxAccuracyDrop"] = q.max_accuracy_drop;
       return {{"quantize", {{"static", j}}}};
@@ -83,50 +84,66 @@ std::string RatioText(double ratio, const std::string& objective) {
 struct Trial {
   int index = 0;
   std::string name;
-  std::string family;             // "static INT8", "channel pruning + static INT8", ...
-  std::string key;                // identifies the candidate across attempts (base key + steps)
-  int base = -1;                  // the trial whose model it starts from; -1: the original
-  std::vector<StepSpec> steps;    // as planned (static INT8 may carry an accuracy goal)
+  std::string family;                     // "static INT8", "channel pruning + static INT8", ...
+  std::string key;                        // identifies the candidate across attempts (base key + steps)
+  int base = -1;                          // the trial whose model it starts from; -1: the original
+  std::vector<StepSpec> steps;            // as planned (static INT8 may carry an accuracy goal)
   std::vector<std::string> float_layers;  // what accuracy control kept float
-  Json recipe = Json::array();    // the plain recipe from the original that rebuilds it
+  Json recipe = Json::array();            // the plain recipe from the original that rebuilds it
   double score = 0, drop = 0, ratio = 0;
-  bool meets = false;     // accuracy within the goal and the objective better than the original's
-  bool frozen = false;    // quantized or frozen: nothing further applies
+  bool meets = false;   // accuracy within the goal and the objective better than the original's
+  bool frozen = false;  // quantized or frozen: nothing further applies
   bool pruned = false;
   Json stats;
   double wall_seconds = 0;
   std::vector<std::string> notes;
-  std::string error;      // the candidate could not be built or measured
-  bool resumed = false;   // taken from an earlier attempt's checkpoint
+  std::string error;         // the candidate could not be built or measured
+  bool resumed = false;      // taken from an earlier attempt's checkpoint
   double epoch_seconds = 0;  // one distillation epoch, when it distilled (later trials' epochs follow it)
-  std::string path;       // its saved model, once built by this attempt
+  double original_p50 = 0;   // the original's batch-1 p50 timed right after this candidate's
+  std::string path;          // its saved model, once built by this attempt
 };
 
 class Search {
  public:
   Search(const torch::jit::Module& model, const AutoSpec& spec, const AutoContext& ctx)
       : original_(model), spec_(spec), ctx_(ctx), start_(Clock::now()) {}
+  // A search that stopped early (cancelled) leaves no trial files behind.
+  ~Search() {
+    std::error_code ec;
+    for (const auto& t : trials_)
+      if (!t.path.empty()) fs::remove(t.path, ec);
+  }
 
   AutoResult Run() {
     ChooseScorer();
     Baseline();
-    if (Allowed("quantize.static")) StaticInt8({}, -1);
-    if (Allowed("optimize")) Add(-1, {OptimizeSpec{}}, "optimize (frozen)", "freezing");
-    if (Allowed("quantize.dynamic") && !Done()) Add(-1, {DynamicQuantSpec{}}, "dynamic INT8", "dynamic INT8");
+    // INT8 and freezing keep the float model's arithmetic: no candidates when MACs are the objective.
+    const bool arithmetic = spec_.objective == "MACS";
+    if (arithmetic)
+      notes_.push_back("objective MACS: INT8 and freezing keep the MACs, so they were not tried");
+    if (!arithmetic && Int8("quantize.static")) StaticInt8({}, -1);
+    if (!arithmetic && Allowed("optimize")) Add(-1, {OptimizeSpec{}}, "optimize (frozen)", "freezing");
+    if (!arithmetic && Int8("quantize.dynamic") && !Done())
+      Add(-1, {DynamicQuantSpec{}}, "dynamic INT8", "dynamic INT8");
     if (Allowed("prune.channel")) {
       PruneLadder();
       GuidedPrune();
     }
-    CombineWithPruned();
+    if (!arithmetic) CombineWithPruned();
     if (Allowed("factorize") && !Done()) Factorize();
     return Finish();
   }
 
  private:
   bool Allowed(const std::string& method) const {
-    return spec_.methods.empty() || std::find(spec_.methods.begin(), spec_.methods.end(), method) != spec_.methods.end();
+    return spec_.methods.empty() ||
+           std::find(spec_.methods.begin(), spec_.methods.end(), method) != spec_.methods.end();
   }
-  double Elapsed() const { return std::chrono::duration<double>(Clock::now() - start_).count(); }
+  // Including what an earlier attempt spent on the trials this one takes from its checkpoint.
+  double Elapsed() const {
+    return spent_before_ + std::chrono::duration<double>(Clock::now() - start_).count();
+  }
   double Remaining() const { return spec_.time_budget_seconds - Elapsed(); }
   // Whether the search should stop: the budget is spent, or a candidate reached targetSpeedup.
   bool Done() const {
@@ -135,27 +152,44 @@ class Search {
     return spec_.target_speedup > 0 && best && best->ratio >= spec_.target_speedup;
   }
   bool Distills() const { return Allowed("distill") && ctx_.step->train.train != nullptr; }
+  // LibTorch's INT8 kernels run on the CPU only: no candidate for a job measured on a GPU.
+  bool Int8(const std::string& method) {
+    if (!Allowed(method)) return false;
+    if (!ctx_.measure->device.is_cuda()) return true;
+    if (!int8_noted_)
+      notes_.push_back("no INT8 candidates: LibTorch's INT8 kernels run on the CPU, this job on a GPU");
+    int8_noted_ = true;
+    return false;
+  }
 
   // The images candidates are scored on: the eval set (top-1 with labels; else top-1 agreement
   // with the original), else the calibration images, else random inputs. As many as a few seconds
-  // of the original's inference allow: a search scores a model many times.
+  // of the original's inference allow (a search scores a model many times), or as many as an
+  // earlier attempt of the job used, so that its checkpointed scores compare with this one's.
   void ChooseScorer() {
     const StepContext& sc = *ctx_.step;
-    const Dataset* eval = sc.train.eval;
+    const Dataset* eval = ctx_.eval;
     const Dataset* source = eval ? eval : sc.calibration;
-    at::Tensor probe = ctx_.measure->samples.slice(0, 0, std::min<int64_t>(16, ctx_.measure->samples.size(0)));
-    std::vector<at::Tensor> probe_more;
-    for (const auto& t : ctx_.measure->more_samples) probe_more.push_back(t.slice(0, 0, probe.size(0)));
-    torch::jit::Module m = original_;
-    m.to(c10::kCPU);
-    RunBatched(m, probe, c10::kCPU, 16, nullptr, probe_more);  // the first run also optimises the graph
-    const auto t0 = Clock::now();
-    RunBatched(m, probe, c10::kCPU, 16, nullptr, probe_more);
-    const double per_image =
-        std::max(1e-6, std::chrono::duration<double>(Clock::now() - t0).count() / double(probe.size(0)));
     const bool labelled = eval && eval->labels.defined();
-    const int64_t want = labelled ? std::clamp<int64_t>(int64_t(6.0 / per_image), 500, 10000)
-                                  : std::clamp<int64_t>(int64_t(3.0 / per_image), 64, 2000);
+    const c10::Device device = ctx_.measure->device;
+    torch::jit::Module m = original_;
+    m.to(device);
+    int64_t want = 0;
+    for (const auto& r : ctx_.resume)
+      if (r.is_object() && r.value("score_images", int64_t(0)) > 0) want = r["score_images"].get<int64_t>();
+    if (want <= 0) {
+      at::Tensor probe =
+          ctx_.measure->samples.slice(0, 0, std::min<int64_t>(16, ctx_.measure->samples.size(0)));
+      std::vector<at::Tensor> probe_more;
+      for (const auto& t : ctx_.measure->more_samples) probe_more.push_back(t.slice(0, 0, probe.size(0)));
+      RunBatched(m, probe, device, 16, nullptr, probe_more);  // the first run also optimises the graph
+      const auto t0 = Clock::now();
+      RunBatched(m, probe, device, 16, nullptr, probe_more);
+      const double per_image =
+          std::max(1e-6, std::chrono::duration<double>(Clock::now() - t0).count() / double(probe.size(0)));
+      want = labelled ? std::clamp<int64_t>(int64_t(6.0 / per_image), 500, 10000)
+                      : std::clamp<int64_t>(int64_t(3.0 / per_image), 64, 2000);
+    }
     at::Tensor samples;
     std::vector<at::Tensor> more;
     if (source && !labelled) {
@@ -169,15 +203,21 @@ class Search {
       samples = at::randn(shape, gen);
       more = RandomInputs(sc.more_inputs, want, c10::kCPU, gen);
     }
+    score_images_ = want;
+    const std::string what = labelled ? ""
+                             : eval   ? "eval images (no labels)"
+                             : source ? "calibration images"
+                                      : "random inputs (no eval or calibration images)";
     ScoreOptions options;
     options.max_eval_images = want;
     options.top1_agreement = true;
+    options.device = device;
+    options.samples = what;
     scorer_ = std::make_unique<Scorer>(m, labelled ? eval : nullptr, samples, more, options);
   }
 
   void Baseline() {
     torch::jit::Module m = original_;
-    m.to(c10::kCPU);
     base_score_ = scorer_->Score(m);
     goal_points_ = spec_.relative ? spec_.max_accuracy_drop * base_score_ : spec_.max_accuracy_drop;
     Trial t;
@@ -187,11 +227,13 @@ class Search {
     t.key = "original";
     t.score = base_score_;
     t.ratio = 1.0;
-    // Timed again beside the candidates (the job's figure may come from its latency cache).
+    // Timed again beside the candidates (the job's figure may come from its latency cache), and
+    // as they are: freshly loaded.
     MeasureContext mc = *ctx_.measure;
     mc.latency_batches = {1};
     mc.eval = nullptr;
-    ModelStats stats = Measure(m, ctx_.step->input_path, mc);
+    baseline_model_ = LoadModel(ctx_.step->input_path);
+    ModelStats stats = Measure(baseline_model_, ctx_.step->input_path, mc);
     if (scorer_->labelled()) stats.top1_accuracy = base_score_;
     if (!stats.macs) stats.macs = ctx_.original->macs;
     t.stats = ToJson(stats);
@@ -226,7 +268,8 @@ class Search {
     const int done = int(trials_.size()) - 1;
     if (done <= 0) return "";
     const double per = Elapsed() / done;
-    return " (~" + std::to_string(done + int(std::max(0.0, Remaining()) / std::max(per, 1e-3))) + " in budget)";
+    return " (~" + std::to_string(done + int(std::max(0.0, Remaining()) / std::max(per, 1e-3))) +
+           " in budget)";
   }
 
   // The model trial `i` built (-1: the original), loaded from its file or rebuilt from its steps
@@ -240,7 +283,10 @@ class Search {
       Progress("rebuilding trial " + std::to_string(t.index) + " (" + t.name + ") from its recipe");
       torch::jit::Module m = ModelOf(t.base);
       std::vector<std::string> ignored;
+      const double epoch = epoch_seconds_, trial_epoch = t.epoch_seconds;  // the plan stays as it was
       m = Apply(m, PlainSteps(t), ignored, t);
+      epoch_seconds_ = epoch;
+      t.epoch_seconds = trial_epoch;
       t.path = ctx_.work_prefix + ".trial" + std::to_string(t.index);
       m.save(t.path);
       notes_.push_back("trial " + std::to_string(t.index) + " (" + t.name +
@@ -260,8 +306,8 @@ class Search {
     return out;
   }
 
-  torch::jit::Module Apply(torch::jit::Module m, const std::vector<StepSpec>& steps, std::vector<std::string>& notes,
-                           Trial& t) {
+  torch::jit::Module Apply(torch::jit::Module m, const std::vector<StepSpec>& steps,
+                           std::vector<std::string>& notes, Trial& t) {
     StepContext sc = *ctx_.step;
     const std::string label = "trial " + std::to_string(t.index) + ": " + t.name;
     sc.train.progress = [this, label](double within, const std::string& msg) {
@@ -274,13 +320,15 @@ class Search {
         std::vector<std::vector<at::Tensor>> more;
         auto batches = CalibrationBatches(sc, q->calibration_batches, notes, more);
         m.to(c10::kCPU);
-        m = QuantizeWithAccuracyControl(m, *q, batches, more, *scorer_, notes, sc.train.progress, &t.float_layers);
+        m = QuantizeWithAccuracyControl(m, *q, batches, more, *scorer_, notes, sc.train.progress,
+                                        &t.float_layers);
         continue;
       }
       const auto t0 = Clock::now();
       bool unchanged = false;
       m = ApplyStep(m, step, sc, notes, unchanged);
-      if (unchanged) throw EngineError(Code::kFailedPrecondition, "UNCHANGED", StepName(step) + " changed nothing");
+      if (unchanged)
+        throw EngineError(Code::kFailedPrecondition, "UNCHANGED", StepName(step) + " changed nothing");
       if (const auto* d = std::get_if<DistillSpec>(&step)) {
         epoch_seconds_ = std::chrono::duration<double>(Clock::now() - t0).count() / d->train.epochs;
         t.epoch_seconds = epoch_seconds_;
@@ -328,7 +376,9 @@ class Search {
       line += " failed: " + t.error;
     } else {
       line += " - " + DropText(t.drop) + ", " + RatioText(t.ratio, spec_.objective) +
-              (t.meets ? "" : t.drop > goal_points_ ? " (over the accuracy goal)" : " (no gain)");
+              (t.meets                 ? ""
+               : t.drop > goal_points_ ? " (over the accuracy goal)"
+                                       : " (no gain)");
     }
     line += best ? "; best so far " + RatioText(best->ratio, spec_.objective) : "; none within the goal yet";
     Progress(line);
@@ -355,7 +405,9 @@ class Search {
       t.float_layers = r.value("float_layers", std::vector<std::string>{});
       t.name = r.value("name", t.name);
       t.epoch_seconds = r.value("epoch_seconds", 0.0);
+      t.original_p50 = r.value("original_p50_ms", 0.0);
       if (t.epoch_seconds > 0) epoch_seconds_ = t.epoch_seconds;  // the plan goes on as it went
+      spent_before_ += t.wall_seconds;
       Score(t);
       return true;
     }
@@ -371,12 +423,18 @@ class Search {
       m.to(c10::kCPU);
       t.path = ctx_.work_prefix + ".trial" + std::to_string(t.index);
       m.save(t.path);
+      // Timed as the job times a step's model: freshly loaded, before anything else runs it (a
+      // large batch first leaves TorchScript's executor specialised for it, and batch 1 slower).
       m = LoadModel(t.path);  // what the user would get must load on its own
-      t.score = scorer_->Score(m);
       MeasureContext mc = *ctx_.measure;
       mc.latency_batches = {1};
-      mc.eval = nullptr;  // scored above, on the search's own images
+      mc.eval = nullptr;  // scored below, on the search's own images
       ModelStats stats = Measure(m, t.path, mc);
+      // The original timed again right after, side by side: the ratio holds on a machine whose
+      // load changes during a long search.
+      if (spec_.objective == "LATENCY") t.original_p50 = TimeLatency(baseline_model_, mc, 1).p50_ms;
+      torch::jit::Module scored = LoadModel(t.path);
+      t.score = scorer_->Score(scored);
       if (!stats.macs) {  // frozen graphs are not counted: their arithmetic is what they came from
         const Json& from = t.base < 0 ? trials_[0].stats : trials_[t.base].stats;
         if (from["macs"].is_number()) stats.macs = from["macs"].get<double>();
@@ -397,7 +455,9 @@ class Search {
 
   void Score(Trial& t) const {
     t.drop = (base_score_ - t.score) * 100.0;
-    const double before = ObjectiveValue(trials_[0].stats), after = t.stats.is_object() ? ObjectiveValue(t.stats) : 0;
+    double before = ObjectiveValue(trials_[0].stats);
+    if (spec_.objective == "LATENCY" && t.original_p50 > 0) before = t.original_p50;
+    const double after = t.stats.is_object() ? ObjectiveValue(t.stats) : 0;
     t.ratio = t.error.empty() && after > 0 ? before / after : 0.0;
     t.recipe = Json::array();
     if (t.base >= 0) t.recipe = trials_[t.base].recipe;
@@ -405,16 +465,24 @@ class Search {
   }
 
   Json Record(const Trial& t) const {
-    Json j = {{"index", t.index},       {"name", t.name},
-              {"key", t.key},           {"base", t.base},
+    Json j = {{"index", t.index},
+              {"name", t.name},
+              {"key", t.key},
+              {"base", t.base},
               {"recipe", {{"steps", t.recipe}}},
-              {"score", t.score},       {"drop", t.drop},
-              {"ratio", t.ratio},       {"meets_goal", t.meets},
-              {"stats", t.stats},       {"wall_seconds", t.wall_seconds},
-              {"notes", t.notes},       {"resumed", t.resumed}};
+              {"score", t.score},
+              {"drop", t.drop},
+              {"ratio", t.ratio},
+              {"meets_goal", t.meets},
+              {"stats", t.stats},
+              {"wall_seconds", t.wall_seconds},
+              {"notes", t.notes},
+              {"resumed", t.resumed}};
     if (!t.error.empty()) j["error"] = t.error;
     if (!t.float_layers.empty()) j["float_layers"] = t.float_layers;
     if (t.epoch_seconds > 0) j["epoch_seconds"] = t.epoch_seconds;
+    if (t.original_p50 > 0) j["original_p50_ms"] = t.original_p50;
+    j["score_images"] = score_images_;
     return j;
   }
 
@@ -432,7 +500,8 @@ class Search {
     if (left <= 0 || Done()) return -1;
     StaticQuantSpec q;
     q.max_accuracy_drop = std::max(left, 1e-3);
-    return Add(base, {q}, prefix + "static INT8", base < 0 ? "static INT8" : trials_[base].family + " + static INT8");
+    return Add(base, {q}, prefix + "static INT8",
+               base < 0 ? "static INT8" : trials_[base].family + " + static INT8");
   }
 
   // Distillation from the original as the bench's hand recipes recover pruned models: Adam at
@@ -483,8 +552,9 @@ class Search {
   void PruneLadder() {
     const bool distill = Distills();
     if (!distill) {
-      notes_.push_back(Allowed("distill") ? "pruned candidates are not recovered: the job has no labelled train dataset"
-                                          : "pruned candidates are not recovered: distill is not among the methods");
+      notes_.push_back(Allowed("distill")
+                           ? "pruned candidates are not recovered: the job has no labelled train dataset"
+                           : "pruned candidates are not recovered: distill is not among the methods");
     }
     double target = 0.5, passed = 0, failed = 0;  // the hardest target that passed, the gentlest that failed
     for (int n = 0; n < 8 && !Done(); ++n) {
@@ -519,7 +589,8 @@ class Search {
   // measured sensitivity allows (GuidedAmounts), at the gentlest target uniform pruning failed,
   // then harder while that holds.
   void GuidedPrune() {
-    if (ladder_failed_ <= 0) return;
+    // The sensitivity analysis costs about a trial per group: only with a quarter of the budget left.
+    if (ladder_failed_ <= 0 || Remaining() < 0.25 * spec_.time_budget_seconds) return;
     double target = ladder_failed_;
     for (int n = 0; n < 3 && !Done(); ++n) {
       auto amounts = GuidedAmounts(target);
@@ -556,7 +627,11 @@ class Search {
     a.eval = sc.train.eval;
     a.samples = sc.samples;
     a.more_samples = sc.more_samples;
-    a.progress = [this](double, const std::string& msg) { Progress("sensitivity of each channel group: " + msg); };
+    struct OutOfBudget {};
+    a.progress = [this](double, const std::string& msg) {
+      if (Remaining() <= 0) throw OutOfBudget{};  // stops between two measurements
+      Progress("sensitivity of each channel group: " + msg);
+    };
     try {
       const AnalyzeResult r = Analyze(LoadModel(ctx_.step->input_path), spec, a);
       for (const auto& row : r.rows) {
@@ -565,10 +640,14 @@ class Search {
         for (const auto& [amount, score] : row.pruned) loss.emplace_back(amount, (r.baseline - score) * 100);
       }
       notes_.push_back("sensitivity-guided pruning: " + std::to_string(group_loss_.size()) +
-                       " channel group(s) each pruned alone at 25/50/75% (" + r.metric + ", no training) in " +
+                       " channel group(s) each pruned alone at 25/50/75% (" + r.metric +
+                       ", no training) in " +
                        Num("%.1f s", std::chrono::duration<double>(Clock::now() - t0).count()));
     } catch (const Cancelled&) {
       throw;
+    } catch (const OutOfBudget&) {
+      group_loss_.clear();
+      notes_.push_back("no sensitivity-guided pruning: the time budget ran out while measuring the groups");
     } catch (const std::exception& e) {
       notes_.push_back("no sensitivity-guided pruning: " + ErrorText(e));
     }
@@ -638,10 +717,11 @@ class Search {
     std::vector<int> pruned;
     for (const auto& t : trials_)
       if (t.pruned && !t.frozen && t.error.empty() && t.drop <= goal_points_) pruned.push_back(t.index);
-    std::sort(pruned.begin(), pruned.end(), [&](int a, int b) { return trials_[a].ratio > trials_[b].ratio; });
+    std::sort(pruned.begin(), pruned.end(),
+              [&](int a, int b) { return trials_[a].ratio > trials_[b].ratio; });
     if (pruned.size() > 2) pruned.resize(2);
     for (int p : pruned) {
-      if (Allowed("quantize.static")) StaticInt8(trials_[p].name + " + ", p);
+      if (Int8("quantize.static")) StaticInt8(trials_[p].name + " + ", p);
       if (Allowed("optimize") && !Done())
         Add(p, {OptimizeSpec{}}, trials_[p].name + " + optimize", trials_[p].family + " + freezing");
     }
@@ -655,6 +735,8 @@ class Search {
     if (Distills()) {
       steps.push_back(Recovery(RecoveryEpochs()));
       name += " + distill " + std::to_string(RecoveryEpochs()) + " ep";
+    } else {
+      name += ", not recovered";
     }
     Add(-1, steps, name, "factorization");
   }
@@ -665,7 +747,8 @@ class Search {
     for (const auto& t : trials_) {
       if (!t.error.empty()) continue;
       const bool dominated = std::any_of(trials_.begin(), trials_.end(), [&](const Trial& o) {
-        return o.error.empty() && o.ratio >= t.ratio && o.score >= t.score && (o.ratio > t.ratio || o.score > t.score);
+        return o.error.empty() && o.ratio >= t.ratio && o.score >= t.score &&
+               (o.ratio > t.ratio || o.score > t.score);
       });
       if (!dominated) front.push_back(t.index);
     }
@@ -677,10 +760,11 @@ class Search {
     std::map<std::string, double> best;
     for (const auto& t : trials_) {
       if (t.index == 0 || !t.error.empty() || t.drop > goal_points_) continue;
-      best[t.family] = std::max(best[t.family], t.ratio);
+      best[t.family] = std::max(best[t.family], t.ratio);  // below 1: slower than the original
     }
     std::string out;
-    for (const auto& [family, ratio] : best) out += (out.empty() ? "" : ", ") + family + " " + Num("%.2fx", ratio);
+    for (const auto& [family, ratio] : best)
+      out += (out.empty() ? "" : ", ") + family + " " + Num("%.2fx", ratio);
     return out.empty() ? "nothing within the goal" : out;
   }
 
@@ -688,11 +772,14 @@ class Search {
     AutoResult r;
     const Trial* best = Best();
     const Trial* chosen = best;
-    if (!chosen) {  // the closest: least drop among those that gained, else among all
+    for (const bool gained : {true, false}) {  // the closest: least drop among those that gained, else all
       for (const auto& t : trials_) {
-        if (t.index == 0 || !t.error.empty()) continue;
-        if (!chosen || t.drop < chosen->drop || (t.drop == chosen->drop && t.ratio > chosen->ratio)) chosen = &t;
+        if (chosen && chosen->meets) break;
+        if (t.index == 0 || !t.error.empty() || (gained && t.ratio <= 1.0 + MinGain())) continue;
+        if (!chosen || t.drop < chosen->drop || (t.drop == chosen->drop && t.ratio > chosen->ratio))
+          chosen = &t;
       }
+      if (chosen) break;
     }
     const std::string metric = scorer_->metric();
     const std::string host = Host();
@@ -725,21 +812,24 @@ class Search {
     const std::string goal = Num("%.3g", goal_points_) + " points of " + metric;
     if (best) {
       search["why"] = "trial " + std::to_string(best->index) + " (" + best->name + ") has the best " +
-                      spec_.objective + " ratio within the goal (" + RatioText(best->ratio, spec_.objective) + ", " +
-                      DropText(best->drop) + "); " + measured;
+                      spec_.objective + " ratio within the goal (" + RatioText(best->ratio, spec_.objective) +
+                      ", " + DropText(best->drop) + "); " + measured;
       r.notes.push_back("auto: chose " + search["why"].get<std::string>());
     } else {
       r.unreachable = Unreachable(chosen, goal);
       search["why"] = r.unreachable + "; " + measured;
     }
-    r.notes.push_back("auto: " + std::to_string(trials_.size() - 1) + " trial(s) in " + Num("%.0f s", Elapsed()) +
-                      " of a " + Num("%.0f s", spec_.time_budget_seconds) + " budget" +
-                      (resumed ? ", " + std::to_string(resumed) + " taken from an earlier attempt's checkpoint" : "") +
-                      "; accuracy is " + metric + " (original " + Num("%.2f", base_score_ * 100) + ")");
+    r.notes.push_back(
+        "auto: " + std::to_string(trials_.size() - 1) + " trial(s) in " + Num("%.0f s", Elapsed()) +
+        " of a " + Num("%.0f s", spec_.time_budget_seconds) + " budget" +
+        (resumed ? ", " + std::to_string(resumed) + " taken from an earlier attempt's checkpoint" : "") +
+        "; accuracy is " + metric + " (original " + Num("%.2f", base_score_ * 100) + ")");
     if (!scorer_->labelled())
-      r.notes.push_back("auto: no labelled eval set, so the drop is in top-1 agreement with the original, not accuracy");
+      r.notes.push_back(
+          "auto: no labelled eval set, so the drop is in top-1 agreement with the original, not accuracy");
     r.notes.insert(r.notes.end(), notes_.begin(), notes_.end());
-    if (chosen) r.notes.push_back("auto: the plain recipe that rebuilds the result: " + search["recipe"].dump());
+    if (chosen)
+      r.notes.push_back("auto: the plain recipe that rebuilds the result: " + search["recipe"].dump());
     for (const auto& t : trials_)
       if (!t.path.empty() && (!chosen || t.index != chosen->index)) fs::remove(t.path);
     if (chosen && !chosen->path.empty()) fs::remove(chosen->path);
@@ -749,10 +839,15 @@ class Search {
 
   // Why no candidate met the goal: what came closest, and each method's best drop.
   std::string Unreachable(const Trial* closest, const std::string& goal) const {
-    std::string why = "no candidate met the goal (at most " + goal + " lost)";
+    bool accurate = false;  // some candidate kept the accuracy, but none gained
+    for (const auto& t : trials_)
+      accurate = accurate || (t.index > 0 && t.error.empty() && t.drop <= goal_points_);
+    std::string why = accurate ? "no candidate within the accuracy goal (at most " + goal +
+                                     " lost) improved the " + spec_.objective + " on this worker"
+                               : "no candidate met the accuracy goal (at most " + goal + " lost)";
     if (!closest) return why + ": no candidate could be built in the time budget";
-    why += "; the closest is trial " + std::to_string(closest->index) + " (" + closest->name + "): " +
-           DropText(closest->drop) + ", " + RatioText(closest->ratio, spec_.objective);
+    why += "; the closest is trial " + std::to_string(closest->index) + " (" + closest->name +
+           "): " + DropText(closest->drop) + ", " + RatioText(closest->ratio, spec_.objective);
     for (const auto& t : trials_) {
       if (!t.error.empty() || t.index == 0) continue;
       for (const auto& n : t.notes) {
@@ -761,7 +856,8 @@ class Search {
       }
     }
     bool any_faster = false;
-    for (const auto& t : trials_) any_faster = any_faster || (t.index > 0 && t.error.empty() && t.ratio > 1.0 + MinGain());
+    for (const auto& t : trials_)
+      any_faster = any_faster || (t.index > 0 && t.error.empty() && t.ratio > 1.0 + MinGain());
     if (!any_faster) why += "; no candidate improved the objective on this worker";
     return why;
   }
@@ -782,10 +878,14 @@ class Search {
   std::unique_ptr<Scorer> scorer_;
   double base_score_ = 0, goal_points_ = 0;
   double epoch_seconds_ = 0;  // one distillation epoch, once timed
-  double ladder_failed_ = 0;  // the gentlest MACs target uniform pruning lost too much at
+  double spent_before_ = 0;   // seconds an earlier attempt spent on the trials taken from its checkpoint
+  int64_t score_images_ = 0;  // how many images candidates are scored on
+  double ladder_failed_ = 0;
+  bool int8_noted_ = false;  // the gentlest MACs target uniform pruning lost too much at
   bool analysed_ = false;
   std::map<std::string, std::vector<std::pair<double, double>>> group_loss_;  // group -> (amount, points)
   torch::jit::Module pruner_model_;
+  torch::jit::Module baseline_model_;  // the original, loaded once and timed beside each candidate
   std::unique_ptr<ChannelPruner> pruner_;
   double original_macs_ = 0;
   std::vector<Trial> trials_;  // [0] is the original

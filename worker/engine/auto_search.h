@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
 #include <torch/script.h>
+#include <nlohmann/json.hpp>
 
 #include "worker/engine/measure.h"
 #include "worker/engine/recipe.h"
@@ -23,6 +23,7 @@ struct AutoContext {
   const StepContext* step = nullptr;        // data, shapes, seed; step->train.progress gets the search's
   const MeasureContext* measure = nullptr;  // how the job measures a model (device, reference, latency)
   const ModelStats* original = nullptr;     // the original as the job measured it
+  const Dataset* eval = nullptr;            // the job's eval set, with or without labels (may be null)
   std::string work_prefix;                  // trial files are <work_prefix>.trial<N>
   // Trial records an earlier attempt of the job checkpointed (matched by their "key"): not run again.
   nlohmann::json resume = nlohmann::json::array();

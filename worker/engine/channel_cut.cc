@@ -204,7 +204,7 @@ std::vector<double> GroupAmounts(const Prepared& p, const ChannelPruneSpec& spec
         ++shown;
       }
       throw EngineError(
-          Code::kInvalidArgument, "BAD_RECIPE",
+          Code::kInvalidArgument, kReasonBadRecipe,
           "prune.channel.amounts['" + pattern +
               "'] matches no prunable channel group (groups: " + (some.empty() ? "none" : some) + ", ...)");
     }

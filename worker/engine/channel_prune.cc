@@ -29,14 +29,14 @@ using namespace channels;  // NOLINT: this file is channel pruning's front
 
 void CheckSpec(const ChannelPruneSpec& spec) {
   if (!(spec.amount >= 0 && spec.amount < 1)) {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel amount must be in [0, 1)");
+    throw EngineError(Code::kInvalidArgument, kReasonBadRecipe, "prune.channel amount must be in [0, 1)");
   }
   if (!(spec.criterion == "L1" || spec.criterion == "L2" || spec.criterion == "BN_SCALE")) {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
+    throw EngineError(Code::kInvalidArgument, kReasonBadRecipe,
                       "prune.channel criterion must be L1, L2 or BN_SCALE");
   }
   if (spec.round_to < 1 || spec.round_to > 256) {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel roundTo must be in [1, 256]");
+    throw EngineError(Code::kInvalidArgument, kReasonBadRecipe, "prune.channel roundTo must be in [1, 256]");
   }
 }
 
@@ -164,7 +164,7 @@ double Macs(const torch::jit::Module& module, const std::vector<int64_t>& input_
   auto count = CountMacs(module, input_shape, more);
   if (!count || count->macs <= 0) {
     throw EngineError(
-        Code::kInvalidArgument, "BAD_RECIPE",
+        Code::kInvalidArgument, kReasonBadRecipe,
         "prune.channel.targetMacs: the model's MACs cannot be counted (a quantized or frozen model, "
         "or no conv/linear ops outside control flow); give amount instead");
   }
@@ -185,7 +185,7 @@ ChannelPruneResult ChannelPrune(const torch::jit::Module& module, const ChannelP
                                 const std::vector<int64_t>& input_shape, const InputShapes& more) {
   if (spec.target_macs == 0) return PruneByAmount(module, spec, input_shape, more);
   if (!(spec.target_macs > 0 && spec.target_macs < 1)) {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.channel.targetMacs must be in (0, 1)");
+    throw EngineError(Code::kInvalidArgument, kReasonBadRecipe, "prune.channel.targetMacs must be in (0, 1)");
   }
   const double original = Macs(module, input_shape, more);
   const double want = spec.target_macs * original;

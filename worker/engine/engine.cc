@@ -357,13 +357,15 @@ class Job {
     a.step = &step_ctx;
     a.measure = &ctx_;
     a.original = &original;
+    a.eval = inputs_.eval.size() ? &inputs_.eval : nullptr;
     a.work_prefix = output_path_ + ".auto";
     if (options_.resume_trials.is_array()) a.resume = options_.resume_trials;
     a.checkpoint = options_.checkpoint;
     AutoResult r = AutoSearch(model_, spec, a);
     notes.insert(notes.end(), r.notes.begin(), r.notes.end());
     search_ = r.search;
-    if (!r.unreachable.empty()) failure_ = JobFailure{"FAILED_PRECONDITION", "GOAL_UNREACHABLE", r.unreachable};
+    if (!r.unreachable.empty())
+      failure_ = JobFailure{"FAILED_PRECONDITION", kReasonGoalUnreachable, r.unreachable};
     return r.module;
   }
 

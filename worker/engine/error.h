@@ -9,6 +9,11 @@
 
 namespace pare::engine {
 
+// Reasons that code elsewhere tells apart (the rest are only reported).
+inline constexpr char kReasonBadRecipe[] = "BAD_RECIPE";
+inline constexpr char kReasonQuantizeUnsupported[] = "QUANTIZE_UNSUPPORTED";
+inline constexpr char kReasonGoalUnreachable[] = "GOAL_UNREACHABLE";
+
 class EngineError : public std::runtime_error {
  public:
   EngineError(Code code, std::string reason, const std::string& message)

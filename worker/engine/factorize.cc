@@ -126,7 +126,7 @@ FactorizeResult Factorize(const torch::jit::Module& module, const FactorizeSpec&
                           const std::vector<int64_t>& input_shape, const InputShapes& more) {
   const bool by_rank = spec.rank_ratio > 0;
   if (by_rank ? spec.rank_ratio > 1 : !(spec.energy > 0 && spec.energy <= 1)) {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
+    throw EngineError(Code::kInvalidArgument, kReasonBadRecipe,
                       "factorize needs rankRatio in (0, 1] or energy in (0, 1]");
   }
   FactorizeResult result;

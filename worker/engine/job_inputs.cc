@@ -145,10 +145,11 @@ JobInputs PrepareJobInputs(torch::jit::Module& model, const std::vector<StepSpec
                         StepName(step) + " needs a train dataset with labels (--train)");
     }
     if (NeedsEvalData(step) && !options.eval) {
-      throw EngineError(Code::kInvalidArgument, "NO_EVAL_DATA",
-                        StepName(step) +
-                            " needs an eval dataset (--eval): every candidate's accuracy is measured on it (top-1 "
-                            "with labels, else top-1 agreement with the original)");
+      throw EngineError(
+          Code::kInvalidArgument, "NO_EVAL_DATA",
+          StepName(step) +
+              " needs an eval dataset (--eval): every candidate's accuracy is measured on it (top-1 "
+              "with labels, else top-1 agreement with the original)");
     }
   }
   ResolveRank3Datasets({&in.eval, &in.calibration, &in.train}, options.input_shape, model);

@@ -229,4 +229,11 @@ ModelStats Measure(torch::jit::Module& module, const std::string& path, const Me
   return s;
 }
 
+Latency TimeLatency(torch::jit::Module& module, const MeasureContext& ctx, int batch) {
+  MeasureContext on = ctx;
+  if (!PackedWeights(module).empty()) on.device = c10::kCPU;
+  module.to(on.device);
+  return TimeBatch(module, on, batch);
+}
+
 }  // namespace pare::engine

@@ -54,4 +54,7 @@ bool IsQuantized(const torch::jit::Module& module);
 
 ModelStats Measure(torch::jit::Module& module, const std::string& path, const MeasureContext& ctx);
 
+// Only the latency at `batch`, as Measure times it (on ctx.device; the CPU for a quantized model).
+Latency TimeLatency(torch::jit::Module& module, const MeasureContext& ctx, int batch);
+
 }  // namespace pare::engine

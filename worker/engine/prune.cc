@@ -84,7 +84,7 @@ void ZeroBelow(at::Tensor& w, float threshold) {
 
 std::vector<std::string> MagnitudePrune(torch::jit::Module& module, const MagnitudePruneSpec& spec) {
   if (!(spec.amount >= 0.0 && spec.amount < 1.0)) {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "prune.magnitude.amount must be in [0, 1)");
+    throw EngineError(Code::kInvalidArgument, kReasonBadRecipe, "prune.magnitude.amount must be in [0, 1)");
   }
   torch::NoGradGuard no_grad;
   auto weights = Selected(module, spec.include, spec.exclude, "prune.magnitude");
@@ -116,7 +116,7 @@ std::vector<std::string> MagnitudePrune(torch::jit::Module& module, const Magnit
 
 std::vector<std::string> NMPrune(torch::jit::Module& module, const NMPruneSpec& spec) {
   if (spec.m < 2 || spec.n < 1 || spec.n >= spec.m) {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
+    throw EngineError(Code::kInvalidArgument, kReasonBadRecipe,
                       "prune.nm needs 1 <= n < m and m >= 2 (got n=" + std::to_string(spec.n) +
                           ", m=" + std::to_string(spec.m) + ")");
   }

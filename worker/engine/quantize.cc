@@ -74,7 +74,7 @@ static bool ReduceRange(const std::string& target, std::string& why) {
     return false;
   }
   if (target != "auto" && !target.empty()) {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
+    throw EngineError(Code::kInvalidArgument, kReasonBadRecipe,
                       "quantize.static.target must be auto, avx2 or vnni");
   }
   const CpuFeatures& cpu = HostCpu();
@@ -318,14 +318,14 @@ static std::set<std::string> CheckExcluded(const torch::jit::Module& input,
         }
         some += (some.empty() ? "" : ", ") + l;
       }
-      throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
+      throw EngineError(Code::kInvalidArgument, kReasonBadRecipe,
                         field + ": the model has no submodule '" + path + "'" +
                             (some.empty() ? "" : " (its conv and linear layers: " + some + ")"));
     }
     if (std::none_of(layers.begin(), layers.end(),
                      [&](const std::string& l) { return UnderAny(l, {path}); })) {
       throw EngineError(
-          Code::kInvalidArgument, "BAD_RECIPE",
+          Code::kInvalidArgument, kReasonBadRecipe,
           field + ": '" + path + "' holds no conv or linear layer, so there is nothing to keep float");
     }
     out.insert(path);
@@ -361,7 +361,7 @@ torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQ
   try {
     return QuantizeStaticOnce(input, spec, calibration, out, always_float);
   } catch (const EngineError& e) {
-    if (e.reason() != "QUANTIZE_UNSUPPORTED" || !CallsSubmodules(input)) throw;
+    if (e.reason() != kReasonQuantizeUnsupported || !CallsSubmodules(input)) throw;
     // LibTorch's passes follow the model's submodule calls, and some structures defeat them
     // (GoogLeNet's optional auxiliary heads: "isObject() INTERNAL ASSERT FAILED"). The same
     // model as one inlined graph, configuration folded (what channel pruning produces), often
@@ -456,7 +456,7 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
   }
   const std::string& k = spec.observer;
   if (!(k == "MINMAX" || k == "MOVING_AVERAGE" || k == "HISTOGRAM" || k == "PERCENTILE")) {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
+    throw EngineError(Code::kInvalidArgument, kReasonBadRecipe,
                       "quantize.static.observer must be MINMAX, MOVING_AVERAGE, HISTOGRAM or PERCENTILE");
   }
   if (calibration.empty()) {
@@ -474,7 +474,7 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
     // alike (Swin's shifted-window masks), observers on values that turn out to be lists
     // (torchvision's ViT attention). A limit of the technique for that model, not a fault of the
     // job: say so, and what works instead.
-    return EngineError(Code::kFailedPrecondition, "QUANTIZE_UNSUPPORTED",
+    return EngineError(Code::kFailedPrecondition, kReasonQuantizeUnsupported,
                        "quantize.static: LibTorch's graph-mode quantization cannot handle this model (" +
                            ErrorText(e) + "); quantize.dynamic converts its linear layers instead");
   };

@@ -105,7 +105,7 @@ struct AnalyzeSpec {
 // Automatic compression to a goal (AutoSearch): candidate recipes tried, measured on this
 // worker, and the best one within the accuracy goal kept. The recipe's only step.
 struct AutoSpec {
-  double max_accuracy_drop = 1.0;     // top-1 points on the eval set (or % of the baseline: relative)
+  double max_accuracy_drop = 1.0;  // top-1 points on the eval set (or % of the baseline: relative)
   bool relative = false;
   std::string objective = "LATENCY";  // LATENCY (p50, batch 1), SIZE (file bytes) or MACS
   double target_speedup = 0;          // > 0: a candidate this much better may end the search early
@@ -114,10 +114,9 @@ struct AutoSpec {
   std::vector<std::string> methods = {};
 };
 
-using StepSpec =
-    std::variant<MagnitudePruneSpec, NMPruneSpec, ChannelPruneSpec, FactorizeSpec, DynamicQuantSpec,
-                 StaticQuantSpec, HalfPrecisionSpec, FinetuneSpec, DistillSpec, OptimizeSpec, AnalyzeSpec,
-                 AutoSpec>;
+using StepSpec = std::variant<MagnitudePruneSpec, NMPruneSpec, ChannelPruneSpec, FactorizeSpec,
+                              DynamicQuantSpec, StaticQuantSpec, HalfPrecisionSpec, FinetuneSpec, DistillSpec,
+                              OptimizeSpec, AnalyzeSpec, AutoSpec>;
 
 // The name a step has in reports and progress, e.g. "prune.magnitude".
 inline std::string StepName(const StepSpec& s) {

@@ -100,7 +100,8 @@ nlohmann::json ToJson(const Report& r) {
     j["trials"] = r.search.value("trials", nlohmann::json::array());  // where the HTML report looks
   }
   if (r.failure) {
-    j["failure"] = {{"code", r.failure->code}, {"reason", r.failure->reason}, {"message", r.failure->message}};
+    j["failure"] = {
+        {"code", r.failure->code}, {"reason", r.failure->reason}, {"message", r.failure->message}};
   }
   return j;
 }

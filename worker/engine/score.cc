@@ -4,11 +4,13 @@
 
 #include "worker/engine/graph_edit.h"
 #include "worker/engine/measure.h"
+#include "worker/engine/model_util.h"
 
 namespace pare::engine {
 
 Scorer::Scorer(torch::jit::Module& reference, const Dataset* eval, const at::Tensor& samples,
-               const std::vector<at::Tensor>& more_samples, const ScoreOptions& options) {
+               const std::vector<at::Tensor>& more_samples, const ScoreOptions& options)
+    : device_(options.device) {
   if (eval && eval->labels.defined()) {
     const int64_t n = std::min<int64_t>(options.max_eval_images, eval->images.size(0));
     images_ = eval->images.slice(0, 0, n);
@@ -29,10 +31,11 @@ Scorer::Scorer(torch::jit::Module& reference, const Dataset* eval, const at::Ten
     metric_ = "centred cosine with the reference model's outputs on " + std::to_string(images_.size(0)) +
               " eval images";
   }
-  agreement_ = options.top1_agreement && !labels_.defined() && reference_.dim() >= 2 && reference_.size(1) > 1;
+  agreement_ =
+      options.top1_agreement && !labels_.defined() && reference_.dim() >= 2 && reference_.size(1) > 1;
   if (agreement_) {
     metric_ = "top-1 agreement with the original's outputs on " + std::to_string(images_.size(0)) + " " +
-              (eval ? "eval images (no labels)" : "inputs");
+              (options.samples.empty() ? "inputs" : options.samples);
   }
 }
 
@@ -45,7 +48,9 @@ double Scorer::Score(torch::jit::Module& m) const {
 }
 
 at::Tensor Scorer::Outputs(torch::jit::Module& m) const {
-  return RunBatched(m, images_, c10::kCPU, 64, nullptr, more_).to(at::kFloat);
+  const c10::Device device = PackedWeights(m).empty() ? device_ : c10::Device(c10::kCPU);
+  m.to(device);
+  return RunBatched(m, images_, device, 64, nullptr, more_).to(at::kFloat);
 }
 
 // The conv and linear layers in execution order, from an inlined clone's forward.

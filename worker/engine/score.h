@@ -21,6 +21,8 @@ struct ScoreOptions {
   // Without labels: the share of inputs whose top-1 class is the reference's (what "accuracy"
   // means for a search against the original) instead of the centred cosine of the outputs.
   bool top1_agreement = false;
+  c10::Device device = c10::kCPU;  // where float models run (quantized ones on the CPU)
+  std::string samples = {};        // what the samples are, for metric(): "eval images (no labels)"
 };
 
 class Scorer {
@@ -41,6 +43,7 @@ class Scorer {
   std::vector<at::Tensor> more_;
   std::string metric_;
   bool agreement_ = false;  // top-1 agreement with the reference when there are no labels
+  c10::Device device_ = c10::kCPU;
 };
 
 // A conv or linear node of the model's inlined forward and the layer (module path) it belongs to.

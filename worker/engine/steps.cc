@@ -155,7 +155,7 @@ struct StepApplier {
   }
   torch::jit::Module operator()(const AutoSpec&) {
     // The job runs a search itself (it measures every candidate as it measures steps).
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE", "auto must be the recipe's only step");
+    throw EngineError(Code::kInvalidArgument, kReasonBadRecipe, "auto must be the recipe's only step");
   }
   torch::jit::Module operator()(const OptimizeSpec&) {
     OptimizeResult r = OptimizeForInference(m);
@@ -164,7 +164,7 @@ struct StepApplier {
   }
   torch::jit::Module operator()(const DistillSpec& s) {
     if (!(s.temperature > 0) || s.alpha < 0 || s.alpha > 1) {
-      throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
+      throw EngineError(Code::kInvalidArgument, kReasonBadRecipe,
                         "distill needs temperature > 0 and alpha in [0, 1]");
     }
     auto path_of = [&](const std::string& id, const char* field) {

@@ -95,7 +95,7 @@ std::unique_ptr<torch::optim::Optimizer> MakeOptimizer(const TrainSpec& spec,
     return std::make_unique<torch::optim::SGD>(
         params, torch::optim::SGDOptions(spec.learning_rate).momentum(0.9).weight_decay(spec.weight_decay));
   }
-  throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
+  throw EngineError(Code::kInvalidArgument, kReasonBadRecipe,
                     std::string(step) + ".optimizer must be SGD or ADAM");
 }
 
@@ -215,7 +215,7 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
                       std::string(step) + " needs a train dataset with labels (submit --train)");
   }
   if (spec.epochs < 1 || spec.batch_size < 1 || !(spec.learning_rate > 0)) {
-    throw EngineError(Code::kInvalidArgument, "BAD_RECIPE",
+    throw EngineError(Code::kInvalidArgument, kReasonBadRecipe,
                       std::string(step) + ": epochs, batchSize and learningRate must be positive");
   }
   student.to(ctx.device);  // before taking the parameters the optimizer will update
