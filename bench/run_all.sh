@@ -2,8 +2,10 @@
 # Regenerates bench/RESULTS.md: every table in it is printed by a script in bench/, under a header
 # that names the machine (CPU model, vector extensions, usable CPUs, LibTorch, BLAS) and the commit.
 #
-#   bench/run_all.sh [--quick] [--threads N] [--out FILE] [--build DIR]
+#   bench/run_all.sh [--quick] [--threads N] [--out FILE] [--build DIR] [--only KEY,...]
 #
+# --only: just these sections (keys: speed, blas, optimize, quality, auto, auto-tv, soak), into
+# --out (a file of their own, with the machine header: RESULTS.md is rewritten only by a full run).
 # --quick: one repeat per timed row, one BLAS round on two models, one Fashion-MNIST epoch and a
 # 20 s soak (about 15 minutes on 2 cores instead of about 50); its file says so at the top.
 # bench/COVERAGE.md (torchvision's 86 models, hours) has its own command: bench/coverage.py.
@@ -12,17 +14,22 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
-quick=0 threads=$(nproc) out="$here/RESULTS.md" build="$root/build"
+quick=0 threads=$(nproc) out="$here/RESULTS.md" build="$root/build" only=""
 while [[ $# -gt 0 ]]; do
   case $1 in
     --quick) quick=1; shift ;;
     --threads) threads=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --build) build=$2; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --only) only=",$2,"; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
+if [[ -n $only && $out == "$here/RESULTS.md" ]]; then
+  echo "run_all.sh: --only writes a file of its own: give --out" >&2
+  exit 2
+fi
 py=/usr/bin/python3
 pare="$build/client/pare"
 for bin in "$pare" "$build/bench/pare-soak" "$build/tests/fixtures/small_cnn.pt"; do
@@ -36,10 +43,12 @@ failed=()
 if ((quick)); then repeat=1 rounds=1 epochs=1 soak=20 warm=5 models_flag=--quick auto_budget=300 tv_models=resnet18
 else repeat=3 rounds=2 epochs=4 soak=120 warm=20 models_flag= auto_budget=900 tv_models=resnet18,mobilenet_v2; fi
 
-# section TITLE INTRO COMMAND...: the section's heading, what it measures, the command line and
-# what the command printed; a failing command is recorded as such and the others still run.
+# section KEY TITLE INTRO COMMAND...: the section's heading, what it measures, the command line
+# and what the command printed; a failing command is recorded as such and the others still run.
+# With --only, sections whose KEY is not listed are left out.
 section() {
-  local title=$1 intro=$2; shift 2
+  local key=$1 title=$2 intro=$3; shift 3
+  [[ -z $only || $only == *",$key,"* ]] || return 0
   echo "== $title" >&2
   local start=$SECONDS
   {
@@ -66,40 +75,43 @@ section() {
   echo "Written by \`bench/run_all.sh$( ((quick)) && echo ' --quick')\`: every table below is printed by the command"
   echo "above it. What each measures and how to read it: bench/README.md."
   ((quick)) && { echo; echo "**Quick pass**: one repeat per row, one BLAS round, one training epoch, a short soak: noisier than a full run."; }
+  [[ -n $only ]] && { echo; echo "**Only these sections** (\`--only ${only:1:-1}\`)."; }
   echo
   "$py" "$here/machine.py"
 } >"$tmp"
 
 cd "$root"
-section "Speed against Python PyTorch, side by side in one run" \
+section speed "Speed against Python PyTorch, side by side in one run" \
   "The same work on both sides, same observer, same threads ($threads), both on Debian's LibTorch 1.13 with the onednn quantized engine; each side's fastest of $repeat runs. Pare's time is the step's wall_seconds from its report (apply + save) unless the row says the whole command." \
   "$py" bench/speed_vs_pytorch.py --pare "$pare" --threads "$threads" --repeat "$repeat" --out "$work/speed"
 
-if ! models=$("$py" bench/blas_models.py --pare "$pare" --out "$work/blas" --threads "$threads" $models_flag \
+if [[ -n $only && $only != *",blas,"* ]]; then
+  models=""
+elif ! models=$("$py" bench/blas_models.py --pare "$pare" --out "$work/blas" --threads "$threads" $models_flag \
     2>"$work/models.err"); then
   models="(bench/blas_models.py failed: $(tail -n 2 "$work/models.err" | tr '\n' ' '))"
 fi
-section "Latency on each of Debian's OpenBLAS builds" \
+section blas "Latency on each of Debian's OpenBLAS builds" \
   "Batch-1 p50 ms in Python PyTorch ($threads intra-op threads), each build in fresh child processes, rounds alternating. Models: bench/blas_models.py (random weights, settled batch norms; -pruned = Pare's prune.channel amount 0.5)." \
   "$py" bench/blas_latency.py --threads "$threads" --rounds "$rounds" $models
 
-section "Freezing for inference: the optimize step" \
+section optimize "Freezing for inference: the optimize step" \
   "Batch-1 p50 ms in Python PyTorch ($threads threads), all four variants in one process, rounds alternating: the scripted model, Pare's optimize result (saved and loaded), Python's torch.jit.freeze, and torch.jit.optimize_for_inference (in memory: its oneDNN layouts cannot be saved in torch 1.13)." \
   "$py" bench/optimize_latency.py --pare "$pare" --threads "$threads" --rounds "$((rounds * 3))"
 
-section "Quality on real data: Fashion-MNIST" \
+section quality "Quality on real data: Fashion-MNIST" \
   "Teachers trained by Pare; every top-1 computed in Python on the 10k test images, never trained or selected on." \
   "$py" bench/quality_fashion_mnist.py --pare "$pare" --threads "$threads" --epochs "$epochs" --out "$work/quality"
 
-section "Automatic compression to a goal: auto against the best hand recipe" \
-  "The Fashion-MNIST teachers of the section above (trained again here), every hand recipe of it and \`auto\` (objective LATENCY, a $auto_budget s budget) at two accuracy goals; test top-1 in Python on the 10k test images neither sees." \
+section auto "Automatic compression to a goal: auto against the best hand recipe" \
+  "The Fashion-MNIST teachers of the quality section (trained again here), every hand recipe of it and \`auto\` (objective LATENCY, a $auto_budget s budget) at two accuracy goals; test top-1 in Python on the 10k test images neither sees." \
   "$py" bench/auto_fashion_mnist.py --pare "$pare" --threads "$threads" --epochs "$epochs" --budget "$auto_budget" --out "$work/auto"
 
-section "Automatic compression of torchvision models at 224x224" \
+section auto-tv "Automatic compression of torchvision models at 224x224" \
   "Random weights (batch norms settled), top-1 agreement with the original as the accuracy; a 600 s budget. Target: at least 3x faster at batch 1." \
   "$py" bench/auto_torchvision.py --pare "$pare" --threads "$threads" --budget 600 --models "$tv_models" --out "$work/auto-tv"
 
-section "Load and leaks: pare-soak" \
+section soak "Load and leaks: pare-soak" \
   "16 clients loop upload, a deliberately rejected recipe, a 2:4 pruning job, polling and download against one server with 2 local workers; RSS from /proc (server, and every process below it). Target: growth < 50 MB after warm-up, zero errors." \
   "$build/bench/pare-soak" --bin-dir "$build" --model "$build/tests/fixtures/small_cnn.pt" --seconds "$soak" \
   --warmup "$warm" --clients 16 --workers 2
