@@ -25,12 +25,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SmallCnn  # noqa: E402
+from common import SmallCnn, report_p50 as p50  # noqa: E402
 from quality_fashion_mnist import HAND_RECIPES, SmallResNet, compress, split_data, top1, train_teacher  # noqa: E402
-
-
-def p50(stats):
-    return next(l["p50_ms"] for l in stats["latency"] if l["batch"] == 1)
 
 
 def main():

@@ -27,10 +27,7 @@ import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from blas_models import settle  # noqa: E402
-
-
-def p50(stats):
-    return next(l["p50_ms"] for l in stats["latency"] if l["batch"] == 1)
+from common import report_p50 as p50  # noqa: E402
 
 
 def main():

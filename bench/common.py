@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: the classic small CNN, the Fashion-MNIST reader, a latency timer."""
+"""What the benchmark scripts share: the classic small CNN, the Fashion-MNIST reader, latency timers."""
 import gzip
 import os
 import sys
@@ -22,6 +22,11 @@ def load_fashion(split):
     with gzip.open(os.path.join(FASHION, f"{prefix}-labels-idx1-ubyte.gz")) as f:
         labels = torch.frombuffer(bytearray(f.read()[8:]), dtype=torch.uint8).long().clone()
     return images, labels
+
+
+def report_p50(stats):
+    """The batch-1 p50 ms of a step's stats in a Pare report."""
+    return next(l["p50_ms"] for l in stats["latency"] if l["batch"] == 1)
 
 
 def p50_ms(module, x, runs, warmup):

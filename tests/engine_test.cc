@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "worker/engine/accuracy_control.h"
 #include "worker/engine/channel_prune.h"
 #include "worker/engine/cpu_features.h"
 #include "worker/engine/dataset.h"
@@ -24,6 +25,7 @@
 #include "worker/engine/prune.h"
 #include "worker/engine/quantize.h"
 #include "worker/engine/report.h"
+#include "worker/engine/score.h"
 #include "worker/engine/train.h"
 
 namespace pare::engine {
@@ -1950,6 +1952,29 @@ TEST_F(EngineTest, AutoSearchWithAnUnreachableGoalKeepsTheClosestModel) {
   nlohmann::json j = ToJson(r);
   EXPECT_EQ(j["failure"]["reason"], "GOAL_UNREACHABLE");
   EXPECT_EQ(j["trials"].size(), search["trials"].size());
+}
+
+// Accuracy control within a deadline (how the auto search bounds it): when the time is up it stops
+// measuring layers and reverting, and says so.
+TEST_F(EngineTest, AccuracyControlStopsWhenTheTimeRunsOut) {
+  torch::jit::Module model = torch::jit::load(Fixture("small_cnn_trained.pt"));
+  model.eval();
+  Dataset eval = LoadDataset("tensors", Fixture("quadrants_eval.pt"));
+  const at::Tensor samples = eval.images.slice(0, 0, 64);
+  const Scorer scorer(model, nullptr, samples, {});
+  std::vector<at::Tensor> calibration = {eval.images.slice(0, 0, 32)};
+  StaticQuantSpec spec{"MINMAX", 1, true};
+  spec.max_accuracy_drop = 1e-6;  // no INT8 model keeps the centred cosine this close
+  std::vector<std::string> notes, kept;
+  int asked = 0;
+  QuantizeWithAccuracyControl(model, spec, calibration, {{}}, scorer, notes, nullptr, &kept, [&] {
+    ++asked;
+    return asked > 2;  // two layers measured, then out of time
+  });
+  ASSERT_FALSE(notes.empty());
+  EXPECT_NE(notes.back().find("when the time ran out (2 of 4 layers measured)"), std::string::npos)
+      << notes.back();
+  EXPECT_TRUE(kept.empty());
 }
 
 // auto needs the eval set it scores candidates on, and is refused in a recipe with other steps

@@ -25,7 +25,10 @@ std::string Points(double v) {
 torch::jit::Module QuantizeWithAccuracyControl(
     const torch::jit::Module& model, const StaticQuantSpec& spec, const std::vector<at::Tensor>& calibration,
     const std::vector<std::vector<at::Tensor>>& more, const Scorer& scorer, std::vector<std::string>& notes,
-    const std::function<void(double, const std::string&)>& progress, std::vector<std::string>* kept_float) {
+    const std::function<void(double, const std::string&)>& progress, std::vector<std::string>* kept_float,
+    const std::function<bool()>& out_of_time) {
+  auto late = [&] { return out_of_time && out_of_time(); };
+  bool stopped = false;  // the time ran out before the search ended
   if (kept_float) kept_float->clear();
   torch::jit::Module float_model = model;
   const double base = scorer.Score(float_model);
@@ -52,9 +55,14 @@ torch::jit::Module QuantizeWithAccuracyControl(
     if (!UnderAny(n.layer, excluded) && std::find(layers.begin(), layers.end(), n.layer) == layers.end())
       layers.push_back(n.layer);
   }
-  const size_t ranked = std::min(layers.size(), kMaxRanked);
+  size_t ranked = std::min(layers.size(), kMaxRanked);
   std::vector<std::pair<double, std::string>> gains;
   for (size_t i = 0; i < ranked; ++i) {
+    if (late()) {  // the layers not measured yet are tried after the measured ones, in order
+      ranked = i;
+      stopped = true;
+      break;
+    }
     if (progress) progress(0.5 * double(i) / double(ranked), "accuracy control: measuring " + layers[i]);
     std::vector<std::string> ignored;
     try {
@@ -72,6 +80,10 @@ torch::jit::Module QuantizeWithAccuracyControl(
   std::string reverted;
   double reached = drop(full);
   for (size_t i = 0; i < gains.size() && reached > spec.max_accuracy_drop; ++i) {
+    if (late()) {
+      stopped = true;
+      break;
+    }
     if (progress)
       progress(0.5 + 0.5 * double(i) / double(gains.size()),
                "accuracy control: keeping " + gains[i].second + " float");
@@ -93,7 +105,13 @@ torch::jit::Module QuantizeWithAccuracyControl(
                         " layer(s) float, most sensitive first (gain when float alone): " + reverted +
                         "; now loses " + Points(reached);
   if (reached > spec.max_accuracy_drop) {
-    summary = "WARNING: " + summary + ", still above the goal with every layer tried";
+    summary = "WARNING: " + summary +
+              (stopped ? ", still above the goal when the time ran out (" + std::to_string(ranked) + " of " +
+                             std::to_string(layers.size()) + " layers measured)"
+                       : ", still above the goal with every layer tried");
+  } else if (stopped) {
+    summary += " (the time ran out after " + std::to_string(ranked) + " of " + std::to_string(layers.size()) +
+               " layers were measured: the rest were tried in execution order)";
   }
   notes.push_back(summary);
   if (kept_float) *kept_float = kept;

@@ -20,10 +20,12 @@ namespace pare::engine {
 // or say (WARNING) that the goal was not reached with every layer tried. `progress` (may be
 // empty) gets the search's progress and may throw Cancelled. `kept_float` (may be null) gets
 // the layers kept float: with spec.exclude, the plain recipe that rebuilds the result.
+// `out_of_time` (may be empty) ends the search early when it returns true: layers not measured
+// yet are tried after the measured ones, and reverting stops where it is (the notes say so).
 torch::jit::Module QuantizeWithAccuracyControl(
     const torch::jit::Module& model, const StaticQuantSpec& spec, const std::vector<at::Tensor>& calibration,
     const std::vector<std::vector<at::Tensor>>& more, const Scorer& scorer, std::vector<std::string>& notes,
     const std::function<void(double, const std::string&)>& progress,
-    std::vector<std::string>* kept_float = nullptr);
+    std::vector<std::string>* kept_float = nullptr, const std::function<bool()>& out_of_time = nullptr);
 
 }  // namespace pare::engine

@@ -320,8 +320,11 @@ class Search {
         std::vector<std::vector<at::Tensor>> more;
         auto batches = CalibrationBatches(sc, q->calibration_batches, notes, more);
         m.to(c10::kCPU);
+        // Accuracy control measures a quantization per layer: at most 40% of the budget, and
+        // never past its end.
+        const double until = std::min(Elapsed() + 0.4 * spec_.time_budget_seconds, spec_.time_budget_seconds);
         m = QuantizeWithAccuracyControl(m, *q, batches, more, *scorer_, notes, sc.train.progress,
-                                        &t.float_layers);
+                                        &t.float_layers, [this, until] { return Elapsed() > until; });
         continue;
       }
       const auto t0 = Clock::now();
@@ -495,13 +498,17 @@ class Search {
 
   // Static INT8 of `base`'s model with accuracy control: layers fall back to float, most
   // sensitive first, until the drop (with what `base` lost already) is within the goal.
+  // The whole model first (one quantization, and the fastest INT8 point for the Pareto front even
+  // when it loses too much); accuracy control only when it does.
   int StaticInt8(const std::string& prefix, int base) {
     const double left = goal_points_ - (base < 0 ? 0.0 : trials_[base].drop);
     if (left <= 0 || Done()) return -1;
+    const std::string family = base < 0 ? "static INT8" : trials_[base].family + " + static INT8";
+    const int whole = Add(base, {StaticQuantSpec{}}, prefix + "static INT8", family);
+    if (whole < 0 || Passes(whole) || !trials_[whole].error.empty() || Done()) return whole;
     StaticQuantSpec q;
     q.max_accuracy_drop = std::max(left, 1e-3);
-    return Add(base, {q}, prefix + "static INT8",
-               base < 0 ? "static INT8" : trials_[base].family + " + static INT8");
+    return Add(base, {q}, prefix + "static INT8 with accuracy control", family);
   }
 
   // Distillation from the original as the bench's hand recipes recover pruned models: Adam at
@@ -617,16 +624,10 @@ class Search {
     if (analysed_) return !group_loss_.empty();
     analysed_ = true;
     const auto t0 = Clock::now();
-    const StepContext& sc = *ctx_.step;
     AnalyzeSpec spec;
     spec.quantize = false;
     spec.round_to = RoundTo();
-    AnalyzeContext a;
-    a.input_shape = sc.input_shape;
-    a.more_shapes = sc.more_inputs;
-    a.eval = sc.train.eval;
-    a.samples = sc.samples;
-    a.more_samples = sc.more_samples;
+    AnalyzeContext a = AnalysisContext(*ctx_.step);
     struct OutOfBudget {};
     a.progress = [this](double, const std::string& msg) {
       if (Remaining() <= 0) throw OutOfBudget{};  // stops between two measurements

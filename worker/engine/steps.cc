@@ -66,6 +66,17 @@ std::vector<at::Tensor> CalibrationBatches(const StepContext& ctx, int batches,
   return out;
 }
 
+AnalyzeContext AnalysisContext(const StepContext& ctx) {
+  AnalyzeContext a;
+  a.input_shape = ctx.input_shape;
+  a.more_shapes = ctx.more_inputs;
+  a.eval = ctx.train.eval;
+  a.samples = ctx.samples;
+  a.more_samples = ctx.more_samples;
+  a.progress = ctx.train.progress;
+  return a;
+}
+
 namespace {
 
 // Each step kind to its pass, over the module `m` (which a pass may change in place).
@@ -139,14 +150,8 @@ struct StepApplier {
   }
   torch::jit::Module operator()(const AnalyzeSpec& s) {
     m.to(c10::kCPU);
-    AnalyzeContext a;
-    a.input_shape = ctx.input_shape;
-    a.more_shapes = ctx.more_inputs;
-    a.eval = ctx.train.eval;
-    a.samples = ctx.samples;
-    a.more_samples = ctx.more_samples;
+    AnalyzeContext a = AnalysisContext(ctx);
     if (s.quantize) a.calibration = CalibrationBatches(ctx, 4, notes, a.calibration_more);
-    a.progress = ctx.train.progress;
     AnalyzeResult r = Analyze(m, s, a);
     Add(r.notes);
     if (ctx.table) *ctx.table = ToJson(r);

@@ -10,6 +10,7 @@
 #include <torch/script.h>
 #include <nlohmann/json.hpp>
 
+#include "worker/engine/analyze.h"
 #include "worker/engine/dataset.h"
 #include "worker/engine/model_util.h"
 #include "worker/engine/recipe.h"
@@ -41,6 +42,10 @@ struct StepContext {
 std::vector<at::Tensor> CalibrationBatches(const StepContext& ctx, int batches,
                                            std::vector<std::string>& notes,
                                            std::vector<std::vector<at::Tensor>>& more);
+
+// What an analysis of the model needs from the step's context: its shapes, the eval set or the
+// agreement samples, the progress (no calibration batches: the caller adds them for INT8).
+AnalyzeContext AnalysisContext(const StepContext& ctx);
 
 // Runs one step on `current` and returns the new module; `unchanged` is set when the step found
 // nothing to change. Throws EngineError for what the step cannot do.
