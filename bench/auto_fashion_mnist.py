@@ -76,7 +76,9 @@ def main():
             recipe = search.get("recipe", {}).get("steps", [])
             chosen = "GOAL_UNREACHABLE: " + failed["message"] if failed else \
                 " -> ".join(next(iter(s)) for s in recipe)
-            print(f"| {goal} | auto | {drop:+.2f} | {speed:.2f}x | {wall:.0f} | {len(search.get('trials', [])) - 1} | "
+            ratio = search["trials"][search["chosen"]]["ratio"] if "chosen" in search else 0
+            print(f"| {goal} | auto | {drop:+.2f} | {speed:.2f}x (search: {ratio:.2f}x) | {wall:.0f} | "
+                  f"{len(search.get('trials', [])) - 1} | "
                   f"{chosen} |")
             verdicts.append((f"{name}, goal {goal}: auto at least as fast as the best hand recipe",
                              f"{speed:.2f}x vs {best[2]:.2f}x" if best else f"{speed:.2f}x (no hand recipe)",
