@@ -16,10 +16,6 @@
 namespace pare::server {
 namespace {
 
-double SecondsSince(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
-
 // The tenant's stored-bytes quota, before an upload of `size` bytes is accepted.
 Status CheckStorageQuota(ServiceContext* ctx, const std::string& tenant, uint64_t size) {
   if (ctx->limits.tenant_max_bytes == 0) return Status::Ok();

@@ -109,9 +109,6 @@ class CompleteReactor final : public IngestReactor<v1::CompleteRequest, v1::Comp
   }
 
  private:
-  static double SecondsSince(std::chrono::steady_clock::time_point t) {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-  }
   ServiceContext* ctx_;
   std::chrono::steady_clock::time_point start_;
 };
