@@ -526,11 +526,14 @@ class Search {
 
   // Kept channels in multiples of 8 (what vector kernels like) on networks wide enough for it;
   // narrow ones (a 32-channel CNN) are cut to any count, or 8 would be most of a layer.
-  int RoundTo() const {
-    int64_t widest = 0;
-    for (const auto& w : PrunableWeights(original_))
-      if (w.is_conv) widest = std::max<int64_t>(widest, w.weight.size(0));
-    return widest >= 128 ? 8 : 1;
+  int RoundTo() {
+    if (round_to_ == 0) {  // found once: the original does not change
+      int64_t widest = 0;
+      for (const auto& w : PrunableWeights(original_))
+        if (w.is_conv) widest = std::max<int64_t>(widest, w.weight.size(0));
+      round_to_ = widest >= 128 ? 8 : 1;
+    }
+    return round_to_;
   }
 
   // Epochs of distillation a pruned candidate gets: about a tenth of the budget each, from the
@@ -773,7 +776,8 @@ class Search {
     AutoResult r;
     const Trial* best = Best();
     const Trial* chosen = best;
-    for (const bool gained : {true, false}) {  // the closest: least drop among those that gained, else all
+    // No winner: the closest is the least drop among those that gained, else among all.
+    for (const bool gained : {true, false}) {
       for (const auto& t : trials_) {
         if (chosen && chosen->meets) break;
         if (t.index == 0 || !t.error.empty() || (gained && t.ratio <= 1.0 + MinGain())) continue;
@@ -882,6 +886,7 @@ class Search {
   double spent_before_ = 0;   // seconds an earlier attempt spent on the trials taken from its checkpoint
   int64_t score_images_ = 0;  // how many images candidates are scored on
   double ladder_failed_ = 0;
+  int round_to_ = 0;         // RoundTo's answer, once found
   bool int8_noted_ = false;  // the gentlest MACs target uniform pruning lost too much at
   bool analysed_ = false;
   std::map<std::string, std::vector<std::pair<double, double>>> group_loss_;  // group -> (amount, points)
