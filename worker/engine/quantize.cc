@@ -4,6 +4,7 @@
 #include <functional>
 #include <map>
 #include <set>
+#include <sstream>
 
 #include <torch/csrc/jit/api/function_impl.h>
 #include <torch/csrc/jit/passes/constant_propagation.h>
@@ -405,6 +406,28 @@ static torch::jit::Module FoldedForObservers(const torch::jit::Module& input, co
   return module;
 }
 
+// Checks `module` as it will be served: loaded afresh from its saved form and called twice on
+// `args`, the second call must run and give what the first gave. LibTorch 1.13's oneDNN
+// convolution prepares its kernel on the first call of a shape and takes a cached one from the
+// second on; on some grouped convolutions (RegNet-X/Y-32GF's: 4 to 15 groups of 168 channels, at
+// batch 1) the cached one fails ("negative dimension"), so a model that ran once fails when it is
+// served. A fresh load per shape, since the cache keeps the first shape it saw. Throws, so that
+// the fallbacks keep such layers float.
+static void ServesRepeatedCalls(const std::string& saved, const std::vector<c10::IValue>& args) {
+  std::istringstream in(saved);
+  torch::jit::Module module = torch::jit::load(in);
+  const auto first = OutputTensors(module.forward(args));
+  const auto second = OutputTensors(module.forward(args));
+  auto as_float = [](const at::Tensor& t) { return (t.is_quantized() ? t.dequantize() : t).to(at::kFloat); };
+  for (size_t i = 0; i < first.size() && i < second.size(); ++i) {
+    const at::Tensor a = as_float(first[i].second), b = as_float(second[i].second);
+    if (a.sizes() != b.sizes() || !at::allclose(a, b, 1e-4, 1e-5, /*equal_nan=*/true)) {
+      throw std::runtime_error("the quantized model gives different outputs (" + first[i].first +
+                               ") when called twice on the same input: a cached quantized kernel differs");
+    }
+  }
+}
+
 struct Converted {
   torch::jit::Module module;
   int transposed = 0;  // transposed convolution weights observed per tensor
@@ -443,8 +466,10 @@ static Converted ObserveAndConvert(torch::jit::Module& module, const StaticQuant
   torch::jit::ConstantPropagation(final_graph);
   torch::jit::EliminateDeadCode(final_graph);
   c10::InferenceMode inference;  // as the model is measured and served
-  out.module.forward(calibration.front());
-  out.module.forward(FirstSample(calibration.front()));
+  std::ostringstream saved;
+  out.module.save(saved);
+  ServesRepeatedCalls(saved.str(), calibration.front());
+  ServesRepeatedCalls(saved.str(), FirstSample(calibration.front()));
   return out;
 }
 
