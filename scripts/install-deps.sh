@@ -8,13 +8,15 @@ set -euo pipefail
 # buildah, podman, debootstrap: tests/docker_test.sh builds the Dockerfile without a Docker engine,
 # on base images made from Debian's packages (scripts/make-base-images.sh).
 # chromium: tests/report_html_test.py renders the HTML report in a headless browser.
+# libpq-dev: the PostgreSQL store (pare-server --store postgresql://...); postgresql: the server
+# store_pg_test starts (as an unprivileged user) to run the store's contract against.
 packages=(
   build-essential cmake ninja-build ccache pkg-config clang clang-format libclang-rt-14-dev openssl
   libopenblas0-openmp libtorch-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  prometheus-cpp-dev libspdlog-dev libgtest-dev libsqlite3-dev libssl-dev libcli11-dev
+  prometheus-cpp-dev libspdlog-dev libgtest-dev libsqlite3-dev libpq-dev libssl-dev libcli11-dev
   nlohmann-json3-dev libarchive-dev zlib1g-dev libpng-dev libjpeg-dev
   python3-torch python3-torchvision python3-grpcio python3-yaml dataset-fashion-mnist prometheus
-  buildah podman debootstrap debian-archive-keyring chromium
+  buildah podman debootstrap debian-archive-keyring chromium postgresql
 )
 # kubectl renders the kustomize overlays in tests/deploy_test.py: Debian's where the machine has none.
 command -v kubectl >/dev/null 2>&1 || packages+=(kubernetes-client)

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 
@@ -111,14 +112,21 @@ Result<std::string> BlobWriter::Commit(uint64_t expected_size, const std::string
   return digest;
 }
 
-Result<std::unique_ptr<BlobStore>> BlobStore::Open(const std::string& root) {
+Result<std::unique_ptr<BlobStore>> BlobStore::Open(const std::string& root, bool shared) {
   std::error_code ec;
   fs::create_directories(root + "/blobs", ec);
   if (ec) return Internal("cannot create " + root + "/blobs: " + ec.message());
   fs::create_directories(root + "/tmp", ec);
   if (ec) return Internal("cannot create " + root + "/tmp: " + ec.message());
-  // Anything in tmp/ was never acknowledged: a crash interrupted its upload.
-  for (const auto& e : fs::directory_iterator(root + "/tmp", ec)) fs::remove_all(e.path(), ec);
+  // Anything in tmp/ was never acknowledged: a crash interrupted its upload. Where several servers
+  // share the folder (a ReadWriteMany volume), another's upload in progress keeps writing its
+  // file: then only files left untouched for an hour are a crash's.
+  const auto stale = fs::file_time_type::clock::now() - std::chrono::hours(1);
+  for (const auto& e : fs::directory_iterator(root + "/tmp", ec)) {
+    std::error_code age_ec;
+    const auto written = fs::last_write_time(e.path(), age_ec);
+    if (!shared || age_ec || written < stale) fs::remove_all(e.path(), ec);
+  }
   return std::unique_ptr<BlobStore>(new BlobStore(root));
 }
 

@@ -49,8 +49,10 @@ class BlobWriter {
 
 class BlobStore {
  public:
-  // Creates `root`/blobs and `root`/tmp, and removes temporary files a crash left behind.
-  static Result<std::unique_ptr<BlobStore>> Open(const std::string& root);
+  // Creates `root`/blobs and `root`/tmp, and removes temporary files a crash left behind: all of
+  // them, or with `shared` (several servers on one folder, whose uploads in progress keep
+  // writing theirs) those untouched for an hour.
+  static Result<std::unique_ptr<BlobStore>> Open(const std::string& root, bool shared = false);
 
   Result<std::unique_ptr<BlobWriter>> NewWriter(uint64_t limit_bytes);
   bool Exists(const std::string& sha256) const;

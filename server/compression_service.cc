@@ -90,7 +90,7 @@ struct ModelKind {
     for (const auto& more : h.more_input_shapes())
       m.more_input_shapes.emplace_back(more.dims().begin(), more.dims().end());
   }
-  static Status Put(Store* store, const Record& m) { return store->PutModel(m); }
+  static Status Put(Store* store, const Record& m, uint64_t quota) { return store->PutModel(m, quota); }
   static std::pair<const char*, std::string> LogField(const Record& m) { return {"sha256", m.sha256}; }
 };
 
@@ -111,7 +111,7 @@ struct DatasetKind {
     return CheckDataset(path, h.format(), limits.archive);
   }
   static void Fill(const v1::UploadHeader& h, Record& d) { d.format = h.format(); }
-  static Status Put(Store* store, const Record& d) { return store->PutDataset(d); }
+  static Status Put(Store* store, const Record& d, uint64_t quota) { return store->PutDataset(d, quota); }
   static std::pair<const char*, std::string> LogField(const Record& d) { return {"format", d.format}; }
 };
 
@@ -148,7 +148,9 @@ class Upload final : public IngestReactor<v1::UploadRequest, v1::UploadHeader> {
     r.size_bytes = h.size_bytes();
     r.created_ms = ctx_->clock->NowMs();
     Kind::Fill(h, r);
-    PARE_RETURN_IF_ERROR(Kind::Put(ctx_->store, r));
+    // The quota again, atomically with the insert: uploads that passed the header check together
+    // (on this server or another) cannot exceed it together.
+    PARE_RETURN_IF_ERROR(Kind::Put(ctx_->store, r, ctx_->limits.tenant_max_bytes));
     spdlog::info(Kv({{"msg", std::string(Kind::kName) + " uploaded"},
                      {Kind::kName, r.id},
                      Kind::LogField(r),
@@ -198,26 +200,29 @@ Status CheckTrainData(const std::vector<engine::StepSpec>& steps, const v1::Subm
   return Status::Ok();
 }
 
+// A lookup's status with the request field it came from: NOT_FOUND names the field; a store
+// failure (UNAVAILABLE, INTERNAL) stays what it is.
+Status Exists(const Status& looked_up, const std::string& field) {
+  if (looked_up.ok()) return looked_up;
+  return Status(looked_up.code(), field + ": " + looked_up.message());
+}
+
 // The models the recipe names exist for the tenant.
 Status CheckRecipeModels(Store* store, const std::string& tenant, const v1::SubmitJobRequest& req) {
   for (const auto& [field, id] : ReferencedModels(req.recipe())) {
-    if (!store->GetModel(tenant, id).ok()) return NotFound(field + ": model '" + id + "' does not exist");
+    PARE_RETURN_IF_ERROR(Exists(store->GetModel(tenant, id).status(), field));
   }
   return Status::Ok();
 }
 
 // The job's model and datasets exist for the tenant.
 Status CheckInputs(Store* store, const std::string& tenant, const v1::SubmitJobRequest& req) {
-  if (!store->GetModel(tenant, req.model_id()).ok()) {
-    return NotFound("model_id: model '" + req.model_id() + "' does not exist");
-  }
+  PARE_RETURN_IF_ERROR(Exists(store->GetModel(tenant, req.model_id()).status(), "model_id"));
   for (const auto& [field, id] :
        {std::pair<const char*, std::string>{"calibration_dataset_id", req.calibration_dataset_id()},
         {"train_dataset_id", req.train_dataset_id()},
         {"eval_dataset_id", req.eval_dataset_id()}}) {
-    if (!id.empty() && !store->GetDataset(tenant, id).ok()) {
-      return NotFound(std::string(field) + ": dataset '" + id + "' does not exist");
-    }
+    if (!id.empty()) PARE_RETURN_IF_ERROR(Exists(store->GetDataset(tenant, id).status(), field));
   }
   return Status::Ok();
 }
@@ -307,12 +312,26 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::Job> {
   void Load() {
     bool posted = ctx_->executor->TryPost([this] {
       auto job = ctx_->store->GetJob(tenant_, job_id_);
-      std::lock_guard<std::mutex> lock(mu_);
+      std::unique_lock<std::mutex> lock(mu_);
       if (!job.ok()) {
         busy_ = false;
         return FinishLocked(ToGrpcStatus(job.status()));
       }
-      msg_ = ToProto(job.value());
+      v1::Job next = ToProto(job.value());
+      std::string bytes = next.SerializeAsString();
+      if (bytes == last_sent_) {
+        // A change announced twice (by this server and, through the database, by itself or
+        // another): the client already has it.
+        busy_ = false;
+        if (cancelled_) return FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
+        if (!dirty_ || finished_) return;
+        dirty_ = false;
+        busy_ = true;
+        lock.unlock();
+        return Load();
+      }
+      last_sent_ = std::move(bytes);
+      msg_ = std::move(next);
       last_was_terminal_ = IsTerminal(job->state);
       StartWrite(&msg_);
     });
@@ -340,6 +359,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::Job> {
   bool cancelled_ = false;
   bool finished_ = false;
   bool last_was_terminal_ = false;
+  std::string last_sent_;  // the last Job written, serialized
   v1::Job msg_;
 };
 

@@ -27,4 +27,13 @@ void JobEvents::Publish(const std::string& job_id) {
   for (auto& cb : callbacks) cb();
 }
 
+void JobEvents::PublishAll() {
+  std::vector<Callback> callbacks;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [token, sub] : subs_) callbacks.push_back(sub.cb);
+  }
+  for (auto& cb : callbacks) cb();
+}
+
 }  // namespace pare::server

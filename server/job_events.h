@@ -17,6 +17,8 @@ class JobEvents {
   uint64_t Subscribe(const std::string& job_id, Callback cb);
   void Unsubscribe(uint64_t token);
   void Publish(const std::string& job_id);
+  // Every subscriber: any job may have changed (another server's changes could not be followed).
+  void PublishAll();
 
  private:
   struct Sub {

@@ -17,6 +17,12 @@ void AddOptions(CLI::App& app, pare::server::ServerOptions& o) {
       ->capture_default_str();
   app.add_option("--data-dir", o.data_dir, "folder for the SQLite store and the blob files")
       ->capture_default_str();
+  app.add_option("--store", o.store,
+                 "job database: sqlite (in --data-dir) or postgresql://user@host:5432/db[?sslmode=...] "
+                 "for several replicas")
+      ->capture_default_str();
+  app.add_option("--store-password-file", o.store_password_file,
+                 "file holding the PostgreSQL password (default: PGPASSWORD or ~/.pgpass)");
   app.add_option("--local-workers", o.local_workers, "local pare-worker processes to supervise (0: none)")
       ->capture_default_str();
   app.add_option("--worker-binary", o.worker_binary,
@@ -96,8 +102,9 @@ int main(int argc, char** argv) {
     std::cerr << "pare-server: " << st.message() << "\n";
     return 1;
   }
-  std::cout << "pare-server listening on " << server.value()->address() << " (data in " << o.data_dir << ", "
-            << o.local_workers << " local worker" << (o.local_workers == 1 ? "" : "s") << ")";
+  std::cout << "pare-server listening on " << server.value()->address() << " (store "
+            << server.value()->store_name() << ", blobs in " << o.data_dir << ", " << o.local_workers
+            << " local worker" << (o.local_workers == 1 ? "" : "s") << ")";
   if (int mp = server.value()->metrics_port()) {
     std::cout << "; metrics on http://" << o.metrics_listen.substr(0, o.metrics_listen.rfind(':')) << ":"
               << mp << "/metrics";

@@ -18,7 +18,8 @@
 #include "common/tls.h"
 #include "server/compression_service.h"
 #include "server/job_end.h"
-#include "server/sqlite_store.h"
+#include "server/pg_backend.h"
+#include "server/sql_store.h"
 #include "server/workers_service.h"
 
 namespace pare::server {
@@ -113,10 +114,23 @@ Result<std::unique_ptr<Server>> Server::Create(ServerOptions options, std::share
   std::error_code ec;
   fs::create_directories(s->options_.data_dir, ec);
   if (ec) return Internal("cannot create data dir " + s->options_.data_dir + ": " + ec.message());
-  auto store = SqliteStore::Open(s->options_.data_dir + "/pare.db");
-  if (!store.ok()) return store.status();
+  std::string password;
+  if (!s->options_.store_password_file.empty()) {
+    std::ifstream in(s->options_.store_password_file);
+    if (!std::getline(in, password) || password.empty()) {
+      return InvalidArgument("--store-password-file: cannot read a password from " +
+                             s->options_.store_password_file);
+    }
+    if (password.back() == '\r') password.pop_back();
+  }
+  auto store = OpenStore(s->options_.store, s->options_.data_dir, password);
+  if (!store.ok()) {
+    return Status(store.status().code(),
+                  "store " + RedactUrl(s->options_.store) + ": " + store.status().message());
+  }
   s->store_ = std::move(store).value();
-  auto blobs = BlobStore::Open(s->options_.data_dir);
+  // On PostgreSQL, other replicas may share the blob folder.
+  auto blobs = BlobStore::Open(s->options_.data_dir, s->store_->backend() != "sqlite");
   if (!blobs.ok()) return blobs.status();
   s->blobs_ = std::move(blobs).value();
   s->executor_ = std::make_unique<Executor>(s->options_.executor_threads, s->options_.executor_queue);
@@ -124,6 +138,13 @@ Result<std::unique_ptr<Server>> Server::Create(ServerOptions options, std::share
   s->ctx_.blobs = s->blobs_.get();
   s->ctx_.executor = s->executor_.get();
   s->ctx_.events = &s->events_;
+  // Jobs changed through other servers on the same database reach this one's watchers too.
+  s->store_->ListenForChanges([events = &s->events_](const std::string& job_id) {
+    if (job_id.empty())
+      events->PublishAll();
+    else
+      events->Publish(job_id);
+  });
   s->ctx_.clock = s->clock_.get();
   s->ctx_.auth = &s->auth_;
   s->metrics_ = std::make_unique<Metrics>(ServiceMethods(), PARE_VERSION, PARE_LIBTORCH_VERSION);

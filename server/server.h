@@ -27,8 +27,13 @@ class WorkersService;
 struct ServerOptions {
   // host:port to listen on; port 0 picks a free one (see Server::port()).
   std::string listen = "127.0.0.1:50051";
-  // Holds pare.db (SQLite) and the blob files.
+  // Holds pare.db (SQLite, the default store) and the blob files.
   std::string data_dir = "./pare-data";
+  // "sqlite" (DATA_DIR/pare.db) or a PostgreSQL URL (several servers on one database).
+  std::string store = "sqlite";
+  // A file holding the PostgreSQL password (so it is in neither the URL nor argv); empty: libpq
+  // reads PGPASSWORD or ~/.pgpass.
+  std::string store_password_file;
   // Local worker processes to start and supervise (0: workers are started separately).
   int local_workers = 1;
   // pare-worker binary; empty: next to this executable, or ../worker/ in a build tree.
@@ -66,6 +71,8 @@ class Server {
   int port() const { return port_; }
   // Port of /metrics (0 when off).
   int metrics_port() const;
+  // "sqlite" or "postgresql".
+  std::string store_name() const { return store_->backend(); }
   std::string address() const;
   // SIGTERM: health NOT_SERVING, refuse new work, let workers finish or hand back, stop.
   void Drain();
@@ -84,12 +91,12 @@ class Server {
 
   ServerOptions options_;
   std::shared_ptr<Clock> clock_;
+  JobEvents events_;  // before store_: the store's listener publishes to it until it is destroyed
   std::unique_ptr<Store> store_;
   std::unique_ptr<BlobStore> blobs_;
   std::unique_ptr<Executor> executor_;
   Authenticator auth_;
   std::string worker_token_;  // handed to local workers through their environment
-  JobEvents events_;
   ServiceContext ctx_;
   std::unique_ptr<CompressionService> compression_;
   std::unique_ptr<WorkersService> workers_;

@@ -1,10 +1,13 @@
 // The service's state behind one interface: models, datasets and jobs with their state
 // machine (QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED) and leases.
-// SQLite implements it (sqlite_store.h); a PostgreSQL backend can implement it for scale-out.
+// SqlStore (sql_store.h) implements it once on SQLite (the embedded default) and PostgreSQL
+// (several servers on one database). Errors are truthful: NOT_FOUND only for what does not
+// exist; a database that cannot be reached or is busy is UNAVAILABLE, any other failure INTERNAL.
 #pragma once
 
 #include <climits>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -90,10 +93,15 @@ class Store {
  public:
   virtual ~Store() = default;
 
-  virtual Status PutModel(const ModelRecord& m) = 0;
+  // Inserts the record unless the tenant's models and datasets would then hold more than
+  // `tenant_max_bytes` (0: no limit): RESOURCE_EXHAUSTED, checked atomically with the insert, so
+  // concurrent uploads (on any server) cannot pass the quota together.
+  virtual Status PutModel(const ModelRecord& m, uint64_t tenant_max_bytes) = 0;
+  Status PutModel(const ModelRecord& m) { return PutModel(m, 0); }
   // `tenant` scopes the lookup: another tenant's id is NOT_FOUND.
   virtual Result<ModelRecord> GetModel(const std::string& tenant, const std::string& id) = 0;
-  virtual Status PutDataset(const DatasetRecord& d) = 0;
+  virtual Status PutDataset(const DatasetRecord& d, uint64_t tenant_max_bytes) = 0;
+  Status PutDataset(const DatasetRecord& d) { return PutDataset(d, 0); }
   virtual Result<DatasetRecord> GetDataset(const std::string& tenant, const std::string& id) = 0;
 
   // Bounds checked atomically with the insert.
@@ -136,6 +144,12 @@ class Store {
     int64_t active_jobs = 0;
   };
   virtual Result<TenantUsage> Usage(const std::string& tenant) = 0;
+  // Calls `changed(job_id)` for changes made through other servers on the same database (an
+  // empty id: any job may have changed); changes made through this one are the caller's to
+  // announce. A no-op where there is one server.
+  virtual void ListenForChanges(std::function<void(const std::string& job_id)> changed) = 0;
+  // "sqlite" or "postgresql" (for logs and metrics).
+  virtual std::string backend() const = 0;
 };
 
 }  // namespace pare::server

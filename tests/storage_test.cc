@@ -1,6 +1,8 @@
 // Hashing, chunked blob writes and the upload validator (no LibTorch involved).
 #include <gtest/gtest.h>
 
+#include <chrono>
+
 #include <filesystem>
 #include <fstream>
 
@@ -77,9 +79,19 @@ TEST_F(BlobStoreTest, WrongSizeDigestOrCheckLeavesNothing) {
 }
 
 TEST_F(BlobStoreTest, OpenRemovesTemporaryFilesACrashLeft) {
+  // On a shared folder, a crash's file (untouched for over an hour) goes and another server's
+  // upload in progress (written just now) stays.
   std::ofstream(blobs_->tmp_dir() + "/upload_half") << "partial";
-  auto again = BlobStore::Open(dir_.path());
-  ASSERT_TRUE(again.ok());
+  fs::last_write_time(blobs_->tmp_dir() + "/upload_half",
+                      fs::file_time_type::clock::now() - std::chrono::hours(2));
+  std::ofstream(blobs_->tmp_dir() + "/upload_live") << "in progress";
+  auto shared = BlobStore::Open(dir_.path(), /*shared=*/true);
+  ASSERT_TRUE(shared.ok());
+  EXPECT_EQ(CountFiles(blobs_->tmp_dir()), 1u);
+  EXPECT_TRUE(fs::exists(blobs_->tmp_dir() + "/upload_live"));
+  // A folder of its own: everything left there is a crash's.
+  auto own = BlobStore::Open(dir_.path());
+  ASSERT_TRUE(own.ok());
   EXPECT_EQ(CountFiles(blobs_->tmp_dir()), 0u);
 }
 

@@ -1,25 +1,56 @@
-// The SQLite store's job state machine and leases, driven by an injected clock.
+// The store's contract (job state machine, leases, quotas, truthful errors), driven by an
+// injected clock, on every backend: SQLite in a temporary folder, and PostgreSQL started by the
+// test from Debian's packages (store_pg_test: SKIPPED where there is no PostgreSQL).
 #include <gtest/gtest.h>
+#include <sqlite3.h>
 
+#include <atomic>
+#include <set>
+#include <thread>
+
+#include "pg_server.h"
 #include "server/clock.h"
-#include "server/sqlite_store.h"
+#include "server/sql_store.h"
 #include "test_util.h"
 
 namespace pare::server {
 namespace {
 
+using pare::testing::PgServer;
 using pare::testing::TempDir;
 
-class StoreTest : public ::testing::Test {
+// One PostgreSQL for the whole binary (started on first use); each test gets its own database.
+PgServer* Postgres(std::string* why) {
+  static std::string reason;
+  static std::unique_ptr<PgServer> server = PgServer::Start(&reason);
+  *why = reason;
+  return server.get();
+}
+
+class StoreTest : public ::testing::TestWithParam<std::string> {
  protected:
-  void SetUp() override { store_ = Open(); }
-  std::unique_ptr<SqliteStore> Open() {
-    auto s = SqliteStore::Open(dir_.path() + "/pare.db");
+  void SetUp() override {
+    if (postgres()) {
+      std::string why;
+      pg_ = Postgres(&why);
+      if (!pg_) GTEST_SKIP() << "no PostgreSQL to test against: " << why;
+      static int n = 0;
+      db_ = "store_test_" + std::to_string(++n);
+      ASSERT_TRUE(pg_->CreateDatabase(db_)) << db_;
+    }
+    store_ = Open();
+    ASSERT_TRUE(store_);
+  }
+  bool postgres() const { return GetParam() == "postgresql"; }
+  // Another server on the same database (for PostgreSQL, a replica; for SQLite, a second
+  // connection to the same file).
+  std::unique_ptr<Store> Open() {
+    auto s = OpenStore(postgres() ? pg_->url(db_) : "sqlite", dir_.path());
     EXPECT_TRUE(s.ok()) << s.status().ToString();
-    return std::move(s).value();
+    return s.ok() ? std::move(s).value() : nullptr;
   }
   JobRecord NewJob(const std::string& id, const std::string& device = "auto",
-                   const std::string& request_id = "") {
+                   const std::string& request_id = "", Store* store = nullptr) {
     JobRecord j;
     j.id = id;
     j.tenant = "t1";
@@ -29,24 +60,29 @@ class StoreTest : public ::testing::Test {
     j.request_id = request_id;
     j.max_attempts = 3;
     j.created_ms = clock_.NowMs();
-    auto r = store_->CreateJob(j);
+    auto r = (store ? store : store_.get())->CreateJob(j);
     EXPECT_TRUE(r.ok()) << r.status().ToString();
-    return r->first;
+    return r.ok() ? r->first : JobRecord{};
   }
   std::optional<JobRecord> Lease(const std::string& worker, bool cuda = false,
                                  const std::string& lease = "L") {
     auto r = store_->LeaseJob(worker, cuda, lease, clock_.NowMs(), kTtl);
     EXPECT_TRUE(r.ok()) << r.status().ToString();
-    return r.value();
+    return r.ok() ? r.value() : std::nullopt;
   }
 
   static constexpr int64_t kTtl = 10000;
   TempDir dir_;
   FakeClock clock_;
-  std::unique_ptr<SqliteStore> store_;
+  PgServer* pg_ = nullptr;
+  std::string db_;
+  std::unique_ptr<Store> store_;
 };
 
-TEST_F(StoreTest, SubmitIsIdempotentOnRequestId) {
+INSTANTIATE_TEST_SUITE_P(Backends, StoreTest, ::testing::Values("sqlite", "postgresql"),
+                         [](const ::testing::TestParamInfo<std::string>& info) { return info.param; });
+
+TEST_P(StoreTest, SubmitIsIdempotentOnRequestId) {
   JobRecord a = NewJob("job_a", "auto", "req-1");
   JobRecord j;
   j.id = "job_b";
@@ -67,7 +103,7 @@ TEST_F(StoreTest, SubmitIsIdempotentOnRequestId) {
   EXPECT_EQ(a.state, JobState::kQueued);
 }
 
-TEST_F(StoreTest, LeasesOldestFirstAndRespectsDevice) {
+TEST_P(StoreTest, LeasesOldestFirstAndRespectsDevice) {
   NewJob("job_gpu", "cuda");
   NewJob("job_cpu", "cpu");
   auto first = Lease("w1", /*cuda=*/false);
@@ -82,7 +118,7 @@ TEST_F(StoreTest, LeasesOldestFirstAndRespectsDevice) {
   EXPECT_EQ(gpu->id, "job_gpu");
 }
 
-TEST_F(StoreTest, HeartbeatExtendsTheLeaseAndExpiryRequeues) {
+TEST_P(StoreTest, HeartbeatExtendsTheLeaseAndExpiryRequeues) {
   NewJob("job_1");
   auto j = Lease("w1");
   ASSERT_TRUE(j.has_value());
@@ -113,7 +149,7 @@ TEST_F(StoreTest, HeartbeatExtendsTheLeaseAndExpiryRequeues) {
   EXPECT_EQ(done->attempts, 2);
 }
 
-TEST_F(StoreTest, FailsAfterMaxAttemptsWithAReason) {
+TEST_P(StoreTest, FailsAfterMaxAttemptsWithAReason) {
   NewJob("job_1");
   for (int attempt = 1; attempt <= 3; ++attempt) {
     auto j = Lease("w" + std::to_string(attempt), false, "L" + std::to_string(attempt));
@@ -130,7 +166,7 @@ TEST_F(StoreTest, FailsAfterMaxAttemptsWithAReason) {
   EXPECT_FALSE(Lease("w9").has_value());
 }
 
-TEST_F(StoreTest, CancelQueuedAtOnceRunningThroughTheWorker) {
+TEST_P(StoreTest, CancelQueuedAtOnceRunningThroughTheWorker) {
   NewJob("job_q");
   auto q = store_->CancelJob("t1", "job_q", clock_.NowMs());
   ASSERT_TRUE(q.ok());
@@ -155,7 +191,7 @@ TEST_F(StoreTest, CancelQueuedAtOnceRunningThroughTheWorker) {
   EXPECT_EQ(store_->CancelJob("t1", "job_nope", clock_.NowMs()).status().code(), Code::kNotFound);
 }
 
-TEST_F(StoreTest, HandBackDoesNotCountAnAttempt) {
+TEST_P(StoreTest, HandBackDoesNotCountAnAttempt) {
   NewJob("job_1");
   ASSERT_TRUE(Lease("w1").has_value());
   JobOutcome back;
@@ -166,7 +202,7 @@ TEST_F(StoreTest, HandBackDoesNotCountAnAttempt) {
   EXPECT_EQ(j->attempts, 0);
 }
 
-TEST_F(StoreTest, SucceededJobsCannotBeCancelledAndListPages) {
+TEST_P(StoreTest, SucceededJobsCannotBeCancelledAndListPages) {
   for (int i = 0; i < 5; ++i) NewJob("job_" + std::to_string(i));
   ASSERT_TRUE(Lease("w1").has_value());
   JobOutcome ok;
@@ -184,7 +220,7 @@ TEST_F(StoreTest, SucceededJobsCannotBeCancelledAndListPages) {
   EXPECT_EQ(store_->ListJobs("t2", 0, 10)->size(), 0u);
 }
 
-TEST_F(StoreTest, StateSurvivesReopening) {
+TEST_P(StoreTest, StateSurvivesReopening) {
   NewJob("job_1");
   ModelRecord m{"mdl_1", "t1", "resnet", std::string(64, 'b'), 123, {1, 3, 224, 224}, {}, 5};
   ASSERT_TRUE(store_->PutModel(m).ok());
@@ -205,6 +241,148 @@ TEST_F(StoreTest, StateSurvivesReopening) {
   EXPECT_EQ(two->input_shape, (std::vector<int64_t>{1, 3, 32, 32}));
   EXPECT_EQ(two->more_input_shapes, (std::vector<std::vector<int64_t>>{{1, 3, 32, 32}, {1, 8}}));
   EXPECT_EQ(store_->GetModel("t2", "mdl_1").status().code(), Code::kNotFound);
+}
+
+TEST_P(StoreTest, UploadsThroughTwoServersCannotPassTheQuotaTogether) {
+  auto other = Open();
+  ASSERT_TRUE(other);
+  constexpr uint64_t kQuota = 450, kSize = 100;  // room for 4 uploads
+  std::atomic<int> stored{0}, refused{0}, failed{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 12; ++i) {
+    threads.emplace_back([&, i] {
+      Store* s = i % 2 ? other.get() : store_.get();
+      ModelRecord m{"mdl_" + std::to_string(i), "t1", "m", std::string(64, 'a'), kSize, {1, 3, 8, 8}, {}, 1};
+      Status st = s->PutModel(m, kQuota);
+      if (st.ok())
+        ++stored;
+      else if (st.code() == Code::kResourceExhausted && st.message().find("quota") != std::string::npos)
+        ++refused;
+      else
+        ++failed;
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(stored.load(), 4);
+  EXPECT_EQ(refused.load(), 8);
+  EXPECT_EQ(failed.load(), 0);
+  auto usage = store_->Usage("t1");
+  ASSERT_TRUE(usage.ok());
+  EXPECT_EQ(usage->stored_bytes, 400u);
+  // Another tenant's quota is its own.
+  DatasetRecord d{"ds_1", "t2", "d", std::string(64, 'b'), 400, "tensors", 1};
+  EXPECT_TRUE(store_->PutDataset(d, kQuota).ok());
+}
+
+TEST_P(StoreTest, WorkersLeasingThroughTwoServersNeverShareAJob) {
+  constexpr int kJobs = 60;
+  for (int i = 0; i < kJobs; ++i) NewJob("job_" + std::to_string(i));
+  auto other = Open();
+  ASSERT_TRUE(other);
+  std::mutex mu;
+  std::vector<std::string> leased;
+  std::atomic<int> errors{0};
+  std::vector<std::thread> workers;
+  for (int w = 0; w < 8; ++w) {
+    workers.emplace_back([&, w] {
+      Store* s = w % 2 ? other.get() : store_.get();
+      for (;;) {
+        auto r = s->LeaseJob("w" + std::to_string(w), false, "L" + std::to_string(w), clock_.NowMs(), kTtl);
+        if (!r.ok()) {
+          ++errors;
+          return;
+        }
+        if (!r->has_value()) return;
+        std::lock_guard<std::mutex> lock(mu);
+        leased.push_back((*r)->id);
+      }
+    });
+  }
+  for (auto& t : workers) t.join();
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_EQ(leased.size(), static_cast<size_t>(kJobs));
+  EXPECT_EQ(std::set<std::string>(leased.begin(), leased.end()).size(), static_cast<size_t>(kJobs));
+  auto counts = store_->CountJobs();
+  ASSERT_TRUE(counts.ok());
+  EXPECT_EQ((*counts)[JobState::kRunning], kJobs);
+}
+
+TEST_P(StoreTest, ReapersOnEveryServerExpireALeaseOnce) {
+  constexpr int kJobs = 20;
+  for (int i = 0; i < kJobs; ++i) NewJob("job_" + std::to_string(i));
+  for (int i = 0; i < kJobs; ++i) ASSERT_TRUE(Lease("w", false, "L" + std::to_string(i)).has_value());
+  clock_.Advance(kTtl + 1);
+  auto other = Open();
+  ASSERT_TRUE(other);
+  std::vector<JobRecord> a, b;
+  std::thread ta([&] { a = store_->ExpireLeases(clock_.NowMs()).value(); });
+  std::thread tb([&] { b = other->ExpireLeases(clock_.NowMs()).value(); });
+  ta.join();
+  tb.join();
+  std::multiset<std::string> ids;
+  for (const auto& j : a) ids.insert(j.id);
+  for (const auto& j : b) ids.insert(j.id);
+  EXPECT_EQ(ids.size(), static_cast<size_t>(kJobs));
+  EXPECT_EQ(std::set<std::string>(ids.begin(), ids.end()).size(), static_cast<size_t>(kJobs));
+  auto counts = store_->CountJobs();
+  ASSERT_TRUE(counts.ok());
+  EXPECT_EQ((*counts)[JobState::kQueued], kJobs);
+}
+
+TEST_P(StoreTest, ARetriedSubmitThroughTwoServersMakesOneJob) {
+  auto other = Open();
+  ASSERT_TRUE(other);
+  std::atomic<int> created{0};
+  std::mutex mu;
+  std::set<std::string> ids;
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 8; ++i) {
+    threads.emplace_back([&, i] {
+      JobRecord j;
+      j.id = "job_" + std::to_string(i);
+      j.tenant = "t1";
+      j.model_id = "mdl_1";
+      j.request_id = "req-1";
+      j.max_attempts = 3;
+      auto r = (i % 2 ? other.get() : store_.get())->CreateJob(j);
+      ASSERT_TRUE(r.ok()) << r.status().ToString();
+      if (r->second) ++created;
+      std::lock_guard<std::mutex> lock(mu);
+      ids.insert(r->first.id);
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(created.load(), 1);
+  EXPECT_EQ(ids.size(), 1u);
+}
+
+TEST_P(StoreTest, AnUnreachableDatabaseIsUnavailableNotNotFound) {
+  NewJob("job_1");
+  if (postgres()) {
+    ASSERT_TRUE(pg_->Stop());
+    for (int i = 0; i < 2; ++i) {  // the pooled connection, then a new one
+      auto j = store_->GetJob("t1", "job_1");
+      EXPECT_EQ(j.status().code(), Code::kUnavailable) << j.status().ToString();
+    }
+    EXPECT_EQ(store_->GetModel("t1", "mdl_1").status().code(), Code::kUnavailable);
+    EXPECT_EQ(store_->LeaseJob("w", false, "L", clock_.NowMs(), kTtl).status().code(), Code::kUnavailable);
+    ASSERT_TRUE(pg_->Restart());
+  } else {
+    // Another process holds the database's write lock past the busy timeout.
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open((dir_.path() + "/pare.db").c_str(), &db), SQLITE_OK);
+    ASSERT_EQ(sqlite3_exec(db, "BEGIN EXCLUSIVE", nullptr, nullptr, nullptr), SQLITE_OK);
+    auto j = store_->LeaseJob("w", false, "L", clock_.NowMs(), kTtl);
+    EXPECT_EQ(j.status().code(), Code::kUnavailable) << j.status().ToString();
+    sqlite3_exec(db, "ROLLBACK", nullptr, nullptr, nullptr);
+    sqlite3_close(db);
+  }
+  // Back without reopening the store: nothing was lost.
+  auto j = store_->GetJob("t1", "job_1");
+  ASSERT_TRUE(j.ok()) << j.status().ToString();
+  EXPECT_EQ(j->state, JobState::kQueued);
+  EXPECT_TRUE(Lease("w1").has_value());
+  EXPECT_EQ(store_->GetJob("t1", "job_nope").status().code(), Code::kNotFound);
 }
 
 }  // namespace

@@ -1,0 +1,158 @@
+// Two pare-server replicas on one PostgreSQL (started by the test, as an unprivileged user when
+// run as root) and one shared blob folder: what is done through one is seen through the other,
+// and killing one (kill -9) mid-upload, mid-watch and mid-job loses nothing acknowledged.
+// Reported SKIPPED where there is no PostgreSQL.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <atomic>
+#include <thread>
+
+#include "client/client.h"
+#include "common/sha256.h"
+#include "pg_server.h"
+#include "test_util.h"
+#include "worker/recipe_convert.h"
+
+namespace pare {
+namespace {
+
+using pare::testing::Fixture;
+using pare::testing::PgServer;
+using pare::testing::ServerProcess;
+using pare::testing::TempDir;
+
+client::Client ClientFor(const std::string& target) {
+  client::ClientOptions o;
+  o.server = target;
+  return client::Client(o);
+}
+
+Result<v1::Job> Submit(client::Client& c, const std::string& model_id, const std::string& request_id) {
+  v1::SubmitJobRequest req;
+  req.set_model_id(model_id);
+  req.set_request_id(request_id);
+  *req.mutable_recipe() =
+      ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":0.5,"scope":"GLOBAL"}}}]})").value();
+  return c.Submit(req);
+}
+
+class ReplicasTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string why;
+    pg_ = PgServer::Start(&why);
+    if (!pg_) GTEST_SKIP() << "no PostgreSQL to test against: " << why;
+  }
+  // A replica on the shared database and blob folder; `workers` local workers.
+  std::unique_ptr<ServerProcess> Replica(int workers) {
+    auto s = std::make_unique<ServerProcess>(
+        dir_.path() + "/shared",
+        std::vector<std::string>{"--store", pg_->url(), "--local-workers", std::to_string(workers),
+                                 "--worker-threads", "1", "--lease-ttl", "3"});
+    s->SetEnv("PARE_TEST_HOLD_JOB", hold_);
+    return s;
+  }
+
+  TempDir dir_;
+  std::unique_ptr<PgServer> pg_;
+  const std::string hold_ = dir_.path() + "/hold";
+};
+
+TEST_F(ReplicasTest, WhatOneReplicaDoesTheOtherSeesAndAKilledOneLosesNothing) {
+  // A has no workers: every job runs on B's, so a watch on A follows changes made through B.
+  auto a = Replica(0), b = Replica(1);
+  const std::string at_a = a->Start(), at_b = b->Start();
+  ASSERT_FALSE(at_a.empty());
+  ASSERT_FALSE(at_b.empty());
+  auto ca = ClientFor(at_a), cb = ClientFor(at_b);
+
+  // Upload on A, submit on B, watch on A, download from B: byte-identical.
+  auto m = ca.UploadModel(Fixture("small_cnn.pt"), "cnn", {1, 1, 28, 28});
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  auto job = Submit(cb, m->id(), "first");
+  ASSERT_TRUE(job.ok()) << job.status().ToString();
+  auto done = ca.Watch(job->id(), nullptr);
+  ASSERT_TRUE(done.ok()) << done.status().ToString();
+  ASSERT_EQ(done->state(), v1::SUCCEEDED) << done->error().message();
+  const std::string from_b = dir_.path() + "/from_b.pt", from_a = dir_.path() + "/from_a.pt";
+  ASSERT_TRUE(cb.Download(job->id(), v1::MODEL, from_b).ok());
+  ASSERT_TRUE(ca.Download(job->id(), v1::MODEL, from_a).ok());
+  EXPECT_EQ(Sha256OfFile(from_b), done->result_sha256());
+  EXPECT_EQ(Sha256OfFile(from_a), done->result_sha256());
+  // The submit is idempotent across replicas.
+  auto again = Submit(ca, m->id(), "first");
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->id(), job->id());
+
+  // One client for both replicas (gRPC's ipv4 resolver: the first reachable address), as a
+  // Kubernetes Service would give. A job held running; a watch on A; A killed mid-upload and
+  // mid-watch.
+  auto both = ClientFor("ipv4:" + at_a + "," + at_b);
+  std::ofstream(hold_) << "held\n";
+  auto held = Submit(both, m->id(), "second");
+  ASSERT_TRUE(held.ok()) << held.status().ToString();
+  ASSERT_TRUE(pare::testing::Eventually(
+      [&] {
+        auto now = cb.GetJob(held->id());
+        return now.ok() && now->state() == v1::RUNNING && now->progress().fraction() > 0;
+      },
+      60));
+  std::atomic<int> updates{0};
+  Result<v1::Job> watched = Status(Code::kUnknown, "not watched");
+  std::thread watch([&] { watched = both.Watch(held->id(), [&](const v1::Job&) { ++updates; }); });
+  ASSERT_TRUE(pare::testing::Eventually([&] { return updates.load() > 0; }, 30));
+  bool killed = false;
+  auto cut =
+      ca.UploadModel(Fixture("resnet18.pt"), "resnet", {1, 3, 64, 64}, [&](uint64_t n, uint64_t total) {
+        if (!killed && n > total / 2) {
+          a->Kill(SIGKILL);
+          killed = true;
+        }
+      });
+  ASSERT_TRUE(killed);
+  EXPECT_FALSE(cut.ok());
+  std::filesystem::remove(hold_);
+  watch.join();
+  ASSERT_TRUE(watched.ok()) << watched.status().ToString();
+  EXPECT_EQ(watched->state(), v1::SUCCEEDED) << watched->error().message();
+  // Everything acknowledged is there through B; the cut upload can be made again.
+  auto model = cb.GetModel(m->id());
+  ASSERT_TRUE(model.ok()) << model.status().ToString();
+  EXPECT_EQ(model->sha256(), m->sha256());
+  auto first = cb.GetJob(job->id());
+  ASSERT_TRUE(first.ok());
+  EXPECT_EQ(first->state(), v1::SUCCEEDED);
+  const std::string second = dir_.path() + "/second.pt";
+  ASSERT_TRUE(both.Download(held->id(), v1::MODEL, second).ok());
+  EXPECT_EQ(Sha256OfFile(second), watched->result_sha256());
+  auto redo = cb.UploadModel(Fixture("resnet18.pt"), "resnet", {1, 3, 64, 64});
+  ASSERT_TRUE(redo.ok()) << redo.status().ToString();
+  EXPECT_EQ(redo->sha256(), Sha256OfFile(Fixture("resnet18.pt")));
+}
+
+// A worker on each replica, many small jobs submitted through both: every job runs once.
+TEST_F(ReplicasTest, WorkersOnTwoReplicasRunEveryJobOnce) {
+  auto a = Replica(2), b = Replica(2);
+  const std::string at_a = a->Start(), at_b = b->Start();
+  ASSERT_FALSE(at_a.empty());
+  ASSERT_FALSE(at_b.empty());
+  auto ca = ClientFor(at_a), cb = ClientFor(at_b);
+  auto m = ca.UploadModel(Fixture("small_cnn.pt"), "cnn", {1, 1, 28, 28});
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  std::vector<std::string> ids;
+  for (int i = 0; i < 12; ++i) {
+    auto j = Submit(i % 2 ? cb : ca, m->id(), "job-" + std::to_string(i));
+    ASSERT_TRUE(j.ok()) << j.status().ToString();
+    ids.push_back(j->id());
+  }
+  for (const auto& id : ids) {
+    auto done = (ids.size() % 2 ? ca : cb).Watch(id, nullptr);
+    ASSERT_TRUE(done.ok()) << done.status().ToString();
+    EXPECT_EQ(done->state(), v1::SUCCEEDED) << done->error().message();
+    EXPECT_EQ(done->attempts(), 1) << id;  // leased once: no two workers took it
+  }
+}
+
+}  // namespace
+}  // namespace pare
