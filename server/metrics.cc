@@ -151,6 +151,11 @@ Metrics::Metrics(const std::vector<std::string>& methods, const std::string& ver
                              .Name("pare_workers_connected")
                              .Help("Workers seen in the last lease period, by device kind")
                              .Register(*registry_)),
+      jobs_queued_(prometheus::BuildGauge()
+                       .Name("pare_jobs_queued")
+                       .Help("Queued jobs by the device they asked for (cpu, cuda, auto): what worker "
+                             "autoscaling follows")
+                       .Register(*registry_)),
       workers_busy_(prometheus::BuildGauge()
                         .Name("pare_workers_busy")
                         .Help("Workers holding a lease, by device kind")
@@ -261,6 +266,13 @@ void Metrics::SetJobsByState(const std::map<JobState, int64_t>& counts) {
   for (JobState s : kStates) {
     auto it = counts.find(s);
     jobs_.Add({{"state", Lower(JobStateName(s))}}).Set(it == counts.end() ? 0.0 : double(it->second));
+  }
+}
+
+void Metrics::SetQueuedByDevice(const std::map<std::string, int64_t>& counts) {
+  for (const char* d : {"auto", "cpu", "cuda"}) {
+    auto it = counts.find(d);
+    jobs_queued_.Add({{"device", d}}).Set(it == counts.end() ? 0.0 : double(it->second));
   }
 }
 

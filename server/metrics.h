@@ -55,6 +55,8 @@ class Metrics {
 
   // Gauges refreshed by the server's housekeeping loop.
   void SetJobsByState(const std::map<JobState, int64_t>& counts);
+  // pare_jobs_queued{device}: queued jobs by the device they asked for (cpu, cuda, auto).
+  void SetQueuedByDevice(const std::map<std::string, int64_t>& counts);
   void SetWorkers(
       const std::map<std::string, std::pair<int, int>>& by_device);  // device -> (connected, busy)
   void SetLocalWorkerRestarts(int64_t total);
@@ -81,6 +83,7 @@ class Metrics {
   prometheus::Histogram& compression_ratio_;
   prometheus::Histogram& speedup_;
   prometheus::Family<prometheus::Gauge>& workers_connected_;
+  prometheus::Family<prometheus::Gauge>& jobs_queued_;
   prometheus::Family<prometheus::Gauge>& workers_busy_;
   prometheus::Counter& restarts_;
   prometheus::Gauge& blob_count_;

@@ -259,11 +259,13 @@ int Server::metrics_port() const {
 }
 
 // Gauges from the store, the workers' calls, the blob folder and the supervisor; and the
-// readiness status, which follows whether any worker is connected.
+// readiness status.
 void Server::RefreshGauges(bool blobs) {
   const int64_t now = clock_->NowMs();
   auto counts = store_->CountJobs();
   if (counts.ok()) metrics_->SetJobsByState(counts.value());
+  auto queued = store_->QueuedByDevice();
+  if (queued.ok()) metrics_->SetQueuedByDevice(queued.value());
   auto workers = worker_registry_.Snapshot(now, options_.limits.lease_ttl_ms);
   metrics_->SetWorkers(workers);
   int connected = 0;
@@ -273,12 +275,22 @@ void Server::RefreshGauges(bool blobs) {
     auto [count, bytes] = blobs_->CountAndBytes();
     metrics_->SetBlobs(count, bytes);
   }
-  const bool ready = connected > 0 && !ctx_.draining;
+  // One server (SQLite): ready while a worker is connected to it, since it alone hands out the
+  // jobs. Replicas on PostgreSQL: a worker connects to one of them and any replica serves any
+  // call, so each is ready while it reaches the database (workers are the cluster's concern:
+  // its autoscaler's, from pare_jobs_queued).
+  const bool replicated = store_->backend() != "sqlite";
+  const bool ready = !ctx_.draining && (replicated ? counts.ok() : connected > 0);
   if (grpc_ && ready != ready_) {
     ready_ = ready;
     grpc_->GetHealthCheckService()->SetServingStatus(kReadinessService, ready);
-    spdlog::info(Kv({{"msg", ready ? "ready: a worker is connected" : "not ready: no worker connected"},
-                     {"workers", std::to_string(connected)}}));
+    std::string why =
+        ready ? (replicated ? "ready: the database answers" : "ready: a worker is connected")
+              : (ctx_.draining
+                     ? "not ready: draining"
+                     : (replicated ? "not ready: the database does not answer: " + counts.status().message()
+                                   : "not ready: no worker connected"));
+    spdlog::info(Kv({{"msg", why}, {"workers", std::to_string(connected)}}));
   }
 }
 

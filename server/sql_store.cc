@@ -461,6 +461,18 @@ Result<std::map<JobState, int64_t>> SqlStore::CountJobs() {
   });
 }
 
+Result<std::map<std::string, int64_t>> SqlStore::QueuedByDevice() {
+  using Counts = std::map<std::string, int64_t>;
+  return InTransaction<Counts>(*db_, [&](SqlTx& tx) -> Result<Counts> {
+    PARE_ASSIGN_OR_RETURN(auto rows,
+                          tx.Query("SELECT device, COUNT(*) FROM jobs WHERE state = ? GROUP BY device",
+                                   {State(JobState::kQueued)}));
+    Counts out;
+    for (const auto& r : rows) out[r.Text(0)] = r.Int(1);
+    return out;
+  });
+}
+
 Result<Store::TenantUsage> SqlStore::Usage(const std::string& tenant) {
   return InTransaction<TenantUsage>(*db_, [&](SqlTx& tx) -> Result<TenantUsage> {
     TenantUsage u;

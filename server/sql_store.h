@@ -37,6 +37,7 @@ class SqlStore final : public Store {
   Result<JobRecord> CancelJob(const std::string& tenant, const std::string& id, int64_t now_ms) override;
   Result<std::vector<JobRecord>> ExpireLeases(int64_t now_ms) override;
   Result<std::map<JobState, int64_t>> CountJobs() override;
+  Result<std::map<std::string, int64_t>> QueuedByDevice() override;
   Result<TenantUsage> Usage(const std::string& tenant) override;
   void ListenForChanges(std::function<void(const std::string& job_id)> changed) override {
     db_->Listen(std::move(changed));

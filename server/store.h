@@ -138,6 +138,9 @@ class Store {
   virtual Result<std::vector<JobRecord>> ExpireLeases(int64_t now_ms) = 0;
   // Jobs per state, all tenants (for metrics and the global queue bound).
   virtual Result<std::map<JobState, int64_t>> CountJobs() = 0;
+  // Queued jobs by the device they asked for ("cpu", "cuda", "auto"): what worker autoscaling
+  // follows (pare_jobs_queued).
+  virtual Result<std::map<std::string, int64_t>> QueuedByDevice() = 0;
   // What a tenant holds: bytes of its models and datasets, and its queued or running jobs.
   struct TenantUsage {
     uint64_t stored_bytes = 0;

@@ -78,9 +78,10 @@ def check_k8s():
     config = next(d for _, d in base if d["kind"] == "ConfigMap")
     secrets = {d["metadata"]["name"]: d for _, d in base if d["kind"] == "Secret"}
     pvcs = {d["metadata"]["name"] for _, d in base if d["kind"] == "PersistentVolumeClaim"}
-    for overlay in ("cpu", "gpu"):
+    for overlay in ("cpu", "gpu", "ha"):
         files = load_kustomization(os.path.join(K8S, "overlays", overlay))
         docs = render(os.path.join(K8S, "overlays", overlay))
+        secrets_here = dict(secrets, **{d["metadata"]["name"]: d for _, d in docs if d["kind"] == "Secret"})
         names = [(d["kind"], d["metadata"]["name"]) for _, d in docs]
         check(len(names) == len(set(names)), f"overlay {overlay}: duplicate resources {names}")
         check(sorted(names) == sorted((d["kind"], d["metadata"]["name"]) for _, d in files),
@@ -115,7 +116,10 @@ def check_k8s():
                     check(m["name"] in volumes, f"{name}: volumeMount {m['name']} has no volume")
                 for v in volumes.values():
                     if "secret" in v:
-                        check(v["secret"]["secretName"] in secrets, f"{name}: secret {v['secret']['secretName']}")
+                        check(v["secret"]["secretName"] in secrets_here, f"{name}: secret {v['secret']['secretName']}")
+                        for item in v["secret"].get("items", []):
+                            check(item["key"] in secrets_here[v["secret"]["secretName"]]["stringData"],
+                                  f"{name}: secret {v['secret']['secretName']} has no key {item['key']}")
                     if "persistentVolumeClaim" in v:
                         check(v["persistentVolumeClaim"]["claimName"] in pvcs, f"{name}: pvc")
                 for ref in c.get("envFrom", []):
@@ -127,8 +131,14 @@ def check_k8s():
                         port = c[probe]["grpc"]["port"]
                         check(port in ports.values() or port in ports, f"{name}: {probe} port {port} is not a container port")
                 args = " ".join(c.get("args", []))
+                env = {e["name"]: e for e in c.get("env", [])}
                 for var in re.findall(r"\$\((\w+)\)", args):
-                    check(var in config["data"], f"{name}: $({var}) is not in the ConfigMap")
+                    check(var in config["data"] or var in env, f"{name}: $({var}) is neither in the ConfigMap nor env")
+                for e in env.values():
+                    ref = e.get("valueFrom", {}).get("secretKeyRef")
+                    if ref:
+                        check(ref["key"] in secrets_here.get(ref["name"], {}).get("stringData", {}),
+                              f"{name}: env {e['name']} names secret {ref['name']} key {ref['key']}, which does not exist")
                 drain = [int(config["data"][v]) for v in re.findall(r"--drain-seconds=\$\((\w+)\)", args)]
                 for dsec in drain:
                     check(grace >= dsec + 5, f"{name}: grace period {grace}s does not cover a {dsec}s drain")
@@ -154,8 +164,40 @@ def check_k8s():
                        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]]
                 check(any(p["name"] == d["spec"]["endpoints"][0]["port"] for s in svc for p in s["spec"]["ports"]),
                       "ServiceMonitor: its port is not a named Service port")
+        if overlay == "ha":
+            check_ha(docs)
         print(f"ok   overlay {overlay}: {len(docs)} resources")
     return base, config, secrets
+
+
+def check_ha(docs):
+    """The ha overlay: replicated servers on PostgreSQL, a shared blob volume, KEDA per worker kind."""
+    by = {(d["kind"], d["metadata"]["name"]): d for _, d in docs}
+    server = by[("Deployment", "pare-server")]
+    check(server["spec"]["replicas"] >= 2, "ha: pare-server has fewer than 2 replicas")
+    check(server["spec"]["strategy"]["type"] == "RollingUpdate", "ha: pare-server is not rolled one at a time")
+    c = server["spec"]["template"]["spec"]["containers"][0]
+    args = c["args"]
+    check("--store=$(PARE_STORE_URL)" in args, f"ha: pare-server does not take its store from the secret: {args}")
+    check(any(a.startswith("--store-password-file=") for a in args), "ha: no --store-password-file")
+    check(not any("password" in a and "=" in a and not a.startswith("--store-password-file=") for a in args),
+          "ha: a password on the command line")
+    check(c["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "pare-db", "ha: the store URL is not from Secret pare-db")
+    check(by[("PersistentVolumeClaim", "pare-data")]["spec"]["accessModes"] == ["ReadWriteMany"],
+          "ha: the blob volume is not ReadWriteMany")
+    pdb = by[("PodDisruptionBudget", "pare-server")]["spec"]
+    check(pdb.get("maxUnavailable") == 1 and "minAvailable" not in pdb,
+          "ha: the server PDB must let one replica go and keep the others")
+    scaled = {d["spec"]["scaleTargetRef"]["name"]: d for _, d in docs if d["kind"] == "ScaledObject"}
+    for worker, device, floor in (("pare-worker-cpu", "cpu", 1), ("pare-worker-gpu", "cuda", 0)):
+        check(("Deployment", worker) in by, f"ha: ScaledObject target {worker} is not a Deployment")
+        so = scaled.get(worker)
+        check(so is not None, f"ha: no ScaledObject for {worker}")
+        if so:
+            check(so["spec"]["minReplicaCount"] == floor, f"ha: {worker} min replicas {so['spec']['minReplicaCount']}")
+            q = so["spec"]["triggers"][0]["metadata"]["query"]
+            check("pare_jobs_queued" in q and device in q and q.startswith("max("),
+                  f"ha: {worker}'s trigger must follow max(pare_jobs_queued) of its device: {q}")
 
 
 def run_binaries(base, config, secrets):

@@ -6,7 +6,12 @@
 #include <signal.h>
 
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
 #include <thread>
+
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
 
 #include "client/client.h"
 #include "common/sha256.h"
@@ -26,6 +31,37 @@ client::Client ClientFor(const std::string& target) {
   client::ClientOptions o;
   o.server = target;
   return client::Client(o);
+}
+
+// The health status a readiness probe gets ("pare.readiness"): 1 SERVING, 2 NOT_SERVING, -1 no
+// answer. A raw call (grpc.health.v1 messages written by hand: the proto is not installed).
+int Readiness(const std::string& address) {
+  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  grpc::GenericStub stub(channel);
+  const std::string service = "pare.readiness";
+  std::string request = std::string(1, '\x0a') + char(service.size()) + service;  // field 1, string
+  grpc::Slice slice(request);
+  grpc::ByteBuffer in(&slice, 1), out;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  grpc::Status status;
+  stub.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &in, &out, [&](grpc::Status s) {
+    std::lock_guard<std::mutex> lock(mu);
+    status = s;
+    done = true;
+    cv.notify_one();
+  });
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return done; });
+  if (!status.ok()) return -1;
+  std::vector<grpc::Slice> slices;
+  if (!out.Dump(&slices).ok()) return -1;
+  std::string bytes;
+  for (const auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  return bytes.size() == 2 && bytes[0] == '\x08' ? bytes[1] : 0;  // field 1, varint (0 omitted: UNKNOWN)
 }
 
 Result<v1::Job> Submit(client::Client& c, const std::string& model_id, const std::string& request_id) {
@@ -66,6 +102,8 @@ TEST_F(ReplicasTest, WhatOneReplicaDoesTheOtherSeesAndAKilledOneLosesNothing) {
   ASSERT_FALSE(at_a.empty());
   ASSERT_FALSE(at_b.empty());
   auto ca = ClientFor(at_a), cb = ClientFor(at_b);
+  // A replica with no worker of its own is ready: on a shared database it serves every call.
+  EXPECT_TRUE(pare::testing::Eventually([&] { return Readiness(at_a) == 1; }, 10)) << Readiness(at_a);
 
   // Upload on A, submit on B, watch on A, download from B: byte-identical.
   auto m = ca.UploadModel(Fixture("small_cnn.pt"), "cnn", {1, 1, 28, 28});

@@ -106,6 +106,9 @@ TEST_P(StoreTest, SubmitIsIdempotentOnRequestId) {
 TEST_P(StoreTest, LeasesOldestFirstAndRespectsDevice) {
   NewJob("job_gpu", "cuda");
   NewJob("job_cpu", "cpu");
+  auto queued = store_->QueuedByDevice();  // what worker autoscaling follows
+  ASSERT_TRUE(queued.ok());
+  EXPECT_EQ(queued.value(), (std::map<std::string, int64_t>{{"cpu", 1}, {"cuda", 1}}));
   auto first = Lease("w1", /*cuda=*/false);
   ASSERT_TRUE(first.has_value());
   EXPECT_EQ(first->id, "job_cpu");  // a CPU worker skips the cuda job
