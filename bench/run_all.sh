@@ -4,7 +4,8 @@
 #
 #   bench/run_all.sh [--quick] [--threads N] [--out FILE] [--build DIR] [--only KEY,...]
 #
-# --only: just these sections (keys: speed, blas, optimize, quality, auto, auto-tv, soak), into
+# --only: just these sections (keys: speed, blas, optimize, quality, auto, auto-tv, soak,
+# control-plane), into
 # --out (a file of their own, with the machine header: RESULTS.md is rewritten only by a full run).
 # --quick: one repeat per timed row, one BLAS round on two models, one Fashion-MNIST epoch and a
 # 20 s soak (about 15 minutes on 2 cores instead of about 50); its file says so at the top.
@@ -40,8 +41,8 @@ trap 'rm -rf "$work"' EXIT
 tmp="$work/RESULTS.md"
 failed=()
 
-if ((quick)); then repeat=1 rounds=1 epochs=1 soak=20 warm=5 models_flag=--quick auto_budget=300 tv_models=resnet18
-else repeat=3 rounds=2 epochs=4 soak=120 warm=20 models_flag= auto_budget=900 tv_models=resnet18,mobilenet_v2; fi
+if ((quick)); then repeat=1 rounds=1 epochs=1 soak=20 warm=5 models_flag=--quick auto_budget=300 tv_models=resnet18 cp_seconds=5
+else repeat=3 rounds=2 epochs=4 soak=120 warm=20 models_flag= auto_budget=900 tv_models=resnet18,mobilenet_v2 cp_seconds=10; fi
 
 # section KEY TITLE INTRO COMMAND...: the section's heading, what it measures, the command line
 # and what the command printed; a failing command is recorded as such and the others still run.
@@ -115,6 +116,10 @@ section soak "Load and leaks: pare-soak" \
   "16 clients loop upload, a deliberately rejected recipe, a 2:4 pruning job, polling and download against one server with 2 local workers; RSS from /proc (server, and every process below it). Target: growth < 50 MB after warm-up, zero errors." \
   "$build/bench/pare-soak" --bin-dir "$build" --model "$build/tests/fixtures/small_cnn.pt" --seconds "$soak" \
   --warmup "$warm" --clients 16 --workers 2
+
+section control-plane "The control plane on SQLite and PostgreSQL" \
+  "pare-control-plane (C++, gRPC) against servers without workers: 16 and 64 clients (GetJob, ListJobs, SubmitJob, a WatchJob's first message), then 1,000 jobs handed to 8 worker-protocol clients. Targets: PostgreSQL with one replica at least 0.5x SQLite's GetJob rate at 64 clients; two replicas with zero errors and zero lost or duplicated jobs." \
+  "$py" bench/control_plane.py --bin-dir "$build" --seconds "$cp_seconds" --no-machine
 
 cp "$tmp" "$out"
 echo "run_all.sh: wrote $out" >&2
