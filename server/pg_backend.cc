@@ -104,7 +104,13 @@ class PgTx final : public SqlTx {
   bool broken() const { return PQstatus(conn_) != CONNECTION_OK; }
 
   // Runs a statement of its own (BEGIN, COMMIT, ROLLBACK).
-  Status Command(const char* sql) { return Run(sql, {}, nullptr, nullptr); }
+  Status Command(const char* sql) {
+    Status s = Run(sql, {}, nullptr, nullptr);
+    if (s.ok() && std::string(sql) == "BEGIN") began_ = true;
+    return s;
+  }
+  // Whether BEGIN succeeded (then a failure after it may have happened mid-transaction).
+  bool began() const { return began_; }
 
  private:
   Status Run(const std::string& sql, const SqlParams& params, SqlRows* rows, int64_t* changed) {
@@ -185,6 +191,7 @@ class PgTx final : public SqlTx {
 
   PGconn* conn_;
   bool retry_ = false;
+  bool began_ = false;
 };
 
 class PgBackend final : public SqlBackend {
@@ -212,28 +219,32 @@ class PgBackend final : public SqlBackend {
 
   const SqlDialect& dialect() const override { return dialect_; }
 
-  Status Transact(const std::function<Status(SqlTx&)>& body) override {
+  Status Transact(const std::function<Status(SqlTx&)>& body, Access access) override {
+    const bool write = access == Access::kWrite;
     Status last;
     for (int attempt = 0; attempt < kMaxAttempts; ++attempt) {
       PARE_ASSIGN_OR_RETURN(PGconn * conn, Acquire());
       PgTx tx(conn);
-      Status s = tx.Command("BEGIN");
-      if (!s.ok()) {
-        Release(conn, tx.broken());
-        if (!tx.broken()) return s;
+      // A read runs its statements each on its own (no BEGIN/COMMIT round trips); its first
+      // statement then finds a stale connection the way BEGIN does.
+      Status s = write ? tx.Command("BEGIN") : Status::Ok();
+      if (s.ok()) {
+        s = body(tx);
+        if (s.ok() && write) {
+          s = tx.Command("COMMIT");  // a connection lost here leaves the outcome unknown: not retried
+        } else if (!s.ok() && write && !tx.broken()) {
+          tx.Command("ROLLBACK");
+        }
+      }
+      const bool broken = tx.broken();
+      Release(conn, broken);
+      if (!s.ok() && broken && (!write || !tx.began())) {
         // The pool's connections outlived the database (a restart, a failover): drop the idle
-        // ones too, and go on with a new connection. Nothing of the body ran yet.
+        // ones too, and go on with a new connection. Nothing was written.
         DropIdle();
         last = s;
         continue;
       }
-      s = body(tx);
-      if (s.ok()) {
-        s = tx.Command("COMMIT");  // a connection lost here leaves the outcome unknown: not retried
-      } else if (!tx.broken()) {
-        tx.Command("ROLLBACK");
-      }
-      Release(conn, tx.broken());
       if (s.ok() || !tx.retry()) return s;
       last = s;
     }

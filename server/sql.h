@@ -85,13 +85,17 @@ struct SqlDialect {
   std::vector<std::string> schema;
 };
 
+// What a transaction does: reads only (a lookup: on PostgreSQL its statements run without
+// BEGIN/COMMIT, saving two round trips; on SQLite it takes no write lock), or writes.
+enum class Access { kRead, kWrite };
+
 class SqlBackend {
  public:
   virtual ~SqlBackend() = default;
   virtual const SqlDialect& dialect() const = 0;
   // Runs `body` in a transaction: committed when it returns OK, rolled back otherwise (its
   // status is returned). A body that lost a deadlock or a serialization conflict is run again.
-  virtual Status Transact(const std::function<Status(SqlTx&)>& body) = 0;
+  virtual Status Transact(const std::function<Status(SqlTx&)>& body, Access access = Access::kWrite) = 0;
   // Calls `changed` with the id of every job a committed transaction (of any server) notified,
   // from a thread of the backend's, until the backend is destroyed; `changed` with an empty id
   // when notifications may have been missed (the connection was lost): every job may have
@@ -101,14 +105,16 @@ class SqlBackend {
 
 // Runs `body` in a transaction of `db`, returning what it produced.
 template <typename T, typename F>
-Result<T> InTransaction(SqlBackend& db, F&& body) {
+Result<T> InTransaction(SqlBackend& db, F&& body, Access access = Access::kWrite) {
   std::optional<T> out;
-  Status s = db.Transact([&](SqlTx& tx) -> Status {
-    Result<T> r = body(tx);
-    if (!r.ok()) return r.status();
-    out = std::move(r).value();
-    return Status::Ok();
-  });
+  Status s = db.Transact(
+      [&](SqlTx& tx) -> Status {
+        Result<T> r = body(tx);
+        if (!r.ok()) return r.status();
+        out = std::move(r).value();
+        return Status::Ok();
+      },
+      access);
   if (!s.ok()) return s;
   return std::move(*out);
 }

@@ -205,17 +205,20 @@ Status SqlStore::PutModel(const ModelRecord& m, uint64_t tenant_max_bytes) {
 }
 
 Result<ModelRecord> SqlStore::GetModel(const std::string& tenant, const std::string& id) {
-  return InTransaction<ModelRecord>(*db_, [&](SqlTx& tx) -> Result<ModelRecord> {
-    PARE_ASSIGN_OR_RETURN(auto rows, tx.Query("SELECT id, tenant, name, sha256, size_bytes, input_shape, "
-                                              "created_ms FROM models WHERE id = ? AND tenant = ?",
-                                              {id, tenant}));
-    if (rows.empty()) return NotFound("model '" + id + "' does not exist");
-    const SqlRow& r = rows.front();
-    ModelRecord m{r.Text(0), r.Text(1), r.Text(2), r.Text(3), static_cast<uint64_t>(r.Int(4)),
-                  {},        {},        r.Int(6)};
-    SplitShapes(r.Text(5), m);
-    return m;
-  });
+  return InTransaction<ModelRecord>(
+      *db_,
+      [&](SqlTx& tx) -> Result<ModelRecord> {
+        PARE_ASSIGN_OR_RETURN(auto rows, tx.Query("SELECT id, tenant, name, sha256, size_bytes, input_shape, "
+                                                  "created_ms FROM models WHERE id = ? AND tenant = ?",
+                                                  {id, tenant}));
+        if (rows.empty()) return NotFound("model '" + id + "' does not exist");
+        const SqlRow& r = rows.front();
+        ModelRecord m{r.Text(0), r.Text(1), r.Text(2), r.Text(3), static_cast<uint64_t>(r.Int(4)),
+                      {},        {},        r.Int(6)};
+        SplitShapes(r.Text(5), m);
+        return m;
+      },
+      Access::kRead);
 }
 
 Status SqlStore::PutDataset(const DatasetRecord& d, uint64_t tenant_max_bytes) {
@@ -231,16 +234,19 @@ Status SqlStore::PutDataset(const DatasetRecord& d, uint64_t tenant_max_bytes) {
 }
 
 Result<DatasetRecord> SqlStore::GetDataset(const std::string& tenant, const std::string& id) {
-  return InTransaction<DatasetRecord>(*db_, [&](SqlTx& tx) -> Result<DatasetRecord> {
-    PARE_ASSIGN_OR_RETURN(auto rows,
-                          tx.Query("SELECT id, tenant, name, sha256, size_bytes, format, created_ms "
-                                   "FROM datasets WHERE id = ? AND tenant = ?",
-                                   {id, tenant}));
-    if (rows.empty()) return NotFound("dataset '" + id + "' does not exist");
-    const SqlRow& r = rows.front();
-    return DatasetRecord{r.Text(0), r.Text(1), r.Text(2), r.Text(3), static_cast<uint64_t>(r.Int(4)),
-                         r.Text(5), r.Int(6)};
-  });
+  return InTransaction<DatasetRecord>(
+      *db_,
+      [&](SqlTx& tx) -> Result<DatasetRecord> {
+        PARE_ASSIGN_OR_RETURN(auto rows,
+                              tx.Query("SELECT id, tenant, name, sha256, size_bytes, format, created_ms "
+                                       "FROM datasets WHERE id = ? AND tenant = ?",
+                                       {id, tenant}));
+        if (rows.empty()) return NotFound("dataset '" + id + "' does not exist");
+        const SqlRow& r = rows.front();
+        return DatasetRecord{r.Text(0), r.Text(1), r.Text(2), r.Text(3), static_cast<uint64_t>(r.Int(4)),
+                             r.Text(5), r.Int(6)};
+      },
+      Access::kRead);
 }
 
 Result<std::pair<JobRecord, bool>> SqlStore::CreateJob(const JobRecord& j, const QueueLimits& limits) {
@@ -290,20 +296,24 @@ Result<std::pair<JobRecord, bool>> SqlStore::CreateJob(const JobRecord& j, const
 
 Result<JobRecord> SqlStore::GetJob(const std::string& tenant, const std::string& id) {
   return InTransaction<JobRecord>(
-      *db_, [&](SqlTx& tx) { return ReadJob(tx, db_->dialect(), tenant, id, /*lock=*/false); });
+      *db_, [&](SqlTx& tx) { return ReadJob(tx, db_->dialect(), tenant, id, /*lock=*/false); },
+      Access::kRead);
 }
 
 Result<std::vector<JobRecord>> SqlStore::ListJobs(const std::string& tenant, int64_t after_seq, int limit) {
   using Jobs = std::vector<JobRecord>;
-  return InTransaction<Jobs>(*db_, [&](SqlTx& tx) -> Result<Jobs> {
-    PARE_ASSIGN_OR_RETURN(auto rows,
-                          tx.Query(std::string("SELECT ") + kJobColumns +
-                                       " FROM jobs WHERE tenant = ? AND seq > ? ORDER BY seq LIMIT ?",
-                                   {tenant, after_seq, static_cast<int64_t>(limit)}));
-    Jobs out;
-    for (const auto& r : rows) out.push_back(ReadJob(r));
-    return out;
-  });
+  return InTransaction<Jobs>(
+      *db_,
+      [&](SqlTx& tx) -> Result<Jobs> {
+        PARE_ASSIGN_OR_RETURN(auto rows,
+                              tx.Query(std::string("SELECT ") + kJobColumns +
+                                           " FROM jobs WHERE tenant = ? AND seq > ? ORDER BY seq LIMIT ?",
+                                       {tenant, after_seq, static_cast<int64_t>(limit)}));
+        Jobs out;
+        for (const auto& r : rows) out.push_back(ReadJob(r));
+        return out;
+      },
+      Access::kRead);
 }
 
 Result<std::optional<JobRecord>> SqlStore::LeaseJob(const std::string& worker, bool has_cuda,
@@ -453,36 +463,45 @@ Result<std::vector<JobRecord>> SqlStore::ExpireLeases(int64_t now_ms) {
 
 Result<std::map<JobState, int64_t>> SqlStore::CountJobs() {
   using Counts = std::map<JobState, int64_t>;
-  return InTransaction<Counts>(*db_, [&](SqlTx& tx) -> Result<Counts> {
-    PARE_ASSIGN_OR_RETURN(auto rows, tx.Query("SELECT state, COUNT(*) FROM jobs GROUP BY state"));
-    Counts out;
-    for (const auto& r : rows) out[static_cast<JobState>(r.Int(0))] = r.Int(1);
-    return out;
-  });
+  return InTransaction<Counts>(
+      *db_,
+      [&](SqlTx& tx) -> Result<Counts> {
+        PARE_ASSIGN_OR_RETURN(auto rows, tx.Query("SELECT state, COUNT(*) FROM jobs GROUP BY state"));
+        Counts out;
+        for (const auto& r : rows) out[static_cast<JobState>(r.Int(0))] = r.Int(1);
+        return out;
+      },
+      Access::kRead);
 }
 
 Result<std::map<std::string, int64_t>> SqlStore::QueuedByDevice() {
   using Counts = std::map<std::string, int64_t>;
-  return InTransaction<Counts>(*db_, [&](SqlTx& tx) -> Result<Counts> {
-    PARE_ASSIGN_OR_RETURN(auto rows,
-                          tx.Query("SELECT device, COUNT(*) FROM jobs WHERE state = ? GROUP BY device",
-                                   {State(JobState::kQueued)}));
-    Counts out;
-    for (const auto& r : rows) out[r.Text(0)] = r.Int(1);
-    return out;
-  });
+  return InTransaction<Counts>(
+      *db_,
+      [&](SqlTx& tx) -> Result<Counts> {
+        PARE_ASSIGN_OR_RETURN(auto rows,
+                              tx.Query("SELECT device, COUNT(*) FROM jobs WHERE state = ? GROUP BY device",
+                                       {State(JobState::kQueued)}));
+        Counts out;
+        for (const auto& r : rows) out[r.Text(0)] = r.Int(1);
+        return out;
+      },
+      Access::kRead);
 }
 
 Result<Store::TenantUsage> SqlStore::Usage(const std::string& tenant) {
-  return InTransaction<TenantUsage>(*db_, [&](SqlTx& tx) -> Result<TenantUsage> {
-    TenantUsage u;
-    PARE_ASSIGN_OR_RETURN(u.stored_bytes, StoredBytes(tx, tenant));
-    PARE_ASSIGN_OR_RETURN(auto rows,
-                          tx.Query("SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN (?, ?)",
-                                   {tenant, State(JobState::kQueued), State(JobState::kRunning)}));
-    u.active_jobs = rows.at(0).Int(0);
-    return u;
-  });
+  return InTransaction<TenantUsage>(
+      *db_,
+      [&](SqlTx& tx) -> Result<TenantUsage> {
+        TenantUsage u;
+        PARE_ASSIGN_OR_RETURN(u.stored_bytes, StoredBytes(tx, tenant));
+        PARE_ASSIGN_OR_RETURN(auto rows,
+                              tx.Query("SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN (?, ?)",
+                                       {tenant, State(JobState::kQueued), State(JobState::kRunning)}));
+        u.active_jobs = rows.at(0).Int(0);
+        return u;
+      },
+      Access::kRead);
 }
 
 Result<std::unique_ptr<Store>> OpenStore(const std::string& spec, const std::string& data_dir,

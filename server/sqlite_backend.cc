@@ -136,11 +136,13 @@ class SqliteBackend final : public SqlBackend {
 
   const SqlDialect& dialect() const override { return dialect_; }
 
-  Status Transact(const std::function<Status(SqlTx&)>& body) override {
+  Status Transact(const std::function<Status(SqlTx&)>& body, Access access) override {
     std::lock_guard<std::mutex> lock(mu_);
-    // IMMEDIATE: the write lock is taken at the start, so a transaction never fails half-way
-    // for another process's writer (it waits up to the busy timeout, then is UNAVAILABLE).
-    int rc = sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr);
+    // IMMEDIATE for writes: the write lock is taken at the start, so a transaction never fails
+    // half-way for another process's writer (it waits up to the busy timeout, then is
+    // UNAVAILABLE). Reads take none (WAL: they see the last commit).
+    int rc =
+        sqlite3_exec(db_, access == Access::kWrite ? "BEGIN IMMEDIATE" : "BEGIN", nullptr, nullptr, nullptr);
     if (rc != SQLITE_OK) return Failure(db_, rc, "begin");
     SqliteTx tx(db_);
     Status s = body(tx);
