@@ -192,5 +192,40 @@ TEST_F(ReplicasTest, WorkersOnTwoReplicasRunEveryJobOnce) {
   }
 }
 
+// PostgreSQL restarted while jobs run through two replicas: calls fail UNAVAILABLE while it is
+// down, work again after without restarting any server, and every job ends.
+TEST_F(ReplicasTest, ADatabaseRestartUnderLoadLosesNoJob) {
+  auto a = Replica(1), b = Replica(1);
+  const std::string at_a = a->Start(), at_b = b->Start();
+  ASSERT_FALSE(at_a.empty());
+  ASSERT_FALSE(at_b.empty());
+  auto ca = ClientFor(at_a), cb = ClientFor(at_b);
+  auto m = ca.UploadModel(Fixture("small_cnn.pt"), "cnn", {1, 1, 28, 28});
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  std::vector<std::string> ids;
+  for (int i = 0; i < 6; ++i) {
+    auto j = Submit(i % 2 ? cb : ca, m->id(), "restart-" + std::to_string(i));
+    ASSERT_TRUE(j.ok()) << j.status().ToString();
+    ids.push_back(j->id());
+  }
+  ASSERT_TRUE(pg_->Stop());
+  auto down = cb.GetJob(ids[0]);
+  EXPECT_EQ(down.status().code(), Code::kUnavailable) << down.status().ToString();
+  auto refused = Submit(ca, m->id(), "while-down");
+  EXPECT_EQ(refused.status().code(), Code::kUnavailable) << refused.status().ToString();
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  ASSERT_TRUE(pg_->Restart());
+  for (const auto& id : ids) {
+    auto done = (id == ids[0] ? ca : cb).Watch(id, nullptr);
+    ASSERT_TRUE(done.ok()) << id << ": " << done.status().ToString();
+    EXPECT_EQ(done->state(), v1::SUCCEEDED) << id << ": " << done->error().message();
+  }
+  auto after = Submit(cb, m->id(), "after");
+  ASSERT_TRUE(after.ok()) << after.status().ToString();
+  auto done = ca.Watch(after->id(), nullptr);
+  ASSERT_TRUE(done.ok()) << done.status().ToString();
+  EXPECT_EQ(done->state(), v1::SUCCEEDED);
+}
+
 }  // namespace
 }  // namespace pare
