@@ -24,7 +24,7 @@ int ExitFor(const Status& s) {
 
 int Fail(const Status& s, const std::string& what) {
   std::cerr << "pare: " << what << ": " << CodeName(s.code()) << ": " << s.message() << "\n";
-  if (s.code() == Code::kUnavailable)
+  if (s.code() == Code::kUnavailable && s.message().find("job database") == std::string::npos)
     std::cerr << "pare: is pare-server running? (--server or $PARE_SERVER)\n";
   return ExitFor(s);
 }

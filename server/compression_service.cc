@@ -203,7 +203,7 @@ Status CheckTrainData(const std::vector<engine::StepSpec>& steps, const v1::Subm
 // A lookup's status with the request field it came from: NOT_FOUND names the field; a store
 // failure (UNAVAILABLE, INTERNAL) stays what it is.
 Status Exists(const Status& looked_up, const std::string& field) {
-  if (looked_up.ok()) return looked_up;
+  if (looked_up.code() != Code::kNotFound) return looked_up;
   return Status(looked_up.code(), field + ": " + looked_up.message());
 }
 

@@ -15,14 +15,18 @@ namespace {
 void AddOptions(CLI::App& app, pare::server::ServerOptions& o) {
   app.add_option("--listen", o.listen, "host:port for gRPC (port 0 picks a free port)")
       ->capture_default_str();
-  app.add_option("--data-dir", o.data_dir, "folder for the SQLite store and the blob files")
+  app.add_option("--data-dir", o.data_dir,
+                 "folder for the SQLite store and the blob files (with --store postgresql://..., the blob "
+                 "files only: one folder shared by every replica)")
       ->capture_default_str();
   app.add_option("--store", o.store,
                  "job database: sqlite (in --data-dir) or postgresql://user@host:5432/db[?sslmode=...] "
                  "for several replicas")
       ->capture_default_str();
   app.add_option("--store-password-file", o.store_password_file,
-                 "file holding the PostgreSQL password (default: PGPASSWORD or ~/.pgpass)");
+                 "file holding the PostgreSQL password, used instead of any in the URL (default: "
+                 "PGPASSWORD or ~/.pgpass)")
+      ->check(CLI::ExistingFile);
   app.add_option("--local-workers", o.local_workers, "local pare-worker processes to supervise (0: none)")
       ->capture_default_str();
   app.add_option("--worker-binary", o.worker_binary,

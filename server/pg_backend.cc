@@ -14,6 +14,8 @@
 #include <regex>
 #include <thread>
 
+#include "common/logging.h"
+
 namespace pare::server {
 namespace {
 
@@ -65,6 +67,9 @@ std::string Numbered(const std::string& sql) {
   }
   return out;
 }
+
+const char* kUnavailableMessage =
+    "the job database is unavailable; retry later (the cause is in pare-server's log)";
 
 bool Retryable(const std::string& state) { return state == "40001" || state == "40P01"; }
 
@@ -183,10 +188,12 @@ class PgTx final : public SqlTx {
       retry_ = true;
       return Unavailable("the database gave up a conflicting transaction: " + cause);
     }
-    spdlog::error("store: {}", cause);
-    if (broken() || Unreachable(state)) return Unavailable("the database is unavailable: " + cause);
-    if (state.rfind("22", 0) == 0) return InvalidArgument("the database refused a value: " + cause);
-    return Internal("database error: " + cause);
+    // The cause is for the operator (the log); callers, who may be any tenant, get no database
+    // details.
+    spdlog::error(Kv({{"msg", "store: database error"}, {"backend", "postgresql"}, {"cause", cause}}));
+    if (broken() || Unreachable(state)) return Unavailable(kUnavailableMessage);
+    if (state.rfind("22", 0) == 0) return InvalidArgument("the database refused a value: " + message);
+    return Internal("the job database failed (the cause is in pare-server's log)");
   }
 
   PGconn* conn_;
@@ -251,6 +258,12 @@ class PgBackend final : public SqlBackend {
     return last;
   }
 
+  // The last connection failure's cause (for OpenPostgres's message at start).
+  std::string LastConnectError() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return last_connect_error_;
+  }
+
   void DropIdle() {
     std::lock_guard<std::mutex> lock(mu_);
     for (PGconn* c : idle_) PQfinish(c);
@@ -284,7 +297,10 @@ class PgBackend final : public SqlBackend {
               if (!id.empty()) changed(id);
             }
           }
-          spdlog::warn("store: lost the PostgreSQL connection that listens for job changes; reconnecting");
+          if (!stop_) {
+            spdlog::warn(
+                Kv({{"msg", "store: lost the connection that listens for job changes; reconnecting"}}));
+          }
         }
         PQfinish(c);
       }
@@ -340,13 +356,25 @@ class PgBackend final : public SqlBackend {
     if (!c || PQstatus(c) != CONNECTION_OK) {
       const std::string why = c ? OneLine(PQerrorMessage(c)) : "out of memory";
       PQfinish(c);
-      spdlog::error("store: cannot connect to {}: {}", RedactUrl(url_), why);
-      return Unavailable("the database is unavailable: cannot connect to " + RedactUrl(url_) + ": " + why);
+      if (reachable_.exchange(false)) {  // once per outage, not once per call
+        spdlog::error(
+            Kv({{"msg", "store: cannot connect to the database"}, {"url", RedactUrl(url_)}, {"cause", why}}));
+      }
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        last_connect_error_ = why;
+      }
+      return Unavailable(kUnavailableMessage);
+    }
+    if (!reachable_.exchange(true)) {
+      spdlog::info(Kv({{"msg", "store: connected to the database again"}, {"url", RedactUrl(url_)}}));
     }
     // Notices ("relation ... already exists, skipping") are for people at a psql prompt.
     PQsetNoticeProcessor(
         c,
-        [](void*, const char* message) { spdlog::debug("store: postgresql notice: {}", OneLine(message)); },
+        [](void*, const char* message) {
+          spdlog::debug(Kv({{"msg", "store: postgresql notice"}, {"notice", OneLine(message)}}));
+        },
         nullptr);
     return c;
   }
@@ -360,6 +388,8 @@ class PgBackend final : public SqlBackend {
   std::vector<PGconn*> idle_;  // guarded by mu_
   int open_ = 0;               // connections out of or in the pool; guarded by mu_
   std::atomic<bool> stop_{false};
+  std::atomic<bool> reachable_{true};
+  std::string last_connect_error_;  // guarded by mu_
   std::thread listener_;
 };
 
@@ -376,8 +406,20 @@ Result<std::unique_ptr<SqlBackend>> OpenPostgres(const std::string& url, const s
                                                  int pool_size) {
   if (pool_size < 1) return InvalidArgument("the PostgreSQL connection pool needs at least 1 connection");
   auto backend = std::make_unique<PgBackend>(url, password, pool_size);
-  PARE_ASSIGN_OR_RETURN(PGconn * conn, backend->Acquire());
-  backend->Release(conn, false);
+  auto conn = backend->Acquire();
+  if (!conn.ok()) {
+    // At start the operator is the reader: the cause, and whether waiting can help. A refused
+    // password, a database or role that does not exist, or a bad parameter will not pass.
+    const std::string why = backend->LastConnectError();
+    for (const char* permanent : {"password authentication failed", "does not exist", "invalid",
+                                  "unrecognized", "no password supplied", "SSL", "certificate"}) {
+      if (why.find(permanent) != std::string::npos) {
+        return FailedPrecondition("the database refused the connection: " + why);
+      }
+    }
+    return Unavailable("cannot reach the database: " + why);
+  }
+  backend->Release(conn.value(), false);
   return std::unique_ptr<SqlBackend>(std::move(backend));
 }
 

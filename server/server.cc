@@ -123,6 +123,14 @@ Result<std::unique_ptr<Server>> Server::Create(ServerOptions options, std::share
     }
     if (password.back() == '\r') password.pop_back();
   }
+  if (RedactUrl(s->options_.store) != s->options_.store) {
+    spdlog::warn(Kv({{"msg",
+                      "the --store URL holds a password, which any local user sees in the process list: "
+                      "use --store-password-file"}}));
+  }
+  if (!password.empty() && s->options_.store == "sqlite") {
+    return InvalidArgument("--store-password-file is for a PostgreSQL --store; the store is sqlite");
+  }
   auto store = OpenStore(s->options_.store, s->options_.data_dir, password);
   if (!store.ok()) {
     return Status(store.status().code(),
@@ -264,6 +272,7 @@ void Server::RefreshGauges(bool blobs) {
   const int64_t now = clock_->NowMs();
   auto counts = store_->CountJobs();
   if (counts.ok()) metrics_->SetJobsByState(counts.value());
+  if (!counts.ok()) store_failed_ms_ = now;  // the reaper waits a lease period after it recovers
   auto queued = store_->QueuedByDevice();
   if (queued.ok()) metrics_->SetQueuedByDevice(queued.value());
   auto workers = worker_registry_.Snapshot(now, options_.limits.lease_ttl_ms);
@@ -300,7 +309,22 @@ void Server::ReaperLoop() {
   int refreshes = 0;
   while (!stopping_) {
     lock.unlock();
-    auto changed = store_->ExpireLeases(clock_->NowMs());
+    // After the database could not be reached, neither could the workers' heartbeats: a lease
+    // that ran out meanwhile belongs to a worker that may be fine. Leases are expired again only
+    // once a whole lease period has passed with the database answering, so an outage longer
+    // than the lease (a failover) restarts no job.
+    const int64_t now = clock_->NowMs();
+    const int64_t failed = store_failed_ms_.load();
+    Result<std::vector<JobRecord>> changed = std::vector<JobRecord>{};
+    if (failed < 0 || now - failed > options_.limits.lease_ttl_ms) changed = store_->ExpireLeases(now);
+    if (!changed.ok()) {
+      if (store_failed_ms_.exchange(now) < 0) {  // once per outage
+        spdlog::error(Kv({{"msg", "lease reaper failed"}, {"error", changed.status().message()}}));
+      }
+    } else if (failed >= 0 && now - failed > options_.limits.lease_ttl_ms) {
+      store_failed_ms_ = -1;
+      spdlog::info(Kv({{"msg", "the lease reaper works again: leases are expired again"}}));
+    }
     if (changed.ok()) {
       for (const auto& j : changed.value()) {
         spdlog::warn(Kv({{"msg", "lease expired"},
@@ -311,8 +335,6 @@ void Server::ReaperLoop() {
         metrics_->LeaseExpired(j.state == JobState::kQueued);
         JobChanged(ctx_, j, worker_registry_.DeviceOf(j.worker));
       }
-    } else {
-      spdlog::error(Kv({{"msg", "lease reaper failed"}, {"error", changed.status().message()}}));
     }
     if (std::chrono::steady_clock::now() - last_refresh > std::chrono::seconds(1)) {
       RefreshGauges(/*blobs=*/++refreshes % 15 == 0);  // gauges every second, blob totals every 15 s

@@ -105,6 +105,8 @@ class Server {
   std::unique_ptr<prometheus::Exposer> exposer_;
   WorkerRegistry worker_registry_;
   std::atomic<bool> ready_{false};  // readiness last set on the health service
+  // When a store call of the reaper or the gauges last failed (-1: not since the last recovery).
+  std::atomic<int64_t> store_failed_ms_{-1};
   std::unique_ptr<WorkerSupervisor> supervisor_;
   int port_ = 0;
   int local_port_ = 0;  // loopback plaintext port for local workers when the main port is TLS

@@ -262,6 +262,17 @@ Result<std::pair<JobRecord, bool>> SqlStore::CreateJob(const JobRecord& j, const
                                                 {j.tenant, j.request_id}));
       if (!rows.empty()) {
         PARE_ASSIGN_OR_RETURN(auto existing, ReadJob(tx, d, j.tenant, rows.front().Text(0), false));
+        // A retry is the same request; the same key for another job is a client's mistake, not
+        // something to answer with the old job as if it were this one.
+        if (existing.model_id != j.model_id || existing.recipe_pb != j.recipe_pb ||
+            existing.calibration_dataset_id != j.calibration_dataset_id ||
+            existing.train_dataset_id != j.train_dataset_id ||
+            existing.eval_dataset_id != j.eval_dataset_id || existing.device != j.device) {
+          return FailedPrecondition("request_id '" + j.request_id + "' was already used for job '" +
+                                    existing.id +
+                                    "' with another model, recipe, datasets or device; give this job a new "
+                                    "request_id");
+        }
         return Created{existing, false};
       }
     }

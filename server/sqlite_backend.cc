@@ -5,6 +5,8 @@
 
 #include <mutex>
 
+#include "common/logging.h"
+
 namespace pare::server {
 
 int64_t SqlRow::Int(size_t col) const {
@@ -49,12 +51,13 @@ Status Failure(sqlite3* db, int rc, const std::string& what) {
   const std::string cause = what + ": " + sqlite3_errmsg(db) + " (sqlite " + sqlite3_errstr(rc) + ")";
   const int primary = rc & 0xff;
   if (primary == SQLITE_CONSTRAINT) return Status(Code::kAlreadyExists, cause);
-  spdlog::error("store: {}", cause);
+  spdlog::error(Kv({{"msg", "store: database error"}, {"backend", "sqlite"}, {"cause", cause}}));
   if (primary == SQLITE_BUSY || primary == SQLITE_LOCKED || primary == SQLITE_FULL ||
       primary == SQLITE_IOERR || primary == SQLITE_CANTOPEN) {
-    return Unavailable("the database is unavailable: " + cause);
+    return Unavailable("the job database is unavailable (" + std::string(sqlite3_errstr(rc)) +
+                       "); retry later (the cause is in pare-server's log)");
   }
-  return Internal("database error: " + cause);
+  return Internal("the job database failed (the cause is in pare-server's log)");
 }
 
 class SqliteTx final : public SqlTx {

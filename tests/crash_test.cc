@@ -80,8 +80,8 @@ TEST(CrashTest, KillNineAfterSuccessLosesNothing) {
   EXPECT_EQ(Sha256OfFile(second), result_sha);
   EXPECT_EQ(Sha256OfFile(second), Sha256OfFile(result_file));
   // The idempotency key survived too.
-  auto same =
-      SubmitRecipe(c, model_id, R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}}]})", "crash-test");
+  auto same = SubmitRecipe(
+      c, model_id, R"({"steps":[{"prune":{"magnitude":{"amount":0.5,"scope":"GLOBAL"}}}]})", "crash-test");
   ASSERT_TRUE(same.ok());
   EXPECT_EQ(same->id(), job_id);
 }

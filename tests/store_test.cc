@@ -84,16 +84,17 @@ INSTANTIATE_TEST_SUITE_P(Backends, StoreTest, ::testing::Values("sqlite", "postg
 
 TEST_P(StoreTest, SubmitIsIdempotentOnRequestId) {
   JobRecord a = NewJob("job_a", "auto", "req-1");
-  JobRecord j;
+  JobRecord j = a;  // the same request again (a client's retry)
   j.id = "job_b";
-  j.tenant = "t1";
-  j.model_id = "mdl_other";
-  j.request_id = "req-1";
-  j.created_ms = 1;
   auto again = store_->CreateJob(j);
   ASSERT_TRUE(again.ok());
   EXPECT_FALSE(again->second);
   EXPECT_EQ(again->first.id, "job_a");
+  // The same key for another job is refused, naming the job that holds it.
+  j.model_id = "mdl_other";
+  auto other_job = store_->CreateJob(j);
+  EXPECT_EQ(other_job.status().code(), Code::kFailedPrecondition);
+  EXPECT_NE(other_job.status().message().find("job_a"), std::string::npos) << other_job.status().message();
   // The same request id in another tenant is another job.
   j.tenant = "t2";
   auto other = store_->CreateJob(j);
