@@ -90,24 +90,39 @@ class ReplicasTest : public ::testing::Test {
     return s;
   }
 
+  // Starts replicas A and B with these many local workers and uploads the small CNN through A.
+  void StartBoth(int workers_a, int workers_b) {
+    a_ = Replica(workers_a);
+    b_ = Replica(workers_b);
+    at_a_ = a_->Start();
+    at_b_ = b_->Start();
+    ASSERT_FALSE(at_a_.empty());
+    ASSERT_FALSE(at_b_.empty());
+    auto c = ClientFor(at_a_);
+    auto m = c.UploadModel(Fixture("small_cnn.pt"), "cnn", {1, 1, 28, 28});
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    model_ = m.value();
+  }
+
   TempDir dir_;
   std::unique_ptr<PgServer> pg_;
+  std::unique_ptr<ServerProcess> a_, b_;
+  std::string at_a_, at_b_;
+  v1::Model model_;
   const std::string hold_ = dir_.path() + "/hold";
 };
 
 TEST_F(ReplicasTest, WhatOneReplicaDoesTheOtherSeesAndAKilledOneLosesNothing) {
   // A has no workers: every job runs on B's, so a watch on A follows changes made through B.
-  auto a = Replica(0), b = Replica(1);
-  const std::string at_a = a->Start(), at_b = b->Start();
-  ASSERT_FALSE(at_a.empty());
-  ASSERT_FALSE(at_b.empty());
+  StartBoth(0, 1);
+  if (HasFatalFailure()) return;
+  const std::string at_a = at_a_, at_b = at_b_;
   auto ca = ClientFor(at_a), cb = ClientFor(at_b);
+  const v1::Model* m = &model_;
   // A replica with no worker of its own is ready: on a shared database it serves every call.
   EXPECT_TRUE(pare::testing::Eventually([&] { return Readiness(at_a) == 1; }, 10)) << Readiness(at_a);
 
-  // Upload on A, submit on B, watch on A, download from B: byte-identical.
-  auto m = ca.UploadModel(Fixture("small_cnn.pt"), "cnn", {1, 1, 28, 28});
-  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  // Uploaded on A; submit on B, watch on A, download from B: byte-identical.
   auto job = Submit(cb, m->id(), "first");
   ASSERT_TRUE(job.ok()) << job.status().ToString();
   auto done = ca.Watch(job->id(), nullptr);
@@ -144,7 +159,7 @@ TEST_F(ReplicasTest, WhatOneReplicaDoesTheOtherSeesAndAKilledOneLosesNothing) {
   auto cut =
       ca.UploadModel(Fixture("resnet18.pt"), "resnet", {1, 3, 64, 64}, [&](uint64_t n, uint64_t total) {
         if (!killed && n > total / 2) {
-          a->Kill(SIGKILL);
+          a_->Kill(SIGKILL);
           killed = true;
         }
       });
@@ -171,21 +186,19 @@ TEST_F(ReplicasTest, WhatOneReplicaDoesTheOtherSeesAndAKilledOneLosesNothing) {
 
 // A worker on each replica, many small jobs submitted through both: every job runs once.
 TEST_F(ReplicasTest, WorkersOnTwoReplicasRunEveryJobOnce) {
-  auto a = Replica(2), b = Replica(2);
-  const std::string at_a = a->Start(), at_b = b->Start();
-  ASSERT_FALSE(at_a.empty());
-  ASSERT_FALSE(at_b.empty());
-  auto ca = ClientFor(at_a), cb = ClientFor(at_b);
-  auto m = ca.UploadModel(Fixture("small_cnn.pt"), "cnn", {1, 1, 28, 28});
-  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  StartBoth(2, 2);
+  if (HasFatalFailure()) return;
+  auto ca = ClientFor(at_a_), cb = ClientFor(at_b_);
+  const v1::Model* m = &model_;
   std::vector<std::string> ids;
   for (int i = 0; i < 12; ++i) {
     auto j = Submit(i % 2 ? cb : ca, m->id(), "job-" + std::to_string(i));
     ASSERT_TRUE(j.ok()) << j.status().ToString();
     ids.push_back(j->id());
   }
-  for (const auto& id : ids) {
-    auto done = (ids.size() % 2 ? ca : cb).Watch(id, nullptr);
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const std::string& id = ids[i];
+    auto done = (i % 2 ? ca : cb).Watch(id, nullptr);
     ASSERT_TRUE(done.ok()) << done.status().ToString();
     EXPECT_EQ(done->state(), v1::SUCCEEDED) << done->error().message();
     EXPECT_EQ(done->attempts(), 1) << id;  // leased once: no two workers took it
@@ -197,13 +210,10 @@ TEST_F(ReplicasTest, WorkersOnTwoReplicasRunEveryJobOnce) {
 // server, and every job ends; the job that was running keeps its worker (no second attempt:
 // its heartbeats could not land, which is not its worker's fault).
 TEST_F(ReplicasTest, ADatabaseRestartUnderLoadLosesNoJob) {
-  auto a = Replica(1), b = Replica(1);
-  const std::string at_a = a->Start(), at_b = b->Start();
-  ASSERT_FALSE(at_a.empty());
-  ASSERT_FALSE(at_b.empty());
-  auto ca = ClientFor(at_a), cb = ClientFor(at_b);
-  auto m = ca.UploadModel(Fixture("small_cnn.pt"), "cnn", {1, 1, 28, 28});
-  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  StartBoth(1, 1);
+  if (HasFatalFailure()) return;
+  auto ca = ClientFor(at_a_), cb = ClientFor(at_b_);
+  const v1::Model* m = &model_;
   std::ofstream(hold_) << "held\n";
   std::vector<std::string> ids;
   for (int i = 0; i < 6; ++i) {
