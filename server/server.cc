@@ -141,6 +141,7 @@ Result<std::unique_ptr<Server>> Server::Create(ServerOptions options, std::share
   auto blobs = BlobStore::Open(s->options_.data_dir, s->store_->backend() != "sqlite");
   if (!blobs.ok()) return blobs.status();
   s->blobs_ = std::move(blobs).value();
+  PARE_RETURN_IF_ERROR(s->CheckSharedBlobs());
   s->executor_ = std::make_unique<Executor>(s->options_.executor_threads, s->options_.executor_queue);
   s->ctx_.store = s->store_.get();
   s->ctx_.blobs = s->blobs_.get();
@@ -191,6 +192,22 @@ Status Server::SetUpAuth() {
   PARE_ASSIGN_OR_RETURN(auto auth, Authenticator::FromFile(options_.auth_tokens_file, worker_token_));
   auth_ = std::move(auth);
   return Status::Ok();
+}
+
+// Replicas on one database must share one blob folder: a replica on a folder of its own would
+// accept uploads whose jobs then fail on other replicas' workers. When the database has models
+// and this folder holds none of the latest ones, the server refuses to start.
+Status Server::CheckSharedBlobs() {
+  if (store_->backend() == "sqlite") return Status::Ok();
+  PARE_ASSIGN_OR_RETURN(auto digests, store_->RecentModelDigests(8));
+  if (digests.empty()) return Status::Ok();
+  for (const auto& sha : digests) {
+    if (blobs_->Exists(sha)) return Status::Ok();
+  }
+  return FailedPrecondition("--data-dir " + options_.data_dir + " holds none of the " +
+                            std::to_string(digests.size()) +
+                            " models stored last in this database: replicas on one database must share one "
+                            "--data-dir (a ReadWriteMany volume)");
 }
 
 std::string Server::address() const {

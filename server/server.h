@@ -84,6 +84,7 @@ class Server {
  private:
   explicit Server(ServerOptions options, std::shared_ptr<Clock> clock);
   Status SetUpAuth();
+  Status CheckSharedBlobs();
   void ReaperLoop();
   // `blobs`: also walk the blob folder (slow with many blobs: done less often).
   void RefreshGauges(bool blobs);

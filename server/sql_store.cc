@@ -500,6 +500,21 @@ Result<std::map<std::string, int64_t>> SqlStore::QueuedByDevice() {
       Access::kRead);
 }
 
+Result<std::vector<std::string>> SqlStore::RecentModelDigests(int n) {
+  using Digests = std::vector<std::string>;
+  return InTransaction<Digests>(
+      *db_,
+      [&](SqlTx& tx) -> Result<Digests> {
+        PARE_ASSIGN_OR_RETURN(auto rows,
+                              tx.Query("SELECT sha256 FROM models ORDER BY created_ms DESC LIMIT ?",
+                                       {static_cast<int64_t>(n)}));
+        Digests out;
+        for (const auto& r : rows) out.push_back(r.Text(0));
+        return out;
+      },
+      Access::kRead);
+}
+
 Result<Store::TenantUsage> SqlStore::Usage(const std::string& tenant) {
   return InTransaction<TenantUsage>(
       *db_,

@@ -38,6 +38,7 @@ class SqlStore final : public Store {
   Result<std::vector<JobRecord>> ExpireLeases(int64_t now_ms) override;
   Result<std::map<JobState, int64_t>> CountJobs() override;
   Result<std::map<std::string, int64_t>> QueuedByDevice() override;
+  Result<std::vector<std::string>> RecentModelDigests(int n) override;
   Result<TenantUsage> Usage(const std::string& tenant) override;
   void ListenForChanges(std::function<void(const std::string& job_id)> changed) override {
     db_->Listen(std::move(changed));

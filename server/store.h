@@ -141,6 +141,9 @@ class Store {
   // Queued jobs by the device they asked for ("cpu", "cuda", "auto"): what worker autoscaling
   // follows (pare_jobs_queued).
   virtual Result<std::map<std::string, int64_t>> QueuedByDevice() = 0;
+  // The digests of the `n` most recently stored models (what a replica checks its blob folder
+  // against at start).
+  virtual Result<std::vector<std::string>> RecentModelDigests(int n) = 0;
   // What a tenant holds: bytes of its models and datasets, and its queued or running jobs.
   struct TenantUsage {
     uint64_t stored_bytes = 0;

@@ -182,6 +182,10 @@ TEST_F(ReplicasTest, WhatOneReplicaDoesTheOtherSeesAndAKilledOneLosesNothing) {
   auto redo = cb.UploadModel(Fixture("resnet18.pt"), "resnet", {1, 3, 64, 64});
   ASSERT_TRUE(redo.ok()) << redo.status().ToString();
   EXPECT_EQ(redo->sha256(), Sha256OfFile(Fixture("resnet18.pt")));
+  // A replica on a blob folder of its own would accept uploads whose jobs fail elsewhere: it is
+  // refused at start.
+  ServerProcess alone(dir_.path() + "/not-shared", {"--store", pg_->url(), "--local-workers", "0"});
+  EXPECT_TRUE(alone.Start().empty()) << "a replica started on a folder without the database's blobs";
 }
 
 // A worker on each replica, many small jobs submitted through both: every job runs once.

@@ -245,6 +245,9 @@ TEST_P(StoreTest, StateSurvivesReopening) {
   EXPECT_EQ(two->input_shape, (std::vector<int64_t>{1, 3, 32, 32}));
   EXPECT_EQ(two->more_input_shapes, (std::vector<std::vector<int64_t>>{{1, 3, 32, 32}, {1, 8}}));
   EXPECT_EQ(store_->GetModel("t2", "mdl_1").status().code(), Code::kNotFound);
+  auto recent = store_->RecentModelDigests(1);  // what a replica checks its blob folder against
+  ASSERT_TRUE(recent.ok());
+  EXPECT_EQ(recent.value(), std::vector<std::string>{std::string(64, 'c')});
 }
 
 TEST_P(StoreTest, UploadsThroughTwoServersCannotPassTheQuotaTogether) {
