@@ -228,6 +228,27 @@ TEST_F(EngineTest, DynamicQuantizationOfLstmAndGru) {
   EXPECT_GT((ref.argmax(1) == out.argmax(1)).to(at::kFloat).mean().item<double>(), 0.7);
 }
 
+TEST_F(EngineTest, AnInputShapeThatChangesTheBatchIsFlagged) {
+  // The article's CNN flattens with view(-1, 320): at 44x44 one input becomes four rows. The
+  // job goes on (the model runs), and the report says the shape looks wrong; at 28x28 it does
+  // not.
+  auto notes_at = [&](std::vector<int64_t> shape) {
+    CompressOptions opts;
+    opts.device = "cpu";
+    opts.input_shape = shape;
+    opts.latency_batches = {1};
+    opts.latency_budget_seconds = 0.02;
+    Report r = Compress(Fixture("user_article_cnn.pt"), {DynamicQuantSpec{}}, opts, TempPath("shape.pt"));
+    std::string all;
+    for (const auto& n : r.steps.at(0).notes) all += n + "\n";
+    return all;
+  };
+  const std::string wrong = notes_at({1, 1, 44, 44});
+  EXPECT_NE(wrong.find("into 128 output rows"), std::string::npos) << wrong;
+  const std::string right = notes_at({1, 1, 28, 28});
+  EXPECT_EQ(right.find("output rows"), std::string::npos) << right;
+}
+
 TEST_F(EngineTest, CompressRunsARecipeAndReportsEveryStep) {
   CompressOptions opts;
   opts.device = "cpu";

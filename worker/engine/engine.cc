@@ -269,6 +269,19 @@ class Job {
           c10::str(ctx_.reference.front().second.sizes()) +
           ", not [N, classes] (agreement still compares the outputs)");
     }
+    // A forward that turns N inputs into another number of rows (a `view(-1, K)` whose K does
+    // not fit the input shape) usually means the input shape is wrong: the job goes on, the
+    // report says so.
+    for (const auto& [name, out] : ctx_.reference) {
+      if (out.dim() > 0 && out.size(0) != ctx_.samples.size(0)) {
+        original.notes.push_back("WARNING: the model turns " + std::to_string(ctx_.samples.size(0)) +
+                                 " inputs into " + std::to_string(out.size(0)) + " output rows (output " +
+                                 (name.empty() ? std::string("0") : name) + " " + c10::str(out.sizes()) +
+                                 "): is the input shape " + c10::str(at::IntArrayRef(inputs_.shape)) +
+                                 " the one it was written for?");
+        break;
+      }
+    }
     if (cached) {
       original.stats.latency = cached->latency;
       original.notes.push_back(
