@@ -812,6 +812,20 @@ TEST_F(EngineTest, StaticQuantizationServesRepeatedCallsOfWideGroupedConvolution
   EXPECT_NE(q.get_method("forward").graph()->toString().find("quantized::"), std::string::npos);
 }
 
+TEST_F(EngineTest, StaticQuantizationNamesTheOpsThatRunInFloatBetweenQuantizedOnes) {
+  // PReLU has no quantized kernel in LibTorch 1.13: the graph dequantizes around it. The report
+  // says so, as it does for layers kept float.
+  auto m = torch::jit::load(Fixture("user_prelu.pt"));
+  m.eval();
+  std::vector<std::string> notes;
+  auto q = QuantizeStatic(m, StaticQuantSpec{}, {at::randn({4, 3, 32, 32})}, &notes);
+  std::string found;
+  for (const auto& n : notes) {
+    if (n.rfind("ran in float between quantized ops", 0) == 0) found = n;
+  }
+  EXPECT_NE(found.find("2 aten::prelu"), std::string::npos) << found;
+}
+
 TEST_F(EngineTest, StaticQuantizationKeepsFloatWhatItCannotObserve) {
   // A data-dependent branch on a convolution's output in the top module: the layers whose
   // quantization LibTorch cannot observe stay float, the rest is quantized, and the report says so.

@@ -274,6 +274,64 @@ std::vector<std::string> FloatLayers(const std::shared_ptr<torch::jit::Graph>& g
   return out;
 }
 
+std::vector<std::string> FloatBetweenQuantized(const std::shared_ptr<torch::jit::Graph>& graph) {
+  // Ops that only move or split values: passed through, not counted.
+  auto structural = [](torch::jit::Node* n) {
+    const auto k = n->kind();
+    return k.is_prim() || k == c10::aten::chunk || k == c10::aten::split || k == c10::aten::view ||
+           k == c10::aten::reshape || k == c10::aten::contiguous || k == c10::aten::flatten ||
+           k == c10::aten::size || k == c10::aten::__getitem__;
+  };
+  // Whether a dequantized value reaches `n` backwards (or a quantize forwards), through
+  // structural ops only, within a few steps.
+  std::function<bool(torch::jit::Node*, int)> from_dequantized = [&](torch::jit::Node* n, int depth) {
+    for (torch::jit::Value* in : n->inputs()) {
+      torch::jit::Node* p = in->node();
+      if (p->kind() == c10::aten::dequantize && p->input(0)->node()->kind() != c10::prim::Constant)
+        return true;
+      if (depth > 0 && structural(p) && from_dequantized(p, depth - 1)) return true;
+    }
+    return false;
+  };
+  std::function<bool(torch::jit::Node*, int)> requantized = [&](torch::jit::Node* n, int depth) {
+    for (torch::jit::Value* out : n->outputs()) {
+      for (const auto& use : out->uses()) {
+        if (use.user->kind() == c10::aten::quantize_per_tensor) return true;
+        if (depth > 0 && structural(use.user) && requantized(use.user, depth - 1)) return true;
+      }
+    }
+    return false;
+  };
+  std::map<std::string, int> count;
+  ForEachNode(graph->block(), [&](torch::jit::Node* n) {
+    const auto k = n->kind();
+    const bool control_flow = k == c10::prim::Loop || k == c10::prim::If;  // a whole loop or branch
+    if (!control_flow && (LayerOpOf(n) != LayerOp::kNone || k == c10::aten::dequantize ||
+                          k == c10::aten::quantize_per_tensor || structural(n) || !k.is_aten())) {
+      return;
+    }
+    if (control_flow) {
+      // A loop or branch that computes on dequantized values (its results reach the rest through
+      // its outputs or through lists it appends to).
+      bool uses = false;
+      for (torch::jit::Block* b : n->blocks()) {
+        for (torch::jit::Node* inner : b->nodes()) {
+          for (torch::jit::Value* in : inner->inputs()) {
+            uses = uses || (in->node()->kind() == c10::aten::dequantize &&
+                            in->node()->input(0)->node()->kind() != c10::prim::Constant);
+          }
+        }
+      }
+      if (uses) ++count[k.toQualString()];
+      return;
+    }
+    if (from_dequantized(n, 4) && requantized(n, 4)) ++count[k.toQualString()];
+  });
+  std::vector<std::string> out;
+  for (const auto& [op, n] : count) out.push_back(std::to_string(n) + " " + op);
+  return out;
+}
+
 bool UnderAny(const std::string& path, const std::set<std::string>& roots) {
   for (const auto& r : roots) {
     if (path == r || (path.size() > r.size() && path.compare(0, r.size(), r) == 0 && path[r.size()] == '.')) {

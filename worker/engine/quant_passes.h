@@ -76,4 +76,9 @@ std::set<std::string> UnobserveWeights(const torch::jit::Module& observed,
 // The convolutions and linear layers a quantized graph still runs in float.
 std::vector<std::string> FloatLayers(const std::shared_ptr<torch::jit::Graph>& graph);
 
+// The other ops a quantized graph runs in float between quantized ones (dequantized inputs, an
+// output quantized again: PReLU, a loop LibTorch cannot quantize), counted by kind, conv/linear
+// left out (FloatLayers has them).
+std::vector<std::string> FloatBetweenQuantized(const std::shared_ptr<torch::jit::Graph>& graph);
+
 }  // namespace pare::engine

@@ -540,6 +540,12 @@ static torch::jit::Module QuantizeStaticOnce(const torch::jit::Module& input, co
     for (size_t i = 0; i < left.size(); ++i) s += (i ? ", " : "") + left[i];
     notes.push_back(s);
   }
+  auto between = FloatBetweenQuantized(converted.module.get_method("forward").graph());
+  if (!between.empty()) {
+    std::string s = "ran in float between quantized ops (LibTorch has no quantized kernel for them): ";
+    for (size_t i = 0; i < between.size(); ++i) s += (i ? ", " : "") + between[i];
+    notes.push_back(s);
+  }
   return converted.module;
 }
 
