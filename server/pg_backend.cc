@@ -68,9 +68,6 @@ std::string Numbered(const std::string& sql) {
   return out;
 }
 
-const char* kUnavailableMessage =
-    "the job database is unavailable; retry later (the cause is in pare-server's log)";
-
 bool Retryable(const std::string& state) { return state == "40001" || state == "40P01"; }
 
 // The database cannot be reached or refuses work for now: connection failures (08), shutting
@@ -186,14 +183,14 @@ class PgTx final : public SqlTx {
     if (state == "23505") return Status(Code::kAlreadyExists, cause);
     if (Retryable(state)) {
       retry_ = true;
-      return Unavailable("the database gave up a conflicting transaction: " + cause);
+      return DatabaseUnavailable("conflicting transactions; " + state);
     }
     // The cause is for the operator (the log); callers, who may be any tenant, get no database
     // details.
     spdlog::error(Kv({{"msg", "store: database error"}, {"backend", "postgresql"}, {"cause", cause}}));
-    if (broken() || Unreachable(state)) return Unavailable(kUnavailableMessage);
+    if (broken() || Unreachable(state)) return DatabaseUnavailable();
     if (state.rfind("22", 0) == 0) return InvalidArgument("the database refused a value: " + message);
-    return Internal("the job database failed (the cause is in pare-server's log)");
+    return DatabaseFailed();
   }
 
   PGconn* conn_;
@@ -206,6 +203,7 @@ class PgBackend final : public SqlBackend {
   PgBackend(std::string url, std::string password, int pool_size)
       : url_(std::move(url)), password_(std::move(password)), pool_size_(pool_size) {
     dialect_.name = "postgresql";
+    dialect_.shared = true;
     dialect_.for_update = " FOR UPDATE";
     dialect_.skip_locked = " FOR UPDATE SKIP LOCKED";
     // Transaction-scoped: released at commit or rollback, or when the connection dies.
@@ -364,7 +362,7 @@ class PgBackend final : public SqlBackend {
         std::lock_guard<std::mutex> lock(mu_);
         last_connect_error_ = why;
       }
-      return Unavailable(kUnavailableMessage);
+      return DatabaseUnavailable();
     }
     if (!reachable_.exchange(true)) {
       spdlog::info(Kv({{"msg", "store: connected to the database again"}, {"url", RedactUrl(url_)}}));

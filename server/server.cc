@@ -138,7 +138,7 @@ Result<std::unique_ptr<Server>> Server::Create(ServerOptions options, std::share
   }
   s->store_ = std::move(store).value();
   // On PostgreSQL, other replicas may share the blob folder.
-  auto blobs = BlobStore::Open(s->options_.data_dir, s->store_->backend() != "sqlite");
+  auto blobs = BlobStore::Open(s->options_.data_dir, s->store_->shared());
   if (!blobs.ok()) return blobs.status();
   s->blobs_ = std::move(blobs).value();
   PARE_RETURN_IF_ERROR(s->CheckSharedBlobs());
@@ -198,7 +198,7 @@ Status Server::SetUpAuth() {
 // accept uploads whose jobs then fail on other replicas' workers. When the database has models
 // and this folder holds none of the latest ones, the server refuses to start.
 Status Server::CheckSharedBlobs() {
-  if (store_->backend() == "sqlite") return Status::Ok();
+  if (!store_->shared()) return Status::Ok();
   PARE_ASSIGN_OR_RETURN(auto digests, store_->RecentModelDigests(8));
   if (digests.empty()) return Status::Ok();
   for (const auto& sha : digests) {
@@ -305,7 +305,7 @@ void Server::RefreshGauges(bool blobs) {
   // jobs. Replicas on PostgreSQL: a worker connects to one of them and any replica serves any
   // call, so each is ready while it reaches the database (workers are the cluster's concern:
   // its autoscaler's, from pare_jobs_queued).
-  const bool replicated = store_->backend() != "sqlite";
+  const bool replicated = store_->shared();
   const bool ready = !ctx_.draining && (replicated ? counts.ok() : connected > 0);
   if (grpc_ && ready != ready_) {
     ready_ = ready;

@@ -67,7 +67,8 @@ class SqlTx {
 
 // Where the backends' SQL differs.
 struct SqlDialect {
-  std::string name;  // "sqlite", "postgresql"
+  std::string name;     // "sqlite", "postgresql"
+  bool shared = false;  // several servers may use the database at once
   // Appended to a SELECT of rows the transaction goes on to change ("" where transactions
   // already run one at a time): other transactions wait for them (for_update) or pass them by
   // (skip_locked: two workers leasing at once take different jobs).
@@ -102,6 +103,15 @@ class SqlBackend {
   // changed. Backends without notifications never call it.
   virtual void Listen(std::function<void(const std::string& job_id)> changed) { (void)changed; }
 };
+
+// What callers (any tenant) are told when the database fails: the cause is only in the log.
+inline Status DatabaseUnavailable(const std::string& detail = "") {
+  return Unavailable("the job database is unavailable" + (detail.empty() ? "" : " (" + detail + ")") +
+                     "; retry later (the cause is in pare-server's log)");
+}
+inline Status DatabaseFailed() {
+  return Internal("the job database failed (the cause is in pare-server's log)");
+}
 
 // Runs `body` in a transaction of `db`, returning what it produced.
 template <typename T, typename F>

@@ -44,6 +44,7 @@ class SqlStore final : public Store {
     db_->Listen(std::move(changed));
   }
   std::string backend() const override { return db_->dialect().name; }
+  bool shared() const override { return db_->dialect().shared; }
 
  private:
   explicit SqlStore(std::unique_ptr<SqlBackend> db) : db_(std::move(db)) {}

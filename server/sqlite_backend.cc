@@ -54,10 +54,9 @@ Status Failure(sqlite3* db, int rc, const std::string& what) {
   spdlog::error(Kv({{"msg", "store: database error"}, {"backend", "sqlite"}, {"cause", cause}}));
   if (primary == SQLITE_BUSY || primary == SQLITE_LOCKED || primary == SQLITE_FULL ||
       primary == SQLITE_IOERR || primary == SQLITE_CANTOPEN) {
-    return Unavailable("the job database is unavailable (" + std::string(sqlite3_errstr(rc)) +
-                       "); retry later (the cause is in pare-server's log)");
+    return DatabaseUnavailable(sqlite3_errstr(rc));
   }
-  return Internal("the job database failed (the cause is in pare-server's log)");
+  return DatabaseFailed();
 }
 
 class SqliteTx final : public SqlTx {

@@ -156,6 +156,9 @@ class Store {
   virtual void ListenForChanges(std::function<void(const std::string& job_id)> changed) = 0;
   // "sqlite" or "postgresql" (for logs and metrics).
   virtual std::string backend() const = 0;
+  // Whether several servers may run on this store (then they share the blob folder, and any
+  // replica serves any call).
+  virtual bool shared() const = 0;
 };
 
 }  // namespace pare::server
