@@ -3,13 +3,15 @@
 //
 //   pare-control-plane --servers A[,B...] --model FILE --clients 64 --seconds 10
 //   pare-control-plane --servers A,B --model FILE --jobs 1000 --workers 8 --worker-token T
+//   pare-control-plane --servers A --model FILE --blobs F1,F2,F3 --worker-token T
 //
 // Load mode: each client thread (on server i % n) loops over a fixed mix — 6 GetJob, 2
 // ListJobs (a page of 50), 1 SubmitJob, 1 WatchJob (open, first message, close) — and the table
 // gives calls per second and p50/p99 latency per call, and errors. Hand-off mode: submits
 // --jobs jobs, then --workers worker threads speak the worker protocol (Lease, then Complete as
 // FAILED with reason BENCH: no model is run) until every job has ended; it prints the rate and
-// checks that every job was leased exactly once (grants counted by job id).
+// checks that every job was leased exactly once (grants counted by job id). Blob mode (--blobs
+// FILES): upload and worker-fetch rates of large files, for comparing the blob stores.
 // Exit code 1 on any error, duplicate lease or job left unfinished.
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -25,6 +27,7 @@
 #include <vector>
 
 #include "client/client.h"
+#include "common/sha256.h"
 #include "pare/v1/workers.grpc.pb.h"
 #include "worker/recipe_convert.h"
 
@@ -71,6 +74,25 @@ pare::client::Client ClientFor(const std::string& server, const std::string& tok
   o.server = server;
   o.token = token;
   return pare::client::Client(o);
+}
+
+// Ends a leased job as FAILED with reason BENCH, as a worker that ran nothing.
+grpc::Status CompleteUnrun(pare::v1::Workers::Stub& stub, const pare::v1::LeasedJob& job,
+                           const std::string& worker_token) {
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("authorization", "Bearer " + worker_token);
+  pare::v1::CompleteResponse done;
+  auto writer = stub.Complete(&ctx, &done);
+  pare::v1::CompleteRequest part;
+  auto* h = part.mutable_header();
+  h->set_job_id(job.job_id());
+  h->set_lease_id(job.lease_id());
+  h->set_state(pare::v1::FAILED);
+  h->mutable_error()->set_reason("BENCH");
+  h->mutable_error()->set_message("control-plane benchmark: no model was run");
+  writer->Write(part);
+  writer->WritesDone();
+  return writer->Finish();
 }
 
 int Load(const std::vector<std::string>& servers, const std::string& model_id,
@@ -192,20 +214,7 @@ int HandOff(const std::vector<std::string>& servers, const std::string& model_id
           std::lock_guard<std::mutex> lock(mu);
           ++grants[resp.job().job_id()];
         }
-        grpc::ClientContext cctx;
-        cctx.AddMetadata("authorization", "Bearer " + worker_token);
-        pare::v1::CompleteResponse done;
-        auto writer = stub->Complete(&cctx, &done);
-        pare::v1::CompleteRequest part;
-        auto* h = part.mutable_header();
-        h->set_job_id(resp.job().job_id());
-        h->set_lease_id(resp.job().lease_id());
-        h->set_state(pare::v1::FAILED);
-        h->mutable_error()->set_reason("BENCH");
-        h->mutable_error()->set_message("control-plane benchmark: no model was run");
-        writer->Write(part);
-        writer->WritesDone();
-        st = writer->Finish();
+        st = CompleteUnrun(*stub, resp.job(), worker_token);
         if (!st.ok()) {
           ++errors;
           continue;
@@ -231,6 +240,70 @@ int HandOff(const std::vector<std::string>& servers, const std::string& model_id
   return (duplicates || errors || unfinished) ? 1 : 0;
 }
 
+// Blob mode: each file uploaded (a client's UploadModel, timed to the acknowledgement), then read
+// back as a worker reads a job's input (Lease, then Fetch of the model blob, timed to the last
+// chunk, its digest checked); the job is then completed as FAILED (nothing is run).
+int Blobs(const std::vector<std::string>& servers, const std::vector<std::string>& files,
+          const std::string& token, const std::string& worker_token) {
+  auto c = ClientFor(servers[0], token);
+  auto stub = pare::v1::Workers::NewStub(grpc::CreateChannel(servers[0], grpc::InsecureChannelCredentials()));
+  std::printf("| file | MB | upload s | upload MB/s | fetch s | fetch MB/s |\n|---|---|---|---|---|---|\n");
+  int failures = 0;
+  for (size_t i = 0; i < files.size(); ++i) {
+    auto t0 = Clock::now();
+    auto m = c.UploadModel(files[i], "blob-" + std::to_string(i), {1, 3, 64, 64});
+    const double up = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (!m.ok()) {
+      std::fprintf(stderr, "upload %s: %s\n", files[i].c_str(), m.status().ToString().c_str());
+      ++failures;
+      continue;
+    }
+    auto j = c.Submit(JobRequest(m->id(), "blob-" + std::to_string(i)));
+    if (!j.ok()) {
+      std::fprintf(stderr, "submit: %s\n", j.status().ToString().c_str());
+      ++failures;
+      continue;
+    }
+    grpc::ClientContext lctx;
+    lctx.AddMetadata("authorization", "Bearer " + worker_token);
+    pare::v1::LeaseRequest lreq;
+    lreq.set_worker_id("bench-blobs");
+    pare::v1::LeaseResponse lease;
+    grpc::Status st = stub->Lease(&lctx, lreq, &lease);
+    if (!st.ok() || !lease.has_job()) {
+      std::fprintf(stderr, "lease: %s\n", st.error_message().c_str());
+      ++failures;
+      continue;
+    }
+    grpc::ClientContext fctx;
+    fctx.AddMetadata("authorization", "Bearer " + worker_token);
+    pare::v1::FetchRequest freq;
+    freq.set_job_id(lease.job().job_id());
+    freq.set_lease_id(lease.job().lease_id());
+    freq.set_sha256(m->sha256());
+    t0 = Clock::now();
+    auto reader = stub->Fetch(&fctx, freq);
+    pare::v1::Chunk chunk;
+    pare::Sha256 hash;
+    uint64_t got = 0;
+    while (reader->Read(&chunk)) {
+      hash.Update(chunk.data().data(), chunk.data().size());
+      got += chunk.data().size();
+    }
+    st = reader->Finish();
+    const double down = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (!st.ok() || got != m->size_bytes() || hash.HexDigest() != m->sha256()) {
+      std::fprintf(stderr, "fetch: %s (%llu of %llu bytes)\n", st.error_message().c_str(),
+                   static_cast<unsigned long long>(got), static_cast<unsigned long long>(m->size_bytes()));
+      ++failures;
+    }
+    CompleteUnrun(*stub, lease.job(), worker_token);
+    const double mb = static_cast<double>(m->size_bytes()) / 1e6;
+    std::printf("| %zu | %.1f | %.2f | %.0f | %.2f | %.0f |\n", i + 1, mb, up, mb / up, down, mb / down);
+  }
+  return failures ? 1 : 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -239,15 +312,25 @@ int main(int argc, char** argv) {
   int clients = 16, jobs = 0, workers = 8, seed_jobs = 20;
   double seconds = 10;
   app.add_option("--servers", servers_flag, "host:port of each replica, comma-separated")->required();
-  app.add_option("--model", model, "a TorchScript file to upload (jobs reference it)")->required();
+  app.add_option("--model", model,
+                 "a TorchScript file to upload (jobs reference it; load and hand-off modes)");
   app.add_option("--clients", clients, "concurrent clients (load mode)")->capture_default_str();
   app.add_option("--seconds", seconds, "how long the load runs")->capture_default_str();
   app.add_option("--jobs", jobs, "hand-off mode: jobs to hand to --workers (0: load mode)");
   app.add_option("--workers", workers, "hand-off mode: worker threads")->capture_default_str();
   app.add_option("--token", token, "client bearer token");
-  app.add_option("--worker-token", worker_token, "the token workers present (hand-off mode)");
+  app.add_option("--worker-token", worker_token, "the token workers present (hand-off and blob modes)");
+  std::string blob_files;
+  app.add_option(
+      "--blobs", blob_files,
+      "blob mode: TorchScript files (comma-separated, distinct contents) to upload and fetch back");
   CLI11_PARSE(app, argc, argv);
   const auto servers = Split(servers_flag);
+  if (!blob_files.empty()) return Blobs(servers, Split(blob_files), token, worker_token);
+  if (model.empty()) {
+    std::fprintf(stderr, "--model is required in load and hand-off modes\n");
+    return 2;
+  }
   auto c = ClientFor(servers[0], token);
   auto m = c.UploadModel(model, "bench", {1, 1, 28, 28});
   if (!m.ok()) {

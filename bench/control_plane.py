@@ -9,8 +9,13 @@ calls per second and p50/p99 per call (GetJob, ListJobs, SubmitJob, a WatchJob's
 message); then its hand-off mode: --jobs jobs handed to --workers worker-protocol clients
 through the replicas (Lease, Complete), every job leased exactly once.
 
+Then the blob stores: --blob-files distinct 45 MB models uploaded and fetched back (as a worker
+fetches a job's input) on SQLite + a blob folder, PostgreSQL + a blob folder, and PostgreSQL with
+the blobs in the database (--blob-store postgresql), with the database's growth.
+
 Usage: bench/control_plane.py [--bin-dir build] [--seconds 10] [--clients 16,64]
-                              [--jobs 1000] [--workers 8] [--only sqlite,pg1,pg2]
+                              [--jobs 1000] [--workers 8] [--only sqlite,pg1,pg2,blobs]
+                              [--blob-files 3]
 Prints Markdown (the machine first); exits 1 when a run had errors or duplicate leases.
 """
 import argparse
@@ -73,16 +78,60 @@ class Postgres:
                         name], check=True)
         return f"postgresql://pare@127.0.0.1:{self.port}/{name}"
 
+    def database_mb(self, url):
+        name = url.rsplit("/", 1)[1]
+        out = subprocess.run([os.path.join(self.bin, "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "pare",
+                              "-d", name, "-Atc", "SELECT pg_database_size(current_database())"],
+                             check=True, capture_output=True, text=True).stdout
+        return int(out.strip()) / 1e6
+
     def stop(self):
         subprocess.run(self.as_user + [os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-m", "fast", "stop"],
                        cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def model_files(work, n):
+    """n distinct TorchScript ResNet-18s (random weights, 45 MB each) for the blob runs."""
+    import torch
+    import torchvision
+    paths = []
+    for i in range(n):
+        torch.manual_seed(i)
+        path = os.path.join(work, f"resnet18-{i}.pt")
+        torch.jit.script(torchvision.models.resnet18().eval()).save(path)
+        paths.append(path)
+    return paths
+
+
+def blob_runs(a, pg, work):
+    """Uploads and worker fetches of large models, on each blob store; returns whether one failed."""
+    print(f"### Blob stores: {a.blob_files} distinct 45 MB models uploaded, then fetched by a worker, 1 server\n")
+    files = model_files(work, a.blob_files)
+    failed = False
+    for title, store_kind, extra in [("SQLite + blob folder", "sqlite", []),
+                                     ("PostgreSQL + blob folder", "pg", []),
+                                     ("PostgreSQL + --blob-store postgresql", "pg", ["--blob-store", "postgresql"])]:
+        store = "sqlite" if store_kind == "sqlite" else pg.new_database()
+        before = pg.database_mb(store) if store_kind == "pg" else None
+        servers = Servers(a.bin_dir, 1, store, work, extra)
+        try:
+            rc, lines = drive(a.bin_dir, servers, "--blobs", ",".join(files), "--worker-token", "bench-worker-token")
+        finally:
+            servers.stop()
+        failed |= rc != 0
+        print(f"#### {title}{'' if rc == 0 else ' (ERRORS: see stderr)'}\n")
+        print("\n".join(lines))
+        if before is not None:
+            print(f"\nDatabase size: {before:.0f} MB before, {pg.database_mb(store):.0f} MB after")
+        print(flush=True)
+    return failed
+
+
 class Servers:
     """n pare-server replicas on one store and one data folder, no workers."""
 
-    def __init__(self, bin_dir, n, store, work):
+    def __init__(self, bin_dir, n, store, work, extra=()):
         self.procs, self.addresses = [], []
         data = tempfile.mkdtemp(prefix="data-", dir=work)
         token = os.path.join(work, "worker-token")
@@ -92,7 +141,7 @@ class Servers:
             p = subprocess.Popen([os.path.join(bin_dir, "server", "pare-server"), "--listen", "127.0.0.1:0",
                                   "--metrics-listen", "127.0.0.1:0", "--data-dir", data, "--store", store,
                                   "--local-workers", "0", "--worker-token-file", token, "--max-queued-jobs",
-                                  "100000000", "--tenant-max-active-jobs", "100000000"],
+                                  "100000000", "--tenant-max-active-jobs", "100000000", *extra],
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             line = p.stdout.readline()
             if "listening on" not in line:
@@ -157,7 +206,8 @@ def main():
     ap.add_argument("--clients", default="16,64")
     ap.add_argument("--jobs", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=8)
-    ap.add_argument("--only", default="sqlite,pg1,pg2")
+    ap.add_argument("--only", default="sqlite,pg1,pg2,blobs")
+    ap.add_argument("--blob-files", type=int, default=3, help="models uploaded and fetched per blob store")
     ap.add_argument("--no-machine", action="store_true", help="leave out the machine header (run_all.sh prints it)")
     a = ap.parse_args()
     if not a.no_machine:
@@ -184,7 +234,8 @@ def main():
                 failed |= rc != 0
                 print(f"### {title}, {clients} clients{'' if rc == 0 else ' (ERRORS: see stderr)'}\n")
                 print("\n".join(lines) + "\n", flush=True)
-        print(f"### Hand-off: {a.jobs} jobs to {a.workers} worker-protocol clients (Lease + Complete)\n")
+        if any(key in a.only.split(",") for key, _, _ in configs):
+            print(f"### Hand-off: {a.jobs} jobs to {a.workers} worker-protocol clients (Lease + Complete)\n")
         header_done = False
         notes = []
         for key, title, n in configs:
@@ -205,7 +256,10 @@ def main():
                 header_done = True
             print(f"| {title} | " + rows[2][2:], flush=True)
             notes.append(f"- {title}: {cpu[0]}")
-        print("\n" + "\n".join(notes))
+        if notes:
+            print("\n" + "\n".join(notes) + "\n")
+        if "blobs" in a.only.split(","):
+            failed |= blob_runs(a, pg, work)
     finally:
         pg.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -118,7 +118,7 @@ section soak "Load and leaks: pare-soak" \
   --warmup "$warm" --clients 16 --workers 2
 
 section control-plane "The control plane on SQLite and PostgreSQL" \
-  "pare-control-plane (C++, gRPC) against servers without workers: 16 and 64 clients (GetJob, ListJobs, SubmitJob, a WatchJob's first message), then 1,000 jobs handed to 8 worker-protocol clients. Targets: PostgreSQL with one replica at least 0.5x SQLite's GetJob rate at 64 clients; two replicas with zero errors and zero lost or duplicated jobs." \
+  "pare-control-plane (C++, gRPC) against servers without workers: 16 and 64 clients (GetJob, ListJobs, SubmitJob, a WatchJob's first message), then 1,000 jobs handed to 8 worker-protocol clients, then 45 MB models uploaded and fetched back on each blob store (a folder, or the PostgreSQL database with --blob-store postgresql). Targets: PostgreSQL with one replica at least 0.5x SQLite's GetJob rate at 64 clients; two replicas with zero errors and zero lost or duplicated jobs." \
   "$py" bench/control_plane.py --bin-dir "$build" --seconds "$cp_seconds" --no-machine
 
 cp "$tmp" "$out"

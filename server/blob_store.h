@@ -1,11 +1,17 @@
-// Content-addressed blob files: written to a temporary file while hashed, made visible
-// (fsync + rename into blobs/ab/<sha256>) only once whole and verified.
+// Content-addressed blobs (models, datasets, results, reports). An upload is written to a local
+// temporary file while hashed, checked whole (size, digest, the caller's check of the file),
+// and only then installed where every reader finds it: a folder (FileBlobStore: fsync + rename
+// into <dir>/ab/<sha256>) or the job database (DatabaseBlobStore, `--blob-store postgresql`:
+// chunks, each addressed by its own SHA-256, in the transaction that records the blob), so
+// replicas need nothing but the database. Reads are checked too: a chunk whose bytes no longer match its
+// digest fails.
 #pragma once
 
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "common/sha256.h"
 #include "common/status.h"
@@ -13,6 +19,7 @@
 namespace pare::server {
 
 class BlobStore;
+class SqlBackend;
 
 // One blob being written. Destroying an uncommitted writer removes its temporary file.
 class BlobWriter {
@@ -26,8 +33,8 @@ class BlobWriter {
   uint64_t size() const { return size_; }
 
   // Checks the size and (when given) the digest, runs `check` on the complete temporary
-  // file, then fsyncs and renames into place. Returns the content's SHA-256. Identical
-  // content already stored is kept once. On any error the temporary file is removed.
+  // file, then installs it in the store. Returns the content's SHA-256. Identical content
+  // already stored is kept once. On any error the temporary file is removed.
   Result<std::string> Commit(uint64_t expected_size, const std::string& expected_sha256,
                              const std::function<Status(const std::string& path)>& check = nullptr);
 
@@ -47,30 +54,104 @@ class BlobWriter {
   bool done_ = false;
 };
 
+// Reads one stored blob from any offset.
+class BlobReader {
+ public:
+  virtual ~BlobReader() = default;
+  // Up to `max` bytes from `offset` into `out` (fewer at the end, or at a chunk's end); none at
+  // or past the end. DATA_LOSS when stored bytes no longer match their digest.
+  virtual Status ReadAt(uint64_t offset, size_t max, std::string* out) = 0;
+};
+
 class BlobStore {
  public:
-  // Creates `root`/blobs and `root`/tmp, and removes temporary files a crash left behind: all of
-  // them, or with `shared` (several servers on one folder, whose uploads in progress keep
-  // writing theirs) those untouched for an hour.
-  static Result<std::unique_ptr<BlobStore>> Open(const std::string& root, bool shared = false);
+  virtual ~BlobStore() = default;
 
   Result<std::unique_ptr<BlobWriter>> NewWriter(uint64_t limit_bytes);
-  bool Exists(const std::string& sha256) const;
-  // Path of a committed blob (which must exist).
-  std::string PathOf(const std::string& sha256) const;
-  Result<uint64_t> SizeOf(const std::string& sha256) const;
   // Stores a small in-memory blob (reports).
   Result<std::string> PutBytes(const std::string& bytes);
 
-  // Committed blobs and their bytes (walks the folder: for periodic metrics, not hot paths).
-  std::pair<uint64_t, uint64_t> CountAndBytes() const;
+  // Whether a blob is stored (an error when the store cannot tell).
+  virtual Result<bool> Has(const std::string& sha256) = 0;
+  // NOT_FOUND when it is not stored.
+  virtual Result<uint64_t> SizeOf(const std::string& sha256) = 0;
+  virtual Result<std::unique_ptr<BlobReader>> NewReader(const std::string& sha256) = 0;
+  // Stored blobs and their bytes (for periodic metrics, not hot paths: a folder is walked).
+  virtual Result<std::pair<uint64_t, uint64_t>> CountAndBytes() = 0;
+  // "files" or "postgresql" (for logs).
+  virtual std::string kind() const = 0;
 
-  const std::string& root() const { return root_; }
-  std::string tmp_dir() const { return root_ + "/tmp"; }
+  const std::string& tmp_dir() const { return tmp_dir_; }
+
+ protected:
+  // Creates `tmp_dir` and removes the temporary files a crash left there: all of them, or with
+  // `shared` (several servers on one folder, whose uploads in progress keep writing theirs)
+  // those untouched for an hour.
+  Status PrepareTmp(bool shared);
+  explicit BlobStore(std::string tmp_dir) : tmp_dir_(std::move(tmp_dir)) {}
+  // Makes the complete, verified temporary file (open as `fd`, `size` bytes) the blob `sha256`,
+  // kept once where it is already stored. The writer removes the temporary file afterwards
+  // when it is still there.
+  virtual Status Install(const std::string& temp_path, int fd, const std::string& sha256, uint64_t size) = 0;
 
  private:
-  explicit BlobStore(std::string root) : root_(std::move(root)) {}
-  std::string root_;
+  friend class BlobWriter;
+  std::string tmp_dir_;
+};
+
+// Blobs as files under `dir` (`dir`/ab/<sha256>), temporary files in `tmp_dir` (on the same
+// file system: installing is a rename). Several servers may share the folder (a ReadWriteMany
+// volume): `shared`.
+class FileBlobStore final : public BlobStore {
+ public:
+  static Result<std::unique_ptr<FileBlobStore>> Open(const std::string& dir, const std::string& tmp_dir,
+                                                     bool shared = false);
+
+  Result<bool> Has(const std::string& sha256) override;
+  Result<uint64_t> SizeOf(const std::string& sha256) override;
+  Result<std::unique_ptr<BlobReader>> NewReader(const std::string& sha256) override;
+  Result<std::pair<uint64_t, uint64_t>> CountAndBytes() override;
+  std::string kind() const override { return "files"; }
+
+  // Path of a stored blob's file.
+  std::string PathOf(const std::string& sha256) const;
+  const std::string& dir() const { return dir_; }
+
+ protected:
+  Status Install(const std::string& temp_path, int fd, const std::string& sha256, uint64_t size) override;
+
+ private:
+  FileBlobStore(std::string dir, std::string tmp_dir) : BlobStore(std::move(tmp_dir)), dir_(std::move(dir)) {}
+  std::string dir_;
+};
+
+// Blobs in the job database (schema version 4: blobs, blob_parts, blob_chunks; the server uses it
+// on PostgreSQL, and the same SQL runs on SQLite for the tests): each blob is a row
+// (size, chunk size) and an ordered list of chunks of `chunk_bytes`, each chunk stored once by
+// its own SHA-256. Writes insert the chunks and the blob in one transaction (readers never see
+// part of a blob; two servers storing the same content keep it once); reads fetch one chunk per
+// call and check it against its digest, and a read from the start to the end checks the whole
+// blob's digest before its last bytes go out. `tmp_dir` is local to this server.
+class DatabaseBlobStore final : public BlobStore {
+ public:
+  static Result<std::unique_ptr<DatabaseBlobStore>> Open(std::unique_ptr<SqlBackend> db,
+                                                         const std::string& tmp_dir, bool shared,
+                                                         uint64_t chunk_bytes);
+  ~DatabaseBlobStore() override;
+
+  Result<bool> Has(const std::string& sha256) override;
+  Result<uint64_t> SizeOf(const std::string& sha256) override;
+  Result<std::unique_ptr<BlobReader>> NewReader(const std::string& sha256) override;
+  Result<std::pair<uint64_t, uint64_t>> CountAndBytes() override;
+  std::string kind() const override;
+
+ protected:
+  Status Install(const std::string& temp_path, int fd, const std::string& sha256, uint64_t size) override;
+
+ private:
+  DatabaseBlobStore(std::unique_ptr<SqlBackend> db, std::string tmp_dir, uint64_t chunk_bytes);
+  std::unique_ptr<SqlBackend> db_;
+  uint64_t chunk_bytes_;
 };
 
 }  // namespace pare::server

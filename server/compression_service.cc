@@ -518,14 +518,13 @@ grpc::ServerWriteReactor<v1::Chunk>* CompressionService::DownloadResult(grpc::Ca
       return FailedPrecondition("job '" + job_id + "' is " + JobStateName(j.state) +
                                 "; its result can be downloaded once it has SUCCEEDED");
     }
-    auto size = ctx->blobs->SizeOf(sha);
-    if (!size.ok()) return DataLoss("the result of job '" + job_id + "' is missing from the blob store");
-    return BlobRef{ctx->blobs->PathOf(sha), sha, size.value()};
+    return StoredBlob(ctx->blobs, sha, "the result of job '" + job_id + "'");
   };
   Metrics* metrics = ctx_->metrics;
-  return new BlobSendReactor(ctx_->executor, resolve, req->offset(), [metrics, kind](uint64_t n) {
-    if (metrics) metrics->Downloaded(kind == v1::REPORT ? "report" : "result", n);
-  });
+  return new BlobSendReactor(ctx_->executor, ctx_->blobs, resolve, req->offset(),
+                             [metrics, kind](uint64_t n) {
+                               if (metrics) metrics->Downloaded(kind == v1::REPORT ? "report" : "result", n);
+                             });
 }
 
 }  // namespace pare::server

@@ -15,14 +15,19 @@ namespace {
 void AddOptions(CLI::App& app, pare::server::ServerOptions& o) {
   app.add_option("--listen", o.listen, "host:port for gRPC (port 0 picks a free port)")
       ->capture_default_str();
-  app.add_option("--data-dir", o.data_dir,
-                 "folder for the SQLite store and the blob files (with --store postgresql://..., the blob "
-                 "files only: one folder shared by every replica)")
+  app.add_option(
+         "--data-dir", o.data_dir,
+         "folder for the SQLite store, the blob files (unless --blob-store says otherwise) and uploads "
+         "in progress")
       ->capture_default_str();
   app.add_option("--store", o.store,
                  "job database: sqlite (in --data-dir) or postgresql://user@host:5432/db[?sslmode=...] "
                  "for several replicas")
       ->capture_default_str();
+  app.add_option("--blob-store", o.blob_store,
+                 "where models, datasets and results live: a folder (default: DATA_DIR/blobs; replicas share "
+                 "one ReadWriteMany volume) or 'postgresql' (in the --store database: replicas need nothing "
+                 "else)");
   app.add_option("--store-password-file", o.store_password_file,
                  "file holding the PostgreSQL password, used instead of any in the URL (default: "
                  "PGPASSWORD or ~/.pgpass)")
@@ -107,8 +112,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::cout << "pare-server listening on " << server.value()->address() << " (store "
-            << server.value()->store_name() << ", blobs in " << o.data_dir << ", " << o.local_workers
-            << " local worker" << (o.local_workers == 1 ? "" : "s") << ")";
+            << server.value()->store_name() << ", blobs in " << server.value()->blobs_name() << ", "
+            << o.local_workers << " local worker" << (o.local_workers == 1 ? "" : "s") << ")";
   if (int mp = server.value()->metrics_port()) {
     std::cout << "; metrics on http://" << o.metrics_listen.substr(0, o.metrics_listen.rfind(':')) << ":"
               << mp << "/metrics";

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
@@ -50,6 +51,18 @@ CREATE INDEX jobs_by_tenant ON jobs (tenant, seq);
 // The same versions as SQLite's, so a version number means the same columns on both.
 const char* kSchemaV2 = "ALTER TABLE jobs ADD COLUMN timeout_seconds BIGINT NOT NULL DEFAULT 0;";
 const char* kSchemaV3 = "ALTER TABLE jobs ADD COLUMN checkpoint BYTEA NOT NULL DEFAULT '';";
+// Blobs in the database (--blob-store postgresql). Chunk bytes are stored out of line and
+// uncompressed (STORAGE EXTERNAL): model weights and gzip'd datasets do not compress, and
+// PostgreSQL would spend CPU trying on every write.
+const char* kSchemaV4 = R"SQL(
+CREATE TABLE blobs (
+  sha256 TEXT PRIMARY KEY, size_bytes BIGINT NOT NULL, chunk_bytes BIGINT NOT NULL, created_ms BIGINT NOT NULL);
+CREATE TABLE blob_chunks (sha256 TEXT PRIMARY KEY, size_bytes BIGINT NOT NULL, data BYTEA NOT NULL);
+ALTER TABLE blob_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+CREATE TABLE blob_parts (
+  blob TEXT NOT NULL REFERENCES blobs (sha256), idx BIGINT NOT NULL,
+  chunk TEXT NOT NULL REFERENCES blob_chunks (sha256), PRIMARY KEY (blob, idx));
+)SQL";
 
 // `?` placeholders as PostgreSQL's $1, $2, ... (outside quoted literals).
 std::string Numbered(const std::string& sql) {
@@ -94,6 +107,11 @@ class PgTx final : public SqlTx {
     PARE_RETURN_IF_ERROR(Run(sql, params, &rows, nullptr));
     return rows;
   }
+  Result<SqlRows> QueryBytes(const std::string& sql, const SqlParams& params) override {
+    SqlRows rows;
+    PARE_RETURN_IF_ERROR(Run(sql, params, &rows, nullptr, /*binary=*/true));
+    return rows;
+  }
   Result<int64_t> Exec(const std::string& sql, const SqlParams& params) override {
     int64_t changed = 0;
     PARE_RETURN_IF_ERROR(Run(sql, params, nullptr, &changed));
@@ -115,9 +133,11 @@ class PgTx final : public SqlTx {
   bool began() const { return began_; }
 
  private:
-  Status Run(const std::string& sql, const SqlParams& params, SqlRows* rows, int64_t* changed) {
+  // `binary`: results in PostgreSQL's binary format (text and bytea columns come as their bytes).
+  Status Run(const std::string& sql, const SqlParams& params, SqlRows* rows, int64_t* changed,
+             bool binary = false) {
     PGresult* raw;
-    if (params.empty()) {
+    if (params.empty() && !binary) {
       raw = PQexec(conn_, sql.c_str());  // schema scripts hold several statements
     } else {
       std::vector<const char*> values;
@@ -138,7 +158,7 @@ class PgTx final : public SqlTx {
         formats.push_back(p.kind == SqlParam::Kind::kBlob ? 1 : 0);  // bytes as they are
       }
       raw = PQexecParams(conn_, Numbered(sql).c_str(), static_cast<int>(params.size()), nullptr,
-                         values.data(), lengths.data(), formats.data(), /*resultFormat=*/0);
+                         values.data(), lengths.data(), formats.data(), /*resultFormat=*/binary ? 1 : 0);
     }
     std::unique_ptr<PGresult, void (*)(PGresult*)> res(raw, PQclear);
     const ExecStatusType st = res ? PQresultStatus(res.get()) : PGRES_FATAL_ERROR;
@@ -154,7 +174,7 @@ class PgTx final : public SqlTx {
         for (int c = 0; c < ncols; ++c) {
           if (PQgetisnull(res.get(), r, c)) {
             values.emplace_back();
-          } else if (PQftype(res.get(), c) == kByteaOid) {
+          } else if (!binary && PQftype(res.get(), c) == kByteaOid) {
             size_t size = 0;
             unsigned char* bytes =
                 PQunescapeBytea(reinterpret_cast<const unsigned char*>(PQgetvalue(res.get(), r, c)), &size);
@@ -209,7 +229,7 @@ class PgBackend final : public SqlBackend {
     // Transaction-scoped: released at commit or rollback, or when the connection dies.
     dialect_.scope_lock = "SELECT pg_advisory_xact_lock(7251, hashtext(?))";
     dialect_.notify = "SELECT pg_notify('pare_jobs', ?)";
-    dialect_.schema = {kSchemaV1, kSchemaV2, kSchemaV3};
+    dialect_.schema = {kSchemaV1, kSchemaV2, kSchemaV3, kSchemaV4};
   }
   ~PgBackend() override {
     stop_ = true;
@@ -394,8 +414,8 @@ class PgBackend final : public SqlBackend {
 }  // namespace
 
 std::string RedactUrl(const std::string& url) {
-  static const std::regex kUserPassword(R"(^(postgres(ql)?://[^:@/]*):[^@/]*@)");
-  static const std::regex kPasswordParam(R"(password=[^&\s]*)");
+  static const std::regex kUserPassword(R"(^(postgres(ql)?://[^:@/]*):[^@/]*@)", std::regex::icase);
+  static const std::regex kPasswordParam(R"(password\s*=\s*[^&\s]*)", std::regex::icase);
   return std::regex_replace(std::regex_replace(url, kUserPassword, "$1:***@"), kPasswordParam,
                             "password=***");
 }
@@ -403,7 +423,14 @@ std::string RedactUrl(const std::string& url) {
 Result<std::unique_ptr<SqlBackend>> OpenPostgres(const std::string& url, const std::string& password,
                                                  int pool_size) {
   if (pool_size < 1) return InvalidArgument("the PostgreSQL connection pool needs at least 1 connection");
-  auto backend = std::make_unique<PgBackend>(url, password, pool_size);
+  // libpq knows the URL schemes in lower case only; a user may write "PostgreSQL://".
+  std::string spec = url;
+  const size_t scheme_end = spec.find("://");
+  if (scheme_end != std::string::npos) {
+    for (size_t i = 0; i < scheme_end; ++i)
+      spec[i] = static_cast<char>(std::tolower(static_cast<unsigned char>(spec[i])));
+  }
+  auto backend = std::make_unique<PgBackend>(spec, password, pool_size);
   auto conn = backend->Acquire();
   if (!conn.ok()) {
     // At start the operator is the reader: the cause, and whether waiting can help. A refused

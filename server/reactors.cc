@@ -1,21 +1,16 @@
 #include "server/reactors.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
-
 namespace pare::server {
 
-BlobSendReactor::BlobSendReactor(Executor* executor, std::function<Result<BlobRef>()> resolve,
-                                 uint64_t offset, std::function<void(uint64_t)> on_sent)
-    : executor_(executor), resolve_(std::move(resolve)), offset_(offset), on_sent_(std::move(on_sent)) {
+BlobSendReactor::BlobSendReactor(Executor* executor, BlobStore* blobs,
+                                 std::function<Result<BlobRef>()> resolve, uint64_t offset,
+                                 std::function<void(uint64_t)> on_sent)
+    : executor_(executor),
+      blobs_(blobs),
+      resolve_(std::move(resolve)),
+      offset_(offset),
+      on_sent_(std::move(on_sent)) {
   Post([this] { Resolve(); });
-}
-
-BlobSendReactor::~BlobSendReactor() {
-  if (fd_ >= 0) ::close(fd_);
 }
 
 void BlobSendReactor::Post(std::function<void()> f) {
@@ -31,9 +26,9 @@ void BlobSendReactor::Resolve() {
                                                              " is past the end of the file (" +
                                                              std::to_string(blob_.size) + " bytes)")));
   }
-  fd_ = ::open(blob_.path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd_ < 0)
-    return Finish(ToGrpcStatus(Internal("cannot open blob: " + std::string(std::strerror(errno)))));
+  auto reader = blobs_->NewReader(blob_.sha256);
+  if (!reader.ok()) return Finish(ToGrpcStatus(reader.status()));
+  reader_ = std::move(reader).value();
   SendNext();
 }
 
@@ -41,11 +36,11 @@ void BlobSendReactor::SendNext() {
   if (offset_ >= blob_.size && sent_any_) return Finish(grpc::Status::OK);
   sent_any_ = true;  // even a resume at the very end gets one chunk carrying size and digest
   std::string* data = chunk_.mutable_data();
-  data->resize(std::min<uint64_t>(kChunkBytes, blob_.size - offset_));
-  ssize_t n = data->empty() ? 0 : ::pread(fd_, data->data(), data->size(), static_cast<off_t>(offset_));
-  if (n < 0 || (n == 0 && !data->empty())) return Finish(ToGrpcStatus(Internal("reading blob failed")));
-  data->resize(static_cast<size_t>(n));
-  offset_ += static_cast<uint64_t>(n);
+  const size_t want = static_cast<size_t>(std::min<uint64_t>(kChunkBytes, blob_.size - offset_));
+  Status read = reader_->ReadAt(offset_, want, data);
+  if (!read.ok()) return Finish(ToGrpcStatus(read));
+  if (data->empty() && want > 0) return Finish(ToGrpcStatus(Internal("reading blob failed: it ended early")));
+  offset_ += data->size();
   chunk_.set_total_size(blob_.size);
   chunk_.set_sha256(blob_.sha256);
   StartWrite(&chunk_);

@@ -1,4 +1,4 @@
-// Reusable callback-API reactors: streaming a blob file out from an offset, taking a
+// Reusable callback-API reactors: streaming a blob out from an offset, taking a
 // header-then-chunks upload into a BlobWriter, and finishing at once with an error.
 // Disk and database work runs on the Executor; every reactor Finishes exactly once and
 // deletes itself in OnDone.
@@ -58,33 +58,42 @@ class ErrorReadReactor final : public grpc::ServerReadReactor<Req> {
 };
 
 struct BlobRef {
-  std::string path;
   std::string sha256;
   uint64_t size = 0;
 };
 
-// Streams a blob as Chunks from `offset`. `resolve` (run on the executor) finds the blob
-// and checks the caller may read it.
+// The stored blob `sha256` of `blobs` to stream; `what` names it for the DATA_LOSS error when the
+// blob store lacks it though a record refers to it ("the result of job 'j'").
+inline Result<BlobRef> StoredBlob(BlobStore* blobs, const std::string& sha256, const std::string& what) {
+  auto size = blobs->SizeOf(sha256);
+  if (size.status().code() == Code::kNotFound) return DataLoss(what + " is missing from the blob store");
+  if (!size.ok()) return size.status();
+  return BlobRef{sha256, size.value()};
+}
+
+// Streams a blob of `blobs` as Chunks from `offset`. `resolve` (run on the executor) finds the
+// blob and checks the caller may read it.
 class BlobSendReactor final : public grpc::ServerWriteReactor<v1::Chunk> {
  public:
   // `on_sent` (optional) learns the bytes of every chunk written.
-  BlobSendReactor(Executor* executor, std::function<Result<BlobRef>()> resolve, uint64_t offset,
-                  std::function<void(uint64_t)> on_sent = nullptr);
+  BlobSendReactor(Executor* executor, BlobStore* blobs, std::function<Result<BlobRef>()> resolve,
+                  uint64_t offset, std::function<void(uint64_t)> on_sent = nullptr);
   void OnWriteDone(bool ok) override;
   void OnDone() override { delete this; }
 
  private:
-  ~BlobSendReactor() override;
+  ~BlobSendReactor() override = default;
   void Resolve();
   void SendNext();
   void Post(std::function<void()> f);
 
   Executor* executor_;
+  BlobStore* blobs_;
   std::function<Result<BlobRef>()> resolve_;
   uint64_t offset_;
   std::function<void(uint64_t)> on_sent_;
   BlobRef blob_;
-  int fd_ = -1;
+  std::unique_ptr<BlobReader> reader_;
   bool sent_any_ = false;
   v1::Chunk chunk_;
 };

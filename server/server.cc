@@ -6,6 +6,7 @@
 #include <grpcpp/support/server_interceptor.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -137,11 +138,7 @@ Result<std::unique_ptr<Server>> Server::Create(ServerOptions options, std::share
                   "store " + RedactUrl(s->options_.store) + ": " + store.status().message());
   }
   s->store_ = std::move(store).value();
-  // On PostgreSQL, other replicas may share the blob folder.
-  auto blobs = BlobStore::Open(s->options_.data_dir, s->store_->shared());
-  if (!blobs.ok()) return blobs.status();
-  s->blobs_ = std::move(blobs).value();
-  PARE_RETURN_IF_ERROR(s->CheckSharedBlobs());
+  PARE_RETURN_IF_ERROR(s->OpenBlobs(password));
   s->executor_ = std::make_unique<Executor>(s->options_.executor_threads, s->options_.executor_queue);
   s->ctx_.store = s->store_.get();
   s->ctx_.blobs = s->blobs_.get();
@@ -194,6 +191,38 @@ Status Server::SetUpAuth() {
   return Status::Ok();
 }
 
+Status Server::OpenBlobs(const std::string& password) {
+  const std::string& spec = options_.blob_store;
+  std::string lower = spec;
+  for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  // Uploads in progress are written to DATA_DIR/tmp on every kind of store; on PostgreSQL other
+  // replicas may share the data folder.
+  const std::string tmp = options_.data_dir + "/tmp";
+  if (lower == "postgresql" || lower == "postgres") {
+    if (store_->backend() != "postgresql") {
+      return InvalidArgument(
+          "--blob-store postgresql keeps blobs in the PostgreSQL store's database; the store is " +
+          store_->backend() + " (give --store postgresql://...)");
+    }
+    // A pool of its own: a long upload's transaction does not hold the job calls' connections.
+    auto db = OpenPostgres(options_.store, password, /*pool_size=*/4);
+    if (!db.ok()) return Status(db.status().code(), "--blob-store postgresql: " + db.status().message());
+    PARE_ASSIGN_OR_RETURN(blobs_,
+                          DatabaseBlobStore::Open(std::move(db).value(), tmp, /*shared=*/true, kChunkBytes));
+    return Status::Ok();
+  }
+  const std::string dir = spec.empty() ? options_.data_dir + "/blobs" : spec;
+  PARE_ASSIGN_OR_RETURN(auto files,
+                        FileBlobStore::Open(dir, spec.empty() ? tmp : dir + "/tmp", store_->shared()));
+  blobs_ = std::move(files);
+  return CheckSharedBlobs();
+}
+
+std::string Server::blobs_name() const {
+  if (auto* files = dynamic_cast<const FileBlobStore*>(blobs_.get())) return files->dir();
+  return "the " + blobs_->kind() + " database";
+}
+
 // Replicas on one database must share one blob folder: a replica on a folder of its own would
 // accept uploads whose jobs then fail on other replicas' workers. When the database has models
 // and this folder holds none of the latest ones, the server refuses to start.
@@ -202,12 +231,15 @@ Status Server::CheckSharedBlobs() {
   PARE_ASSIGN_OR_RETURN(auto digests, store_->RecentModelDigests(8));
   if (digests.empty()) return Status::Ok();
   for (const auto& sha : digests) {
-    if (blobs_->Exists(sha)) return Status::Ok();
+    auto has = blobs_->Has(sha);
+    if (!has.ok() || has.value()) return has.status();
   }
-  return FailedPrecondition("--data-dir " + options_.data_dir + " holds none of the " +
-                            std::to_string(digests.size()) +
+  const std::string folder =
+      options_.blob_store.empty() ? "--data-dir " + options_.data_dir : "--blob-store " + options_.blob_store;
+  return FailedPrecondition(folder + " holds none of the " + std::to_string(digests.size()) +
                             " models stored last in this database: replicas on one database must share one "
-                            "--data-dir (a ReadWriteMany volume)");
+                            "blob folder (a ReadWriteMany volume), or keep blobs in the database "
+                            "(--blob-store postgresql)");
 }
 
 std::string Server::address() const {
@@ -298,8 +330,8 @@ void Server::RefreshGauges(bool blobs) {
   for (const auto& [device, c] : workers) connected += c.first;
   if (supervisor_) metrics_->SetLocalWorkerRestarts(supervisor_->restarts());
   if (blobs) {
-    auto [count, bytes] = blobs_->CountAndBytes();
-    metrics_->SetBlobs(count, bytes);
+    auto stored = blobs_->CountAndBytes();
+    if (stored.ok()) metrics_->SetBlobs(stored.value().first, stored.value().second);
   }
   // One server (SQLite): ready while a worker is connected to it, since it alone hands out the
   // jobs. Replicas on PostgreSQL: a worker connects to one of them and any replica serves any

@@ -34,6 +34,10 @@ struct ServerOptions {
   // A file holding the PostgreSQL password (so it is in neither the URL nor argv); empty: libpq
   // reads PGPASSWORD or ~/.pgpass.
   std::string store_password_file;
+  // Where blobs (models, datasets, results) live: a folder (empty: DATA_DIR/blobs; replicas share
+  // one ReadWriteMany volume) or "postgresql" (in the PostgreSQL store's database: replicas need
+  // nothing else).
+  std::string blob_store;
   // Local worker processes to start and supervise (0: workers are started separately).
   int local_workers = 1;
   // pare-worker binary; empty: next to this executable, or ../worker/ in a build tree.
@@ -73,6 +77,8 @@ class Server {
   int metrics_port() const;
   // "sqlite" or "postgresql".
   std::string store_name() const { return store_->backend(); }
+  // Where blobs live, for the start-up line: a folder, or "the postgresql database".
+  std::string blobs_name() const;
   std::string address() const;
   // SIGTERM: health NOT_SERVING, refuse new work, let workers finish or hand back, stop.
   void Drain();
@@ -84,6 +90,8 @@ class Server {
  private:
   explicit Server(ServerOptions options, std::shared_ptr<Clock> clock);
   Status SetUpAuth();
+  // The blob store of --blob-store (the database's pool gets `password` as the store's does).
+  Status OpenBlobs(const std::string& password);
   Status CheckSharedBlobs();
   void ReaperLoop();
   // `blobs`: also walk the blob folder (slow with many blobs: done less often).

@@ -63,6 +63,11 @@ class SqlTx {
   virtual Result<SqlRows> Query(const std::string& sql, const SqlParams& params = {}) = 0;
   // Returns how many rows the statement changed.
   virtual Result<int64_t> Exec(const std::string& sql, const SqlParams& params = {}) = 0;
+  // Query for rows of text and bytes columns only (no integers), which PostgreSQL may then send
+  // as they are rather than hex-encoded: half the bytes for a blob's chunks.
+  virtual Result<SqlRows> QueryBytes(const std::string& sql, const SqlParams& params = {}) {
+    return Query(sql, params);
+  }
 };
 
 // Where the backends' SQL differs.

@@ -1,5 +1,8 @@
 #include "server/sql_store.h"
 
+#include <cctype>
+#include <regex>
+
 #include <sstream>
 
 #include "server/pg_backend.h"
@@ -530,16 +533,26 @@ Result<Store::TenantUsage> SqlStore::Usage(const std::string& tenant) {
       Access::kRead);
 }
 
+bool IsPostgresSpec(const std::string& spec) {
+  std::string lower = spec;
+  for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (lower.rfind("postgresql://", 0) == 0 || lower.rfind("postgres://", 0) == 0) return true;
+  // libpq's keyword/value form: "host=db port=5432 dbname=pare user=pare".
+  static const std::regex kKeywords(R"(^\s*(host|hostaddr|port|dbname|user|service)\s*=.*)");
+  return std::regex_match(lower, kKeywords);
+}
+
 Result<std::unique_ptr<Store>> OpenStore(const std::string& spec, const std::string& data_dir,
                                          const std::string& password) {
   std::unique_ptr<SqlBackend> db;
   if (spec.empty() || spec == "sqlite") {
     PARE_ASSIGN_OR_RETURN(db, OpenSqlite(data_dir + "/pare.db"));
-  } else if (spec.rfind("postgresql://", 0) == 0 || spec.rfind("postgres://", 0) == 0) {
+  } else if (IsPostgresSpec(spec)) {
     PARE_ASSIGN_OR_RETURN(db, OpenPostgres(spec, password));
   } else {
     return InvalidArgument(
-        "--store must be 'sqlite' or a PostgreSQL URL (postgresql://user@host:5432/db); got '" +
+        "--store must be 'sqlite' or a PostgreSQL URL (postgresql://user@host:5432/db) or libpq "
+        "key=value string (host=... dbname=...); got '" +
         RedactUrl(spec) + "'");
   }
   PARE_ASSIGN_OR_RETURN(auto store, SqlStore::Open(std::move(db)));

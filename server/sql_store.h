@@ -56,6 +56,10 @@ class SqlStore final : public Store {
 // The store a server runs on: "sqlite" (the default: DATA_DIR/pare.db) or a PostgreSQL URL
 // ("postgresql://user@host:5432/db?sslmode=require"; the password from `password`, else from
 // PGPASSWORD or ~/.pgpass as libpq finds it, never from the URL in manifests).
+// Whether `spec` names a PostgreSQL database: a postgresql:// or postgres:// URL (any case) or a
+// libpq keyword/value string ("host=db dbname=pare ...").
+bool IsPostgresSpec(const std::string& spec);
+
 Result<std::unique_ptr<Store>> OpenStore(const std::string& spec, const std::string& data_dir,
                                          const std::string& password = "");
 

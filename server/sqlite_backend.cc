@@ -43,6 +43,17 @@ CREATE INDEX jobs_by_state ON jobs (state, seq);
 // v2: a wall-clock limit per job. v3: what a running attempt checkpoints for the next.
 const char* kSchemaV2 = "ALTER TABLE jobs ADD COLUMN timeout_seconds INTEGER NOT NULL DEFAULT 0;";
 const char* kSchemaV3 = "ALTER TABLE jobs ADD COLUMN checkpoint BLOB NOT NULL DEFAULT x'';";
+// Blobs in the database: the server keeps them there on PostgreSQL only (--blob-store
+// postgresql); the same tables here keep the version numbers equal and let the tests run the
+// database blob store on SQLite too.
+const char* kSchemaV4 = R"SQL(
+CREATE TABLE blobs (
+  sha256 TEXT PRIMARY KEY, size_bytes INTEGER NOT NULL, chunk_bytes INTEGER NOT NULL, created_ms INTEGER NOT NULL);
+CREATE TABLE blob_chunks (sha256 TEXT PRIMARY KEY, size_bytes INTEGER NOT NULL, data BLOB NOT NULL);
+CREATE TABLE blob_parts (
+  blob TEXT NOT NULL REFERENCES blobs (sha256), idx INTEGER NOT NULL,
+  chunk TEXT NOT NULL REFERENCES blob_chunks (sha256), PRIMARY KEY (blob, idx));
+)SQL";
 
 // A failed call's status: a busy or locked database (another process holds it past the busy
 // timeout), a full disk or an I/O error is UNAVAILABLE (it may pass); a constraint violation
@@ -132,7 +143,7 @@ class SqliteBackend final : public SqlBackend {
   explicit SqliteBackend(sqlite3* db) : db_(db) {
     // One transaction at a time in this process (one connection), so no SQL-level locks.
     dialect_.name = "sqlite";
-    dialect_.schema = {kSchemaV1, kSchemaV2, kSchemaV3};
+    dialect_.schema = {kSchemaV1, kSchemaV2, kSchemaV3, kSchemaV4};
   }
   ~SqliteBackend() override { sqlite3_close(db_); }
 

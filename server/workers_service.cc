@@ -198,12 +198,10 @@ grpc::ServerWriteReactor<v1::Chunk>* WorkersService::Fetch(grpc::CallbackServerC
     for (const auto& m : described.models()) referenced = referenced || m.sha256() == sha;
     for (const auto& d : described.datasets()) referenced = referenced || d.sha256() == sha;
     if (!referenced) return PermissionDenied("blob " + sha + " is not an input of job '" + job_id + "'");
-    auto size = ctx->blobs->SizeOf(sha);
-    if (!size.ok()) return DataLoss("input blob " + sha + " is missing from the blob store");
-    return BlobRef{ctx->blobs->PathOf(sha), sha, size.value()};
+    return StoredBlob(ctx->blobs, sha, "input blob " + sha);
   };
   Metrics* metrics = ctx_->metrics;
-  return new BlobSendReactor(ctx_->executor, resolve, req->offset(), [metrics](uint64_t n) {
+  return new BlobSendReactor(ctx_->executor, ctx_->blobs, resolve, req->offset(), [metrics](uint64_t n) {
     if (metrics) metrics->Downloaded("input", n);
   });
 }

@@ -56,6 +56,16 @@ def load_kustomization(path):
             for d in yaml.safe_load_all(open(full)):
                 if d:
                     docs.append((full, d))
+    # Patches that delete a resource ("$patch: delete") take it out.
+    for p in k.get("patchesStrategicMerge", []):
+        full = os.path.join(path, p)
+        check(os.path.exists(full), f"{path}: patch {p} does not exist")
+        for d in yaml.safe_load_all(open(full)) if os.path.exists(full) else []:
+            if d and d.get("$patch") == "delete":
+                gone = (d["kind"], d["metadata"]["name"])
+                check(any((x["kind"], x["metadata"]["name"]) == gone for _, x in docs),
+                      f"{path}: {p} deletes {gone}, which no base holds")
+                docs = [(f, x) for f, x in docs if (x["kind"], x["metadata"]["name"]) != gone]
     return docs
 
 
@@ -78,7 +88,7 @@ def check_k8s():
     config = next(d for _, d in base if d["kind"] == "ConfigMap")
     secrets = {d["metadata"]["name"]: d for _, d in base if d["kind"] == "Secret"}
     pvcs = {d["metadata"]["name"] for _, d in base if d["kind"] == "PersistentVolumeClaim"}
-    for overlay in ("cpu", "gpu", "ha"):
+    for overlay in ("cpu", "gpu", "ha", "ha-db-blobs"):
         files = load_kustomization(os.path.join(K8S, "overlays", overlay))
         docs = render(os.path.join(K8S, "overlays", overlay))
         secrets_here = dict(secrets, **{d["metadata"]["name"]: d for _, d in docs if d["kind"] == "Secret"})
@@ -93,9 +103,11 @@ def check_k8s():
             check(d["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "pare",
                   f"{what} lacks the label app.kubernetes.io/part-of=pare")
         kinds = {k for k, _ in names}
-        for kind in ("Deployment", "Service", "PersistentVolumeClaim", "ConfigMap", "Secret", "ServiceMonitor",
-                     "PodDisruptionBudget"):
+        for kind in ("Deployment", "Service", "ConfigMap", "Secret", "ServiceMonitor", "PodDisruptionBudget"):
             check(kind in kinds, f"overlay {overlay}: no {kind}")
+        # Every overlay keeps its blobs on a volume, except the one that keeps them in PostgreSQL.
+        check(("PersistentVolumeClaim" in kinds) == (overlay != "ha-db-blobs"),
+              f"overlay {overlay}: {'no' if overlay != 'ha-db-blobs' else 'a'} PersistentVolumeClaim")
         ports_by_app = {}
         for f, d, spec in pod_specs(docs):
             name = d["metadata"]["name"]
@@ -164,14 +176,15 @@ def check_k8s():
                        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]]
                 check(any(p["name"] == d["spec"]["endpoints"][0]["port"] for s in svc for p in s["spec"]["ports"]),
                       "ServiceMonitor: its port is not a named Service port")
-        if overlay == "ha":
-            check_ha(docs)
+        if overlay.startswith("ha"):
+            check_ha(docs, blobs_in_db=overlay == "ha-db-blobs")
         print(f"ok   overlay {overlay}: {len(docs)} resources")
     return base, config, secrets
 
 
-def check_ha(docs):
-    """The ha overlay: replicated servers on PostgreSQL, a shared blob volume, KEDA per worker kind."""
+def check_ha(docs, blobs_in_db):
+    """The ha overlays: replicated servers on PostgreSQL, a shared blob volume or the blobs in the
+    database (then no shared volume at all), KEDA per worker kind."""
     by = {(d["kind"], d["metadata"]["name"]): d for _, d in docs}
     server = by[("Deployment", "pare-server")]
     check(server["spec"]["replicas"] >= 2, "ha: pare-server has fewer than 2 replicas")
@@ -183,8 +196,18 @@ def check_ha(docs):
     check(not any("password" in a and "=" in a and not a.startswith("--store-password-file=") for a in args),
           "ha: a password on the command line")
     check(c["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "pare-db", "ha: the store URL is not from Secret pare-db")
-    check(by[("PersistentVolumeClaim", "pare-data")]["spec"]["accessModes"] == ["ReadWriteMany"],
-          "ha: the blob volume is not ReadWriteMany")
+    volumes = {v["name"]: v for v in server["spec"]["template"]["spec"]["volumes"]}
+    if blobs_in_db:
+        check("--blob-store=postgresql" in args, f"ha-db-blobs: the blobs are not in PostgreSQL: {args}")
+        check(not any(d["kind"] == "PersistentVolumeClaim" for _, d in docs), "ha-db-blobs: a volume claim is left")
+        check(set(volumes["data"]) == {"emptyDir", "name"},
+              f"ha-db-blobs: /data must be a replica's own emptyDir: {volumes['data']}")
+    else:
+        check(not any(a.startswith("--blob-store") for a in args), f"ha: --blob-store given: {args}")
+        check(by[("PersistentVolumeClaim", "pare-data")]["spec"]["accessModes"] == ["ReadWriteMany"],
+              "ha: the blob volume is not ReadWriteMany")
+        check(volumes["data"].get("persistentVolumeClaim", {}).get("claimName") == "pare-data",
+              "ha: /data is not the shared volume")
     pdb = by[("PodDisruptionBudget", "pare-server")]["spec"]
     check(pdb.get("maxUnavailable") == 1 and "minAvailable" not in pdb,
           "ha: the server PDB must let one replica go and keep the others")

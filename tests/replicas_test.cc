@@ -1,6 +1,7 @@
 // Two pare-server replicas on one PostgreSQL (started by the test, as an unprivileged user when
-// run as root) and one shared blob folder: what is done through one is seen through the other,
-// and killing one (kill -9) mid-upload, mid-watch and mid-job loses nothing acknowledged.
+// run as root) and one shared blob folder (or blobs in the database): what is done through one is
+// seen through the other, and killing one (kill -9) mid-upload, mid-watch and mid-job loses
+// nothing acknowledged.
 // Reported SKIPPED where there is no PostgreSQL.
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -186,6 +187,68 @@ TEST_F(ReplicasTest, WhatOneReplicaDoesTheOtherSeesAndAKilledOneLosesNothing) {
   // refused at start.
   ServerProcess alone(dir_.path() + "/not-shared", {"--store", pg_->url(), "--local-workers", "0"});
   EXPECT_TRUE(alone.Start().empty()) << "a replica started on a folder without the database's blobs";
+}
+
+// Blobs in the database (--blob-store postgresql): replicas on data folders of their own share
+// nothing but PostgreSQL. Uploaded through A, run by B's worker (which fetches the model from
+// the database through B), downloaded through both byte-identical; an upload cut by killing A
+// leaves no blob behind and is made again through B.
+TEST_F(ReplicasTest, BlobsInTheDatabaseNeedNoSharedFolder) {
+  auto replica = [&](const std::string& dir, int workers) {
+    return std::make_unique<ServerProcess>(
+        dir_.path() + "/" + dir,
+        std::vector<std::string>{"--store", pg_->url(), "--blob-store", "postgresql", "--local-workers",
+                                 std::to_string(workers), "--worker-threads", "1", "--lease-ttl", "3"});
+  };
+  a_ = replica("a", 0);
+  b_ = replica("b", 1);
+  const std::string at_a = a_->Start(), at_b = b_->Start();
+  ASSERT_FALSE(at_a.empty());
+  ASSERT_FALSE(at_b.empty());
+  auto ca = ClientFor(at_a), cb = ClientFor(at_b);
+  auto m = ca.UploadModel(Fixture("small_cnn.pt"), "cnn", {1, 1, 28, 28});
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  auto job = Submit(cb, m->id(), "in-db");
+  ASSERT_TRUE(job.ok()) << job.status().ToString();
+  auto done = ca.Watch(job->id(), nullptr);
+  ASSERT_TRUE(done.ok()) << done.status().ToString();
+  ASSERT_EQ(done->state(), v1::SUCCEEDED) << done->error().message();
+  for (auto* c : {&ca, &cb}) {
+    const std::string out = dir_.path() + "/result.pt";
+    ASSERT_TRUE(c->Download(job->id(), v1::MODEL, out).ok());
+    EXPECT_EQ(Sha256OfFile(out), done->result_sha256());
+    ASSERT_TRUE(c->Download(job->id(), v1::REPORT, out).ok());
+    EXPECT_FALSE(Sha256OfFile(out).empty());
+  }
+  // No blob file on either replica's disk: only uploads in progress pass through DATA/tmp.
+  EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/a/blobs"));
+  EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/b/blobs"));
+
+  bool killed = false;
+  auto cut =
+      ca.UploadModel(Fixture("resnet18.pt"), "resnet", {1, 3, 64, 64}, [&](uint64_t n, uint64_t total) {
+        if (!killed && n > total / 2) {
+          a_->Kill(SIGKILL);
+          killed = true;
+        }
+      });
+  ASSERT_TRUE(killed);
+  EXPECT_FALSE(cut.ok());
+  // A 43 MB model is many chunks; stored through B, it runs on B's worker from the database.
+  auto big = cb.UploadModel(Fixture("resnet18.pt"), "resnet", {1, 3, 64, 64});
+  ASSERT_TRUE(big.ok()) << big.status().ToString();
+  EXPECT_EQ(big->sha256(), Sha256OfFile(Fixture("resnet18.pt")));
+  auto pruned = Submit(cb, big->id(), "big");
+  ASSERT_TRUE(pruned.ok()) << pruned.status().ToString();
+  auto pruned_done = cb.Watch(pruned->id(), nullptr);
+  ASSERT_TRUE(pruned_done.ok()) << pruned_done.status().ToString();
+  EXPECT_EQ(pruned_done->state(), v1::SUCCEEDED) << pruned_done->error().message();
+  const std::string out = dir_.path() + "/pruned.pt";
+  ASSERT_TRUE(cb.Download(pruned->id(), v1::MODEL, out).ok());
+  EXPECT_EQ(Sha256OfFile(out), pruned_done->result_sha256());
+  // A replica on the same database with a store that is not PostgreSQL cannot keep blobs there.
+  ServerProcess wrong(dir_.path() + "/c", {"--blob-store", "postgresql", "--local-workers", "0"});
+  EXPECT_TRUE(wrong.Start().empty()) << "--blob-store postgresql was accepted on the SQLite store";
 }
 
 // A worker on each replica, many small jobs submitted through both: every job runs once.

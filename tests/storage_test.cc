@@ -36,12 +36,12 @@ TEST(Sha256Test, KnownVectorsAndChunkingAgree) {
 class BlobStoreTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto s = BlobStore::Open(dir_.path());
+    auto s = FileBlobStore::Open(dir_.path() + "/blobs", dir_.path() + "/tmp");
     ASSERT_TRUE(s.ok());
     blobs_ = std::move(s).value();
   }
   TempDir dir_;
-  std::unique_ptr<BlobStore> blobs_;
+  std::unique_ptr<FileBlobStore> blobs_;
 };
 
 TEST_F(BlobStoreTest, CommitsWholeVerifiedContentOnce) {
@@ -58,6 +58,14 @@ TEST_F(BlobStoreTest, CommitsWholeVerifiedContentOnce) {
   EXPECT_EQ(CountFiles(dir_.path() + "/blobs"), 1u);  // identical content stored once
   EXPECT_EQ(CountFiles(blobs_->tmp_dir()), 0u);
   EXPECT_EQ(blobs_->SizeOf(Sha256::Of(content)).value(), content.size());
+  auto r = blobs_->NewReader(Sha256::Of(content));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  std::string part;
+  ASSERT_TRUE(r.value()->ReadAt(6, 100, &part).ok());
+  EXPECT_EQ(part, "bytes");
+  EXPECT_EQ(blobs_->CountAndBytes().value(), std::make_pair(uint64_t{1}, uint64_t{content.size()}));
+  EXPECT_FALSE(blobs_->Has(Sha256::Of("other")).value());
+  EXPECT_EQ(blobs_->NewReader("../../etc/passwd").status().code(), Code::kNotFound);
 }
 
 TEST_F(BlobStoreTest, WrongSizeDigestOrCheckLeavesNothing) {
@@ -85,12 +93,12 @@ TEST_F(BlobStoreTest, OpenRemovesTemporaryFilesACrashLeft) {
   fs::last_write_time(blobs_->tmp_dir() + "/upload_half",
                       fs::file_time_type::clock::now() - std::chrono::hours(2));
   std::ofstream(blobs_->tmp_dir() + "/upload_live") << "in progress";
-  auto shared = BlobStore::Open(dir_.path(), /*shared=*/true);
+  auto shared = FileBlobStore::Open(dir_.path() + "/blobs", dir_.path() + "/tmp", /*shared=*/true);
   ASSERT_TRUE(shared.ok());
   EXPECT_EQ(CountFiles(blobs_->tmp_dir()), 1u);
   EXPECT_TRUE(fs::exists(blobs_->tmp_dir() + "/upload_live"));
   // A folder of its own: everything left there is a crash's.
-  auto own = BlobStore::Open(dir_.path());
+  auto own = FileBlobStore::Open(dir_.path() + "/blobs", dir_.path() + "/tmp");
   ASSERT_TRUE(own.ok());
   EXPECT_EQ(CountFiles(blobs_->tmp_dir()), 0u);
 }

@@ -8,9 +8,13 @@
 #include <set>
 #include <thread>
 
+#include "common/sha256.h"
 #include "pg_server.h"
+#include "server/blob_store.h"
 #include "server/clock.h"
+#include "server/pg_backend.h"
 #include "server/sql_store.h"
+#include "server/sqlite_backend.h"
 #include "test_util.h"
 
 namespace pare::server {
@@ -390,6 +394,177 @@ TEST_P(StoreTest, AnUnreachableDatabaseIsUnavailableNotNotFound) {
   EXPECT_EQ(j->state, JobState::kQueued);
   EXPECT_TRUE(Lease("w1").has_value());
   EXPECT_EQ(store_->GetJob("t1", "job_nope").status().code(), Code::kNotFound);
+}
+
+TEST_P(StoreTest, TheStoreIsNamedAsUsersWriteIt) {
+  EXPECT_TRUE(IsPostgresSpec("PostgreSQL://pare@db:5432/pare"));
+  EXPECT_TRUE(IsPostgresSpec("postgres://db/pare"));
+  EXPECT_TRUE(IsPostgresSpec("host=db port=5432 dbname=pare user=pare sslmode=require"));
+  EXPECT_FALSE(IsPostgresSpec("mysql://db/pare"));
+  EXPECT_FALSE(IsPostgresSpec("sqlite"));
+  auto bad = OpenStore("mysql://db/pare", dir_.path());
+  EXPECT_EQ(bad.status().code(), Code::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("--store"), std::string::npos) << bad.status().message();
+  EXPECT_EQ(RedactUrl("PostgreSQL://pare:secret@db/pare"), "PostgreSQL://pare:***@db/pare");
+  EXPECT_EQ(RedactUrl("host=db password = secret dbname=pare"), "host=db password=*** dbname=pare");
+  if (!postgres()) return;
+  // The scheme in any case, and libpq's keyword form, reach the same database.
+  NewJob("job_1");
+  const std::string url = pg_->url(db_);
+  for (const std::string& spec :
+       {"PostgreSQL" + url.substr(url.find("://")),
+        "host=127.0.0.1 port=" + std::to_string(pg_->port()) + " dbname=" + db_ + " user=pare"}) {
+    auto other = OpenStore(spec, dir_.path());
+    ASSERT_TRUE(other.ok()) << spec << ": " << other.status().ToString();
+    EXPECT_TRUE(other.value()->GetJob("t1", "job_1").ok()) << spec;
+  }
+}
+
+// ---- blobs in the database (--blob-store postgresql; the same SQL runs on SQLite) ----
+
+class DatabaseBlobTest : public StoreTest {
+ protected:
+  // A connection of its own to the store's database (migrated by SetUp's OpenStore).
+  std::unique_ptr<SqlBackend> Backend() {
+    auto db = postgres() ? OpenPostgres(pg_->url(db_), "") : OpenSqlite(dir_.path() + "/pare.db");
+    EXPECT_TRUE(db.ok()) << db.status().ToString();
+    return db.ok() ? std::move(db).value() : nullptr;
+  }
+  std::unique_ptr<DatabaseBlobStore> Blobs(uint64_t chunk_bytes) {
+    auto b = DatabaseBlobStore::Open(Backend(), dir_.path() + "/tmp", /*shared=*/true, chunk_bytes);
+    EXPECT_TRUE(b.ok()) << b.status().ToString();
+    return b.ok() ? std::move(b).value() : nullptr;
+  }
+  static Result<std::string> Put(BlobStore& blobs, const std::string& content) {
+    PARE_ASSIGN_OR_RETURN(auto w, blobs.NewWriter(content.size() + 1));
+    for (size_t off = 0; off < content.size(); off += 5)
+      PARE_RETURN_IF_ERROR(w->Append(content.data() + off, std::min<size_t>(5, content.size() - off)));
+    return w->Commit(content.size(), Sha256::Of(content));
+  }
+  // Reads a whole blob in reads of `step` bytes (not aligned to chunks).
+  static Result<std::string> ReadAll(BlobStore& blobs, const std::string& sha, size_t step) {
+    PARE_ASSIGN_OR_RETURN(auto r, blobs.NewReader(sha));
+    std::string all, part;
+    for (;;) {
+      PARE_RETURN_IF_ERROR(r->ReadAt(all.size(), step, &part));
+      if (part.empty()) return all;
+      all += part;
+    }
+  }
+  int64_t Count(SqlBackend& db, const std::string& table) {
+    auto rows =
+        InTransaction<SqlRows>(db, [&](SqlTx& tx) { return tx.Query("SELECT COUNT(*) FROM " + table); });
+    EXPECT_TRUE(rows.ok()) << rows.status().ToString();
+    return rows.ok() ? rows->at(0).Int(0) : -1;
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(Backends, DatabaseBlobTest, ::testing::Values("sqlite", "postgresql"),
+                         [](const ::testing::TestParamInfo<std::string>& info) { return info.param; });
+
+TEST_P(DatabaseBlobTest, StoresChunksOnceAndReadsThemBackFromAnyOffset) {
+  auto blobs = Blobs(/*chunk_bytes=*/7);
+  ASSERT_TRUE(blobs);
+  // 8 chunks of 7 bytes; chunks 0, 2 and 4 are the same bytes.
+  const std::string content = "abcdefg1234567abcdefgXYZ0123abcdefg--ab--cd--ef--the end";
+  for (int copy = 0; copy < 2; ++copy) {  // stored once
+    auto sha = Put(*blobs, content);
+    ASSERT_TRUE(sha.ok()) << sha.status().ToString();
+    EXPECT_EQ(sha.value(), Sha256::Of(content));
+  }
+  const std::string sha = Sha256::Of(content);
+  auto db = Backend();
+  ASSERT_TRUE(db);
+  EXPECT_EQ(Count(*db, "blobs"), 1);
+  EXPECT_EQ(Count(*db, "blob_parts"), 8);
+  EXPECT_EQ(Count(*db, "blob_chunks"), 6);  // the repeated chunk is kept once
+  EXPECT_EQ(pare::testing::CountFiles(blobs->tmp_dir()), 0u);
+  EXPECT_EQ(blobs->SizeOf(sha).value(), content.size());
+  EXPECT_TRUE(blobs->Has(sha).value());
+  EXPECT_FALSE(blobs->Has(Sha256::Of("other")).value());
+  EXPECT_EQ(blobs->SizeOf(Sha256::Of("other")).status().code(), Code::kNotFound);
+  EXPECT_EQ(blobs->NewReader(Sha256::Of("other")).status().code(), Code::kNotFound);
+  for (size_t step : {1, 5, 7, 100}) {
+    auto all = ReadAll(*blobs, sha, step);
+    ASSERT_TRUE(all.ok()) << step << ": " << all.status().ToString();
+    EXPECT_EQ(all.value(), content) << step;
+  }
+  // A resumed download starts inside a chunk and gets the rest of it.
+  auto r = blobs->NewReader(sha);
+  ASSERT_TRUE(r.ok());
+  std::string part;
+  ASSERT_TRUE(r.value()->ReadAt(10, 100, &part).ok());
+  EXPECT_EQ(part, content.substr(10, 4));
+  ASSERT_TRUE(r.value()->ReadAt(content.size(), 100, &part).ok());
+  EXPECT_TRUE(part.empty());
+  auto [count, bytes] = blobs->CountAndBytes().value();
+  EXPECT_EQ(count, 1u);
+  EXPECT_EQ(bytes, content.size());
+  // Empty content is a blob too (a report may be empty).
+  auto empty = Put(*blobs, "");
+  ASSERT_TRUE(empty.ok()) << empty.status().ToString();
+  EXPECT_EQ(ReadAll(*blobs, empty.value(), 10).value(), "");
+  // A failed check stores nothing.
+  auto w = blobs->NewWriter(10);
+  ASSERT_TRUE(w.value()->Append("abc", 3).ok());
+  EXPECT_EQ(w.value()
+                ->Commit(3, "", [](const std::string&) { return InvalidArgument("not a model"); })
+                .status()
+                .code(),
+            Code::kInvalidArgument);
+  EXPECT_FALSE(blobs->Has(Sha256::Of("abc")).value());
+}
+
+TEST_P(DatabaseBlobTest, BytesChangedInTheDatabaseAreDataLossNotServed) {
+  auto blobs = Blobs(/*chunk_bytes=*/4);
+  ASSERT_TRUE(blobs);
+  const std::string content = "0123456789abcdefWXYZ";  // chunks 0123 4567 89ab cdef WXYZ
+  auto sha = Put(*blobs, content);
+  ASSERT_TRUE(sha.ok()) << sha.status().ToString();
+  auto db = Backend();
+  ASSERT_TRUE(db);
+  auto exec = [&](const std::string& sql, const SqlParams& params) {
+    Status s = db->Transact([&](SqlTx& tx) { return tx.Exec(sql, params).status(); });
+    ASSERT_TRUE(s.ok()) << s.ToString();
+  };
+  // A chunk's bytes changed under its digest: that chunk is refused.
+  exec("UPDATE blob_chunks SET data = ? WHERE sha256 = ?", {SqlParam::Blob("89aX"), Sha256::Of("89ab")});
+  auto all = ReadAll(*blobs, sha.value(), 4);
+  EXPECT_EQ(all.status().code(), Code::kDataLoss) << all.status().ToString();
+  auto r = blobs->NewReader(sha.value());
+  std::string part;
+  EXPECT_TRUE(r.value()->ReadAt(0, 4, &part).ok());  // the chunks before it still read
+  EXPECT_EQ(part, "0123");
+  // Parts pointing at other (intact) chunks: each chunk checks, but the whole blob does not add
+  // up, and its last bytes are not handed out.
+  exec("UPDATE blob_chunks SET data = ? WHERE sha256 = ?", {SqlParam::Blob("89ab"), Sha256::Of("89ab")});
+  ASSERT_TRUE(ReadAll(*blobs, sha.value(), 4).ok());
+  exec("UPDATE blob_parts SET chunk = ? WHERE blob = ? AND idx = 1", {Sha256::Of("cdef"), sha.value()});
+  all = ReadAll(*blobs, sha.value(), 4);
+  EXPECT_EQ(all.status().code(), Code::kDataLoss) << all.status().ToString();
+  EXPECT_NE(all.status().message().find("digest"), std::string::npos) << all.status().message();
+}
+
+TEST_P(DatabaseBlobTest, TwoServersStoringTheSameContentAtOnceKeepItOnce) {
+  auto a = Blobs(1024), b = Blobs(1024);
+  ASSERT_TRUE(a && b);
+  std::string content(64 * 1024 + 17, 'x');
+  for (size_t i = 0; i < content.size(); ++i) content[i] = static_cast<char>(i * 131 % 251);
+  std::atomic<int> ok{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 6; ++i) {
+    threads.emplace_back([&, i] {
+      auto sha = Put(i % 2 ? *a : *b, content);
+      if (sha.ok() && sha.value() == Sha256::Of(content)) ++ok;
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(ok.load(), 6);
+  auto db = Backend();
+  ASSERT_TRUE(db);
+  EXPECT_EQ(Count(*db, "blobs"), 1);
+  EXPECT_EQ(Count(*db, "blob_parts"), 65);
+  EXPECT_EQ(ReadAll(*b, Sha256::Of(content), 1024).value(), content);
 }
 
 }  // namespace
