@@ -102,31 +102,13 @@ struct Counters {
   }
 };
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  CLI::App app{"pare-soak: concurrent clients against one pare-server"};
-  std::string bin_dir = "build", model_path, work;
-  double seconds = 60, warmup = 10, max_growth_mb = 50;
-  int clients = 8, workers = 2;
-  app.add_option("--bin-dir", bin_dir, "build folder holding server/pare-server and worker/pare-worker");
-  app.add_option("--model", model_path, "a small TorchScript model to upload")
-      ->required()
-      ->check(CLI::ExistingFile);
-  app.add_option("--seconds", seconds, "how long the clients run")->capture_default_str();
-  app.add_option("--warmup", warmup, "seconds before the RSS baseline is taken")->capture_default_str();
-  app.add_option("--clients", clients, "concurrent clients")->capture_default_str();
-  app.add_option("--workers", workers, "local workers of the server")->capture_default_str();
-  app.add_option("--max-growth-mb", max_growth_mb, "fail above this RSS growth after warm-up")
-      ->capture_default_str();
-  CLI11_PARSE(app, argc, argv);
-
-  work = (fs::temp_directory_path() / ("pare-soak-" + std::to_string(::getpid()))).string();
-  fs::create_directories(work);
+// Starts pare-server with `workers` local workers on a data folder under `work`; returns its
+// address ("" when it did not start) and sets `*pid`.
+std::string StartServer(const std::string& bin_dir, const std::string& work, int workers, pid_t* pid) {
   int out[2];
-  if (::pipe(out) != 0) return 2;
-  pid_t server = ::fork();
-  if (server == 0) {
+  if (::pipe(out) != 0) return "";
+  *pid = ::fork();
+  if (*pid == 0) {
     ::dup2(out[1], STDOUT_FILENO);
     ::close(out[0]);
     std::string bin = bin_dir + "/server/pare-server", wbin = bin_dir + "/worker/pare-worker",
@@ -143,97 +125,78 @@ int main(int argc, char** argv) {
   auto at = line.find("listening on ");
   if (at == std::string::npos) {
     std::cerr << "pare-soak: pare-server did not start: " << line << "\n";
-    return 2;
+    return "";
   }
-  const std::string address = line.substr(at + 13, line.find(' ', at + 13) - at - 13);
+  return line.substr(at + 13, line.find(' ', at + 13) - at - 13);
+}
 
-  const auto good = pare::ParseRecipeJson(R"({"steps":[{"prune":{"nm":{"n":2,"m":4}}}]})").value();
-  const auto bad = pare::ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":3}}}]})").value();
-  Counters n;
-  std::atomic<bool> stop{false};
-  auto client_loop = [&](int index) {
-    pare::client::ClientOptions o;
-    o.server = address;
-    pare::client::Client client(o);
-    int round = 0;
-    while (!stop) {
-      auto m = client.UploadModel(model_path, "soak", {1, 1, 28, 28});
-      if (!m.ok()) {
-        n.Error("upload: " + m.status().ToString());
-        continue;
-      }
-      ++n.uploads;
-      pare::v1::SubmitJobRequest req;
-      req.set_model_id(m->id());
-      *req.mutable_recipe() = bad;  // a deliberate rejection
-      auto rejected = client.Submit(req);
-      if (rejected.ok() || rejected.status().code() != pare::Code::kInvalidArgument) {
-        n.Error("a bad recipe was not refused");
-      } else {
-        ++n.rejections;
-      }
-      *req.mutable_recipe() = good;
-      req.set_request_id("soak-" + std::to_string(index) + "-" + std::to_string(round++));
-      auto job = client.Submit(req);
-      if (!job.ok()) {
-        n.Error("submit: " + job.status().ToString());
-        continue;
-      }
-      pare::v1::Job j = job.value();
-      while (!stop && (j.state() == pare::v1::QUEUED || j.state() == pare::v1::RUNNING)) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(100));
-        auto polled = client.GetJob(j.id());
-        if (!polled.ok()) {
-          n.Error("poll: " + polled.status().ToString());
-          break;
-        }
-        ++n.polls;
-        j = polled.value();
-      }
-      if (j.state() == pare::v1::QUEUED || j.state() == pare::v1::RUNNING) break;  // stopping
-      if (j.state() != pare::v1::SUCCEEDED) {
-        n.Error("job " + j.id() + " ended " + pare::v1::JobState_Name(j.state()) + ": " +
-                j.error().message());
-        continue;
-      }
-      ++n.jobs;
-      const std::string file = work + "/result-" + std::to_string(index) + ".pt";
-      auto st = client.Download(j.id(), pare::v1::MODEL, file);
-      if (!st.ok() || pare::Sha256OfFile(file) != j.result_sha256()) {
-        n.Error("download: " + st.ToString());
-        continue;
-      }
-      fs::remove(file);
-      ++n.downloads;
+// One client until `stop`: upload, a deliberately bad submit, a good one polled to its end, the
+// result downloaded and checked; every outcome counted in `n`.
+void ClientLoop(const std::string& address, const std::string& model_path, const std::string& work, int index,
+                const std::atomic<bool>& stop, Counters& n) {
+  static const auto good = pare::ParseRecipeJson(R"({"steps":[{"prune":{"nm":{"n":2,"m":4}}}]})").value();
+  static const auto bad =
+      pare::ParseRecipeJson(R"({"steps":[{"prune":{"magnitude":{"amount":3}}}]})").value();
+  pare::client::ClientOptions o;
+  o.server = address;
+  pare::client::Client client(o);
+  int round = 0;
+  while (!stop) {
+    auto m = client.UploadModel(model_path, "soak", {1, 1, 28, 28});
+    if (!m.ok()) {
+      n.Error("upload: " + m.status().ToString());
+      continue;
     }
-  };
-  const auto start = Clock::now();
-  std::vector<std::thread> threads;
-  for (int i = 0; i < clients; ++i) threads.emplace_back(client_loop, i);
-  std::this_thread::sleep_for(std::chrono::milliseconds(static_cast<int64_t>(warmup * 1000)));
-  const double rss_warm = RssMb(server);
-  double rss_peak = rss_warm, others_peak = 0, largest_peak = 0;
-  auto sample = [&] {
-    MemorySample m = SampleMemory(server);
-    rss_peak = std::max(rss_peak, m.server);
-    others_peak = std::max(others_peak, m.others);
-    largest_peak = std::max(largest_peak, m.largest_other);
-    return m;
-  };
-  while (Clock::now() - start < std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000))) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(500));
-    sample();
+    ++n.uploads;
+    pare::v1::SubmitJobRequest req;
+    req.set_model_id(m->id());
+    *req.mutable_recipe() = bad;  // a deliberate rejection
+    auto rejected = client.Submit(req);
+    if (rejected.ok() || rejected.status().code() != pare::Code::kInvalidArgument) {
+      n.Error("a bad recipe was not refused");
+    } else {
+      ++n.rejections;
+    }
+    *req.mutable_recipe() = good;
+    req.set_request_id("soak-" + std::to_string(index) + "-" + std::to_string(round++));
+    auto job = client.Submit(req);
+    if (!job.ok()) {
+      n.Error("submit: " + job.status().ToString());
+      continue;
+    }
+    pare::v1::Job j = job.value();
+    while (!stop && (j.state() == pare::v1::QUEUED || j.state() == pare::v1::RUNNING)) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      auto polled = client.GetJob(j.id());
+      if (!polled.ok()) {
+        n.Error("poll: " + polled.status().ToString());
+        break;
+      }
+      ++n.polls;
+      j = polled.value();
+    }
+    if (j.state() == pare::v1::QUEUED || j.state() == pare::v1::RUNNING) break;  // stopping
+    if (j.state() != pare::v1::SUCCEEDED) {
+      n.Error("job " + j.id() + " ended " + pare::v1::JobState_Name(j.state()) + ": " + j.error().message());
+      continue;
+    }
+    ++n.jobs;
+    const std::string file = work + "/result-" + std::to_string(index) + ".pt";
+    auto st = client.Download(j.id(), pare::v1::MODEL, file);
+    if (!st.ok() || pare::Sha256OfFile(file) != j.result_sha256()) {
+      n.Error("download: " + st.ToString());
+      continue;
+    }
+    fs::remove(file);
+    ++n.downloads;
   }
-  stop = true;
-  for (auto& t : threads) t.join();
-  const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
-  const double rss_end = sample().server;  // the peak includes the final sample
-  ::kill(server, SIGTERM);
-  int status = 0;
-  ::waitpid(server, &status, 0);
-  fs::remove_all(work);
+}
 
-  const double growth = rss_end - rss_warm;
+struct Memory {
+  double warm = 0, end = 0, peak = 0, others_peak = 0, largest_peak = 0;
+};
+
+void PrintTable(int clients, double elapsed, double warmup, const Counters& n, const Memory& mem) {
   std::printf(
       "| clients | seconds | uploads | jobs done | downloads | polls | deliberate rejections | errors | "
       "jobs/s "
@@ -248,8 +211,66 @@ int main(int argc, char** argv) {
       "| %.1f MB | %.1f MB |\n",
       clients, elapsed, (long long)n.uploads.load(), (long long)n.jobs.load(), (long long)n.downloads.load(),
       (long long)n.polls.load(), (long long)n.rejections.load(), (long long)n.errors.load(),
-      double(n.jobs.load()) / elapsed, rss_warm, rss_end, rss_peak, growth, others_peak, largest_peak);
+      double(n.jobs.load()) / elapsed, mem.warm, mem.end, mem.peak, mem.end - mem.warm, mem.others_peak,
+      mem.largest_peak);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"pare-soak: concurrent clients against one pare-server"};
+  std::string bin_dir = "build", model_path;
+  double seconds = 60, warmup = 10, max_growth_mb = 50;
+  int clients = 8, workers = 2;
+  app.add_option("--bin-dir", bin_dir, "build folder holding server/pare-server and worker/pare-worker");
+  app.add_option("--model", model_path, "a small TorchScript model to upload")
+      ->required()
+      ->check(CLI::ExistingFile);
+  app.add_option("--seconds", seconds, "how long the clients run")->capture_default_str();
+  app.add_option("--warmup", warmup, "seconds before the RSS baseline is taken")->capture_default_str();
+  app.add_option("--clients", clients, "concurrent clients")->capture_default_str();
+  app.add_option("--workers", workers, "local workers of the server")->capture_default_str();
+  app.add_option("--max-growth-mb", max_growth_mb, "fail above this RSS growth after warm-up")
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  const std::string work = (fs::temp_directory_path() / ("pare-soak-" + std::to_string(::getpid()))).string();
+  fs::create_directories(work);
+  pid_t server = -1;
+  const std::string address = StartServer(bin_dir, work, workers, &server);
+  if (address.empty()) return 2;
+  Counters n;
+  std::atomic<bool> stop{false};
+  const auto start = Clock::now();
+  std::vector<std::thread> threads;
+  for (int i = 0; i < clients; ++i)
+    threads.emplace_back([&, i] { ClientLoop(address, model_path, work, i, stop, n); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(static_cast<int64_t>(warmup * 1000)));
+  Memory mem;
+  mem.warm = mem.peak = RssMb(server);
+  auto sample = [&] {
+    MemorySample m = SampleMemory(server);
+    mem.peak = std::max(mem.peak, m.server);
+    mem.others_peak = std::max(mem.others_peak, m.others);
+    mem.largest_peak = std::max(mem.largest_peak, m.largest_other);
+    return m;
+  };
+  while (Clock::now() - start < std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000))) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    sample();
+  }
+  stop = true;
+  for (auto& t : threads) t.join();
+  const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+  mem.end = sample().server;  // the peak includes the final sample
+  ::kill(server, SIGTERM);
+  int status = 0;
+  ::waitpid(server, &status, 0);
+  fs::remove_all(work);
+
+  PrintTable(clients, elapsed, warmup, n, mem);
   for (const auto& e : n.first_errors) std::fprintf(stderr, "error: %s\n", e.c_str());
+  const double growth = mem.end - mem.warm;
   const bool ok = n.errors == 0 && growth < max_growth_mb && n.jobs > 0;
   if (!ok)
     std::fprintf(stderr, "pare-soak: FAILED (errors %lld, RSS growth %.1f MB, limit %.0f MB)\n",

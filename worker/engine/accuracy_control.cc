@@ -20,6 +20,68 @@ std::string Points(double v) {
   return buf;
 }
 
+// What one accuracy-controlled quantization works with.
+struct Control {
+  const torch::jit::Module& model;
+  const StaticQuantSpec& spec;
+  const std::vector<at::Tensor>& calibration;
+  const std::vector<std::vector<at::Tensor>>& more;
+  const Scorer& scorer;
+  const std::function<void(double, const std::string&)>& progress;
+  const std::function<bool()>& out_of_time;
+
+  bool Late() const { return out_of_time && out_of_time(); }
+  void Progress(double fraction, const std::string& what) const {
+    if (progress) progress(fraction, "accuracy control: " + what);
+  }
+  // The model quantized with `extra` layers kept float too.
+  torch::jit::Module Quantize(const std::vector<std::string>& extra, std::vector<std::string>& notes) const {
+    StaticQuantSpec s = spec;
+    s.exclude.insert(s.exclude.end(), extra.begin(), extra.end());
+    return QuantizeStatic(model, s, calibration, &notes, more);
+  }
+};
+
+// The layers that may be kept float, in execution order (those `exclude` names are float already).
+std::vector<std::string> Candidates(const Control& c) {
+  std::vector<std::string> layers;
+  std::set<std::string> excluded(c.spec.exclude.begin(), c.spec.exclude.end());
+  for (const auto& n : LayersInOrder(c.model)) {
+    if (!UnderAny(n.layer, excluded) && std::find(layers.begin(), layers.end(), n.layer) == layers.end())
+      layers.push_back(n.layer);
+  }
+  return layers;
+}
+
+// Each layer's gain in score when it alone stays float (`full`: the score with none float), most
+// first; the layers not measured (past kMaxRanked, or once the time ran out: `*stopped`) follow
+// with no gain, in execution order. `*ranked`: how many were measured.
+std::vector<std::pair<double, std::string>> RankByGain(const Control& c,
+                                                       const std::vector<std::string>& layers, double full,
+                                                       size_t* ranked, bool* stopped) {
+  *ranked = std::min(layers.size(), kMaxRanked);
+  std::vector<std::pair<double, std::string>> gains;
+  for (size_t i = 0; i < *ranked; ++i) {
+    if (c.Late()) {
+      *ranked = i;
+      *stopped = true;
+      break;
+    }
+    c.Progress(0.5 * double(i) / double(*ranked), "measuring " + layers[i]);
+    std::vector<std::string> ignored;
+    try {
+      torch::jit::Module alone = c.Quantize({layers[i]}, ignored);
+      gains.emplace_back(c.scorer.Score(alone) - full, layers[i]);
+    } catch (const EngineError&) {
+      gains.emplace_back(0.0, layers[i]);  // measured as no gain: tried last
+    }
+  }
+  std::stable_sort(gains.begin(), gains.end(),
+                   [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (size_t i = *ranked; i < layers.size(); ++i) gains.emplace_back(0.0, layers[i]);
+  return gains;
+}
+
 }  // namespace
 
 torch::jit::Module QuantizeWithAccuracyControl(
@@ -27,19 +89,13 @@ torch::jit::Module QuantizeWithAccuracyControl(
     const std::vector<std::vector<at::Tensor>>& more, const Scorer& scorer, std::vector<std::string>& notes,
     const std::function<void(double, const std::string&)>& progress, std::vector<std::string>* kept_float,
     const std::function<bool()>& out_of_time) {
-  auto late = [&] { return out_of_time && out_of_time(); };
-  bool stopped = false;  // the time ran out before the search ended
+  const Control c{model, spec, calibration, more, scorer, progress, out_of_time};
   if (kept_float) kept_float->clear();
   torch::jit::Module float_model = model;
   const double base = scorer.Score(float_model);
   auto drop = [&](double score) { return (base - score) * 100.0; };
-  auto quantize = [&](const std::vector<std::string>& extra, std::vector<std::string>& q_notes) {
-    StaticQuantSpec s = spec;
-    s.exclude.insert(s.exclude.end(), extra.begin(), extra.end());
-    return QuantizeStatic(model, s, calibration, &q_notes, more);
-  };
   std::vector<std::string> q_notes;
-  torch::jit::Module q = quantize({}, q_notes);
+  torch::jit::Module q = c.Quantize({}, q_notes);
   const double full = scorer.Score(q);
   const std::string goal = "accuracy control: at most " + Points(spec.max_accuracy_drop) + " points of " +
                            scorer.metric() + " (float: " + Points(base * 100) + ")";
@@ -48,49 +104,24 @@ torch::jit::Module QuantizeWithAccuracyControl(
     notes.push_back(goal + "; every layer in INT8 loses " + Points(drop(full)) + ": none kept float");
     return q;
   }
-  // Each layer's gain when it alone stays float.
-  std::vector<std::string> layers;
-  std::set<std::string> excluded(spec.exclude.begin(), spec.exclude.end());
-  for (const auto& n : LayersInOrder(model)) {
-    if (!UnderAny(n.layer, excluded) && std::find(layers.begin(), layers.end(), n.layer) == layers.end())
-      layers.push_back(n.layer);
-  }
-  size_t ranked = std::min(layers.size(), kMaxRanked);
-  std::vector<std::pair<double, std::string>> gains;
-  for (size_t i = 0; i < ranked; ++i) {
-    if (late()) {  // the layers not measured yet are tried after the measured ones, in order
-      ranked = i;
-      stopped = true;
-      break;
-    }
-    if (progress) progress(0.5 * double(i) / double(ranked), "accuracy control: measuring " + layers[i]);
-    std::vector<std::string> ignored;
-    try {
-      torch::jit::Module alone = quantize({layers[i]}, ignored);
-      gains.emplace_back(scorer.Score(alone) - full, layers[i]);
-    } catch (const EngineError&) {
-      gains.emplace_back(0.0, layers[i]);  // measured as no gain: tried last
-    }
-  }
-  std::stable_sort(gains.begin(), gains.end(),
-                   [](const auto& a, const auto& b) { return a.first > b.first; });
-  for (size_t i = ranked; i < layers.size(); ++i) gains.emplace_back(0.0, layers[i]);
+  const std::vector<std::string> layers = Candidates(c);
+  size_t ranked = 0;
+  bool stopped = false;  // the time ran out before the search ended
+  const auto gains = RankByGain(c, layers, full, &ranked, &stopped);
   // Keep layers float, most sensitive first, until the drop is within the goal.
   std::vector<std::string> kept;
   std::string reverted;
   double reached = drop(full);
   for (size_t i = 0; i < gains.size() && reached > spec.max_accuracy_drop; ++i) {
-    if (late()) {
+    if (c.Late()) {
       stopped = true;
       break;
     }
-    if (progress)
-      progress(0.5 + 0.5 * double(i) / double(gains.size()),
-               "accuracy control: keeping " + gains[i].second + " float");
+    c.Progress(0.5 + 0.5 * double(i) / double(gains.size()), "keeping " + gains[i].second + " float");
     kept.push_back(gains[i].second);
     q_notes.clear();
     try {
-      q = quantize(kept, q_notes);
+      q = c.Quantize(kept, q_notes);
     } catch (const EngineError& e) {
       if (e.reason() != kReasonBadRecipe) throw;
       kept.pop_back();  // not a layer `exclude` can name (a conv in a module of its own kind)
@@ -100,18 +131,18 @@ torch::jit::Module QuantizeWithAccuracyControl(
     reverted += (reverted.empty() ? "" : ", ") + gains[i].second + " (+" + Points(gains[i].first * 100) + ")";
   }
   notes.insert(notes.end(), q_notes.begin(), q_notes.end());
+  const std::string measured = std::to_string(ranked) + " of " + std::to_string(layers.size()) + " layers";
   std::string summary = goal + "; every layer in INT8 loses " + Points(drop(full)) + "; kept " +
                         std::to_string(kept.size()) + " of " + std::to_string(layers.size()) +
                         " layer(s) float, most sensitive first (gain when float alone): " + reverted +
                         "; now loses " + Points(reached);
   if (reached > spec.max_accuracy_drop) {
     summary = "WARNING: " + summary +
-              (stopped ? ", still above the goal when the time ran out (" + std::to_string(ranked) + " of " +
-                             std::to_string(layers.size()) + " layers measured)"
+              (stopped ? ", still above the goal when the time ran out (" + measured + " measured)"
                        : ", still above the goal with every layer tried");
   } else if (stopped) {
-    summary += " (the time ran out after " + std::to_string(ranked) + " of " + std::to_string(layers.size()) +
-               " layers were measured: the rest were tried in execution order)";
+    summary +=
+        " (the time ran out after " + measured + " were measured: the rest were tried in execution order)";
   }
   notes.push_back(summary);
   if (kept_float) *kept_float = kept;

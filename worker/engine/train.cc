@@ -204,12 +204,7 @@ struct BestEpoch {
   }
 };
 
-}  // namespace
-
-std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* teacher,
-                               const TrainSpec& spec, double temperature, double alpha,
-                               const TrainContext& ctx) {
-  const char* step = teacher ? "distill" : "finetune";
+void CheckTrainInputs(const char* step, const TrainSpec& spec, const TrainContext& ctx) {
   if (!ctx.train || !ctx.train->labels.defined()) {
     throw EngineError(Code::kInvalidArgument, "NO_TRAIN_DATA",
                       std::string(step) + " needs a train dataset with labels (submit --train)");
@@ -218,6 +213,31 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
     throw EngineError(Code::kInvalidArgument, kReasonBadRecipe,
                       std::string(step) + ": epochs, batchSize and learningRate must be positive");
   }
+}
+
+// An epoch's note: its train loss and top-1, and the eval set's top-1 where it has labels (then
+// the student is offered to `best`).
+std::string EndEpoch(torch::jit::Module& student, int epoch, double loss_sum, int64_t correct, int64_t seen,
+                     const TrainContext& ctx, BestEpoch& best) {
+  std::ostringstream note;
+  note.precision(4);
+  note << "epoch " << epoch + 1 << ": train loss " << loss_sum / double(seen) << ", train top-1 "
+       << double(correct) / double(seen);
+  if (ctx.eval && ctx.eval->labels.defined()) {
+    double acc = Accuracy(student, *ctx.eval, ctx.device);
+    note << ", eval top-1 " << acc;
+    best.Offer(acc, epoch, student);
+  }
+  return note.str();
+}
+
+}  // namespace
+
+std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* teacher,
+                               const TrainSpec& spec, double temperature, double alpha,
+                               const TrainContext& ctx) {
+  const char* step = teacher ? "distill" : "finetune";
+  CheckTrainInputs(step, spec, ctx);
   student.to(ctx.device);  // before taking the parameters the optimizer will update
   std::vector<at::Tensor> params = TrainableParams(student, step);
   const auto masks = PruningMasks(params);
@@ -276,17 +296,8 @@ std::vector<std::string> Train(torch::jit::Module& student, torch::jit::Module* 
         ctx.progress(double(done_batches) / double(total_batches), msg.str());
       }
     }
-    std::ostringstream note;
-    note.precision(4);
-    note << "epoch " << epoch + 1 << ": train loss " << loss_sum / double(seen) << ", train top-1 "
-         << double(correct) / double(seen);
-    if (ctx.eval && ctx.eval->labels.defined()) {
-      double acc = Accuracy(student, *ctx.eval, ctx.device);
-      note << ", eval top-1 " << acc;
-      best.Offer(acc, epoch, student);
-    }
-    notes.push_back(note.str());
-    if (ctx.progress) ctx.progress(double(done_batches) / double(total_batches), note.str());
+    notes.push_back(EndEpoch(student, epoch, loss_sum, correct, seen, ctx, best));
+    if (ctx.progress) ctx.progress(double(done_batches) / double(total_batches), notes.back());
   }
   best.RestoreIfEarlier(student, spec.epochs, notes);
   for (auto& p : params) p.set_requires_grad(false);
