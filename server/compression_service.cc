@@ -372,52 +372,65 @@ Result<std::string> CompressionService::Admit(grpc::CallbackServerContext* call,
   return ctx_->auth->Client(call);
 }
 
-grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadModel(grpc::CallbackServerContext* call,
-                                                                            v1::Model* resp) {
-  auto tenant = Admit(call, /*new_work=*/true);
+template <typename F>
+grpc::ServerUnaryReactor* CompressionService::ForTenant(grpc::CallbackServerContext* call, bool new_work,
+                                                        F&& body) {
+  auto tenant = Admit(call, new_work);
+  if (!tenant.ok()) return Refuse(call, tenant.status());
+  return RunUnary(ctx_->executor, call,
+                  [tenant = tenant.value(), body = std::forward<F>(body)]() mutable { return body(tenant); });
+}
+
+namespace {
+
+// An upload of `Kind` by the admitted tenant (or the refusal).
+template <typename Kind, typename Proto>
+grpc::ServerReadReactor<v1::UploadRequest>* StartUpload(ServiceContext* ctx,
+                                                        const Result<std::string>& tenant, Proto* resp) {
   if (!tenant.ok()) return new ErrorReadReactor<v1::UploadRequest>(ToGrpcStatus(tenant.status()));
-  auto* r = new Upload<ModelKind>(ctx_, tenant.value(), resp);
+  auto* r = new Upload<Kind>(ctx, tenant.value(), resp);
   r->Begin();
   return r;
+}
+
+// A looked-up record as the call's response.
+template <typename Record, typename Proto>
+Status Fill(const Result<Record>& record, Proto* resp) {
+  if (!record.ok()) return record.status();
+  *resp = ToProto(record.value());
+  return Status::Ok();
+}
+
+}  // namespace
+
+grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadModel(grpc::CallbackServerContext* call,
+                                                                            v1::Model* resp) {
+  return StartUpload<ModelKind>(ctx_, Admit(call, /*new_work=*/true), resp);
 }
 
 grpc::ServerReadReactor<v1::UploadRequest>* CompressionService::UploadDataset(
     grpc::CallbackServerContext* call, v1::Dataset* resp) {
-  auto tenant = Admit(call, /*new_work=*/true);
-  if (!tenant.ok()) return new ErrorReadReactor<v1::UploadRequest>(ToGrpcStatus(tenant.status()));
-  auto* r = new Upload<DatasetKind>(ctx_, tenant.value(), resp);
-  r->Begin();
-  return r;
+  return StartUpload<DatasetKind>(ctx_, Admit(call, /*new_work=*/true), resp);
 }
 
 grpc::ServerUnaryReactor* CompressionService::GetModel(grpc::CallbackServerContext* call,
                                                        const v1::GetModelRequest* req, v1::Model* resp) {
-  auto tenant = Admit(call, /*new_work=*/false);
-  if (!tenant.ok()) return Refuse(call, tenant.status());
-  return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
-    PARE_ASSIGN_OR_RETURN(auto m, ctx_->store->GetModel(tenant, req->id()));
-    *resp = ToProto(m);
-    return Status::Ok();
+  return ForTenant(call, /*new_work=*/false, [this, req, resp](const std::string& tenant) -> Status {
+    return Fill(ctx_->store->GetModel(tenant, req->id()), resp);
   });
 }
 
 grpc::ServerUnaryReactor* CompressionService::GetDataset(grpc::CallbackServerContext* call,
                                                          const v1::GetDatasetRequest* req,
                                                          v1::Dataset* resp) {
-  auto tenant = Admit(call, /*new_work=*/false);
-  if (!tenant.ok()) return Refuse(call, tenant.status());
-  return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
-    PARE_ASSIGN_OR_RETURN(auto d, ctx_->store->GetDataset(tenant, req->id()));
-    *resp = ToProto(d);
-    return Status::Ok();
+  return ForTenant(call, /*new_work=*/false, [this, req, resp](const std::string& tenant) -> Status {
+    return Fill(ctx_->store->GetDataset(tenant, req->id()), resp);
   });
 }
 
 grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerContext* call,
                                                         const v1::SubmitJobRequest* req, v1::Job* resp) {
-  auto tenant = Admit(call, /*new_work=*/true);
-  if (!tenant.ok()) return Refuse(call, tenant.status());
-  return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
+  return ForTenant(call, /*new_work=*/true, [this, req, resp](const std::string& tenant) -> Status {
     PARE_ASSIGN_OR_RETURN(auto steps, ValidateSubmitJob(*req, ctx_->limits));
     PARE_RETURN_IF_ERROR(CheckRecipeModels(ctx_->store, tenant, *req));
     PARE_RETURN_IF_ERROR(CheckTrainData(steps, *req));
@@ -441,21 +454,15 @@ grpc::ServerUnaryReactor* CompressionService::SubmitJob(grpc::CallbackServerCont
 
 grpc::ServerUnaryReactor* CompressionService::GetJob(grpc::CallbackServerContext* call,
                                                      const v1::GetJobRequest* req, v1::Job* resp) {
-  auto tenant = Admit(call, /*new_work=*/false);
-  if (!tenant.ok()) return Refuse(call, tenant.status());
-  return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
-    PARE_ASSIGN_OR_RETURN(auto j, ctx_->store->GetJob(tenant, req->id()));
-    *resp = ToProto(j);
-    return Status::Ok();
+  return ForTenant(call, /*new_work=*/false, [this, req, resp](const std::string& tenant) -> Status {
+    return Fill(ctx_->store->GetJob(tenant, req->id()), resp);
   });
 }
 
 grpc::ServerUnaryReactor* CompressionService::ListJobs(grpc::CallbackServerContext* call,
                                                        const v1::ListJobsRequest* req,
                                                        v1::ListJobsResponse* resp) {
-  auto tenant = Admit(call, /*new_work=*/false);
-  if (!tenant.ok()) return Refuse(call, tenant.status());
-  return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
+  return ForTenant(call, /*new_work=*/false, [this, req, resp](const std::string& tenant) -> Status {
     int size = req->page_size() <= 0 ? 50 : std::min(req->page_size(), ctx_->limits.max_page_size);
     int64_t after = 0;
     if (!req->page_token().empty()) {
@@ -477,9 +484,7 @@ grpc::ServerUnaryReactor* CompressionService::ListJobs(grpc::CallbackServerConte
 
 grpc::ServerUnaryReactor* CompressionService::CancelJob(grpc::CallbackServerContext* call,
                                                         const v1::CancelJobRequest* req, v1::Job* resp) {
-  auto tenant = Admit(call, /*new_work=*/false);
-  if (!tenant.ok()) return Refuse(call, tenant.status());
-  return RunUnary(ctx_->executor, call, [this, tenant = tenant.value(), req, resp]() -> Status {
+  return ForTenant(call, /*new_work=*/false, [this, req, resp](const std::string& tenant) -> Status {
     const int64_t now = ctx_->clock->NowMs();
     PARE_ASSIGN_OR_RETURN(auto j, ctx_->store->CancelJob(tenant, req->id(), now));
     spdlog::info(Kv({{"msg", "job cancel requested"}, {"job", j.id}, {"state", JobStateName(j.state)}}));

@@ -34,6 +34,10 @@ class CompressionService final : public v1::Compression::CallbackService {
 
  private:
   Result<std::string> Admit(grpc::CallbackServerContext* call, bool new_work);
+  // A tenant's unary call: admitted (authenticated; refused while draining when it brings
+  // `new_work`), then `body(tenant)` run on the executor, its Status the call's.
+  template <typename F>
+  grpc::ServerUnaryReactor* ForTenant(grpc::CallbackServerContext* call, bool new_work, F&& body);
 
   ServiceContext* ctx_;
 };
