@@ -45,6 +45,11 @@ std::unique_ptr<grpc::ClientContext> Client::Ctx(double seconds) const {
 
 template <typename Resp>
 Result<Resp> Client::Upload(const std::string& path, v1::UploadHeader header, const ByteProgress& progress) {
+  // The server's limit, checked before any byte is read or sent.
+  if (header.name().size() > kMaxNameLength) {
+    return InvalidArgument("the name '" + header.name().substr(0, 40) + "...' is longer than " +
+                           std::to_string(kMaxNameLength) + " characters");
+  }
   std::error_code ec;
   uint64_t size = fs::file_size(path, ec);
   if (ec) return InvalidArgument("cannot read " + path + ": " + ec.message());

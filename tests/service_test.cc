@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "client/client.h"
+#include "common/protocol.h"
 #include "common/sha256.h"
 #include "pare/v1/workers.grpc.pb.h"
 #include "server/server.h"
@@ -392,6 +393,11 @@ TEST_F(ServiceTest, BadUploadsAreRefusedClearlyAndTheServerKeepsServing) {
   EXPECT_EQ(tar.status().code(), Code::kInvalidArgument);
   auto bad_format = client_->UploadDataset(Fixture("mnist_like.pt"), "csv", "x");
   EXPECT_NE(bad_format.status().message().find("header.format"), std::string::npos);
+  // A name past the protocol's limit is refused by the client before a byte is sent.
+  auto long_name = client_->UploadModel(Fixture("small_cnn.pt"), std::string(kMaxNameLength + 1, 'n'), {});
+  EXPECT_EQ(long_name.status().code(), Code::kInvalidArgument);
+  EXPECT_NE(long_name.status().message().find("longer than 256"), std::string::npos)
+      << long_name.status().message();
   EXPECT_EQ(CountFiles(dir_.path() + "/data/tmp"), 0u);
   // A model that throws in forward: the job fails with a reason, the worker lives on.
   std::string throws = UploadModel("throws.pt", {1, 1, 28, 28});

@@ -60,6 +60,16 @@ Result<engine::StepSpec> ConvertNM(const v1::NMPrune& nm, const std::string& whe
   return engine::StepSpec(engine::NMPruneSpec{nm.n(), nm.m()});
 }
 
+// Kept channels are rounded to a multiple of roundTo (0: the step's default).
+constexpr int kMaxRoundTo = 256;
+Status CheckRoundTo(int round_to, const std::string& where) {
+  if (round_to < 0 || round_to > kMaxRoundTo) {
+    return InvalidArgument(where + ".roundTo must be in [1, " + std::to_string(kMaxRoundTo) + "], got " +
+                           std::to_string(round_to));
+  }
+  return Status::Ok();
+}
+
 Result<engine::StepSpec> ConvertChannel(const v1::ChannelPrune& c, const std::string& where) {
   if (!(c.amount() >= 0.0f && c.amount() < 1.0f)) {
     return InvalidArgument(where + ".amount must be in [0, 1), got " + std::to_string(c.amount()));
@@ -72,9 +82,7 @@ Result<engine::StepSpec> ConvertChannel(const v1::ChannelPrune& c, const std::st
     return InvalidArgument(where + ".criterion must be L1, L2 or BN_SCALE, got '" + c.criterion() + "'");
   }
   PARE_ASSIGN_OR_RETURN(s.global, GlobalScope(where, c.scope(), "UNIFORM"));
-  if (c.round_to() < 0 || c.round_to() > 256) {
-    return InvalidArgument(where + ".roundTo must be in [1, 256], got " + std::to_string(c.round_to()));
-  }
+  PARE_RETURN_IF_ERROR(CheckRoundTo(c.round_to(), where));
   if (c.round_to() > 0) s.round_to = c.round_to();
   if (c.target_macs() != 0.0f) {
     if (!(c.target_macs() > 0.0f && c.target_macs() < 1.0f)) {
@@ -227,7 +235,7 @@ Result<engine::StepSpec> ConvertAnalyze(const v1::AnalyzeStep& a, const std::str
   if (a.max_layers() > 0) s.max_layers = a.max_layers();
   s.quantize = !a.skip_quantize();
   s.prune = !a.skip_prune();
-  if (a.round_to() < 0 || a.round_to() > 256) return InvalidArgument(where + ".roundTo must be in [1, 256]");
+  PARE_RETURN_IF_ERROR(CheckRoundTo(a.round_to(), where));
   if (a.round_to() > 0) s.round_to = a.round_to();
   return engine::StepSpec(s);
 }
