@@ -7,6 +7,7 @@
 
 #include "common/grpc_status.h"
 #include "common/protocol.h"
+#include "common/retry.h"
 #include "common/sha256.h"
 
 namespace pare::client {
@@ -171,7 +172,7 @@ Result<v1::Job> Client::Watch(const std::string& id, const std::function<void(co
     if (last && last->state() >= v1::SUCCEEDED) return *last;
     if (!st.ok() && !Retryable(st)) return st;
     if (++broken > 30) return st.ok() ? Unavailable("the watch stream kept ending before the job did") : st;
-    std::this_thread::sleep_for(std::chrono::milliseconds(std::min(5000, 200 * broken)));
+    std::this_thread::sleep_for(RetryDelay(broken, std::chrono::milliseconds(200), std::chrono::seconds(5)));
   }
 }
 
@@ -219,7 +220,8 @@ Status Client::Download(const std::string& job_id, v1::ResultKind kind, const st
       continue;
     }
     if (!Retryable(st)) return st;
-    std::this_thread::sleep_for(std::chrono::milliseconds(500 * (attempt + 1)));
+    std::this_thread::sleep_for(
+        RetryDelay(attempt + 1, std::chrono::milliseconds(500), std::chrono::seconds(5)));
   }
   return Unavailable("the download kept breaking off; run the command again to resume");
 }

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "common/retry.h"
 #include "common/sha256.h"
 #include "server/archive_check.h"
 #include "server/blob_store.h"
@@ -31,6 +32,16 @@ TEST(Sha256Test, KnownVectorsAndChunkingAgree) {
   EXPECT_EQ(chunked.HexDigest(), Sha256::Of(data));
   EXPECT_TRUE(IsHexSha256(Sha256::Of("x")));
   EXPECT_FALSE(IsHexSha256("../../etc/passwd"));
+}
+
+TEST(RetryTest, EveryRetryLoopDoublesItsWaitUpToACap) {
+  using std::chrono::milliseconds;
+  EXPECT_EQ(RetryDelay(1, milliseconds(100), milliseconds(5000)), milliseconds(100));
+  EXPECT_EQ(RetryDelay(2, milliseconds(100), milliseconds(5000)), milliseconds(200));
+  EXPECT_EQ(RetryDelay(6, milliseconds(100), milliseconds(5000)), milliseconds(3200));
+  EXPECT_EQ(RetryDelay(7, milliseconds(100), milliseconds(5000)), milliseconds(5000));
+  EXPECT_EQ(RetryDelay(1000, milliseconds(100), milliseconds(5000)), milliseconds(5000));
+  EXPECT_EQ(RetryDelay(0, milliseconds(100), milliseconds(5000)), milliseconds(100));
 }
 
 class BlobStoreTest : public ::testing::Test {

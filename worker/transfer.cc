@@ -11,6 +11,7 @@
 
 #include "common/logging.h"
 #include "common/protocol.h"
+#include "common/retry.h"
 #include "common/sha256.h"
 #include "worker/engine/error.h"
 #include "worker/worker.h"
@@ -21,7 +22,7 @@ namespace pare::worker {
 namespace fs = std::filesystem;
 
 std::chrono::milliseconds TransferBackoff(int retry) {
-  return std::chrono::milliseconds(int64_t{500} << std::min(std::max(retry - 1, 0), 5));
+  return RetryDelay(retry, std::chrono::milliseconds(500), std::chrono::seconds(16));
 }
 
 [[noreturn]] void DiskError(const std::string& what, const std::string& path, int err) {

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "common/logging.h"
+#include "common/retry.h"
 #include "worker/dataset_files.h"
 #include "worker/engine/engine.h"
 #include "worker/engine/error.h"
@@ -71,7 +72,8 @@ int Worker::Run() {
       if (failures == 1 || failures % 20 == 0) {
         spdlog::warn(Kv({{"msg", "lease failed"}, {"error", st.error_message()}}));
       }
-      std::this_thread::sleep_for(std::chrono::milliseconds(std::min(5000, 100 * failures)));
+      std::this_thread::sleep_for(
+          RetryDelay(failures, std::chrono::milliseconds(100), std::chrono::seconds(5)));
       continue;
     }
     failures = 0;
