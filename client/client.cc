@@ -5,6 +5,7 @@
 #include <fstream>
 #include <thread>
 
+#include "common/file_chunks.h"
 #include "common/grpc_status.h"
 #include "common/protocol.h"
 #include "common/retry.h"
@@ -67,19 +68,17 @@ Result<Resp> Client::Upload(const std::string& path, v1::UploadHeader header, co
     writer = stub_->UploadDataset(ctx.get(), &resp);
   v1::UploadRequest req;
   *req.mutable_header() = header;
-  bool ok = writer->Write(req);
-  std::ifstream in(path, std::ios::binary);
-  std::string buf(kChunkBytes, '\0');
-  uint64_t sent = 0;
-  while (ok && in) {
-    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    auto n = in.gcount();
-    if (n <= 0) break;
-    v1::UploadRequest c;
-    c.set_chunk(buf.data(), static_cast<size_t>(n));
-    ok = writer->Write(c);
-    sent += static_cast<uint64_t>(n);
-    if (progress) progress(sent, size);
+  if (writer->Write(req)) {
+    SendFileInChunks(
+        path,
+        [&](const char* data, size_t n) {
+          v1::UploadRequest c;
+          c.set_chunk(data, n);
+          return writer->Write(c);
+        },
+        [&](uint64_t sent) {
+          if (progress) progress(sent, size);
+        });
   }
   writer->WritesDone();
   grpc::Status st = writer->Finish();

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <thread>
 
+#include "common/file_chunks.h"
 #include "common/logging.h"
 #include "common/protocol.h"
 #include "common/retry.h"
@@ -106,18 +107,12 @@ void Worker::Complete(const v1::LeasedJob& job, v1::CompleteHeader header, const
     auto writer = stub_->Complete(ctx.get(), &resp);
     v1::CompleteRequest req;
     *req.mutable_header() = header;
-    bool ok = writer->Write(req);
-    if (ok && !result_path.empty()) {
-      std::ifstream in(result_path, std::ios::binary);
-      std::string buf(kChunkBytes, '\0');
-      while (ok && in) {
-        in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-        auto n = in.gcount();
-        if (n <= 0) break;
+    if (writer->Write(req) && !result_path.empty()) {
+      SendFileInChunks(result_path, [&](const char* data, size_t n) {
         v1::CompleteRequest c;
-        c.set_chunk(buf.data(), static_cast<size_t>(n));
-        ok = writer->Write(c);
-      }
+        c.set_chunk(data, n);
+        return writer->Write(c);
+      });
     }
     writer->WritesDone();
     grpc::Status st = writer->Finish();
