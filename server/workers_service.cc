@@ -1,6 +1,8 @@
 #include "server/workers_service.h"
 
 #include <chrono>
+#include <cstdlib>
+#include <thread>
 
 #include "common/grpc_status.h"
 #include "common/ids.h"
@@ -77,6 +79,10 @@ class CompleteReactor final : public IngestReactor<v1::CompleteRequest, v1::Comp
   }
 
   Status Finalize(const v1::CompleteHeader& h, BlobWriter* writer) override {
+    // Test hook: a slow blob store (a large result going into PostgreSQL), PARE_TEST_COMPLETE_DELAY_MS
+    // before the outcome is stored.
+    if (const char* delay = std::getenv("PARE_TEST_COMPLETE_DELAY_MS"))
+      std::this_thread::sleep_for(std::chrono::milliseconds(std::atoll(delay)));
     JobOutcome o;
     o.state = FromProto(h.state());
     // A FAILED job may keep what it made (an auto search's closest model and its report).

@@ -293,6 +293,18 @@ TEST_F(ServiceTest, HostileFilesFailTheirJobsWithClearErrorsAndTheServerServes) 
   EXPECT_EQ(ok.state(), v1::SUCCEEDED) << ok.error().message();
 }
 
+// A result the server takes longer than the lease to store (a big model into PostgreSQL): the
+// worker's heartbeat goes on while it reports, so the job is not taken from it and run again.
+TEST_F(ServiceTest, AnOutcomeSlowerToStoreThanTheLeaseKeepsItsLease) {
+  ::setenv("PARE_TEST_COMPLETE_DELAY_MS", "5000", 1);  // the lease lasts 3 s
+  StartServer();
+  std::string model = UploadModel("small_cnn.pt", {1, 1, 28, 28});
+  v1::Job done = WaitEnd(Submit(model, R"({"steps":[{"prune":{"magnitude":{"amount":0.5}}}]})").id());
+  ::unsetenv("PARE_TEST_COMPLETE_DELAY_MS");
+  EXPECT_EQ(done.state(), v1::SUCCEEDED) << done.error().message();
+  EXPECT_EQ(done.attempts(), 1) << "the lease expired while the outcome was stored";
+}
+
 TEST_F(ServiceTest, CancelStopsARunningJob) {
   StartServer({"--latency-budget", "3"});
   std::string model = UploadModel("resnet18.pt", {1, 3, 64, 64});

@@ -325,7 +325,8 @@ void Worker::RunJob(const v1::LeasedJob& job) {
   if (header.result_size_bytes() == 0) result_path.clear();
   const std::string step = heartbeat->Step();
   const bool lease_lost = heartbeat->lease_lost();
-  heartbeat.reset();  // stopped before the outcome is sent
+  // The heartbeat goes on while the outcome is sent: a large result stored by the server (into
+  // PostgreSQL, say) may take longer than the lease, which must not expire meanwhile.
   if (lease_lost) {
     spdlog::warn(Kv({{"msg", "lease lost; dropping the job"},
                      {"job", job_id},
@@ -333,6 +334,7 @@ void Worker::RunJob(const v1::LeasedJob& job) {
                      {"step", step}}));
   } else {
     Complete(job, header, result_path);
+    heartbeat.reset();
     spdlog::info(Kv({{"msg", "job finished"},
                      {"job", job_id},
                      {"model", job.model_id()},

@@ -49,17 +49,22 @@ int Search::RecoveryEpochs() const {
   return std::clamp(int(0.1 * spec_.time_budget_seconds / epoch_seconds_), 1, 8);
 }
 
-int Search::Pruned(double target, int epochs) {
+std::vector<StepSpec> Search::PrunedSteps(double target, int epochs) {
   ChannelPruneSpec p;
   p.target_macs = target;
   p.round_to = RoundTo();
   std::vector<StepSpec> steps = {p};
-  std::string name = "prune.channel " + Num("%.0f%% MACs", 100 * target);
-  if (epochs > 0) {
-    steps.push_back(Recovery(epochs));
-    name += " + distill " + std::to_string(epochs) + " ep";
-  }
-  return Add(-1, steps, name, "channel pruning");
+  if (epochs > 0) steps.push_back(Recovery(epochs));
+  return steps;
+}
+
+std::string Search::PrunedName(double target, int epochs) {
+  return "prune.channel " + Num("%.0f%% MACs", 100 * target) +
+         (epochs > 0 ? " + distill " + std::to_string(epochs) + " ep" : "");
+}
+
+int Search::Pruned(double target, int epochs) {
+  return Add(-1, PrunedSteps(target, epochs), PrunedName(target, epochs), "channel pruning");
 }
 
 void Search::PruneLadder() {
@@ -213,10 +218,33 @@ void Search::CombineWithPruned() {
     if (t.pruned && !t.frozen && t.error.empty() && t.drop <= goal_points_) pruned.push_back(t.index);
   std::sort(pruned.begin(), pruned.end(), [&](int a, int b) { return trials_[a].ratio > trials_[b].ratio; });
   if (pruned.size() > 2) pruned.resize(2);
-  for (int p : pruned) {
-    if (Int8("quantize.static")) StaticInt8(trials_[p].name + " + ", p);
-    if (Allowed("optimize") && !Done())
-      Add(p, {OptimizeSpec{}}, trials_[p].name + " + optimize", trials_[p].family + " + freezing");
+  for (int p : pruned) FinishPruned(p);
+}
+
+void Search::FinishPruned(int p) {
+  if (spec_.objective == "MACS") return;  // INT8 and freezing keep the MACs
+  if (Int8("quantize.static")) StaticInt8(trials_[p].name + " + ", p);
+  if (Allowed("optimize") && !Done())
+    Add(p, {OptimizeSpec{}}, trials_[p].name + " + optimize", trials_[p].family + " + freezing");
+}
+
+void Search::LongerRecovery() {
+  if (!Distills() || ladder_failed_ <= 0) return;
+  double target = ladder_failed_;
+  int epochs = 2 * RecoveryEpochs();
+  for (int n = 0; n < 4 && !Done(); ++n) {
+    // Only a trial that fits in what is left of the budget (from a timed epoch, with a margin for
+    // pruning, scoring and timing it).
+    if (epoch_seconds_ <= 0 || 1.3 * epoch_seconds_ * epochs > Remaining()) return;
+    const int i = Add(-1, PrunedSteps(target, epochs), PrunedName(target, epochs) + " (longer recovery)",
+                      "channel pruning");
+    if (i < 0 || !trials_[i].error.empty()) return;
+    if (Passes(i)) {
+      FinishPruned(i);
+      target *= 0.8;  // harder, recovered as long
+    } else {
+      epochs *= 2;  // the same target, recovered longer still
+    }
   }
 }
 

@@ -82,6 +82,7 @@ AutoResult Search::Run() {
   }
   if (!arithmetic) CombineWithPruned();
   if (Allowed("factorize") && !Done()) Factorize();
+  if (Allowed("prune.channel")) LongerRecovery();
   return Finish();
 }
 

@@ -144,7 +144,10 @@ class Search {
   // Epochs of distillation a pruned candidate gets: about a tenth of the budget each, from the
   // measured time of an epoch (one until an epoch has been timed).
   int RecoveryEpochs() const;
+  // Channel pruning to `target` of the MACs, recovered by `epochs` of distillation (0: none).
   int Pruned(double target, int epochs);
+  std::vector<StepSpec> PrunedSteps(double target, int epochs);
+  static std::string PrunedName(double target, int epochs);
 
   // Channel pruning to a fraction of the MACs, each recovered by distillation when there is
   // train data: 50% first, then harder while the goal holds, or gentler until it does; once a
@@ -169,6 +172,13 @@ class Search {
   // The best pruned candidates within the goal, finished with INT8 (on what accuracy they have
   // left) or frozen.
   void CombineWithPruned();
+  // A pruned candidate within the goal finished with static INT8 and with freezing.
+  void FinishPruned(int p);
+  // With budget left once the plan is done: the gentlest pruning target that lost too much is
+  // recovered for twice the epochs (then four times...), since a pruned model often comes back
+  // with a longer distillation; one that passes is finished like the others and a harder target
+  // tried with as long a recovery. Only trials that fit in what is left are started.
+  void LongerRecovery();
   void Factorize();
 
   // Every trial not beaten on both the objective and the score.
