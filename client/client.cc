@@ -213,6 +213,10 @@ Status Client::Download(const std::string& job_id, v1::ResultKind kind, const st
       if (ec) return InvalidArgument("cannot write " + out_path + ": " + ec.message());
       return Status::Ok();
     }
+    if (st.code() == Code::kDataLoss) {
+      fs::remove(part, ec);  // what arrived may hold the bad bytes: nothing of it is kept to resume
+      return Status(Code::kDataLoss, st.message() + " (the partial file was removed)");
+    }
     if (st.code() == Code::kOutOfRange) {
       fs::remove(part, ec);  // a stale part longer than the result: start again
       have = 0;

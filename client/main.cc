@@ -1,6 +1,6 @@
 // pare: the command-line client. Verbs talk to pare-server over gRPC, except `compress`,
 // which runs the same engine offline. Exit codes: 0 success, 1 job FAILED/CANCELLED,
-// 2 usage, 3 server unreachable or deadline exceeded, 4 rejected by the server.
+// 2 usage, 3 server unreachable or deadline exceeded, 4 refused (invalid, not found, data loss).
 #include <google/protobuf/util/json_util.h>
 #include <unistd.h>
 

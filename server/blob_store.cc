@@ -313,15 +313,16 @@ Result<std::unique_ptr<DatabaseBlobStore>> DatabaseBlobStore::Open(std::unique_p
 Status DatabaseBlobStore::Install(const std::string&, int fd, const std::string& sha256, uint64_t size) {
   return db_->Transact([&](SqlTx& tx) -> Status {
     // Another server storing the same content at once waits here for it, then finds it stored.
-    PARE_ASSIGN_OR_RETURN(
-        int64_t added,
+    // Content already stored is written through again all the same: a chunk whose bytes changed
+    // in the database (DATA_LOSS on reads) is repaired by uploading the file again.
+    PARE_RETURN_IF_ERROR(
         tx.Exec("INSERT INTO blobs (sha256, size_bytes, chunk_bytes, created_ms) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (sha256) DO NOTHING",
                 {sha256, static_cast<int64_t>(size), static_cast<int64_t>(chunk_bytes_),
                  static_cast<int64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
                                           std::chrono::system_clock::now().time_since_epoch())
-                                          .count())}));
-    if (added == 0) return Status::Ok();  // stored once
+                                          .count())})
+            .status());
     Sha256 whole;
     std::string chunk;
     int64_t idx = 0;
@@ -330,12 +331,15 @@ Status DatabaseBlobStore::Install(const std::string&, int fd, const std::string&
       whole.Update(chunk.data(), chunk.size());
       const std::string chunk_sha = Sha256::Of(chunk);
       PARE_RETURN_IF_ERROR(tx.Exec("INSERT INTO blob_chunks (sha256, size_bytes, data) VALUES (?, ?, ?) "
-                                   "ON CONFLICT (sha256) DO NOTHING",
+                                   "ON CONFLICT (sha256) DO UPDATE SET data = excluded.data "
+                                   "WHERE blob_chunks.data <> excluded.data",
                                    {chunk_sha, static_cast<int64_t>(chunk.size()), SqlParam::Blob(chunk)})
                                .status());
-      PARE_RETURN_IF_ERROR(
-          tx.Exec("INSERT INTO blob_parts (blob, idx, chunk) VALUES (?, ?, ?)", {sha256, idx, chunk_sha})
-              .status());
+      PARE_RETURN_IF_ERROR(tx.Exec("INSERT INTO blob_parts (blob, idx, chunk) VALUES (?, ?, ?) "
+                                   "ON CONFLICT (blob, idx) DO UPDATE SET chunk = excluded.chunk "
+                                   "WHERE blob_parts.chunk <> excluded.chunk",
+                                   {sha256, idx, chunk_sha})
+                               .status());
     }
     // What went into the database is what was received and checked.
     if (whole.HexDigest() != sha256) return DataLoss("the temporary file of blob " + sha256 + " changed");

@@ -195,9 +195,14 @@ Status Server::OpenBlobs(const std::string& password) {
   const std::string& spec = options_.blob_store;
   std::string lower = spec;
   for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  // Uploads in progress are written to DATA_DIR/tmp on every kind of store; on PostgreSQL other
-  // replicas may share the data folder.
+  // Uploads in progress are written to DATA_DIR/tmp on every kind of store.
   const std::string tmp = options_.data_dir + "/tmp";
+  if (lower.find("://") != std::string::npos) {
+    return InvalidArgument(
+        "--blob-store takes 'postgresql' (the blobs in the --store database) or a folder, not a "
+        "URL: got '" +
+        RedactUrl(spec) + "'");
+  }
   if (lower == "postgresql" || lower == "postgres") {
     if (store_->backend() != "postgresql") {
       return InvalidArgument(
@@ -207,9 +212,10 @@ Status Server::OpenBlobs(const std::string& password) {
     // A pool of its own: a long upload's transaction does not hold the job calls' connections.
     auto db = OpenPostgres(options_.store, password, /*pool_size=*/4);
     if (!db.ok()) return Status(db.status().code(), "--blob-store postgresql: " + db.status().message());
+    // Each replica has a data folder of its own then: what a crash left in its tmp/ goes at start.
     PARE_ASSIGN_OR_RETURN(blobs_,
-                          DatabaseBlobStore::Open(std::move(db).value(), tmp, /*shared=*/true, kChunkBytes));
-    return Status::Ok();
+                          DatabaseBlobStore::Open(std::move(db).value(), tmp, /*shared=*/false, kChunkBytes));
+    return CheckSharedBlobs();
   }
   const std::string dir = spec.empty() ? options_.data_dir + "/blobs" : spec;
   PARE_ASSIGN_OR_RETURN(auto files,
@@ -223,16 +229,24 @@ std::string Server::blobs_name() const {
   return "the " + blobs_->kind() + " database";
 }
 
-// Replicas on one database must share one blob folder: a replica on a folder of its own would
+// Replicas on one database must share one blob store: a replica on a folder of its own would
 // accept uploads whose jobs then fail on other replicas' workers. When the database has models
-// and this folder holds none of the latest ones, the server refuses to start.
+// and this blob store (a folder, or the database itself) holds none of the latest ones, the
+// server refuses to start.
 Status Server::CheckSharedBlobs() {
   if (!store_->shared()) return Status::Ok();
+  const bool in_db = dynamic_cast<FileBlobStore*>(blobs_.get()) == nullptr;
   PARE_ASSIGN_OR_RETURN(auto digests, store_->RecentModelDigests(8));
   if (digests.empty()) return Status::Ok();
   for (const auto& sha : digests) {
     auto has = blobs_->Has(sha);
     if (!has.ok() || has.value()) return has.status();
+  }
+  if (in_db) {
+    return FailedPrecondition(
+        "the database holds none of the blobs of the " + std::to_string(digests.size()) +
+        " models it stored last: they are in a blob folder (--data-dir or --blob-store DIR), "
+        "which pare-server does not move into the database; keep using that folder");
   }
   const std::string folder =
       options_.blob_store.empty() ? "--data-dir " + options_.data_dir : "--blob-store " + options_.blob_store;

@@ -64,6 +64,13 @@ class PgServer {
                    false)) == 0;
   }
 
+  // Runs one SQL statement on database `db` (psql); whether it succeeded.
+  bool Sql(const std::string& db, const std::string& sql) {
+    return Run(Cmd("psql", {"-h", "127.0.0.1", "-p", std::to_string(port_), "-U", "pare", "-d", db, "-v",
+                            "ON_ERROR_STOP=1", "-qAtc", sql},
+                   false)) == 0;
+  }
+
   // A clean shutdown that keeps the data (clients see their connections closed).
   bool Stop() { return Run(Cmd("pg_ctl", {"-D", data_, "-w", "-t", "30", "stop", "-m", "fast"})) == 0; }
 

@@ -187,6 +187,10 @@ TEST_F(ReplicasTest, WhatOneReplicaDoesTheOtherSeesAndAKilledOneLosesNothing) {
   // refused at start.
   ServerProcess alone(dir_.path() + "/not-shared", {"--store", pg_->url(), "--local-workers", "0"});
   EXPECT_TRUE(alone.Start().empty()) << "a replica started on a folder without the database's blobs";
+  // Nor may one keep blobs in the database when the database's models are in a folder.
+  ServerProcess in_db(dir_.path() + "/in-db",
+                      {"--store", pg_->url(), "--blob-store", "postgresql", "--local-workers", "0"});
+  EXPECT_TRUE(in_db.Start().empty()) << "a replica kept blobs in a database whose models are in a folder";
 }
 
 // Blobs in the database (--blob-store postgresql): replicas on data folders of their own share
@@ -224,6 +228,37 @@ TEST_F(ReplicasTest, BlobsInTheDatabaseNeedNoSharedFolder) {
   EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/a/blobs"));
   EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/b/blobs"));
 
+  // Bytes changed in the database are never served: a download of the result fails DATA_LOSS and
+  // keeps nothing to resume from; a job on the model fails DATA_LOSS (not "unavailable"); the
+  // model uploaded again repairs it.
+  auto corrupt = [&](const std::string& blob) {
+    ASSERT_TRUE(pg_->Sql("pare",
+                         "UPDATE blob_chunks SET data = overlay(data placing '\\xdeadbeef'::bytea from 10 "
+                         "for 4) WHERE sha256 = (SELECT chunk FROM blob_parts WHERE blob = '" +
+                             blob + "' AND idx = 0)"));
+  };
+  corrupt(done->result_sha256());
+  const std::string bad = dir_.path() + "/bad.pt";
+  auto lost = cb.Download(job->id(), v1::MODEL, bad);
+  EXPECT_EQ(lost.code(), Code::kDataLoss) << lost.ToString();
+  EXPECT_FALSE(std::filesystem::exists(bad + ".part"));
+  EXPECT_FALSE(std::filesystem::exists(bad));
+  corrupt(m->sha256());
+  auto on_corrupt = Submit(cb, m->id(), "on-corrupt");
+  ASSERT_TRUE(on_corrupt.ok()) << on_corrupt.status().ToString();
+  auto failed = cb.Watch(on_corrupt->id(), nullptr);
+  ASSERT_TRUE(failed.ok()) << failed.status().ToString();
+  EXPECT_EQ(failed->state(), v1::FAILED);
+  EXPECT_EQ(failed->error().reason(), "FETCH_FAILED");
+  EXPECT_EQ(failed->error().code(), "DATA_LOSS") << failed->error().message();
+  auto again = ca.UploadModel(Fixture("small_cnn.pt"), "cnn", {1, 1, 28, 28});
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  auto repaired = Submit(cb, again->id(), "repaired");
+  ASSERT_TRUE(repaired.ok()) << repaired.status().ToString();
+  auto fine = cb.Watch(repaired->id(), nullptr);
+  ASSERT_TRUE(fine.ok()) << fine.status().ToString();
+  EXPECT_EQ(fine->state(), v1::SUCCEEDED) << fine->error().message();
+
   bool killed = false;
   auto cut =
       ca.UploadModel(Fixture("resnet18.pt"), "resnet", {1, 3, 64, 64}, [&](uint64_t n, uint64_t total) {
@@ -249,6 +284,10 @@ TEST_F(ReplicasTest, BlobsInTheDatabaseNeedNoSharedFolder) {
   // A replica on the same database with a store that is not PostgreSQL cannot keep blobs there.
   ServerProcess wrong(dir_.path() + "/c", {"--blob-store", "postgresql", "--local-workers", "0"});
   EXPECT_TRUE(wrong.Start().empty()) << "--blob-store postgresql was accepted on the SQLite store";
+  ServerProcess url(dir_.path() + "/d",
+                    {"--store", pg_->url(), "--blob-store", pg_->url(), "--local-workers", "0"});
+  EXPECT_TRUE(url.Start().empty()) << "--blob-store took a URL for a folder name";
+  EXPECT_FALSE(std::filesystem::exists("postgresql:"));  // no folder made of the URL
 }
 
 // A worker on each replica, many small jobs submitted through both: every job runs once.

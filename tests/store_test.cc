@@ -543,6 +543,12 @@ TEST_P(DatabaseBlobTest, BytesChangedInTheDatabaseAreDataLossNotServed) {
   all = ReadAll(*blobs, sha.value(), 4);
   EXPECT_EQ(all.status().code(), Code::kDataLoss) << all.status().ToString();
   EXPECT_NE(all.status().message().find("digest"), std::string::npos) << all.status().message();
+  // Uploading the same content again repairs it.
+  exec("UPDATE blob_chunks SET data = ? WHERE sha256 = ?", {SqlParam::Blob("89aX"), Sha256::Of("89ab")});
+  ASSERT_TRUE(Put(*blobs, content).ok());
+  all = ReadAll(*blobs, sha.value(), 4);
+  ASSERT_TRUE(all.ok()) << all.status().ToString();
+  EXPECT_EQ(all.value(), content);
 }
 
 TEST_P(DatabaseBlobTest, TwoServersStoringTheSameContentAtOnceKeepItOnce) {

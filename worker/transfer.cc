@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "common/file_chunks.h"
+#include "common/grpc_status.h"
 #include "common/logging.h"
 #include "common/protocol.h"
 #include "common/retry.h"
@@ -39,8 +40,7 @@ void WriteFileChecked(const std::string& what, const std::string& path, const st
   if (!out) DiskError(what, path, errno ? errno : EIO);
 }
 
-bool Worker::Fetch(const v1::LeasedJob& job, const std::string& sha, const std::string& path,
-                   std::string* error) {
+Status Worker::Fetch(const v1::LeasedJob& job, const std::string& sha, const std::string& path) {
   // Resumes from what was written if the stream breaks, a few times, waiting longer each time.
   errno = 0;
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
@@ -75,16 +75,12 @@ bool Worker::Fetch(const v1::LeasedJob& job, const std::string& sha, const std::
       out.close();
       if (!out) DiskError("input " + sha, path, errno ? errno : EIO);
       std::string got = hash.HexDigest();
-      if (got != sha) {
-        *error = "input " + sha + " arrived with digest " + got;
-        return false;
-      }
-      return true;
+      if (got != sha) return DataLoss("input " + sha + " arrived with digest " + got);
+      return Status::Ok();
     }
     if (st.error_code() != grpc::StatusCode::UNAVAILABLE &&
         st.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED) {
-      *error = "fetching input " + sha + ": " + st.error_message();
-      return false;
+      return Status(FromGrpcStatus(st).code(), "fetching input " + sha + ": " + st.error_message());
     }
     spdlog::warn(Kv({{"msg", "fetching an input failed; retrying"},
                      {"job", job.job_id()},

@@ -218,9 +218,8 @@ std::string Worker::PrepareJobFolder(const v1::LeasedJob& job, const std::string
   // Inputs are fetched and checked here; the model is loaded and the data parsed only by the
   // job's own sandboxed process (RunJobChild).
   auto fetch = [&](const std::string& sha, const std::string& path) {
-    std::string error;
-    if (!Fetch(job, sha, path, &error))
-      throw engine::EngineError(Code::kUnavailable, kReasonFetchFailed, error);
+    Status fetched = Fetch(job, sha, path);
+    if (!fetched.ok()) throw engine::EngineError(fetched.code(), kReasonFetchFailed, fetched.message());
   };
   nlohmann::json spec;
   spec["model"] = dir + "/model.pt";

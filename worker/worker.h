@@ -64,7 +64,10 @@ class Worker {
   // Fetches the job's inputs into `dir` and writes what the job process reads (spec.json,
   // job.pb); returns where the result will be. Throws EngineError.
   std::string PrepareJobFolder(const v1::LeasedJob& job, const std::string& dir);
-  bool Fetch(const v1::LeasedJob& job, const std::string& sha, const std::string& path, std::string* error);
+  // Writes the input `sha` of the job to `path`; an error with the server's code (DATA_LOSS for a
+  // corrupt or missing blob, or bytes that arrived with another digest), or throws when the
+  // server stays unreachable (the job is handed back) or the disk fails.
+  Status Fetch(const v1::LeasedJob& job, const std::string& sha, const std::string& path);
   void Complete(const v1::LeasedJob& job, v1::CompleteHeader header, const std::string& result_path);
   // Runs the job folder's job in a child process under the limits; QUEUED means it stopped
   // because `should_stop` asked it to.
