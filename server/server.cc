@@ -382,7 +382,9 @@ void Server::ReaperLoop() {
     if (failed < 0 || now - failed > options_.limits.lease_ttl_ms) changed = store_->ExpireLeases(now);
     if (!changed.ok()) {
       if (store_failed_ms_.exchange(now) < 0) {  // once per outage
-        spdlog::error(Kv({{"msg", "lease reaper failed"}, {"error", changed.status().message()}}));
+        // The cause is the store's error line just before; the status is the one callers get.
+        spdlog::error(Kv({{"msg", "lease reaper failed: the database error is logged just before"},
+                          {"code", CodeName(changed.status().code())}}));
       }
     } else if (failed >= 0 && now - failed > options_.limits.lease_ttl_ms) {
       store_failed_ms_ = -1;
