@@ -391,6 +391,14 @@ TEST_F(EngineTest, CompressRunsPruneThenFinetuneAndNeedsTrainData) {
   std::vector<StepSpec> steps = {MagnitudePruneSpec{0.5, true, {}, {}},
                                  FinetuneSpec{TrainSpec{2, 0.05, 32, "SGD", 5e-4}}};
   EXPECT_THROW(Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("nt.pt")), EngineError);
+  // A job whose second step fails leaves none of its steps' files beside the output path.
+  ChannelPruneSpec unreachable;
+  unreachable.target_macs = 0.001;
+  EXPECT_THROW(Compress(Fixture("small_cnn.pt"), {MagnitudePruneSpec{0.5, true, {}, {}}, unreachable}, opts,
+                        TempPath("nt.pt")),
+               EngineError);
+  EXPECT_FALSE(std::filesystem::exists(TempPath("nt.pt") + ".step0"));
+  EXPECT_FALSE(std::filesystem::exists(TempPath("nt.pt")));
   opts.train = DatasetInput{"tensors", Fixture("quadrants_train.pt")};
   Report r = Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("ft.pt"));
   ASSERT_EQ(r.steps.size(), 3u);

@@ -149,6 +149,13 @@ class Job {
   Job(const std::string& input_path, const std::vector<StepSpec>& steps, const CompressOptions& options,
       const std::string& output_path)
       : input_path_(input_path), steps_(steps), options_(options), output_path_(output_path) {}
+  // A job that failed (or was cancelled) leaves none of its steps' files behind.
+  ~Job() {
+    std::error_code ec;
+    for (const auto& t : temps_) fs::remove(t, ec);
+  }
+  Job(const Job&) = delete;
+  Job& operator=(const Job&) = delete;
 
   Report Run() {
     torch::manual_seed(static_cast<uint64_t>(options_.seed));
