@@ -2,7 +2,8 @@
 """The auto step against the best hand-written recipe: Fashion-MNIST teachers trained by Pare.
 
 Usage: bench/auto_fashion_mnist.py [--pare build/client/pare] [--threads 2] [--epochs 4]
-                                   [--budget 900] [--goals 0.5,1.0] [--out DIR]
+                                   [--budget 900] [--goals 0.5,1.0] [--archs SmallCnn,SmallResNet]
+                                   [--out DIR]
 
 For each teacher of bench/quality_fashion_mnist.py (SmallCnn, SmallResNet), trained here by Pare:
 every hand recipe of that benchmark (HAND_RECIPES) and `auto` (objective LATENCY, the given
@@ -36,6 +37,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=4, help="teacher training epochs")
     ap.add_argument("--budget", type=int, default=900, help="the search's timeBudgetSeconds")
     ap.add_argument("--goals", default="0.5,1.0", help="maxAccuracyDrop values, top-1 points")
+    ap.add_argument("--archs", default="SmallCnn,SmallResNet", help="teachers to run (a shorter pass: SmallCnn)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     goals = [float(g) for g in args.goals.split(",")]
@@ -48,6 +50,8 @@ def main():
     verdicts = []
     for arch in (SmallCnn, SmallResNet):
         name = arch.__name__
+        if name not in args.archs.split(","):
+            continue
         teacher, _ = train_teacher(args, work, arch, data)
         base = top1(teacher, test_images, test_labels)
         hand = []
