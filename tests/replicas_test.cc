@@ -74,6 +74,13 @@ Result<v1::Job> Submit(client::Client& c, const std::string& model_id, const std
   return c.Submit(req);
 }
 
+// Submits through `by` and follows the job through `watch` to its end.
+Result<v1::Job> RunToEnd(client::Client& by, client::Client& watch, const std::string& model_id,
+                         const std::string& request_id) {
+  PARE_ASSIGN_OR_RETURN(auto job, Submit(by, model_id, request_id));
+  return watch.Watch(job.id(), nullptr);
+}
+
 class ReplicasTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -103,6 +110,21 @@ class ReplicasTest : public ::testing::Test {
     auto m = c.UploadModel(Fixture("small_cnn.pt"), "cnn", {1, 1, 28, 28});
     ASSERT_TRUE(m.ok()) << m.status().ToString();
     model_ = m.value();
+  }
+
+  // Uploads the 43 MB ResNet-18 through `c` (a client of replica A) and kills A with SIGKILL
+  // halfway through: the upload fails.
+  void KillAMidUpload(client::Client& c) {
+    bool killed = false;
+    auto cut =
+        c.UploadModel(Fixture("resnet18.pt"), "resnet", {1, 3, 64, 64}, [&](uint64_t n, uint64_t total) {
+          if (!killed && n > total / 2) {
+            a_->Kill(SIGKILL);
+            killed = true;
+          }
+        });
+    ASSERT_TRUE(killed);
+    EXPECT_FALSE(cut.ok());
   }
 
   TempDir dir_;
@@ -156,16 +178,8 @@ TEST_F(ReplicasTest, WhatOneReplicaDoesTheOtherSeesAndAKilledOneLosesNothing) {
   Result<v1::Job> watched = Status(Code::kUnknown, "not watched");
   std::thread watch([&] { watched = both.Watch(held->id(), [&](const v1::Job&) { ++updates; }); });
   ASSERT_TRUE(pare::testing::Eventually([&] { return updates.load() > 0; }, 30));
-  bool killed = false;
-  auto cut =
-      ca.UploadModel(Fixture("resnet18.pt"), "resnet", {1, 3, 64, 64}, [&](uint64_t n, uint64_t total) {
-        if (!killed && n > total / 2) {
-          a_->Kill(SIGKILL);
-          killed = true;
-        }
-      });
-  ASSERT_TRUE(killed);
-  EXPECT_FALSE(cut.ok());
+  KillAMidUpload(ca);
+  if (HasFatalFailure()) return;
   std::filesystem::remove(hold_);
   watch.join();
   ASSERT_TRUE(watched.ok()) << watched.status().ToString();
@@ -212,16 +226,14 @@ TEST_F(ReplicasTest, BlobsInTheDatabaseNeedNoSharedFolder) {
   auto ca = ClientFor(at_a), cb = ClientFor(at_b);
   auto m = ca.UploadModel(Fixture("small_cnn.pt"), "cnn", {1, 1, 28, 28});
   ASSERT_TRUE(m.ok()) << m.status().ToString();
-  auto job = Submit(cb, m->id(), "in-db");
-  ASSERT_TRUE(job.ok()) << job.status().ToString();
-  auto done = ca.Watch(job->id(), nullptr);
+  auto done = RunToEnd(cb, ca, m->id(), "in-db");
   ASSERT_TRUE(done.ok()) << done.status().ToString();
   ASSERT_EQ(done->state(), v1::SUCCEEDED) << done->error().message();
   for (auto* c : {&ca, &cb}) {
     const std::string out = dir_.path() + "/result.pt";
-    ASSERT_TRUE(c->Download(job->id(), v1::MODEL, out).ok());
+    ASSERT_TRUE(c->Download(done->id(), v1::MODEL, out).ok());
     EXPECT_EQ(Sha256OfFile(out), done->result_sha256());
-    ASSERT_TRUE(c->Download(job->id(), v1::REPORT, out).ok());
+    ASSERT_TRUE(c->Download(done->id(), v1::REPORT, out).ok());
     EXPECT_FALSE(Sha256OfFile(out).empty());
   }
   // No blob file on either replica's disk: only uploads in progress pass through DATA/tmp.
@@ -239,47 +251,33 @@ TEST_F(ReplicasTest, BlobsInTheDatabaseNeedNoSharedFolder) {
   };
   corrupt(done->result_sha256());
   const std::string bad = dir_.path() + "/bad.pt";
-  auto lost = cb.Download(job->id(), v1::MODEL, bad);
+  auto lost = cb.Download(done->id(), v1::MODEL, bad);
   EXPECT_EQ(lost.code(), Code::kDataLoss) << lost.ToString();
   EXPECT_FALSE(std::filesystem::exists(bad + ".part"));
   EXPECT_FALSE(std::filesystem::exists(bad));
   corrupt(m->sha256());
-  auto on_corrupt = Submit(cb, m->id(), "on-corrupt");
-  ASSERT_TRUE(on_corrupt.ok()) << on_corrupt.status().ToString();
-  auto failed = cb.Watch(on_corrupt->id(), nullptr);
+  auto failed = RunToEnd(cb, cb, m->id(), "on-corrupt");
   ASSERT_TRUE(failed.ok()) << failed.status().ToString();
   EXPECT_EQ(failed->state(), v1::FAILED);
   EXPECT_EQ(failed->error().reason(), "FETCH_FAILED");
   EXPECT_EQ(failed->error().code(), "DATA_LOSS") << failed->error().message();
   auto again = ca.UploadModel(Fixture("small_cnn.pt"), "cnn", {1, 1, 28, 28});
   ASSERT_TRUE(again.ok()) << again.status().ToString();
-  auto repaired = Submit(cb, again->id(), "repaired");
-  ASSERT_TRUE(repaired.ok()) << repaired.status().ToString();
-  auto fine = cb.Watch(repaired->id(), nullptr);
+  auto fine = RunToEnd(cb, cb, again->id(), "repaired");
   ASSERT_TRUE(fine.ok()) << fine.status().ToString();
   EXPECT_EQ(fine->state(), v1::SUCCEEDED) << fine->error().message();
 
-  bool killed = false;
-  auto cut =
-      ca.UploadModel(Fixture("resnet18.pt"), "resnet", {1, 3, 64, 64}, [&](uint64_t n, uint64_t total) {
-        if (!killed && n > total / 2) {
-          a_->Kill(SIGKILL);
-          killed = true;
-        }
-      });
-  ASSERT_TRUE(killed);
-  EXPECT_FALSE(cut.ok());
+  KillAMidUpload(ca);
+  if (HasFatalFailure()) return;
   // A 43 MB model is many chunks; stored through B, it runs on B's worker from the database.
   auto big = cb.UploadModel(Fixture("resnet18.pt"), "resnet", {1, 3, 64, 64});
   ASSERT_TRUE(big.ok()) << big.status().ToString();
   EXPECT_EQ(big->sha256(), Sha256OfFile(Fixture("resnet18.pt")));
-  auto pruned = Submit(cb, big->id(), "big");
-  ASSERT_TRUE(pruned.ok()) << pruned.status().ToString();
-  auto pruned_done = cb.Watch(pruned->id(), nullptr);
+  auto pruned_done = RunToEnd(cb, cb, big->id(), "big");
   ASSERT_TRUE(pruned_done.ok()) << pruned_done.status().ToString();
   EXPECT_EQ(pruned_done->state(), v1::SUCCEEDED) << pruned_done->error().message();
   const std::string out = dir_.path() + "/pruned.pt";
-  ASSERT_TRUE(cb.Download(pruned->id(), v1::MODEL, out).ok());
+  ASSERT_TRUE(cb.Download(pruned_done->id(), v1::MODEL, out).ok());
   EXPECT_EQ(Sha256OfFile(out), pruned_done->result_sha256());
   // A replica on the same database with a store that is not PostgreSQL cannot keep blobs there.
   ServerProcess wrong(dir_.path() + "/c", {"--blob-store", "postgresql", "--local-workers", "0"});
@@ -309,6 +307,34 @@ TEST_F(ReplicasTest, WorkersOnTwoReplicasRunEveryJobOnce) {
     EXPECT_EQ(done->state(), v1::SUCCEEDED) << done->error().message();
     EXPECT_EQ(done->attempts(), 1) << id;  // leased once: no two workers took it
   }
+}
+
+// Contention: 2 replicas, 8 workers leasing through them at once (bench/control_plane.cc's
+// hand-off mode: the worker protocol's Lease and Complete, no model run), 1,000 jobs: each
+// leased exactly once (the driver counts the grants by job id), none left unfinished.
+TEST_F(ReplicasTest, EightWorkersThroughTwoReplicasLeaseEachOfAThousandJobsOnce) {
+  const std::string token = dir_.path() + "/worker-token";
+  std::ofstream(token) << "contention-worker-token\n";
+  std::vector<std::unique_ptr<ServerProcess>> replicas;
+  std::string addresses;
+  for (int i = 0; i < 2; ++i) {
+    replicas.push_back(std::make_unique<ServerProcess>(
+        dir_.path() + "/shared",
+        std::vector<std::string>{"--store", pg_->url(), "--local-workers", "0", "--worker-token-file", token,
+                                 "--max-queued-jobs", "100000", "--tenant-max-active-jobs", "100000"}));
+    const std::string at = replicas.back()->Start();
+    ASSERT_FALSE(at.empty());
+    addresses += (addresses.empty() ? "" : ",") + at;
+  }
+  std::string out;
+  const int rc = pare::testing::Run(pare::testing::BinDir() + "/bench/pare-control-plane --servers " + addresses +
+                                        " --model " + Fixture("small_cnn.pt") +
+                                        " --jobs 1000 --workers 8 --worker-token contention-worker-token",
+                                    &out);
+  EXPECT_EQ(rc, 0) << out;
+  // | jobs | workers | servers | seconds | jobs/s | lease grants | duplicate grants | errors | not ended once |
+  EXPECT_NE(out.find("| 1000 | 8 | 2 |"), std::string::npos) << out;
+  EXPECT_NE(out.find(" | 1000 | 0 | 0 | 0 |"), std::string::npos) << out;
 }
 
 // PostgreSQL restarted while jobs run through two replicas, down longer than a lease (a
