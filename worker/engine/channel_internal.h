@@ -21,12 +21,7 @@
 namespace pare::engine::channels {
 
 // The names the channel-pruning files all use.
-using torch::jit::Block;
-using torch::jit::Graph;
-using torch::jit::Node;
-using torch::jit::Value;
-namespace aten = c10::aten;
-namespace prim = c10::prim;
+using namespace ::pare::engine::ir;  // NOLINT: the IR names
 using Path = AttrPath;
 using Shape = std::vector<int64_t>;
 

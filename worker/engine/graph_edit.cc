@@ -15,12 +15,7 @@
 
 namespace pare::engine {
 
-using torch::jit::Block;
-using torch::jit::Graph;
-using torch::jit::Node;
-using torch::jit::Value;
-namespace aten = c10::aten;
-namespace prim = c10::prim;
+using namespace ir;  // NOLINT: the IR names
 
 std::string Join(const AttrPath& p) {
   std::string s;

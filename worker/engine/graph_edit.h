@@ -15,6 +15,16 @@
 
 namespace pare::engine {
 
+// The TorchScript IR names the graph passes use: `using namespace pare::engine::ir;`.
+namespace ir {
+using torch::jit::Block;
+using torch::jit::Graph;
+using torch::jit::Node;
+using torch::jit::Value;
+namespace aten = c10::aten;
+namespace prim = c10::prim;
+}  // namespace ir
+
 using AttrPath = std::vector<std::string>;
 
 std::string Join(const AttrPath& p);
