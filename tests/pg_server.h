@@ -66,8 +66,9 @@ class PgServer {
 
   // Runs one SQL statement on database `db` (psql); whether it succeeded.
   bool Sql(const std::string& db, const std::string& sql) {
-    return Run(Cmd("psql", {"-h", "127.0.0.1", "-p", std::to_string(port_), "-U", "pare", "-d", db, "-v",
-                            "ON_ERROR_STOP=1", "-qAtc", sql},
+    return Run(Cmd("psql",
+                   {"-h", "127.0.0.1", "-p", std::to_string(port_), "-U", "pare", "-d", db, "-v",
+                    "ON_ERROR_STOP=1", "-qAtc", sql},
                    false)) == 0;
   }
 

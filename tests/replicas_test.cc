@@ -327,12 +327,13 @@ TEST_F(ReplicasTest, EightWorkersThroughTwoReplicasLeaseEachOfAThousandJobsOnce)
     addresses += (addresses.empty() ? "" : ",") + at;
   }
   std::string out;
-  const int rc = pare::testing::Run(pare::testing::BinDir() + "/bench/pare-control-plane --servers " + addresses +
-                                        " --model " + Fixture("small_cnn.pt") +
+  const int rc = pare::testing::Run(pare::testing::BinDir() + "/bench/pare-control-plane --servers " +
+                                        addresses + " --model " + Fixture("small_cnn.pt") +
                                         " --jobs 1000 --workers 8 --worker-token contention-worker-token",
                                     &out);
   EXPECT_EQ(rc, 0) << out;
-  // | jobs | workers | servers | seconds | jobs/s | lease grants | duplicate grants | errors | not ended once |
+  // | jobs | workers | servers | seconds | jobs/s | lease grants | duplicate grants | errors | not ended once
+  // |
   EXPECT_NE(out.find("| 1000 | 8 | 2 |"), std::string::npos) << out;
   EXPECT_NE(out.find(" | 1000 | 0 | 0 | 0 |"), std::string::npos) << out;
 }
