@@ -304,7 +304,10 @@ int Search::Add(int base, std::vector<StepSpec> steps, const std::string& name, 
     t.pruned = t.pruned || std::holds_alternative<ChannelPruneSpec>(s);
   }
   if (base >= 0) t.pruned = t.pruned || trials_[base].pruned;
-  if (!Resume(t)) Build(t);
+  if (!Resume(t)) {
+    if (!Fits(t)) return -1;
+    Build(t);
+  }
   t.meets = t.error.empty() && t.drop <= goal_points_ + 1e-9 && t.ratio > 1.0 + MinGain();
   trials_.push_back(t);
   Checkpoint();
@@ -321,6 +324,21 @@ int Search::Add(int base, std::vector<StepSpec> steps, const std::string& name, 
   line += best ? "; best so far " + RatioText(best->ratio, spec_.objective) : "; none within the goal yet";
   Progress(line);
   return t.index;
+}
+
+bool Search::Fits(const Trial& t) {
+  int epochs = 0;
+  for (const auto& s : t.steps)
+    if (const auto* d = std::get_if<DistillSpec>(&s)) epochs += d->train.epochs;
+  const double needs = epochs * epoch_seconds_;
+  if (needs <= Remaining()) return true;
+  if (!unfit_noted_) {
+    notes_.push_back("a trial was not started: its " + std::to_string(epochs) +
+                     " distillation epoch(s) take about " + Num("%.0f s", needs) + " and " +
+                     Num("%.0f s", std::max(0.0, Remaining())) + " of the budget were left (" + t.name + ")");
+    unfit_noted_ = true;
+  }
+  return false;
 }
 
 std::string Search::DropText(double drop) const {

@@ -119,6 +119,9 @@ class Search {
   double MinGain() const { return spec_.objective == "LATENCY" ? 0.05 : 0.0; }
 
   std::string DropText(double drop) const;
+  // Whether what trial `t` will train (its distillation epochs, at the timed epoch's pace) fits
+  // in what is left of the budget; a trial that does not is not started (noted once).
+  bool Fits(const Trial& t);
   bool Resume(Trial& t);
   void Build(Trial& t);
   void Score(Trial& t) const;
@@ -206,6 +209,7 @@ class Search {
   int round_to_ = 0;          // RoundTo's answer, once found
   bool int8_noted_ = false;   // the note that INT8 was not tried (a GPU job) is written once
   bool analysed_ = false;
+  bool unfit_noted_ = false;
   std::map<std::string, std::vector<std::pair<double, double>>> group_loss_;  // group -> (amount, points)
   torch::jit::Module pruner_model_;
   torch::jit::Module baseline_model_;  // the original, loaded once and timed beside each candidate
