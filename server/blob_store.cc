@@ -44,8 +44,9 @@ Status ReadFully(int fd, uint64_t offset, size_t size, std::string* out) {
 
 class FileBlobReader final : public BlobReader {
  public:
-  explicit FileBlobReader(int fd) : fd_(fd) {}
+  FileBlobReader(int fd, uint64_t size) : fd_(fd), size_(size) {}
   ~FileBlobReader() override { ::close(fd_); }
+  uint64_t size() const override { return size_; }
   Status ReadAt(uint64_t offset, size_t max, std::string* out) override {
     out->resize(max);
     ssize_t n;
@@ -59,6 +60,7 @@ class FileBlobReader final : public BlobReader {
 
  private:
   int fd_;
+  uint64_t size_;
 };
 
 // A blob's chunks fetched one at a time (the last one kept for reads inside it), each checked
@@ -68,6 +70,7 @@ class DatabaseBlobReader final : public BlobReader {
  public:
   DatabaseBlobReader(SqlBackend* db, std::string sha256, uint64_t size, uint64_t chunk_bytes)
       : db_(db), sha256_(std::move(sha256)), size_(size), chunk_bytes_(chunk_bytes) {}
+  uint64_t size() const override { return size_; }
 
   Status ReadAt(uint64_t offset, size_t max, std::string* out) override {
     out->clear();
@@ -269,8 +272,15 @@ Result<uint64_t> FileBlobStore::SizeOf(const std::string& sha256) {
 Result<std::unique_ptr<BlobReader>> FileBlobStore::NewReader(const std::string& sha256) {
   if (!IsHexSha256(sha256)) return NotFound("blob " + sha256 + " is missing from the blob store");
   int fd = ::open(PathOf(sha256).c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0 && errno == ENOENT) return NotFound("blob " + sha256 + " is missing from the blob store");
   if (fd < 0) return Internal("cannot open blob: " + std::string(std::strerror(errno)));
-  return std::unique_ptr<BlobReader>(new FileBlobReader(fd));
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    const std::string err = std::strerror(errno);
+    ::close(fd);
+    return Internal("cannot read blob: " + err);
+  }
+  return std::unique_ptr<BlobReader>(new FileBlobReader(fd, static_cast<uint64_t>(st.st_size)));
 }
 
 Result<std::pair<uint64_t, uint64_t>> FileBlobStore::CountAndBytes() {

@@ -61,6 +61,8 @@ class BlobReader {
   // Up to `max` bytes from `offset` into `out` (fewer at the end, or at a chunk's end); none at
   // or past the end. DATA_LOSS when stored bytes no longer match their digest.
   virtual Status ReadAt(uint64_t offset, size_t max, std::string* out) = 0;
+  // The blob's size in bytes.
+  virtual uint64_t size() const = 0;
 };
 
 class BlobStore {
@@ -75,6 +77,7 @@ class BlobStore {
   virtual Result<bool> Has(const std::string& sha256) = 0;
   // NOT_FOUND when it is not stored.
   virtual Result<uint64_t> SizeOf(const std::string& sha256) = 0;
+  // NOT_FOUND when it is not stored.
   virtual Result<std::unique_ptr<BlobReader>> NewReader(const std::string& sha256) = 0;
   // Stored blobs and their bytes (for periodic metrics, not hot paths: a folder is walked).
   virtual Result<std::pair<uint64_t, uint64_t>> CountAndBytes() = 0;

@@ -526,10 +526,9 @@ grpc::ServerWriteReactor<v1::Chunk>* CompressionService::DownloadResult(grpc::Ca
     return StoredBlob(ctx->blobs, sha, "the result of job '" + job_id + "'");
   };
   Metrics* metrics = ctx_->metrics;
-  return new BlobSendReactor(ctx_->executor, ctx_->blobs, resolve, req->offset(),
-                             [metrics, kind](uint64_t n) {
-                               if (metrics) metrics->Downloaded(kind == v1::REPORT ? "report" : "result", n);
-                             });
+  return new BlobSendReactor(ctx_->executor, resolve, req->offset(), [metrics, kind](uint64_t n) {
+    if (metrics) metrics->Downloaded(kind == v1::REPORT ? "report" : "result", n);
+  });
 }
 
 }  // namespace pare::server

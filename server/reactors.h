@@ -57,27 +57,28 @@ class ErrorReadReactor final : public grpc::ServerReadReactor<Req> {
   void OnDone() override { delete this; }
 };
 
+// A blob to stream: its digest and a reader opened on it.
 struct BlobRef {
   std::string sha256;
-  uint64_t size = 0;
+  std::unique_ptr<BlobReader> reader;
 };
 
-// The stored blob `sha256` of `blobs` to stream; `what` names it for the DATA_LOSS error when the
+// The stored blob `sha256` of `blobs`, opened; `what` names it for the DATA_LOSS error when the
 // blob store lacks it though a record refers to it ("the result of job 'j'").
 inline Result<BlobRef> StoredBlob(BlobStore* blobs, const std::string& sha256, const std::string& what) {
-  auto size = blobs->SizeOf(sha256);
-  if (size.status().code() == Code::kNotFound) return DataLoss(what + " is missing from the blob store");
-  if (!size.ok()) return size.status();
-  return BlobRef{sha256, size.value()};
+  auto reader = blobs->NewReader(sha256);
+  if (reader.status().code() == Code::kNotFound) return DataLoss(what + " is missing from the blob store");
+  if (!reader.ok()) return reader.status();
+  return BlobRef{sha256, std::move(reader).value()};
 }
 
-// Streams a blob of `blobs` as Chunks from `offset`. `resolve` (run on the executor) finds the
+// Streams a blob as Chunks from `offset`. `resolve` (run on the executor) finds and opens the
 // blob and checks the caller may read it.
 class BlobSendReactor final : public grpc::ServerWriteReactor<v1::Chunk> {
  public:
   // `on_sent` (optional) learns the bytes of every chunk written.
-  BlobSendReactor(Executor* executor, BlobStore* blobs, std::function<Result<BlobRef>()> resolve,
-                  uint64_t offset, std::function<void(uint64_t)> on_sent = nullptr);
+  BlobSendReactor(Executor* executor, std::function<Result<BlobRef>()> resolve, uint64_t offset,
+                  std::function<void(uint64_t)> on_sent = nullptr);
   void OnWriteDone(bool ok) override;
   void OnDone() override { delete this; }
 
@@ -88,12 +89,11 @@ class BlobSendReactor final : public grpc::ServerWriteReactor<v1::Chunk> {
   void Post(std::function<void()> f);
 
   Executor* executor_;
-  BlobStore* blobs_;
   std::function<Result<BlobRef>()> resolve_;
   uint64_t offset_;
   std::function<void(uint64_t)> on_sent_;
   BlobRef blob_;
-  std::unique_ptr<BlobReader> reader_;
+  uint64_t size_ = 0;
   bool sent_any_ = false;
   v1::Chunk chunk_;
 };

@@ -235,7 +235,7 @@ std::string Server::blobs_name() const {
 // server refuses to start.
 Status Server::CheckSharedBlobs() {
   if (!store_->shared()) return Status::Ok();
-  const bool in_db = dynamic_cast<FileBlobStore*>(blobs_.get()) == nullptr;
+  const bool in_db = blobs_->kind() != "files";
   PARE_ASSIGN_OR_RETURN(auto digests, store_->RecentModelDigests(8));
   if (digests.empty()) return Status::Ok();
   for (const auto& sha : digests) {

@@ -207,7 +207,7 @@ grpc::ServerWriteReactor<v1::Chunk>* WorkersService::Fetch(grpc::CallbackServerC
     return StoredBlob(ctx->blobs, sha, "input blob " + sha);
   };
   Metrics* metrics = ctx_->metrics;
-  return new BlobSendReactor(ctx_->executor, ctx_->blobs, resolve, req->offset(), [metrics](uint64_t n) {
+  return new BlobSendReactor(ctx_->executor, resolve, req->offset(), [metrics](uint64_t n) {
     if (metrics) metrics->Downloaded("input", n);
   });
 }
