@@ -229,13 +229,11 @@ void Search::FinishPruned(int p) {
 }
 
 void Search::LongerRecovery() {
-  if (!Distills() || ladder_failed_ <= 0) return;
+  // Only once an epoch was timed: Add starts only trials that fit in what is left (Fits).
+  if (!Distills() || ladder_failed_ <= 0 || epoch_seconds_ <= 0) return;
   double target = ladder_failed_;
   int epochs = 2 * RecoveryEpochs();
   for (int n = 0; n < 4 && !Done(); ++n) {
-    // Only a trial that fits in what is left of the budget (from a timed epoch, with a margin for
-    // pruning, scoring and timing it).
-    if (epoch_seconds_ <= 0 || 1.3 * epoch_seconds_ * epochs > Remaining()) return;
     const int i = Add(-1, PrunedSteps(target, epochs), PrunedName(target, epochs) + " (longer recovery)",
                       "channel pruning");
     if (i < 0 || !trials_[i].error.empty()) return;

@@ -330,7 +330,8 @@ bool Search::Fits(const Trial& t) {
   int epochs = 0;
   for (const auto& s : t.steps)
     if (const auto* d = std::get_if<DistillSpec>(&s)) epochs += d->train.epochs;
-  const double needs = epochs * epoch_seconds_;
+  // With a margin for pruning, scoring and timing the candidate.
+  const double needs = 1.3 * epochs * epoch_seconds_;
   if (needs <= Remaining()) return true;
   if (!unfit_noted_) {
     notes_.push_back("a trial was not started: its " + std::to_string(epochs) +

@@ -119,8 +119,9 @@ class Search {
   double MinGain() const { return spec_.objective == "LATENCY" ? 0.05 : 0.0; }
 
   std::string DropText(double drop) const;
-  // Whether what trial `t` will train (its distillation epochs, at the timed epoch's pace) fits
-  // in what is left of the budget; a trial that does not is not started (noted once).
+  // Whether what trial `t` will train (its distillation epochs, at the timed epoch's pace, with a
+  // 30% margin) fits in what is left of the budget; a trial that does not is not started (noted
+  // once).
   bool Fits(const Trial& t);
   bool Resume(Trial& t);
   void Build(Trial& t);
