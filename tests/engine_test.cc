@@ -156,6 +156,14 @@ TEST_F(EngineTest, RejectsBadAmounts) {
 }
 
 // The graphs of every method of every module, as text.
+// The last of `notes` that starts with `prefix` ("" when none does).
+std::string NoteStartingWith(const std::vector<std::string>& notes, const std::string& prefix) {
+  std::string found;
+  for (const auto& n : notes)
+    if (n.rfind(prefix, 0) == 0) found = n;
+  return found;
+}
+
 std::string AllCode(const torch::jit::Module& m) {
   std::string all;
   for (const auto& sub : m.modules()) {
@@ -416,10 +424,7 @@ TEST_F(EngineTest, TheOriginalsLatencyIsTimedOncePerModelHostAndSettings) {
   opts.model_digest = std::string(64, 'a');
   const std::vector<StepSpec> steps = {MagnitudePruneSpec{0.5, true, {}, {}}};
   auto cached = [](const StepReport& s) {
-    for (const auto& n : s.notes) {
-      if (n.rfind("latency from the measurement cache", 0) == 0) return true;
-    }
-    return false;
+    return !NoteStartingWith(s.notes, "latency from the measurement cache").empty();
   };
   auto cache_note = [&](const Report& r) { return cached(r.steps[0]); };
   Report first = Compress(Fixture("small_cnn.pt"), steps, opts, TempPath("cache1.pt"));
@@ -827,10 +832,7 @@ TEST_F(EngineTest, StaticQuantizationNamesTheOpsThatRunInFloatBetweenQuantizedOn
   m.eval();
   std::vector<std::string> notes;
   auto q = QuantizeStatic(m, StaticQuantSpec{}, {at::randn({4, 3, 32, 32})}, &notes);
-  std::string found;
-  for (const auto& n : notes) {
-    if (n.rfind("ran in float between quantized ops", 0) == 0) found = n;
-  }
+  const std::string found = NoteStartingWith(notes, "ran in float between quantized ops");
   EXPECT_NE(found.find("2 aten::prelu"), std::string::npos) << found;
 }
 
@@ -840,10 +842,7 @@ TEST_F(EngineTest, StaticQuantizationKeepsFloatWhatItCannotObserve) {
   auto m = torch::jit::load(Fixture("branchy.pt"));
   std::vector<std::string> notes;
   auto q = QuantizeStatic(m, StaticQuantSpec{}, {at::randn({2, 3, 8, 8})}, &notes);
-  std::string kept;
-  for (const auto& n : notes) {
-    if (n.rfind("kept float: ", 0) == 0) kept = n;
-  }
+  const std::string kept = NoteStartingWith(notes, "kept float: ");
   EXPECT_NE(kept.find("conv/linear layers"), std::string::npos) << kept;
   EXPECT_NE(q.get_method("forward").graph()->toString().find("quantized::"), std::string::npos);
   at::Tensor x = at::randn({4, 3, 8, 8});
@@ -1690,10 +1689,7 @@ TEST_F(EngineTest, StaticQuantizationActivationRangeFollowsTheTarget) {
   // MINMAX over the same values: 7-bit activations have twice the 8-bit step (255 / 127).
   EXPECT_NEAR(FirstInputScale(avx2) / FirstInputScale(vnni), 255.0 / 127.0, 1e-3);
   auto says = [](const std::vector<std::string>& notes, const std::string& what) {
-    for (const auto& n : notes) {
-      if (n.rfind("activations: " + what, 0) == 0) return true;
-    }
-    return false;
+    return !NoteStartingWith(notes, "activations: " + what).empty();
   };
   EXPECT_TRUE(says(avx2_notes, "7-bit"));
   EXPECT_TRUE(says(vnni_notes, "8-bit"));
