@@ -33,7 +33,7 @@ RUN case "$LIBTORCH" in debian) torch=libtorch-dev ;; cuda) torch= ;; \
       build-essential cmake ninja-build pkg-config ca-certificates $torch \
       libopenblas0-openmp libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
       prometheus-cpp-dev libspdlog-dev libsqlite3-dev libpq-dev libssl-dev libcli11-dev nlohmann-json3-dev \
-      libarchive-dev zlib1g-dev libpng-dev libjpeg-dev \
+      libarchive-dev zlib1g-dev libdeflate-dev libpng-dev libjpeg-dev \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=libtorch . /opt/libtorch/
 WORKDIR /src
@@ -68,7 +68,7 @@ FROM ${RUNTIME_BASE} AS runtime
 # build).
 RUN apt-get update && apt-get install -y --no-install-recommends \
       libtorch1.13 libopenblas0-openmp libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623 \
-      libprometheus-cpp-pull1.0 libprometheus-cpp-core1.0 libspdlog1.10 libsqlite3-0 libpq5 libssl3 libarchive13 zlib1g libpng16-16 libjpeg62-turbo libstdc++6 libgcc-s1 libc6 \
+      libprometheus-cpp-pull1.0 libprometheus-cpp-core1.0 libspdlog1.10 libsqlite3-0 libpq5 libssl3 libarchive13 zlib1g libdeflate0 libpng16-16 libjpeg62-turbo libstdc++6 libgcc-s1 libc6 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 pare && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin pare
 COPY --from=build /out/bin/ /usr/local/bin/

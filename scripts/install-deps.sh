@@ -14,7 +14,7 @@ packages=(
   build-essential cmake ninja-build ccache pkg-config clang clang-format libclang-rt-14-dev openssl
   libopenblas0-openmp libtorch-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev libspdlog-dev libgtest-dev libsqlite3-dev libpq-dev libssl-dev libcli11-dev
-  nlohmann-json3-dev libarchive-dev zlib1g-dev libpng-dev libjpeg-dev
+  nlohmann-json3-dev libarchive-dev zlib1g-dev libdeflate-dev libpng-dev libjpeg-dev
   python3-torch python3-torchvision python3-grpcio python3-yaml dataset-fashion-mnist prometheus
   buildah podman debootstrap debian-archive-keyring chromium postgresql
 )

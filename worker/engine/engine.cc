@@ -171,7 +171,6 @@ class Job {
     inputs_ = PrepareJobInputs(model_, steps_, options_);
     ChooseAgreementSamples();
     Report report = NewReport();
-    RunReference();
     Progress(0, "original", 0.5, "measuring the original model");
     report.steps.push_back(MeasureOriginal(report.host));
     current_path_ = input_path_;
@@ -231,21 +230,6 @@ class Job {
     return report;
   }
 
-  // The original model's outputs on the agreement samples: what every step is compared with.
-  void RunReference() {
-    const bool default_shape = options_.input_shape.empty() && !inputs_.SampleSource();
-    Guard(Code::kInvalidArgument, "MODEL_RUN",
-          "the model's forward failed on inputs of shape " +
-              c10::str(at::IntArrayRef(inputs_.shape).slice(1)) +
-              (default_shape ? " (the default: give the model's input shape, e.g. --input-shape 1,1,28,28)"
-                             : ""),
-          [&] {
-            model_.to(ctx_.device);
-            ctx_.reference =
-                RunBatchedOutputs(model_, ctx_.samples, ctx_.device, 8, ctx_.check_cancel, ctx_.more_samples);
-          });
-  }
-
   StepReport MeasureOriginal(const HostInfo& host) {
     const auto t0 = Clock::now();
     StepReport original;
@@ -260,8 +244,18 @@ class Job {
     const auto cached = latency_cache.Find();
     MeasureContext original_ctx = ctx_;
     if (cached) original_ctx.latency_batches.clear();
-    original.stats = Guard(Code::kInvalidArgument, "MODEL_RUN", "measuring the original model failed",
-                           [&] { return Measure(model_, input_path_, original_ctx); });
+    // Its outputs on the agreement samples are the reference every step is compared with (they
+    // come from its timed runs where it can).
+    const bool default_shape = options_.input_shape.empty() && !inputs_.SampleSource();
+    original.stats = Guard(
+        Code::kInvalidArgument, "MODEL_RUN",
+        "the model's forward failed on inputs of shape " + c10::str(at::IntArrayRef(inputs_.shape).slice(1)) +
+            (default_shape ? " (the default: give the model's input shape, e.g. --input-shape 1,1,28,28)"
+                           : ""),
+        [&] {
+          model_.to(ctx_.device);
+          return Measure(model_, input_path_, original_ctx, &ctx_.reference);
+        });
     if (!inputs_.shape_note.empty()) original.notes.push_back(inputs_.shape_note);
     const Dataset* source = inputs_.SampleSource();
     original.notes.push_back(

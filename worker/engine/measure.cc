@@ -1,11 +1,18 @@
 #include "worker/engine/measure.h"
 
+#ifdef PARE_HAVE_LIBDEFLATE
+#include <libdeflate.h>
+#endif
 #include <zlib.h>
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 
 #include "worker/engine/error.h"
 #include "worker/engine/macs.h"
@@ -28,20 +35,70 @@ double Percentile(std::vector<double> v, double p) {
 // Forces completion of queued device work (a device-to-host copy waits for it).
 void Sync(const at::Tensor& t) { (void)t.sum().item<double>(); }
 
-Latency TimeBatch(torch::jit::Module& module, const MeasureContext& ctx, int batch) {
-  std::vector<int64_t> shape = ctx.input_shape;
-  shape[0] = batch;
-  std::vector<c10::IValue> input = ForwardArgs(at::randn(shape, at::TensorOptions().device(ctx.device)),
-                                               RandomInputs(ctx.more_shapes, batch, ctx.device));
+// Collects each run's outputs (every tensor forward returns, as float on the CPU) and joins
+// them along the batch dimension.
+class OutputCollector {
+ public:
+  void Add(const c10::IValue& result) {
+    auto outs = OutputTensors(result);
+    if (parts_.empty()) {
+      for (const auto& o : outs) names_.push_back(o.first);
+      parts_.resize(outs.size());
+    } else if (outs.size() != names_.size()) {
+      throw EngineError(Code::kInvalidArgument, "MODEL_OUTPUT",
+                        "the model returned " + std::to_string(names_.size()) +
+                            " tensors for the first batch and " + std::to_string(outs.size()) +
+                            " for a later one");
+    }
+    for (size_t k = 0; k < outs.size(); ++k) {
+      at::Tensor y = outs[k].second;
+      if (y.is_quantized()) y = y.dequantize();
+      parts_[k].push_back(y.to(at::kFloat).cpu());
+    }
+  }
+  NamedOutputs Take() {
+    NamedOutputs result;
+    for (size_t k = 0; k < names_.size(); ++k) {
+      // An output without a batch dimension (a scalar, a per-model tensor) is compared as it is.
+      bool batched = true;
+      for (const auto& t : parts_[k]) batched &= t.dim() >= 1;
+      result.emplace_back(names_[k], batched ? at::cat(parts_[k]) : parts_[k].front());
+    }
+    return result;
+  }
+
+ private:
+  std::vector<std::string> names_;
+  std::vector<std::vector<at::Tensor>> parts_;
+};
+
+// Forward's inputs for samples [begin, end) on `device`.
+std::vector<c10::IValue> SampleArgs(const at::Tensor& inputs, const std::vector<at::Tensor>& more,
+                                    int64_t begin, int64_t end, c10::Device device) {
+  std::vector<at::Tensor> rest;
+  for (const at::Tensor& t : more) rest.push_back(t.slice(0, begin, end).to(device));
+  return ForwardArgs(inputs.slice(0, begin, end).to(device), rest);
+}
+
+// Times `run(i)` (i counts from 0): two untimed warm-up calls, then at least 3 timed ones and
+// more until the budget is spent (at most 200). `keep` sees every call's result, untimed.
+Latency TimeRuns(const MeasureContext& ctx, int batch, const std::function<c10::IValue(int64_t)>& run,
+                 const std::function<void(int64_t, const c10::IValue&)>& keep) {
   std::vector<double> ms;
-  c10::InferenceMode guard;
-  for (int i = 0; i < 2; ++i) Sync(OutputTensor(module.forward(input)));
+  int64_t i = 0;
+  for (; i < 2; ++i) {
+    c10::IValue out = run(i);
+    Sync(OutputTensor(out));
+    keep(i, out);
+  }
   auto budget_end = Clock::now() + std::chrono::duration<double>(ctx.latency_budget_seconds);
   while (ms.size() < 3 || (ms.size() < 200 && Clock::now() < budget_end)) {
     if (ctx.check_cancel) ctx.check_cancel();
     auto t0 = Clock::now();
-    Sync(OutputTensor(module.forward(input)));
+    c10::IValue out = run(i);
+    Sync(OutputTensor(out));
     ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+    keep(i++, out);
   }
   Latency l;
   l.batch = batch;
@@ -51,29 +108,101 @@ Latency TimeBatch(torch::jit::Module& module, const MeasureContext& ctx, int bat
   return l;
 }
 
+Latency TimeBatch(torch::jit::Module& module, const MeasureContext& ctx, int batch) {
+  std::vector<int64_t> shape = ctx.input_shape;
+  shape[0] = batch;
+  std::vector<c10::IValue> input = ForwardArgs(at::randn(shape, at::TensorOptions().device(ctx.device)),
+                                               RandomInputs(ctx.more_shapes, batch, ctx.device));
+  c10::InferenceMode guard;
+  return TimeRuns(
+      ctx, batch, [&](int64_t) { return module.forward(input); }, [](int64_t, const c10::IValue&) {});
+}
+
+// Whether the agreement samples are inputs of the timed shape (batch 1 of them can be timed).
+bool SamplesFitTheShape(const MeasureContext& ctx) {
+  if (!ctx.samples.defined() || ctx.samples.size(0) == 0) return false;
+  if (ctx.samples.sizes().slice(1) != at::IntArrayRef(ctx.input_shape).slice(1)) return false;
+  if (ctx.more_samples.size() != ctx.more_shapes.size()) return false;
+  for (size_t k = 0; k < ctx.more_shapes.size(); ++k) {
+    if (ctx.more_samples[k].sizes().slice(1) != at::IntArrayRef(ctx.more_shapes[k]).slice(1)) return false;
+  }
+  return true;
+}
+
+// Batch-1 latency timed on the agreement samples, one at a time and in turn: the timed runs are
+// also the agreement runs, so the samples cost no time of their own. Samples the budget left
+// unrun go through in batches of 8, untimed.
+Latency TimeOnSamples(torch::jit::Module& module, const MeasureContext& ctx, c10::Device device,
+                      NamedOutputs& outputs) {
+  const int64_t n = ctx.samples.size(0);
+  std::vector<std::vector<c10::IValue>> args;
+  for (int64_t k = 0; k < n; ++k) args.push_back(SampleArgs(ctx.samples, ctx.more_samples, k, k + 1, device));
+  OutputCollector collected;
+  int64_t kept = 0;
+  c10::InferenceMode guard;
+  Latency l = TimeRuns(
+      ctx, 1, [&](int64_t i) { return module.forward(args[static_cast<size_t>(i % n)]); },
+      [&](int64_t i, const c10::IValue& out) {
+        if (i < n) {
+          collected.Add(out);
+          ++kept;
+        }
+      });
+  for (int64_t i = kept; i < n; i += 8) {
+    if (ctx.check_cancel) ctx.check_cancel();
+    collected.Add(module.forward(SampleArgs(ctx.samples, ctx.more_samples, i, std::min(i + 8, n), device)));
+  }
+  outputs = collected.Take();
+  return l;
+}
+
+// The deflated size of one block at level 6: libdeflate where the build has it (several times
+// zlib's speed), else zlib.
+constexpr size_t kDeflateBlock = 4u << 20;
+uint64_t DeflateBlock(const char* data, size_t n) {
+#ifdef PARE_HAVE_LIBDEFLATE
+  struct Free {
+    void operator()(libdeflate_compressor* c) const { libdeflate_free_compressor(c); }
+  };
+  std::unique_ptr<libdeflate_compressor, Free> c(libdeflate_alloc_compressor(6));
+  if (!c) throw EngineError(Code::kInternal, "IO", "libdeflate_alloc_compressor failed");
+  std::vector<char> out(libdeflate_deflate_compress_bound(c.get(), n));
+  const size_t got = libdeflate_deflate_compress(c.get(), data, n, out.data(), out.size());
+  if (got == 0) throw EngineError(Code::kInternal, "IO", "libdeflate_deflate_compress failed");
+  return got;
+#else
+  uLongf bound = compressBound(static_cast<uLong>(n));
+  std::vector<Bytef> out(bound);
+  if (compress2(out.data(), &bound, reinterpret_cast<const Bytef*>(data), static_cast<uLong>(n), 6) != Z_OK)
+    throw EngineError(Code::kInternal, "IO", "zlib compress2 failed");
+  return bound;
+#endif
+}
+
 }  // namespace
 
 uint64_t DeflatedSize(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw EngineError(Code::kInternal, "IO", "cannot read " + path);
-  z_stream zs{};
-  if (deflateInit(&zs, 6) != Z_OK) throw EngineError(Code::kInternal, "IO", "deflateInit failed");
-  std::vector<unsigned char> inbuf(1 << 20), outbuf(1 << 20);
+  const uint64_t size = std::filesystem::file_size(path);
+  const int64_t blocks = static_cast<int64_t>((size + kDeflateBlock - 1) / kDeflateBlock);
+  std::vector<uint64_t> sizes(static_cast<size_t>(blocks), 0);
+  std::atomic<bool> failed{false};
+  // Blocks are compressed on the intra-op threads, each reading its own blocks.
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::ifstream in(path, std::ios::binary);
+    std::vector<char> block(kDeflateBlock);
+    for (int64_t i = begin; i < end && in; ++i) {
+      in.seekg(static_cast<std::streamoff>(static_cast<uint64_t>(i) * kDeflateBlock));
+      in.read(block.data(), static_cast<std::streamsize>(block.size()));
+      const auto got = in.gcount();
+      if (got <= 0) break;
+      sizes[static_cast<size_t>(i)] = DeflateBlock(block.data(), static_cast<size_t>(got));
+      in.clear();
+    }
+    if (!in) failed = true;
+  });
+  if (failed) throw EngineError(Code::kInternal, "IO", "cannot read " + path);
   uint64_t total = 0;
-  int flush = Z_NO_FLUSH;
-  do {
-    in.read(reinterpret_cast<char*>(inbuf.data()), static_cast<std::streamsize>(inbuf.size()));
-    zs.avail_in = static_cast<uInt>(in.gcount());
-    zs.next_in = inbuf.data();
-    flush = in.eof() ? Z_FINISH : Z_NO_FLUSH;
-    do {
-      zs.avail_out = static_cast<uInt>(outbuf.size());
-      zs.next_out = outbuf.data();
-      deflate(&zs, flush);
-      total += outbuf.size() - zs.avail_out;
-    } while (zs.avail_out == 0);
-  } while (flush != Z_FINISH);
-  deflateEnd(&zs);
+  for (uint64_t n : sizes) total += n;
   return total;
 }
 
@@ -81,38 +210,12 @@ NamedOutputs RunBatchedOutputs(torch::jit::Module& module, const at::Tensor& inp
                                int64_t batch, const std::function<void()>& check_cancel,
                                const std::vector<at::Tensor>& more) {
   c10::InferenceMode guard;
-  std::vector<std::string> names;
-  std::vector<std::vector<at::Tensor>> parts;
+  OutputCollector collected;
   for (int64_t i = 0; i < inputs.size(0); i += batch) {
     if (check_cancel) check_cancel();
-    const int64_t end = std::min(i + batch, inputs.size(0));
-    std::vector<at::Tensor> rest;
-    for (const at::Tensor& t : more) rest.push_back(t.slice(0, i, end).to(device));
-    auto outs = OutputTensors(module.forward(ForwardArgs(inputs.slice(0, i, end).to(device), rest)));
-    if (i == 0) {
-      for (const auto& o : outs) names.push_back(o.first);
-      parts.resize(outs.size());
-    } else if (outs.size() != names.size()) {
-      throw EngineError(Code::kInvalidArgument, "MODEL_OUTPUT",
-                        "the model returned " + std::to_string(names.size()) +
-                            " tensors for the first batch and " + std::to_string(outs.size()) +
-                            " for a later one");
-    }
-    for (size_t k = 0; k < outs.size(); ++k) {
-      at::Tensor y = outs[k].second;
-      if (y.is_quantized()) y = y.dequantize();
-      if (!y.is_floating_point()) y = y.to(at::kFloat);
-      parts[k].push_back(y.to(at::kFloat).cpu());
-    }
+    collected.Add(module.forward(SampleArgs(inputs, more, i, std::min(i + batch, inputs.size(0)), device)));
   }
-  NamedOutputs result;
-  for (size_t k = 0; k < names.size(); ++k) {
-    // An output without a batch dimension (a scalar, a per-model tensor) is compared as it is.
-    bool batched = true;
-    for (const auto& t : parts[k]) batched &= t.dim() >= 1;
-    result.emplace_back(names[k], batched ? at::cat(parts[k]) : parts[k].front());
-  }
-  return result;
+  return collected.Take();
 }
 
 at::Tensor RunBatched(torch::jit::Module& module, const at::Tensor& inputs, c10::Device device, int64_t batch,
@@ -160,15 +263,15 @@ void CountParameters(const torch::jit::Module& module, const std::vector<PackedW
 
 // Agreement with the original's outputs on the samples: cosines per output (the whole's figure is
 // the worst output's) and top-1 agreement of the primary one.
-void CompareOutputs(const NamedOutputs& outs, const MeasureContext& ctx, ModelStats& s) {
-  if (outs.size() != ctx.reference.size()) {
+void CompareOutputs(const NamedOutputs& outs, const NamedOutputs& reference, ModelStats& s) {
+  if (outs.size() != reference.size()) {
     throw EngineError(Code::kInternal, "OUTPUT_SHAPE",
                       "the compressed model returns " + std::to_string(outs.size()) +
-                          " tensors, the original " + std::to_string(ctx.reference.size()));
+                          " tensors, the original " + std::to_string(reference.size()));
   }
   for (size_t k = 0; k < outs.size(); ++k) {
     const auto& [name, out] = outs[k];
-    const at::Tensor& ref = ctx.reference[k].second;
+    const at::Tensor& ref = reference[k].second;
     const std::string which = outs.size() > 1 ? "output '" + name + "'" : "output";
     if (out.sizes() != ref.sizes()) {
       throw EngineError(Code::kInternal, "OUTPUT_SHAPE",
@@ -183,7 +286,7 @@ void CompareOutputs(const NamedOutputs& outs, const MeasureContext& ctx, ModelSt
   // Classes along dimension 1: one arg-max per sample, or per position of a dense output (a
   // segmentation map's pixels).
   const at::Tensor& out = outs[0].second;
-  const at::Tensor& ref = ctx.reference[0].second;
+  const at::Tensor& ref = reference[0].second;
   at::Tensor a = out.dim() >= 2 ? out : out.reshape({1, -1});
   at::Tensor r = ref.dim() >= 2 ? ref : ref.reshape({1, -1});
   s.top1_agreement = (a.argmax(1) == r.argmax(1)).to(at::kFloat).mean().item<double>();
@@ -212,7 +315,8 @@ void Accuracy(torch::jit::Module& module, c10::Device device, const MeasureConte
 
 }  // namespace
 
-ModelStats Measure(torch::jit::Module& module, const std::string& path, const MeasureContext& ctx) {
+ModelStats Measure(torch::jit::Module& module, const std::string& path, const MeasureContext& ctx,
+                   NamedOutputs* outputs_out) {
   ModelStats s;
   s.size_bytes = std::filesystem::file_size(path);
   s.deflated_bytes = DeflatedSize(path);
@@ -222,10 +326,18 @@ ModelStats Measure(torch::jit::Module& module, const std::string& path, const Me
   // Packed quantized weights run on the CPU only.
   c10::Device device = packed.empty() ? ctx.device : c10::Device(c10::kCPU);
   module.to(device);
-  for (int b : ctx.latency_batches) s.latency.push_back(TimeBatch(module, ctx, b));
-  CompareOutputs(RunBatchedOutputs(module, ctx.samples, device, 8, ctx.check_cancel, ctx.more_samples), ctx,
-                 s);
+  NamedOutputs outputs;
+  const bool on_samples = SamplesFitTheShape(ctx);
+  for (int b : ctx.latency_batches) {
+    s.latency.push_back(b == 1 && on_samples && outputs.empty() ? TimeOnSamples(module, ctx, device, outputs)
+                                                                : TimeBatch(module, ctx, b));
+  }
+  if (outputs.empty())
+    outputs = RunBatchedOutputs(module, ctx.samples, device, 8, ctx.check_cancel, ctx.more_samples);
+  // Without a reference this is the original: its outputs are the reference.
+  CompareOutputs(outputs, ctx.reference.empty() ? outputs : ctx.reference, s);
   if (ctx.eval && ctx.eval->labels.defined()) Accuracy(module, device, ctx, s);
+  if (outputs_out) *outputs_out = std::move(outputs);
   return s;
 }
 

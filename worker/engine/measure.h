@@ -30,7 +30,8 @@ struct MeasureContext {
   std::function<void()> check_cancel;  // throws Cancelled when the job was cancelled
 };
 
-// Size in bytes of `path` after zlib deflate (level 6): the storage a zip of it would take.
+// Size in bytes of `path` after deflate (level 6, in independent 4 MiB blocks compressed in
+// parallel): about the storage a zip of it would take.
 uint64_t DeflatedSize(const std::string& path);
 
 // Runs `module` on `inputs` in batches and returns its float outputs on the CPU.
@@ -52,7 +53,12 @@ std::pair<double, double> OutputCosines(const at::Tensor& out, const at::Tensor&
 // Whether the module holds packed quantized weights (and therefore runs on the CPU only).
 bool IsQuantized(const torch::jit::Module& module);
 
-ModelStats Measure(torch::jit::Module& module, const std::string& path, const MeasureContext& ctx);
+// Everything in ModelStats. Agreement compares the outputs on ctx.samples with ctx.reference; with
+// no reference (the original model) the outputs are their own reference, and `outputs` (when
+// given) receives them. Batch-1 latency is timed on the samples themselves where they have the
+// input shape, so the agreement runs are the timed runs.
+ModelStats Measure(torch::jit::Module& module, const std::string& path, const MeasureContext& ctx,
+                   NamedOutputs* outputs = nullptr);
 
 // Only the latency at `batch`, as Measure times it (on ctx.device; the CPU for a quantized model).
 Latency TimeLatency(torch::jit::Module& module, const MeasureContext& ctx, int batch);
