@@ -8,7 +8,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -185,22 +184,20 @@ uint64_t DeflatedSize(const std::string& path) {
   const uint64_t size = std::filesystem::file_size(path);
   const int64_t blocks = static_cast<int64_t>((size + kDeflateBlock - 1) / kDeflateBlock);
   std::vector<uint64_t> sizes(static_cast<size_t>(blocks), 0);
-  std::atomic<bool> failed{false};
-  // Blocks are compressed on the intra-op threads, each reading its own blocks.
+  // Blocks are compressed on the intra-op threads, each reading its own blocks (parallel_for
+  // rethrows a thread's exception).
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::ifstream in(path, std::ios::binary);
     std::vector<char> block(kDeflateBlock);
-    for (int64_t i = begin; i < end && in; ++i) {
+    for (int64_t i = begin; i < end; ++i) {
       in.seekg(static_cast<std::streamoff>(static_cast<uint64_t>(i) * kDeflateBlock));
       in.read(block.data(), static_cast<std::streamsize>(block.size()));
       const auto got = in.gcount();
-      if (got <= 0) break;
+      if (got <= 0) throw EngineError(Code::kInternal, "IO", "cannot read " + path);
       sizes[static_cast<size_t>(i)] = DeflateBlock(block.data(), static_cast<size_t>(got));
       in.clear();
     }
-    if (!in) failed = true;
   });
-  if (failed) throw EngineError(Code::kInternal, "IO", "cannot read " + path);
   uint64_t total = 0;
   for (uint64_t n : sizes) total += n;
   return total;
