@@ -193,8 +193,11 @@ CLI::App* AddCompressVerb(CLI::App& app, CompressArgs& ca) {
   compress->add_option("--model", ca.extra_models,
                        "ID=FILE: a model the recipe names (distill teacherModel/studentModel), repeatable");
   compress
-      ->add_option("--latency-budget", ca.latency_budget,
-                   "seconds spent timing each model at each batch size")
+      ->add_option(
+          "--latency-budget", ca.latency_budget,
+          "seconds the job spends timing models, warm-up included, shared by the original, each step's "
+          "result and each batch size (each at least 3 timed runs); an auto step times each trial with all "
+          "of it")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 600.0));
   compress

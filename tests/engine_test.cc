@@ -304,6 +304,42 @@ TEST_F(EngineTest, CompressRunsARecipeAndReportsEveryStep) {
   EXPECT_FALSE(fs::exists(out + ".step0"));
 }
 
+// The job's timing budget covers all of its timing, warm-up included, shared by the models it
+// measures: a two-step job spends about what a one-model job would, not three times as much.
+TEST_F(EngineTest, TheTimingBudgetIsTheWholeJobsSharedByItsModels) {
+  // Each forward a few milliseconds of matrix products, whatever the CPU's speed within reason.
+  torch::jit::Module m("Slow");
+  m.register_parameter("w", at::randn({256, 256}) / 16, false);
+  m.define(R"(
+def forward(self, x):
+    y = x
+    for _ in range(24):
+        y = torch.tanh(torch.linear(y, self.w))
+    return y.sum(-1)
+)");
+  m.eval();
+  const std::string in = TempPath("slow.pt"), out = TempPath("slow_out.pt");
+  m.save(in);
+  CompressOptions opts = CpuOptions({1, 256, 256}, /*latency_budget=*/0.6);
+  opts.agreement_samples = 3;  // every sample is a timed run: few, so that the budget decides
+  Report r =
+      Compress(in, {MagnitudePruneSpec{0.1, true, {}, {}}, MagnitudePruneSpec{0.2, true, {}, {}}}, opts, out);
+  ASSERT_EQ(r.steps.size(), 3u);
+  const double share_ms = 600.0 / 3;
+  for (const auto& step : r.steps) {
+    ASSERT_EQ(step.stats.latency.size(), 1u);
+    const Latency& l = step.stats.latency[0];
+    EXPECT_GE(l.iterations, 3);
+    // Warm-up (2 runs) and timed runs within the model's share, give or take the run that
+    // crossed its end; the whole budget for each model would be three times that.
+    const double spent_ms = (l.iterations + 2) * l.p50_ms;
+    EXPECT_LE(spent_ms, share_ms * 1.3 + l.p50_ms)
+        << step.step << ": " << l.iterations << " runs of " << l.p50_ms << " ms";
+    // Not so fast a model that the 200-run cap, not the budget, ended its timing.
+    EXPECT_LT(l.iterations, 200) << step.step;
+  }
+}
+
 TEST_F(EngineTest, CompressOnCudaMeasuresThereAndSavesAPortableModel) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
   CompressOptions opts;

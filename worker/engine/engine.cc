@@ -163,7 +163,7 @@ class Job {
     ctx_.latency_batches = options_.latency_batches;
     if (ctx_.latency_batches.empty())
       ctx_.latency_batches = ctx_.device.is_cuda() ? std::vector<int>{1, 32} : std::vector<int>{1};
-    ctx_.latency_budget_seconds = options_.latency_budget_seconds;
+    ctx_.latency_budget_seconds = options_.latency_budget_seconds;  // an auto step's trials
     ctx_.check_cancel = [this] { CheckCancel(); };
 
     Progress(0, "original", 0.0, "loading the model");
@@ -230,6 +230,20 @@ class Job {
     return report;
   }
 
+  // The job's timing budget is shared evenly by the models it measures (the original and each
+  // step's result) and their batch sizes, so that its measuring costs what the user set however
+  // long the recipe is.
+  double TimingShare() const {
+    const size_t models = steps_.size() + 1;
+    return options_.latency_budget_seconds /
+           static_cast<double>(models * std::max<size_t>(1, ctx_.latency_batches.size()));
+  }
+  MeasureContext Shared() const {
+    MeasureContext c = ctx_;
+    c.latency_budget_seconds = TimingShare();
+    return c;
+  }
+
   StepReport MeasureOriginal(const HostInfo& host) {
     const auto t0 = Clock::now();
     StepReport original;
@@ -239,10 +253,9 @@ class Job {
     InputShapes all_shapes{inputs_.shape};
     all_shapes.insert(all_shapes.end(), options_.more_input_shapes.begin(), options_.more_input_shapes.end());
     const LatencyCache latency_cache(options_.latency_cache_dir, options_.model_digest, host,
-                                     ctx_.device.str(), all_shapes, ctx_.latency_batches,
-                                     ctx_.latency_budget_seconds);
+                                     ctx_.device.str(), all_shapes, ctx_.latency_batches, TimingShare());
     const auto cached = latency_cache.Find();
-    MeasureContext original_ctx = ctx_;
+    MeasureContext original_ctx = Shared();
     if (cached) original_ctx.latency_batches.clear();
     // Its outputs on the agreement samples are the reference every step is compared with (they
     // come from its timed runs where it can).
@@ -343,7 +356,7 @@ class Job {
     sr.check_seconds = Since(saved);
     Progress(static_cast<int>(i) + 1, name, 0.6, "measuring after " + name);
     sr.stats = Guard(Code::kInternal, "STEP_BROKE_MODEL", "after " + which + " the model no longer runs",
-                     [&] { return Measure(model_, current_path_, ctx_); });
+                     [&] { return Measure(model_, current_path_, Shared()); });
     // Frozen (quantized) graphs are not counted: their arithmetic is the float model's.
     if (!sr.stats.macs && previous.macs) sr.stats.macs = previous.macs;
     // Steps that change the model's structure or number format are there to make it faster: say

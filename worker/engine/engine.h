@@ -46,7 +46,9 @@ struct CompressOptions {
   // Batch sizes to time. Empty: batch 1, and 32 too on a GPU (where batching is what a GPU is
   // for); a CPU job times batch 32 only when asked, as it costs 32 times a batch-1 run.
   std::vector<int> latency_batches;
-  // Time spent measuring latency at one batch size (at least 3 timed runs).
+  // Seconds the job spends timing models, warm-up included: shared evenly by the models it
+  // measures (the original and each step's result) and the batch sizes, each at least 2 warm-up
+  // and 3 timed runs. An auto step's trials are each timed with the whole of it.
   double latency_budget_seconds = 1.0;
   // Where the original model's latency is kept between jobs (LatencyCache), under a key that
   // includes `model_digest` (the input file's SHA-256, computed by the caller, who usually has

@@ -9,9 +9,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <thread>
 
 #include "worker/engine/error.h"
 #include "worker/engine/macs.h"
@@ -80,18 +82,19 @@ std::vector<c10::IValue> SampleArgs(const at::Tensor& inputs, const std::vector<
 }
 
 // Times `run(i)` (i counts from 0): two untimed warm-up calls, then at least 3 timed ones and
-// more until the budget is spent (at most 200). `keep` sees every call's result, untimed.
+// more until the budget (which the warm-up spends too) is spent and `must_run` calls were made,
+// at most 200 timed. `keep` sees every call's result, untimed.
 Latency TimeRuns(const MeasureContext& ctx, int batch, const std::function<c10::IValue(int64_t)>& run,
-                 const std::function<void(int64_t, const c10::IValue&)>& keep) {
+                 const std::function<void(int64_t, const c10::IValue&)>& keep, int64_t must_run = 0) {
   std::vector<double> ms;
+  const auto budget_end = Clock::now() + std::chrono::duration<double>(ctx.latency_budget_seconds);
   int64_t i = 0;
   for (; i < 2; ++i) {
     c10::IValue out = run(i);
     Sync(OutputTensor(out));
     keep(i, out);
   }
-  auto budget_end = Clock::now() + std::chrono::duration<double>(ctx.latency_budget_seconds);
-  while (ms.size() < 3 || (ms.size() < 200 && Clock::now() < budget_end)) {
+  while (ms.size() < 3 || (ms.size() < 200 && (i < must_run || Clock::now() < budget_end))) {
     if (ctx.check_cancel) ctx.check_cancel();
     auto t0 = Clock::now();
     c10::IValue out = run(i);
@@ -129,8 +132,9 @@ bool SamplesFitTheShape(const MeasureContext& ctx) {
 }
 
 // Batch-1 latency timed on the agreement samples, one at a time and in turn: the timed runs are
-// also the agreement runs, so the samples cost no time of their own. Samples the budget left
-// unrun go through in batches of 8, untimed.
+// also the agreement runs, so the samples cost no time of their own, and every sample is a timed
+// run even past the budget (it has to run anyway). Beyond 200 timed runs the rest go through in
+// batches of 8, untimed.
 Latency TimeOnSamples(torch::jit::Module& module, const MeasureContext& ctx, c10::Device device,
                       NamedOutputs& outputs) {
   const int64_t n = ctx.samples.size(0);
@@ -146,7 +150,8 @@ Latency TimeOnSamples(torch::jit::Module& module, const MeasureContext& ctx, c10
           collected.Add(out);
           ++kept;
         }
-      });
+      },
+      n);
   for (int64_t i = kept; i < n; i += 8) {
     if (ctx.check_cancel) ctx.check_cancel();
     collected.Add(module.forward(SampleArgs(ctx.samples, ctx.more_samples, i, std::min(i + 8, n), device)));
@@ -182,22 +187,37 @@ uint64_t DeflateBlock(const char* data, size_t n) {
 
 uint64_t DeflatedSize(const std::string& path) {
   const uint64_t size = std::filesystem::file_size(path);
-  const int64_t blocks = static_cast<int64_t>((size + kDeflateBlock - 1) / kDeflateBlock);
-  std::vector<uint64_t> sizes(static_cast<size_t>(blocks), 0);
-  // Blocks are compressed on the intra-op threads, each reading its own blocks (parallel_for
-  // rethrows a thread's exception).
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::ifstream in(path, std::ios::binary);
-    std::vector<char> block(kDeflateBlock);
-    for (int64_t i = begin; i < end; ++i) {
-      in.seekg(static_cast<std::streamoff>(static_cast<uint64_t>(i) * kDeflateBlock));
-      in.read(block.data(), static_cast<std::streamsize>(block.size()));
-      const auto got = in.gcount();
-      if (got <= 0) throw EngineError(Code::kInternal, "IO", "cannot read " + path);
-      sizes[static_cast<size_t>(i)] = DeflateBlock(block.data(), static_cast<size_t>(got));
-      in.clear();
+  const size_t blocks = static_cast<size_t>((size + kDeflateBlock - 1) / kDeflateBlock);
+  std::vector<uint64_t> sizes(blocks, 0);
+  // Blocks are compressed on as many threads as the job's intra-op threads, each reading its own
+  // blocks. Plain threads: at::parallel_for's OpenMP region is compiled into the caller, and this
+  // engine is built without -fopenmp (it would run on one thread).
+  const size_t threads =
+      std::max<size_t>(1, std::min<size_t>(blocks, static_cast<size_t>(at::get_num_threads())));
+  std::vector<std::exception_ptr> failed(threads);
+  auto work = [&](size_t t) {
+    try {
+      std::ifstream in(path, std::ios::binary);
+      std::vector<char> block(kDeflateBlock);
+      for (size_t i = t; i < blocks; i += threads) {
+        in.seekg(static_cast<std::streamoff>(static_cast<uint64_t>(i) * kDeflateBlock));
+        in.read(block.data(), static_cast<std::streamsize>(block.size()));
+        const auto got = in.gcount();
+        if (got <= 0) throw EngineError(Code::kInternal, "IO", "cannot read " + path);
+        sizes[i] = DeflateBlock(block.data(), static_cast<size_t>(got));
+        in.clear();
+      }
+    } catch (...) {
+      failed[t] = std::current_exception();
     }
-  });
+  };
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
+  work(0);
+  for (auto& th : pool) th.join();
+  for (const auto& e : failed) {
+    if (e) std::rethrow_exception(e);
+  }
   uint64_t total = 0;
   for (uint64_t n : sizes) total += n;
   return total;

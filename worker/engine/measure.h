@@ -26,6 +26,8 @@ struct MeasureContext {
   NamedOutputs reference;
   const Dataset* eval = nullptr;  // with labels, for accuracy
   std::vector<int> latency_batches;
+  // Seconds spent timing one batch size, its warm-up included (at least 2 warm-up and 3 timed
+  // runs whatever it is).
   double latency_budget_seconds = 1.0;
   std::function<void()> check_cancel;  // throws Cancelled when the job was cancelled
 };
