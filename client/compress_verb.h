@@ -15,7 +15,7 @@ struct CompressArgs {
   std::vector<std::string> shapes;  // one --input-shape per input of forward
   std::string device = "auto";
   int threads = 0;
-  double latency_budget = 1.0;
+  double latency_budget = 0.5;
   std::vector<int> latency_batches;
   std::string latency_cache;              // empty: the original is timed every time
   std::vector<std::string> extra_models;  // ID=FILE

@@ -28,7 +28,7 @@ struct WorkerOptions {
   double heartbeat_seconds = 1.0;          // progress and lease renewal interval
   double drain_seconds = 30;               // after SIGTERM, time left to finish the running job
   std::vector<int> latency_batches;        // empty: batch 1, and 32 too on a GPU (engine::CompressOptions)
-  double latency_budget_seconds = 1.0;
+  double latency_budget_seconds = 0.5;
   // The original model's latency is kept under work_dir/latency-cache between jobs, per model
   // digest, host and settings (engine::LatencyCache): a model submitted again is not re-timed.
   bool latency_cache = true;

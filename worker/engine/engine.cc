@@ -164,6 +164,7 @@ class Job {
     if (ctx_.latency_batches.empty())
       ctx_.latency_batches = ctx_.device.is_cuda() ? std::vector<int>{1, 32} : std::vector<int>{1};
     ctx_.latency_budget_seconds = options_.latency_budget_seconds;  // an auto step's trials
+    timing_left_ = options_.latency_budget_seconds;
     ctx_.check_cancel = [this] { CheckCancel(); };
 
     Progress(0, "original", 0.0, "loading the model");
@@ -230,18 +231,24 @@ class Job {
     return report;
   }
 
-  // The job's timing budget is shared evenly by the models it measures (the original and each
-  // step's result) and their batch sizes, so that its measuring costs what the user set however
-  // long the recipe is.
+  // The job's timing budget is shared by the models it measures (the original and each step's
+  // result) and their batch sizes, so that its measuring costs what the user set however long
+  // the recipe is: each model gets an even share of what is left, so a model that ran over its
+  // share (its agreement samples all run, timed) leaves less to the later ones.
   double TimingShare() const {
-    const size_t models = steps_.size() + 1;
-    return options_.latency_budget_seconds /
-           static_cast<double>(models * std::max<size_t>(1, ctx_.latency_batches.size()));
+    const size_t models = steps_.size() + 1 - models_timed_;
+    return std::max(0.0, timing_left_) /
+           static_cast<double>(std::max<size_t>(1, models) *
+                               std::max<size_t>(1, ctx_.latency_batches.size()));
   }
   MeasureContext Shared() const {
     MeasureContext c = ctx_;
     c.latency_budget_seconds = TimingShare();
     return c;
+  }
+  void Timed(const ModelStats& stats) {
+    for (const Latency& l : stats.latency) timing_left_ -= l.seconds;
+    ++models_timed_;
   }
 
   StepReport MeasureOriginal(const HostInfo& host) {
@@ -269,6 +276,7 @@ class Job {
           model_.to(ctx_.device);
           return Measure(model_, input_path_, original_ctx, &ctx_.reference);
         });
+    Timed(original.stats);
     if (!inputs_.shape_note.empty()) original.notes.push_back(inputs_.shape_note);
     const Dataset* source = inputs_.SampleSource();
     original.notes.push_back(
@@ -357,6 +365,7 @@ class Job {
     Progress(static_cast<int>(i) + 1, name, 0.6, "measuring after " + name);
     sr.stats = Guard(Code::kInternal, "STEP_BROKE_MODEL", "after " + which + " the model no longer runs",
                      [&] { return Measure(model_, current_path_, Shared()); });
+    Timed(sr.stats);
     // Frozen (quantized) graphs are not counted: their arithmetic is the float model's.
     if (!sr.stats.macs && previous.macs) sr.stats.macs = previous.macs;
     // Steps that change the model's structure or number format are there to make it faster: say
@@ -416,6 +425,8 @@ class Job {
   const CompressOptions& options_;
   const std::string& output_path_;
   MeasureContext ctx_;
+  double timing_left_ = 0;  // of the job's timing budget (TimingShare)
+  size_t models_timed_ = 0;
   JobInputs inputs_;
   torch::jit::Module model_;
   std::string current_path_;

@@ -49,7 +49,7 @@ struct CompressOptions {
   // Seconds the job spends timing models, warm-up included: shared evenly by the models it
   // measures (the original and each step's result) and the batch sizes, each at least 2 warm-up
   // and 3 timed runs. An auto step's trials are each timed with the whole of it.
-  double latency_budget_seconds = 1.0;
+  double latency_budget_seconds = 0.5;
   // Where the original model's latency is kept between jobs (LatencyCache), under a key that
   // includes `model_digest` (the input file's SHA-256, computed by the caller, who usually has
   // it already). Either empty: the original is timed every time.

@@ -87,7 +87,8 @@ std::vector<c10::IValue> SampleArgs(const at::Tensor& inputs, const std::vector<
 Latency TimeRuns(const MeasureContext& ctx, int batch, const std::function<c10::IValue(int64_t)>& run,
                  const std::function<void(int64_t, const c10::IValue&)>& keep, int64_t must_run = 0) {
   std::vector<double> ms;
-  const auto budget_end = Clock::now() + std::chrono::duration<double>(ctx.latency_budget_seconds);
+  const auto start = Clock::now();
+  const auto budget_end = start + std::chrono::duration<double>(ctx.latency_budget_seconds);
   int64_t i = 0;
   for (; i < 2; ++i) {
     c10::IValue out = run(i);
@@ -107,6 +108,7 @@ Latency TimeRuns(const MeasureContext& ctx, int batch, const std::function<c10::
   l.p50_ms = Percentile(ms, 0.5);
   l.p95_ms = Percentile(ms, 0.95);
   l.iterations = static_cast<int>(ms.size());
+  l.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return l;
 }
 

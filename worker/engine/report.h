@@ -23,6 +23,7 @@ struct Latency {
   double p50_ms = 0;
   double p95_ms = 0;
   int iterations = 0;
+  double seconds = 0;  // spent timing, warm-up included (for the job's budget; not reported)
 };
 
 struct OutputAgreement {
