@@ -4,7 +4,8 @@
 process may keep busy (its affinity mask, capped by its cgroup's CPU quota), not LibTorch's own
 guess (1 on some 2-core VMs), and say so in the report. The report's batch-1 p50 of the
 original model is then compared with PyTorch timing the same file on the same number of
-threads, in the same way (inference mode, two warm-up runs, the median of a one-second loop):
+threads, in the same way (inference mode, two warm-up runs, the median of a loop as long as
+the job's budget):
 they must agree within 15%. A measurement on half the machine is ~2x off.
 """
 import math

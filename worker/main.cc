@@ -33,9 +33,13 @@ int main(int argc, char** argv) {
   app.add_option("--latency-batches", o.latency_batches,
                  "batch sizes for latency measurements, e.g. 1,32 (default: 1; 1 and 32 on a GPU)")
       ->delimiter(',');
-  app.add_option("--latency-budget", o.latency_budget_seconds,
-                 "seconds a job spends timing models, warm-up included (shared by the models it measures)")
-      ->capture_default_str();
+  app.add_option(
+         "--latency-budget", o.latency_budget_seconds,
+         "seconds a job spends timing models, warm-up included, shared by the original, each step's "
+         "result and each batch size (each at least 3 timed runs); an auto step times each trial with "
+         "all of it")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 600.0));
   app.add_flag("--no-latency-cache{false}", o.latency_cache,
                "time every job's original model (default: a model timed before on this host with the same "
                "settings takes its latency from WORK_DIR/latency-cache)");

@@ -194,6 +194,10 @@ class Search {
 
   // Why no candidate met the goal: what came closest, and each method's best drop.
   std::string Unreachable(const Trial* closest, const std::string& goal) const;
+  // The chosen model and the original timed again at the end, in turn (three rounds, the median
+  // of each's p50s): the job's own figures for them are the search's length apart, on a machine
+  // whose speed may have changed in between.
+  Json SideBySide(int chosen);
 
   // Where the candidates were timed: what decides whether INT8 or pruning pays.
   std::string Host() const;

@@ -260,7 +260,8 @@ class Job {
     InputShapes all_shapes{inputs_.shape};
     all_shapes.insert(all_shapes.end(), options_.more_input_shapes.begin(), options_.more_input_shapes.end());
     const LatencyCache latency_cache(options_.latency_cache_dir, options_.model_digest, host,
-                                     ctx_.device.str(), all_shapes, ctx_.latency_batches, TimingShare());
+                                     ctx_.device.str(), all_shapes, ctx_.latency_batches,
+                                     options_.latency_budget_seconds);
     const auto cached = latency_cache.Find();
     MeasureContext original_ctx = Shared();
     if (cached) original_ctx.latency_batches.clear();

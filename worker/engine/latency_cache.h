@@ -1,8 +1,9 @@
 // The original model's latency, kept between jobs. Timing a model is most of what measuring it
-// costs (a budget per batch size, warm-up included); a model submitted again on the same host
-// with the same settings is not timed again. The key holds everything the figures depend on:
-// the model file's digest, the host (CPU, vector extensions, threads, BLAS), the device, the
-// input shapes, the batch sizes and budget, and the timing method's version. One small JSON
+// costs (a share of the job's budget, warm-up included); a model submitted again on the same
+// host with the same settings is not timed again. The key holds everything the figures depend
+// on: the model file's digest, the host (CPU, vector extensions, threads, BLAS), the device, the
+// input shapes, the batch sizes and the job's budget (as set, not the original's share of it,
+// which changes with the recipe's length), and the timing method's version. One small JSON
 // file per key; a missing, unreadable or foreign file is a miss, and a failed write only costs
 // the next job a measurement.
 #pragma once

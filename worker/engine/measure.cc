@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <exception>
 #include <filesystem>
@@ -20,9 +21,6 @@
 #include "worker/engine/model_util.h"
 
 namespace pare::engine {
-namespace {
-
-using Clock = std::chrono::steady_clock;
 
 double Percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
@@ -32,6 +30,10 @@ double Percentile(std::vector<double> v, double p) {
   size_t hi = std::min(lo + 1, v.size() - 1);
   return v[lo] + (v[hi] - v[lo]) * (idx - static_cast<double>(lo));
 }
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
 
 // Forces completion of queued device work (a device-to-host copy waits for it).
 void Sync(const at::Tensor& t) { (void)t.sum().item<double>(); }
@@ -134,9 +136,9 @@ bool SamplesFitTheShape(const MeasureContext& ctx) {
 }
 
 // Batch-1 latency timed on the agreement samples, one at a time and in turn: the timed runs are
-// also the agreement runs, so the samples cost no time of their own, and every sample is a timed
-// run even past the budget (it has to run anyway). Beyond 200 timed runs the rest go through in
-// batches of 8, untimed.
+// also the agreement runs, so the samples cost no time of their own, and every sample runs in them
+// even past the budget (it has to run anyway): the first two as the warm-up, the rest timed.
+// Beyond 200 timed runs the rest go through in batches of 8, untimed.
 Latency TimeOnSamples(torch::jit::Module& module, const MeasureContext& ctx, c10::Device device,
                       NamedOutputs& outputs) {
   const int64_t n = ctx.samples.size(0);
@@ -191,30 +193,39 @@ uint64_t DeflatedSize(const std::string& path) {
   const uint64_t size = std::filesystem::file_size(path);
   const size_t blocks = static_cast<size_t>((size + kDeflateBlock - 1) / kDeflateBlock);
   std::vector<uint64_t> sizes(blocks, 0);
-  // Blocks are compressed on as many threads as the job's intra-op threads, each reading its own
-  // blocks. Plain threads: at::parallel_for's OpenMP region is compiled into the caller, and this
-  // engine is built without -fopenmp (it would run on one thread).
+  // Blocks are compressed on up to as many threads as the job's intra-op threads, each taking the
+  // next block until none is left. Plain threads: at::parallel_for's OpenMP region is compiled
+  // into the caller, and this engine is built without -fopenmp (it would run on one thread).
   const size_t threads =
       std::max<size_t>(1, std::min<size_t>(blocks, static_cast<size_t>(at::get_num_threads())));
+  std::atomic<size_t> next{0};
   std::vector<std::exception_ptr> failed(threads);
   auto work = [&](size_t t) {
     try {
       std::ifstream in(path, std::ios::binary);
       std::vector<char> block(kDeflateBlock);
-      for (size_t i = t; i < blocks; i += threads) {
+      for (size_t i = next++; i < blocks; i = next++) {
+        in.clear();
         in.seekg(static_cast<std::streamoff>(static_cast<uint64_t>(i) * kDeflateBlock));
         in.read(block.data(), static_cast<std::streamsize>(block.size()));
         const auto got = in.gcount();
         if (got <= 0) throw EngineError(Code::kInternal, "IO", "cannot read " + path);
         sizes[i] = DeflateBlock(block.data(), static_cast<size_t>(got));
-        in.clear();
       }
     } catch (...) {
       failed[t] = std::current_exception();
+      next = blocks;  // the others stop at their next block
     }
   };
   std::vector<std::thread> pool;
-  for (size_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
+  pool.reserve(threads - 1);
+  for (size_t t = 1; t < threads; ++t) {
+    try {
+      pool.emplace_back(work, t);
+    } catch (...) {
+      break;  // no more threads to be had: the ones running (and this one) take every block
+    }
+  }
   work(0);
   for (auto& th : pool) th.join();
   for (const auto& e : failed) {

@@ -28,9 +28,12 @@ struct MeasureContext {
   std::vector<int> latency_batches;
   // Seconds spent timing one batch size, its warm-up included (at least 2 warm-up and 3 timed
   // runs whatever it is).
-  double latency_budget_seconds = 1.0;
+  double latency_budget_seconds = 0.5;
   std::function<void()> check_cancel;  // throws Cancelled when the job was cancelled
 };
+
+// The p-quantile (0..1) of `v`, interpolated between neighbours; 0 when empty.
+double Percentile(std::vector<double> v, double p);
 
 // Size in bytes of `path` after deflate (level 6, in independent 4 MiB blocks compressed in
 // parallel): about the storage a zip of it would take.
