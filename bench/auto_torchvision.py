@@ -3,13 +3,15 @@
 a search with a time budget makes them, on this machine.
 
 Usage: bench/auto_torchvision.py [--pare build/client/pare] [--threads 2] [--budget 600]
-                                 [--goal 5] [--models resnet18,mobilenet_v2] [--out DIR]
+                                 [--goal 5] [--models resnet18,mobilenet_v2] [--train N] [--out DIR]
 
 Random weights (nothing can be downloaded), batch norms settled on random inputs so the outputs
 depend on the input (bench/blas_models.py's settle); no labels, so the search's accuracy is
 top-1 *agreement* with the original on 128 random inputs of the model's shape, and --goal is the
-agreement points it may lose. No train data: pruned candidates are not recovered by
-distillation, so on random weights the search leans on INT8 and freezing. The speed-up divides
+agreement points it may lose. --train N (default 0) gives the search N other random inputs
+labelled with the original's own top class, as a team without labels would (self-labelled data):
+then pruned candidates can be recovered by distillation; with none, the search leans on INT8
+and freezing. The speed-up divides
 the original's batch-1 p50 by the result's, both timed by the same job in the same process (the
 original at its start, the result after the search); the search's ratio is the chosen trial's, its
 original re-timed right after it (after a long search the same process times both slower).
@@ -39,6 +41,8 @@ def main():
     ap.add_argument("--budget", type=int, default=600, help="the search's timeBudgetSeconds")
     ap.add_argument("--goal", type=float, default=5.0, help="maxAccuracyDrop: top-1 agreement points")
     ap.add_argument("--models", default="resnet18,mobilenet_v2")
+    ap.add_argument("--train", type=int, default=0,
+                    help="random train inputs labelled with the original's top class (0: no train data)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     work = args.out or tempfile.mkdtemp(prefix="pare-auto-tv-")
@@ -53,7 +57,9 @@ def main():
                                        "timeBudgetSeconds": args.budget}}]}, f)
     print(f"torchvision models at 224x224, random weights (batch norms settled); auto with maxAccuracyDrop "
           f"{args.goal} (top-1 agreement points, 128 random inputs), objective LATENCY, budget {args.budget} s; "
-          f"threads {args.threads}\n")
+          f"threads {args.threads}; train data: " +
+          (f"{args.train} other random inputs labelled with the original's top class" if args.train else "none") +
+          "\n")
     print("| model | original p50 ms (b1) | result p50 ms (b1) | speed-up | search's ratio | agreement drop | "
           "wall s | trials | chosen recipe |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
@@ -63,11 +69,19 @@ def main():
         model = settle(getattr(torchvision.models, name)(), shape)
         path = os.path.join(work, name + ".pt")
         torch.jit.script(model).save(path)
+        train_args = []
+        if args.train:
+            images = torch.randn(args.train, *shape[1:], generator=torch.Generator().manual_seed(12))
+            with torch.no_grad():
+                labels = torch.cat([model(images[i:i + 64]).argmax(1) for i in range(0, args.train, 64)])
+            train = os.path.join(work, name + "-train.pt")
+            torch.save({"images": images, "labels": labels}, train)
+            train_args = ["--train", train]
         out, report = os.path.join(work, name + "-auto.pt"), os.path.join(work, name + "-auto.json")
         start = time.monotonic()
         subprocess.run([args.pare, "compress", path, "--recipe", recipe, "-o", out, "--report", report,
                         "--threads", str(args.threads), "--input-shape", ",".join(map(str, shape)),
-                        "--eval", inputs], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        "--eval", inputs, *train_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.monotonic() - start
         with open(report) as f:
             rep = json.load(f)

@@ -186,9 +186,14 @@ c10::IValue LoadOneItemDict(const std::vector<char>& bytes) {
 
 // The dict a torch.save file holds; BAD_DATASET when it is no such file or not a dict.
 c10::impl::GenericDict ReadTensorsFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) Bad(path, "cannot be opened");
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // One read of the whole file, not a byte at a time through a stream iterator.
+  const std::streamoff size = in.tellg();
+  if (size < 0) Bad(path, "cannot be read");
+  std::vector<char> bytes(static_cast<size_t>(size));
+  in.seekg(0);
+  if (!in.read(bytes.data(), size)) Bad(path, "cannot be read");
   c10::IValue value;
   try {
     value = torch::jit::pickle_load(bytes);
