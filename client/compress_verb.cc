@@ -6,6 +6,7 @@
 #include <iostream>
 
 #include "client/cli.h"
+#include "common/cli_checks.h"
 #include "common/sha256.h"
 #include "worker/engine/engine.h"
 #include "worker/engine/error.h"
@@ -199,7 +200,7 @@ CLI::App* AddCompressVerb(CLI::App& app, CompressArgs& ca) {
           "result and each batch size (each at least 3 timed runs); an auto step times each trial with all "
           "of it")
       ->capture_default_str()
-      ->check(CLI::Range(0.0, 600.0));
+      ->check(NumberIn(0, 600));
   compress
       ->add_option("--latency-batches", ca.latency_batches,
                    "batch sizes to time, e.g. 1,32 (default: 1; 1 and 32 on a GPU)")

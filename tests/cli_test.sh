@@ -127,6 +127,11 @@ grep -q "^    - agreement (top-1 agreement, cosines) on " "$work/out" || fail "c
 expect_rc 2 "compress to a folder that does not exist" $PARE compress "$FX/small_cnn.pt" --recipe recipe.json \
   -o "$work/no/such/dir/o.pt" --input-shape 1,1,28,28
 grep -q "no/such/dir does not exist" "$work/err" || fail "the missing output folder is not named"
+for budget in nan abc -1; do
+  expect_rc 2 "compress with --latency-budget $budget" $PARE compress "$FX/small_cnn.pt" --recipe recipe.json \
+    -o o.pt --input-shape 1,1,28,28 --latency-budget "$budget"
+  grep -q -- "--latency-budget: '$budget' is not" "$work/err" || fail "a bad --latency-budget ($budget) is not named"
+done
 echo '{"steps":[{"prune":{"magnitude":{"amount":0.5}}},]}' >trailing-comma.json
 expect_rc 4 "a recipe with a trailing comma" $PARE compress "$FX/small_cnn.pt" --recipe trailing-comma.json \
   -o o.pt --input-shape 1,1,28,28

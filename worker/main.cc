@@ -6,6 +6,7 @@
 #include <fstream>
 #include <iostream>
 
+#include "common/cli_checks.h"
 #include "common/logging.h"
 #include "worker/worker.h"
 
@@ -39,7 +40,7 @@ int main(int argc, char** argv) {
          "result and each batch size (each at least 3 timed runs); an auto step times each trial with "
          "all of it")
       ->capture_default_str()
-      ->check(CLI::Range(0.0, 600.0));
+      ->check(pare::NumberIn(0, 600));
   app.add_flag("--no-latency-cache{false}", o.latency_cache,
                "time every job's original model (default: a model timed before on this host with the same "
                "settings takes its latency from WORK_DIR/latency-cache)");

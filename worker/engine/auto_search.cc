@@ -506,7 +506,8 @@ AutoResult Search::Finish() {
   int resumed = 0;
   for (const auto& t : trials_) resumed += t.resumed ? 1 : 0;
   search["resumed_trials"] = resumed;
-  const std::string measured = "measured on " + host + ", within the goal: " + Measured();
+  const std::string measured = "measured on " + host + ", within the accuracy goal (a gain counts above " +
+                               Num("%.2fx", 1.0 + MinGain()) + "): " + Measured();
   if (chosen) {
     if (spec_.objective == "LATENCY") {
       try {
@@ -533,7 +534,7 @@ AutoResult Search::Finish() {
   }
   const std::string goal = Num("%.3g", goal_points_) + " points of " + metric;
   if (best) {
-    search["why"] = "trial " + std::to_string(best->index) + " (" + best->name + ") has the best " +
+    search["why"] = "trial " + std::to_string(best->index) + " (" + best->name + "): it has the best " +
                     spec_.objective + " ratio within the goal (" + RatioText(best->ratio, spec_.objective) +
                     ", " + DropText(best->drop) + "); " + measured;
     r.notes.push_back("auto: chose " + search["why"].get<std::string>());
@@ -582,7 +583,10 @@ std::string Search::Unreachable(const Trial* closest, const std::string& goal) c
   std::string why = accurate ? "no candidate within the accuracy goal (at most " + goal +
                                    " lost) improved the " + spec_.objective + " on this worker"
                              : "no candidate met the accuracy goal (at most " + goal + " lost)";
-  if (!closest) return why + ": no candidate could be built in the time budget";
+  if (!closest)
+    return why +
+           ": no candidate was built (the notes say why: methods that cannot change this objective, "
+           "or the time budget)";
   why += "; the closest is trial " + std::to_string(closest->index) + " (" + closest->name +
          "): " + DropText(closest->drop) + ", " + RatioText(closest->ratio, spec_.objective);
   for (const auto& t : trials_) {
