@@ -11,10 +11,11 @@ top-1 *agreement* with the original on 128 random inputs of the model's shape, a
 agreement points it may lose. --train N (default 0) gives the search N other random inputs
 labelled with the original's own top class, as a team without labels would (self-labelled data):
 then pruned candidates can be recovered by distillation; with none, the search leans on INT8
-and freezing. The speed-up divides
-the original's batch-1 p50 by the result's, both timed by the same job in the same process (the
-original at its start, the result after the search); the search's ratio is the chosen trial's, its
-original re-timed right after it (after a long search the same process times both slower).
+and freezing. "Job" divides the original's batch-1 p50 by the result's as the job's report has
+them (the original at its start, the result after the search: the search's length apart, and
+after a long search the same process times everything slower); the search's ratio is the chosen
+trial's, its original re-timed right after it; "side by side" is the job's own re-timing of the
+two at the end, in turn (`search.side_by_side`), and the verdict's figure.
 
 Target (issue 15): with a 10-minute budget, a result at least 3x faster at batch 1.
 """
@@ -60,9 +61,9 @@ def main():
           f"threads {args.threads}; train data: " +
           (f"{args.train} other random inputs labelled with the original's top class" if args.train else "none") +
           "\n")
-    print("| model | original p50 ms (b1) | result p50 ms (b1) | speed-up | search's ratio | agreement drop | "
-          "wall s | trials | chosen recipe |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| model | original p50 ms (b1, job) | result p50 ms (b1, job) | speed-up (job) | search's ratio | "
+          "side by side at the end | agreement drop | wall s | trials | chosen recipe |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     verdicts = []
     for name in args.models.split(","):
         torch.manual_seed(0)
@@ -91,11 +92,14 @@ def main():
         failed = rep.get("failure")
         recipe_text = "GOAL_UNREACHABLE: " + failed["message"] if failed else \
             " -> ".join(next(iter(s)) for s in search.get("recipe", {}).get("steps", []))
+        side = search.get("side_by_side", {}).get("ratio")
+        speed = side if side else before / after
         print(f"| {name} | {before:.2f} | {after:.2f} | {before / after:.2f}x | {chosen.get('ratio', 0):.2f}x | "
-              f"{chosen.get('drop', 0):.2f} | "
+              + (f"{side:.2f}x" if side else "-") + f" | {chosen.get('drop', 0):.2f} | "
               f"{wall:.0f} | {len(search.get('trials', [])) - 1} | {recipe_text} |")
-        verdicts.append((f"{name}: ≥ 3x faster at batch 1 within a {args.budget} s budget",
-                         f"{before / after:.2f}x", not failed and before / after >= 3.0))
+        verdicts.append((f"{name}: ≥ 3x faster at batch 1 within a {args.budget} s budget"
+                         + (" (side by side)" if side else " (job)"),
+                         f"{speed:.2f}x", not failed and speed >= 3.0))
     print("\n| goal | this run | verdict |")
     print("| --- | ---: | --- |")
     for goal, value, met in verdicts:
