@@ -82,6 +82,10 @@ section() {
 } >"$tmp"
 
 cd "$root"
+# Pare's job processes fix glibc's allocator thresholds (InitProcess in worker/engine/engine.cc:
+# mmap 32 MiB, trim 256 MiB); Python's side of every timing gets the same, so that both sides
+# allocate alike (glibc's moving mmap threshold alone changes a batch-1 latency by up to 1.6x).
+export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
 section speed "Speed against Python PyTorch, side by side in one run" \
   "The same work on both sides, same observer, same threads ($threads), both on Debian's LibTorch 1.13 with the onednn quantized engine; each side's fastest of $repeat runs. Pare's time is the step's wall_seconds from its report (apply + save) unless the row says the whole command." \
   "$py" bench/speed_vs_pytorch.py --pare "$pare" --threads "$threads" --repeat "$repeat" --out "$work/speed"

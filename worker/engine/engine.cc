@@ -1,6 +1,7 @@
 #include "worker/engine/engine.h"
 
 #include <dlfcn.h>
+#include <malloc.h>
 
 #include <cstdlib>
 
@@ -83,6 +84,10 @@ std::string BlasName() {
 }
 
 namespace {
+// glibc's fixed allocator thresholds for job processes (InitProcess); bench/run_all.sh gives
+// Python the same through MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_.
+constexpr int kMmapThreshold = 32 << 20, kTrimThreshold = 256 << 20;
+
 ThreadChoice& Threads() {
   static ThreadChoice choice{0, "not set"};
   return choice;
@@ -98,6 +103,17 @@ ThreadChoice InitProcess(int num_threads, const std::string& quantized_engine) {
     choice = {budget.cpus, budget.why};
   }
   at::set_num_threads(choice.threads);
+#ifdef __GLIBC__
+  // glibc serves blocks above its mmap threshold (128 KiB at first) with mmap and unmaps them
+  // when freed, raising the threshold only once large blocks have come back: early in a process
+  // a 224x224 model's activations are mapped and unmapped op after op (page faults), so batch-1
+  // latency depended on what the process ran before (MobileNetV2 at 6.5 to 11 ms in fresh
+  // processes here). Fixed thresholds keep it steady; an operator's MALLOC_* settings win.
+  if (!std::getenv("MALLOC_MMAP_THRESHOLD_") && !std::getenv("MALLOC_TRIM_THRESHOLD_")) {
+    mallopt(M_MMAP_THRESHOLD, kMmapThreshold);
+    mallopt(M_TRIM_THRESHOLD, kTrimThreshold);
+  }
+#endif
   // LibTorch splits its ops over its own OpenMP threads. OpenBLAS's OpenMP build (what the
   // engine links first, see its CMakeLists) shares them. Its pthread build starts as many
   // threads again inside each call, and they fight LibTorch's for the cores: a small CNN's
