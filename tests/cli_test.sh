@@ -127,6 +127,9 @@ grep -q "^    - agreement (top-1 agreement, cosines) on " "$work/out" || fail "c
 expect_rc 2 "compress to a folder that does not exist" $PARE compress "$FX/small_cnn.pt" --recipe recipe.json \
   -o "$work/no/such/dir/o.pt" --input-shape 1,1,28,28
 grep -q "no/such/dir does not exist" "$work/err" || fail "the missing output folder is not named"
+expect_rc 2 "compress with a batch size twice" $PARE compress "$FX/small_cnn.pt" --recipe recipe.json -o o.pt \
+  --input-shape 1,1,28,28 --latency-batches 1,4,1
+grep -q -- "--latency-batches: batch size 1 is given twice" "$work/err" || fail "a repeated batch size is not named"
 for budget in nan abc -1; do
   expect_rc 2 "compress with --latency-budget $budget" $PARE compress "$FX/small_cnn.pt" --recipe recipe.json \
     -o o.pt --input-shape 1,1,28,28 --latency-budget "$budget"
