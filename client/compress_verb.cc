@@ -1,5 +1,6 @@
 #include "client/compress_verb.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
@@ -50,15 +51,13 @@ Result<engine::CompressOptions> CompressOptionsFrom(const CompressArgs& a) {
   }
   opts.latency_budget_seconds = a.latency_budget;
   opts.latency_batches = a.latency_batches;
-  for (size_t i = 0; i < a.latency_batches.size(); ++i) {
-    const int b = a.latency_batches[i];
+  for (auto it = a.latency_batches.begin(); it != a.latency_batches.end(); ++it) {
+    const int b = *it;
     if (b < 1 || b > 4096) {
       return InvalidArgument("--latency-batches: batch size " + std::to_string(b) + " is not in 1..4096");
     }
-    for (size_t j = 0; j < i; ++j) {
-      if (a.latency_batches[j] == b)
-        return InvalidArgument("--latency-batches: batch size " + std::to_string(b) + " is given twice");
-    }
+    if (std::find(a.latency_batches.begin(), it, b) != it)
+      return InvalidArgument("--latency-batches: batch size " + std::to_string(b) + " is given twice");
   }
   for (const auto& m : a.extra_models) {
     auto eq = m.find('=');

@@ -107,8 +107,9 @@ ThreadChoice InitProcess(int num_threads, const std::string& quantized_engine) {
   // glibc serves blocks above its mmap threshold (128 KiB at first) with mmap and unmaps them
   // when freed, raising the threshold only once large blocks have come back: early in a process
   // a 224x224 model's activations are mapped and unmapped op after op (page faults), so batch-1
-  // latency depended on what the process ran before (MobileNetV2 at 6.5 to 11 ms in fresh
-  // processes here). Fixed thresholds keep it steady; an operator's MALLOC_* settings win.
+  // latency depended on what the process ran before (MobileNetV2 at 6.6 to 11 ms in fresh
+  // Python processes on this project's AMD EPYC). Fixed thresholds keep it steady; an operator's MALLOC_*
+  // settings win.
   if (!std::getenv("MALLOC_MMAP_THRESHOLD_") && !std::getenv("MALLOC_TRIM_THRESHOLD_")) {
     mallopt(M_MMAP_THRESHOLD, kMmapThreshold);
     mallopt(M_TRIM_THRESHOLD, kTrimThreshold);
