@@ -2073,6 +2073,64 @@ TEST_F(EngineTest, AutoSearchForLatencyTimesItsChoiceBesideTheOriginalAtTheEnd) 
       NoteStartingWith(r.steps.back().notes, "auto: timed again side by side at the end (3 rounds").empty());
 }
 
+// Candidates whose search ratios are close (each was timed beside its own re-timing of the
+// original, minutes apart) are timed again together at the end, and the fastest of them there is
+// the result; the search's own pick stays when it is within 3% of that.
+TEST_F(EngineTest, AutoSearchForLatencyPicksAmongItsLeadersSideBySide) {
+  CompressOptions opts = QuickOptions();
+  opts.input_shape = {1, 1, 28, 28};
+  AutoSpec spec;
+  spec.max_accuracy_drop = 100;  // every candidate is within the goal: the choice is the timing's
+  spec.objective = "LATENCY";
+  spec.time_budget_seconds = 60;
+  spec.methods = {"quantize.static", "prune.channel"};  // INT8, pruned models and pruned + INT8
+  Report r = Compress(Fixture("small_cnn_trained.pt"), {spec}, opts, TempPath("auto_leaders.pt"));
+  ASSERT_FALSE(r.failure) << r.failure->message;
+  const auto& search = r.search;
+  ASSERT_TRUE(search.contains("side_by_side")) << search.dump(2);
+  const auto& s = search["side_by_side"];
+  const auto& candidates = s["candidates"];
+  const auto& trials = search["trials"];
+  // The first is the search's best; the others are within the goal and within 25% of its ratio,
+  // fastest in the search first.
+  ASSERT_GE(candidates.size(), 2u) << s.dump(2);
+  ASSERT_LE(candidates.size(), 4u);
+  double best_ratio = 0;
+  for (const auto& t : trials)
+    if (t["meets_goal"].get<bool>()) best_ratio = std::max(best_ratio, t["ratio"].get<double>());
+  EXPECT_EQ(candidates[0]["search_ratio"].get<double>(), best_ratio);
+  double fastest = candidates[0]["p50_ms"].get<double>();
+  int fastest_trial = candidates[0]["trial"].get<int>();
+  for (size_t k = 0; k < candidates.size(); ++k) {
+    const auto& c = candidates[k];
+    const auto& t = trials[c["trial"].get<int>()];
+    EXPECT_TRUE(t["meets_goal"].get<bool>()) << t.dump(2);
+    EXPECT_EQ(c["search_ratio"].get<double>(), t["ratio"].get<double>());
+    EXPECT_GE(1.25 * c["search_ratio"].get<double>(), best_ratio) << c.dump();
+    if (k > 1) {
+      EXPECT_LE(c["search_ratio"].get<double>(), candidates[k - 1]["search_ratio"].get<double>());
+    }
+    EXPECT_NEAR(c["ratio"].get<double>(), s["original_p50_ms"].get<double>() / c["p50_ms"].get<double>(),
+                1e-9);
+    if (c["p50_ms"].get<double>() < fastest) {
+      fastest = c["p50_ms"].get<double>();
+      fastest_trial = c["trial"].get<int>();
+    }
+  }
+  const int expected = candidates[0]["p50_ms"].get<double>() <= 1.03 * fastest
+                           ? candidates[0]["trial"].get<int>()
+                           : fastest_trial;
+  EXPECT_EQ(s["chosen"].get<int>(), expected) << s.dump(2);
+  EXPECT_EQ(search["chosen"].get<int>(), expected);
+  EXPECT_EQ(search["recipe"]["steps"], trials[expected]["recipe"]["steps"]);
+  // The result is the model picked: its agreement is the one the search measured for it.
+  EXPECT_NEAR(r.steps.back().stats.top1_accuracy.value_or(-1), trials[expected]["score"].get<double>(), 1e-6);
+  if (expected != candidates[0]["trial"].get<int>()) {
+    EXPECT_NE(search["why"].get<std::string>().find("the fastest side by side at the end"), std::string::npos)
+        << search["why"];
+  }
+}
+
 // No candidate within the goal: the job fails GOAL_UNREACHABLE, yet writes the closest model and
 // a report that says what came closest.
 TEST_F(EngineTest, AutoSearchWithAnUnreachableGoalKeepsTheClosestModel) {

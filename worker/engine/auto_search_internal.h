@@ -194,10 +194,15 @@ class Search {
 
   // Why no candidate met the goal: what came closest, and each method's best drop.
   std::string Unreachable(const Trial* closest, const std::string& goal) const;
-  // The chosen model and the original timed again at the end, in turn (three rounds, the median
-  // of each's p50s): the job's own figures for them are the search's length apart, on a machine
-  // whose speed may have changed in between.
-  Json SideBySide(int chosen);
+  // The candidates the final choice is between: `chosen` and, when it met the goal, up to three
+  // others within the goal whose search ratio is within 25% of its (their timings were minutes
+  // apart, each beside its own re-timing of the original: a gap that size can be the machine's).
+  // Only candidates whose model is at hand: a trial taken from a checkpoint would be retrained.
+  std::vector<int> Leaders(const Trial& chosen) const;
+  // The leaders and the original timed again at the end, in turn (three rounds, the order reversed
+  // every other round; the median of each's p50s): the fastest leader is the result, unless the
+  // search's own choice (leaders[0]) is within 3% of it.
+  Json SideBySide(const std::vector<int>& leaders);
 
   // Where the candidates were timed: what decides whether INT8 or pruning pays.
   std::string Host() const;
