@@ -8,7 +8,10 @@
 # control-plane), into
 # --out (a file of their own, with the machine header: RESULTS.md is rewritten only by a full run).
 # --quick: one repeat per timed row, one BLAS round on two models, one Fashion-MNIST epoch and a
-# 20 s soak (about 15 minutes on 2 cores instead of about 50); its file says so at the top.
+# 20 s soak, 300 s searches; its file says so at the top. On this repo's 2-CPU AMD EPYC the quick
+# pass took about 43 minutes (RESULTS.md's section times: the auto searches most of it); a full
+# run, with 900 s searches at two goals on two teachers and 600 s ones on two torchvision models,
+# should take about two and a half hours (an estimate from those section times: not yet run here).
 # bench/COVERAGE.md (torchvision's 86 models, hours) has its own command: bench/coverage.py.
 # Run it on a quiet machine: the figures that matter are ratios measured side by side in one run,
 # but a neighbour that starts halfway through moves them too.
