@@ -14,8 +14,9 @@ then pruned candidates can be recovered by distillation; with none, the search l
 and freezing. "Job" divides the original's batch-1 p50 by the result's as the job's report has
 them (the original at its start, the result after the search: the search's length apart, and
 after a long search the same process times everything slower); the search's ratio is the chosen
-trial's, its original re-timed right after it; "side by side" is the job's own re-timing of the
-two at the end, in turn (`search.side_by_side`), and the verdict's figure.
+trial's, its original re-timed right after it; "side by side" is the job's own re-timing at the
+end of the original and the leading candidates, in turn (`search.side_by_side`; the result is the
+fastest there), and the verdict's figure.
 
 Target (issue 15): with a 10-minute budget, a result at least 3x faster at batch 1.
 """

@@ -2069,6 +2069,11 @@ TEST_F(EngineTest, AutoSearchForLatencyTimesItsChoiceBesideTheOriginalAtTheEnd) 
   EXPECT_GT(o, 0);
   EXPECT_GT(c, 0);
   EXPECT_NEAR(s["ratio"].get<double>(), o / c, 1e-9);
+  // One candidate: it and the original, the order reversed every other round.
+  ASSERT_EQ(s["candidates"].size(), 1u);
+  EXPECT_EQ(s["chosen"], search["chosen"]);
+  EXPECT_EQ(s["order"][0].get<std::vector<int>>(), (std::vector<int>{search["chosen"].get<int>(), 0}));
+  EXPECT_EQ(s["order"][1].get<std::vector<int>>(), (std::vector<int>{0, search["chosen"].get<int>()}));
   EXPECT_FALSE(
       NoteStartingWith(r.steps.back().notes, "auto: timed again side by side at the end (3 rounds").empty());
 }
@@ -2084,6 +2089,7 @@ TEST_F(EngineTest, AutoSearchForLatencyPicksAmongItsLeadersSideBySide) {
   spec.objective = "LATENCY";
   spec.time_budget_seconds = 60;
   spec.methods = {"quantize.static", "prune.channel"};  // INT8, pruned models and pruned + INT8
+  opts.latency_budget_seconds = 0.2;                    // steadier ratios than the quick tests' 0.02 s
   Report r = Compress(Fixture("small_cnn_trained.pt"), {spec}, opts, TempPath("auto_leaders.pt"));
   ASSERT_FALSE(r.failure) << r.failure->message;
   const auto& search = r.search;
@@ -2121,14 +2127,24 @@ TEST_F(EngineTest, AutoSearchForLatencyPicksAmongItsLeadersSideBySide) {
                            ? candidates[0]["trial"].get<int>()
                            : fastest_trial;
   EXPECT_EQ(s["chosen"].get<int>(), expected) << s.dump(2);
+  // Every model once per round: the leaders then the original, then the exact reverse.
+  std::vector<int> forward;
+  for (const auto& c : candidates) forward.push_back(c["trial"].get<int>());
+  forward.push_back(0);
+  const std::vector<int> backward(forward.rbegin(), forward.rend());
+  ASSERT_EQ(s["order"].size(), 3u);
+  EXPECT_EQ(s["order"][0].get<std::vector<int>>(), forward);
+  EXPECT_EQ(s["order"][1].get<std::vector<int>>(), backward);
+  EXPECT_EQ(s["order"][2].get<std::vector<int>>(), forward);
   EXPECT_EQ(search["chosen"].get<int>(), expected);
   EXPECT_EQ(search["recipe"]["steps"], trials[expected]["recipe"]["steps"]);
   // The result is the model picked: its agreement is the one the search measured for it.
   EXPECT_NEAR(r.steps.back().stats.top1_accuracy.value_or(-1), trials[expected]["score"].get<double>(), 1e-6);
-  if (expected != candidates[0]["trial"].get<int>()) {
-    EXPECT_NE(search["why"].get<std::string>().find("the fastest side by side at the end"), std::string::npos)
-        << search["why"];
-  }
+  const bool changed = expected != candidates[0]["trial"].get<int>();
+  EXPECT_NE(search["why"].get<std::string>().find(changed ? "the fastest side by side at the end"
+                                                          : "it has the best LATENCY ratio within the goal"),
+            std::string::npos)
+      << search["why"];
 }
 
 // No candidate within the goal: the job fails GOAL_UNREACHABLE, yet writes the closest model and

@@ -589,7 +589,9 @@ std::vector<int> Search::Leaders(const Trial& chosen) const {
     if (t.index != chosen.index && t.meets && !t.path.empty() && t.ratio * kWindow >= chosen.ratio)
       others.push_back(&t);
   }
-  std::sort(others.begin(), others.end(), [](const Trial* a, const Trial* b) { return a->ratio > b->ratio; });
+  std::stable_sort(others.begin(), others.end(), [](const Trial* a, const Trial* b) {
+    return a->ratio > b->ratio || (a->ratio == b->ratio && a->drop < b->drop);
+  });
   for (const Trial* t : others) {
     if (out.size() >= kMost) break;
     out.push_back(t->index);
@@ -605,12 +607,16 @@ Json Search::SideBySide(const std::vector<int>& leaders) {
   for (int i : leaders) models.push_back(ModelOf(i));
   constexpr int kRounds = 3;
   std::vector<std::vector<double>> ms(models.size());
+  Json order = Json::array();  // each round's order, as trial indices (the original is trial 0)
   for (int round = 0; round < kRounds; ++round) {
-    // Leaders first, then the original; the other way round every other round, so that a drift
-    // within a round favours none.
+    order.push_back(Json::array());
+    // Leaders first, then the original; every other round the exact reverse (the original first),
+    // so that a drift within a round favours none.
     for (size_t n = 0; n < models.size(); ++n) {
-      const size_t k = round % 2 == 0 ? (n + 1) % models.size() : models.size() - 1 - n;
+      const size_t m = models.size();
+      const size_t k = round % 2 == 0 ? (n + 1) % m : (m - n) % m;
       ms[k].push_back(TimeLatency(models[k], mc, 1).p50_ms);
+      order.back().push_back(k == 0 ? 0 : leaders[k - 1]);
     }
   }
   std::vector<double> median;
@@ -634,7 +640,8 @@ Json Search::SideBySide(const std::vector<int>& leaders) {
           {"ratio", median[pick] > 0 ? o / median[pick] : 0.0},
           {"rounds", kRounds},
           {"chosen", leaders[pick - 1]},
-          {"candidates", candidates}};
+          {"candidates", candidates},
+          {"order", order}};
 }
 
 std::string Search::Unreachable(const Trial* closest, const std::string& goal) const {
