@@ -51,14 +51,8 @@ Result<engine::CompressOptions> CompressOptionsFrom(const CompressArgs& a) {
   }
   opts.latency_budget_seconds = a.latency_budget;
   opts.latency_batches = a.latency_batches;
-  for (auto it = a.latency_batches.begin(); it != a.latency_batches.end(); ++it) {
-    const int b = *it;
-    if (b < 1 || b > 4096) {
-      return InvalidArgument("--latency-batches: batch size " + std::to_string(b) + " is not in 1..4096");
-    }
-    if (std::find(a.latency_batches.begin(), it, b) != it)
-      return InvalidArgument("--latency-batches: batch size " + std::to_string(b) + " is given twice");
-  }
+  if (auto problem = LatencyBatchesProblem(a.latency_batches); !problem.empty())
+    return InvalidArgument(problem);
   for (const auto& m : a.extra_models) {
     auto eq = m.find('=');
     if (eq == std::string::npos || eq == 0 || !fs::is_regular_file(m.substr(eq + 1))) {
@@ -75,11 +69,17 @@ Result<engine::CompressOptions> CompressOptionsFrom(const CompressArgs& a) {
 // One line per step, then its notes; warnings stand out.
 void PrintSteps(const engine::Report& report) {
   for (const auto& s : report.steps) {
-    double p50 = s.stats.latency.empty() ? 0 : s.stats.latency[0].p50_ms;
     std::cout << std::left << std::setw(18) << s.step << std::right << " size " << s.stats.size_bytes
               << " deflated " << s.stats.deflated_bytes << " params " << s.stats.parameters << " nonzero "
-              << s.stats.nonzero_parameters << " p50 " << std::fixed << std::setprecision(2) << p50
-              << " ms agree " << std::setprecision(3) << s.stats.top1_agreement << " centred "
+              << s.stats.nonzero_parameters << " p50";
+    // Each batch size timed, labelled (the first need not be batch 1).
+    if (s.stats.latency.empty()) std::cout << " -";
+    for (size_t k = 0; k < s.stats.latency.size(); ++k) {
+      const auto& l = s.stats.latency[k];
+      std::cout << (k ? ", " : " ") << std::fixed << std::setprecision(2) << l.p50_ms << " ms (b" << l.batch
+                << ")";
+    }
+    std::cout << " agree " << std::fixed << std::setprecision(3) << s.stats.top1_agreement << " centred "
               << s.stats.output_centred_cosine;
     if (s.stats.top1_accuracy) std::cout << " top-1 " << *s.stats.top1_accuracy;
     std::cout << "\n";

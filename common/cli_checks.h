@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace pare {
 
@@ -28,6 +29,18 @@ inline CLI::Validator NumberIn(double lo, double hi) {
         return std::string();
       },
       "NUMBER in " + range);
+}
+
+// What is wrong with `--latency-batches` (empty when nothing): each batch size in 1..4096, none
+// given twice (it would be timed, and reported, twice).
+inline std::string LatencyBatchesProblem(const std::vector<int>& sizes) {
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const std::string b = std::to_string(sizes[i]);
+    if (sizes[i] < 1 || sizes[i] > 4096) return "--latency-batches: batch size " + b + " is not in 1..4096";
+    for (size_t j = 0; j < i; ++j)
+      if (sizes[j] == sizes[i]) return "--latency-batches: batch size " + b + " is given twice";
+  }
+  return "";
 }
 
 }  // namespace pare

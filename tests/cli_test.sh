@@ -117,7 +117,9 @@ grep -q "a/broken.png" "$work/out" "$work/err" || fail "the undecodable image is
 
 # Offline: the same engine without a server.
 expect_rc 0 "compress" $PARE compress "$FX/small_cnn.pt" --recipe recipe.json -o offline.pt --report offline.json \
-  --input-shape 1,1,28,28 --eval "$FX/mnist_like.pt" --threads 1
+  --input-shape 1,1,28,28 --eval "$FX/mnist_like.pt" --threads 1 --latency-batches 4,1
+# Each batch size's p50 is labelled on the summary line, the first (4) too.
+grep -Eq "p50 [0-9.]+ ms \(b4\), [0-9.]+ ms \(b1\) agree" "$work/out" || fail "compress's p50s are not labelled"
 "$PY" -c "import torch; print(torch.jit.load('offline.pt')(torch.randn(1,1,28,28)).shape)" >/dev/null || fail "offline result"
 expect_rc 0 "compress with an image folder" $PARE compress "$FX/rgb16_cnn.pt" --recipe static.json -o offline-rgb.pt \
   --calibration "$FX/images" --eval "$FX/images" --format image-folder --threads 1
@@ -130,6 +132,12 @@ grep -q "no/such/dir does not exist" "$work/err" || fail "the missing output fol
 expect_rc 2 "compress with a batch size twice" $PARE compress "$FX/small_cnn.pt" --recipe recipe.json -o o.pt \
   --input-shape 1,1,28,28 --latency-batches 1,4,1
 grep -q -- "--latency-batches: batch size 1 is given twice" "$work/err" || fail "a repeated batch size is not named"
+# pare-worker refuses the same before it talks to any server.
+expect_rc 2 "pare-worker with a batch size twice" "$BIN/worker/pare-worker" --server 127.0.0.1:1 \
+  --latency-batches 8,8
+grep -q -- "--latency-batches: batch size 8 is given twice" "$work/err" || fail "pare-worker: repeated batch size"
+expect_rc 2 "pare-worker with batch size 0" "$BIN/worker/pare-worker" --server 127.0.0.1:1 --latency-batches 0
+grep -q -- "--latency-batches: batch size 0 is not in 1..4096" "$work/err" || fail "pare-worker: batch size 0"
 for budget in nan abc -1; do
   expect_rc 2 "compress with --latency-budget $budget" $PARE compress "$FX/small_cnn.pt" --recipe recipe.json \
     -o o.pt --input-shape 1,1,28,28 --latency-budget "$budget"

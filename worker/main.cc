@@ -67,6 +67,10 @@ int main(int argc, char** argv) {
   app.add_option("--token-file", token_file, "file holding the worker token (default $PARE_WORKER_TOKEN)")
       ->check(CLI::ExistingFile);
   CLI11_PARSE(app, argc, argv);
+  if (auto problem = pare::LatencyBatchesProblem(o.latency_batches); !problem.empty()) {
+    std::cerr << "pare-worker: " << problem << "\n";
+    return 2;
+  }
   if (!run_job.empty()) {
     pare::InitLogging("job");
     return pare::worker::RunJobChild(run_job);
