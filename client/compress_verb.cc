@@ -1,6 +1,5 @@
 #include "client/compress_verb.h"
 
-#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>

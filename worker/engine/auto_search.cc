@@ -606,14 +606,14 @@ Json Search::SideBySide(const std::vector<int>& leaders) {
   std::vector<torch::jit::Module> models = {baseline_model_};
   for (int i : leaders) models.push_back(ModelOf(i));
   constexpr int kRounds = 3;
-  std::vector<std::vector<double>> ms(models.size());
+  const size_t m = models.size();
+  std::vector<std::vector<double>> ms(m);
   Json order = Json::array();  // each round's order, as trial indices (the original is trial 0)
   for (int round = 0; round < kRounds; ++round) {
     order.push_back(Json::array());
     // Leaders first, then the original; every other round the exact reverse (the original first),
     // so that a drift within a round favours none.
-    for (size_t n = 0; n < models.size(); ++n) {
-      const size_t m = models.size();
+    for (size_t n = 0; n < m; ++n) {
       const size_t k = round % 2 == 0 ? (n + 1) % m : (m - n) % m;
       ms[k].push_back(TimeLatency(models[k], mc, 1).p50_ms);
       order.back().push_back(k == 0 ? 0 : leaders[k - 1]);
@@ -622,12 +622,12 @@ Json Search::SideBySide(const std::vector<int>& leaders) {
   std::vector<double> median;
   for (const auto& v : ms) median.push_back(Percentile(v, 0.5));
   size_t fastest = 1;
-  for (size_t k = 2; k < models.size(); ++k)
+  for (size_t k = 2; k < m; ++k)
     if (median[k] < median[fastest]) fastest = k;
   const size_t pick = median[1] <= 1.03 * median[fastest] ? 1 : fastest;
   const double o = median[0];
   Json candidates = Json::array();
-  for (size_t k = 1; k < models.size(); ++k) {
+  for (size_t k = 1; k < m; ++k) {
     const Trial& t = trials_[leaders[k - 1]];
     candidates.push_back({{"trial", t.index},
                           {"name", t.name},
