@@ -12,6 +12,7 @@
 #include <fstream>
 
 #include "worker/engine/accuracy_control.h"
+#include "worker/engine/auto_search_internal.h"
 #include "worker/engine/channel_prune.h"
 #include "worker/engine/cpu_features.h"
 #include "worker/engine/dataset.h"
@@ -2098,8 +2099,9 @@ TEST_F(EngineTest, AutoSearchForLatencyPicksAmongItsLeadersSideBySide) {
   const auto& candidates = s["candidates"];
   const auto& trials = search["trials"];
   // The first is the search's best; the others are within the goal and within 25% of its ratio,
-  // fastest in the search first.
-  ASSERT_GE(candidates.size(), 2u) << s.dump(2);
+  // fastest in the search first. How many fall within 25% is the timing's (on a loaded machine,
+  // none may): the rules with several leaders are tested on their own (AutoSearchRules below).
+  ASSERT_GE(candidates.size(), 1u) << s.dump(2);
   ASSERT_LE(candidates.size(), 4u);
   double best_ratio = 0;
   for (const auto& t : trials)
@@ -2145,6 +2147,58 @@ TEST_F(EngineTest, AutoSearchForLatencyPicksAmongItsLeadersSideBySide) {
                                                           : "it has the best LATENCY ratio within the goal"),
             std::string::npos)
       << search["why"];
+}
+
+// The end of a LATENCY search on made-up trials and timings: which candidates are timed again, in
+// what order, and which one wins.
+TEST(AutoSearchRules, TheLeadersAreTheChoiceAndUpToThreeOthersWithinAQuarterOfItsRatio) {
+  using pare::engine::auto_search_internal::LeadersAmong;
+  using pare::engine::auto_search_internal::Trial;
+  auto trial = [](int index, double ratio, double drop, bool meets, bool at_hand) {
+    Trial t;
+    t.index = index;
+    t.ratio = ratio;
+    t.drop = drop;
+    t.meets = meets;
+    t.path = at_hand ? "trial.pt" : "";
+    return t;
+  };
+  const std::vector<Trial> trials = {
+      trial(0, 1.0, 0.0, false, false),  // the original
+      trial(1, 4.0, 0.5, true, true),    // the search's choice
+      trial(2, 3.3, 0.1, true, true),    // within a quarter
+      trial(3, 3.1, 0.2, true, true),    // 3.1 * 1.25 < 4: too slow to be a leader
+      trial(4, 3.9, 0.3, false, true),   // misses the goal
+      trial(5, 3.9, 0.2, true, false),   // no model at hand (from a checkpoint)
+      trial(6, 3.6, 0.4, true, true),    // ties with 7 on the ratio; 7 lost less
+      trial(7, 3.6, 0.1, true, true),
+      trial(8, 3.25, 0.0, true, true),  // within a quarter, but three others are faster
+  };
+  EXPECT_EQ(LeadersAmong(trials, trials[1]), (std::vector<int>{1, 7, 6, 2}));
+  // A choice that missed the goal (the closest of an unreachable one) is not raced.
+  EXPECT_EQ(LeadersAmong(trials, trials[4]), std::vector<int>{4});
+  // Alone within its quarter: the choice is timed alone beside the original.
+  EXPECT_EQ(LeadersAmong({trials[0], trials[1], trials[3]}, trials[1]), std::vector<int>{1});
+}
+
+TEST(AutoSearchRules, EachRoundTimesTheLeadersThenTheOriginalAndEveryOtherRoundTheReverse) {
+  using pare::engine::auto_search_internal::SideBySideOrder;
+  EXPECT_EQ(SideBySideOrder(4, 0), (std::vector<size_t>{1, 2, 3, 0}));
+  EXPECT_EQ(SideBySideOrder(4, 1), (std::vector<size_t>{0, 3, 2, 1}));
+  EXPECT_EQ(SideBySideOrder(4, 2), (std::vector<size_t>{1, 2, 3, 0}));
+  EXPECT_EQ(SideBySideOrder(2, 0), (std::vector<size_t>{1, 0}));
+  EXPECT_EQ(SideBySideOrder(2, 1), (std::vector<size_t>{0, 1}));
+}
+
+TEST(AutoSearchRules, TheFastestLeaderWinsUnlessTheSearchsChoiceIsWithinThreePercent) {
+  using pare::engine::auto_search_internal::SideBySidePick;
+  // median[0] is the original's, median[1] the search's choice.
+  EXPECT_EQ(SideBySidePick({10.0, 5.0}), 1u);
+  EXPECT_EQ(SideBySidePick({10.0, 5.0, 6.0}), 1u);       // the choice is the fastest
+  EXPECT_EQ(SideBySidePick({10.0, 5.0, 4.9}), 1u);       // 2% slower than the fastest: kept
+  EXPECT_EQ(SideBySidePick({10.0, 5.0, 4.8}), 2u);       // 4% slower: the fastest wins
+  EXPECT_EQ(SideBySidePick({10.0, 5.0, 4.8, 4.0}), 3u);  // the fastest of several
+  EXPECT_EQ(SideBySidePick({10.0, 5.0, 4.0, 4.0}), 2u);  // a tie goes to the search's earlier pick
 }
 
 // No candidate within the goal: the job fails GOAL_UNREACHABLE, yet writes the closest model and

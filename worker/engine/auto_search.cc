@@ -579,13 +579,13 @@ AutoResult Search::Finish() {
   return r;
 }
 
-std::vector<int> Search::Leaders(const Trial& chosen) const {
+std::vector<int> LeadersAmong(const std::vector<Trial>& trials, const Trial& chosen) {
   constexpr double kWindow = 1.25;
   constexpr size_t kMost = 4;
   std::vector<int> out = {chosen.index};
   if (!chosen.meets) return out;
   std::vector<const Trial*> others;
-  for (const auto& t : trials_) {
+  for (const auto& t : trials) {
     if (t.index != chosen.index && t.meets && !t.path.empty() && t.ratio * kWindow >= chosen.ratio)
       others.push_back(&t);
   }
@@ -599,6 +599,21 @@ std::vector<int> Search::Leaders(const Trial& chosen) const {
   return out;
 }
 
+std::vector<size_t> SideBySideOrder(size_t m, int round) {
+  std::vector<size_t> order;
+  for (size_t n = 0; n < m; ++n) order.push_back(round % 2 == 0 ? (n + 1) % m : (m - n) % m);
+  return order;
+}
+
+size_t SideBySidePick(const std::vector<double>& median) {
+  size_t fastest = 1;
+  for (size_t k = 2; k < median.size(); ++k)
+    if (median[k] < median[fastest]) fastest = k;
+  return median[1] <= 1.03 * median[fastest] ? 1 : fastest;
+}
+
+std::vector<int> Search::Leaders(const Trial& chosen) const { return LeadersAmong(trials_, chosen); }
+
 Json Search::SideBySide(const std::vector<int>& leaders) {
   MeasureContext mc = *ctx_.measure;
   mc.latency_batches = {1};
@@ -611,20 +626,14 @@ Json Search::SideBySide(const std::vector<int>& leaders) {
   Json order = Json::array();  // each round's order, as trial indices (the original is trial 0)
   for (int round = 0; round < kRounds; ++round) {
     order.push_back(Json::array());
-    // Leaders first, then the original; every other round the exact reverse (the original first),
-    // so that a drift within a round favours none.
-    for (size_t n = 0; n < m; ++n) {
-      const size_t k = round % 2 == 0 ? (n + 1) % m : (m - n) % m;
+    for (size_t k : SideBySideOrder(m, round)) {
       ms[k].push_back(TimeLatency(models[k], mc, 1).p50_ms);
       order.back().push_back(k == 0 ? 0 : leaders[k - 1]);
     }
   }
   std::vector<double> median;
   for (const auto& v : ms) median.push_back(Percentile(v, 0.5));
-  size_t fastest = 1;
-  for (size_t k = 2; k < m; ++k)
-    if (median[k] < median[fastest]) fastest = k;
-  const size_t pick = median[1] <= 1.03 * median[fastest] ? 1 : fastest;
+  const size_t pick = SideBySidePick(median);
   const double o = median[0];
   Json candidates = Json::array();
   for (size_t k = 1; k < m; ++k) {

@@ -60,6 +60,18 @@ struct Trial {
   std::string path;          // its saved model, once built by this attempt
 };
 
+// The end of a LATENCY search, as pure rules (Search::Leaders and Search::SideBySide use them).
+// The candidates the final choice is between: `chosen` first and, when it met the goal, up to three
+// others within the goal whose search ratio is within 25% of its, fastest in the search first (a
+// tie goes to the smaller drop). Only candidates whose model is at hand (`path` set).
+std::vector<int> LeadersAmong(const std::vector<Trial>& trials, const Trial& chosen);
+// Round `round`'s order of `m` models (0 is the original, k the k-th leader): the leaders then the
+// original, and the exact reverse every other round, so that a drift within a round favours none.
+std::vector<size_t> SideBySideOrder(size_t m, int round);
+// The model picked from each one's median p50 (`median[0]` the original's, `median[1]` the
+// search's choice): the fastest leader, unless the search's choice is within 3% of it.
+size_t SideBySidePick(const std::vector<double>& median);
+
 class Search {
  public:
   Search(const torch::jit::Module& model, const AutoSpec& spec, const AutoContext& ctx)
@@ -194,14 +206,12 @@ class Search {
 
   // Why no candidate met the goal: what came closest, and each method's best drop.
   std::string Unreachable(const Trial* closest, const std::string& goal) const;
-  // The candidates the final choice is between: `chosen` and, when it met the goal, up to three
-  // others within the goal whose search ratio is within 25% of its (their timings were minutes
-  // apart, each beside its own re-timing of the original: a gap that size can be the machine's).
-  // Only candidates whose model is at hand: a trial taken from a checkpoint would be retrained.
+  // LeadersAmong this search's trials (their timings were minutes apart, each beside its own
+  // re-timing of the original: a 25% gap can be the machine's). A trial taken from a checkpoint
+  // has no model at hand (it would be retrained) and is left out.
   std::vector<int> Leaders(const Trial& chosen) const;
-  // The leaders and the original timed again at the end, in turn (three rounds, the order reversed
-  // every other round; the median of each's p50s): the fastest leader is the result, unless the
-  // search's own choice (leaders[0]) is within 3% of it.
+  // The leaders and the original timed again at the end, in turn (three rounds in SideBySideOrder;
+  // the median of each's p50s); the result is SideBySidePick's.
   Json SideBySide(const std::vector<int>& leaders);
 
   // Where the candidates were timed: what decides whether INT8 or pruning pays.
