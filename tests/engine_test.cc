@@ -323,7 +323,8 @@ def forward(self, x):
   m.eval();
   const std::string in = TempPath("slow.pt"), out = TempPath("slow_out.pt");
   m.save(in);
-  // A budget of about 45 forwards on this machine now: 3 models, 15 each with their warm-up.
+  // A budget of about 150 forwards on this machine now: 3 models, 50 each with their warm-up
+  // (under the 200-run cap even for the model that gets half of it).
   std::vector<double> run_s;
   {
     c10::InferenceMode guard;
@@ -336,7 +337,7 @@ def forward(self, x):
     }
   }
   std::sort(run_s.begin(), run_s.end());
-  const double budget = std::max(0.05, 45 * run_s[run_s.size() / 2]);
+  const double budget = std::max(0.15, 150 * run_s[run_s.size() / 2]);
   CompressOptions opts = CpuOptions({1, 256, 256}, budget);
   opts.agreement_samples = 3;  // every sample is a run: few, so that the budget decides
   Report r =
@@ -348,14 +349,16 @@ def forward(self, x):
     const Latency& l = step.stats.latency[0];
     EXPECT_GE(l.iterations, 3);
     // Timed to a share of the budget, not to all of it (each model's share is an even part of
-    // what is left), give or take the run that crossed its end.
-    EXPECT_LE(l.seconds, budget / 2 + 2 * l.p50_ms / 1000)
+    // what is left), give or take the run that crossed its end and a descheduling (the suite
+    // runs two tests at a time on two cores).
+    constexpr double kScheduler = 0.05;
+    EXPECT_LE(l.seconds, budget / 2 + 2 * l.p95_ms / 1000 + kScheduler)
         << step.step << ": " << l.seconds << " s of a " << budget << " s budget, " << l.iterations
         << " runs of " << l.p50_ms << " ms";
     // The budget, not the 200-run cap, ended its timing.
     EXPECT_LT(l.iterations, 200) << step.step;
     spent += l.seconds;
-    runs += l.p50_ms / 1000;
+    runs += l.p95_ms / 1000 + kScheduler;
   }
   // The three together: the budget, warm-up included, and not much more.
   EXPECT_GE(spent, budget * 0.9);

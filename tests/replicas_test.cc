@@ -88,20 +88,21 @@ class ReplicasTest : public ::testing::Test {
     pg_ = PgServer::Start(&why);
     if (!pg_) GTEST_SKIP() << "no PostgreSQL to test against: " << why;
   }
-  // A replica on the shared database and blob folder; `workers` local workers.
-  std::unique_ptr<ServerProcess> Replica(int workers) {
+  // A replica on the shared database and blob folder; `workers` local workers; leases of
+  // `lease_ttl` seconds.
+  std::unique_ptr<ServerProcess> Replica(int workers, int lease_ttl = 3) {
     auto s = std::make_unique<ServerProcess>(
         dir_.path() + "/shared",
         std::vector<std::string>{"--store", pg_->url(), "--local-workers", std::to_string(workers),
-                                 "--worker-threads", "1", "--lease-ttl", "3"});
+                                 "--worker-threads", "1", "--lease-ttl", std::to_string(lease_ttl)});
     s->SetEnv("PARE_TEST_HOLD_JOB", hold_);
     return s;
   }
 
   // Starts replicas A and B with these many local workers and uploads the small CNN through A.
-  void StartBoth(int workers_a, int workers_b) {
-    a_ = Replica(workers_a);
-    b_ = Replica(workers_b);
+  void StartBoth(int workers_a, int workers_b, int lease_ttl = 3) {
+    a_ = Replica(workers_a, lease_ttl);
+    b_ = Replica(workers_b, lease_ttl);
     at_a_ = a_->Start();
     at_b_ = b_->Start();
     ASSERT_FALSE(at_a_.empty());
@@ -290,7 +291,9 @@ TEST_F(ReplicasTest, BlobsInTheDatabaseNeedNoSharedFolder) {
 
 // A worker on each replica, many small jobs submitted through both: every job runs once.
 TEST_F(ReplicasTest, WorkersOnTwoReplicasRunEveryJobOnce) {
-  StartBoth(2, 2);
+  // Leases of 10 s: four workers' jobs, two servers and PostgreSQL share the machine with the
+  // other tests, and a heartbeat 2 s late on a 3 s lease would run a job twice for the wrong reason.
+  StartBoth(2, 2, 10);
   if (HasFatalFailure()) return;
   auto ca = ClientFor(at_a_), cb = ClientFor(at_b_);
   const v1::Model* m = &model_;

@@ -95,7 +95,7 @@ def time_here(threads):
 def main():
     want_threads = usable_cpus()
     with tempfile.TemporaryDirectory() as work:
-        for attempt in range(3):  # a shared machine's noise gets more chances; a 2x error does not pass
+        for attempt in range(5):  # a shared machine's noise gets more chances; a 2x error does not pass
             _, report = compress(MODEL, [{"prune": {"magnitude": {"amount": 0.1}}}], [SHAPE], work,
                                  latency_budget=str(BUDGET_S), threads=None)
             host = report["host"]
@@ -110,7 +110,7 @@ def main():
             if abs(ratio - 1) <= TOLERANCE:
                 print("report_timing: passed")
                 return
-    print(f"FAIL: the report's p50 differs from an independent timing by more than {TOLERANCE:.0%}")
+    print(f"FAIL: in every attempt the report's p50 differs from an independent timing by more than {TOLERANCE:.0%}")
     sys.exit(1)
 
 
