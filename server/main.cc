@@ -43,7 +43,8 @@ void AddOptions(CLI::App& app, pare::server::ServerOptions& o) {
         o.worker_args.push_back(r[0]);
         return true;
       },
-      "intra-op threads of each local worker");
+      "intra-op threads of each local worker (default: the CPUs pare-server may use, divided between its "
+      "local workers)");
   app.add_option("--max-upload-bytes", o.limits.max_upload_bytes, "largest model or dataset accepted")
       ->capture_default_str();
   app.add_option_function<double>(

@@ -6,6 +6,7 @@
 #include <grpcpp/support/server_interceptor.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <chrono>
 #include <filesystem>
@@ -305,6 +306,12 @@ Status Server::Start() {
     const int worker_port = local_port_ ? local_port_ : port_;
     so.args = {"--server", "127.0.0.1:" + std::to_string(worker_port), "--drain-seconds",
                std::to_string(options_.drain_seconds)};
+    // Several local workers share this machine's CPUs: without a thread count of the operator's,
+    // each job runs on its worker's share of them, not on all of them at once.
+    if (options_.local_workers > 1 && std::find(options_.worker_args.begin(), options_.worker_args.end(),
+                                                "--threads") == options_.worker_args.end()) {
+      so.args.insert(so.args.end(), {"--cpu-share", std::to_string(options_.local_workers)});
+    }
     so.args.insert(so.args.end(), options_.worker_args.begin(), options_.worker_args.end());
     so.count = options_.local_workers;
     if (!worker_token_.empty()) so.env.emplace_back("PARE_WORKER_TOKEN", worker_token_);

@@ -174,4 +174,15 @@ expect_rc 3 "list in plaintext to a TLS port" $PARE --server "$tls_server" --tim
 expect_rc 2 "a TLS file that is not PEM" $PARE --server "$tls_server" --tls-ca recipe.json list
 kill -TERM "$server_pid"; wait "$server_pid" || true
 server_pid=""
+
+# Local workers share the machine: without --worker-threads, each job runs on its worker's share
+# of the CPUs (the workers say so as they start; their logs are the server's).
+"$BIN/server/pare-server" --listen 127.0.0.1:0 --metrics-listen "" --data-dir "$work/shared-data" --local-workers 2 \
+  >"$work/shared.out" 2>"$work/shared.log" &
+server_pid=$!
+for _ in $(seq 300); do [ "$(grep -c '"msg":"worker started"' "$work/shared.log" 2>/dev/null)" = 2 ] && break; sleep 0.1; done
+[ "$(grep '"msg":"worker started"' "$work/shared.log" | grep -c 'shared by 2 workers')" = 2 ] \
+  || { cat "$work/shared.log" >&2; fail "two local workers do not split the CPUs"; }
+kill -TERM "$server_pid"; wait "$server_pid" || true
+server_pid=""
 echo "cli_test: all checks passed"

@@ -654,6 +654,21 @@ TEST(ProcessTest, InitProcessDefaultsToTheUsableCpusAndSaysWhy) {
   EXPECT_EQ(one.why, "--threads 1");
 }
 
+// Workers that share a machine's CPUs (pare-server's local workers) split them; a thread count
+// the operator gave stands.
+TEST(ProcessTest, WorkersThatShareTheCpusSplitThem) {
+  const CpuBudget eight{8, "affinity mask: 8 CPUs"};
+  EXPECT_EQ(ThreadsFor(0, eight, 1).threads, 8);
+  EXPECT_EQ(ThreadsFor(0, eight, 1).why, "affinity mask: 8 CPUs");
+  const ThreadChoice half = ThreadsFor(0, eight, 2);
+  EXPECT_EQ(half.threads, 4);
+  EXPECT_EQ(half.why, "affinity mask: 8 CPUs; shared by 2 workers: 4 each");
+  EXPECT_EQ(ThreadsFor(0, eight, 3).threads, 2);  // 8 / 3, rounded down: no core runs two jobs' threads
+  EXPECT_EQ(ThreadsFor(0, {2, "affinity mask: 2 CPUs"}, 4).threads, 1);  // at least one each
+  EXPECT_EQ(ThreadsFor(6, eight, 2).threads, 6);
+  EXPECT_EQ(ThreadsFor(6, eight, 2).why, "--threads 6");
+}
+
 TEST(ReportTest, Int8GainNoteSaysWhatInt8GainedAndWhy) {
   ModelStats before, after;
   before.latency = {{1, 12.0, 13.0, 50}};

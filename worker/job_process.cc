@@ -147,7 +147,8 @@ int RunJobChild(const std::string& dir) {
   }
   const std::string result_path = spec["result"];
   try {
-    engine::InitProcess(spec.value("threads", 0), spec.value("quantized_engine", ""));
+    engine::InitProcess(spec.value("threads", 0), spec.value("quantized_engine", ""),
+                        spec.value("cpu_share", 1));
     auto steps = ToEngineSteps(job.recipe());
     if (!steps.ok())
       throw engine::EngineError(steps.status().code(), engine::kReasonBadRecipe, steps.status().message());

@@ -25,6 +25,11 @@ int main(int argc, char** argv) {
   app.add_option("--threads", o.threads,
                  "intra-op threads (0: the CPUs this process may use: affinity mask and cgroup CPU quota)")
       ->capture_default_str();
+  app.add_option("--cpu-share", o.cpu_share,
+                 "workers sharing this machine's CPUs: with --threads 0 each job runs on its share of them "
+                 "(pare-server sets it for its local workers)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 256));
   app.add_option("--quantized-engine", o.quantized_engine,
                  "onednn, qnnpack or fbgemm (default: best available)");
   app.add_option("--work-dir", o.work_dir, "where private job folders are made")->capture_default_str();

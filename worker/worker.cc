@@ -45,7 +45,8 @@ std::unique_ptr<grpc::ClientContext> Worker::Context(double seconds) const {
 
 int Worker::Run() {
   // Jobs run in their own processes, which set these again; here they check the flags at start-up.
-  const engine::ThreadChoice threads = engine::InitProcess(options_.threads, options_.quantized_engine);
+  const engine::ThreadChoice threads =
+      engine::InitProcess(options_.threads, options_.quantized_engine, options_.cpu_share);
   has_cuda_ = CudaAvailable();
   device_name_ = DeviceName(has_cuda_);
   spdlog::info(Kv({{"msg", "worker started"},
@@ -249,6 +250,7 @@ std::string Worker::PrepareJobFolder(const v1::LeasedJob& job, const std::string
     spec["model_digest"] = job.model_sha256();
   }
   spec["threads"] = options_.threads;
+  spec["cpu_share"] = options_.cpu_share;
   spec["quantized_engine"] = options_.quantized_engine;
   spec["worker"] = options_.id;
   spec["device_name"] = device_name_;

@@ -21,7 +21,8 @@ namespace pare::worker {
 struct WorkerOptions {
   std::string server = "127.0.0.1:50051";  // pare-server address
   std::string id;                          // worker id (default: hostname-pid)
-  int threads = 0;                         // intra-op threads (0: LibTorch's default)
+  int threads = 0;                         // intra-op threads (0: the usable CPUs / cpu_share)
+  int cpu_share = 1;                       // workers sharing this machine's CPUs (pare-server's local ones)
   std::string quantized_engine;            // onednn, qnnpack, fbgemm; empty: the best available
   std::string work_dir = "/tmp";           // private job folders are made under it
   int poll_ms = 500;                       // wait between empty lease answers

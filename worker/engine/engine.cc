@@ -94,14 +94,17 @@ ThreadChoice& Threads() {
 }
 }  // namespace
 
-ThreadChoice InitProcess(int num_threads, const std::string& quantized_engine) {
+ThreadChoice ThreadsFor(int num_threads, const CpuBudget& usable, int cpu_share) {
+  if (num_threads > 0) return {num_threads, "--threads " + std::to_string(num_threads)};
+  if (cpu_share <= 1) return {usable.cpus, usable.why};
+  const int each = std::max(1, usable.cpus / cpu_share);
+  return {each, usable.why + "; shared by " + std::to_string(cpu_share) +
+                    " workers: " + std::to_string(each) + " each"};
+}
+
+ThreadChoice InitProcess(int num_threads, const std::string& quantized_engine, int cpu_share) {
   ThreadChoice& choice = Threads();
-  if (num_threads > 0) {
-    choice = {num_threads, "--threads " + std::to_string(num_threads)};
-  } else {
-    CpuBudget budget = UsableCpus();
-    choice = {budget.cpus, budget.why};
-  }
+  choice = ThreadsFor(num_threads, num_threads > 0 ? CpuBudget{} : UsableCpus(), cpu_share);
   at::set_num_threads(choice.threads);
 #ifdef __GLIBC__
   // glibc serves blocks above its mmap threshold (128 KiB at first) with mmap and unmaps them

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "worker/engine/cpu_features.h"
 #include "worker/engine/recipe.h"
 #include "worker/engine/report.h"
 
@@ -76,13 +77,17 @@ Report Compress(const std::string& input_path, const std::vector<StepSpec>& step
 
 // Sets process-wide LibTorch settings once (quantized engine, thread count). `num_threads` 0
 // means the CPUs this process may use (UsableCpus: affinity mask and cgroup quota), not
-// LibTorch's own guess (1 on some 2-core VMs). Returns what it set, and why, for the logs; the
-// reports say it too.
+// LibTorch's own guess (1 on some 2-core VMs), split evenly between `cpu_share` workers that
+// share them (ThreadsFor). Returns what it set, and why, for the logs; the reports say it too.
 struct ThreadChoice {
   int threads = 1;
   std::string why;  // "--threads 4", or UsableCpus' reason
 };
-ThreadChoice InitProcess(int num_threads, const std::string& quantized_engine = "");
+ThreadChoice InitProcess(int num_threads, const std::string& quantized_engine = "", int cpu_share = 1);
+// The threads a job runs on: `num_threads` when set, else the usable CPUs divided between the
+// `cpu_share` workers of one machine (at least 1 each): two local workers on 8 CPUs get 4 each,
+// not 8 each (16 OpenMP threads spinning on 8 cores made each job's timings several times worse).
+ThreadChoice ThreadsFor(int num_threads, const CpuBudget& usable, int cpu_share);
 
 // The BLAS this process runs LibTorch's matrix products on, e.g. "OpenBLAS 0.3.21 (OpenMP)",
 // for the worker's start-up log.
