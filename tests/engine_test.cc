@@ -30,6 +30,7 @@
 #include "worker/engine/report.h"
 #include "worker/engine/score.h"
 #include "worker/engine/train.h"
+#include "worker/recipe_convert.h"
 
 namespace pare::engine {
 namespace {
@@ -2165,6 +2166,65 @@ TEST_F(EngineTest, AutoSearchForLatencyPicksAmongItsLeadersSideBySide) {
                                                           : "it has the best LATENCY ratio within the goal"),
             std::string::npos)
       << search["why"];
+}
+
+// The plain recipe a search gives for its result (and keys its checkpoint by) holds every setting
+// of every step a search makes: through the recipe JSON and back, each step is what it was.
+TEST(AutoSearchRules, EveryStepASearchMakesSurvivesItsRecipeJson) {
+  ChannelPruneSpec guided;  // pruning by sensitivity: an amount per group, none for the rest
+  guided.amount = 0;
+  guided.round_to = 4;
+  guided.amounts = {{"layer1.0.conv1", 0.25}, {"layer3", 0.5}};
+  ChannelPruneSpec by_macs;
+  by_macs.target_macs = 0.5;
+  by_macs.criterion = "BN_SCALE";
+  ChannelPruneSpec global;
+  global.amount = 0.375;
+  global.global = true;
+  DistillSpec distill;
+  distill.train.epochs = 3;
+  distill.train.learning_rate = 0.25;
+  distill.temperature = 2;
+  StaticQuantSpec int8{"MINMAX", 4, true};
+  int8.exclude = {"fc", "layer4.1.conv2"};
+  int8.target = "vnni";
+  FactorizeSpec energy;
+  energy.energy = 0.875;
+  // In an order a recipe allows (nothing after a step that freezes the model).
+  const std::vector<StepSpec> made = {guided, by_macs, global, distill, energy, int8};
+  auto round_trip = [](const std::vector<StepSpec>& specs) {
+    nlohmann::json recipe = {{"steps", nlohmann::json::array()}};
+    for (const auto& s : specs) recipe["steps"].push_back(RecipeStepJson(s));
+    auto parsed = pare::ParseRecipeJson(recipe.dump());
+    if (!parsed.ok()) throw std::runtime_error(parsed.status().ToString() + "\n" + recipe.dump(2));
+    auto steps = pare::ToEngineSteps(parsed.value());
+    if (!steps.ok()) throw std::runtime_error(steps.status().ToString() + "\n" + recipe.dump(2));
+    return steps.value();
+  };
+  const std::vector<StepSpec> steps = round_trip(made);
+  ASSERT_EQ(steps.size(), made.size());
+  auto channel = [&](size_t i) { return std::get<ChannelPruneSpec>(steps.at(i)); };
+  EXPECT_EQ(channel(0).amount, 0);
+  EXPECT_EQ(channel(0).round_to, 4);
+  EXPECT_EQ(channel(0).amounts, guided.amounts);
+  EXPECT_EQ(channel(0).target_macs, 0);
+  EXPECT_EQ(channel(1).target_macs, 0.5);
+  EXPECT_EQ(channel(1).criterion, "BN_SCALE");
+  EXPECT_TRUE(channel(1).amounts.empty());
+  EXPECT_EQ(channel(2).amount, 0.375);
+  EXPECT_TRUE(channel(2).global);
+  const auto& d = std::get<DistillSpec>(steps.at(3));
+  EXPECT_EQ(d.train.epochs, 3);
+  EXPECT_EQ(d.train.learning_rate, 0.25);
+  EXPECT_EQ(d.temperature, 2);
+  EXPECT_EQ(std::get<FactorizeSpec>(steps.at(4)).energy, 0.875);
+  const auto& q = std::get<StaticQuantSpec>(steps.at(5));
+  EXPECT_EQ(q.observer, "MINMAX");
+  EXPECT_EQ(q.calibration_batches, 4);
+  EXPECT_EQ(q.exclude, int8.exclude);
+  EXPECT_EQ(q.target, "vnni");
+  EXPECT_TRUE(std::holds_alternative<DynamicQuantSpec>(round_trip({DynamicQuantSpec{}}).at(0)));
+  EXPECT_TRUE(std::holds_alternative<OptimizeSpec>(round_trip({global, OptimizeSpec{}}).at(1)));
 }
 
 // The end of a LATENCY search on made-up trials and timings: which candidates are timed again, in

@@ -31,6 +31,7 @@ Json RecipeStepJson(const StepSpec& step) {
       else
         j["amount"] = c.amount;
       if (c.global) j["scope"] = "GLOBAL";
+      if (!c.amounts.empty()) j["amounts"] = c.amounts;  // pruning by sensitivity: amount is the rest's
       return {{"prune", {{"channel", j}}}};
     }
     Json operator()(const DistillSpec& d) const {
