@@ -655,6 +655,52 @@ TEST(ProcessTest, InitProcessDefaultsToTheUsableCpusAndSaysWhy) {
   EXPECT_EQ(one.why, "--threads 1");
 }
 
+// Without labels a search judges every output: a model whose class head keeps its answers but
+// whose box head is ruined scores as its box head; and an output whose top-1 is one class for
+// every input is judged by its centred cosine, since a constant output would agree with it.
+TEST(ScorerTest, WithoutLabelsEveryOutputCountsAndAConstantTop1IsNoEvidence) {
+  at::Generator gen = at::detail::createCPUGenerator(7);
+  const at::Tensor w = at::randn({10, 16}, gen), v = at::randn({4, 16}, gen);
+  auto make = [&](const at::Tensor& cls_w, const at::Tensor& bias, double box_sign) {
+    torch::jit::Module m("m");
+    m.register_parameter("w", cls_w, false);
+    m.register_parameter("b", bias, false);
+    m.register_parameter("v", v * box_sign, false);
+    m.define(R"(
+def forward(self, x):
+    f = x.flatten(1)
+    return (torch.linear(f, self.w) + self.b, torch.linear(f, self.v))
+)");
+    m.eval();
+    return m;
+  };
+  const at::Tensor samples = at::randn({64, 1, 4, 4}, gen);
+  ScoreOptions agreement;
+  agreement.top1_agreement = true;
+  torch::jit::Module original = make(w, at::zeros({10}), 1);
+  const Scorer scorer(original, nullptr, samples, {}, agreement);
+  EXPECT_EQ(
+      scorer.metric(),
+      "top-1 agreement with the original's outputs on 64 inputs (the worst of its 2 outputs, the others "
+      "by centred cosine)");
+  EXPECT_DOUBLE_EQ(scorer.Score(original), 1.0);
+  torch::jit::Module box_ruined = make(w, at::zeros({10}), -1);
+  EXPECT_DOUBLE_EQ(scorer.Score(box_ruined), 0.0);  // the classes all agree; the boxes point the other way
+
+  // Class 0 wins for every input (a bias that dwarfs the rest): a model whose class output no
+  // longer depends on its input keeps every top-1, and still scores as what it is.
+  at::Tensor bias = at::zeros({10});
+  bias[0] = 1000;
+  torch::jit::Module constant_top1 = make(w, bias, 1);
+  const Scorer on_constant(constant_top1, nullptr, samples, {}, agreement);
+  EXPECT_EQ(on_constant.metric(),
+            "centred cosine with the original's outputs on 64 inputs (the worst of its 2 outputs); the first "
+            "output's top-1 is one class for every input, where agreement could not see damage");
+  EXPECT_DOUBLE_EQ(on_constant.Score(constant_top1), 1.0);
+  torch::jit::Module blind = make(w * 0, bias, 1);
+  EXPECT_LT(on_constant.Score(blind), 0.2);
+}
+
 // Workers that share a machine's CPUs (pare-server's local workers) split them; a thread count
 // the operator gave stands.
 TEST(ProcessTest, WorkersThatShareTheCpusSplitThem) {

@@ -568,8 +568,8 @@ AutoResult Search::Finish() {
       (resumed ? ", " + std::to_string(resumed) + " taken from an earlier attempt's checkpoint" : "") +
       "; accuracy is " + metric + " (original " + Num("%.2f", base_score_ * 100) + ")");
   if (!scorer_->labelled())
-    r.notes.push_back(
-        "auto: no labelled eval set, so the drop is in top-1 agreement with the original, not accuracy");
+    r.notes.push_back("auto: no labelled eval set, so the drop is in points of " +
+                      metric.substr(0, metric.find(" with")) + " with the original, not accuracy");
   r.notes.insert(r.notes.end(), notes_.begin(), notes_.end());
   if (chosen)
     r.notes.push_back("auto: the plain recipe that rebuilds the result: " + search["recipe"].dump());

@@ -11,46 +11,75 @@ namespace pare::engine {
 Scorer::Scorer(torch::jit::Module& reference, const Dataset* eval, const at::Tensor& samples,
                const std::vector<at::Tensor>& more_samples, const ScoreOptions& options)
     : device_(options.device) {
+  std::string on;  // what the scores are computed on
   if (eval && eval->labels.defined()) {
     const int64_t n = std::min<int64_t>(options.max_eval_images, eval->images.size(0));
     images_ = eval->images.slice(0, 0, n);
     labels_ = eval->labels.slice(0, 0, n);
     for (const at::Tensor& t : eval->more_images) more_.push_back(t.slice(0, 0, n));
     metric_ = "top-1 accuracy on " + std::to_string(n) + " eval images";
+    on = std::to_string(n) + " eval images";
   } else {
     images_ = samples;
     more_ = more_samples;
-    metric_ =
-        "centred cosine with the reference model's outputs on " + std::to_string(samples.size(0)) + " inputs";
+    on = std::to_string(samples.size(0)) + " " +
+         (options.samples.empty() ? std::string("inputs") : options.samples);
   }
   reference_ = Outputs(reference);
-  if (labels_.defined() &&
-      (reference_.dim() < 2 || reference_.numel() != reference_.size(0) * reference_.size(1))) {
-    // A dense output has no per-image class: agreement instead.
-    labels_ = at::Tensor();
-    metric_ = "centred cosine with the reference model's outputs on " + std::to_string(images_.size(0)) +
-              " eval images";
+  const at::Tensor& first = reference_.front().second;
+  if (labels_.defined() && (first.dim() < 2 || first.numel() != first.size(0) * first.size(1))) {
+    labels_ = at::Tensor();  // a dense output has no per-image class: agreement instead
   }
-  agreement_ =
-      options.top1_agreement && !labels_.defined() && reference_.dim() >= 2 && reference_.size(1) > 1;
-  if (agreement_) {
-    metric_ = "top-1 agreement with the original's outputs on " + std::to_string(images_.size(0)) + " " +
-              (options.samples.empty() ? "inputs" : options.samples);
+  if (labels_.defined()) return;
+  // Without labels, each output is judged against the reference's.
+  bool constant = false;  // the first output's top-1 is one class for every input
+  for (const auto& [name, out] : reference_) {
+    // The first output is the model's answer (its classes); the others (a box head, auxiliary
+    // logits, features) are judged by how close they stay.
+    bool classes = agreement_.empty() && options.top1_agreement && out.dim() >= 2 && out.size(1) > 1;
+    if (classes && out.size(0) > 1 && (out.argmax(1) == out.argmax(1).flatten()[0]).all().item<bool>()) {
+      classes = false;
+      constant = true;
+    }
+    agreement_.push_back(classes);
+  }
+  metric_ = std::string(agreement_.front() ? "top-1 agreement" : "centred cosine") + " with the " +
+            (options.top1_agreement ? "original's" : "reference model's") + " outputs on " + on;
+  if (reference_.size() > 1)
+    metric_ += " (the worst of its " + std::to_string(reference_.size()) + " outputs" +
+               (agreement_.front() ? ", the others by centred cosine)" : ")");
+  if (constant) {
+    metric_ += std::string("; the ") + (reference_.size() > 1 ? "first " : "") +
+               "output's top-1 is one class for every input, where agreement could not see damage";
   }
 }
 
 double Scorer::Score(torch::jit::Module& m) const {
-  at::Tensor out = Outputs(m);
-  if (labels_.defined()) return (out.flatten(1).argmax(1) == labels_).to(at::kFloat).mean().item<double>();
-  // Per position for a dense output ([N, C, H, W]: a class per pixel).
-  if (agreement_) return (out.argmax(1) == reference_.argmax(1)).to(at::kFloat).mean().item<double>();
-  return OutputCosines(out.reshape({out.size(0), -1}), reference_.reshape({reference_.size(0), -1})).second;
+  const auto outs = Outputs(m);
+  if (labels_.defined()) {
+    return (outs.front().second.flatten(1).argmax(1) == labels_).to(at::kFloat).mean().item<double>();
+  }
+  if (outs.size() != reference_.size()) return 0;  // CompareOutputs names the difference in the report
+  double worst = 1;
+  for (size_t k = 0; k < outs.size(); ++k) {
+    const at::Tensor& out = outs[k].second;
+    const at::Tensor& ref = reference_[k].second;
+    if (out.sizes() != ref.sizes()) return 0;
+    // Per position for a dense output ([N, C, H, W]: a class per pixel).
+    const double score =
+        agreement_[k] ? (out.argmax(1) == ref.argmax(1)).to(at::kFloat).mean().item<double>()
+                      : OutputCosines(out.reshape({out.size(0), -1}), ref.reshape({ref.size(0), -1})).second;
+    worst = std::min(worst, std::max(0.0, score));
+  }
+  return worst;
 }
 
-at::Tensor Scorer::Outputs(torch::jit::Module& m) const {
+std::vector<std::pair<std::string, at::Tensor>> Scorer::Outputs(torch::jit::Module& m) const {
   const c10::Device device = PackedWeights(m).empty() ? device_ : c10::Device(c10::kCPU);
   m.to(device);
-  return RunBatched(m, images_, device, 64, nullptr, more_).to(at::kFloat);
+  auto outs = RunBatchedOutputs(m, images_, device, 64, nullptr, more_);
+  for (auto& [name, t] : outs) t = t.to(at::kFloat);
+  return outs;
 }
 
 // The conv and linear layers in execution order, from an inlined clone's forward.

@@ -1,6 +1,7 @@
 // Scoring candidate models against the model they came from, for the searches that compare many
-// (the analyze step's table, static INT8's accuracy control): top-1 on a labelled eval set, else
-// the centred cosine of the outputs with the reference model's on the agreement samples.
+// (the analyze step's table, static INT8's accuracy control, auto): top-1 on a labelled eval set,
+// else how close every output stays to the reference model's on the samples (the worst output's
+// score: a model with a class head and a box head is judged on both).
 #pragma once
 
 #include <string>
@@ -19,7 +20,10 @@ constexpr int64_t kScoreEvalImages = 512;
 struct ScoreOptions {
   int64_t max_eval_images = kScoreEvalImages;
   // Without labels: the share of inputs whose top-1 class is the reference's (what "accuracy"
-  // means for a search against the original) instead of the centred cosine of the outputs.
+  // means for a search against the original) instead of the centred cosine, for the first output
+  // when it has classes ([N, C, ...], C > 1) and the reference's top-1 is not one class for every
+  // input (there agreement cannot see damage: a constant output agrees with it). Other outputs
+  // (a box head, auxiliary logits): centred cosine.
   bool top1_agreement = false;
   c10::Device device = c10::kCPU;  // where float models run (quantized ones on the CPU)
   std::string samples = {};        // what the samples are, for metric(): "eval images (no labels)"
@@ -30,19 +34,21 @@ class Scorer {
   // `reference`: the model candidates are compared with (its own score is its top-1, or 1).
   Scorer(torch::jit::Module& reference, const Dataset* eval, const at::Tensor& samples,
          const std::vector<at::Tensor>& more_samples, const ScoreOptions& options = {});
-  // In [0, 1]: top-1 accuracy, or the top-1 agreement or centred cosine with the reference's outputs.
+  // In [0, 1]: top-1 accuracy; else the least over the outputs of each one's top-1 agreement or
+  // centred cosine (below 0 counts as 0) with the reference's.
   double Score(torch::jit::Module& m) const;
   // "top-1 accuracy on 512 eval images", "centred cosine with the reference's outputs on 32 inputs".
   const std::string& metric() const { return metric_; }
   bool labelled() const { return labels_.defined(); }
 
  private:
-  at::Tensor Outputs(torch::jit::Module& m) const;
+  std::vector<std::pair<std::string, at::Tensor>> Outputs(torch::jit::Module& m) const;
 
-  at::Tensor images_, labels_, reference_;
+  at::Tensor images_, labels_;
+  std::vector<std::pair<std::string, at::Tensor>> reference_;  // every output, by name
+  std::vector<bool> agreement_;  // per output: top-1 agreement (else centred cosine), without labels
   std::vector<at::Tensor> more_;
   std::string metric_;
-  bool agreement_ = false;  // top-1 agreement with the reference when there are no labels
   c10::Device device_ = c10::kCPU;
 };
 
