@@ -152,6 +152,11 @@ expect_rc 1 "compress on a calibration set holding NaN" $PARE compress "$FX/smal
   -o o.pt --input-shape 1,1,28,28 --calibration nan.pt
 grep -q "BAD_DATASET: 'images' holds NaN or infinite values in 1 sample(s), the first at index 3" "$work/err" \
   || fail "NaN in a dataset is not named"
+# An input shape without its batch dimension: the message says which dimension is the batch.
+expect_rc 1 "compress with a batch-less input shape" $PARE compress "$FX/small_cnn.pt" --recipe static.json \
+  -o o.pt --input-shape 1,28,28
+grep -q "MODEL_RUN: the model's forward failed on inputs of shape \[28, 28\] (one sample of the input shape \[1, 28, 28\], whose first dimension is the batch)" "$work/err" \
+  || { cat "$work/err" >&2; fail "a batch-less input shape is not explained"; }
 
 kill -TERM "$server_pid"; wait "$server_pid" || fail "pare-server did not exit cleanly on SIGTERM"
 server_pid=""

@@ -148,6 +148,28 @@ TEST(ArchiveCheckTest, DatasetsByFormat) {
   EXPECT_EQ(CheckDataset(Fixture("mnist_like.pt"), "csv", limits).code(), Code::kInvalidArgument);
 }
 
+// A misspelt field is named with where it was and what that place has.
+TEST(RecipeTest, AnUnknownFieldIsNamedWithTheFieldsItCouldHaveBeen) {
+  for (const auto& [json, message] : std::vector<std::pair<std::string, std::string>>{
+           {R"({"steps":[{"prune":{"chanel":{}}}]})",
+            "recipe.steps[0].prune has no field 'chanel' (it has: magnitude, channel, nm)"},
+           {R"({"step":[]})", "recipe has no field 'step' (it has: steps)"},
+           {R"({"steps":[{"quantize":{"static":{"observr":"MINMAX"}}}]})",
+            "recipe.steps[0].quantize.static has no field 'observr' (it has: observer, calibrationBatches, "
+            "perTensorWeights, target, exclude, maxAccuracyDrop)"},
+           {R"({"steps":[{"optimize":{}},{"auto":{"maxAccuracyDrop":1,"methodz":[]}}]})",
+            "recipe.steps[1].auto has no field 'methodz' (it has: maxAccuracyDrop, relative, objective, "
+            "targetSpeedup, timeBudgetSeconds, methods)"}}) {
+    auto r = ParseRecipeJson(json);
+    EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << json;
+    EXPECT_EQ(r.status().message(), message);
+  }
+  // Other protobuf errors keep protobuf's words.
+  auto wrong_type = ParseRecipeJson(R"({"steps":[{"prune":{"channel":{"amount":"half"}}}]})");
+  EXPECT_EQ(wrong_type.status().code(), Code::kInvalidArgument);
+  EXPECT_EQ(wrong_type.status().message().rfind("recipe: ", 0), 0u) << wrong_type.status().message();
+}
+
 TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
   const std::string all = R"({"steps": [
     {"prune":     {"magnitude": {"amount": 0.5, "scope": "GLOBAL"}}},

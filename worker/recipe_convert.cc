@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <sstream>
 
 namespace pare {
 namespace {
@@ -304,6 +305,40 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
 
 }  // namespace
 
+namespace {
+
+// Protobuf's "(steps[0].prune) chanel: Cannot find field." with the names that field could have
+// been: "recipe.steps[0].prune has no field 'chanel' (it has: magnitude, channel, nm)".
+std::string UnknownFieldMessage(const std::string& message) {
+  static const std::string kTail = ": Cannot find field.";
+  if (message.size() < kTail.size() ||
+      message.compare(message.size() - kTail.size(), kTail.size(), kTail) != 0)
+    return "";
+  std::string path, name = message.substr(0, message.size() - kTail.size());
+  if (!name.empty() && name[0] == '(') {
+    const auto close = name.find(") ");
+    if (close == std::string::npos) return "";
+    path = name.substr(1, close - 1);
+    name = name.substr(close + 2);
+  }
+  const google::protobuf::Descriptor* d = v1::Recipe::descriptor();
+  std::stringstream parts(path);
+  for (std::string part; d && std::getline(parts, part, '.');) {
+    part = part.substr(0, part.find('['));
+    const google::protobuf::FieldDescriptor* f = nullptr;
+    for (int i = 0; i < d->field_count() && !f; ++i)
+      if (d->field(i)->json_name() == part || d->field(i)->name() == part) f = d->field(i);
+    d = f ? f->message_type() : nullptr;
+  }
+  if (!d) return "";
+  std::string fields;
+  for (int i = 0; i < d->field_count(); ++i) fields += (i ? ", " : "") + d->field(i)->json_name();
+  return "recipe" + (path.empty() ? "" : "." + path) + " has no field '" + name + "' (it has: " + fields +
+         ")";
+}
+
+}  // namespace
+
 Result<v1::Recipe> ParseRecipeJson(const std::string& json) {
   // Strict JSON first: protobuf's parser lets a trailing comma through.
   try {
@@ -317,7 +352,10 @@ Result<v1::Recipe> ParseRecipeJson(const std::string& json) {
   google::protobuf::util::JsonParseOptions opts;
   opts.ignore_unknown_fields = false;
   auto st = google::protobuf::util::JsonStringToMessage(json, &recipe, opts);
-  if (!st.ok()) return InvalidArgument("recipe: " + std::string(st.message()));
+  if (!st.ok()) {
+    const std::string unknown = UnknownFieldMessage(std::string(st.message()));
+    return InvalidArgument(unknown.empty() ? "recipe: " + std::string(st.message()) : unknown);
+  }
   return recipe;
 }
 

@@ -292,7 +292,10 @@ class Job {
         Code::kInvalidArgument, "MODEL_RUN",
         "the model's forward failed on inputs of shape " + c10::str(at::IntArrayRef(inputs_.shape).slice(1)) +
             (default_shape ? " (the default: give the model's input shape, e.g. --input-shape 1,1,28,28)"
-                           : ""),
+             : options_.input_shape.empty()
+                 ? ""
+                 : " (one sample of the input shape " + c10::str(at::IntArrayRef(options_.input_shape)) +
+                       ", whose first dimension is the batch)"),
         [&] {
           model_.to(ctx_.device);
           return Measure(model_, input_path_, original_ctx, &ctx_.reference);
