@@ -302,6 +302,7 @@ class Job {
         });
     Timed(original.stats);
     if (!inputs_.shape_note.empty()) original.notes.push_back(inputs_.shape_note);
+    for (auto& n : UnsteadyTimingNotes(original.stats)) original.notes.push_back(std::move(n));
     const Dataset* source = inputs_.SampleSource();
     original.notes.push_back(
         "agreement (top-1 agreement, cosines) on " + std::to_string(ctx_.samples.size(0)) + " " +
@@ -406,6 +407,7 @@ class Job {
     if (std::holds_alternative<StaticQuantSpec>(step) && ctx_.device.is_cpu() && !HostCpu().FastInt8()) {
       sr.notes.push_back(Int8GainNote(previous, sr.stats, HostCpu()));
     }
+    for (auto& n : UnsteadyTimingNotes(sr.stats)) sr.notes.push_back(std::move(n));
     return sr;
   }
 

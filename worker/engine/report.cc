@@ -21,6 +21,21 @@ std::vector<std::string> SlowdownNotes(const ModelStats& before, const ModelStat
   return notes;
 }
 
+std::vector<std::string> UnsteadyTimingNotes(const ModelStats& stats) {
+  std::vector<std::string> notes;
+  for (const auto& l : stats.latency) {
+    if (l.p50_ms <= 0 || l.p95_ms <= 2 * l.p50_ms) continue;
+    char line[300];
+    std::snprintf(
+        line, sizeof line,
+        "timing unsteady at batch %d: p95 %.3f ms is %.1fx the p50 over %d runs (other work on these "
+        "cores, or too few runs): speed-ups against it may be far off",
+        l.batch, l.p95_ms, l.p95_ms / l.p50_ms, l.iterations);
+    notes.push_back(line);
+  }
+  return notes;
+}
+
 std::string Int8GainNote(const ModelStats& before, const ModelStats& after, const CpuFeatures& cpu) {
   std::string gain = "little";
   for (const auto& a : after.latency) {

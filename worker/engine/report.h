@@ -96,6 +96,11 @@ struct Report {
 // falls to a slower kernel), said in the report rather than left for the user to find.
 std::vector<std::string> SlowdownNotes(const ModelStats& before, const ModelStats& after, double tolerance);
 
+// A note per batch size whose timing was unsteady (p95 more than twice the p50): another process
+// busy on the same cores, or runs too few for a steady figure (a short --latency-budget). Speeds
+// compared against such a p50 may be far off; the report says so rather than leave it unseen.
+std::vector<std::string> UnsteadyTimingNotes(const ModelStats& stats);
+
 // On a CPU without a fast int8 path (x86 without AVX-512 VNNI/AMX): what static INT8 gained
 // at batch 1 on it, and that channel pruning is the lever there.
 std::string Int8GainNote(const ModelStats& before, const ModelStats& after, const CpuFeatures& cpu);
