@@ -1012,6 +1012,26 @@ TEST(ReportTest, SlowdownNotesNameEveryBatchSizeThatGotSlower) {
   EXPECT_TRUE(SlowdownNotes(after, before, 0.2).empty());  // faster: nothing to say
 }
 
+// A model that warns on every call (torchvision's scripted GoogLeNet does) warns once per process.
+TEST(ProcessTest, EachDistinctWarningIsPrintedOnce) {
+  InitProcess(1, "onednn");
+  torch::jit::Module m("m");
+  m.define(R"(
+def forward(self, x):
+    torch.warn("this model always warns")
+    if x.sum() > 1e30:
+        torch.warn("a rarer warning")
+    return x + 1
+)");
+  ::testing::internal::CaptureStderr();
+  for (int i = 0; i < 5; ++i) m.forward({at::ones({2})});
+  m.forward({at::full({2}, 1e31)});
+  m.forward({at::full({2}, 1e31)});
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(Count(err, "this model always warns"), 1u) << err;
+  EXPECT_EQ(Count(err, "a rarer warning"), 1u) << err;
+}
+
 TEST(ReportTest, UnsteadyTimingIsSaidPerBatchSize) {
   ModelStats s;
   s.latency = {{1, 10.0, 19.0, 50}, {32, 100.0, 250.0, 4}};

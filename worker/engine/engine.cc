@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <mutex>
+#include <unordered_set>
 
 #include <ATen/Parallel.h>
 #include <torch/cuda.h>
@@ -92,6 +94,25 @@ ThreadChoice& Threads() {
   static ThreadChoice choice{0, "not set"};
   return choice;
 }
+
+// LibTorch's warnings, each distinct one printed once: a model's own `warnings.warn` in its
+// forward (torchvision's scripted GoogLeNet warns on every call) would otherwise print once per
+// run, hundreds of times in a job's log.
+class WarnOnce : public c10::WarningHandler {
+ public:
+  void process(const c10::SourceLocation& where, const std::string& msg, const bool verbatim) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (seen_.size() >= 1000 || !seen_.insert(msg).second) return;
+    }
+    base_.process(where, msg, verbatim);
+  }
+
+ private:
+  std::mutex mu_;
+  std::unordered_set<std::string> seen_;
+  c10::WarningHandler base_;  // LibTorch's own: prints to stderr
+};
 }  // namespace
 
 ThreadChoice ThreadsFor(int num_threads, const CpuBudget& usable, int cpu_share) {
@@ -106,6 +127,8 @@ ThreadChoice InitProcess(int num_threads, const std::string& quantized_engine, i
   ThreadChoice& choice = Threads();
   choice = ThreadsFor(num_threads, num_threads > 0 ? CpuBudget{} : UsableCpus(), cpu_share);
   at::set_num_threads(choice.threads);
+  static WarnOnce warn_once;
+  c10::Warning::set_warning_handler(&warn_once);
 #ifdef __GLIBC__
   // glibc serves blocks above its mmap threshold (128 KiB at first) with mmap and unmaps them
   // when freed, raising the threshold only once large blocks have come back: early in a process
