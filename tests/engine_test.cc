@@ -694,8 +694,11 @@ def forward(self, x):
   torch::jit::Module constant_top1 = make(w, bias, 1);
   const Scorer on_constant(constant_top1, nullptr, samples, {}, agreement);
   EXPECT_EQ(on_constant.metric(),
-            "centred cosine with the original's outputs on 64 inputs (the worst of its 2 outputs); the first "
-            "output's top-1 is one class for every input, where agreement could not see damage");
+            "centred cosine with the original's outputs on 64 inputs (the worst of its 2 outputs)");
+  EXPECT_EQ(on_constant.caveat(),
+            "the original's first output has one top-1 class for every input, where agreement could not see "
+            "damage: it is judged by its centred cosine");
+  EXPECT_TRUE(scorer.caveat().empty());
   EXPECT_DOUBLE_EQ(on_constant.Score(constant_top1), 1.0);
   torch::jit::Module blind = make(w * 0, bias, 1);
   EXPECT_LT(on_constant.Score(blind), 0.2);
@@ -2342,6 +2345,33 @@ TEST(AutoSearchRules, TheLeadersAreTheChoiceAndUpToThreeOthersWithinAQuarterOfIt
   EXPECT_EQ(LeadersAmong(trials, trials[4]), std::vector<int>{4});
   // Alone within its quarter: the choice is timed alone beside the original.
   EXPECT_EQ(LeadersAmong({trials[0], trials[1], trials[3]}, trials[1]), std::vector<int>{1});
+}
+
+// No candidate meets the goal: the model returned keeps the accuracy if any candidate that gained
+// at all did, rather than the fastest ruined one.
+TEST(AutoSearchRules, TheClosestKeepsTheAccuracyWhereACandidateDid) {
+  using pare::engine::auto_search_internal::ClosestAmong;
+  using pare::engine::auto_search_internal::Trial;
+  auto trial = [](int index, double ratio, double drop, std::string error = "") {
+    Trial t;
+    t.index = index;
+    t.ratio = ratio;
+    t.drop = drop;
+    t.error = std::move(error);
+    return t;
+  };
+  // Goal: at most 2 points, 5% faster.
+  std::vector<Trial> trials = {trial(0, 1.0, 0.0),  trial(1, 3.0, 78.0), trial(2, 1.03, 1.9),
+                               trial(3, 1.04, 1.5), trial(4, 0.9, 0.1),  trial(5, 4.0, 0.0, "failed")};
+  EXPECT_EQ(ClosestAmong(trials, 2.0, 0.05)->index, 3);  // within the goal and the fastest of those
+  trials[3].drop = 2.5;
+  EXPECT_EQ(ClosestAmong(trials, 2.0, 0.05)->index, 2);
+  trials[2].drop = 3;  // none within the goal gained: the least drop among those that gained
+  trials.push_back(trial(6, 2.0, 40.0));
+  EXPECT_EQ(ClosestAmong(trials, 2.0, 0.05)->index, 6);
+  // None gained beyond the minimum: the least drop of all.
+  EXPECT_EQ(ClosestAmong({trial(0, 1.0, 0.0), trial(1, 0.8, 5.0), trial(2, 1.01, 3.0)}, 2.0, 0.05)->index, 2);
+  EXPECT_EQ(ClosestAmong({trial(0, 1.0, 0.0), trial(1, 2.0, 0.0, "failed")}, 2.0, 0.05), nullptr);
 }
 
 TEST(AutoSearchRules, EachRoundTimesTheLeadersThenTheOriginalAndEveryOtherRoundTheReverse) {

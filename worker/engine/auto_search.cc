@@ -265,6 +265,11 @@ torch::jit::Module Search::Apply(torch::jit::Module m, const std::vector<StepSpe
       const double until = std::min(Elapsed() + 0.4 * spec_.time_budget_seconds, spec_.time_budget_seconds);
       m = QuantizeWithAccuracyControl(m, *q, batches, more, *scorer_, notes, sc.train.progress,
                                       &t.float_layers, [this, until] { return Elapsed() > until; });
+      // Every layer kept float leaves a float model under an INT8 name: not a candidate (its
+      // timing would be the float model's, give or take noise).
+      if (!IsQuantized(m))
+        throw EngineError(Code::kFailedPrecondition, "UNCHANGED",
+                          "accuracy control kept every layer float: nothing is left in INT8");
       continue;
     }
     const auto t0 = Clock::now();
@@ -344,8 +349,11 @@ bool Search::Fits(const Trial& t) {
 }
 
 std::string Search::DropText(double drop) const {
-  return std::string(scorer_->labelled() ? "top-1 " : "agreement ") + (drop > 0 ? "-" : "+") +
-         Num("%.2f", std::abs(drop));
+  const bool agreement = scorer_->metric().rfind("top-1 agreement", 0) == 0;
+  return std::string(scorer_->labelled() ? "top-1 "
+                     : agreement         ? "agreement "
+                                         : "cosine ") +
+         (drop > 0 ? "-" : "+") + Num("%.2f", std::abs(drop));
 }
 
 bool Search::Resume(Trial& t) {
@@ -477,16 +485,7 @@ AutoResult Search::Finish() {
   AutoResult r;
   const Trial* best = Best();
   const Trial* chosen = best;
-  // No winner: the closest is the least drop among those that gained, else among all.
-  for (const bool gained : {true, false}) {
-    for (const auto& t : trials_) {
-      if (chosen && chosen->meets) break;
-      if (t.index == 0 || !t.error.empty() || (gained && t.ratio <= 1.0 + MinGain())) continue;
-      if (!chosen || t.drop < chosen->drop || (t.drop == chosen->drop && t.ratio > chosen->ratio))
-        chosen = &t;
-    }
-    if (chosen) break;
-  }
+  if (!chosen) chosen = ClosestAmong(trials_, goal_points_, MinGain());
   const std::string metric = scorer_->metric();
   const std::string host = Host();
   Json search = {{"goal",
@@ -570,6 +569,7 @@ AutoResult Search::Finish() {
   if (!scorer_->labelled())
     r.notes.push_back("auto: no labelled eval set, so the drop is in points of " +
                       metric.substr(0, metric.find(" with")) + " with the original, not accuracy");
+  if (!scorer_->caveat().empty()) r.notes.push_back("auto: " + scorer_->caveat());
   r.notes.insert(r.notes.end(), notes_.begin(), notes_.end());
   if (chosen)
     r.notes.push_back("auto: the plain recipe that rebuilds the result: " + search["recipe"].dump());
@@ -604,6 +604,23 @@ std::vector<size_t> SideBySideOrder(size_t m, int round) {
   std::vector<size_t> order;
   for (size_t n = 0; n < m; ++n) order.push_back(round % 2 == 0 ? (n + 1) % m : (m - n) % m);
   return order;
+}
+
+const Trial* ClosestAmong(const std::vector<Trial>& trials, double goal_points, double min_gain) {
+  auto usable = [](const Trial& t) { return t.index > 0 && t.error.empty(); };
+  const Trial* closest = nullptr;
+  for (const auto& t : trials)
+    if (usable(t) && t.drop <= goal_points + 1e-9 && t.ratio > 1.0 && (!closest || t.ratio > closest->ratio))
+      closest = &t;
+  for (const bool gained : {true, false}) {
+    if (closest) break;
+    for (const auto& t : trials) {
+      if (!usable(t) || (gained && t.ratio <= 1.0 + min_gain)) continue;
+      if (!closest || t.drop < closest->drop || (t.drop == closest->drop && t.ratio > closest->ratio))
+        closest = &t;
+    }
+  }
+  return closest;
 }
 
 size_t SideBySidePick(const std::vector<double>& median) {

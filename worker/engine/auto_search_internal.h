@@ -65,6 +65,11 @@ struct Trial {
 // others within the goal whose search ratio is within 25% of its, fastest in the search first (a
 // tie goes to the smaller drop). Only candidates whose model is at hand (`path` set).
 std::vector<int> LeadersAmong(const std::vector<Trial>& trials, const Trial& chosen);
+// When no candidate meets the goal, the one the job still returns: the fastest of those within the
+// accuracy goal that gained a little (under `min_gain`), for a model that keeps its accuracy is a
+// basis to work from and a ruined one is not; else the least drop among those that gained more,
+// else among all. Null when no candidate was built.
+const Trial* ClosestAmong(const std::vector<Trial>& trials, double goal_points, double min_gain);
 // Round `round`'s order of `m` models (0 is the original, k the k-th leader): the leaders then the
 // original, and the exact reverse every other round, so that a drift within a round favours none.
 std::vector<size_t> SideBySideOrder(size_t m, int round);

@@ -49,8 +49,9 @@ Scorer::Scorer(torch::jit::Module& reference, const Dataset* eval, const at::Ten
     metric_ += " (the worst of its " + std::to_string(reference_.size()) + " outputs" +
                (agreement_.front() ? ", the others by centred cosine)" : ")");
   if (constant) {
-    metric_ += std::string("; the ") + (reference_.size() > 1 ? "first " : "") +
-               "output's top-1 is one class for every input, where agreement could not see damage";
+    caveat_ = std::string("the original's ") + (reference_.size() > 1 ? "first " : "") +
+              "output has one top-1 class for every input, where agreement could not see damage: it is "
+              "judged by its centred cosine";
   }
 }
 

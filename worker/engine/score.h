@@ -39,6 +39,9 @@ class Scorer {
   double Score(torch::jit::Module& m) const;
   // "top-1 accuracy on 512 eval images", "centred cosine with the reference's outputs on 32 inputs".
   const std::string& metric() const { return metric_; }
+  // What the metric cannot see, if anything ("the original's output has one top-1 class for every
+  // input..."): for a note beside it.
+  const std::string& caveat() const { return caveat_; }
   bool labelled() const { return labels_.defined(); }
 
  private:
@@ -48,7 +51,7 @@ class Scorer {
   std::vector<std::pair<std::string, at::Tensor>> reference_;  // every output, by name
   std::vector<bool> agreement_;  // per output: top-1 agreement (else centred cosine), without labels
   std::vector<at::Tensor> more_;
-  std::string metric_;
+  std::string metric_, caveat_;
   c10::Device device_ = c10::kCPU;
 };
 
