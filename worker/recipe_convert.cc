@@ -307,34 +307,77 @@ Result<engine::StepSpec> Convert(const v1::Step& step, const std::string& at) {
 
 namespace {
 
-// Protobuf's "(steps[0].prune) chanel: Cannot find field." with the names that field could have
-// been: "recipe.steps[0].prune has no field 'chanel' (it has: magnitude, channel, nm)".
-std::string UnknownFieldMessage(const std::string& message) {
-  static const std::string kTail = ": Cannot find field.";
-  if (message.size() < kTail.size() ||
-      message.compare(message.size() - kTail.size(), kTail.size(), kTail) != 0)
-    return "";
-  std::string path, name = message.substr(0, message.size() - kTail.size());
-  if (!name.empty() && name[0] == '(') {
-    const auto close = name.find(") ");
-    if (close == std::string::npos) return "";
-    path = name.substr(1, close - 1);
-    name = name.substr(close + 2);
-  }
+// A protobuf path ("steps[0].auto.max_accuracy_drop") in the recipe's JSON names
+// ("steps[0].auto.maxAccuracyDrop"), and the message type it ends at (null past a scalar or an
+// unknown name).
+std::pair<std::string, const google::protobuf::Descriptor*> JsonPath(const std::string& path) {
   const google::protobuf::Descriptor* d = v1::Recipe::descriptor();
+  std::string out;
   std::stringstream parts(path);
-  for (std::string part; d && std::getline(parts, part, '.');) {
-    part = part.substr(0, part.find('['));
+  for (std::string part; std::getline(parts, part, '.');) {
+    const auto bracket = part.find('[');
+    const std::string name = part.substr(0, bracket);
+    const std::string index = bracket == std::string::npos ? "" : part.substr(bracket);
     const google::protobuf::FieldDescriptor* f = nullptr;
-    for (int i = 0; i < d->field_count() && !f; ++i)
-      if (d->field(i)->json_name() == part || d->field(i)->name() == part) f = d->field(i);
+    for (int i = 0; d && i < d->field_count() && !f; ++i)
+      if (d->field(i)->json_name() == name || d->field(i)->name() == name) f = d->field(i);
+    out += (out.empty() ? "" : ".") + (f ? f->json_name() : name) + index;
     d = f ? f->message_type() : nullptr;
   }
-  if (!d) return "";
-  std::string fields;
-  for (int i = 0; i < d->field_count(); ++i) fields += (i ? ", " : "") + d->field(i)->json_name();
-  return "recipe" + (path.empty() ? "" : "." + path) + " has no field '" + name + "' (it has: " + fields +
-         ")";
+  return {out, d};
+}
+
+// Protobuf's JSON errors in the recipe's terms, or "" to keep protobuf's words:
+//  "(steps[0].prune) chanel: Cannot find field." -> "recipe.steps[0].prune has no field 'chanel'
+//    (it has: magnitude, channel, nm)";
+//  "(steps[0].auto.max_accuracy_drop): invalid value "one" for type TYPE_FLOAT" ->
+//    "recipe.steps[0].auto.maxAccuracyDrop: invalid value "one": a number is expected";
+//  "(steps[0]): invalid value oneof field 'kind' is already set. Cannot set 'quantize' ..." ->
+//    "recipe.steps[0] names two kinds of step ...".
+std::string RecipeParseMessage(const std::string& message) {
+  std::string path, rest = message;
+  if (!rest.empty() && rest[0] == '(') {
+    const auto close = rest.find(')');
+    if (close == std::string::npos) return "";
+    path = rest.substr(1, close - 1);
+    rest = rest.substr(close + 1);
+    if (!rest.empty() && rest[0] == ':') rest = rest.substr(1);
+    if (!rest.empty() && rest[0] == ' ') rest = rest.substr(1);
+  }
+  static const std::string kUnknown = ": Cannot find field.";
+  if (rest.size() > kUnknown.size() &&
+      rest.compare(rest.size() - kUnknown.size(), kUnknown.size(), kUnknown) == 0) {
+    const std::string name = rest.substr(0, rest.size() - kUnknown.size());
+    const auto [where, d] = JsonPath(path);
+    if (!d) return "";
+    std::string fields;
+    for (int i = 0; i < d->field_count(); ++i) fields += (i ? ", " : "") + d->field(i)->json_name();
+    return "recipe" + (where.empty() ? "" : "." + where) + " has no field '" + name + "' (it has: " + fields +
+           ")";
+  }
+  const std::string where = "recipe" + (path.empty() ? "" : "." + JsonPath(path).first);
+  static const std::string kOneof = "invalid value oneof field 'kind' is already set. Cannot set '";
+  if (rest.rfind(kOneof, 0) == 0) {
+    const std::string second = rest.substr(kOneof.size(), rest.find('\'', kOneof.size()) - kOneof.size());
+    return where + " names two kinds of step (the second is '" + second +
+           "'): a step is one of prune, quantize, distill, factorize, finetune, optimize, analyze, auto; "
+           "give "
+           "each its own step";
+  }
+  static const std::string kInvalid = "invalid value ";
+  const auto type_at = rest.rfind(" for type TYPE_");
+  if (rest.rfind(kInvalid, 0) == 0 && type_at != std::string::npos) {
+    const std::string value = rest.substr(kInvalid.size(), type_at - kInvalid.size());
+    const std::string type = rest.substr(type_at + 15);
+    const std::string expected = type == "FLOAT" || type == "DOUBLE"     ? "a number"
+                                 : type.find("INT") != std::string::npos ? "a whole number"
+                                 : type == "BOOL"                        ? "true or false"
+                                 : type == "STRING"                      ? "a string"
+                                                                         : "";
+    if (expected.empty()) return "";
+    return where + ": invalid value " + value + ": " + expected + " is expected";
+  }
+  return "";
 }
 
 }  // namespace
@@ -353,7 +396,7 @@ Result<v1::Recipe> ParseRecipeJson(const std::string& json) {
   opts.ignore_unknown_fields = false;
   auto st = google::protobuf::util::JsonStringToMessage(json, &recipe, opts);
   if (!st.ok()) {
-    const std::string unknown = UnknownFieldMessage(std::string(st.message()));
+    const std::string unknown = RecipeParseMessage(std::string(st.message()));
     return InvalidArgument(unknown.empty() ? "recipe: " + std::string(st.message()) : unknown);
   }
   return recipe;
