@@ -152,11 +152,9 @@ int SubmitVerb(pare::client::Client& c, const VerbArgs& a) {
     Fail(st, "reading the recipe");
     return kExitUsage;
   }
+  // A recipe that does not parse is refused as the server would refuse it (and as pare compress does).
   auto parsed = pare::ParseRecipeJson(text);
-  if (!parsed.ok()) {
-    std::cerr << "pare: " << a.recipe << ": " << parsed.status().message() << "\n";
-    return kExitUsage;
-  }
+  if (!parsed.ok()) return Fail(parsed.status(), a.recipe);
   pare::v1::SubmitJobRequest req;
   req.set_model_id(a.model_id);
   *req.mutable_recipe() = parsed.value();

@@ -70,6 +70,10 @@ expect_rc 4 "unknown job" $PARE status job_nope
 echo '{"steps":[{"factorize":{"rankRatio":1.5}}]}' >bad-field.json
 expect_rc 4 "out-of-range recipe field" $PARE submit --model "$model" --recipe bad-field.json
 grep -q "steps\[0\].factorize.rankRatio" "$work/err" || fail "bad recipe field not named"
+echo '{"steps": [{"prune": {"chanel": {}}}]}' >misspelt.json
+expect_rc 4 "a misspelt recipe field" $PARE submit --model "$model" --recipe misspelt.json
+grep -q "recipe.steps\[0\].prune has no field 'chanel' (it has: magnitude, channel, nm)" "$work/err" \
+  || { cat "$work/err" >&2; fail "a misspelt field is not named with its alternatives"; }
 
 # IDX datasets (gzip, as Fashion-MNIST ships) with labels, packed by the CLI.
 ds=$($PARE upload-dataset "$FX/idx-images.gz" --labels "$FX/idx-labels.gz" --format idx)
