@@ -129,7 +129,9 @@ std::vector<Point> Points(const Json& report, bool& accuracy) {
   const Json& items = trials ? report["trials"] : report.value("steps", Json::array());
   accuracy = !items.empty();
   for (const auto& it : items) {
-    accuracy = accuracy && it.contains("stats") && it["stats"].value("top1_accuracy", Json()).is_number();
+    if (trials && it.contains("error")) continue;  // a failed trial has no figures
+    accuracy = accuracy && it.contains("stats") && it["stats"].is_object() &&
+               it["stats"].value("top1_accuracy", Json()).is_number();
   }
   // A search scores its trials itself (top-1, or top-1 agreement without labels).
   const bool scored = trials && std::all_of(items.begin(), items.end(), [](const Json& t) {
@@ -141,7 +143,7 @@ std::vector<Point> Points(const Json& report, bool& accuracy) {
   }
   std::vector<Point> out;
   for (const auto& it : items) {
-    if (!it.contains("stats") || it.contains("error")) continue;
+    if (!it.contains("stats") || !it["stats"].is_object() || it.contains("error")) continue;
     auto p50 = P50(it["stats"]);
     const Json& q = scored ? it["score"]
                            : it["stats"].value(accuracy ? "top1_accuracy" : "output_centred_cosine", Json());
@@ -285,7 +287,7 @@ std::string SearchSection(const Json& report) {
       o << "<td colspan=\"7\" class=\"name\">failed: " << Escape(t.value("error", "")) << "</td></tr>\n";
       continue;
     }
-    const Json stats = t.value("stats", Json::object());
+    const Json stats = t.contains("stats") && t["stats"].is_object() ? t["stats"] : Json::object();
     const auto p50 = P50(stats);
     o << "<td>" << Fixed(t.value("drop", 0.0), 2) << "</td><td>" << Fixed(t.value("ratio", 0.0), 2)
       << "x</td><td>" << (p50 ? Fixed(*p50, 3) : std::string("-")) << "</td><td>"

@@ -118,6 +118,9 @@ def main():
         synthetic["trials"] = [
             {"name": f"trial {i}", "stats": {"latency": [{"batch": 1, "p50_ms": ms}], "top1_accuracy": acc}}
             for i, (ms, acc) in enumerate([(10, 0.90), (6, 0.89), (4, 0.80), (7, 0.85), (12, 0.91)], 1)]
+        # A failed trial has no figures (reports before 2026-12-03 wrote "stats": null for it).
+        synthetic["trials"].append({"name": "trial 6", "error": "accuracy control kept every layer float",
+                                    "stats": None})
         synthetic["sensitivity"] = [{"layer": "conv1", "latency_share": 0.4, "int8_drop": 0.01},
                                     {"layer": "conv2", "latency_share": 0.5, "int8_drop": 0.03},
                                     {"layer": "fc1", "latency_share": 0.1}]

@@ -437,10 +437,10 @@ Json Search::Record(const Trial& t) const {
             {"drop", t.drop},
             {"ratio", t.ratio},
             {"meets_goal", t.meets},
-            {"stats", t.stats},
             {"wall_seconds", t.wall_seconds},
             {"notes", t.notes},
             {"resumed", t.resumed}};
+  if (t.stats.is_object()) j["stats"] = t.stats;  // a failed trial has none
   if (!t.error.empty()) j["error"] = t.error;
   if (!t.float_layers.empty()) j["float_layers"] = t.float_layers;
   if (t.epoch_seconds > 0) j["epoch_seconds"] = t.epoch_seconds;
