@@ -349,10 +349,10 @@ bool Search::Fits(const Trial& t) {
 }
 
 std::string Search::DropText(double drop) const {
-  const bool agreement = scorer_->metric().rfind("top-1 agreement", 0) == 0;
-  return std::string(scorer_->labelled() ? "top-1 "
-                     : agreement         ? "agreement "
-                                         : "cosine ") +
+  const std::string& measure = scorer_->measure();
+  return std::string(scorer_->labelled()            ? "top-1 "
+                     : measure == "top-1 agreement" ? "agreement "
+                                                    : "cosine ") +
          (drop > 0 ? "-" : "+") + Num("%.2f", std::abs(drop));
 }
 
@@ -567,8 +567,8 @@ AutoResult Search::Finish() {
       (resumed ? ", " + std::to_string(resumed) + " taken from an earlier attempt's checkpoint" : "") +
       "; accuracy is " + metric + " (original " + Num("%.2f", base_score_ * 100) + ")");
   if (!scorer_->labelled())
-    r.notes.push_back("auto: no labelled eval set, so the drop is in points of " +
-                      metric.substr(0, metric.find(" with")) + " with the original, not accuracy");
+    r.notes.push_back("auto: no labelled eval set, so the drop is in points of " + scorer_->measure() +
+                      " with the original, not accuracy");
   if (!scorer_->caveat().empty()) r.notes.push_back("auto: " + scorer_->caveat());
   r.notes.insert(r.notes.end(), notes_.begin(), notes_.end());
   if (chosen)

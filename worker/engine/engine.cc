@@ -103,7 +103,8 @@ class WarnOnce : public c10::WarningHandler {
   void process(const c10::SourceLocation& where, const std::string& msg, const bool verbatim) override {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (seen_.size() >= 1000 || !seen_.insert(msg).second) return;
+      // Past 1000 distinct ones, every warning is printed (none is lost).
+      if (seen_.size() < 1000 && !seen_.insert(msg).second) return;
     }
     base_.process(where, msg, verbatim);
   }

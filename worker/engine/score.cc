@@ -17,8 +17,9 @@ Scorer::Scorer(torch::jit::Module& reference, const Dataset* eval, const at::Ten
     images_ = eval->images.slice(0, 0, n);
     labels_ = eval->labels.slice(0, 0, n);
     for (const at::Tensor& t : eval->more_images) more_.push_back(t.slice(0, 0, n));
-    metric_ = "top-1 accuracy on " + std::to_string(n) + " eval images";
+    measure_ = "top-1 accuracy";
     on = std::to_string(n) + " eval images";
+    metric_ = measure_ + " on " + on;
   } else {
     images_ = samples;
     more_ = more_samples;
@@ -43,8 +44,9 @@ Scorer::Scorer(torch::jit::Module& reference, const Dataset* eval, const at::Ten
     }
     agreement_.push_back(classes);
   }
-  metric_ = std::string(agreement_.front() ? "top-1 agreement" : "centred cosine") + " with the " +
-            (options.top1_agreement ? "original's" : "reference model's") + " outputs on " + on;
+  measure_ = agreement_.front() ? "top-1 agreement" : "centred cosine";
+  metric_ = measure_ + " with the " + (options.top1_agreement ? "original's" : "reference model's") +
+            " outputs on " + on;
   if (reference_.size() > 1)
     metric_ += " (the worst of its " + std::to_string(reference_.size()) + " outputs" +
                (agreement_.front() ? ", the others by centred cosine)" : ")");

@@ -39,6 +39,9 @@ class Scorer {
   double Score(torch::jit::Module& m) const;
   // "top-1 accuracy on 512 eval images", "centred cosine with the reference's outputs on 32 inputs".
   const std::string& metric() const { return metric_; }
+  // What a score measures, in a few words: "top-1 accuracy", "top-1 agreement" or "centred cosine"
+  // (of the first output; metric() says more).
+  const std::string& measure() const { return measure_; }
   // What the metric cannot see, if anything ("the original's output has one top-1 class for every
   // input..."): for a note beside it.
   const std::string& caveat() const { return caveat_; }
@@ -51,7 +54,7 @@ class Scorer {
   std::vector<std::pair<std::string, at::Tensor>> reference_;  // every output, by name
   std::vector<bool> agreement_;  // per output: top-1 agreement (else centred cosine), without labels
   std::vector<at::Tensor> more_;
-  std::string metric_, caveat_;
+  std::string metric_, measure_, caveat_;
   c10::Device device_ = c10::kCPU;
 };
 
