@@ -191,9 +191,10 @@ CLI::App* AddCompressVerb(CLI::App& app, CompressArgs& ca) {
       "input shape, e.g. 1,3,224,224; repeat it for a model whose forward takes several tensors");
   compress->add_option("--device", ca.device, "cpu, cuda or auto")
       ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
-  compress->add_option(
-      "--threads", ca.threads,
-      "intra-op threads (0: the CPUs this process may use: affinity mask and cgroup CPU quota)");
+  compress
+      ->add_option("--threads", ca.threads,
+                   "intra-op threads (0: the CPUs this process may use: affinity mask and cgroup CPU quota)")
+      ->check(CLI::NonNegativeNumber);
   compress->add_option("--model", ca.extra_models,
                        "ID=FILE: a model the recipe names (distill teacherModel/studentModel), repeatable");
   compress

@@ -36,15 +36,10 @@ void AddOptions(CLI::App& app, pare::server::ServerOptions& o) {
       ->capture_default_str();
   app.add_option("--worker-binary", o.worker_binary,
                  "path of pare-worker (default: found beside pare-server)");
-  app.add_option(
-      "--worker-threads",
-      [&](const CLI::results_t& r) {
-        o.worker_args.push_back("--threads");
-        o.worker_args.push_back(r[0]);
-        return true;
-      },
-      "intra-op threads of each local worker (default: the CPUs pare-server may use, divided between its "
-      "local workers)");
+  app.add_option("--worker-threads", o.worker_threads,
+                 "intra-op threads of each local worker (0, the default: the CPUs pare-server may use, "
+                 "divided between its local workers)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--max-upload-bytes", o.limits.max_upload_bytes, "largest model or dataset accepted")
       ->capture_default_str();
   app.add_option_function<double>(
@@ -91,7 +86,11 @@ int main(int argc, char** argv) {
   o.metrics_listen = "127.0.0.1:9090";
   CLI::App app{"pare-server: the Pare model-compression service"};
   AddOptions(app, o);
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;  // a usage error exits 2, as pare's do (CLI11's own codes are 100+)
+  }
 
   pare::InitLogging("server");
   // Signals are taken by one thread with sigwait; block them before any thread starts.

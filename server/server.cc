@@ -308,11 +308,9 @@ Status Server::Start() {
                std::to_string(options_.drain_seconds)};
     // Several local workers share this machine's CPUs: without a thread count of the operator's,
     // each job runs on its worker's share of them, not on all of them at once.
-    // (--worker-threads 0 is that default spelt out.)
-    const auto threads = std::find(options_.worker_args.begin(), options_.worker_args.end(), "--threads");
-    const bool operator_threads = threads != options_.worker_args.end() &&
-                                  threads + 1 != options_.worker_args.end() && *(threads + 1) != "0";
-    if (options_.local_workers > 1 && !operator_threads) {
+    if (options_.worker_threads > 0) {
+      so.args.insert(so.args.end(), {"--threads", std::to_string(options_.worker_threads)});
+    } else if (options_.local_workers > 1) {
       so.args.insert(so.args.end(), {"--cpu-share", std::to_string(options_.local_workers)});
     }
     so.args.insert(so.args.end(), options_.worker_args.begin(), options_.worker_args.end());

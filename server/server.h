@@ -42,7 +42,10 @@ struct ServerOptions {
   int local_workers = 1;
   // pare-worker binary; empty: next to this executable, or ../worker/ in a build tree.
   std::string worker_binary;
-  // Extra arguments for local workers (e.g. --threads 2).
+  // Intra-op threads of each local worker; 0: the CPUs this server may use, divided between its
+  // local workers (each started with --cpu-share N).
+  int worker_threads = 0;
+  // Extra arguments for local workers (e.g. --latency-budget 1).
   std::vector<std::string> worker_args;
   Limits limits;
   // "TENANT TOKEN" lines; empty: no authentication (then only a loopback address is allowed).

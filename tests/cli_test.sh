@@ -130,6 +130,13 @@ expect_rc 0 "compress with an image folder" $PARE compress "$FX/rgb16_cnn.pt" --
 grep -q "centred" "$work/out" || fail "compress's summary has no centred cosine"
 grep -q "^    - agreement (top-1 agreement, cosines) on " "$work/out" || fail "compress's summary has no notes"
 # Bad input is refused before any work, naming what is wrong.
+expect_rc 2 "compress with a negative thread count" $PARE compress "$FX/small_cnn.pt" --recipe recipe.json \
+  -o neg.pt --input-shape 1,1,28,28 --threads -1
+grep -q -- "--threads" "$work/err" || fail "the negative thread count is not named"
+expect_rc 2 "a worker with a negative thread count" "$BIN/worker/pare-worker" --threads -1
+grep -q -- "--threads" "$work/err" || fail "the worker's negative thread count is not named"
+expect_rc 2 "a server with a negative worker thread count" "$BIN/server/pare-server" --worker-threads -1
+grep -q -- "--worker-threads" "$work/err" || fail "the server's negative worker thread count is not named"
 expect_rc 2 "compress to a folder that does not exist" $PARE compress "$FX/small_cnn.pt" --recipe recipe.json \
   -o "$work/no/such/dir/o.pt" --input-shape 1,1,28,28
 grep -q "no/such/dir does not exist" "$work/err" || fail "the missing output folder is not named"

@@ -52,6 +52,8 @@ class ServiceTest : public ::testing::Test {
     std::map<std::string, std::string> flags = {
         {"--latency-batches", "1"}, {"--latency-budget", "0.05"}, {"--poll-ms", "100"}, {"--threads", "1"}};
     for (size_t i = 0; i + 1 < worker_args.size(); i += 2) flags[worker_args[i]] = worker_args[i + 1];
+    o.worker_threads = std::stoi(flags["--threads"]);
+    flags.erase("--threads");
     for (const auto& [flag, value] : flags) {
       o.worker_args.push_back(flag);
       o.worker_args.push_back(value);
@@ -620,7 +622,8 @@ TEST_F(ServiceTest, MutualTlsAdmitsOnlyClientsWithACertificate) {
   o.data_dir = d + "/tls-data";
   o.local_workers = 1;
   o.worker_binary = BinDir() + "/worker/pare-worker";
-  o.worker_args = {"--latency-batches", "1", "--latency-budget", "0.05", "--threads", "1"};
+  o.worker_args = {"--latency-batches", "1", "--latency-budget", "0.05"};
+  o.worker_threads = 1;
   o.auth_tokens_file = tokens_file_;
   o.tls_cert_file = d + "/server.pem";
   o.tls_key_file = d + "/server.key";

@@ -24,7 +24,8 @@ int main(int argc, char** argv) {
   app.add_option("--id", o.id, "worker id (default: hostname-pid)");
   app.add_option("--threads", o.threads,
                  "intra-op threads (0: the CPUs this process may use: affinity mask and cgroup CPU quota)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--cpu-share", o.cpu_share,
                  "workers sharing this machine's CPUs: with --threads 0 each job runs on its share of them "
                  "(pare-server sets it for its local workers)")
@@ -71,7 +72,11 @@ int main(int argc, char** argv) {
   std::string token_file;
   app.add_option("--token-file", token_file, "file holding the worker token (default $PARE_WORKER_TOKEN)")
       ->check(CLI::ExistingFile);
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;  // a usage error exits 2, as pare's do (CLI11's own codes are 100+)
+  }
   if (auto problem = pare::LatencyBatchesProblem(o.latency_batches); !problem.empty()) {
     std::cerr << "pare-worker: " << problem << "\n";
     return 2;
