@@ -2121,6 +2121,7 @@ TEST_F(EngineTest, AutoSearchKeepsTheBestCandidateWithinTheGoalAndResumesFromIts
   const auto& best = trials[chosen];
   EXPECT_TRUE(best["meets_goal"].get<bool>()) << best.dump(2);
   EXPECT_LE(best["drop"].get<double>(), 3.0);
+  EXPECT_EQ(best["score_images"].get<int>(), 256);  // what the eval set has, not the budget's count
   bool pruned = false;
   for (const auto& t : trials) {
     if (t.contains("error") || !t["meets_goal"].get<bool>()) continue;
@@ -2256,6 +2257,47 @@ TEST_F(EngineTest, AutoSearchForLatencyPicksAmongItsLeadersSideBySide) {
       << search["why"];
 }
 
+// Factorization is tried as it is first; its recovery (distillation: minutes) only follows when the
+// factorized model gains on the objective, which training cannot change. By MACs, so the gain is
+// exact there, for the trained CNN; a net of fifty rank-1 layers of 16 is factorized into twice
+// the ops, and by latency at batch 1 (op overhead) it is far slower.
+TEST_F(EngineTest, AutoRecoversAFactorizedModelOnlyWhereFactorizingGains) {
+  for (const std::string model : {"small_cnn_trained.pt", "deep_low_rank_mlp.pt"}) {
+    SCOPED_TRACE(model);
+    CompressOptions opts = QuickOptions();
+    opts.input_shape = {1, 1, 28, 28};
+    opts.train = DatasetInput{"tensors", Fixture("quadrants_train.pt")};
+    // Agreement on noise: factorizing at 90% energy changes some answers there, so the
+    // factorized model misses a goal of 0 and a gain is recovered.
+    opts.eval = DatasetInput{"tensors", Fixture("noise_eval.pt")};
+    AutoSpec spec;
+    spec.max_accuracy_drop = 0.0;
+    spec.objective = model == "small_cnn_trained.pt" ? "MACS" : "LATENCY";
+    spec.time_budget_seconds = 120;
+    spec.methods = {"factorize", "distill"};
+    Report r = Compress(Fixture(model), {spec}, opts, TempPath("auto_factorize.pt"));
+    const auto& trials = r.search["trials"];
+    ASSERT_GE(trials.size(), 2u) << r.search.dump(2);
+    const auto& factorized = trials[1];
+    EXPECT_EQ(factorized["name"], "factorize (90% energy)") << factorized.dump(2);
+    ASSERT_FALSE(factorized.contains("error")) << factorized.dump(2);
+    const double ratio = factorized["ratio"].get<double>();
+    std::string notes;
+    for (const auto& n : r.steps.back().notes) notes += n + "\n";
+    if (model == "small_cnn_trained.pt") {
+      EXPECT_GT(ratio, 1.0);
+      ASSERT_EQ(trials.size(), 3u) << r.search.dump(2);
+      EXPECT_EQ(trials[2]["name"].get<std::string>().rfind("factorize (90% energy) + distill ", 0), 0u);
+      EXPECT_NEAR(trials[2]["ratio"].get<double>(), ratio, 1e-9);  // training kept the shapes
+      EXPECT_EQ(notes.find("was not recovered"), std::string::npos) << notes;
+    } else {
+      EXPECT_LE(ratio, 1.0);
+      EXPECT_EQ(trials.size(), 2u) << r.search.dump(2);  // no recovery paid for
+      EXPECT_NE(notes.find("factorization was not recovered by distillation"), std::string::npos) << notes;
+    }
+  }
+}
+
 // The plain recipe a search gives for its result (and keys its checkpoint by) holds every setting
 // of every step a search makes: through the recipe JSON and back, each step is what it was.
 TEST(AutoSearchRules, EveryStepASearchMakesSurvivesItsRecipeJson) {
@@ -2381,6 +2423,47 @@ TEST(AutoSearchRules, EachRoundTimesTheLeadersThenTheOriginalAndEveryOtherRoundT
   EXPECT_EQ(SideBySideOrder(4, 2), (std::vector<size_t>{1, 2, 3, 0}));
   EXPECT_EQ(SideBySideOrder(2, 0), (std::vector<size_t>{1, 0}));
   EXPECT_EQ(SideBySideOrder(2, 1), (std::vector<size_t>{0, 1}));
+}
+
+// The longer recoveries after the plan: harder after a pass, longer after a failure, then the
+// target between the last pass and the failure, until the two are within 10%.
+TEST(AutoSearchRules, LongerRecoveriesGoHarderOnAPassLongerOnAFailureThenBisect) {
+  using pare::engine::auto_search_internal::LongerRecoveryStep;
+  using pare::engine::auto_search_internal::NextLongerRecovery;
+  LongerRecoveryStep at;
+  at.target = 0.5;
+  at.epochs = 4;
+  // A pass: the next target is harder, recovered as long.
+  auto next = NextLongerRecovery(at, true, 16);
+  ASSERT_TRUE(next);
+  EXPECT_DOUBLE_EQ(next->target, 0.4);
+  EXPECT_EQ(next->epochs, 4);
+  EXPECT_DOUBLE_EQ(next->passed, 0.5);
+  // A failure below the longest recovery: the same target, twice the epochs (never past the most).
+  next = NextLongerRecovery(*next, false, 16);
+  ASSERT_TRUE(next);
+  EXPECT_DOUBLE_EQ(next->target, 0.4);
+  EXPECT_EQ(next->epochs, 8);
+  EXPECT_EQ(NextLongerRecovery({0.4, 12, 0.5, 0}, false, 16)->epochs, 16);
+  next = NextLongerRecovery(*next, false, 16);
+  ASSERT_TRUE(next);
+  EXPECT_EQ(next->epochs, 16);
+  // A failure at the longest recovery: halfway (geometrically) back to the last pass.
+  next = NextLongerRecovery(*next, false, 16);
+  ASSERT_TRUE(next);
+  EXPECT_DOUBLE_EQ(next->failed, 0.4);
+  EXPECT_DOUBLE_EQ(next->target, std::sqrt(0.5 * 0.4));
+  EXPECT_EQ(next->epochs, 16);
+  // That passes: halfway to the failure, while the two are 10% apart or more.
+  next = NextLongerRecovery(*next, true, 16);
+  ASSERT_TRUE(next);
+  EXPECT_DOUBLE_EQ(next->passed, std::sqrt(0.5 * 0.4));
+  EXPECT_DOUBLE_EQ(next->target, std::sqrt(next->passed * 0.4));
+  EXPECT_FALSE(NextLongerRecovery(*next, true, 16));  // 0.4 and ~0.42: within 10%, the end
+  // A failure at the longest recovery with no pass above it ends the longer recoveries.
+  EXPECT_FALSE(NextLongerRecovery({0.5, 16, 0, 0}, false, 16));
+  // A pass within 10% of the gentlest failure ends them too.
+  EXPECT_FALSE(NextLongerRecovery({0.42, 16, 0, 0.4}, true, 16));
 }
 
 TEST(AutoSearchRules, TheFastestLeaderWinsUnlessTheSearchsChoiceIsWithinThreePercent) {

@@ -231,33 +231,39 @@ void Search::FinishPruned(int p) {
 void Search::LongerRecovery() {
   // Only once an epoch was timed: Add starts only trials that fit in what is left (Fits).
   if (!Distills() || ladder_failed_ <= 0 || epoch_seconds_ <= 0) return;
-  double target = ladder_failed_;
-  int epochs = 2 * RecoveryEpochs();
-  for (int n = 0; n < 4 && !Done(); ++n) {
-    const int i = Add(-1, PrunedSteps(target, epochs), PrunedName(target, epochs) + " (longer recovery)",
-                      "channel pruning");
+  LongerRecoveryStep at;
+  at.target = ladder_failed_;
+  at.epochs = 2 * RecoveryEpochs();
+  // Until the budget is spent (a trial that does not fit is not started) or the targets close in:
+  // the search returns the best it found in its budget, not the first.
+  for (int n = 0; n < 16 && !Done(); ++n) {
+    const int i = Add(-1, PrunedSteps(at.target, at.epochs),
+                      PrunedName(at.target, at.epochs) + " (longer recovery)", "channel pruning");
     if (i < 0 || !trials_[i].error.empty()) return;
-    if (Passes(i)) {
-      FinishPruned(i);
-      target *= 0.8;  // harder, recovered as long
-    } else {
-      epochs *= 2;  // the same target, recovered longer still
-    }
+    if (Passes(i)) FinishPruned(i);
+    const auto next = NextLongerRecovery(at, Passes(i), 8 * RecoveryEpochs());
+    if (!next) return;
+    at = *next;
   }
 }
 
 void Search::Factorize() {
   FactorizeSpec f;
   f.energy = 0.9;
-  std::vector<StepSpec> steps = {f};
-  std::string name = "factorize (90% energy)";
-  if (Distills()) {
-    steps.push_back(Recovery(RecoveryEpochs()));
-    name += " + distill " + std::to_string(RecoveryEpochs()) + " ep";
-  } else {
-    name += ", not recovered";
+  // Factorized first, not recovered: distillation changes the weights, not the shapes, so this
+  // trial's objective is the recovered one's. The recovery (minutes) is paid only when the
+  // factorized model gains something on this worker.
+  const std::string name = "factorize (90% energy)";
+  const int i = Add(-1, {f}, name, "factorization");
+  if (i < 0 || !trials_[i].error.empty() || !Distills() || Done()) return;
+  if (trials_[i].ratio <= 1.0 + MinGain()) {
+    notes_.push_back("factorization was not recovered by distillation: factorized, the model is " +
+                     RatioText(trials_[i].ratio, spec_.objective) + " (trial " + std::to_string(i) + ")");
+    return;
   }
-  Add(-1, steps, name, "factorization");
+  if (Passes(i)) return;  // within the goal without training
+  Add(i, {Recovery(RecoveryEpochs())}, name + " + distill " + std::to_string(RecoveryEpochs()) + " ep",
+      "factorization");
 }
 
 }  // namespace pare::engine::auto_search_internal

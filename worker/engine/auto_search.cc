@@ -148,6 +148,13 @@ void Search::ChooseScorer() {
     samples = at::randn(shape, gen);
     more = RandomInputs(sc.more_inputs, want, c10::kCPU, gen);
   }
+  // What the candidates are really scored on (the report's figure, and what a resumed search
+  // asks for again): the budget's count, or fewer where the data has fewer.
+  if (samples.defined()) {
+    want = samples.size(0);
+  } else if (eval) {
+    want = std::min<int64_t>(want, eval->images.size(0));
+  }
   score_images_ = want;
   const std::string what = labelled ? ""
                            : eval   ? "eval images (no labels)"
@@ -598,6 +605,28 @@ std::vector<int> LeadersAmong(const std::vector<Trial>& trials, const Trial& cho
     out.push_back(t->index);
   }
   return out;
+}
+
+std::optional<LongerRecoveryStep> NextLongerRecovery(LongerRecoveryStep s, bool passes, int most_epochs) {
+  const double close = 1.1;
+  if (passes) {
+    s.passed = s.target;
+    if (s.failed <= 0) {
+      s.target *= 0.8;
+      return s;
+    }
+    if (s.passed / s.failed < close) return std::nullopt;
+    s.target = std::sqrt(s.passed * s.failed);
+    return s;
+  }
+  if (s.epochs < most_epochs) {
+    s.epochs = std::min(2 * s.epochs, most_epochs);
+    return s;
+  }
+  s.failed = std::max(s.failed, s.target);
+  if (s.passed <= 0 || s.passed / s.failed < close) return std::nullopt;
+  s.target = std::sqrt(s.passed * s.failed);
+  return s;
 }
 
 std::vector<size_t> SideBySideOrder(size_t m, int round) {

@@ -77,6 +77,21 @@ std::vector<size_t> SideBySideOrder(size_t m, int round);
 // search's choice): the fastest leader, unless the search's choice is within 3% of it.
 size_t SideBySidePick(const std::vector<double>& median);
 
+// Where the longer recoveries stand (Search::LongerRecovery): the next MACs target and its
+// distillation epochs, the hardest target that passed and the gentlest that failed at the longest
+// recovery (0: none yet).
+struct LongerRecoveryStep {
+  double target = 0;
+  int epochs = 0;
+  double passed = 0;
+  double failed = 0;
+};
+// The trial after `at`, given whether it passed: a pass tries harder (x0.8, or halfway
+// (geometrically) to the gentlest failure); a failure is recovered twice as long up to
+// `most_epochs`, then the target halfway back to the last pass. Nothing (the end) once a pass and
+// a failure are within 10% of each other, or a failure at the longest recovery has no pass above it.
+std::optional<LongerRecoveryStep> NextLongerRecovery(LongerRecoveryStep at, bool passes, int most_epochs);
+
 class Search {
  public:
   Search(const torch::jit::Module& model, const AutoSpec& spec, const AutoContext& ctx)
@@ -196,10 +211,14 @@ class Search {
   // A pruned candidate within the goal finished with static INT8 and with freezing.
   void FinishPruned(int p);
   // With budget left once the plan is done: the gentlest pruning target that lost too much is
-  // recovered for twice the epochs (then four times...), since a pruned model often comes back
-  // with a longer distillation; one that passes is finished like the others and a harder target
-  // tried with as long a recovery. Only trials that fit in what is left are started.
+  // recovered for twice the epochs (then four, up to eight times), since a pruned model often
+  // comes back with a longer distillation; one that passes is finished like the others and a
+  // harder target tried with as long a recovery; one that fails at the longest recovery is
+  // followed by the target between it and the last that passed. Until the budget is spent or the
+  // targets are within 10%: only trials that fit in what is left are started.
   void LongerRecovery();
+  // Low-rank factorization at 90% energy, then (with train data) recovered by distillation, but
+  // only when the factorized model gains on the objective: recovery cannot change its speed.
   void Factorize();
 
   // Every trial not beaten on both the objective and the score.
