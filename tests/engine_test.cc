@@ -702,6 +702,20 @@ def forward(self, x):
   EXPECT_DOUBLE_EQ(on_constant.Score(constant_top1), 1.0);
   torch::jit::Module blind = make(w * 0, bias, 1);
   EXPECT_LT(on_constant.Score(blind), 0.2);
+
+  // Closeness (what ranks layers in accuracy control) moves where top-1 agreement does not: a
+  // small perturbation of the class head keeps every answer but is measurably less close, a
+  // larger one less close still; it is the worst output's, and Score() is unchanged beside it.
+  const Scorer::Scores same = scorer.ScoreAndCloseness(original);
+  EXPECT_DOUBLE_EQ(same.score, 1.0);
+  EXPECT_NEAR(same.closeness, 1.0, 1e-6);
+  torch::jit::Module nudged = make(w + 0.01 * at::randn({10, 16}, gen), at::zeros({10}), 1);
+  torch::jit::Module shaken = make(w + 0.1 * at::randn({10, 16}, gen), at::zeros({10}), 1);
+  const Scorer::Scores a = scorer.ScoreAndCloseness(nudged), b = scorer.ScoreAndCloseness(shaken);
+  EXPECT_DOUBLE_EQ(a.score, scorer.Score(nudged));
+  EXPECT_LT(a.closeness, 1.0);
+  EXPECT_GT(a.closeness, b.closeness);
+  EXPECT_DOUBLE_EQ(scorer.ScoreAndCloseness(box_ruined).closeness, 0.0);
 }
 
 // Workers that share a machine's CPUs (pare-server's local workers) split them; a thread count

@@ -236,7 +236,14 @@ void Search::LongerRecovery() {
   at.epochs = 2 * RecoveryEpochs();
   // Until the budget is spent (a trial that does not fit is not started) or the targets close in:
   // the search returns the best it found in its budget, not the first.
+  double tried = 0;  // the target of the last trial
   for (int n = 0; n < 16 && !Done(); ++n) {
+    // A new target's recovery longer than what is left is shortened to fit, while it stays longer
+    // than the ladder's: the last minutes of the budget still try it. (A target that failed is
+    // not tried again shorter.)
+    const int fit = int(Remaining() / (1.3 * epoch_seconds_));
+    if (at.target != tried && at.epochs > fit && fit > RecoveryEpochs()) at.epochs = fit;
+    tried = at.target;
     const int i = Add(-1, PrunedSteps(at.target, at.epochs),
                       PrunedName(at.target, at.epochs) + " (longer recovery)", "channel pruning");
     if (i < 0 || !trials_[i].error.empty()) return;

@@ -57,24 +57,45 @@ Scorer::Scorer(torch::jit::Module& reference, const Dataset* eval, const at::Ten
   }
 }
 
-double Scorer::Score(torch::jit::Module& m) const {
+double Scorer::Score(torch::jit::Module& m) const { return ScoreAndCloseness(m).score; }
+
+Scorer::Scores Scorer::ScoreAndCloseness(torch::jit::Module& m) const {
   const auto outs = Outputs(m);
-  if (labels_.defined()) {
-    return (outs.front().second.flatten(1).argmax(1) == labels_).to(at::kFloat).mean().item<double>();
+  Scores s;
+  // CompareOutputs names a difference in the outputs' number or shapes in the report.
+  const bool comparable =
+      outs.size() == reference_.size() &&
+      std::equal(outs.begin(), outs.end(), reference_.begin(),
+                 [](const auto& a, const auto& b) { return a.second.sizes() == b.second.sizes(); });
+  double closest = 1;
+  if (comparable) {
+    for (size_t k = 0; k < outs.size(); ++k) {
+      const at::Tensor& out = outs[k].second;
+      const at::Tensor& ref = reference_[k].second;
+      closest = std::min(
+          closest,
+          std::max(0.0,
+                   OutputCosines(out.reshape({out.size(0), -1}), ref.reshape({ref.size(0), -1})).second));
+    }
+    s.closeness = closest;
   }
-  if (outs.size() != reference_.size()) return 0;  // CompareOutputs names the difference in the report
+  if (labels_.defined()) {
+    s.score = (outs.front().second.flatten(1).argmax(1) == labels_).to(at::kFloat).mean().item<double>();
+    return s;
+  }
+  if (!comparable) return s;
   double worst = 1;
   for (size_t k = 0; k < outs.size(); ++k) {
     const at::Tensor& out = outs[k].second;
     const at::Tensor& ref = reference_[k].second;
-    if (out.sizes() != ref.sizes()) return 0;
     // Per position for a dense output ([N, C, H, W]: a class per pixel).
     const double score =
         agreement_[k] ? (out.argmax(1) == ref.argmax(1)).to(at::kFloat).mean().item<double>()
                       : OutputCosines(out.reshape({out.size(0), -1}), ref.reshape({ref.size(0), -1})).second;
     worst = std::min(worst, std::max(0.0, score));
   }
-  return worst;
+  s.score = worst;
+  return s;
 }
 
 std::vector<std::pair<std::string, at::Tensor>> Scorer::Outputs(torch::jit::Module& m) const {

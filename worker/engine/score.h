@@ -37,6 +37,14 @@ class Scorer {
   // In [0, 1]: top-1 accuracy; else the least over the outputs of each one's top-1 agreement or
   // centred cosine (below 0 counts as 0) with the reference's.
   double Score(torch::jit::Module& m) const;
+  // Score() and, from the same run, how close the outputs stay to the reference's: the least over
+  // the outputs of the centred cosine (a continuous measure, where top-1 moves in steps of one
+  // image: what ranks layers by their effect when a few images decide the score).
+  struct Scores {
+    double score = 0;
+    double closeness = 0;
+  };
+  Scores ScoreAndCloseness(torch::jit::Module& m) const;
   // "top-1 accuracy on 512 eval images", "centred cosine with the reference's outputs on 32 inputs".
   const std::string& metric() const { return metric_; }
   // What a score measures, in a few words: "top-1 accuracy", "top-1 agreement" or "centred cosine"
