@@ -2401,6 +2401,28 @@ TEST(AutoSearchRules, TheLeadersAreTheChoiceAndUpToThreeOthersWithinAQuarterOfIt
   EXPECT_EQ(LeadersAmong(trials, trials[4]), std::vector<int>{4});
   // Alone within its quarter: the choice is timed alone beside the original.
   EXPECT_EQ(LeadersAmong({trials[0], trials[1], trials[3]}, trials[1]), std::vector<int>{1});
+
+  // The candidate with the fewest MACs, finished as the choice is, is raced wherever its search
+  // ratio fell (a noisy timing of a model of a fraction of a millisecond); in the last place.
+  auto finished = [&](int index, double ratio, bool meets, const std::string& family, double macs) {
+    Trial t = trial(index, ratio, 0.2, meets, true);
+    t.family = family;
+    t.stats = {{"macs", macs}};
+    return t;
+  };
+  std::vector<Trial> int8 = {
+      trial(0, 1.0, 0.0, false, false),
+      finished(1, 4.4, true, "static INT8", 1000),
+      finished(2, 2.7, true, "channel pruning + static INT8", 400),  // the leanest INT8: raced
+      finished(3, 2.9, true, "channel pruning + static INT8", 500),
+      finished(4, 1.2, true, "channel pruning + freezing", 300),      // fewer MACs, but float
+      finished(5, 2.6, false, "channel pruning + static INT8", 200),  // misses the goal
+  };
+  EXPECT_EQ(LeadersAmong(int8, int8[1]), (std::vector<int>{1, 2}));
+  for (int k : {6, 7, 8}) int8.push_back(finished(k, 4.0, true, "static INT8", 1000));
+  EXPECT_EQ(LeadersAmong(int8, int8[1]), (std::vector<int>{1, 6, 7, 2}));  // it takes the last place
+  // Where the choice itself has the fewest, nothing is added (the faster ones are raced as ever).
+  EXPECT_EQ(LeadersAmong(int8, int8[2]), (std::vector<int>{2, 1, 6, 7}));
 }
 
 // No candidate meets the goal: the model returned keeps the accuracy if any candidate that gained

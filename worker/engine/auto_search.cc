@@ -604,6 +604,29 @@ std::vector<int> LeadersAmong(const std::vector<Trial>& trials, const Trial& cho
     if (out.size() >= kMost) break;
     out.push_back(t->index);
   }
+  // The candidate with the fewest MACs among those within the goal finished as the choice is (the
+  // last step of its family: "static INT8", "freezing"), wherever its search ratio fell: on a model
+  // of a fraction of a millisecond one timing's noise can hide the most pruned one, and the
+  // rounds side by side decide. It takes the last place when the others fill them.
+  auto finish = [](const std::string& family) {
+    const size_t plus = family.rfind(" + ");
+    return plus == std::string::npos ? family : family.substr(plus + 3);
+  };
+  auto macs = [](const Trial& t) {
+    return t.stats.is_object() && t.stats.contains("macs") && t.stats["macs"].is_number()
+               ? t.stats["macs"].get<double>()
+               : -1.0;
+  };
+  const Trial* leanest = nullptr;
+  for (const auto& t : trials) {
+    if (!t.meets || t.path.empty() || macs(t) <= 0 || finish(t.family) != finish(chosen.family)) continue;
+    if (!leanest || macs(t) < macs(*leanest)) leanest = &t;
+  }
+  if (leanest && std::find(out.begin(), out.end(), leanest->index) == out.end() &&
+      (macs(chosen) <= 0 || macs(*leanest) < macs(chosen))) {
+    if (out.size() >= kMost) out.pop_back();
+    out.push_back(leanest->index);
+  }
   return out;
 }
 
