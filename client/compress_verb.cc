@@ -194,7 +194,7 @@ CLI::App* AddCompressVerb(CLI::App& app, CompressArgs& ca) {
   compress
       ->add_option("--threads", ca.threads,
                    "intra-op threads (0: the CPUs this process may use: affinity mask and cgroup CPU quota)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(0, 4096));
   compress->add_option("--model", ca.extra_models,
                        "ID=FILE: a model the recipe names (distill teacherModel/studentModel), repeatable");
   compress

@@ -39,7 +39,7 @@ void AddOptions(CLI::App& app, pare::server::ServerOptions& o) {
   app.add_option("--worker-threads", o.worker_threads,
                  "intra-op threads of each local worker (0, the default: the CPUs pare-server may use, "
                  "divided between its local workers)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(0, 4096));
   app.add_option("--max-upload-bytes", o.limits.max_upload_bytes, "largest model or dataset accepted")
       ->capture_default_str();
   app.add_option_function<double>(

@@ -133,6 +133,7 @@ grep -q "^    - agreement (top-1 agreement, cosines) on " "$work/out" || fail "c
 expect_rc 2 "compress with a negative thread count" $PARE compress "$FX/small_cnn.pt" --recipe recipe.json \
   -o neg.pt --input-shape 1,1,28,28 --threads -1
 grep -q -- "--threads" "$work/err" || fail "the negative thread count is not named"
+grep -q "not in range 0 to 4096" "$work/err" || fail "the thread count's range is not stated plainly"
 expect_rc 2 "a worker with a negative thread count" "$BIN/worker/pare-worker" --threads -1
 grep -q -- "--threads" "$work/err" || fail "the worker's negative thread count is not named"
 expect_rc 2 "a server with a negative worker thread count" "$BIN/server/pare-server" --worker-threads -1

@@ -848,6 +848,8 @@ TEST_F(EngineTest, StaticQuantizationWithAccuracyControlKeepsTheMostSensitiveLay
   ASSERT_NE(control.find("accuracy control: at most 0.005 points of centred cosine"), std::string::npos)
       << control;
   ASSERT_NE(control.find("layer(s) float, most sensitive first"), std::string::npos) << control;
+  // What it kept float is its own choice, not "as asked": the recipe has no exclude.
+  for (const auto& n : r.steps[1].notes) EXPECT_NE(n.rfind("kept float as asked", 0), 0u) << n;
   // The report measures the result on the samples the search scored it on.
   const double lost = (1.0 - r.steps[1].stats.output_centred_cosine) * 100;
   if (control.rfind("WARNING", 0) == 0) {
@@ -2221,8 +2223,9 @@ TEST_F(EngineTest, AutoSearchForLatencyPicksAmongItsLeadersSideBySide) {
   const auto& candidates = s["candidates"];
   const auto& trials = search["trials"];
   // The first is the search's best; the others are within the goal and within 25% of its ratio,
-  // fastest in the search first. How many fall within 25% is the timing's (on a loaded machine,
-  // none may): the rules with several leaders are tested on their own (AutoSearchRules below).
+  // fastest in the search first, but for the last, which may be the leanest candidate finished as
+  // the first is, wherever its ratio fell. How many fall within 25% is the timing's (on a loaded
+  // machine, none may): the rules with several leaders are tested on their own (AutoSearchRules).
   ASSERT_GE(candidates.size(), 1u) << s.dump(2);
   ASSERT_LE(candidates.size(), 4u);
   double best_ratio = 0;
@@ -2236,7 +2239,20 @@ TEST_F(EngineTest, AutoSearchForLatencyPicksAmongItsLeadersSideBySide) {
     const auto& t = trials[c["trial"].get<int>()];
     EXPECT_TRUE(t["meets_goal"].get<bool>()) << t.dump(2);
     EXPECT_EQ(c["search_ratio"].get<double>(), t["ratio"].get<double>());
-    EXPECT_GE(1.25 * c["search_ratio"].get<double>(), best_ratio) << c.dump();
+    if (1.25 * c["search_ratio"].get<double>() < best_ratio) {  // only the leanest, last
+      EXPECT_EQ(k + 1, candidates.size()) << s.dump(2);
+      auto finish = [](const std::string& family) {
+        const size_t plus = family.rfind(" + ");
+        return plus == std::string::npos ? family : family.substr(plus + 3);
+      };
+      const std::string f = finish(trials[candidates[0]["trial"].get<int>()]["family"]);
+      for (const auto& other : trials) {
+        if (other["meets_goal"].get<bool>() && finish(other["family"]) == f &&
+            other["stats"].contains("macs")) {
+          EXPECT_LE(t["stats"]["macs"].get<double>(), other["stats"]["macs"].get<double>()) << other.dump(2);
+        }
+      }
+    }
     if (k > 1) {
       EXPECT_LE(c["search_ratio"].get<double>(), candidates[k - 1]["search_ratio"].get<double>());
     }

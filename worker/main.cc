@@ -25,7 +25,7 @@ int main(int argc, char** argv) {
   app.add_option("--threads", o.threads,
                  "intra-op threads (0: the CPUs this process may use: affinity mask and cgroup CPU quota)")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(0, 4096));
   app.add_option("--cpu-share", o.cpu_share,
                  "workers sharing this machine's CPUs: with --threads 0 each job runs on its share of them "
                  "(pare-server sets it for its local workers)")

@@ -38,7 +38,22 @@ struct Control {
   torch::jit::Module Quantize(const std::vector<std::string>& extra, std::vector<std::string>& notes) const {
     StaticQuantSpec s = spec;
     s.exclude.insert(s.exclude.end(), extra.begin(), extra.end());
-    return QuantizeStatic(model, s, calibration, &notes, more);
+    torch::jit::Module q = QuantizeStatic(model, s, calibration, &notes, more);
+    // The layers this control keeps float are named in its own note: the quantization's "kept
+    // float as asked" names only what the recipe's exclude asked for.
+    const std::string asked = "kept float as asked (quantize.static.exclude): ";
+    for (auto it = notes.begin(); it != notes.end(); ++it) {
+      if (it->rfind(asked, 0) != 0) continue;
+      if (spec.exclude.empty()) {
+        notes.erase(it);
+      } else {
+        std::string names;
+        for (const auto& e : spec.exclude) names += (names.empty() ? "" : ", ") + e;
+        *it = asked + names;
+      }
+      break;
+    }
+    return q;
   }
 };
 

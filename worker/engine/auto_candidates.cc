@@ -59,7 +59,7 @@ std::vector<StepSpec> Search::PrunedSteps(double target, int epochs) {
 }
 
 std::string Search::PrunedName(double target, int epochs) {
-  return "prune.channel " + Num("%.0f%% MACs", 100 * target) +
+  return "prune.channel " + Num(target < 0.1 ? "%.1f%% MACs" : "%.0f%% MACs", 100 * target) +
          (epochs > 0 ? " + distill " + std::to_string(epochs) + " ep" : "");
 }
 

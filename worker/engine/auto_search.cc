@@ -437,6 +437,7 @@ void Search::Score(Trial& t) const {
 Json Search::Record(const Trial& t) const {
   Json j = {{"index", t.index},
             {"name", t.name},
+            {"family", t.family},
             {"key", t.key},
             {"base", t.base},
             {"recipe", {{"steps", t.recipe}}},
