@@ -359,10 +359,12 @@ std::string RecipeParseMessage(const std::string& message) {
   static const std::string kOneof = "invalid value oneof field 'kind' is already set. Cannot set '";
   if (rest.rfind(kOneof, 0) == 0) {
     const std::string second = rest.substr(kOneof.size(), rest.find('\'', kOneof.size()) - kOneof.size());
-    return where + " names two kinds of step (the second is '" + second +
-           "'): a step is one of prune, quantize, distill, factorize, finetune, optimize, analyze, auto; "
-           "give "
-           "each its own step";
+    std::string kinds;  // the Step message's oneof, as the recipe's JSON names them
+    const google::protobuf::OneofDescriptor* kind = v1::Step::descriptor()->FindOneofByName("kind");
+    for (int i = 0; kind && i < kind->field_count(); ++i)
+      kinds += (i ? ", " : "") + kind->field(i)->json_name();
+    return where + " names two kinds of step (the second is '" + second + "'): a step is one of " + kinds +
+           "; give each its own step";
   }
   static const std::string kInvalid = "invalid value ";
   const auto type_at = rest.rfind(" for type TYPE_");

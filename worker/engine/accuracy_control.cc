@@ -37,23 +37,8 @@ struct Control {
   // The model quantized with `extra` layers kept float too.
   torch::jit::Module Quantize(const std::vector<std::string>& extra, std::vector<std::string>& notes) const {
     StaticQuantSpec s = spec;
-    s.exclude.insert(s.exclude.end(), extra.begin(), extra.end());
-    torch::jit::Module q = QuantizeStatic(model, s, calibration, &notes, more);
-    // The layers this control keeps float are named in its own note: the quantization's "kept
-    // float as asked" names only what the recipe's exclude asked for.
-    const std::string asked = "kept float as asked (quantize.static.exclude): ";
-    for (auto it = notes.begin(); it != notes.end(); ++it) {
-      if (it->rfind(asked, 0) != 0) continue;
-      if (spec.exclude.empty()) {
-        notes.erase(it);
-      } else {
-        std::string names;
-        for (const auto& e : spec.exclude) names += (names.empty() ? "" : ", ") + e;
-        *it = asked + names;
-      }
-      break;
-    }
-    return q;
+    s.also_float = extra;  // named in this control's own note, not as the recipe's exclude
+    return QuantizeStatic(model, s, calibration, &notes, more);
   }
 };
 

@@ -295,7 +295,8 @@ static std::set<std::string> PaddedTransposedConvolutions(const torch::jit::Modu
 // The excluded paths, each checked to name a submodule of `input` that holds a conv or linear layer
 // (itself or below it). BAD_RECIPE names the entry and what the model has instead.
 static std::set<std::string> CheckExcluded(const torch::jit::Module& input,
-                                           const std::vector<std::string>& exclude) {
+                                           const std::vector<std::string>& exclude,
+                                           const std::string& what = "quantize.static.exclude") {
   std::set<std::string> layers;  // conv and linear submodules
   std::set<std::string> modules;
   for (const auto& item : input.named_modules()) {
@@ -308,7 +309,7 @@ static std::set<std::string> CheckExcluded(const torch::jit::Module& input,
   std::set<std::string> out;
   for (size_t i = 0; i < exclude.size(); ++i) {
     const std::string& path = exclude[i];
-    const std::string field = "quantize.static.exclude[" + std::to_string(i) + "]";
+    const std::string field = what + "[" + std::to_string(i) + "]";
     if (!modules.count(path)) {
       std::string some;
       int shown = 0;
@@ -357,6 +358,11 @@ torch::jit::Module QuantizeStatic(const torch::jit::Module& input, const StaticQ
     for (const auto& e : spec.exclude) names += (names.empty() ? "" : ", ") + e;
     out.push_back("kept float as asked (quantize.static.exclude): " + names);
     always_float.insert(excluded.begin(), excluded.end());
+  }
+  if (!spec.also_float.empty()) {  // accuracy control's choice, named in its own note
+    const std::set<std::string> chosen =
+        CheckExcluded(input, spec.also_float, "accuracy control's float layers");
+    always_float.insert(chosen.begin(), chosen.end());
   }
   const size_t before = out.size();
   try {

@@ -57,6 +57,8 @@ struct StaticQuantSpec {
   std::vector<std::string> exclude = {};
   // > 0: keep the most sensitive layers float until the score drops by at most this many points.
   double max_accuracy_drop = 0;
+  // Layers accuracy control keeps float (checked as exclude is, but not reported as asked for).
+  std::vector<std::string> also_float = {};
 };
 
 // Weights and buffers converted to 16-bit floats for GPU deployment; the model keeps a

@@ -62,39 +62,27 @@ double Scorer::Score(torch::jit::Module& m) const { return ScoreAndCloseness(m).
 Scorer::Scores Scorer::ScoreAndCloseness(torch::jit::Module& m) const {
   const auto outs = Outputs(m);
   Scores s;
-  // CompareOutputs names a difference in the outputs' number or shapes in the report.
-  const bool comparable =
-      outs.size() == reference_.size() &&
-      std::equal(outs.begin(), outs.end(), reference_.begin(),
-                 [](const auto& a, const auto& b) { return a.second.sizes() == b.second.sizes(); });
-  double closest = 1;
-  if (comparable) {
-    for (size_t k = 0; k < outs.size(); ++k) {
-      const at::Tensor& out = outs[k].second;
-      const at::Tensor& ref = reference_[k].second;
-      closest = std::min(
-          closest,
-          std::max(0.0,
-                   OutputCosines(out.reshape({out.size(0), -1}), ref.reshape({ref.size(0), -1})).second));
-    }
-    s.closeness = closest;
-  }
-  if (labels_.defined()) {
+  if (labels_.defined())
     s.score = (outs.front().second.flatten(1).argmax(1) == labels_).to(at::kFloat).mean().item<double>();
-    return s;
-  }
-  if (!comparable) return s;
-  double worst = 1;
+  // CompareOutputs names a difference in the outputs' number or shapes in the report; both
+  // scores are 0 here.
+  if (outs.size() != reference_.size()) return s;
+  double closest = 1, worst = 1;
   for (size_t k = 0; k < outs.size(); ++k) {
     const at::Tensor& out = outs[k].second;
     const at::Tensor& ref = reference_[k].second;
-    // Per position for a dense output ([N, C, H, W]: a class per pixel).
-    const double score =
-        agreement_[k] ? (out.argmax(1) == ref.argmax(1)).to(at::kFloat).mean().item<double>()
-                      : OutputCosines(out.reshape({out.size(0), -1}), ref.reshape({ref.size(0), -1})).second;
-    worst = std::min(worst, std::max(0.0, score));
+    if (out.sizes() != ref.sizes()) return {labels_.defined() ? s.score : 0.0, 0.0};
+    const double cosine =
+        std::max(0.0, OutputCosines(out.reshape({out.size(0), -1}), ref.reshape({ref.size(0), -1})).second);
+    closest = std::min(closest, cosine);
+    // Without labels, per position for a dense output ([N, C, H, W]: a class per pixel).
+    if (!labels_.defined())
+      worst = std::min(worst, agreement_[k]
+                                  ? (out.argmax(1) == ref.argmax(1)).to(at::kFloat).mean().item<double>()
+                                  : cosine);
   }
-  s.score = worst;
+  s.closeness = closest;
+  if (!labels_.defined()) s.score = worst;
   return s;
 }
 
