@@ -50,10 +50,25 @@ def pare_step_seconds(pare, model, recipe, work, threads, extra=(), repeat=1):
     return best, r
 
 
-def timed(fn, repeat=1):
-    """The fastest of `repeat` calls, and the last call's result."""
+def remove(paths):
+    """Deletes `paths` (untimed) and lets the freed pages settle, so that the next timed run writes
+    its result to a new file on pages the kernel takes cold, as Pare's step always does (its job
+    process keeps the memory it frees, so the page cache gets cold pages too). On this VM pages
+    freed a moment ago are cheap and pages freed seconds ago (given back to the host) cost ~6 ms
+    per MB on first write: a side rewriting the file it wrote just before would be timed on a
+    cheaper write (46 MB: 10 ms against 300 ms)."""
+    for p in paths:
+        if os.path.exists(p):
+            os.remove(p)
+    time.sleep(3)
+
+
+def timed(fn, repeat=1, fresh=()):
+    """The fastest of `repeat` calls, and the last call's result; `fresh`: the files each call
+    writes, deleted before it."""
     best = math.inf
     for _ in range(repeat):
+        remove(fresh)
         t0 = time.perf_counter()
         out = fn()
         best = min(best, time.perf_counter() - t0)
@@ -77,8 +92,9 @@ quantize_jit(m, {"": get_default_qconfig("onednn")}, calibrate, [data]).save(out
 """
 
 
-def wall(cmd):
-    """Seconds from starting `cmd` to its end."""
+def wall(cmd, fresh=()):
+    """Seconds from starting `cmd` to its end; `fresh`: the files it writes, deleted before."""
+    remove(fresh)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0
@@ -151,8 +167,9 @@ def main():
         images, labels = load_fashion("train")
         images = images.float() / 255
         student, teacher = torch.jit.load(args.distill_epoch), torch.jit.load(args.distill_epoch)
+        student_path = os.path.join(args.out, "torch_student.pt")
         seconds, _ = timed(lambda: (python_distill_epoch(student, teacher, images, labels),
-                                    student.save(os.path.join(args.out, "torch_student.pt"))), args.repeat)
+                                    student.save(student_path)), args.repeat, [student_path])
         print(seconds)
         return 0
     torch.backends.quantized.engine = "onednn"
@@ -190,7 +207,7 @@ def main():
                         model(data[i:i + 8])
             q = quantize_jit(m_static, {"": qconfig}, calibrate, [calib])
             q.save(os.path.join(work, "torch_static.pt"))
-        torch_s, _ = timed(torch_static, args.repeat)
+        torch_s, _ = timed(torch_static, args.repeat, [os.path.join(work, "torch_static.pt")])
         rows.append((f"static INT8, ResNet-18, 32 calibration images, {torch_observer.__name__} both sides",
                      pare_s, torch_s, "quantize_jit (" + ("onednn's default observer" if observer == "HISTOGRAM"
                                                           else "MinMaxObserver qconfig") + ")"))
@@ -214,11 +231,12 @@ def main():
     script = os.path.join(work, "torch_static_script.py")
     with open(script, "w") as f:
         f.write(TORCH_STATIC_SCRIPT)
-    pare_cmd = [args.pare, "compress", r18, "--recipe", default_recipe, "-o", os.path.join(work, "whole.pt"),
+    pare_out, torch_out = os.path.join(work, "whole.pt"), os.path.join(work, "whole_torch.pt")
+    pare_cmd = [args.pare, "compress", r18, "--recipe", default_recipe, "-o", pare_out,
                 "--calibration", calib_path, "--input-shape", "1,3,224,224", "--threads", str(args.threads)]
-    torch_cmd = [sys.executable, script, r18, calib_path, os.path.join(work, "whole_torch.pt"), str(args.threads)]
-    pare_whole = min(wall(pare_cmd) for _ in range(args.repeat))
-    torch_whole = min(wall(torch_cmd) for _ in range(args.repeat))
+    torch_cmd = [sys.executable, script, r18, calib_path, torch_out, str(args.threads)]
+    pare_whole = min(wall(pare_cmd, [pare_out]) for _ in range(args.repeat))
+    torch_whole = min(wall(torch_cmd, [torch_out]) for _ in range(args.repeat))
     rows.append(("the whole command: static INT8 of ResNet-18, default settings, 32 calibration images",
                  pare_whole, torch_whole, "python3 script: import, load, quantize_jit (onednn default), save; "
                  "Pare's includes measuring the original and the result (its report)"))
@@ -229,7 +247,7 @@ def main():
     def torch_dynamic():
         m = m_dynamic
         quantize_dynamic_jit(m, {"": default_dynamic_qconfig}).save(os.path.join(work, "torch_dynamic.pt"))
-    torch_s, _ = timed(torch_dynamic, args.repeat)
+    torch_s, _ = timed(torch_dynamic, args.repeat, [os.path.join(work, "torch_dynamic.pt")])
     rows.append(("dynamic INT8, ResNet-18", pare_s, torch_s, "quantize_dynamic_jit"))
 
     # Dynamic INT8 of a recurrent model (quantize_dynamic_jit has no LSTM support: PyTorch's
@@ -243,7 +261,7 @@ def main():
     def torch_dynamic_lstm():
         q = torch.ao.quantization.quantize_dynamic(lstm_eager, {nn.LSTM, nn.Linear})
         torch.jit.script(q).save(os.path.join(work, "torch_lstm.pt"))
-    torch_s, _ = timed(torch_dynamic_lstm, args.repeat)
+    torch_s, _ = timed(torch_dynamic_lstm, args.repeat, [os.path.join(work, "torch_lstm.pt")])
     rows.append(("dynamic INT8, 2-layer LSTM 128->256 + linear", pare_s, torch_s, "quantize_dynamic + script + save"))
     lstm_lat = {s["step"]: {l["batch"]: l["p50_ms"] for l in s["stats"]["latency"]} for s in lstm_report["steps"]}
 
@@ -257,7 +275,7 @@ def main():
         for mod, name in params:
             prune.remove(mod, name)
         torch.jit.script(m).save(os.path.join(work, "torch_pruned.pt"))
-    torch_s, _ = timed(torch_prune, args.repeat)
+    torch_s, _ = timed(torch_prune, args.repeat, [os.path.join(work, "torch_pruned.pt")])
     rows.append(("global magnitude pruning 50%, ResNet-18", pare_s, torch_s,
                  "eager prune.global_unstructured + remove + script + save (scripting is PyTorch's cost only)"))
     m_scripted = torch.jit.load(r18).eval()
@@ -272,7 +290,7 @@ def main():
             for w in weights:
                 w.mul_(w.abs() > threshold)
         m_scripted.save(os.path.join(work, "torch_pruned_scripted.pt"))
-    torch_s, _ = timed(torch_prune_scripted, args.repeat)
+    torch_s, _ = timed(torch_prune_scripted, args.repeat, [os.path.join(work, "torch_pruned_scripted.pt")])
     rows.append(("global magnitude pruning 50%, ResNet-18", pare_s, torch_s,
                  "the same scripted file: one global kthvalue threshold, zeroed in place, save"))
 
