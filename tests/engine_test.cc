@@ -26,6 +26,7 @@
 #include "worker/engine/model_util.h"
 #include "worker/engine/optimize.h"
 #include "worker/engine/prune.h"
+#include "worker/engine/quant_passes.h"
 #include "worker/engine/quantize.h"
 #include "worker/engine/report.h"
 #include "worker/engine/score.h"
@@ -776,6 +777,21 @@ TEST_F(EngineTest, StaticQuantizationWithEveryObserverKeepsTheTrainedModelsAnswe
     EXPECT_GE(cosine, 0.99) << observer;
   }
   EXPECT_THROW(QuantizeStatic(m, StaticQuantSpec{"KMEANS", 8, true}, calibration), EngineError);
+}
+
+TEST(QuantObservers, HistogramCountsTheExtremeValues) {
+  // For this range lo + (hi - lo) / 2048 * 2048 rounds below hi, and the histogram used to be cut
+  // there: every value at hi was dropped, so clipping them looked free. Here a tenth of the values
+  // sit at hi; the range chosen must reach it.
+  const float lo = -5.953693389892578f, hi = 5.000500202178955f;
+  at::Generator gen = at::detail::createCPUGenerator(3);
+  at::Tensor x = at::cat({at::randn({20000}, gen) * 0.1, at::full({2000}, hi), at::full({1}, lo)});
+  torch::jit::Module obs = MakeActivationObserver("HISTOGRAM", /*reduce_range=*/false);
+  obs.forward({x.reshape({1, 1, 1, -1})});
+  auto qparams = obs.run_method("calculate_qparams").toTuple();
+  const double scale = qparams->elements()[0].toTensor().item<double>();
+  const int64_t zero_point = qparams->elements()[1].toTensor().item<int64_t>();
+  EXPECT_GE((255 - zero_point) * scale, 0.99 * hi) << "scale " << scale << ", zero point " << zero_point;
 }
 
 TEST_F(EngineTest, StaticQuantizationKeepsExcludedLayersFloat) {
