@@ -241,6 +241,14 @@ TEST(RecipeTest, TheIssuesRecipeParsesAndEveryStepConverts) {
   EXPECT_DOUBLE_EQ(std::get<engine::ChannelPruneSpec>(by_layer->at(0)).amounts.at("layer4"), 0.5);
   EXPECT_EQ(std::get<engine::StaticQuantSpec>(mixed->at(0)).exclude,
             (std::vector<std::string>{"layer4.1.conv2", "fc"}));
+  // Accuracy control: absent is off, 0 asks for no loss at all (it used to read as off).
+  EXPECT_FALSE(std::get<engine::StaticQuantSpec>(mixed->at(0)).max_accuracy_drop.has_value());
+  auto lossless =
+      ToEngineSteps(ParseRecipeJson(R"({"steps":[{"quantize":{"static":{"maxAccuracyDrop":0}}}]})").value());
+  ASSERT_TRUE(lossless.ok()) << lossless.status().ToString();
+  const auto& zero = std::get<engine::StaticQuantSpec>(lossless->at(0)).max_accuracy_drop;
+  ASSERT_TRUE(zero.has_value());
+  EXPECT_EQ(*zero, 0.0);
   // Bad values are refused by field.
   for (const auto& [json, field] : std::vector<std::pair<std::string, std::string>>{
            {R"({"steps":[{"prune":{"channel":{"amount":1.5}}}]})", "steps[0].prune.channel.amount"},

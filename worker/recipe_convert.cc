@@ -144,11 +144,13 @@ Result<engine::StepSpec> ConvertStatic(const v1::StaticQuant& q, const std::stri
   if (!(s.target == "auto" || s.target == "avx2" || s.target == "vnni")) {
     return InvalidArgument(where + ".target must be auto, avx2 or vnni, got '" + q.target() + "'");
   }
-  if (!(q.max_accuracy_drop() >= 0.0f && q.max_accuracy_drop() <= 100.0f)) {
-    return InvalidArgument(where + ".maxAccuracyDrop must be in [0, 100] points, got " +
-                           std::to_string(q.max_accuracy_drop()));
+  if (q.has_max_accuracy_drop()) {
+    if (!(q.max_accuracy_drop() >= 0.0f && q.max_accuracy_drop() <= 100.0f)) {
+      return InvalidArgument(where + ".maxAccuracyDrop must be in [0, 100] points, got " +
+                             std::to_string(q.max_accuracy_drop()));
+    }
+    s.max_accuracy_drop = q.max_accuracy_drop();
   }
-  s.max_accuracy_drop = q.max_accuracy_drop();
   if (q.exclude_size() > 10000) return InvalidArgument(where + ".exclude has more than 10000 entries");
   for (int i = 0; i < q.exclude_size(); ++i) {
     const std::string& path = q.exclude(i);

@@ -103,6 +103,7 @@ torch::jit::Module QuantizeWithAccuracyControl(
     const std::function<void(double, const std::string&)>& progress, std::vector<std::string>* kept_float,
     const std::function<bool()>& out_of_time) {
   const Control c{model, spec, calibration, more, scorer, progress, out_of_time};
+  const double max_drop = spec.max_accuracy_drop.value_or(0.0);
   if (kept_float) kept_float->clear();
   torch::jit::Module float_model = model;
   const double base = scorer.Score(float_model);
@@ -111,9 +112,9 @@ torch::jit::Module QuantizeWithAccuracyControl(
   torch::jit::Module q = c.Quantize({}, q_notes);
   const Scorer::Scores full_scores = scorer.ScoreAndCloseness(q);
   const double full = full_scores.score;
-  const std::string goal = "accuracy control: at most " + Points(spec.max_accuracy_drop) + " points of " +
-                           scorer.metric() + " (float: " + Points(base * 100) + ")";
-  if (drop(full) <= spec.max_accuracy_drop) {
+  const std::string goal = "accuracy control: at most " + Points(max_drop) + " points of " + scorer.metric() +
+                           " (float: " + Points(base * 100) + ")";
+  if (drop(full) <= max_drop) {
     notes.insert(notes.end(), q_notes.begin(), q_notes.end());
     notes.push_back(goal + "; every layer in INT8 loses " + Points(drop(full)) + ": none kept float");
     return q;
@@ -126,7 +127,7 @@ torch::jit::Module QuantizeWithAccuracyControl(
   std::vector<std::string> kept;
   std::string reverted;
   double reached = drop(full);
-  for (size_t i = 0; i < gains.size() && reached > spec.max_accuracy_drop; ++i) {
+  for (size_t i = 0; i < gains.size() && reached > max_drop; ++i) {
     if (c.Late()) {
       stopped = true;
       break;
@@ -153,7 +154,7 @@ torch::jit::Module QuantizeWithAccuracyControl(
                         " layer(s) float, most sensitive first (gain when float alone, in points and, "
                         "for ties, in centred cosine): " +
                         reverted + "; now loses " + Points(reached);
-  if (reached > spec.max_accuracy_drop) {
+  if (reached > max_drop) {
     summary = "WARNING: " + summary +
               (stopped ? ", still above the goal when the time ran out (" + measured + " measured)"
                        : ", still above the goal with every layer tried");

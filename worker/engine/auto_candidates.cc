@@ -19,7 +19,7 @@ int Search::StaticInt8(const std::string& prefix, int base) {
   const int whole = Add(base, {StaticQuantSpec{}}, prefix + "static INT8", family);
   if (whole < 0 || Passes(whole) || !trials_[whole].error.empty() || Done()) return whole;
   StaticQuantSpec q;
-  q.max_accuracy_drop = std::max(left, 1e-3);
+  q.max_accuracy_drop = left;
   return Add(base, {q}, prefix + "static INT8 with accuracy control", family);
 }
 

@@ -47,7 +47,7 @@ Json RecipeStepJson(const StepSpec& step) {
       Json j = {
           {"observer", q.observer}, {"calibrationBatches", q.calibration_batches}, {"target", q.target}};
       if (!q.exclude.empty()) j["exclude"] = q.exclude;
-      if (q.max_accuracy_drop > 0) j["maxAccuracyDrop"] = q.max_accuracy_drop;
+      if (q.max_accuracy_drop) j["maxAccuracyDrop"] = *q.max_accuracy_drop;
       return {{"quantize", {{"static", j}}}};
     }
     Json operator()(const DynamicQuantSpec&) const { return {{"quantize", {{"dynamic", Json::object()}}}}; }
@@ -247,7 +247,7 @@ std::vector<StepSpec> Search::PlainSteps(const Trial& t) {
   for (auto& s : out) {
     if (auto* q = std::get_if<StaticQuantSpec>(&s)) {
       q->exclude.insert(q->exclude.end(), t.float_layers.begin(), t.float_layers.end());
-      q->max_accuracy_drop = 0;
+      q->max_accuracy_drop.reset();
     }
   }
   return out;
@@ -263,7 +263,7 @@ torch::jit::Module Search::Apply(torch::jit::Module m, const std::vector<StepSpe
   for (size_t i = 0; i < steps.size(); ++i) {
     const StepSpec& step = steps[i];
     if (i > 0) m = Reloaded(m);
-    if (const auto* q = std::get_if<StaticQuantSpec>(&step); q && q->max_accuracy_drop > 0) {
+    if (const auto* q = std::get_if<StaticQuantSpec>(&step); q && q->max_accuracy_drop) {
       std::vector<std::vector<at::Tensor>> more;
       auto batches = CalibrationBatches(sc, q->calibration_batches, notes, more);
       m.to(c10::kCPU);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <map>
+#include <optional>
 #include <string>
 #include <variant>
 #include <vector>
@@ -55,8 +56,9 @@ struct StaticQuantSpec {
   std::string target = "auto";
   // Module paths kept float (with everything under them); each must name a submodule.
   std::vector<std::string> exclude = {};
-  // > 0: keep the most sensitive layers float until the score drops by at most this many points.
-  double max_accuracy_drop = 0;
+  // Set: keep the most sensitive layers float until the score drops by at most this many points
+  // (0: not at all). Unset: the whole model in INT8, whatever it loses.
+  std::optional<double> max_accuracy_drop = std::nullopt;
   // Layers accuracy control keeps float (checked as exclude is, but not reported as asked for).
   std::vector<std::string> also_float = {};
 };

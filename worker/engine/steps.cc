@@ -122,7 +122,7 @@ struct StepApplier {
     std::vector<std::vector<at::Tensor>> more;
     auto batches = CalibrationBatches(ctx, s.calibration_batches, notes, more);
     torch::jit::Module q;
-    if (s.max_accuracy_drop > 0) {
+    if (s.max_accuracy_drop) {
       const Scorer scorer(m, ctx.train.eval, ctx.samples, ctx.more_samples);
       q = QuantizeWithAccuracyControl(m, s, batches, more, scorer, notes, ctx.train.progress);
     } else {
