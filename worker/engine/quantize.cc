@@ -495,7 +495,9 @@ static void Calibrate(torch::jit::Module& observed, const Batches& calibration, 
   } catch (const std::exception&) {
     refused = true;
   }
-  for (auto& h : held) h.owner.setattr(h.name, h.value);
+  // Put back last-first: a module reached twice (shared) was held twice, the second time with the
+  // channels-last copy as its value.
+  for (auto h = held.rbegin(); h != held.rend(); ++h) h->owner.setattr(h->name, h->value);
   if (refused) throw ChannelsLastRefused{};
 }
 
