@@ -158,6 +158,13 @@ torch::jit::Module QuantizeWithAccuracyControl(
     summary = "WARNING: " + summary +
               (stopped ? ", still above the goal when the time ran out (" + measured + " measured)"
                        : ", still above the goal with every layer tried");
+  } else if (!layers.empty() && kept.size() == layers.size()) {
+    // Within the goal only with nothing quantized: say so as loudly as a miss.
+    summary =
+        "WARNING: " + summary +
+        ": every conv/linear layer stayed float, the result computes as the float "
+        "model does; no layer can be quantized within this goal (a looser maxAccuracyDrop, or static INT8 "
+        "without it, quantizes)";
   } else if (stopped) {
     summary +=
         " (the time ran out after " + measured + " were measured: the rest were tried in execution order)";
