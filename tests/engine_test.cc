@@ -2462,6 +2462,23 @@ TEST(AutoSearchRules, TheLeadersAreTheChoiceAndUpToThreeOthersWithinAQuarterOfIt
   EXPECT_EQ(LeadersAmong(int8, int8[1]), (std::vector<int>{1, 6, 7, 2}));  // it takes the last place
   // Where the choice itself has the fewest, nothing is added (the faster ones are raced as ever).
   EXPECT_EQ(LeadersAmong(int8, int8[2]), (std::vector<int>{2, 1, 6, 7}));
+
+  // The leanest kept layers float (accuracy control): the leanest in whole-model INT8 is raced too,
+  // both in the last places.
+  std::vector<Trial> mixed = {
+      trial(0, 1.0, 0.0, false, false),
+      finished(1, 5.4, true, "channel pruning + static INT8", 500),
+      finished(2, 3.0, true, "channel pruning + static INT8", 400),  // whole-model INT8
+      finished(3, 2.7, true, "channel pruning + static INT8", 320),  // two layers float
+      finished(4, 2.9, true, "channel pruning + static INT8", 450),  // whole, but not the leanest
+  };
+  mixed[3].float_layers = {"layer1.0.conv1", "fc"};
+  EXPECT_EQ(LeadersAmong(mixed, mixed[1]), (std::vector<int>{1, 3, 2}));
+  for (int k : {5, 6, 7}) mixed.push_back(finished(k, 5.0, true, "static INT8", 1000));
+  EXPECT_EQ(LeadersAmong(mixed, mixed[1]), (std::vector<int>{1, 5, 3, 2}));
+  // The leanest is itself whole-model INT8: one place, as before.
+  mixed[3].float_layers.clear();
+  EXPECT_EQ(LeadersAmong(mixed, mixed[1]), (std::vector<int>{1, 5, 6, 3}));
 }
 
 // No candidate meets the goal: the model returned keeps the accuracy if any candidate that gained

@@ -64,8 +64,9 @@ struct Trial {
 // The candidates the final choice is between: `chosen` first and, when it met the goal, up to three
 // others within the goal whose search ratio is within 25% of its, fastest in the search first (a
 // tie goes to the smaller drop), and the one with the fewest MACs among those within the goal
-// finished as `chosen` is (INT8, freezing) when it has fewer than `chosen`, wherever its ratio fell
-// (in the last place if need be). Only candidates whose model is at hand (`path` set).
+// finished as `chosen` is (INT8, freezing) when it has fewer than `chosen`, wherever its ratio fell,
+// and likewise the one with the fewest among those with no layer kept float by accuracy control
+// (in the last places if need be). Only candidates whose model is at hand (`path` set).
 std::vector<int> LeadersAmong(const std::vector<Trial>& trials, const Trial& chosen);
 // When no candidate meets the goal, the one the job still returns: the fastest of those within the
 // accuracy goal that gained a little (under `min_gain`), for a model that keeps its accuracy is a
